@@ -1,1 +1,11 @@
+//! edge-diffuse: few-step diffusion sampling on small devices.
+#![warn(missing_docs)]
 
+pub mod card;
+pub mod error;
+pub mod sampler;
+pub mod schedule;
+
+pub use card::{ModelCard, PredictionType, SchedulerConfig};
+pub use error::{Error, Result};
+pub use sampler::{NoiseSource, Sampler, SamplerKind, SamplerOptions};

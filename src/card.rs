@@ -1,0 +1,337 @@
+//! The model card: `model.toml` beside the ONNX file (format: docs/model-card.md).
+//!
+//! The `[scheduler]` table takes diffusers' `scheduler_config.json` keys with the same names and
+//! meanings; a key left out takes diffusers' default *for the sampler in use*, which is why every
+//! field of [`SchedulerConfig`] is optional and each sampler resolves its own defaults.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// The parsed `model.toml`, with paths resolved against the card's directory.
+#[derive(Debug, Clone)]
+pub struct ModelCard {
+    /// Directory holding the card.
+    pub dir: PathBuf,
+    /// `[model]`.
+    pub model: ModelSection,
+    /// `[image]`.
+    pub image: ImageSection,
+    /// `[classes]`, for class-conditional models.
+    pub classes: Option<ClassesSection>,
+    /// `[scheduler]`, merged over `model.scheduler_config` when both are given.
+    pub scheduler: SchedulerConfig,
+    /// `[defaults]`.
+    pub defaults: DefaultsSection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCard {
+    model: ModelSection,
+    image: ImageSection,
+    classes: Option<ClassesSection>,
+    scheduler: Option<toml::Table>,
+    #[serde(default)]
+    defaults: DefaultsSection,
+}
+
+/// `[model]`: the ONNX file and how its inputs are named.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// A short name, shown by `info` and in logs.
+    pub name: String,
+    /// The ONNX file, relative to the card.
+    pub onnx: PathBuf,
+    /// diffusers' `scheduler_config.json`, relative to the card (optional).
+    pub scheduler_config: Option<PathBuf>,
+    /// ONNX input names.
+    #[serde(default)]
+    pub inputs: InputNames,
+    /// ONNX output name (default: the model's first output).
+    pub output: Option<String>,
+}
+
+/// `[model.inputs]`: ONNX input names.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputNames {
+    /// The noisy sample, float32 `[batch, C, H, W]`.
+    #[serde(default = "default_sample")]
+    pub sample: String,
+    /// The timestep: int64 or float32, `[]`, `[1]` or `[batch]`.
+    #[serde(default = "default_timestep")]
+    pub timestep: String,
+    /// Class labels, int64 `[batch]` (class-conditional models).
+    pub class_labels: Option<String>,
+    /// Conditioning embeddings, float32 `[batch, tokens, dim]` (cross-attention models).
+    pub encoder_hidden_states: Option<String>,
+}
+
+fn default_sample() -> String {
+    "sample".into()
+}
+fn default_timestep() -> String {
+    "timestep".into()
+}
+
+impl Default for InputNames {
+    fn default() -> Self {
+        InputNames {
+            sample: default_sample(),
+            timestep: default_timestep(),
+            class_labels: None,
+            encoder_hidden_states: None,
+        }
+    }
+}
+
+/// `[image]`: the sample's shape and value range.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageSection {
+    /// 1 (grey), 3 (RGB) or 4 (RGBA, or a latent space shown channel-wise).
+    pub channels: usize,
+    /// Height in pixels.
+    pub height: usize,
+    /// Width in pixels.
+    pub width: usize,
+    /// The model's value range, mapped linearly to pixels 0..=255 (default `[-1, 1]`).
+    #[serde(default = "default_range")]
+    pub value_range: [f32; 2],
+}
+
+fn default_range() -> [f32; 2] {
+    [-1.0, 1.0]
+}
+
+/// `[classes]`: class names (index = label) and the null class used for guidance.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassesSection {
+    /// Names; the label of a name is its index.
+    pub names: Vec<String>,
+    /// The label that means "no class" (classifier-free guidance, unconditional samples).
+    pub null: Option<i64>,
+}
+
+/// `[defaults]`: what `sample` uses when a flag is not given.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DefaultsSection {
+    /// Sampler name (see [`crate::SamplerKind`]).
+    pub sampler: Option<String>,
+    /// Number of steps.
+    pub steps: Option<usize>,
+    /// Classifier-free guidance scale (1 = none).
+    pub guidance: Option<f32>,
+    /// DDIM eta.
+    pub eta: Option<f32>,
+}
+
+/// diffusers scheduler configuration keys. `None` means "diffusers' default for this sampler".
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct SchedulerConfig {
+    pub num_train_timesteps: Option<usize>,
+    pub beta_start: Option<f64>,
+    pub beta_end: Option<f64>,
+    pub beta_schedule: Option<BetaSchedule>,
+    pub trained_betas: Option<Vec<f64>>,
+    pub prediction_type: Option<PredictionType>,
+    pub timestep_spacing: Option<TimestepSpacing>,
+    pub steps_offset: Option<i64>,
+    pub set_alpha_to_one: Option<bool>,
+    pub clip_sample: Option<bool>,
+    pub clip_sample_range: Option<f64>,
+    pub thresholding: Option<bool>,
+    pub dynamic_thresholding_ratio: Option<f64>,
+    pub sample_max_value: Option<f64>,
+    pub rescale_betas_zero_snr: Option<bool>,
+    pub variance_type: Option<String>,
+    pub interpolation_type: Option<String>,
+    pub use_karras_sigmas: Option<bool>,
+    pub use_exponential_sigmas: Option<bool>,
+    pub use_beta_sigmas: Option<bool>,
+    pub sigma_min: Option<f64>,
+    pub sigma_max: Option<f64>,
+    pub timestep_type: Option<String>,
+    pub final_sigmas_type: Option<String>,
+    pub algorithm_type: Option<String>,
+    pub solver_order: Option<usize>,
+    pub solver_type: Option<String>,
+    pub lower_order_final: Option<bool>,
+    pub euler_at_final: Option<bool>,
+    pub use_lu_lambdas: Option<bool>,
+    pub use_flow_sigmas: Option<bool>,
+    pub flow_shift: Option<f64>,
+    pub lambda_min_clipped: Option<f64>,
+    pub use_dynamic_shifting: Option<bool>,
+    pub time_shift_type: Option<String>,
+    pub original_inference_steps: Option<usize>,
+    pub timestep_scaling: Option<f64>,
+    pub sigma_data: Option<f64>,
+    pub s_noise: Option<f64>,
+    pub rho: Option<f64>,
+    pub clip_denoised: Option<bool>,
+    /// diffusers bookkeeping in `scheduler_config.json`; read and ignored.
+    #[serde(rename = "_class_name")]
+    pub class_name: Option<String>,
+    /// diffusers bookkeeping in `scheduler_config.json`; read and ignored.
+    #[serde(rename = "_diffusers_version")]
+    pub diffusers_version: Option<String>,
+}
+
+/// `beta_schedule`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[allow(missing_docs)]
+pub enum BetaSchedule {
+    Linear,
+    ScaledLinear,
+    SquaredcosCapV2,
+}
+
+/// `prediction_type`: what the denoiser outputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PredictionType {
+    /// The noise ε.
+    Epsilon,
+    /// v = α·ε − σ·x₀ (Salimans & Ho 2022).
+    VPrediction,
+    /// The clean sample x₀.
+    Sample,
+}
+
+/// `timestep_spacing`: how inference timesteps are picked from the training ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[allow(missing_docs)]
+pub enum TimestepSpacing {
+    Leading,
+    Trailing,
+    Linspace,
+}
+
+impl ModelCard {
+    /// Reads `<dir>/model.toml` (or the card file itself when `path` is a file).
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let (dir, file) = if path.is_dir() {
+            (path.to_path_buf(), path.join("model.toml"))
+        } else {
+            (path.parent().unwrap_or(Path::new(".")).to_path_buf(), path.to_path_buf())
+        };
+        let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
+        Self::parse(&text, &dir, &file)
+    }
+
+    /// Parses card text; `dir` resolves relative paths, `file` names the card in errors.
+    pub fn parse(text: &str, dir: &Path, file: &Path) -> Result<Self> {
+        let card_err = |message: String| Error::Card { path: file.to_path_buf(), message };
+        let raw: RawCard = toml::from_str(text).map_err(|e| card_err(one_line(&e.to_string())))?;
+        let mut merged: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+        if let Some(json_rel) = &raw.model.scheduler_config {
+            let json_path = dir.join(json_rel);
+            let json_text = std::fs::read_to_string(&json_path).map_err(|e| Error::io(&json_path, e))?;
+            let obj: BTreeMap<String, serde_json::Value> = serde_json::from_str(&json_text)
+                .map_err(|e| Error::Card { path: json_path.clone(), message: format!("not a JSON object: {e}") })?;
+            // Check the file on its own first so errors name the file the key came from.
+            serde_json::from_value::<SchedulerConfig>(serde_json::Value::Object(obj.clone().into_iter().collect()))
+                .map_err(|e| Error::Card { path: json_path.clone(), message: e.to_string() })?;
+            merged.extend(obj);
+        }
+        if let Some(table) = raw.scheduler {
+            let value = serde_json::to_value(&table).map_err(|e| card_err(format!("[scheduler]: {e}")))?;
+            if let serde_json::Value::Object(obj) = value {
+                merged.extend(obj);
+            }
+        }
+        let scheduler: SchedulerConfig = serde_json::from_value(serde_json::Value::Object(merged.into_iter().collect()))
+            .map_err(|e| card_err(format!("[scheduler]: {e}")))?;
+        let card = ModelCard {
+            dir: dir.to_path_buf(),
+            model: raw.model,
+            image: raw.image,
+            classes: raw.classes,
+            scheduler,
+            defaults: raw.defaults,
+        };
+        card.validate().map_err(card_err)?;
+        Ok(card)
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        let im = &self.image;
+        if !(1..=4).contains(&im.channels) {
+            return Err(format!("image.channels: expected 1 to 4, got {}", im.channels));
+        }
+        for (name, v) in [("height", im.height), ("width", im.width)] {
+            if v == 0 || v > 8192 {
+                return Err(format!("image.{name}: expected 1 to 8192 pixels, got {v}"));
+            }
+        }
+        let [lo, hi] = im.value_range;
+        if !(lo.is_finite() && hi.is_finite() && lo < hi) {
+            return Err(format!("image.value_range: expected [low, high] with low < high, got [{lo}, {hi}]"));
+        }
+        if let Some(c) = &self.classes {
+            if c.names.is_empty() {
+                return Err("classes.names: expected at least one class name".into());
+            }
+            if self.model.inputs.class_labels.is_none() {
+                return Err("classes: the card names classes but [model.inputs] has no class_labels input".into());
+            }
+            if let Some(null) = c.null {
+                if null < 0 {
+                    return Err(format!("classes.null: expected a label >= 0, got {null}"));
+                }
+            }
+        }
+        if let Some(steps) = self.defaults.steps {
+            if steps == 0 {
+                return Err("defaults.steps: expected at least 1".into());
+            }
+        }
+        if let Some(g) = self.defaults.guidance {
+            if !g.is_finite() || g < 0.0 {
+                return Err(format!("defaults.guidance: expected a finite scale >= 0, got {g}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The ONNX file's full path.
+    pub fn onnx_path(&self) -> PathBuf {
+        self.dir.join(&self.model.onnx)
+    }
+
+    /// Resolves a class given by name or by number to its label.
+    pub fn class_label(&self, class: &str) -> Result<i64> {
+        let Some(classes) = &self.classes else {
+            return Err(Error::config("class", "this model is not class-conditional (its card has no [classes])"));
+        };
+        if let Some(i) = classes.names.iter().position(|n| n.eq_ignore_ascii_case(class)) {
+            return Ok(i as i64);
+        }
+        if let Ok(i) = class.parse::<i64>() {
+            if (0..classes.names.len() as i64).contains(&i) || Some(i) == classes.null {
+                return Ok(i);
+            }
+        }
+        Err(Error::config(
+            "class",
+            format!("unknown class {class:?}; expected one of {} or a label 0..{}", classes.names.join(", "), classes.names.len() - 1),
+        ))
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}

@@ -1,0 +1,25 @@
+//! PLACEHOLDER: being written.
+use ndarray::Array4;
+
+use super::{NoiseSource, Sampler};
+use crate::card::SchedulerConfig;
+use crate::error::{Error, Result};
+
+/// Placeholder.
+pub struct Euler {
+    timesteps: Vec<f64>,
+}
+
+impl Euler {
+    /// Placeholder.
+    pub fn new(_cfg: &SchedulerConfig, _steps: usize) -> Result<Self> {
+        Err(Error::config("sampler", "not implemented yet"))
+    }
+}
+
+impl Sampler for Euler {
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+    fn step(&mut self, _m: &Array4<f32>, _i: usize, _s: &mut Array4<f32>, _n: &mut dyn NoiseSource) {}
+}
