@@ -2,7 +2,11 @@
 #![warn(missing_docs)]
 
 pub mod card;
+pub mod denoiser;
 pub mod error;
+pub mod files;
+pub mod noise;
+pub mod pipeline;
 pub mod sampler;
 pub mod schedule;
 

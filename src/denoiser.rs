@@ -1,0 +1,377 @@
+//! The tract plumbing: an ONNX denoiser loaded once, bound to the card's input names, and run
+//! through one optimized plan per batch size.
+//!
+//! Weights: the file is memory-mapped and the protobuf decoded straight from the map (tract
+//! then copies weights into its own aligned tensors; it has no borrowed-tensor storage).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use ndarray::Array4;
+use tract_linalg::multithread::Executor;
+use tract_onnx::pb::ModelProto;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::infer::{Factoid, InferenceModel};
+
+use crate::card::ModelCard;
+use crate::error::{Error, Result};
+
+/// How the timestep input is typed and shaped in the ONNX graph.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimestepInput {
+    /// Element type: float32, float64, int64 or int32.
+    pub datum_type: DatumType,
+    /// `[]`, `[1]` or `[batch]`.
+    pub shape: TimestepShape,
+}
+
+/// The timestep's shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimestepShape {
+    /// A scalar.
+    Scalar,
+    /// One value for the whole batch.
+    One,
+    /// One value per image.
+    Batch,
+}
+
+/// Description of one graph input or output, for `info`.
+#[derive(Debug, Clone)]
+pub struct IoInfo {
+    /// Name in the ONNX graph.
+    pub name: String,
+    /// Element type and shape as tract reads them from the file (`?` for unknown).
+    pub fact: String,
+}
+
+#[derive(Debug, Clone)]
+struct Bindings {
+    sample: usize,
+    timestep: usize,
+    timestep_input: TimestepInput,
+    class_labels: Option<(usize, DatumType)>,
+    context: Option<(usize, Vec<usize>)>,
+    output: usize,
+}
+
+struct Plan {
+    state: TypedSimpleState,
+}
+
+/// A denoiser: ONNX model + input bindings + optimized plans (one per batch size).
+pub struct Denoiser {
+    path: PathBuf,
+    model: InferenceModel,
+    bindings: Bindings,
+    chw: [usize; 3],
+    threads: usize,
+    executor: Executor,
+    plans: HashMap<usize, Plan>,
+    params: usize,
+    inputs: Vec<IoInfo>,
+    outputs: Vec<IoInfo>,
+}
+
+impl Denoiser {
+    /// Loads `card`'s ONNX file through a memory map.
+    pub fn load(card: &ModelCard, threads: usize) -> Result<Self> {
+        let path = card.onnx_path();
+        let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+        let len = file.metadata().map_err(|e| Error::io(&path, e))?.len();
+        if len == 0 {
+            return Err(Error::Model { path, message: "the ONNX file is empty".into() });
+        }
+        // SAFETY: the map is read during decoding only and dropped before this function returns,
+        // so a later change to the file cannot reach memory tract holds. A file truncated by
+        // another process *during* decoding would raise SIGBUS (see docs/model-card.md).
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+        Self::from_bytes(&map, card, threads, path)
+    }
+
+    /// Loads an ONNX model held in memory (for models compiled into the program).
+    /// `name` labels errors.
+    pub fn from_bytes(bytes: &[u8], card: &ModelCard, threads: usize, name: impl Into<PathBuf>) -> Result<Self> {
+        let path: PathBuf = name.into();
+        let fail = |e: &dyn std::fmt::Display| Error::Model { path: path.clone(), message: one_line(e) };
+        let proto = <ModelProto as prost::Message>::decode(bytes)
+            .map_err(|e| fail(&format!("not an ONNX model (protobuf decoding failed: {e})")))?;
+        let params = count_params(&proto);
+        let model = tract_onnx::onnx().model_for_proto_model(&proto).map_err(|e| fail(&format!("{e:#}")))?;
+        drop(proto);
+        let (inputs, outputs) = describe(&model);
+        let bindings = bind(&model, card).map_err(|m| Error::Model { path: path.clone(), message: m })?;
+        let threads = threads.max(1);
+        let executor = if threads > 1 { Executor::multithread(threads) } else { Executor::SingleThread };
+        Ok(Denoiser {
+            path,
+            model,
+            bindings,
+            chw: [card.image.channels, card.image.height, card.image.width],
+            threads,
+            executor,
+            plans: HashMap::new(),
+            params,
+            inputs,
+            outputs,
+        })
+    }
+
+    /// Builds (once) the optimized plan for `batch` images per call.
+    pub fn prepare(&mut self, batch: usize) -> Result<()> {
+        if self.plans.contains_key(&batch) {
+            return Ok(());
+        }
+        let plan = self.build_plan(batch).map_err(|m| Error::Model { path: self.path.clone(), message: m })?;
+        self.plans.insert(batch, plan);
+        Ok(())
+    }
+
+    fn build_plan(&self, batch: usize) -> std::result::Result<Plan, String> {
+        let [c, h, w] = self.chw;
+        let b = &self.bindings;
+        let mut model = self.model.clone();
+        let err = |e: TractError| one_line(&format!("{e:#}"));
+        model.set_input_fact(b.sample, f32::fact([batch, c, h, w]).into()).map_err(err)?;
+        let ts_shape: TVec<usize> = match b.timestep_input.shape {
+            TimestepShape::Scalar => tvec![],
+            TimestepShape::One => tvec![1],
+            TimestepShape::Batch => tvec![batch],
+        };
+        model
+            .set_input_fact(b.timestep, InferenceFact::dt_shape(b.timestep_input.datum_type, ts_shape))
+            .map_err(err)?;
+        if let Some((ix, dt)) = b.class_labels {
+            model.set_input_fact(ix, InferenceFact::dt_shape(dt, tvec![batch])).map_err(err)?;
+        }
+        if let Some((ix, dims)) = &b.context {
+            let mut shape: TVec<usize> = tvec![batch];
+            shape.extend(dims.iter().copied());
+            model.set_input_fact(*ix, f32::fact(shape).into()).map_err(err)?;
+        }
+        let out_outlet = model.output_outlets().map_err(err)?[b.output];
+        model.select_output_outlets(&[out_outlet]).map_err(err)?;
+        let typed = model.into_optimized().map_err(|e| format!("optimizing for batch {batch}: {}", err(e)))?;
+        let out_fact = typed.output_fact(0).map_err(err)?;
+        let expected = [batch, c, h, w];
+        let ok = out_fact.datum_type == f32::datum_type()
+            && out_fact.shape.as_concrete().map(|s| s == expected).unwrap_or(false);
+        if !ok {
+            return Err(format!(
+                "the output is {out_fact:?}, expected float32 {expected:?} (the sample's shape): not a denoiser for this card's [image]"
+            ));
+        }
+        let options = RunOptions { executor: Some(self.executor.clone()), ..Default::default() };
+        let plan = typed.into_runnable_with_options(&options).map_err(err)?;
+        let state = TypedSimpleState::new(&plan).map_err(err)?;
+        Ok(Plan { state })
+    }
+
+    /// Runs the model once: `sample` is `[batch, C, H, W]`, `timestep` the same for every image,
+    /// `class_labels` one per image when the model is class-conditional. Writes into `out`.
+    pub fn predict(
+        &mut self,
+        sample: &Array4<f32>,
+        timestep: f64,
+        class_labels: Option<&[i64]>,
+        context: Option<&ndarray::ArrayD<f32>>,
+        out: &mut Array4<f32>,
+    ) -> Result<()> {
+        let batch = sample.shape()[0];
+        self.prepare(batch)?;
+        let b = self.bindings.clone();
+        let mut inputs: Vec<Option<TValue>> = vec![None; self.model.input_outlets().map(|o| o.len()).unwrap_or(0)];
+        let x = Tensor::from_shape(sample.shape(), sample.as_slice().expect("standard layout"))
+            .map_err(|e| Error::Inference(e.to_string()))?;
+        inputs[b.sample] = Some(x.into_tvalue());
+        let n_t = match b.timestep_input.shape {
+            TimestepShape::Scalar | TimestepShape::One => 1,
+            TimestepShape::Batch => batch,
+        };
+        let t = timestep_tensor(b.timestep_input, timestep, n_t).map_err(|e| Error::Inference(e.to_string()))?;
+        inputs[b.timestep] = Some(t.into_tvalue());
+        if let Some((ix, dt)) = b.class_labels {
+            let labels = class_labels.ok_or_else(|| Error::config("class", "this model needs a class label"))?;
+            let t = tensor1(labels).cast_to_dt(dt).map_err(|e| Error::Inference(e.to_string()))?.into_owned();
+            inputs[ix] = Some(t.into_tvalue());
+        }
+        if let Some((ix, _)) = &b.context {
+            let ctx = context.ok_or_else(|| {
+                Error::config("context", "this model takes encoder_hidden_states; pass a conditioning tensor")
+            })?;
+            inputs[*ix] = Some(Tensor::from(ctx.clone()).into_tvalue());
+        }
+        let inputs: TVec<TValue> = inputs.into_iter().map(|v| v.expect("every input bound")).collect();
+        let plan = self.plans.get_mut(&batch).expect("prepared above");
+        let outputs = plan.state.run(inputs).map_err(|e| Error::Inference(one_line(&format!("{e:#}"))))?;
+        let view = outputs[0].to_plain_array_view::<f32>().map_err(|e| Error::Inference(e.to_string()))?;
+        out.assign(&view.into_dimensionality::<ndarray::Ix4>().map_err(|e| Error::Inference(e.to_string()))?);
+        Ok(())
+    }
+
+    /// Number of weights in the ONNX initializers.
+    pub fn params(&self) -> usize {
+        self.params
+    }
+    /// Threads given to tract's matrix-multiplication executor.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+    /// The graph's inputs as declared in the file.
+    pub fn inputs(&self) -> &[IoInfo] {
+        &self.inputs
+    }
+    /// The graph's outputs as declared in the file.
+    pub fn outputs(&self) -> &[IoInfo] {
+        &self.outputs
+    }
+    /// How the timestep is fed.
+    pub fn timestep_input(&self) -> TimestepInput {
+        self.bindings.timestep_input
+    }
+    /// The ONNX file (or the label given to [`Denoiser::from_bytes`]).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn timestep_tensor(ti: TimestepInput, t: f64, n: usize) -> TractResult<Tensor> {
+    // Integer-timestep models get the nearest integer (Euler/Heun produce fractional ones).
+    let mut tensor = match ti.datum_type {
+        DatumType::F64 => tensor1(&vec![t; n]),
+        DatumType::I64 => tensor1(&vec![t.round() as i64; n]),
+        DatumType::I32 => tensor1(&vec![t.round() as i32; n]),
+        _ => tensor1(&vec![t as f32; n]),
+    };
+    if ti.shape == TimestepShape::Scalar {
+        tensor = tensor.into_shape(&[])?;
+    }
+    Ok(tensor)
+}
+
+fn one_line(e: &dyn std::fmt::Display) -> String {
+    e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn count_params(proto: &ModelProto) -> usize {
+    let Some(g) = &proto.graph else { return 0 };
+    g.initializer.iter().map(|t| t.dims.iter().product::<i64>().max(0) as usize).sum()
+}
+
+fn input_names(model: &InferenceModel) -> Vec<String> {
+    model
+        .input_outlets()
+        .map(|outs| outs.iter().map(|o| model.node(o.node).name.clone()).collect())
+        .unwrap_or_default()
+}
+
+fn describe(model: &InferenceModel) -> (Vec<IoInfo>, Vec<IoInfo>) {
+    let fact = |o: OutletId| model.outlet_fact(o).map(|f| format!("{f:?}")).unwrap_or_else(|_| "?".into());
+    let inputs = model
+        .input_outlets()
+        .map(|outs| outs.iter().map(|&o| IoInfo { name: model.node(o.node).name.clone(), fact: fact(o) }).collect())
+        .unwrap_or_default();
+    let outputs = model
+        .output_outlets()
+        .map(|outs| {
+            outs.iter()
+                .map(|&o| IoInfo {
+                    name: model.outlet_label(o).unwrap_or(&model.node(o.node).name).to_string(),
+                    fact: fact(o),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    (inputs, outputs)
+}
+
+fn bind(model: &InferenceModel, card: &ModelCard) -> std::result::Result<Bindings, String> {
+    let names = input_names(model);
+    let cn = &card.model.inputs;
+    let find = |field: &str, name: &str| {
+        names.iter().position(|n| n == name).ok_or_else(|| {
+            format!("the card's model.inputs.{field} = {name:?} is not an input of this ONNX graph (inputs: {names:?})")
+        })
+    };
+    let sample = find("sample", &cn.sample)?;
+    let timestep = find("timestep", &cn.timestep)?;
+    let class_labels = cn.class_labels.as_deref().map(|n| find("class_labels", n)).transpose()?;
+    let context = cn.encoder_hidden_states.as_deref().map(|n| find("encoder_hidden_states", n)).transpose()?;
+    let bound: Vec<usize> = [Some(sample), Some(timestep), class_labels, context].into_iter().flatten().collect();
+    if let Some(extra) = (0..names.len()).find(|i| !bound.contains(i)) {
+        return Err(format!(
+            "ONNX input {:?} is not named in the card's [model.inputs] (sample, timestep, class_labels, encoder_hidden_states)",
+            names[extra]
+        ));
+    }
+    let outlets = model.input_outlets().map_err(|e| e.to_string())?;
+    let fact = |ix: usize| model.outlet_fact(outlets[ix]).map_err(|e| e.to_string());
+
+    // The sample: float32, rank 4, and any concrete dims must agree with the card.
+    let sf = fact(sample)?;
+    if let Some(dt) = sf.datum_type.concretize() {
+        if dt != f32::datum_type() {
+            return Err(format!("input {:?} is {dt:?}, expected float32", cn.sample));
+        }
+    }
+    let [c, h, w] = [card.image.channels, card.image.height, card.image.width];
+    if let Some(rank) = sf.shape.rank().concretize() {
+        if rank != 4 {
+            return Err(format!("input {:?} has rank {rank}, expected 4 ([batch, C, H, W])", cn.sample));
+        }
+        for (axis, (want, what)) in [(1, (c, "image.channels")), (2, (h, "image.height")), (3, (w, "image.width"))] {
+            if let Some(d) = sf.shape.dim(axis).and_then(|d| d.concretize()).and_then(|d| d.to_i64().ok()) {
+                if d != want as i64 {
+                    return Err(format!("input {:?} has {d} at axis {axis}, but the card's {what} is {want}", cn.sample));
+                }
+            }
+        }
+    }
+
+    let tf = fact(timestep)?;
+    let datum_type = match tf.datum_type.concretize() {
+        None | Some(DatumType::F32) => DatumType::F32,
+        Some(dt @ (DatumType::F64 | DatumType::I64 | DatumType::I32)) => dt,
+        Some(other) => return Err(format!("timestep input {:?} is {other:?}, expected float32, float64, int64 or int32", cn.timestep)),
+    };
+    let shape = match tf.shape.rank().concretize() {
+        Some(0) => TimestepShape::Scalar,
+        Some(1) => match tf.shape.dim(0).and_then(|d| d.concretize()).and_then(|d| d.to_i64().ok()) {
+            Some(1) => TimestepShape::One,
+            _ => TimestepShape::Batch,
+        },
+        None => TimestepShape::Batch,
+        Some(r) => return Err(format!("timestep input {:?} has rank {r}, expected [], [1] or [batch]", cn.timestep)),
+    };
+
+    let class_labels = match class_labels {
+        Some(ix) => {
+            let dt = fact(ix)?.datum_type.concretize().unwrap_or(DatumType::I64);
+            if !matches!(dt, DatumType::I64 | DatumType::I32) {
+                return Err(format!("class_labels input is {dt:?}, expected int64 or int32"));
+            }
+            Some((ix, dt))
+        }
+        None => None,
+    };
+    let context = match context {
+        Some(ix) => {
+            let f = fact(ix)?;
+            let dims: Option<Vec<usize>> = (1..3)
+                .map(|a| f.shape.dim(a).and_then(|d| d.concretize()).and_then(|d| d.to_i64().ok()).map(|d| d as usize))
+                .collect();
+            let dims = dims.ok_or("encoder_hidden_states must have fixed [tokens, dim] in the ONNX file")?;
+            Some((ix, dims))
+        }
+        None => None,
+    };
+    let outputs = model.output_outlets().map_err(|e| e.to_string())?;
+    let output = match &card.model.output {
+        None => 0,
+        Some(name) => outputs
+            .iter()
+            .position(|&o| model.outlet_label(o) == Some(name.as_str()) || model.node(o.node).name == *name)
+            .ok_or_else(|| format!("the card's model.output = {name:?} is not an output of this ONNX graph"))?,
+    };
+    Ok(Bindings { sample, timestep, timestep_input: TimestepInput { datum_type, shape }, class_labels, context, output })
+}
