@@ -195,6 +195,80 @@ pub fn discrete_timesteps(spacing: TimestepSpacing, num_train: usize, steps: usi
     }
 }
 
+/// `np.arange(start, stop, step)` in f64, filled the way numpy fills it: the length is
+/// `ceil((stop − start) / step)` and entry i is `start + i·((start + step) − start)`. That last
+/// difference can be off from `step` by a rounding, which is enough to change how an entry rounds
+/// and, through the length, whether a trailing spacing gains an extra timestep.
+pub fn arange(start: f64, stop: f64, step: f64) -> Vec<f64> {
+    let len = ((stop - start) / step).ceil();
+    if len.is_nan() || len < 1.0 {
+        return Vec::new();
+    }
+    let len = len as usize;
+    let delta = (start + step) - start;
+    (0..len)
+        .map(|i| {
+            if i == 1 {
+                start + step
+            } else {
+                start + i as f64 * delta
+            }
+        })
+        .collect()
+}
+
+/// The float32 timesteps of diffusers' sigma-space schedulers (Euler, Euler ancestral, Heun),
+/// descending. Unlike [`discrete_timesteps`], `linspace` is not rounded to integers.
+pub fn sigma_space_timesteps(
+    spacing: TimestepSpacing,
+    num_train: usize,
+    steps: usize,
+    offset: i64,
+) -> Vec<f32> {
+    match spacing {
+        TimestepSpacing::Linspace => linspace(0.0, (num_train - 1) as f64, steps)
+            .iter()
+            .rev()
+            .map(|&t| t as f32)
+            .collect(),
+        TimestepSpacing::Leading => {
+            let ratio = (num_train / steps) as f64;
+            (0..steps)
+                .rev()
+                .map(|i| (i as f64 * ratio) as f32 + offset as f32)
+                .collect()
+        }
+        TimestepSpacing::Trailing => {
+            let ratio = num_train as f64 / steps as f64;
+            arange(num_train as f64, 0.0, -ratio)
+                .iter()
+                .map(|t| t.round_ties_even() as f32 - 1.0)
+                .collect()
+        }
+    }
+}
+
+/// diffusers' `_sigma_to_t`: the fractional training timestep at which σ falls, interpolating
+/// linearly in log σ between neighbouring training steps. `log_sigmas` is ascending and float32,
+/// as diffusers takes `np.log` of float32 sigmas.
+pub fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
+    let log_sigma = sigma.max(1e-10).ln();
+    // diffusers takes the argmax of a running count of `log_sigmas <= log σ`: the last such index,
+    // or 0 when there is none, and never the final one so that a neighbour above exists.
+    let mut count = 0usize;
+    let mut best = (0usize, 0usize);
+    for (i, &ls) in log_sigmas.iter().enumerate() {
+        count += usize::from(log_sigma - ls as f64 >= 0.0);
+        if count > best.1 {
+            best = (i, count);
+        }
+    }
+    let low_idx = best.0.min(log_sigmas.len() - 2);
+    let (low, high) = (log_sigmas[low_idx] as f64, log_sigmas[low_idx + 1] as f64);
+    let w = ((low - log_sigma) / (low - high)).clamp(0.0, 1.0);
+    (1.0 - w) * low_idx as f64 + w * (low_idx + 1) as f64
+}
+
 /// Recovers x₀ from a model output, for discrete (variance-preserving) schedulers.
 /// `alpha_prod` is ᾱ_t and `beta_prod` is 1 − ᾱ_t.
 #[inline]
