@@ -1,0 +1,436 @@
+//! End to end: the shipped models through tract, the pipeline and the command line, against
+//! PyTorch and a diffusers-pipeline run (fixtures in `tests/fixtures/e2e/`, written by
+//! `tools/gen_e2e_reference.py`; no Python at test time).
+//!
+//! * the denoiser alone equals the PyTorch checkpoint to 1e-4 (absolute);
+//! * `Pipeline::generate` equals diffusers' standard loop (DDIM, Euler, LCM schedulers configured
+//!   from the card, onnxruntime as the model, classifier-free guidance) to a relative error of
+//!   1e-4, and so does the `sample` command with `--noise`/`--save-tensor`;
+//! * the command line is deterministic in its seed.
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use edge_diffuse::denoiser::Denoiser;
+use edge_diffuse::pipeline::{GuidanceBatching, LoadOptions, Pipeline, Request};
+use edge_diffuse::sampler::{self, SamplerKind, SamplerOptions};
+use edge_diffuse::ModelCard;
+use ndarray::{s, Array1, Array4, ArrayD, Ix4};
+use ndarray_npy::ReadNpyExt;
+use serde_json::Value;
+
+/// Denoiser vs PyTorch: max absolute difference.
+const DENOISER_ABS_TOL: f32 = 1e-4;
+/// Whole runs vs diffusers: max |got - ref| / max |ref|.
+const PIPELINE_REL_TOL: f64 = 1e-4;
+/// Sampler timesteps vs diffusers'.
+const TIMESTEP_TOL: f64 = 1e-3;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn fixture(name: &str) -> PathBuf {
+    root().join("tests/fixtures/e2e").join(name)
+}
+
+fn read_npy<T: ndarray_npy::ReadableElement>(path: &Path) -> ArrayD<T> {
+    let file = std::fs::File::open(path)
+        .unwrap_or_else(|e| panic!("{}: {e} (run tools/gen_e2e_reference.py)", path.display()));
+    ArrayD::<T>::read_npy(std::io::BufReader::new(file))
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn read4(path: &Path) -> Array4<f32> {
+    read_npy::<f32>(path)
+        .into_dimensionality::<Ix4>()
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn meta() -> Value {
+    let path = fixture("meta.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).expect("meta.json parses")
+}
+
+fn case(name: &str) -> Value {
+    meta()["cases"]
+        .as_array()
+        .expect("cases")
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no case {name} in meta.json"))
+        .clone()
+}
+
+/// max |got - want| / max(max |want|, 1e-3); infinite when `got` holds a non-finite value.
+fn rel_err(got: &Array4<f32>, want: &Array4<f32>) -> f64 {
+    assert_eq!(got.shape(), want.shape(), "shapes differ");
+    let scale = want
+        .iter()
+        .fold(0.0f64, |m, v| m.max(v.abs() as f64))
+        .max(1e-3);
+    got.iter().zip(want).fold(0.0f64, |m, (g, w)| {
+        if g.is_finite() {
+            m.max((*g as f64 - *w as f64).abs() / scale)
+        } else {
+            f64::INFINITY
+        }
+    })
+}
+
+fn max_abs_diff(a: &Array4<f32>, b: &Array4<f32>) -> f32 {
+    assert_eq!(a.shape(), b.shape(), "shapes differ");
+    a.iter().zip(b).fold(0.0f32, |m, (x, y)| {
+        if x.is_finite() {
+            m.max((x - y).abs())
+        } else {
+            f32::INFINITY
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The denoiser alone.
+
+fn check_denoiser(model: &str) {
+    let card =
+        ModelCard::load(root().join("models").join(format!("fmnist-{model}"))).expect("card loads");
+    let mut d = Denoiser::load(&card, 1).expect("denoiser loads");
+    let sample = read4(&fixture("denoiser_sample.npy"));
+    let timesteps: Array1<f32> = read_npy::<f32>(&fixture("denoiser_timestep.npy"))
+        .into_dimensionality()
+        .unwrap();
+    let labels: Array1<i64> = read_npy::<i64>(&fixture("denoiser_class_labels.npy"))
+        .into_dimensionality()
+        .unwrap();
+    let want = read4(&fixture(&format!("{model}_denoiser_out.npy")));
+    let n = sample.shape()[0];
+    assert!(n == 2 && timesteps.len() == n && labels.len() == n && want.shape() == sample.shape());
+    assert!(
+        labels
+            .iter()
+            .any(|&l| Some(l) == card.classes.as_ref().unwrap().null),
+        "the fixture covers the null class"
+    );
+    // predict() takes one timestep for the whole batch, and the fixture's timesteps differ per
+    // image: one batch-1 call per image.
+    for i in 0..n {
+        let x = sample.slice(s![i..i + 1, .., .., ..]).to_owned();
+        let mut out = Array4::<f32>::from_elem((1, 1, 32, 32), f32::NAN);
+        d.predict(&x, timesteps[i] as f64, Some(&[labels[i]]), None, &mut out)
+            .expect("predict");
+        let ref_i = want.slice(s![i..i + 1, .., .., ..]).to_owned();
+        let err = max_abs_diff(&out, &ref_i);
+        eprintln!("{model} denoiser image {i}: tract vs PyTorch max abs diff {err:.2e}");
+        assert!(
+            err <= DENOISER_ABS_TOL,
+            "{model} image {i} (t = {}, label {}): tract vs PyTorch max abs diff {err:e} > {DENOISER_ABS_TOL:e}",
+            timesteps[i],
+            labels[i]
+        );
+    }
+    // Batch 2 with one shared timestep: each image equals its batch-1 result.
+    let t = timesteps[1] as f64;
+    let mut pair = Array4::<f32>::zeros((2, 1, 32, 32));
+    d.predict(
+        &sample,
+        t,
+        Some(labels.as_slice().unwrap()),
+        None,
+        &mut pair,
+    )
+    .expect("predict batch 2");
+    for i in 0..n {
+        let mut one = Array4::<f32>::zeros((1, 1, 32, 32));
+        d.predict(
+            &sample.slice(s![i..i + 1, .., .., ..]).to_owned(),
+            t,
+            Some(&[labels[i]]),
+            None,
+            &mut one,
+        )
+        .expect("predict");
+        let err = max_abs_diff(&pair.slice(s![i..i + 1, .., .., ..]).to_owned(), &one);
+        assert!(
+            err <= 1e-5,
+            "{model}: batch-2 image {i} differs from batch-1 by {err:e}"
+        );
+    }
+}
+
+#[test]
+fn teacher_denoiser_matches_pytorch() {
+    check_denoiser("teacher");
+}
+
+#[test]
+fn student_denoiser_matches_pytorch() {
+    check_denoiser("student");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The pipeline against diffusers.
+
+/// The case's card: the shipped one, with the case's [scheduler] overrides merged in.
+fn case_card(c: &Value) -> ModelCard {
+    let dir = root().join(c["model"].as_str().unwrap());
+    let overrides = c["scheduler_overrides"].as_object().unwrap();
+    if overrides.is_empty() {
+        return ModelCard::load(&dir).expect("card loads");
+    }
+    let file = dir.join("model.toml");
+    let mut table: toml::Table = std::fs::read_to_string(&file)
+        .unwrap()
+        .parse()
+        .expect("card is TOML");
+    let sched = table
+        .get_mut("scheduler")
+        .and_then(|v| v.as_table_mut())
+        .expect("[scheduler]");
+    for (k, v) in overrides {
+        let v = match v {
+            Value::String(s) => toml::Value::String(s.clone()),
+            Value::Bool(b) => toml::Value::Boolean(*b),
+            Value::Number(n) if n.is_i64() => toml::Value::Integer(n.as_i64().unwrap()),
+            Value::Number(n) => toml::Value::Float(n.as_f64().unwrap()),
+            other => panic!("override {k} = {other}: unsupported type"),
+        };
+        sched.insert(k.clone(), v);
+    }
+    ModelCard::parse(&toml::to_string(&table).unwrap(), &dir, &file)
+        .expect("overridden card parses")
+}
+
+fn load_pipeline(c: &Value, guidance_batching: GuidanceBatching) -> Pipeline {
+    let opts = LoadOptions {
+        threads: 1,
+        guidance_batching,
+    };
+    if c["scheduler_overrides"].as_object().unwrap().is_empty() {
+        Pipeline::load(root().join(c["model"].as_str().unwrap()), opts).expect("pipeline loads")
+    } else {
+        let card = case_card(c);
+        let onnx = std::fs::read(card.onnx_path()).unwrap();
+        Pipeline::from_bytes(card, &onnx, opts).expect("pipeline loads")
+    }
+}
+
+fn request(c: &Value) -> Request {
+    Request {
+        noise: Some(read4(&fixture("pipeline_noise.npy"))),
+        classes: Some(
+            c["labels"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_i64().unwrap())
+                .collect(),
+        ),
+        sampler: Some(
+            c["sampler"]
+                .as_str()
+                .unwrap()
+                .parse()
+                .expect("sampler name"),
+        ),
+        steps: Some(c["steps"].as_u64().unwrap() as usize),
+        guidance: Some(c["guidance"].as_f64().unwrap() as f32),
+        ..Default::default()
+    }
+}
+
+fn check_pipeline(name: &str, guidance_batching: GuidanceBatching) {
+    let c = case(name);
+    let want = read4(&fixture(&format!("{name}.npy")));
+    let req = request(&c);
+
+    // The schedule first, so a failure says whether the timesteps or the arithmetic differ.
+    let card = case_card(&c);
+    let kind: SamplerKind = req.sampler.unwrap();
+    let sampler = sampler::build(
+        kind,
+        &card.scheduler,
+        req.steps.unwrap(),
+        &SamplerOptions::default(),
+    )
+    .unwrap();
+    let ts_want: Vec<f64> = c["timesteps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let ts = sampler.timesteps();
+    assert!(
+        ts.len() == ts_want.len()
+            && ts
+                .iter()
+                .zip(&ts_want)
+                .all(|(a, b)| (a - b).abs() <= TIMESTEP_TOL),
+        "{name}: timesteps {ts:?} vs diffusers {ts_want:?}"
+    );
+    let sigma0 = c["init_noise_sigma"].as_f64().unwrap();
+    assert!(
+        (sampler.init_noise_sigma() - sigma0).abs() <= 1e-5 * sigma0,
+        "{name}: init_noise_sigma {} vs diffusers {sigma0}",
+        sampler.init_noise_sigma()
+    );
+
+    let mut pipe = load_pipeline(&c, guidance_batching);
+    let mut calls = 0;
+    let gen = pipe
+        .generate(&req, &mut |_| {
+            calls += 1;
+            ControlFlow::Continue(())
+        })
+        .unwrap_or_else(|e| panic!("{name}: generate failed: {e}"));
+    assert_eq!(
+        calls,
+        2 * ts_want.len(),
+        "{name}: one callback per step and image"
+    );
+    assert_eq!(gen.sampler, kind);
+    let err = rel_err(&gen.samples, &want);
+    eprintln!("{name} ({guidance_batching:?}): relative error vs diffusers {err:.2e}");
+    assert!(
+        err <= PIPELINE_REL_TOL,
+        "{name} ({guidance_batching:?}): relative error vs diffusers {err:.3e} > {PIPELINE_REL_TOL:e}; \
+         first values {:?} vs {:?}",
+        &gen.samples.as_slice().unwrap()[..4],
+        &want.as_slice().unwrap()[..4]
+    );
+}
+
+#[test]
+fn teacher_ddim_4_steps_guided_matches_diffusers() {
+    check_pipeline("teacher_ddim_s4_g2", GuidanceBatching::TwoCalls);
+}
+
+#[test]
+fn teacher_ddim_batched_guidance_matches_diffusers() {
+    check_pipeline("teacher_ddim_s4_g2", GuidanceBatching::Batched);
+}
+
+#[test]
+fn teacher_euler_6_steps_guided_matches_diffusers() {
+    check_pipeline("teacher_euler_s6_g2", GuidanceBatching::TwoCalls);
+}
+
+#[test]
+fn teacher_euler_fractional_timesteps_match_diffusers() {
+    check_pipeline("teacher_euler_linspace_s6_g2", GuidanceBatching::TwoCalls);
+}
+
+#[test]
+fn student_lcm_1_step_matches_diffusers() {
+    check_pipeline("student_lcm_s1", GuidanceBatching::TwoCalls);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The command line.
+
+fn cli(args: &[&str]) -> std::process::Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_edge-diffuse"))
+        .current_dir(root())
+        .args(args)
+        .output()
+        .expect("the binary runs");
+    assert!(
+        out.status.success(),
+        "edge-diffuse {args:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 temporary path")
+}
+
+#[test]
+fn cli_ddim_with_noise_file_matches_diffusers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (png, npy) = (tmp.path().join("out.png"), tmp.path().join("out.npy"));
+    let noise = fixture("pipeline_noise.npy");
+    #[rustfmt::skip]
+    let out = cli(&[
+        "sample", "--model", "models/fmnist-teacher", "--noise", path_str(&noise),
+        "--save-tensor", path_str(&npy), "--class", "3,7", "--sampler", "ddim", "--steps", "4",
+        "--guidance", "2", "--threads", "1", "--quiet", "--out", path_str(&png),
+    ]);
+    assert!(
+        out.stdout.is_empty() && out.stderr.is_empty(),
+        "--quiet prints nothing"
+    );
+    let got = read4(&npy);
+    let want = read4(&fixture("teacher_ddim_s4_g2.npy"));
+    let err = rel_err(&got, &want);
+    eprintln!("CLI ddim: relative error vs diffusers {err:.2e}");
+    assert!(
+        err <= PIPELINE_REL_TOL,
+        "CLI ddim: relative error vs diffusers {err:.3e} > {PIPELINE_REL_TOL:e}"
+    );
+
+    // A grid of 2 images, 32x32 each, one pixel apart, in grey; pixels are the saved tensor's.
+    let img = image::open(&png).expect("a readable PNG").into_luma8();
+    assert_eq!(img.dimensions(), (2 * 32 + 1, 32));
+    for i in 0..2 {
+        for y in 0..32 {
+            for x in 0..32 {
+                let v = got[[i, 0, y, x]];
+                let want = edge_diffuse::files::to_u8(v, [-1.0, 1.0]);
+                assert_eq!(
+                    img.get_pixel((i * 33 + x) as u32, y as u32).0[0],
+                    want,
+                    "pixel ({i}, {y}, {x})"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn cli_is_deterministic_in_the_seed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |seed: &str, name: &str| -> Vec<u8> {
+        let p = tmp.path().join(name);
+        #[rustfmt::skip]
+        cli(&["sample", "--model", "models/fmnist-student", "--seed", seed, "--threads", "1", "--quiet", "--out", path_str(&p)]);
+        std::fs::read(&p).unwrap()
+    };
+    let a = run("11", "a.png");
+    let b = run("11", "b.png");
+    let c = run("12", "c.png");
+    assert!(a == b, "the same seed gave different PNGs");
+    assert!(a != c, "seeds 11 and 12 gave the same PNG");
+    let img = image::load_from_memory(&a).unwrap();
+    assert_eq!((img.width(), img.height()), (32, 32));
+}
+
+#[test]
+fn cli_num_images_gives_distinct_images() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (png, npy) = (tmp.path().join("two.png"), tmp.path().join("two.npy"));
+    #[rustfmt::skip]
+    cli(&[
+        "sample", "--model", "models/fmnist-student", "--seed", "3", "--num-images", "2", "--class", "5",
+        "--threads", "1", "--quiet", "--save-tensor", path_str(&npy), "--out", path_str(&png),
+    ]);
+    let x = read4(&npy);
+    assert_eq!(x.shape(), &[2, 1, 32, 32]);
+    assert!(x.iter().all(|v| v.is_finite()));
+    let (a, b) = (x.slice(s![0, .., .., ..]), x.slice(s![1, .., .., ..]));
+    let diff = a
+        .iter()
+        .zip(b.iter())
+        .fold(0.0f32, |m, (p, q)| m.max((p - q).abs()));
+    assert!(
+        diff > 0.1,
+        "the two images are (nearly) the same: max diff {diff}"
+    );
+    let img = image::open(&png).unwrap();
+    assert_eq!((img.width(), img.height()), (65, 32));
+}
