@@ -42,7 +42,11 @@ fn main() -> anyhow::Result<()> {
                 .into_optimized()?
                 .into_runnable()?;
             let load = t0.elapsed();
-            println!("route tract-path load_s {:.3} peak_rss_mib {:.1}", load.as_secs_f64(), peak_rss_kib() as f64 / 1024.0);
+            println!(
+                "route tract-path load_s {:.3} peak_rss_mib {:.1}",
+                load.as_secs_f64(),
+                peak_rss_kib() as f64 / 1024.0
+            );
             drop(m);
             return Ok(());
         }

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
@@ -16,6 +16,8 @@ use crate::error::{Error, Result};
 pub struct ModelCard {
     /// Directory holding the card.
     pub dir: PathBuf,
+    /// The card file itself.
+    pub file: PathBuf,
     /// `[model]`.
     pub model: ModelSection,
     /// `[image]`.
@@ -134,7 +136,7 @@ pub struct DefaultsSection {
 }
 
 /// diffusers scheduler configuration keys. `None` means "diffusers' default for this sampler".
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 #[allow(missing_docs)]
 pub struct SchedulerConfig {
@@ -188,7 +190,7 @@ pub struct SchedulerConfig {
 }
 
 /// `beta_schedule`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 #[allow(missing_docs)]
 pub enum BetaSchedule {
@@ -198,7 +200,7 @@ pub enum BetaSchedule {
 }
 
 /// `prediction_type`: what the denoiser outputs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PredictionType {
     /// The noise ε.
@@ -210,13 +212,23 @@ pub enum PredictionType {
 }
 
 /// `timestep_spacing`: how inference timesteps are picked from the training ones.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 #[allow(missing_docs)]
 pub enum TimestepSpacing {
     Leading,
     Trailing,
     Linspace,
+}
+
+impl SchedulerConfig {
+    /// The keys that are set, as `key = value` strings in diffusers' spelling.
+    pub fn set_keys(&self) -> Vec<String> {
+        let Ok(serde_json::Value::Object(map)) = serde_json::to_value(self) else {
+            return Vec::new();
+        };
+        map.into_iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| format!("{k} = {v}")).collect()
+    }
 }
 
 impl ModelCard {
@@ -243,8 +255,7 @@ impl ModelCard {
             let obj: BTreeMap<String, serde_json::Value> = serde_json::from_str(&json_text)
                 .map_err(|e| Error::Card { path: json_path.clone(), message: format!("not a JSON object: {e}") })?;
             // Check the file on its own first so errors name the file the key came from.
-            serde_json::from_value::<SchedulerConfig>(serde_json::Value::Object(obj.clone().into_iter().collect()))
-                .map_err(|e| Error::Card { path: json_path.clone(), message: e.to_string() })?;
+            scheduler_from_map(obj.clone()).map_err(|message| Error::Card { path: json_path.clone(), message })?;
             merged.extend(obj);
         }
         if let Some(table) = raw.scheduler {
@@ -253,10 +264,10 @@ impl ModelCard {
                 merged.extend(obj);
             }
         }
-        let scheduler: SchedulerConfig = serde_json::from_value(serde_json::Value::Object(merged.into_iter().collect()))
-            .map_err(|e| card_err(format!("[scheduler]: {e}")))?;
+        let scheduler = scheduler_from_map(merged).map_err(card_err)?;
         let card = ModelCard {
             dir: dir.to_path_buf(),
+            file: file.to_path_buf(),
             model: raw.model,
             image: raw.image,
             classes: raw.classes,
@@ -327,9 +338,28 @@ impl ModelCard {
         }
         Err(Error::config(
             "class",
-            format!("unknown class {class:?}; expected one of {} or a label 0..{}", classes.names.join(", "), classes.names.len() - 1),
+            format!(
+                "unknown class {class:?}; expected one of {} or a label 0..{}",
+                classes.names.join(", "),
+                classes.names.len() - 1
+            ),
         ))
     }
+}
+
+/// Deserializes the merged `[scheduler]` keys; on failure, names the key at fault (serde's own
+/// message names unknown keys but not a bad value's key).
+fn scheduler_from_map(map: BTreeMap<String, serde_json::Value>) -> std::result::Result<SchedulerConfig, String> {
+    let whole = serde_json::Value::Object(map.clone().into_iter().collect());
+    serde_json::from_value(whole).map_err(|e| {
+        for (k, v) in map {
+            let one = serde_json::Value::Object([(k.clone(), v)].into_iter().collect());
+            if let Err(e) = serde_json::from_value::<SchedulerConfig>(one) {
+                return format!("scheduler.{k}: {e}");
+            }
+        }
+        format!("[scheduler]: {e}")
+    })
 }
 
 fn one_line(s: &str) -> String {

@@ -77,6 +77,9 @@ impl Denoiser {
     /// Loads `card`'s ONNX file through a memory map.
     pub fn load(card: &ModelCard, threads: usize) -> Result<Self> {
         let path = card.onnx_path();
+        if path.is_dir() {
+            return Err(Error::Model { path, message: "is a directory, expected an ONNX file".into() });
+        }
         let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
         let len = file.metadata().map_err(|e| Error::io(&path, e))?.len();
         if len == 0 {
@@ -259,10 +262,7 @@ fn count_params(proto: &ModelProto) -> usize {
 }
 
 fn input_names(model: &InferenceModel) -> Vec<String> {
-    model
-        .input_outlets()
-        .map(|outs| outs.iter().map(|o| model.node(o.node).name.clone()).collect())
-        .unwrap_or_default()
+    model.input_outlets().map(|outs| outs.iter().map(|o| model.node(o.node).name.clone()).collect()).unwrap_or_default()
 }
 
 fn describe(model: &InferenceModel) -> (Vec<IoInfo>, Vec<IoInfo>) {
@@ -322,7 +322,10 @@ fn bind(model: &InferenceModel, card: &ModelCard) -> std::result::Result<Binding
         for (axis, (want, what)) in [(1, (c, "image.channels")), (2, (h, "image.height")), (3, (w, "image.width"))] {
             if let Some(d) = sf.shape.dim(axis).and_then(|d| d.concretize()).and_then(|d| d.to_i64().ok()) {
                 if d != want as i64 {
-                    return Err(format!("input {:?} has {d} at axis {axis}, but the card's {what} is {want}", cn.sample));
+                    return Err(format!(
+                        "input {:?} has {d} at axis {axis}, but the card's {what} is {want}",
+                        cn.sample
+                    ));
                 }
             }
         }
@@ -332,7 +335,12 @@ fn bind(model: &InferenceModel, card: &ModelCard) -> std::result::Result<Binding
     let datum_type = match tf.datum_type.concretize() {
         None | Some(DatumType::F32) => DatumType::F32,
         Some(dt @ (DatumType::F64 | DatumType::I64 | DatumType::I32)) => dt,
-        Some(other) => return Err(format!("timestep input {:?} is {other:?}, expected float32, float64, int64 or int32", cn.timestep)),
+        Some(other) => {
+            return Err(format!(
+                "timestep input {:?} is {other:?}, expected float32, float64, int64 or int32",
+                cn.timestep
+            ))
+        }
     };
     let shape = match tf.shape.rank().concretize() {
         Some(0) => TimestepShape::Scalar,
@@ -373,5 +381,12 @@ fn bind(model: &InferenceModel, card: &ModelCard) -> std::result::Result<Binding
             .position(|&o| model.outlet_label(o) == Some(name.as_str()) || model.node(o.node).name == *name)
             .ok_or_else(|| format!("the card's model.output = {name:?} is not an output of this ONNX graph"))?,
     };
-    Ok(Bindings { sample, timestep, timestep_input: TimestepInput { datum_type, shape }, class_labels, context, output })
+    Ok(Bindings {
+        sample,
+        timestep,
+        timestep_input: TimestepInput { datum_type, shape },
+        class_labels,
+        context,
+        output,
+    })
 }

@@ -11,16 +11,22 @@ use ndarray_npy::{ReadNpyError, ReadNpyExt, WriteNpyExt};
 use crate::error::{Error, Result};
 
 /// Writes `path` through a temporary sibling file and an atomic rename.
-pub fn write_atomic(path: &Path, write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>) -> Result<()> {
+pub fn write_atomic(
+    path: &Path,
+    write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>,
+) -> Result<()> {
     if path.is_dir() {
-        return Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::IsADirectory, "is a directory, expected a file path")));
+        return Err(Error::io(path, std::io::Error::other("is a directory, expected a file path")));
     }
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
     if !dir.is_dir() {
-        return Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, format!("folder {} does not exist", dir.display()))));
+        return Err(Error::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, format!("folder {} does not exist", dir.display())),
+        ));
     }
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
@@ -47,7 +53,9 @@ pub fn read_npy4(path: &Path) -> Result<Array4<f32>> {
     let arr = ArrayD::<f32>::read_npy(std::io::BufReader::new(file)).map_err(|e| Error::Tensor {
         what: what.clone(),
         message: match e {
-            ReadNpyError::WrongDescriptor(d) => format!("expected a float32 ('<f4') array, found dtype {d}"),
+            ReadNpyError::WrongDescriptor(d) => {
+                format!("expected a float32 ('<f4') array, found dtype {d}")
+            }
             other => format!("not a readable .npy file: {other}"),
         },
     })?;

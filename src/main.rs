@@ -21,7 +21,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Generate images from a model directory.
-    Sample(SampleArgs),
+    Sample(Box<SampleArgs>),
     /// Describe a model: card, ONNX inputs and outputs, parameters, defaults.
     Info {
         /// Model directory (holding model.toml); default: the bundled model.
@@ -85,7 +85,7 @@ struct SampleArgs {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Sample(args) => sample(args),
+        Command::Sample(args) => sample(*args),
         Command::Info { model } => info(model),
     };
     if let Err(e) = result {
@@ -165,14 +165,26 @@ fn sample(a: SampleArgs) -> Result<()> {
         if let Some(b) = &bar {
             b.set_length((s.total * a.num_images.max(1)) as u64);
             b.inc(1);
-            b.set_message(format!("image {} step {}/{} {:.1} ms", s.image + 1, s.step, s.total, s.elapsed.as_secs_f64() * 1e3));
+            b.set_message(format!(
+                "image {} step {}/{} {:.1} ms",
+                s.image + 1,
+                s.step,
+                s.total,
+                s.elapsed.as_secs_f64() * 1e3
+            ));
         }
         ControlFlow::Continue(())
     });
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
-    let gen = gen?;
+    // Name the user's file rather than the library's "noise".
+    let gen = gen.map_err(|e| match (e, &a.noise) {
+        (edge_diffuse::Error::Tensor { what, message }, Some(p)) if what == "noise" => {
+            anyhow::anyhow!("{}: {message}", p.display())
+        }
+        (e, _) => e.into(),
+    })?;
     let gen_s = t1.elapsed().as_secs_f64();
     let range = pipe.card().image.value_range;
     let n = gen.samples.shape()[0];
@@ -195,24 +207,16 @@ fn sample(a: SampleArgs) -> Result<()> {
         a.out.display().to_string()
     };
     if !a.quiet {
+        let calls = n * gen.timesteps;
         eprintln!(
-            "{} image(s), {} x {} steps of {} (guidance {}), load {:.2} s, sampling {:.2} s ({:.1} ms/step) -> {}",
-            n,
-            n,
+            "{n} image(s) x {} steps of {} (guidance {}): load {load_s:.2} s, sampling {gen_s:.2} s ({:.1} ms per model step) -> {written}",
             gen.steps,
             gen.sampler,
             gen.guidance,
-            load_s,
-            gen_s,
-            gen_s * 1e3 / (n * pipe_steps(&gen)) as f64,
-            written
+            gen_s * 1e3 / calls.max(1) as f64,
         );
     }
     Ok(())
-}
-
-fn pipe_steps(g: &edge_diffuse::pipeline::Generation) -> usize {
-    g.steps.max(1)
 }
 
 /// Fails early, before any work, on an output path that cannot be written.
@@ -231,13 +235,17 @@ fn info(model: Option<PathBuf>) -> Result<()> {
     let model = model.unwrap_or_else(default_model);
     let card = ModelCard::load(&model)?;
     let t0 = Instant::now();
-    let pipe = Pipeline::load(&model, LoadOptions::default()).with_context(|| format!("loading {}", model.display()))?;
+    let pipe =
+        Pipeline::load(&model, LoadOptions::default()).with_context(|| format!("loading {}", model.display()))?;
     let load = t0.elapsed();
     let d = pipe.denoiser();
     println!("model       {} ({})", card.model.name, card.dir.display());
     println!("onnx        {}", card.onnx_path().display());
     println!("parameters  {}", d.params());
-    println!("image       {} x {} x {}, values in {:?}", card.image.channels, card.image.height, card.image.width, card.image.value_range);
+    println!(
+        "image       {} x {} x {}, values in {:?}",
+        card.image.channels, card.image.height, card.image.width, card.image.value_range
+    );
     for i in d.inputs() {
         println!("input       {} {}", i.name, i.fact);
     }
@@ -249,7 +257,7 @@ fn info(model: Option<PathBuf>) -> Result<()> {
     if let Some(c) = &card.classes {
         println!("classes     {} (null class: {:?})", c.names.join(", "), c.null);
     }
-    println!("scheduler   {:?}", card.scheduler);
+    println!("scheduler   {}", card.scheduler.set_keys().join(", "));
     let df = &card.defaults;
     println!(
         "defaults    sampler {} steps {} guidance {} eta {}",

@@ -87,8 +87,10 @@ pub struct Generation {
     pub samples: Array4<f32>,
     /// The sampler that ran.
     pub sampler: SamplerKind,
-    /// Steps per image.
+    /// Steps per image, as requested.
     pub steps: usize,
+    /// Sampler loop iterations per image (Heun evaluates 2·steps − 1 times).
+    pub timesteps: usize,
     /// Guidance scale applied.
     pub guidance: f32,
 }
@@ -150,7 +152,12 @@ impl Pipeline {
         }
         let opts = SamplerOptions { eta: req.eta.or(d.eta).unwrap_or(0.0) };
         // Validate the configuration before any work.
-        let probe = sampler::build(kind, &card.scheduler, steps, &opts)?;
+        let probe = sampler::build(kind, &card.scheduler, steps, &opts).map_err(|e| match e {
+            Error::Config { field, message } if field.starts_with("scheduler.") => {
+                Error::Card { path: card.file.clone(), message: format!("{field}: {message}") }
+            }
+            other => other,
+        })?;
         let total = probe.timesteps().len();
         drop(probe);
 
@@ -162,6 +169,15 @@ impl Pipeline {
                     return Err(Error::Tensor {
                         what: "noise".into(),
                         message: format!("expected shape [batch, {c}, {h}, {w}], found {:?}", noise.shape()),
+                    });
+                }
+                let bad = noise.iter().filter(|v| !v.is_finite()).count();
+                if bad > 0 {
+                    return Err(Error::Tensor {
+                        what: "noise".into(),
+                        message: format!(
+                            "holds {bad} non-finite values (NaN or Inf), expected finite unit-variance noise"
+                        ),
                     });
                 }
                 noise.shape()[0]
@@ -244,7 +260,7 @@ impl Pipeline {
             }
             samples.slice_mut(s![i..i + 1, .., .., ..]).assign(&x);
         }
-        Ok(Generation { samples, sampler: kind, steps, guidance })
+        Ok(Generation { samples, sampler: kind, steps, timesteps: total, guidance })
     }
 
     fn labels(&self, req: &Request) -> Result<Option<Vec<i64>>> {
@@ -263,7 +279,9 @@ impl Pipeline {
             }
             (None, true) => match classes.and_then(|c| c.null) {
                 Some(null) => Ok(Some(vec![null])),
-                None => Err(Error::config("class", "this model is class-conditional without a null class: choose a class")),
+                None => {
+                    Err(Error::config("class", "this model is class-conditional without a null class: choose a class"))
+                }
             },
             (None, false) => Ok(None),
         }

@@ -181,16 +181,7 @@ pub fn discrete_timesteps(spacing: TimestepSpacing, num_train: usize, steps: usi
         }
         TimestepSpacing::Trailing => {
             let ratio = num_train as f64 / steps as f64;
-            let mut out = Vec::new();
-            let mut v = num_train as f64;
-            // np.arange(num_train, 0, -ratio): stop before reaching 0.
-            let mut i = 0usize;
-            while v > 0.0 {
-                out.push(v.round_ties_even() as i64 - 1);
-                i += 1;
-                v = num_train as f64 - ratio * i as f64;
-            }
-            out
+            arange(num_train as f64, 0.0, -ratio).iter().map(|v| v.round_ties_even() as i64 - 1).collect()
         }
     }
 }
@@ -206,44 +197,23 @@ pub fn arange(start: f64, stop: f64, step: f64) -> Vec<f64> {
     }
     let len = len as usize;
     let delta = (start + step) - start;
-    (0..len)
-        .map(|i| {
-            if i == 1 {
-                start + step
-            } else {
-                start + i as f64 * delta
-            }
-        })
-        .collect()
+    (0..len).map(|i| if i == 1 { start + step } else { start + i as f64 * delta }).collect()
 }
 
 /// The float32 timesteps of diffusers' sigma-space schedulers (Euler, Euler ancestral, Heun),
 /// descending. Unlike [`discrete_timesteps`], `linspace` is not rounded to integers.
-pub fn sigma_space_timesteps(
-    spacing: TimestepSpacing,
-    num_train: usize,
-    steps: usize,
-    offset: i64,
-) -> Vec<f32> {
+pub fn sigma_space_timesteps(spacing: TimestepSpacing, num_train: usize, steps: usize, offset: i64) -> Vec<f32> {
     match spacing {
-        TimestepSpacing::Linspace => linspace(0.0, (num_train - 1) as f64, steps)
-            .iter()
-            .rev()
-            .map(|&t| t as f32)
-            .collect(),
+        TimestepSpacing::Linspace => {
+            linspace(0.0, (num_train - 1) as f64, steps).iter().rev().map(|&t| t as f32).collect()
+        }
         TimestepSpacing::Leading => {
             let ratio = (num_train / steps) as f64;
-            (0..steps)
-                .rev()
-                .map(|i| (i as f64 * ratio) as f32 + offset as f32)
-                .collect()
+            (0..steps).rev().map(|i| (i as f64 * ratio) as f32 + offset as f32).collect()
         }
         TimestepSpacing::Trailing => {
             let ratio = num_train as f64 / steps as f64;
-            arange(num_train as f64, 0.0, -ratio)
-                .iter()
-                .map(|t| t.round_ties_even() as f32 - 1.0)
-                .collect()
+            arange(num_train as f64, 0.0, -ratio).iter().map(|t| t.round_ties_even() as f32 - 1.0).collect()
         }
     }
 }
@@ -272,7 +242,13 @@ pub fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
 /// Recovers x₀ from a model output, for discrete (variance-preserving) schedulers.
 /// `alpha_prod` is ᾱ_t and `beta_prod` is 1 − ᾱ_t.
 #[inline]
-pub fn predicted_original(kind: PredictionType, model_output: f32, sample: f32, alpha_prod: f64, beta_prod: f64) -> f64 {
+pub fn predicted_original(
+    kind: PredictionType,
+    model_output: f32,
+    sample: f32,
+    alpha_prod: f64,
+    beta_prod: f64,
+) -> f64 {
     let (m, x) = (model_output as f64, sample as f64);
     match kind {
         PredictionType::Epsilon => (x - beta_prod.sqrt() * m) / alpha_prod.sqrt(),

@@ -171,13 +171,15 @@ fn check_fixture(fx: &Fixture) -> Result<f64, String> {
         .map_err(|e| format!("build({kind}, steps {}, eta {}) failed: {e}", fx.steps, fx.eta))?;
 
     let ts = sampler.timesteps().to_vec();
-    let ts_ok = ts.len() == fx.timesteps.len()
-        && ts.iter().zip(&fx.timesteps).all(|(a, b)| (a - b).abs() <= TIMESTEP_TOL);
+    let ts_ok =
+        ts.len() == fx.timesteps.len() && ts.iter().zip(&fx.timesteps).all(|(a, b)| (a - b).abs() <= TIMESTEP_TOL);
     if !ts_ok {
         return Err(format!("timesteps differ: rust {ts:?} vs diffusers {:?}", fx.timesteps));
     }
     let sigma = sampler.init_noise_sigma();
-    if !((sigma - fx.init_noise_sigma).abs() <= SIGMA_TOL * fx.init_noise_sigma.abs()) {
+    // Written as `!(… <= …)` on a bool so a NaN sigma fails too.
+    let sigma_ok = (sigma - fx.init_noise_sigma).abs() <= SIGMA_TOL * fx.init_noise_sigma.abs();
+    if !sigma_ok {
         return Err(format!("init_noise_sigma: rust {sigma} vs diffusers {}", fx.init_noise_sigma));
     }
     if fx.trajectory.len() != ts.len() {
@@ -230,15 +232,14 @@ fn check_sampler(kind: SamplerKind) {
     assert!(fixtures.len() >= MIN_FIXTURES, "{kind}: only {} fixtures", fixtures.len());
     let mut failures = Vec::new();
     for (name, fx) in &fixtures {
-        let result = catch_unwind(AssertUnwindSafe(|| check_fixture(fx)))
-            .unwrap_or_else(|p| {
-                let msg = p
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "non-string panic".into());
-                Err(format!("panicked: {msg}"))
-            });
+        let result = catch_unwind(AssertUnwindSafe(|| check_fixture(fx))).unwrap_or_else(|p| {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "non-string panic".into());
+            Err(format!("panicked: {msg}"))
+        });
         match result {
             Ok(err) => eprintln!("ok   {name} (max rel err {err:.2e})"),
             Err(e) => {
@@ -339,7 +340,12 @@ fn fixtures_are_well_formed() {
         let model_calls = if kind == SamplerKind::Heun { 2 * fx.steps - 1 } else { fx.steps };
         assert_eq!(fx.timesteps.len(), model_calls, "{name}: timesteps for {} steps", fx.steps);
         assert!(fx.init_noise_sigma.is_finite() && fx.init_noise_sigma > 0.0, "{name}: init_noise_sigma");
-        let all_finite = fx.noise.iter().chain(fx.step_noises.iter().flatten()).chain(fx.trajectory.iter().flatten()).all(|v| v.is_finite());
+        let all_finite = fx
+            .noise
+            .iter()
+            .chain(fx.step_noises.iter().flatten())
+            .chain(fx.trajectory.iter().flatten())
+            .all(|v| v.is_finite());
         assert!(all_finite, "{name}: non-finite value");
     }
 }

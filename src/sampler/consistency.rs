@@ -36,11 +36,7 @@ impl Consistency {
         let sigma_data = cfg.sigma_data.unwrap_or(0.5);
         let s_noise = cfg.s_noise.unwrap_or(1.0);
         let rho = cfg.rho.unwrap_or(7.0);
-        if !(sigma_min.is_finite()
-            && sigma_max.is_finite()
-            && 0.0 < sigma_min
-            && sigma_min < sigma_max)
-        {
+        if !(sigma_min.is_finite() && sigma_max.is_finite() && 0.0 < sigma_min && sigma_min < sigma_max) {
             return Err(Error::config(
                 "scheduler.sigma_min",
                 format!("expected 0 < sigma_min < sigma_max, got sigma_min = {sigma_min}, sigma_max = {sigma_max}"),
@@ -55,10 +51,7 @@ impl Consistency {
             }
         }
         if !(s_noise.is_finite() && s_noise >= 0.0) {
-            return Err(Error::config(
-                "scheduler.s_noise",
-                format!("expected a finite value >= 0, got {s_noise}"),
-            ));
+            return Err(Error::config("scheduler.s_noise", format!("expected a finite value >= 0, got {s_noise}")));
         }
 
         // diffusers picks `steps` of the N training points with leading spacing and takes their
@@ -71,10 +64,7 @@ impl Consistency {
                 (max_inv + ramp * (min_inv - max_inv)).powf(rho)
             })
             .collect();
-        let timesteps = sigmas
-            .iter()
-            .map(|&s| 1000.0 * 0.25 * (s + 1e-44).ln())
-            .collect();
+        let timesteps = sigmas.iter().map(|&s| 1000.0 * 0.25 * (s + 1e-44).ln()).collect();
         sigmas.push(sigma_min);
         Ok(Consistency {
             sigmas: sigmas.iter().map(|&s| s as f32).collect(),
@@ -132,20 +122,13 @@ impl Sampler for Consistency {
         };
         // diffusers draws noise at every step, the last included, unless there is only one step.
         if self.timesteps.len() > 1 {
-            let z = self
-                .noise
-                .get_or_insert_with(|| Array4::zeros(sample.raw_dim()));
+            let z = self.noise.get_or_insert_with(|| Array4::zeros(sample.raw_dim()));
             noise.fill(z);
-            Zip::from(sample)
-                .and(model_output)
-                .and(&*z)
-                .for_each(|x, &m, &z| {
-                    *x = (denoise(m, *x) + z as f64 * noise_scale) as f32;
-                });
+            Zip::from(sample).and(model_output).and(&*z).for_each(|x, &m, &z| {
+                *x = (denoise(m, *x) + z as f64 * noise_scale) as f32;
+            });
         } else {
-            Zip::from(sample)
-                .and(model_output)
-                .for_each(|x, &m| *x = denoise(m, *x) as f32);
+            Zip::from(sample).and(model_output).for_each(|x, &m| *x = denoise(m, *x) as f32);
         }
     }
 }
@@ -159,14 +142,7 @@ mod tests {
         // CMStochasticIterativeScheduler().set_timesteps(num_inference_steps=3).timesteps
         let c = Consistency::new(&SchedulerConfig::default(), 3).unwrap();
         let want = [1095.5066586684702, 568.6287304457778, -188.76678568058682];
-        assert!(
-            c.timesteps()
-                .iter()
-                .zip(want)
-                .all(|(a, b)| (a - b).abs() < 1e-9),
-            "{:?}",
-            c.timesteps()
-        );
+        assert!(c.timesteps().iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-9), "{:?}", c.timesteps());
         assert_eq!(c.init_noise_sigma(), 80.0);
         assert_eq!(*c.sigmas.last().unwrap(), 0.002f32);
     }
@@ -174,31 +150,13 @@ mod tests {
     #[test]
     fn rejects_bad_values() {
         for cfg in [
-            SchedulerConfig {
-                sigma_min: Some(0.0),
-                ..Default::default()
-            },
-            SchedulerConfig {
-                sigma_min: Some(100.0),
-                ..Default::default()
-            },
-            SchedulerConfig {
-                sigma_data: Some(-0.5),
-                ..Default::default()
-            },
-            SchedulerConfig {
-                rho: Some(0.0),
-                ..Default::default()
-            },
-            SchedulerConfig {
-                s_noise: Some(f64::NAN),
-                ..Default::default()
-            },
+            SchedulerConfig { sigma_min: Some(0.0), ..Default::default() },
+            SchedulerConfig { sigma_min: Some(100.0), ..Default::default() },
+            SchedulerConfig { sigma_data: Some(-0.5), ..Default::default() },
+            SchedulerConfig { rho: Some(0.0), ..Default::default() },
+            SchedulerConfig { s_noise: Some(f64::NAN), ..Default::default() },
         ] {
-            let err = Consistency::new(&cfg, 2)
-                .err()
-                .expect("should be rejected")
-                .to_string();
+            let err = Consistency::new(&cfg, 2).err().expect("should be rejected").to_string();
             assert!(err.starts_with("scheduler."), "{err}");
         }
         // 40 training timesteps by default.

@@ -68,7 +68,13 @@ impl Sampler for Ddim {
         &self.timesteps
     }
 
-    fn step(&mut self, model_output: &Array4<f32>, index: usize, sample: &mut Array4<f32>, noise: &mut dyn NoiseSource) {
+    fn step(
+        &mut self,
+        model_output: &Array4<f32>,
+        index: usize,
+        sample: &mut Array4<f32>,
+        noise: &mut dyn NoiseSource,
+    ) {
         let t = self.int_timesteps[index];
         let prev_t = t - self.step_ratio;
         let a_t = self.schedule.alpha_prod(t);

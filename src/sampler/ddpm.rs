@@ -13,9 +13,9 @@ use crate::schedule::{self, Schedule, DEFAULTS_SD1};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Variance {
-    FixedSmall,
-    FixedSmallLog,
-    FixedLarge,
+    Small,
+    SmallLog,
+    Large,
 }
 
 /// diffusers `DDPMScheduler`.
@@ -34,13 +34,15 @@ impl Ddpm {
     /// Sets up DDPM for `steps` steps.
     pub fn new(cfg: &SchedulerConfig, steps: usize) -> Result<Self> {
         let variance = match cfg.variance_type.as_deref().unwrap_or("fixed_small") {
-            "fixed_small" => Variance::FixedSmall,
-            "fixed_small_log" => Variance::FixedSmallLog,
-            "fixed_large" => Variance::FixedLarge,
+            "fixed_small" => Variance::Small,
+            "fixed_small_log" => Variance::SmallLog,
+            "fixed_large" => Variance::Large,
             other => {
                 return Err(Error::config(
                     "scheduler.variance_type",
-                    format!("{other:?} is not supported by the ddpm sampler (fixed_small, fixed_small_log or fixed_large)"),
+                    format!(
+                        "{other:?} is not supported by the ddpm sampler (fixed_small, fixed_small_log or fixed_large)"
+                    ),
                 ))
             }
         };
@@ -68,7 +70,13 @@ impl Sampler for Ddpm {
         &self.timesteps
     }
 
-    fn step(&mut self, model_output: &Array4<f32>, index: usize, sample: &mut Array4<f32>, noise: &mut dyn NoiseSource) {
+    fn step(
+        &mut self,
+        model_output: &Array4<f32>,
+        index: usize,
+        sample: &mut Array4<f32>,
+        noise: &mut dyn NoiseSource,
+    ) {
         let t = self.int_timesteps[index];
         let a_t = self.schedule.alpha_prod(t);
         let a_prev = match self.int_timesteps.get(index + 1) {
@@ -92,11 +100,11 @@ impl Sampler for Ddpm {
         if t > 0 {
             let posterior = (b_prev / b_t * cur_beta).max(1e-20);
             let std = match self.variance {
-                Variance::FixedSmall | Variance::FixedSmallLog => posterior.sqrt(),
-                Variance::FixedLarge => cur_beta.sqrt(),
+                Variance::Small | Variance::SmallLog => posterior.sqrt(),
+                Variance::Large => cur_beta.sqrt(),
             };
             // diffusers' fixed_small_log multiplies by exp(log(var)/2) without a further root.
-            let std = if self.variance == Variance::FixedSmallLog { posterior.sqrt() } else { std };
+            let std = if self.variance == Variance::SmallLog { posterior.sqrt() } else { std };
             let buf = self.noise.get_or_insert_with(|| Array4::zeros(sample.raw_dim()));
             noise.fill(buf);
             Zip::from(&mut *sample).and(&*buf).for_each(|x, &z| *x += (std * z as f64) as f32);

@@ -8,9 +8,7 @@
 
 use ndarray::{Array4, Zip};
 
-use super::euler::{
-    check_karras_range, final_sigma_is_zero, interp_sigmas, log_sigmas, sigma_schedule,
-};
+use super::euler::{check_karras_range, final_sigma_is_zero, interp_sigmas, log_sigmas, sigma_schedule};
 use super::{unsupported, NoiseSource, Sampler, X0Clip};
 use crate::card::{BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing};
 use crate::error::{Error, Result};
@@ -64,10 +62,7 @@ impl DpmPP2M {
         // (for cosine schedules, whose last steps are numerically unstable).
         let lambda_min = cfg.lambda_min_clipped.unwrap_or(f64::NEG_INFINITY);
         if lambda_min.is_nan() {
-            return Err(Error::config(
-                "scheduler.lambda_min_clipped",
-                "expected a number, got NaN",
-            ));
+            return Err(Error::config("scheduler.lambda_min_clipped", "expected a number, got NaN"));
         }
         let clipped = schedule
             .alphas_cumprod
@@ -85,25 +80,15 @@ impl DpmPP2M {
         let mut timesteps: Vec<i64> = match cfg.timestep_spacing.unwrap_or(DEFAULTS.spacing) {
             TimestepSpacing::Linspace => {
                 let points = schedule::linspace(0.0, last as f64 - 1.0, steps + 1);
-                points[1..]
-                    .iter()
-                    .rev()
-                    .map(|v| v.round_ties_even() as i64)
-                    .collect()
+                points[1..].iter().rev().map(|v| v.round_ties_even() as i64).collect()
             }
             TimestepSpacing::Leading => {
                 let ratio = (last / (steps + 1)) as i64;
-                (1..=steps as i64)
-                    .rev()
-                    .map(|i| i * ratio + offset)
-                    .collect()
+                (1..=steps as i64).rev().map(|i| i * ratio + offset).collect()
             }
             TimestepSpacing::Trailing => {
                 let ratio = n as f64 / steps as f64;
-                schedule::arange(last as f64, 0.0, -ratio)
-                    .iter()
-                    .map(|v| v.round_ties_even() as i64 - 1)
-                    .collect()
+                schedule::arange(last as f64, 0.0, -ratio).iter().map(|v| v.round_ties_even() as i64 - 1).collect()
             }
         };
         let mut sigmas: Vec<f64> = if cfg.use_karras_sigmas.unwrap_or(false) {
@@ -137,19 +122,12 @@ impl DpmPP2M {
         if timesteps.iter().filter(|&&t| t == timesteps[0]).count() > 1 {
             return Err(Error::config(
                 "steps",
-                format!(
-                    "{steps} steps give a repeated first timestep {}; use fewer steps",
-                    timesteps[0]
-                ),
+                format!("{steps} steps give a repeated first timestep {}; use fewer steps", timesteps[0]),
             ));
         }
         let final_sigma_zero = final_sigma_is_zero(cfg)?;
         // "sigma_min" ends at the smallest training σ instead of 0.
-        sigmas.push(if final_sigma_zero {
-            0.0
-        } else {
-            train_sigmas[0]
-        });
+        sigmas.push(if final_sigma_zero { 0.0 } else { train_sigmas[0] });
 
         let mut thresholding = X0Clip::from_config(cfg, false);
         thresholding.clip = None;
@@ -203,21 +181,11 @@ fn check_keys(cfg: &SchedulerConfig) -> Result<()> {
             format!("{v:?} is not supported by the {NAME} sampler (the model must predict without variance)"),
         ));
     }
-    unsupported(
-        NAME,
-        "use_exponential_sigmas",
-        &cfg.use_exponential_sigmas,
-        false,
-    )?;
+    unsupported(NAME, "use_exponential_sigmas", &cfg.use_exponential_sigmas, false)?;
     unsupported(NAME, "use_beta_sigmas", &cfg.use_beta_sigmas, false)?;
     unsupported(NAME, "use_lu_lambdas", &cfg.use_lu_lambdas, false)?;
     unsupported(NAME, "use_flow_sigmas", &cfg.use_flow_sigmas, false)?;
-    unsupported(
-        NAME,
-        "use_dynamic_shifting",
-        &cfg.use_dynamic_shifting,
-        false,
-    )?;
+    unsupported(NAME, "use_dynamic_shifting", &cfg.use_dynamic_shifting, false)?;
     Ok(())
 }
 
@@ -245,25 +213,20 @@ impl Sampler for DpmPP2M {
         // second-order correction there is unstable with few steps.
         let calls = self.timesteps.len();
         let lower_order_final = index + 1 == calls
-            && (self.euler_at_final
-                || (self.lower_order_final && calls < 15)
-                || self.final_sigma_zero);
+            && (self.euler_at_final || (self.lower_order_final && calls < 15) || self.final_sigma_zero);
 
         let (alpha_s0, sigma_s0, lambda_s0) = alpha_sigma_lambda(self.sigmas[index]);
         let (alpha_t, sigma_t, lambda_t) = alpha_sigma_lambda(self.sigmas[index + 1]);
         let mut x0 = Array4::<f32>::zeros(sample.raw_dim());
         let prediction = self.prediction;
-        Zip::from(&mut x0)
-            .and(model_output)
-            .and(&*sample)
-            .for_each(|x0, &m, &x| {
-                let (m, x) = (m as f64, x as f64);
-                *x0 = match prediction {
-                    PredictionType::Epsilon => (x - sigma_s0 * m) / alpha_s0,
-                    PredictionType::Sample => m,
-                    PredictionType::VPrediction => alpha_s0 * x - sigma_s0 * m,
-                } as f32;
-            });
+        Zip::from(&mut x0).and(model_output).and(&*sample).for_each(|x0, &m, &x| {
+            let (m, x) = (m as f64, x as f64);
+            *x0 = match prediction {
+                PredictionType::Epsilon => (x - sigma_s0 * m) / alpha_s0,
+                PredictionType::Sample => m,
+                PredictionType::VPrediction => alpha_s0 * x - sigma_s0 * m,
+            } as f32;
+        });
         self.thresholding.apply(&mut x0);
 
         let h = lambda_t - lambda_s0;
@@ -274,14 +237,11 @@ impl Sampler for DpmPP2M {
             Some(prev) if self.order == 2 && self.lower_order_nums >= 1 && !lower_order_final => {
                 let (_, _, lambda_s1) = alpha_sigma_lambda(self.sigmas[index - 1]);
                 let r0 = (lambda_s0 - lambda_s1) / h;
-                Zip::from(&mut *sample)
-                    .and(&x0)
-                    .and(prev)
-                    .for_each(|x, &m0, &m1| {
-                        let (m0, m1) = (m0 as f64, m1 as f64);
-                        let d1 = (1.0 / r0) * (m0 - m1);
-                        *x = (ratio * *x as f64 - phi * m0 - 0.5 * phi * d1) as f32;
-                    });
+                Zip::from(&mut *sample).and(&x0).and(prev).for_each(|x, &m0, &m1| {
+                    let (m0, m1) = (m0 as f64, m1 as f64);
+                    let d1 = (1.0 / r0) * (m0 - m1);
+                    *x = (ratio * *x as f64 - phi * m0 - 0.5 * phi * d1) as f32;
+                });
             }
             _ => {
                 Zip::from(&mut *sample).and(&x0).for_each(|x, &m0| {
@@ -310,26 +270,11 @@ mod tests {
             steps_offset: Some(1),
             ..Default::default()
         };
-        assert_eq!(
-            DpmPP2M::new(&cfg, 4).unwrap().timesteps(),
-            &[801.0, 601.0, 401.0, 201.0]
-        );
-        let cfg = SchedulerConfig {
-            timestep_spacing: Some(TimestepSpacing::Trailing),
-            ..Default::default()
-        };
-        assert_eq!(
-            DpmPP2M::new(&cfg, 3).unwrap().timesteps(),
-            &[999.0, 666.0, 332.0]
-        );
-        let cfg = SchedulerConfig {
-            use_karras_sigmas: Some(true),
-            ..Default::default()
-        };
-        assert_eq!(
-            DpmPP2M::new(&cfg, 4).unwrap().timesteps(),
-            &[999.0, 775.0, 301.0, 0.0]
-        );
+        assert_eq!(DpmPP2M::new(&cfg, 4).unwrap().timesteps(), &[801.0, 601.0, 401.0, 201.0]);
+        let cfg = SchedulerConfig { timestep_spacing: Some(TimestepSpacing::Trailing), ..Default::default() };
+        assert_eq!(DpmPP2M::new(&cfg, 3).unwrap().timesteps(), &[999.0, 666.0, 332.0]);
+        let cfg = SchedulerConfig { use_karras_sigmas: Some(true), ..Default::default() };
+        assert_eq!(DpmPP2M::new(&cfg, 4).unwrap().timesteps(), &[999.0, 775.0, 301.0, 0.0]);
     }
 
     #[test]
@@ -341,10 +286,7 @@ mod tests {
             lambda_min_clipped: Some(-5.1),
             ..Default::default()
         };
-        assert_eq!(
-            DpmPP2M::new(&cfg, 4).unwrap().timesteps(),
-            &[995.0, 746.0, 498.0, 249.0]
-        );
+        assert_eq!(DpmPP2M::new(&cfg, 4).unwrap().timesteps(), &[995.0, 746.0, 498.0, 249.0]);
     }
 
     #[test]
@@ -356,10 +298,7 @@ mod tests {
             use_karras_sigmas: Some(true),
             ..Default::default()
         };
-        assert_eq!(
-            DpmPP2M::new(&cfg, 3).unwrap().timesteps(),
-            &[998.0, 997.0, 0.0]
-        );
+        assert_eq!(DpmPP2M::new(&cfg, 3).unwrap().timesteps(), &[998.0, 997.0, 0.0]);
         let err = DpmPP2M::new(&cfg, 4).err().expect("rejected").to_string();
         assert!(err.starts_with("steps:"), "{err}");
     }
@@ -367,66 +306,24 @@ mod tests {
     #[test]
     fn rejects_other_solvers() {
         for cfg in [
-            SchedulerConfig {
-                algorithm_type: Some("sde-dpmsolver++".into()),
-                ..Default::default()
-            },
-            SchedulerConfig {
-                algorithm_type: Some("dpmsolver".into()),
-                ..Default::default()
-            },
-            SchedulerConfig {
-                algorithm_type: Some("deis".into()),
-                ..Default::default()
-            },
-            SchedulerConfig {
-                solver_type: Some("heun".into()),
-                ..Default::default()
-            },
-            SchedulerConfig {
-                solver_order: Some(3),
-                ..Default::default()
-            },
-            SchedulerConfig {
-                solver_order: Some(0),
-                ..Default::default()
-            },
-            SchedulerConfig {
-                use_lu_lambdas: Some(true),
-                ..Default::default()
-            },
-            SchedulerConfig {
-                use_exponential_sigmas: Some(true),
-                ..Default::default()
-            },
-            SchedulerConfig {
-                use_beta_sigmas: Some(true),
-                ..Default::default()
-            },
-            SchedulerConfig {
-                use_flow_sigmas: Some(true),
-                ..Default::default()
-            },
-            SchedulerConfig {
-                final_sigmas_type: Some("one".into()),
-                ..Default::default()
-            },
-            SchedulerConfig {
-                variance_type: Some("learned_range".into()),
-                ..Default::default()
-            },
+            SchedulerConfig { algorithm_type: Some("sde-dpmsolver++".into()), ..Default::default() },
+            SchedulerConfig { algorithm_type: Some("dpmsolver".into()), ..Default::default() },
+            SchedulerConfig { algorithm_type: Some("deis".into()), ..Default::default() },
+            SchedulerConfig { solver_type: Some("heun".into()), ..Default::default() },
+            SchedulerConfig { solver_order: Some(3), ..Default::default() },
+            SchedulerConfig { solver_order: Some(0), ..Default::default() },
+            SchedulerConfig { use_lu_lambdas: Some(true), ..Default::default() },
+            SchedulerConfig { use_exponential_sigmas: Some(true), ..Default::default() },
+            SchedulerConfig { use_beta_sigmas: Some(true), ..Default::default() },
+            SchedulerConfig { use_flow_sigmas: Some(true), ..Default::default() },
+            SchedulerConfig { final_sigmas_type: Some("one".into()), ..Default::default() },
+            SchedulerConfig { variance_type: Some("learned_range".into()), ..Default::default() },
         ] {
-            let err = DpmPP2M::new(&cfg, 4)
-                .err()
-                .expect("should be rejected")
-                .to_string();
+            let err = DpmPP2M::new(&cfg, 4).err().expect("should be rejected").to_string();
             assert!(err.starts_with("scheduler."), "{err}");
         }
         // diffusers' aliases of "midpoint" are accepted.
-        let cfg = SchedulerConfig {
-            solver_type: Some("bh2".into()),
-            ..Default::default()
-        };
+        let cfg = SchedulerConfig { solver_type: Some("bh2".into()), ..Default::default() };
         assert!(DpmPP2M::new(&cfg, 4).is_ok());
     }
 
@@ -441,10 +338,7 @@ mod tests {
     fn sample_prediction_of_a_constant_lands_on_it() {
         // If the model always predicts x₀ = c, every update is a convex mix with c, and the last
         // step (to σ = 0) returns exactly c.
-        let cfg = SchedulerConfig {
-            prediction_type: Some(PredictionType::Sample),
-            ..Default::default()
-        };
+        let cfg = SchedulerConfig { prediction_type: Some(PredictionType::Sample), ..Default::default() };
         let mut d = DpmPP2M::new(&cfg, 5).unwrap();
         let mut x = Array4::<f32>::from_elem((1, 1, 2, 2), 3.0);
         let c = Array4::<f32>::from_elem((1, 1, 2, 2), 0.25);

@@ -40,19 +40,9 @@ pub struct Euler {
 impl Euler {
     /// Sets up Euler sampling for `steps` steps.
     pub fn new(cfg: &SchedulerConfig, steps: usize) -> Result<Self> {
-        unsupported(
-            NAME,
-            "use_exponential_sigmas",
-            &cfg.use_exponential_sigmas,
-            false,
-        )?;
+        unsupported(NAME, "use_exponential_sigmas", &cfg.use_exponential_sigmas, false)?;
         unsupported(NAME, "use_beta_sigmas", &cfg.use_beta_sigmas, false)?;
-        unsupported(
-            NAME,
-            "timestep_type",
-            &cfg.timestep_type,
-            "discrete".to_string(),
-        )?;
+        unsupported(NAME, "timestep_type", &cfg.timestep_type, "discrete".to_string())?;
         let log_linear = match cfg.interpolation_type.as_deref() {
             None | Some("linear") => false,
             Some("log_linear") => true,
@@ -67,8 +57,7 @@ impl Euler {
         let n = schedule.len();
         schedule::check_steps(steps, n)?;
         let spacing = cfg.timestep_spacing.unwrap_or(DEFAULTS.spacing);
-        let timesteps32 =
-            schedule::sigma_space_timesteps(spacing, n, steps, cfg.steps_offset.unwrap_or(0));
+        let timesteps32 = schedule::sigma_space_timesteps(spacing, n, steps, cfg.steps_offset.unwrap_or(0));
         let mut timesteps: Vec<f64> = timesteps32.iter().map(|&t| t as f64).collect();
 
         let mut sigmas: Vec<f64> = if log_linear {
@@ -76,10 +65,7 @@ impl Euler {
             // smallest (torch.linspace in float32), so the last step ends at the smallest σ, not 0.
             let lo = (train_sigmas[0] as f32).ln();
             let hi = (train_sigmas[n - 1] as f32).ln();
-            torch_linspace_f32(hi, lo, steps + 1)
-                .iter()
-                .map(|v| v.exp() as f64)
-                .collect()
+            torch_linspace_f32(hi, lo, steps + 1).iter().map(|v| v.exp() as f64).collect()
         } else {
             interp_sigmas(&timesteps, &train_sigmas)
         };
@@ -89,17 +75,10 @@ impl Euler {
             check_karras_range(sigma_min, sigma_max)?;
             sigmas = schedule::karras_sigmas(sigma_min, sigma_max, steps, 7.0);
             let log_sigmas = log_sigmas(&train_sigmas);
-            timesteps = sigmas
-                .iter()
-                .map(|&s| schedule::sigma_to_t(s, &log_sigmas) as f32 as f64)
-                .collect();
+            timesteps = sigmas.iter().map(|&s| schedule::sigma_to_t(s, &log_sigmas) as f32 as f64).collect();
         }
         // final_sigmas_type "sigma_min" ends at the smallest training σ instead of 0.
-        sigmas.push(if final_sigma_is_zero(cfg)? {
-            0.0
-        } else {
-            train_sigmas[0]
-        });
+        sigmas.push(if final_sigma_is_zero(cfg)? { 0.0 } else { train_sigmas[0] });
         let sigmas: Vec<f32> = sigmas.iter().map(|&s| s as f32).collect();
         let init_noise_sigma = init_noise_sigma(&sigmas, spacing);
         Ok(Euler {
@@ -149,10 +128,7 @@ impl Sampler for Euler {
 /// and gives 4096 there, one unit in the last place above the correctly rounded 4096 − 2⁻¹². That
 /// bit matters: the first step from σ_max cancels terms of size σ_max·|ε| down to a result of a
 /// few units, so it moves diffusers' result by up to ~4·10⁻⁴ of its size. Use torch's value.
-pub(crate) fn sigma_schedule(
-    cfg: &SchedulerConfig,
-    defaults: &ScheduleDefaults,
-) -> Result<(Schedule, Vec<f64>)> {
+pub(crate) fn sigma_schedule(cfg: &SchedulerConfig, defaults: &ScheduleDefaults) -> Result<(Schedule, Vec<f64>)> {
     let mut schedule = Schedule::from_config(cfg, defaults)?;
     let zero_snr = cfg.rescale_betas_zero_snr.unwrap_or(false);
     let last = schedule.alphas_cumprod.len() - 1;
@@ -169,10 +145,7 @@ pub(crate) fn sigma_schedule(
 /// σ at each (possibly fractional) timestep, by `np.interp` over the training sigmas.
 pub(crate) fn interp_sigmas(timesteps: &[f64], train_sigmas: &[f64]) -> Vec<f64> {
     let xp: Vec<f64> = (0..train_sigmas.len()).map(|i| i as f64).collect();
-    timesteps
-        .iter()
-        .map(|&t| schedule::interp(t, &xp, train_sigmas))
-        .collect()
+    timesteps.iter().map(|&t| schedule::interp(t, &xp, train_sigmas)).collect()
 }
 
 /// `np.log` of the float32 training sigmas, which diffusers keeps in float32.
@@ -195,14 +168,12 @@ pub(crate) fn final_sigma_is_zero(cfg: &SchedulerConfig) -> Result<bool> {
 /// Karras sigmas need 0 < σ_min ≤ σ_max (equal for a single step), or the ρ-th roots are not
 /// real or the schedule runs backwards.
 pub(crate) fn check_karras_range(sigma_min: f64, sigma_max: f64) -> Result<()> {
-    if !(sigma_min.is_finite()
-        && sigma_max.is_finite()
-        && 0.0 < sigma_min
-        && sigma_min <= sigma_max)
-    {
+    if !(sigma_min.is_finite() && sigma_max.is_finite() && 0.0 < sigma_min && sigma_min <= sigma_max) {
         return Err(Error::config(
             "scheduler.sigma_min",
-            format!("Karras sigmas need 0 < sigma_min <= sigma_max, got sigma_min = {sigma_min}, sigma_max = {sigma_max}"),
+            format!(
+                "Karras sigmas need 0 < sigma_min <= sigma_max, got sigma_min = {sigma_min}, sigma_max = {sigma_max}"
+            ),
         ));
     }
     Ok(())
@@ -239,12 +210,7 @@ pub(crate) struct SigmaSpaceX0 {
 impl SigmaSpaceX0 {
     pub(crate) fn new(prediction: PredictionType, sigma: f32) -> Self {
         let v_in = sigma * sigma + 1.0;
-        SigmaSpaceX0 {
-            prediction,
-            sigma,
-            v_out: -sigma / v_in.sqrt(),
-            v_in,
-        }
+        SigmaSpaceX0 { prediction, sigma, v_out: -sigma / v_in.sqrt(), v_in }
     }
 
     #[inline]
@@ -266,15 +232,7 @@ fn torch_linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
     }
     let step = (end - start) / (n - 1) as f32;
     let half = n / 2;
-    (0..n)
-        .map(|i| {
-            if i < half {
-                start + step * i as f32
-            } else {
-                end - step * (n - 1 - i) as f32
-            }
-        })
-        .collect()
+    (0..n).map(|i| if i < half { start + step * i as f32 } else { end - step * (n - 1 - i) as f32 }).collect()
 }
 
 #[cfg(test)]
@@ -282,10 +240,7 @@ mod tests {
     use super::*;
 
     fn close(a: &[f64], b: &[f64], tol: f64) -> bool {
-        a.len() == b.len()
-            && a.iter()
-                .zip(b)
-                .all(|(x, y)| (x - y).abs() <= tol * y.abs().max(1.0))
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() <= tol * y.abs().max(1.0))
     }
 
     #[test]
@@ -295,11 +250,7 @@ mod tests {
         let want = [999.0, 832.5, 666.0, 499.5, 333.0, 166.5, 0.0];
         assert_eq!(e.timesteps(), &want);
         // init_noise_sigma = max σ = σ at t = 999 of the default linear schedule.
-        assert!(
-            (e.init_noise_sigma() - 157.4072723388672).abs() < 1e-4,
-            "{}",
-            e.init_noise_sigma()
-        );
+        assert!((e.init_noise_sigma() - 157.4072723388672).abs() < 1e-4, "{}", e.init_noise_sigma());
     }
 
     #[test]
@@ -314,22 +265,10 @@ mod tests {
             ..Default::default()
         };
         let e = Euler::new(&cfg, 5).unwrap();
-        let want = [
-            999.0,
-            785.9539794921875,
-            427.4897766113281,
-            58.891502380371094,
-            0.0,
-        ];
+        let want = [999.0, 785.9539794921875, 427.4897766113281, 58.891502380371094, 0.0];
         assert!(close(e.timesteps(), &want, 1e-6), "{:?}", e.timesteps());
-        let want_sigmas = [
-            14.614646911621094,
-            4.796544075012207,
-            1.2741053104400635,
-            0.2479517161846161,
-            0.02916753478348255,
-            0.0,
-        ];
+        let want_sigmas =
+            [14.614646911621094, 4.796544075012207, 1.2741053104400635, 0.2479517161846161, 0.02916753478348255, 0.0];
         let got: Vec<f64> = e.sigmas.iter().map(|&s| s as f64).collect();
         assert!(close(&got, &want_sigmas, 1e-6), "{got:?}");
     }
@@ -357,11 +296,7 @@ mod tests {
         };
         let e = Euler::new(&cfg, 4).unwrap();
         assert_eq!(e.timesteps(), &[751.0, 501.0, 251.0, 1.0]);
-        assert!(
-            (e.init_noise_sigma() - 17.5399227142334).abs() < 1e-5,
-            "{}",
-            e.init_noise_sigma()
-        );
+        assert!((e.init_noise_sigma() - 17.5399227142334).abs() < 1e-5, "{}", e.init_noise_sigma());
     }
 
     #[test]
@@ -379,61 +314,29 @@ mod tests {
 
     #[test]
     fn log_linear_ends_at_the_smallest_training_sigma() {
-        let cfg = SchedulerConfig {
-            interpolation_type: Some("log_linear".into()),
-            ..Default::default()
-        };
+        let cfg = SchedulerConfig { interpolation_type: Some("log_linear".into()), ..Default::default() };
         let e = Euler::new(&cfg, 3).unwrap();
         // diffusers: 4 log-spaced sigmas from σ_max to σ_min, then 0 (unused).
         assert_eq!(e.sigmas.len(), 5);
-        assert!(
-            (e.sigmas[0] - 157.40726).abs() < 1e-3 && (e.sigmas[3] - 0.0100013).abs() < 1e-7,
-            "{:?}",
-            e.sigmas
-        );
+        assert!((e.sigmas[0] - 157.40726).abs() < 1e-3 && (e.sigmas[3] - 0.0100013).abs() < 1e-7, "{:?}", e.sigmas);
     }
 
     #[test]
     fn rejects_unimplemented_keys() {
         for cfg in [
-            SchedulerConfig {
-                use_exponential_sigmas: Some(true),
-                ..Default::default()
-            },
-            SchedulerConfig {
-                use_beta_sigmas: Some(true),
-                ..Default::default()
-            },
-            SchedulerConfig {
-                timestep_type: Some("continuous".into()),
-                ..Default::default()
-            },
-            SchedulerConfig {
-                final_sigmas_type: Some("one".into()),
-                ..Default::default()
-            },
-            SchedulerConfig {
-                interpolation_type: Some("cubic".into()),
-                ..Default::default()
-            },
-            SchedulerConfig {
-                use_karras_sigmas: Some(true),
-                sigma_min: Some(-1.0),
-                ..Default::default()
-            },
+            SchedulerConfig { use_exponential_sigmas: Some(true), ..Default::default() },
+            SchedulerConfig { use_beta_sigmas: Some(true), ..Default::default() },
+            SchedulerConfig { timestep_type: Some("continuous".into()), ..Default::default() },
+            SchedulerConfig { final_sigmas_type: Some("one".into()), ..Default::default() },
+            SchedulerConfig { interpolation_type: Some("cubic".into()), ..Default::default() },
+            SchedulerConfig { use_karras_sigmas: Some(true), sigma_min: Some(-1.0), ..Default::default() },
         ] {
-            let err = Euler::new(&cfg, 4)
-                .err()
-                .expect("should be rejected")
-                .to_string();
+            let err = Euler::new(&cfg, 4).err().expect("should be rejected").to_string();
             assert!(err.starts_with("scheduler."), "{err}");
         }
         assert!(Euler::new(&SchedulerConfig::default(), 0).is_err());
         // A single Karras step is the one spaced σ (linspace puts it at t = 0).
-        let cfg = SchedulerConfig {
-            use_karras_sigmas: Some(true),
-            ..Default::default()
-        };
+        let cfg = SchedulerConfig { use_karras_sigmas: Some(true), ..Default::default() };
         assert_eq!(Euler::new(&cfg, 1).unwrap().timesteps(), &[0.0]);
         assert!(Euler::new(&SchedulerConfig::default(), 1001).is_err());
         // Defaults spelled out are fine.

@@ -49,22 +49,15 @@ impl EulerAncestral {
         let n = schedule.len();
         schedule::check_steps(steps, n)?;
         let spacing = cfg.timestep_spacing.unwrap_or(DEFAULTS.spacing);
-        let timesteps: Vec<f64> =
-            schedule::sigma_space_timesteps(spacing, n, steps, cfg.steps_offset.unwrap_or(0))
-                .iter()
-                .map(|&t| t as f64)
-                .collect();
+        let timesteps: Vec<f64> = schedule::sigma_space_timesteps(spacing, n, steps, cfg.steps_offset.unwrap_or(0))
+            .iter()
+            .map(|&t| t as f64)
+            .collect();
         let mut sigmas = interp_sigmas(&timesteps, &train_sigmas);
         sigmas.push(0.0);
         let sigmas: Vec<f32> = sigmas.iter().map(|&s| s as f32).collect();
         let init_noise_sigma = init_noise_sigma(&sigmas, spacing);
-        Ok(EulerAncestral {
-            prediction,
-            sigmas,
-            timesteps,
-            init_noise_sigma,
-            noise: None,
-        })
+        Ok(EulerAncestral { prediction, sigmas, timesteps, init_noise_sigma, noise: None })
     }
 }
 
@@ -97,17 +90,12 @@ impl Sampler for EulerAncestral {
         let dt = sigma_down - sigma;
         let x0 = SigmaSpaceX0::new(self.prediction, sigma);
         // diffusers draws fresh noise at every step, the last one (σ_up = 0) included.
-        let z = self
-            .noise
-            .get_or_insert_with(|| Array4::zeros(sample.raw_dim()));
+        let z = self.noise.get_or_insert_with(|| Array4::zeros(sample.raw_dim()));
         noise.fill(z);
-        Zip::from(sample)
-            .and(model_output)
-            .and(&*z)
-            .for_each(|x, &m, &z| {
-                let derivative = (*x - x0.of(m, *x)) / sigma;
-                *x = (*x + derivative * dt) + z * sigma_up;
-            });
+        Zip::from(sample).and(model_output).and(&*z).for_each(|x, &m, &z| {
+            let derivative = (*x - x0.of(m, *x)) / sigma;
+            *x = (*x + derivative * dt) + z * sigma_up;
+        });
     }
 }
 
@@ -118,36 +106,20 @@ mod tests {
     #[test]
     fn timesteps_and_init_sigma_match_diffusers() {
         // EulerAncestralDiscreteScheduler(timestep_spacing="trailing").set_timesteps(3)
-        let cfg = SchedulerConfig {
-            timestep_spacing: Some(TimestepSpacing::Trailing),
-            ..Default::default()
-        };
+        let cfg = SchedulerConfig { timestep_spacing: Some(TimestepSpacing::Trailing), ..Default::default() };
         let s = EulerAncestral::new(&cfg, 3).unwrap();
         assert_eq!(s.timesteps(), &[999.0, 666.0, 332.0]);
         assert!((s.init_noise_sigma() - 157.4072723388672).abs() < 1e-4);
         // With zero terminal SNR the first σ is √((1 − 2⁻²⁴)/2⁻²⁴) ≈ 4096.
-        let cfg = SchedulerConfig {
-            rescale_betas_zero_snr: Some(true),
-            ..cfg
-        };
+        let cfg = SchedulerConfig { rescale_betas_zero_snr: Some(true), ..cfg };
         let s = EulerAncestral::new(&cfg, 3).unwrap();
-        assert!(
-            (s.init_noise_sigma() - 4096.0).abs() < 1e-3,
-            "{}",
-            s.init_noise_sigma()
-        );
+        assert!((s.init_noise_sigma() - 4096.0).abs() < 1e-3, "{}", s.init_noise_sigma());
     }
 
     #[test]
     fn rejects_sample_prediction() {
-        let cfg = SchedulerConfig {
-            prediction_type: Some(PredictionType::Sample),
-            ..Default::default()
-        };
-        let err = EulerAncestral::new(&cfg, 4)
-            .err()
-            .expect("rejected")
-            .to_string();
+        let cfg = SchedulerConfig { prediction_type: Some(PredictionType::Sample), ..Default::default() };
+        let err = EulerAncestral::new(&cfg, 4).err().expect("rejected").to_string();
         assert!(err.starts_with("scheduler.prediction_type"), "{err}");
     }
 

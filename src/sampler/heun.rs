@@ -11,8 +11,7 @@
 use ndarray::{Array4, Zip};
 
 use super::euler::{
-    check_karras_range, init_noise_sigma, interp_sigmas, log_sigmas, scale_by_sigma,
-    sigma_schedule, SigmaSpaceX0,
+    check_karras_range, init_noise_sigma, interp_sigmas, log_sigmas, scale_by_sigma, sigma_schedule, SigmaSpaceX0,
 };
 use super::{unsupported, NoiseSource, Sampler};
 use crate::card::{BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing};
@@ -50,19 +49,11 @@ struct FirstOrder {
 impl Heun {
     /// Sets up Heun sampling for `steps` steps (2·steps − 1 model calls).
     pub fn new(cfg: &SchedulerConfig, steps: usize) -> Result<Self> {
-        unsupported(
-            NAME,
-            "use_exponential_sigmas",
-            &cfg.use_exponential_sigmas,
-            false,
-        )?;
+        unsupported(NAME, "use_exponential_sigmas", &cfg.use_exponential_sigmas, false)?;
         unsupported(NAME, "use_beta_sigmas", &cfg.use_beta_sigmas, false)?;
         // HeunDiscreteScheduler has no `rescale_betas_zero_snr` key; diffusers ignores it, and so
         // must the shared schedule builder.
-        let schedule_cfg = SchedulerConfig {
-            rescale_betas_zero_snr: None,
-            ..cfg.clone()
-        };
+        let schedule_cfg = SchedulerConfig { rescale_betas_zero_snr: None, ..cfg.clone() };
         let (schedule, train_sigmas) = sigma_schedule(&schedule_cfg, &DEFAULTS)?;
         let n = schedule.len();
         schedule::check_steps(steps, n)?;
@@ -81,11 +72,10 @@ impl Heun {
         };
 
         let spacing = cfg.timestep_spacing.unwrap_or(DEFAULTS.spacing);
-        let mut timesteps: Vec<f64> =
-            schedule::sigma_space_timesteps(spacing, n, steps, cfg.steps_offset.unwrap_or(0))
-                .iter()
-                .map(|&t| t as f64)
-                .collect();
+        let mut timesteps: Vec<f64> = schedule::sigma_space_timesteps(spacing, n, steps, cfg.steps_offset.unwrap_or(0))
+            .iter()
+            .map(|&t| t as f64)
+            .collect();
         let mut sigmas = interp_sigmas(&timesteps, &train_sigmas);
         if cfg.use_karras_sigmas.unwrap_or(false) {
             // HeunDiscreteScheduler has no sigma_min / sigma_max keys: the range is always that of
@@ -94,10 +84,7 @@ impl Heun {
             check_karras_range(sigma_min, sigma_max)?;
             sigmas = schedule::karras_sigmas(sigma_min, sigma_max, steps, 7.0);
             let log_sigmas = log_sigmas(&train_sigmas);
-            timesteps = sigmas
-                .iter()
-                .map(|&s| schedule::sigma_to_t(s, &log_sigmas))
-                .collect();
+            timesteps = sigmas.iter().map(|&s| schedule::sigma_to_t(s, &log_sigmas)).collect();
         }
         sigmas.push(0.0);
 
@@ -153,34 +140,23 @@ impl Sampler for Heun {
                 let dt = self.sigmas[index + 1] - sigma;
                 let x0 = SigmaSpaceX0::new(self.prediction, sigma);
                 let mut derivative = Array4::<f32>::zeros(sample.raw_dim());
-                Zip::from(&mut derivative)
-                    .and(model_output)
-                    .and(&*sample)
-                    .for_each(|d, &m, &x| {
-                        *d = (x - clipped(x0.of(m, x))) / sigma;
-                    });
-                let first = FirstOrder {
-                    derivative,
-                    sample: sample.clone(),
-                    dt,
-                };
-                Zip::from(&mut *sample)
-                    .and(&first.derivative)
-                    .for_each(|x, &d| *x += d * dt);
+                Zip::from(&mut derivative).and(model_output).and(&*sample).for_each(|d, &m, &x| {
+                    *d = (x - clipped(x0.of(m, x))) / sigma;
+                });
+                let first = FirstOrder { derivative, sample: sample.clone(), dt };
+                Zip::from(&mut *sample).and(&first.derivative).for_each(|x, &d| *x += d * dt);
                 self.pending = Some(first);
             }
             Some(first) => {
                 // The model was evaluated at the Euler estimate at σ_next, this call's σ.
                 let sigma_next = self.sigmas[index];
                 let x0 = SigmaSpaceX0::new(self.prediction, sigma_next);
-                Zip::from(&mut *sample)
-                    .and(model_output)
-                    .and(&first.derivative)
-                    .and(&first.sample)
-                    .for_each(|x, &m, &d1, &x_start| {
+                Zip::from(&mut *sample).and(model_output).and(&first.derivative).and(&first.sample).for_each(
+                    |x, &m, &d1, &x_start| {
                         let d2 = (*x - clipped(x0.of(m, *x))) / sigma_next;
                         *x = x_start + (d1 + d2) / 2.0 * first.dt;
-                    });
+                    },
+                );
             }
         }
     }
@@ -198,30 +174,16 @@ mod tests {
         assert_eq!(h.sigmas.len(), 6);
         assert_eq!(h.sigmas[1], h.sigmas[2]);
         assert_eq!(h.sigmas[5], 0.0);
-        assert!(
-            (h.init_noise_sigma() - 25.146116256713867).abs() < 1e-5,
-            "{}",
-            h.init_noise_sigma()
-        );
+        assert!((h.init_noise_sigma() - 25.146116256713867).abs() < 1e-5, "{}", h.init_noise_sigma());
     }
 
     #[test]
     fn karras_timesteps_match_diffusers() {
         // HeunDiscreteScheduler(use_karras_sigmas=True).set_timesteps(3).timesteps
-        let cfg = SchedulerConfig {
-            use_karras_sigmas: Some(true),
-            ..Default::default()
-        };
+        let cfg = SchedulerConfig { use_karras_sigmas: Some(true), ..Default::default() };
         let h = Heun::new(&cfg, 3).unwrap();
         let want = [999.0, 448.7012023925781, 448.7012023925781, 0.0, 0.0];
-        assert!(
-            h.timesteps()
-                .iter()
-                .zip(want)
-                .all(|(a, b)| (a - b).abs() < 1e-3),
-            "{:?}",
-            h.timesteps()
-        );
+        assert!(h.timesteps().iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-3), "{:?}", h.timesteps());
     }
 
     #[test]
@@ -239,21 +201,12 @@ mod tests {
 
     #[test]
     fn rejects_unimplemented_keys_and_ignores_foreign_ones() {
-        let cfg = SchedulerConfig {
-            use_exponential_sigmas: Some(true),
-            ..Default::default()
-        };
+        let cfg = SchedulerConfig { use_exponential_sigmas: Some(true), ..Default::default() };
         assert!(Heun::new(&cfg, 3).is_err());
-        let cfg = SchedulerConfig {
-            use_beta_sigmas: Some(true),
-            ..Default::default()
-        };
+        let cfg = SchedulerConfig { use_beta_sigmas: Some(true), ..Default::default() };
         assert!(Heun::new(&cfg, 3).is_err());
         // Keys HeunDiscreteScheduler does not have are ignored, as diffusers ignores them.
-        let cfg = SchedulerConfig {
-            rescale_betas_zero_snr: Some(true),
-            ..Default::default()
-        };
+        let cfg = SchedulerConfig { rescale_betas_zero_snr: Some(true), ..Default::default() };
         let a = Heun::new(&cfg, 3).unwrap();
         let b = Heun::new(&SchedulerConfig::default(), 3).unwrap();
         assert_eq!(a.sigmas, b.sigmas);

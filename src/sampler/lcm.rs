@@ -87,7 +87,13 @@ impl Sampler for Lcm {
         &self.timesteps
     }
 
-    fn step(&mut self, model_output: &Array4<f32>, index: usize, sample: &mut Array4<f32>, noise: &mut dyn NoiseSource) {
+    fn step(
+        &mut self,
+        model_output: &Array4<f32>,
+        index: usize,
+        sample: &mut Array4<f32>,
+        noise: &mut dyn NoiseSource,
+    ) {
         let t = self.int_timesteps[index];
         let last = index + 1 == self.int_timesteps.len();
         let prev_t = if last { t } else { self.int_timesteps[index + 1] };

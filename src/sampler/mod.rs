@@ -129,7 +129,12 @@ impl Default for SamplerOptions {
 }
 
 /// Sets up a sampler of `kind` for `steps` inference steps.
-pub fn build(kind: SamplerKind, cfg: &SchedulerConfig, steps: usize, opts: &SamplerOptions) -> Result<Box<dyn Sampler>> {
+pub fn build(
+    kind: SamplerKind,
+    cfg: &SchedulerConfig,
+    steps: usize,
+    opts: &SamplerOptions,
+) -> Result<Box<dyn Sampler>> {
     if !opts.eta.is_finite() || opts.eta < 0.0 {
         return Err(Error::config("eta", format!("expected a finite value >= 0, got {}", opts.eta)));
     }
