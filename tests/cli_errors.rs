@@ -32,17 +32,12 @@ fn repo() -> PathBuf {
 }
 
 fn shipped_card() -> String {
-    std::fs::read_to_string(repo().join("models/fmnist-student/model.toml"))
-        .expect("read the shipped model.toml")
+    std::fs::read_to_string(repo().join("models/fmnist-student/model.toml")).expect("read the shipped model.toml")
 }
 
 /// `text` with `from` replaced by `to`; `from` must occur exactly once.
 fn edit(text: &str, from: &str, to: &str) -> String {
-    assert_eq!(
-        text.matches(from).count(),
-        1,
-        "the shipped model.toml should hold {from:?} exactly once"
-    );
+    assert_eq!(text.matches(from).count(), 1, "the shipped model.toml should hold {from:?} exactly once");
     text.replacen(from, to, 1)
 }
 
@@ -56,23 +51,15 @@ impl Fx {
     fn new() -> Fx {
         let fx = Fx::bare();
         std::fs::create_dir(fx.model()).unwrap();
-        std::fs::copy(
-            repo().join("models/fmnist-student/denoiser.onnx"),
-            fx.model().join("denoiser.onnx"),
-        )
-        .expect("copy the shipped denoiser.onnx");
+        std::fs::copy(repo().join("models/fmnist-student/denoiser.onnx"), fx.model().join("denoiser.onnx"))
+            .expect("copy the shipped denoiser.onnx");
         fx.card(&shipped_card());
         fx
     }
 
     /// A folder with nothing in it.
     fn bare() -> Fx {
-        Fx {
-            tmp: tempfile::Builder::new()
-                .prefix("cli-errors-")
-                .tempdir()
-                .unwrap(),
-        }
+        Fx { tmp: tempfile::Builder::new().prefix("cli-errors-").tempdir().unwrap() }
     }
 
     /// A folder whose model has `card` as its `model.toml`.
@@ -96,13 +83,9 @@ impl Fx {
 
     /// A folder whose model's ONNX file is `tests/fixtures/bad/<name>.onnx`.
     fn with_bad_fixture(name: &str) -> Fx {
-        let src = repo()
-            .join("tests/fixtures/bad")
-            .join(format!("{name}.onnx"));
+        let src = repo().join("tests/fixtures/bad").join(format!("{name}.onnx"));
         Fx::with_onnx(
-            &std::fs::read(&src).unwrap_or_else(|e| {
-                panic!("{}: {e} (run tools/gen_bad_fixtures.py)", src.display())
-            }),
+            &std::fs::read(&src).unwrap_or_else(|e| panic!("{}: {e} (run tools/gen_bad_fixtures.py)", src.display())),
         )
     }
 
@@ -143,11 +126,7 @@ impl Fx {
     /// Every file and folder under the folder: relative path → (is a folder, size, content
     /// when the file is small).
     fn snapshot(&self) -> BTreeMap<PathBuf, (bool, u64, Option<Vec<u8>>)> {
-        fn walk(
-            root: &Path,
-            dir: &Path,
-            out: &mut BTreeMap<PathBuf, (bool, u64, Option<Vec<u8>>)>,
-        ) {
+        fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, (bool, u64, Option<Vec<u8>>)>) {
             for entry in std::fs::read_dir(dir).unwrap() {
                 let p = entry.unwrap().path();
                 let meta = std::fs::symlink_metadata(&p).unwrap();
@@ -174,10 +153,7 @@ impl Fx {
         let cmd = format!("edge-diffuse {}", args.join(" "));
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        let ctx = format!(
-            "command: {cmd}\nstatus: {:?}\nstderr: {stderr:?}\nstdout: {stdout:?}",
-            out.status
-        );
+        let ctx = format!("command: {cmd}\nstatus: {:?}\nstderr: {stderr:?}\nstdout: {stdout:?}", out.status);
         assert!(!stderr.contains("panicked"), "the binary panicked\n{ctx}");
         match out.status.code() {
             None => panic!("killed by a signal instead of exiting with an error code\n{ctx}"),
@@ -186,10 +162,7 @@ impl Fx {
             Some(_) => {}
         }
         let line = stderr.strip_suffix('\n').unwrap_or(&stderr);
-        assert!(
-            !line.contains('\n') && !line.contains('\r'),
-            "stderr is not exactly one line\n{ctx}"
-        );
+        assert!(!line.contains('\n') && !line.contains('\r'), "stderr is not exactly one line\n{ctx}");
         assert!(
             line.starts_with("error: ") && line.len() > "error: ".len(),
             "stderr is not one `error: ...` line\n{ctx}"
@@ -199,16 +172,8 @@ impl Fx {
             assert!(line.contains(n), "the error does not name {n:?}\n{ctx}");
         }
         let after = self.snapshot();
-        let names = |s: &BTreeMap<PathBuf, _>| {
-            s.keys()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(
-            names(&after),
-            names(&before),
-            "the failed run created or removed files\n{ctx}"
-        );
+        let names = |s: &BTreeMap<PathBuf, _>| s.keys().map(|p| p.display().to_string()).collect::<Vec<_>>();
+        assert_eq!(names(&after), names(&before), "the failed run created or removed files\n{ctx}");
         assert!(after == before, "the failed run changed a file\n{ctx}");
         // Shown with --nocapture, to review the messages.
         eprintln!("{cmd}\n    {line}");
@@ -218,10 +183,7 @@ impl Fx {
     /// `fails` for `sample --model model --out out.png --threads 1 <extra>`.
     fn sample_fails(&self, extra: &[&str], needles: &[&str]) -> String {
         let line = self.fails(&sample_args(extra), needles);
-        assert!(
-            !self.path().join(OUT).exists(),
-            "{OUT} was written by a failed run"
-        );
+        assert!(!self.path().join(OUT).exists(), "{OUT} was written by a failed run");
         line
     }
 }
@@ -251,22 +213,12 @@ fn default_run_writes_exactly_one_png() {
     let args = sample_args(&[]);
     let out = fx.run(&args);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "edge-diffuse {}\nstderr: {stderr}",
-        args.join(" ")
-    );
+    assert_eq!(out.status.code(), Some(0), "edge-diffuse {}\nstderr: {stderr}", args.join(" "));
     assert!(!stderr.contains("panicked"), "{stderr}");
     let mut after = fx.snapshot();
     let (is_dir, len, bytes) = after.remove(Path::new(OUT)).expect("out.png was written");
     assert!(!is_dir && len > 0);
-    assert!(
-        bytes
-            .expect("a small file")
-            .starts_with(b"\x89PNG\r\n\x1a\n"),
-        "out.png is not a PNG"
-    );
+    assert!(bytes.expect("a small file").starts_with(b"\x89PNG\r\n\x1a\n"), "out.png is not a PNG");
     assert_eq!(after, before, "the run wrote something besides out.png");
 }
 
@@ -329,37 +281,25 @@ fn channels_zero() {
 // the key ("unknown variant `cosine`"); the same holds for the next three cases.
 #[test]
 fn unknown_beta_schedule() {
-    let fx = Fx::with_edit(
-        "beta_schedule = \"squaredcos_cap_v2\"",
-        "beta_schedule = \"cosine\"",
-    );
+    let fx = Fx::with_edit("beta_schedule = \"squaredcos_cap_v2\"", "beta_schedule = \"cosine\"");
     fx.sample_fails(&[], &["model.toml", "beta_schedule", "cosine"]);
 }
 
 #[test]
 fn unknown_prediction_type() {
-    let fx = Fx::with_edit(
-        "prediction_type = \"v_prediction\"",
-        "prediction_type = \"x0\"",
-    );
+    let fx = Fx::with_edit("prediction_type = \"v_prediction\"", "prediction_type = \"x0\"");
     fx.sample_fails(&[], &["model.toml", "prediction_type", "x0"]);
 }
 
 #[test]
 fn unknown_timestep_spacing() {
-    let fx = Fx::with_edit(
-        "timestep_spacing = \"leading\"",
-        "timestep_spacing = \"uniform\"",
-    );
+    let fx = Fx::with_edit("timestep_spacing = \"leading\"", "timestep_spacing = \"uniform\"");
     fx.sample_fails(&[], &["model.toml", "timestep_spacing", "uniform"]);
 }
 
 #[test]
 fn wrong_type_in_scheduler() {
-    let fx = Fx::with_edit(
-        "num_train_timesteps = 1000",
-        "num_train_timesteps = \"1000\"",
-    );
+    let fx = Fx::with_edit("num_train_timesteps = 1000", "num_train_timesteps = \"1000\"");
     fx.sample_fails(&[], &["model.toml", "num_train_timesteps"]);
 }
 
@@ -383,24 +323,16 @@ fn defaults_steps_zero() {
 
 #[test]
 fn scheduler_config_json_missing() {
-    let fx = Fx::with_edit(
-        "onnx = \"denoiser.onnx\"\n",
-        "onnx = \"denoiser.onnx\"\nscheduler_config = \"sched.json\"\n",
-    );
+    let fx =
+        Fx::with_edit("onnx = \"denoiser.onnx\"\n", "onnx = \"denoiser.onnx\"\nscheduler_config = \"sched.json\"\n");
     fx.sample_fails(&[], &["sched.json"]);
 }
 
 #[test]
 fn scheduler_config_json_unknown_key() {
-    let fx = Fx::with_edit(
-        "onnx = \"denoiser.onnx\"\n",
-        "onnx = \"denoiser.onnx\"\nscheduler_config = \"sched.json\"\n",
-    );
-    std::fs::write(
-        fx.model().join("sched.json"),
-        br#"{"num_train_timesteps": 1000, "beta_sched": "linear"}"#,
-    )
-    .unwrap();
+    let fx =
+        Fx::with_edit("onnx = \"denoiser.onnx\"\n", "onnx = \"denoiser.onnx\"\nscheduler_config = \"sched.json\"\n");
+    std::fs::write(fx.model().join("sched.json"), br#"{"num_train_timesteps": 1000, "beta_sched": "linear"}"#).unwrap();
     fx.sample_fails(&[], &["sched.json", "beta_sched"]);
 }
 
@@ -437,11 +369,7 @@ fn onnx_file_missing_message_is_not_repeated() {
 fn onnx_path_is_a_folder() {
     let fx = Fx::new();
     std::fs::create_dir(fx.model().join("weights")).unwrap();
-    fx.card(&edit(
-        &shipped_card(),
-        "onnx = \"denoiser.onnx\"",
-        "onnx = \"weights\"",
-    ));
+    fx.card(&edit(&shipped_card(), "onnx = \"denoiser.onnx\"", "onnx = \"weights\""));
     fx.sample_fails(&[], &["weights"]);
 }
 
@@ -472,10 +400,7 @@ fn card_input_name_missing_from_onnx() {
 
 #[test]
 fn card_output_name_missing_from_onnx() {
-    let fx = Fx::with_edit(
-        "onnx = \"denoiser.onnx\"\n",
-        "onnx = \"denoiser.onnx\"\noutput = \"eps\"\n",
-    );
+    let fx = Fx::with_edit("onnx = \"denoiser.onnx\"\n", "onnx = \"denoiser.onnx\"\noutput = \"eps\"\n");
     fx.sample_fails(&[], &["denoiser.onnx", "model.output", "eps"]);
 }
 
@@ -552,10 +477,7 @@ fn ddim_steps_above_num_train_timesteps() {
 #[test]
 fn lcm_steps_above_original_inference_steps() {
     let fx = Fx::new();
-    fx.sample_fails(
-        &["--sampler", "lcm", "--steps", "60"],
-        &["steps", "original_inference_steps"],
-    );
+    fx.sample_fails(&["--sampler", "lcm", "--steps", "60"], &["steps", "original_inference_steps"]);
 }
 
 #[test]
@@ -573,10 +495,7 @@ fn class_label_out_of_range() {
 #[test]
 fn guidance_without_null_class() {
     let fx = Fx::with_edit("null = 10\n", "");
-    fx.sample_fails(
-        &["--class", "dress", "--guidance", "2"],
-        &["guidance", "null"],
-    );
+    fx.sample_fails(&["--class", "dress", "--guidance", "2"], &["guidance", "null"]);
 }
 
 #[test]
@@ -600,19 +519,13 @@ fn num_images_zero() {
 #[test]
 fn threads_zero() {
     let fx = Fx::new();
-    fx.fails(
-        &["sample", "--model", MODEL, "--out", OUT, "--threads", "0"],
-        &["--threads"],
-    );
+    fx.fails(&["sample", "--model", MODEL, "--out", OUT, "--threads", "0"], &["--threads"]);
 }
 
 #[test]
 fn unknown_guidance_batching() {
     let fx = Fx::new();
-    fx.sample_fails(
-        &["--guidance-batching", "triple"],
-        &["--guidance-batching", "triple"],
-    );
+    fx.sample_fails(&["--guidance-batching", "triple"], &["--guidance-batching", "triple"]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -671,40 +584,15 @@ fn noise_with_nan() {
 fn out_is_a_directory() {
     let fx = Fx::new();
     std::fs::create_dir(fx.path().join("outdir")).unwrap();
-    fx.fails(
-        &[
-            "sample",
-            "--model",
-            MODEL,
-            "--out",
-            "outdir",
-            "--threads",
-            "1",
-        ],
-        &["outdir"],
-    );
+    fx.fails(&["sample", "--model", MODEL, "--out", "outdir", "--threads", "1"], &["outdir"]);
     assert!(fx.path().join("outdir").is_dir());
-    assert_eq!(
-        std::fs::read_dir(fx.path().join("outdir")).unwrap().count(),
-        0
-    );
+    assert_eq!(std::fs::read_dir(fx.path().join("outdir")).unwrap().count(), 0);
 }
 
 #[test]
 fn out_in_a_missing_folder() {
     let fx = Fx::new();
-    fx.fails(
-        &[
-            "sample",
-            "--model",
-            MODEL,
-            "--out",
-            "missing/out.png",
-            "--threads",
-            "1",
-        ],
-        &["missing"],
-    );
+    fx.fails(&["sample", "--model", MODEL, "--out", "missing/out.png", "--threads", "1"], &["missing"]);
     assert!(!fx.path().join("missing").exists());
 }
 

@@ -38,14 +38,11 @@ fn fixture(name: &str) -> PathBuf {
 fn read_npy<T: ndarray_npy::ReadableElement>(path: &Path) -> ArrayD<T> {
     let file = std::fs::File::open(path)
         .unwrap_or_else(|e| panic!("{}: {e} (run tools/gen_e2e_reference.py)", path.display()));
-    ArrayD::<T>::read_npy(std::io::BufReader::new(file))
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    ArrayD::<T>::read_npy(std::io::BufReader::new(file)).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 fn read4(path: &Path) -> Array4<f32> {
-    read_npy::<f32>(path)
-        .into_dimensionality::<Ix4>()
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    read_npy::<f32>(path).into_dimensionality::<Ix4>().unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 fn meta() -> Value {
@@ -67,10 +64,7 @@ fn case(name: &str) -> Value {
 /// max |got - want| / max(max |want|, 1e-3); infinite when `got` holds a non-finite value.
 fn rel_err(got: &Array4<f32>, want: &Array4<f32>) -> f64 {
     assert_eq!(got.shape(), want.shape(), "shapes differ");
-    let scale = want
-        .iter()
-        .fold(0.0f64, |m, v| m.max(v.abs() as f64))
-        .max(1e-3);
+    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs() as f64)).max(1e-3);
     got.iter().zip(want).fold(0.0f64, |m, (g, w)| {
         if g.is_finite() {
             m.max((*g as f64 - *w as f64).abs() / scale)
@@ -82,36 +76,23 @@ fn rel_err(got: &Array4<f32>, want: &Array4<f32>) -> f64 {
 
 fn max_abs_diff(a: &Array4<f32>, b: &Array4<f32>) -> f32 {
     assert_eq!(a.shape(), b.shape(), "shapes differ");
-    a.iter().zip(b).fold(0.0f32, |m, (x, y)| {
-        if x.is_finite() {
-            m.max((x - y).abs())
-        } else {
-            f32::INFINITY
-        }
-    })
+    a.iter().zip(b).fold(0.0f32, |m, (x, y)| if x.is_finite() { m.max((x - y).abs()) } else { f32::INFINITY })
 }
 
 // ---------------------------------------------------------------------------------------------
 // The denoiser alone.
 
 fn check_denoiser(model: &str) {
-    let card =
-        ModelCard::load(root().join("models").join(format!("fmnist-{model}"))).expect("card loads");
+    let card = ModelCard::load(root().join("models").join(format!("fmnist-{model}"))).expect("card loads");
     let mut d = Denoiser::load(&card, 1).expect("denoiser loads");
     let sample = read4(&fixture("denoiser_sample.npy"));
-    let timesteps: Array1<f32> = read_npy::<f32>(&fixture("denoiser_timestep.npy"))
-        .into_dimensionality()
-        .unwrap();
-    let labels: Array1<i64> = read_npy::<i64>(&fixture("denoiser_class_labels.npy"))
-        .into_dimensionality()
-        .unwrap();
+    let timesteps: Array1<f32> = read_npy::<f32>(&fixture("denoiser_timestep.npy")).into_dimensionality().unwrap();
+    let labels: Array1<i64> = read_npy::<i64>(&fixture("denoiser_class_labels.npy")).into_dimensionality().unwrap();
     let want = read4(&fixture(&format!("{model}_denoiser_out.npy")));
     let n = sample.shape()[0];
     assert!(n == 2 && timesteps.len() == n && labels.len() == n && want.shape() == sample.shape());
     assert!(
-        labels
-            .iter()
-            .any(|&l| Some(l) == card.classes.as_ref().unwrap().null),
+        labels.iter().any(|&l| Some(l) == card.classes.as_ref().unwrap().null),
         "the fixture covers the null class"
     );
     // predict() takes one timestep for the whole batch, and the fixture's timesteps differ per
@@ -119,8 +100,7 @@ fn check_denoiser(model: &str) {
     for i in 0..n {
         let x = sample.slice(s![i..i + 1, .., .., ..]).to_owned();
         let mut out = Array4::<f32>::from_elem((1, 1, 32, 32), f32::NAN);
-        d.predict(&x, timesteps[i] as f64, Some(&[labels[i]]), None, &mut out)
-            .expect("predict");
+        d.predict(&x, timesteps[i] as f64, Some(&[labels[i]]), None, &mut out).expect("predict");
         let ref_i = want.slice(s![i..i + 1, .., .., ..]).to_owned();
         let err = max_abs_diff(&out, &ref_i);
         eprintln!("{model} denoiser image {i}: tract vs PyTorch max abs diff {err:.2e}");
@@ -134,29 +114,13 @@ fn check_denoiser(model: &str) {
     // Batch 2 with one shared timestep: each image equals its batch-1 result.
     let t = timesteps[1] as f64;
     let mut pair = Array4::<f32>::zeros((2, 1, 32, 32));
-    d.predict(
-        &sample,
-        t,
-        Some(labels.as_slice().unwrap()),
-        None,
-        &mut pair,
-    )
-    .expect("predict batch 2");
+    d.predict(&sample, t, Some(labels.as_slice().unwrap()), None, &mut pair).expect("predict batch 2");
     for i in 0..n {
         let mut one = Array4::<f32>::zeros((1, 1, 32, 32));
-        d.predict(
-            &sample.slice(s![i..i + 1, .., .., ..]).to_owned(),
-            t,
-            Some(&[labels[i]]),
-            None,
-            &mut one,
-        )
-        .expect("predict");
+        d.predict(&sample.slice(s![i..i + 1, .., .., ..]).to_owned(), t, Some(&[labels[i]]), None, &mut one)
+            .expect("predict");
         let err = max_abs_diff(&pair.slice(s![i..i + 1, .., .., ..]).to_owned(), &one);
-        assert!(
-            err <= 1e-5,
-            "{model}: batch-2 image {i} differs from batch-1 by {err:e}"
-        );
+        assert!(err <= 1e-5, "{model}: batch-2 image {i} differs from batch-1 by {err:e}");
     }
 }
 
@@ -181,14 +145,8 @@ fn case_card(c: &Value) -> ModelCard {
         return ModelCard::load(&dir).expect("card loads");
     }
     let file = dir.join("model.toml");
-    let mut table: toml::Table = std::fs::read_to_string(&file)
-        .unwrap()
-        .parse()
-        .expect("card is TOML");
-    let sched = table
-        .get_mut("scheduler")
-        .and_then(|v| v.as_table_mut())
-        .expect("[scheduler]");
+    let mut table: toml::Table = std::fs::read_to_string(&file).unwrap().parse().expect("card is TOML");
+    let sched = table.get_mut("scheduler").and_then(|v| v.as_table_mut()).expect("[scheduler]");
     for (k, v) in overrides {
         let v = match v {
             Value::String(s) => toml::Value::String(s.clone()),
@@ -199,15 +157,11 @@ fn case_card(c: &Value) -> ModelCard {
         };
         sched.insert(k.clone(), v);
     }
-    ModelCard::parse(&toml::to_string(&table).unwrap(), &dir, &file)
-        .expect("overridden card parses")
+    ModelCard::parse(&toml::to_string(&table).unwrap(), &dir, &file).expect("overridden card parses")
 }
 
 fn load_pipeline(c: &Value, guidance_batching: GuidanceBatching) -> Pipeline {
-    let opts = LoadOptions {
-        threads: 1,
-        guidance_batching,
-    };
+    let opts = LoadOptions { threads: 1, guidance_batching };
     if c["scheduler_overrides"].as_object().unwrap().is_empty() {
         Pipeline::load(root().join(c["model"].as_str().unwrap()), opts).expect("pipeline loads")
     } else {
@@ -220,21 +174,8 @@ fn load_pipeline(c: &Value, guidance_batching: GuidanceBatching) -> Pipeline {
 fn request(c: &Value) -> Request {
     Request {
         noise: Some(read4(&fixture("pipeline_noise.npy"))),
-        classes: Some(
-            c["labels"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_i64().unwrap())
-                .collect(),
-        ),
-        sampler: Some(
-            c["sampler"]
-                .as_str()
-                .unwrap()
-                .parse()
-                .expect("sampler name"),
-        ),
+        classes: Some(c["labels"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect()),
+        sampler: Some(c["sampler"].as_str().unwrap().parse().expect("sampler name")),
         steps: Some(c["steps"].as_u64().unwrap() as usize),
         guidance: Some(c["guidance"].as_f64().unwrap() as f32),
         ..Default::default()
@@ -249,26 +190,11 @@ fn check_pipeline(name: &str, guidance_batching: GuidanceBatching) {
     // The schedule first, so a failure says whether the timesteps or the arithmetic differ.
     let card = case_card(&c);
     let kind: SamplerKind = req.sampler.unwrap();
-    let sampler = sampler::build(
-        kind,
-        &card.scheduler,
-        req.steps.unwrap(),
-        &SamplerOptions::default(),
-    )
-    .unwrap();
-    let ts_want: Vec<f64> = c["timesteps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
+    let sampler = sampler::build(kind, &card.scheduler, req.steps.unwrap(), &SamplerOptions::default()).unwrap();
+    let ts_want: Vec<f64> = c["timesteps"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
     let ts = sampler.timesteps();
     assert!(
-        ts.len() == ts_want.len()
-            && ts
-                .iter()
-                .zip(&ts_want)
-                .all(|(a, b)| (a - b).abs() <= TIMESTEP_TOL),
+        ts.len() == ts_want.len() && ts.iter().zip(&ts_want).all(|(a, b)| (a - b).abs() <= TIMESTEP_TOL),
         "{name}: timesteps {ts:?} vs diffusers {ts_want:?}"
     );
     let sigma0 = c["init_noise_sigma"].as_f64().unwrap();
@@ -286,11 +212,7 @@ fn check_pipeline(name: &str, guidance_batching: GuidanceBatching) {
             ControlFlow::Continue(())
         })
         .unwrap_or_else(|e| panic!("{name}: generate failed: {e}"));
-    assert_eq!(
-        calls,
-        2 * ts_want.len(),
-        "{name}: one callback per step and image"
-    );
+    assert_eq!(calls, 2 * ts_want.len(), "{name}: one callback per step and image");
     assert_eq!(gen.sampler, kind);
     let err = rel_err(&gen.samples, &want);
     eprintln!("{name} ({guidance_batching:?}): relative error vs diffusers {err:.2e}");
@@ -361,18 +283,12 @@ fn cli_ddim_with_noise_file_matches_diffusers() {
         "--save-tensor", path_str(&npy), "--class", "3,7", "--sampler", "ddim", "--steps", "4",
         "--guidance", "2", "--threads", "1", "--quiet", "--out", path_str(&png),
     ]);
-    assert!(
-        out.stdout.is_empty() && out.stderr.is_empty(),
-        "--quiet prints nothing"
-    );
+    assert!(out.stdout.is_empty() && out.stderr.is_empty(), "--quiet prints nothing");
     let got = read4(&npy);
     let want = read4(&fixture("teacher_ddim_s4_g2.npy"));
     let err = rel_err(&got, &want);
     eprintln!("CLI ddim: relative error vs diffusers {err:.2e}");
-    assert!(
-        err <= PIPELINE_REL_TOL,
-        "CLI ddim: relative error vs diffusers {err:.3e} > {PIPELINE_REL_TOL:e}"
-    );
+    assert!(err <= PIPELINE_REL_TOL, "CLI ddim: relative error vs diffusers {err:.3e} > {PIPELINE_REL_TOL:e}");
 
     // A grid of 2 images, 32x32 each, one pixel apart, in grey; pixels are the saved tensor's.
     let img = image::open(&png).expect("a readable PNG").into_luma8();
@@ -382,11 +298,7 @@ fn cli_ddim_with_noise_file_matches_diffusers() {
             for x in 0..32 {
                 let v = got[[i, 0, y, x]];
                 let want = edge_diffuse::files::to_u8(v, [-1.0, 1.0]);
-                assert_eq!(
-                    img.get_pixel((i * 33 + x) as u32, y as u32).0[0],
-                    want,
-                    "pixel ({i}, {y}, {x})"
-                );
+                assert_eq!(img.get_pixel((i * 33 + x) as u32, y as u32).0[0], want, "pixel ({i}, {y}, {x})");
             }
         }
     }
@@ -423,14 +335,8 @@ fn cli_num_images_gives_distinct_images() {
     assert_eq!(x.shape(), &[2, 1, 32, 32]);
     assert!(x.iter().all(|v| v.is_finite()));
     let (a, b) = (x.slice(s![0, .., .., ..]), x.slice(s![1, .., .., ..]));
-    let diff = a
-        .iter()
-        .zip(b.iter())
-        .fold(0.0f32, |m, (p, q)| m.max((p - q).abs()));
-    assert!(
-        diff > 0.1,
-        "the two images are (nearly) the same: max diff {diff}"
-    );
+    let diff = a.iter().zip(b.iter()).fold(0.0f32, |m, (p, q)| m.max((p - q).abs()));
+    assert!(diff > 0.1, "the two images are (nearly) the same: max diff {diff}");
     let img = image::open(&png).unwrap();
     assert_eq!((img.width(), img.height()), (65, 32));
 }
