@@ -578,6 +578,20 @@ fn noise_with_nan() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// A model that goes numerically bad.
+
+#[test]
+fn model_outputs_nan_midway() {
+    // The fixture outputs NaN below timestep 500; 4 trailing DDIM steps visit 999, 749, 499, 249,
+    // so the run must stop at step 3 (timestep 499) and write nothing.
+    let fx = Fx::with_bad_fixture("nan_below_500");
+    fx.card(&edit(&shipped_card(), "timestep_spacing = \"leading\"", "timestep_spacing = \"trailing\""));
+    let args = ["--sampler", "ddim", "--steps", "4", "--num-images", "2"];
+    fx.sample_fails(&args, &["step 3", "timestep 499", "NaN"]);
+    assert_eq!(fx.run(&sample_args(&args)).status.code(), Some(1));
+}
+
+// ---------------------------------------------------------------------------------------------
 // Output paths.
 
 #[test]

@@ -1,5 +1,7 @@
 """Writes tests/fixtures/bad/*.onnx: tiny, valid ONNX graphs that are *not* denoisers for the
-fmnist card, used by tests/cli_errors.rs to check that the CLI rejects them with a one-line error.
+fmnist card, used by tests/cli_errors.rs to check that the CLI rejects them with a one-line error,
+and one that is denoiser-shaped but outputs NaN below timestep 500 (tests/lib_errors.rs and
+tests/cli_errors.rs check that sampling stops with an error naming the step).
 
     python3 tools/gen_bad_fixtures.py            # rewrites tests/fixtures/bad/
     python3 tools/gen_bad_fixtures.py --check    # fails if the committed files differ
@@ -36,8 +38,12 @@ def labels(name="class_labels"):
     return vi(name, TensorProto.INT64, ["N"])
 
 
-def model(name, nodes, inputs, outputs):
-    graph = helper.make_graph(nodes, name, inputs, outputs)
+def const(name, values, elem=TensorProto.FLOAT, dims=()):
+    return helper.make_tensor(name, elem, list(dims), list(values))
+
+
+def model(name, nodes, inputs, outputs, initializer=()):
+    graph = helper.make_graph(nodes, name, inputs, outputs, initializer=list(initializer))
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="gen_bad_fixtures")
     m.ir_version = 8
     onnx.checker.check_model(m, full_check=True)
@@ -80,6 +86,42 @@ def cases():
         [sample(), timestep(), labels()],
         [vi("out", TensorProto.INT64, ["N", 1, 32, 32])],
     )
+    # A denoiser in shape and types that goes numerically bad: out = sample + sqrt(timestep - 500)
+    # (per image, broadcast over C, H, W), plus 0 * class_labels so that every input is used.
+    # Finite for timestep >= 500, NaN for timestep < 500 (sqrt of a negative number): DDIM with
+    # 4 trailing steps (timesteps 999, 749, 499, 249) fails at step 3.
+    yield "nan_below_500", model(
+        "nan_below_500",
+        [
+            helper.make_node("Sub", ["timestep", "t_nan_below"], ["t_shift"]),
+            helper.make_node("Sqrt", ["t_shift"], ["t_root"]),
+            helper.make_node("Cast", ["class_labels"], ["labels_f"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["labels_f", "zero"], ["labels_0"]),
+            helper.make_node("Add", ["t_root", "labels_0"], ["per_image"]),
+            helper.make_node("Reshape", ["per_image", "per_image_shape"], ["per_image_4d"]),
+            helper.make_node("Add", ["sample", "per_image_4d"], ["out"]),
+        ],
+        [sample(), timestep(), labels()],
+        [vi("out", TensorProto.FLOAT, ["N", 1, 32, 32])],
+        initializer=[
+            const("t_nan_below", [500.0]),
+            const("zero", [0.0]),
+            const("per_image_shape", [-1, 1, 1, 1], elem=TensorProto.INT64, dims=(4,)),
+        ],
+    )
+
+
+def check_nan_below_500(m):
+    """The NaN fixture does what its tests rely on, per ONNX's reference evaluator."""
+    import numpy as np
+    from onnx.reference import ReferenceEvaluator
+
+    ev = ReferenceEvaluator(m)
+    t = np.array([999, 749, 500, 499, 249], dtype=np.float32)
+    x = np.ones((len(t), 1, 32, 32), dtype=np.float32)
+    (out,) = ev.run(None, {"sample": x, "timestep": t, "class_labels": np.arange(len(t), dtype=np.int64)})
+    finite = np.isfinite(out).reshape(len(t), -1)
+    assert finite[:3].all() and not finite[3:].any(), "nan_below_500 must be finite for t >= 500 and NaN below"
 
 
 def main():
@@ -89,6 +131,8 @@ def main():
     OUT.mkdir(parents=True, exist_ok=True)
     stale = []
     for name, m in cases():
+        if name == "nan_below_500":
+            check_nan_below_500(m)
         path = OUT / f"{name}.onnx"
         data = m.SerializeToString(deterministic=True)
         if args.check:
