@@ -11,6 +11,8 @@ use edge_diffuse::files;
 use edge_diffuse::pipeline::{GuidanceBatching, LoadOptions, Pipeline, Request};
 use edge_diffuse::{ModelCard, SamplerKind};
 
+mod cli_bench;
+
 #[derive(Parser)]
 #[command(name = "edge-diffuse", version, about = "Few-step diffusion sampling on small devices")]
 struct Cli {
@@ -22,6 +24,8 @@ struct Cli {
 enum Command {
     /// Generate images from a model directory.
     Sample(Box<SampleArgs>),
+    /// Measure load time, step latency, images/s and peak memory of a model.
+    Bench(cli_bench::BenchArgs),
     /// Describe a model: card, ONNX inputs and outputs, parameters, defaults.
     Info {
         /// Model directory (holding model.toml); default: the bundled model.
@@ -87,6 +91,10 @@ fn main() {
     let result = match cli.command {
         Command::Sample(args) => sample(*args),
         Command::Info { model } => info(model),
+        Command::Bench(args) => {
+            let model = args.model.clone().unwrap_or_else(default_model);
+            cli_bench::run(args, model)
+        }
     };
     if let Err(e) = result {
         let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();

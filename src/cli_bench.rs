@@ -1,0 +1,123 @@
+//! `edge-diffuse bench`: load time, per-step latency and memory of one model, as a table or JSON.
+//! Part of the CLI (it prints); the library only reports per-step timings through its callback.
+
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::Args;
+use edge_diffuse::pipeline::{LoadOptions, Pipeline, Request};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Model directory (holding model.toml); default: the bundled model.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Steps per image (default: the card's).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Threads for the model (default: available cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Images generated (one request each) after a warm-up image.
+    #[arg(long, default_value_t = 10)]
+    pub runs: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let pos = q * (sorted.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
+}
+
+/// Peak resident memory of this process (Linux: VmHWM), in MiB.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: f64 =
+        status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+fn cpu_model() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    info.lines()
+        .find_map(|l| l.strip_prefix("model name").or_else(|| l.strip_prefix("Model")))
+        .map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_string())
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+pub fn run(a: BenchArgs, model: PathBuf) -> Result<()> {
+    anyhow::ensure!(a.runs >= 1, "--runs: expected at least 1");
+    let mut opts = LoadOptions::default();
+    if let Some(t) = a.threads {
+        anyhow::ensure!(t >= 1, "--threads: expected at least 1");
+        opts.threads = t;
+    }
+    let t0 = Instant::now();
+    let mut pipe = Pipeline::load(&model, opts)?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let mut steps_ms: Vec<f64> = Vec::new();
+    let mut first_step_ms = None;
+    let mut image_s = Vec::new();
+    let mut steps_used = 0;
+    // A class-conditional model is measured on a real class, so guidance runs as it would.
+    let classes = pipe.card().classes.as_ref().map(|_| vec![0]);
+    for i in 0..=a.runs {
+        let req =
+            Request { seed: i as u64, num_images: 1, steps: a.steps, classes: classes.clone(), ..Default::default() };
+        let mut times = Vec::new();
+        let t = Instant::now();
+        let gen = pipe.generate(&req, &mut |s| {
+            times.push(s.elapsed.as_secs_f64() * 1e3);
+            ControlFlow::Continue(())
+        })?;
+        let elapsed = t.elapsed().as_secs_f64();
+        steps_used = gen.steps;
+        if i == 0 {
+            first_step_ms = times.first().copied();
+        } else {
+            steps_ms.extend(times);
+            image_s.push(elapsed);
+        }
+    }
+    steps_ms.sort_by(f64::total_cmp);
+    image_s.sort_by(f64::total_cmp);
+    let per_image = percentile(&image_s, 0.5);
+    let card = pipe.card();
+    let report = serde_json::json!({
+        "model": card.model.name,
+        "sampler": card.defaults.sampler.clone().unwrap_or_else(|| "ddim".into()),
+        "steps": steps_used,
+        "guidance": card.defaults.guidance.unwrap_or(1.0),
+        "threads": pipe.denoiser().threads(),
+        "cpu": cpu_model(),
+        "load_s": load_s,
+        "first_step_ms": first_step_ms,
+        "step_ms_median": percentile(&steps_ms, 0.5),
+        "step_ms_p90": percentile(&steps_ms, 0.9),
+        "image_s_median": per_image,
+        "images_per_s": 1.0 / per_image,
+        "peak_rss_mib": peak_rss_mib(),
+        "runs": a.runs,
+    });
+    if a.json {
+        println!("{report}");
+    } else {
+        for (k, v) in report.as_object().expect("object") {
+            let text = match v {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Number(n) if n.is_f64() => format!("{:.3}", n.as_f64().unwrap_or(f64::NAN)),
+                other => other.to_string(),
+            };
+            println!("{k:<16} {text}");
+        }
+    }
+    Ok(())
+}
