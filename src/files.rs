@@ -2,10 +2,11 @@
 //! file in the destination folder, then is renamed over the target, so a failed run leaves
 //! neither a partial file nor a damaged earlier output.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use ndarray::{Array4, ArrayD, Ix4};
+use ndarray_npy::npy::header::Header;
 use ndarray_npy::{ReadNpyError, ReadNpyExt, WriteNpyExt};
 
 use crate::error::{Error, Result};
@@ -49,19 +50,72 @@ pub fn write_atomic(
 /// Reads a float32 `[batch, C, H, W]` tensor from a `.npy` file.
 pub fn read_npy4(path: &Path) -> Result<Array4<f32>> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let what = path.display().to_string();
-    let arr = ArrayD::<f32>::read_npy(std::io::BufReader::new(file)).map_err(|e| Error::Tensor {
-        what: what.clone(),
+    read_npy4_from(std::io::BufReader::new(file), &path.display().to_string())
+}
+
+/// Reads a float32 `[batch, C, H, W]` tensor from `.npy` bytes; `what` names the source in errors.
+pub fn read_npy4_from(mut reader: impl Read, what: &str) -> Result<Array4<f32>> {
+    let tensor_err = |e: ReadNpyError| Error::Tensor {
+        what: what.to_string(),
         message: match e {
             ReadNpyError::WrongDescriptor(d) => {
                 format!("expected a float32 ('<f4') array, found dtype {d}")
             }
             other => format!("not a readable .npy file: {other}"),
         },
-    })?;
+    };
+    let head = read_declared(&mut reader).map_err(tensor_err)?;
+    let arr = ArrayD::<f32>::read_npy(std::io::Cursor::new(head).chain(reader)).map_err(tensor_err)?;
     let shape = arr.shape().to_vec();
-    arr.into_dimensionality::<Ix4>()
-        .map_err(|_| Error::Tensor { what, message: format!("expected shape [batch, C, H, W], found {shape:?}") })
+    arr.into_dimensionality::<Ix4>().map_err(|_| Error::Tensor {
+        what: what.to_string(),
+        message: format!("expected shape [batch, C, H, W], found {shape:?}"),
+    })
+}
+
+/// Reads a `.npy` file's preamble, header and float32 data, as much as they declare and never more
+/// than is there. ndarray-npy allocates the header's declared length (up to 4 GiB) and then the
+/// declared array before reading either, so that a few bytes declaring a large one would abort
+/// the process; here each allocation follows the bytes actually read. What is not understood is
+/// returned as read: ndarray-npy then reports it as before, without a large allocation. The errors
+/// returned here are the ones ndarray-npy reports for the same bytes.
+fn read_declared(reader: &mut impl Read) -> std::result::Result<Vec<u8>, ReadNpyError> {
+    let mut bytes = Vec::new();
+    reader.by_ref().take(8).read_to_end(&mut bytes)?;
+    let len_size = match bytes.as_slice() {
+        [b'\x93', b'N', b'U', b'M', b'P', b'Y', 1, 0] => 2,
+        [b'\x93', b'N', b'U', b'M', b'P', b'Y', 2 | 3, 0] => 4,
+        _ => return Ok(bytes),
+    };
+    reader.by_ref().take(len_size).read_to_end(&mut bytes)?;
+    if bytes.len() < 8 + len_size as usize {
+        return Ok(bytes);
+    }
+    let header_len = bytes[8..].iter().rev().fold(0u64, |n, &b| n << 8 | u64::from(b));
+    let start = bytes.len();
+    reader.by_ref().take(header_len).read_to_end(&mut bytes)?;
+    if ((bytes.len() - start) as u64) < header_len {
+        // What `read_exact` reports for a short header.
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "failed to fill whole buffer").into());
+    }
+    let Ok(header) = Header::from_reader(&mut bytes.as_slice()) else { return Ok(bytes) };
+    let Some(data_len) = data_len::<f32>(&header.shape) else { return Ok(bytes) };
+    if !header.type_descriptor.as_string().is_some_and(|d| d == "<f4" || d == ">f4") {
+        return Err(ReadNpyError::WrongDescriptor(header.type_descriptor));
+    }
+    let start = bytes.len();
+    reader.by_ref().take(data_len as u64).read_to_end(&mut bytes)?;
+    if bytes.len() - start < data_len {
+        return Err(ReadNpyError::MissingData);
+    }
+    Ok(bytes)
+}
+
+/// The data length in bytes of an array of `shape`; `None` where ndarray-npy reports an overflow.
+fn data_len<T>(shape: &[usize]) -> Option<usize> {
+    let len = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))?;
+    let bytes = len.checked_mul(std::mem::size_of::<T>())?;
+    (len <= isize::MAX as usize && bytes <= isize::MAX as usize).then_some(bytes)
 }
 
 /// Writes a float32 tensor as `.npy`.
@@ -120,6 +174,109 @@ mod tests {
     fn pixel_mapping_matches_python_tools() {
         let r = [-1.0, 1.0];
         assert_eq!((to_u8(-1.0, r), to_u8(1.0, r), to_u8(0.0, r), to_u8(5.0, r)), (0, 255, 128, 255));
+    }
+
+    /// A `.npy` file as numpy writes it: magic, version, header length, header, data.
+    fn npy(version: u8, descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
+        let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+        let pre = if version == 1 { 10 } else { 12 };
+        while (pre + header.len() + 1) % 64 != 0 {
+            header.push(' ');
+        }
+        header.push('\n');
+        let mut out = b"\x93NUMPY".to_vec();
+        out.extend([version, 0]);
+        match version {
+            1 => out.extend((header.len() as u16).to_le_bytes()),
+            _ => out.extend((header.len() as u32).to_le_bytes()),
+        }
+        out.extend(header.as_bytes());
+        out.extend(data);
+        out
+    }
+
+    fn npy_err(bytes: &[u8]) -> String {
+        read_npy4_from(bytes, "x.npy").unwrap_err().to_string()
+    }
+
+    /// The message `read_npy4` gave before `read_declared`: ndarray-npy on its own.
+    fn plain_err(bytes: &[u8]) -> String {
+        let message = match ArrayD::<f32>::read_npy(bytes) {
+            Ok(a) => return format!("ok {:?}", a.shape()),
+            Err(ReadNpyError::WrongDescriptor(d)) => format!("expected a float32 ('<f4') array, found dtype {d}"),
+            Err(other) => format!("not a readable .npy file: {other}"),
+        };
+        Error::Tensor { what: "x.npy".into(), message }.to_string()
+    }
+
+    #[test]
+    fn npy_reads_what_numpy_writes() {
+        let data: Vec<u8> = (0..6u32).flat_map(|i| (i as f32).to_le_bytes()).collect();
+        let a = read_npy4_from(&npy(1, "<f4", "(1, 2, 3, 1)", &data)[..], "x.npy").unwrap();
+        assert_eq!(a.shape(), [1, 2, 3, 1]);
+        assert_eq!(a.iter().copied().collect::<Vec<_>>(), [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+        let be: Vec<u8> = (0..4u32).flat_map(|i| (i as f32).to_be_bytes()).collect();
+        let a = read_npy4_from(&npy(3, ">f4", "(1, 1, 2, 2)", &be)[..], "x.npy").unwrap();
+        assert_eq!(a.iter().copied().collect::<Vec<_>>(), [0.0, 1.0, 2.0, 3.0]);
+        let a = read_npy4_from(&npy(2, "<f4", "(0, 1, 2, 2)", &[])[..], "x.npy").unwrap();
+        assert_eq!(a.shape(), [0, 1, 2, 2]);
+    }
+
+    /// Found by `cargo fuzz run npy` (fuzz/README.md): a version 3 header declaring 4 GiB of header
+    /// text, 72 bytes in all, made ndarray-npy allocate 4 GiB before reading it.
+    #[test]
+    fn npy_huge_declared_header_is_an_error_not_an_allocation() {
+        let mut bytes = b"\x93NUMPY\x03\x00".to_vec();
+        bytes.extend([0xff; 4]);
+        bytes.extend(b"{'descr': '<f4'");
+        let err = npy_err(&bytes);
+        assert!(err.contains("not a readable .npy file") && err.contains("failed to fill whole buffer"), "{err}");
+        assert!(err.contains("x.npy"), "{err}");
+    }
+
+    /// A header declaring 2^40 float32 elements over 8 bytes of data made ndarray-npy allocate
+    /// 4 TiB before reading: "memory allocation failed", an abort.
+    #[test]
+    fn npy_huge_declared_shape_is_an_error_not_an_allocation() {
+        let err = npy_err(&npy(1, "<f4", "(1099511627776, 1, 1, 1)", &[0; 8]));
+        assert!(err.contains("reached EOF before reading all data"), "{err}");
+        let err = npy_err(&npy(1, "<f8", "(1099511627776, 1, 1, 1)", &[0; 8]));
+        assert!(err.contains("expected a float32 ('<f4') array, found dtype '<f8'"), "{err}");
+        let err = npy_err(&npy(1, "<f4", "(4611686018427387904, 1, 1, 1)", &[0; 8]));
+        assert!(err.contains("overflow computing length from shape"), "{err}");
+    }
+
+    /// Every error is the one ndarray-npy gave on its own for the same bytes.
+    #[test]
+    fn npy_errors_are_unchanged() {
+        let data: Vec<u8> = (0..6u32).flat_map(|i| (i as f32).to_le_bytes()).collect();
+        let mut cases = Vec::new();
+        for version in [1, 2, 3] {
+            let good = npy(version, "<f4", "(1, 2, 3, 1)", &data);
+            cases.extend((0..good.len()).map(|n| good[..n].to_vec()));
+            cases.push([good.as_slice(), b"xyz"].concat());
+            for (i, b) in [(0, b'X'), (6, 4), (7, 1), (8, 0), (9, 0xff), (20, b'!'), (70, 0)] {
+                let mut bad = good.clone();
+                bad[i] = b;
+                cases.push(bad);
+            }
+            cases.push(npy(version, "<f4", "(1, 2, 3)", &data[..24]));
+            cases.push(npy(version, "<i4", "(1, 2, 3, 1)", &data));
+            cases.push(npy(version, "<f4", "(1, -2, 3, 1)", &data));
+            cases.push(npy(version, "<f4", "(1, 2, 3, 1)", &data[..23]));
+        }
+        for bytes in &cases {
+            let new = read_npy4_from(bytes.as_slice(), "x.npy");
+            let new = match new {
+                Ok(a) => format!("ok {:?}", a.shape()),
+                Err(e) => e.to_string(),
+            };
+            let old = plain_err(bytes);
+            if old.starts_with("ok ") && !old.starts_with("ok [1, 2, 3, 1]") {
+                continue; // not 4-D: read_npy4_from's own shape error
+            }
+            assert_eq!(new, old, "{bytes:?}");
+        }
     }
 
     #[test]
