@@ -85,10 +85,7 @@ impl Sampler for Ddim {
         let std_dev = self.eta * variance.sqrt();
 
         let mut x0 = Array4::<f32>::zeros(sample.raw_dim());
-        Zip::from(&mut x0).and(model_output).and(&*sample).for_each(|x0, &m, &x| {
-            *x0 = schedule::predicted_original(self.prediction, m, x, a_t, b_t) as f32;
-        });
-        self.clip.apply(&mut x0);
+        self.clip.predict_x0(self.prediction, model_output, sample, a_t, &mut x0);
         let direction = (1.0 - a_prev - std_dev * std_dev).sqrt();
         let prediction = self.prediction;
         Zip::from(&mut *sample).and(model_output).and(&x0).for_each(|x, &m, &x0| {

@@ -88,11 +88,7 @@ impl Sampler for Ddpm {
         let cur_beta = 1.0 - cur_alpha;
 
         let x0 = self.x0.get_or_insert_with(|| Array4::zeros(sample.raw_dim()));
-        let prediction = self.prediction;
-        Zip::from(&mut *x0).and(model_output).and(&*sample).for_each(|x0, &m, &x| {
-            *x0 = schedule::predicted_original(prediction, m, x, a_t, b_t) as f32;
-        });
-        self.clip.apply(x0);
+        self.clip.predict_x0(self.prediction, model_output, sample, a_t, x0);
         let c_x0 = a_prev.sqrt() * cur_beta / b_t;
         let c_x = cur_alpha.sqrt() * b_prev / b_t;
         Zip::from(&mut *sample).and(&*x0).for_each(|x, &x0| *x = (c_x0 * x0 as f64 + c_x * *x as f64) as f32);

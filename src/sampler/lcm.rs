@@ -99,15 +99,10 @@ impl Sampler for Lcm {
         let prev_t = if last { t } else { self.int_timesteps[index + 1] };
         let a_t = self.schedule.alpha_prod(t);
         let a_prev = if prev_t >= 0 { self.schedule.alpha_prod(prev_t) } else { self.final_alpha_cumprod };
-        let b_t = 1.0 - a_t;
         let (c_skip, c_out) = self.boundary_scalings(t);
 
         let mut x0 = Array4::<f32>::zeros(sample.raw_dim());
-        let prediction = self.prediction;
-        Zip::from(&mut x0).and(model_output).and(&*sample).for_each(|x0, &m, &x| {
-            *x0 = schedule::predicted_original(prediction, m, x, a_t, b_t) as f32;
-        });
-        self.clip.apply(&mut x0);
+        self.clip.predict_x0(self.prediction, model_output, sample, a_t, &mut x0);
         // diffusers rounds `denoised` to float32 before re-noising; so does this.
         let denoised = self.denoised.get_or_insert_with(|| Array4::zeros(sample.raw_dim()));
         Zip::from(&mut *denoised)

@@ -185,6 +185,22 @@ impl X0Clip {
         X0Clip { thresholding, clip }
     }
 
+    /// Writes x̂₀ for `model_output` at ᾱ = `alpha_prod` into `x0`, then clips or thresholds it.
+    pub fn predict_x0(
+        &self,
+        prediction: crate::card::PredictionType,
+        model_output: &Array4<f32>,
+        sample: &Array4<f32>,
+        alpha_prod: f64,
+        x0: &mut Array4<f32>,
+    ) {
+        let beta_prod = 1.0 - alpha_prod;
+        ndarray::Zip::from(&mut *x0).and(model_output).and(sample).for_each(|x0, &m, &x| {
+            *x0 = crate::schedule::predicted_original(prediction, m, x, alpha_prod, beta_prod) as f32;
+        });
+        self.apply(x0);
+    }
+
     pub fn apply(&self, x0: &mut Array4<f32>) {
         if let Some((ratio, max)) = self.thresholding {
             let b = x0.shape()[0];
