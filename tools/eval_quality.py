@@ -182,6 +182,13 @@ def cmd_report(a):
              f"(at training: {clf_acc:.4f}).", "",
              "| row | samples | FID-proxy | class accuracy | unconditional samples | smallest unconditional class share "
              "| images/s (1 thread) |", "|---|---|---|---|---|---|---|"]
+    # What the FID-proxy reads for real images: 5000 training images (the first 5000 of a fixed
+    # permutation) against the test set, and the classifier's accuracy on those training images.
+    xr, yr, _ = fmnist.prepare("train", drop_outliers=False)
+    pick = np.random.default_rng(0).permutation(len(yr))[:5000]
+    f_r, pred_r = features_and_preds(clf, xr[pick])
+    lines.append(f"| *reference: 5000 real training images* | 5000 | {frechet(f_r, f_test):.2f} "
+                 f"| {(pred_r == yr[pick]).mean():.3f} | — | {np.bincount(pred_r, minlength=10).min() / 5000:.3f} | — |")
     for label, model, sampler, steps, g in ROWS:
         st = load_state(label)
         n, nu = int(st["n"]), int(st["uncond_counts"].sum())

@@ -1,0 +1,85 @@
+//! Where a denoiser call spends its time: runs the optimized tract plan of a model at batch 1 and
+//! times every node, then prints the time per operator kind (and the slowest nodes).
+//!
+//!     cargo run --release --example profile_ops -- models/fmnist-teacher [runs]
+//!
+//! Timing each node adds a little overhead per node; the total is printed next to an untimed run.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use edge_diffuse::card::ModelCard;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core;
+use tract_onnx::tract_hir::infer::Factoid;
+
+fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let dir = args.next().context("usage: profile_ops MODEL_DIR [RUNS]")?;
+    let runs: usize = args.next().map(|r| r.parse()).transpose()?.unwrap_or(20);
+    let card = ModelCard::load(std::path::Path::new(&dir))?;
+    let mut model = tract_onnx::onnx().model_for_path(card.onnx_path())?;
+    let [c, h, w] = [card.image.channels, card.image.height, card.image.width];
+    let names: Vec<String> = model.input_outlets()?.iter().map(|o| model.node(o.node).name.clone()).collect();
+    let mut inputs: TVec<TValue> = tvec![];
+    for (ix, name) in names.iter().enumerate() {
+        let t: Tensor = if *name == card.model.inputs.sample {
+            Tensor::from(tract_ndarray::Array4::<f32>::from_elem((1, c, h, w), 0.3))
+        } else if *name == card.model.inputs.timestep {
+            let dt = model.input_fact(ix)?.datum_type.concretize().unwrap_or(f32::datum_type());
+            tensor1(&[500f32]).cast_to_dt(dt)?.into_owned()
+        } else {
+            tensor1(&[1i64])
+        };
+        model.set_input_fact(ix, InferenceFact::dt_shape(t.datum_type(), t.shape()))?;
+        inputs.push(t.into_tvalue());
+    }
+    let typed = model.into_optimized()?;
+    let plan = typed.into_runnable()?;
+    let mut state = TypedSimpleState::new(&plan)?;
+    for _ in 0..3 {
+        state.run(inputs.clone())?;
+    }
+    let t0 = Instant::now();
+    for _ in 0..runs {
+        state.run(inputs.clone())?;
+    }
+    let plain = t0.elapsed() / runs as u32;
+
+    let mut per_node: HashMap<usize, (String, String, Duration)> = HashMap::new();
+    for _ in 0..runs {
+        state.run_plan_with_eval(inputs.clone(), |ctx, op_state, node, input| {
+            let t = Instant::now();
+            let out = tract_core::plan::eval(ctx, op_state, node, input);
+            let e = per_node.entry(node.id).or_insert_with(|| (node.op().name().to_string(), node.name.clone(), Duration::ZERO));
+            e.2 += t.elapsed();
+            out
+        })?;
+    }
+    let mut per_op: HashMap<String, (usize, Duration)> = HashMap::new();
+    for (op, _, d) in per_node.values() {
+        let e = per_op.entry(op.clone()).or_default();
+        e.0 += 1;
+        e.1 += *d / runs as u32;
+    }
+    let total: Duration = per_op.values().map(|v| v.1).sum();
+    let mut ops: Vec<_> = per_op.into_iter().collect();
+    ops.sort_by(|a, b| b.1 .1.cmp(&a.1 .1));
+    println!("{dir}: {} nodes; untimed call {:.2} ms, sum of node times {:.2} ms", plan.model().nodes().len(), ms(plain), ms(total));
+    println!("{:<28} {:>6} {:>9} {:>6}", "operator", "nodes", "ms/call", "share");
+    for (op, (n, d)) in &ops {
+        println!("{op:<28} {n:>6} {:>9.3} {:>5.1}%", ms(*d), 100.0 * d.as_secs_f64() / total.as_secs_f64());
+    }
+    let mut nodes: Vec<_> = per_node.into_values().collect();
+    nodes.sort_by(|a, b| b.2.cmp(&a.2));
+    println!("\nslowest nodes:");
+    for (op, name, d) in nodes.iter().take(15) {
+        println!("{:>8.3} ms  {op:<20} {name}", ms(*d / runs as u32));
+    }
+    Ok(())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
