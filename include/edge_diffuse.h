@@ -7,7 +7,8 @@
  *   cc app.c -I include target/release/libedge_diffuse.a -lpthread -ldl -lm -Wl,-z,noexecstack
  *
  * Use: open a pipeline once, then for every image fill an ed_request and call ed_generate with
- * buffers you own. After the first call, calls of the same size allocate no more memory.
+ * buffers you own. After the first call, calls of the same size do not grow the heap (the engine
+ * allocates temporaries inside each call and frees them again).
  *
  * Every function that can fail returns an ed_status; ED_OK is 0. On failure ed_last_error()
  * holds a one-line message naming the argument, file or field at fault. NULL pointers and
@@ -103,7 +104,7 @@ ed_status ed_output_len(const ed_pipeline *pipe, const ed_request *req, size_t *
  *   pixels:  uint8 [images][height][width][channels], channels interleaved (PGM/PPM order).
  * Either may be NULL when not wanted, not both; each given one must hold ed_output_len values,
  * else ED_ERR_BUFFER_TOO_SMALL before any work. on_step may be NULL. The pipeline stays usable
- * after any error but ED_ERR_PANIC. */
+ * after any error but ED_ERR_PANIC. on_step must not call ed_generate on the same pipeline. */
 ed_status ed_generate(ed_pipeline *pipe, const ed_request *req, float *samples,
                       size_t samples_len, uint8_t *pixels, size_t pixels_len, ed_step_fn on_step,
                       void *user_data);

@@ -417,12 +417,14 @@ unsafe fn fill_request(h: &mut EdPipeline, src: &EdRequest) -> Result<(), Fail> 
 /// call; returning nonzero cancels the run ([`EdStatus::Cancelled`], buffers unspecified). The
 /// pipeline stays usable after any error but [`EdStatus::Panic`].
 ///
-/// After the first call, calls with the same number of images do not allocate more memory.
+/// After the first call, calls with the same number of images do not grow the heap (tract
+/// allocates temporaries inside each model call and frees them again).
 ///
 /// # Safety
 /// `pipe` must be NULL or a live pipeline used by no other thread during the call; `req` NULL or
 /// a valid request; a non-NULL `samples` valid for `samples_len` floats and a non-NULL `pixels`
-/// for `pixels_len` bytes, neither overlapping the other. `on_step` must not unwind.
+/// for `pixels_len` bytes, neither overlapping the other. `on_step` must not unwind and must not
+/// call `ed_generate` on the same pipeline.
 #[no_mangle]
 #[allow(clippy::too_many_arguments)]
 pub unsafe extern "C" fn ed_generate(
