@@ -254,17 +254,21 @@ impl Pipeline {
     ///
     /// ```
     /// use std::ops::ControlFlow;
+    /// use std::time::Duration;
     /// use edge_diffuse::{LoadOptions, Pipeline, Request};
     ///
     /// # fn main() -> edge_diffuse::Result<()> {
-    /// let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/models/fmnist-student");
+    /// # let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/models/fmnist-student");
     /// let mut pipe = Pipeline::load(dir, LoadOptions { threads: 1, ..Default::default() })?;
     /// let mut request = Request { num_images: 1, classes: Some(vec![7]), ..Default::default() };
-    /// let mut samples = vec![0f32; pipe.output_len(&request)];
+    /// let mut samples = vec![0f32; pipe.output_len(&request)]; // [1, 1, 32, 32], allocated once
     /// let mut pixels = vec![0u8; samples.len()];
     /// for seed in 0..3 {
-    ///     request.seed = seed;
-    ///     pipe.generate_into(&request, &mut samples, &mut |_| ControlFlow::Continue(()))?;
+    ///     request.seed = seed; // one trigger
+    ///     pipe.generate_into(&request, &mut samples, &mut |step| {
+    ///         // Break(()) cancels: the result is Error::Cancelled
+    ///         if step.elapsed > Duration::from_secs(5) { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+    ///     })?;
     ///     pipe.pixels_into(&samples, &mut pixels)?; // 32×32 grey, row by row
     /// }
     /// # Ok(())
