@@ -59,6 +59,26 @@ struct Plan {
     state: TypedSimpleState,
 }
 
+/// The plans, reachable only through `&mut`.
+///
+/// tract's run state holds `Box<dyn OpState>`, which is `Send` but not `Sync`, so a `Denoiser`
+/// holding it directly could not be shared between threads even though nothing reads the state
+/// through `&self`. This wrapper makes that guarantee structural: it has no `&self` access at
+/// all, so a shared `&Plans` gives another thread nothing to touch (the pattern of the standard
+/// library's unstable `std::sync::Exclusive`).
+struct Plans(HashMap<usize, Plan>);
+
+// SAFETY: `Plans` exposes its contents only through `&mut self` (`get_mut`), and `&mut` access
+// is exclusive, so no two threads can ever reach the inner state at once. Moving it between
+// threads is left to the auto trait `Send`, which tract's state has.
+unsafe impl Sync for Plans {}
+
+impl Plans {
+    fn get_mut(&mut self) -> &mut HashMap<usize, Plan> {
+        &mut self.0
+    }
+}
+
 /// A denoiser: ONNX model + input bindings + optimized plans (one per batch size).
 pub struct Denoiser {
     path: PathBuf,
@@ -67,7 +87,7 @@ pub struct Denoiser {
     chw: [usize; 3],
     threads: usize,
     executor: Executor,
-    plans: HashMap<usize, Plan>,
+    plans: Plans,
     params: usize,
     inputs: Vec<IoInfo>,
     outputs: Vec<IoInfo>,
@@ -113,7 +133,7 @@ impl Denoiser {
             chw: [card.image.channels, card.image.height, card.image.width],
             threads,
             executor,
-            plans: HashMap::new(),
+            plans: Plans(HashMap::new()),
             params,
             inputs,
             outputs,
@@ -122,11 +142,11 @@ impl Denoiser {
 
     /// Builds (once) the optimized plan for `batch` images per call.
     pub fn prepare(&mut self, batch: usize) -> Result<()> {
-        if self.plans.contains_key(&batch) {
+        if self.plans.get_mut().contains_key(&batch) {
             return Ok(());
         }
         let plan = self.build_plan(batch).map_err(|m| Error::Model { path: self.path.clone(), message: m })?;
-        self.plans.insert(batch, plan);
+        self.plans.get_mut().insert(batch, plan);
         Ok(())
     }
 
@@ -182,7 +202,7 @@ impl Denoiser {
     ) -> Result<()> {
         let batch = sample.shape()[0];
         self.prepare(batch)?;
-        let b = self.bindings.clone();
+        let b = &self.bindings;
         let mut inputs: Vec<Option<TValue>> = vec![None; self.model.input_outlets().map(|o| o.len()).unwrap_or(0)];
         let x = Tensor::from_shape(sample.shape(), sample.as_slice().expect("standard layout"))
             .map_err(|e| Error::Inference(e.to_string()))?;
@@ -205,7 +225,7 @@ impl Denoiser {
             inputs[*ix] = Some(Tensor::from(ctx.clone()).into_tvalue());
         }
         let inputs: TVec<TValue> = inputs.into_iter().map(|v| v.expect("every input bound")).collect();
-        let plan = self.plans.get_mut(&batch).expect("prepared above");
+        let plan = self.plans.get_mut().get_mut(&batch).expect("prepared above");
         let outputs = plan.state.run(inputs).map_err(|e| Error::Inference(one_line(&format!("{e:#}"))))?;
         let view = outputs[0].to_plain_array_view::<f32>().map_err(|e| Error::Inference(e.to_string()))?;
         out.assign(&view.into_dimensionality::<ndarray::Ix4>().map_err(|e| Error::Inference(e.to_string()))?);

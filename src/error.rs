@@ -62,6 +62,16 @@ pub enum Error {
         /// What was expected.
         message: String,
     },
+    /// A caller's output buffer cannot hold the result.
+    #[error("{what}: holds {got} values, the request needs {needed}")]
+    BufferTooSmall {
+        /// The buffer at fault (`sample buffer`, `pixel buffer`).
+        what: &'static str,
+        /// Values the request needs.
+        needed: usize,
+        /// Values the buffer holds.
+        got: usize,
+    },
     /// The per-step callback asked to stop.
     #[error("cancelled at step {step}")]
     Cancelled {

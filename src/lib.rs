@@ -30,6 +30,8 @@
 //! field at fault.
 #![warn(missing_docs)]
 
+#[cfg(feature = "capi")]
+pub mod capi;
 pub mod card;
 pub mod denoiser;
 pub mod error;

@@ -95,11 +95,66 @@ pub struct Generation {
     pub guidance: f32,
 }
 
+/// What [`Pipeline::generate_into`] ran: a [`Generation`] without the samples, which went into
+/// the caller's buffer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RunInfo {
+    /// Images written.
+    pub images: usize,
+    /// The sampler that ran.
+    pub sampler: SamplerKind,
+    /// Steps per image, as requested.
+    pub steps: usize,
+    /// Sampler loop iterations per image (Heun evaluates 2·steps − 1 times).
+    pub timesteps: usize,
+    /// Guidance scale applied.
+    pub guidance: f32,
+}
+
+/// Working arrays of the sampler loop, one image each (two for batched guidance), sized from
+/// the card at load so that generating does not allocate them again.
+struct Scratch {
+    x: Array4<f32>,
+    x_in: Array4<f32>,
+    out: Array4<f32>,
+    out_u: Array4<f32>,
+    pair_in: Array4<f32>,
+    pair_out: Array4<f32>,
+}
+
+impl Scratch {
+    fn new([c, h, w]: [usize; 3]) -> Self {
+        let one = || Array4::<f32>::zeros((1, c, h, w));
+        let two = || Array4::<f32>::zeros((2, c, h, w));
+        Scratch { x: one(), x_in: one(), out: one(), out_u: one(), pair_in: two(), pair_out: two() }
+    }
+}
+
+/// A request checked against the card, with the card's defaults filled in.
+struct Resolved {
+    kind: SamplerKind,
+    steps: usize,
+    total: usize,
+    guidance: f32,
+    opts: SamplerOptions,
+    images: usize,
+}
+
 /// A model loaded once, ready to generate.
+///
+/// Load it once and call [`generate`](Pipeline::generate) or
+/// [`generate_into`](Pipeline::generate_into) for every image: the tract plan, its state and
+/// the sampler loop's working arrays are kept between calls, so after the first call the heap
+/// does not grow with the number of images (`tests/alloc_reuse.rs` measures it).
+///
+/// `Pipeline` is `Send` and `Sync`: it can move to a worker thread or sit in an `Arc`.
+/// Generating needs `&mut self` (tract's run state is mutable), so threads that share one
+/// pipeline take turns through a `Mutex`; for parallel generation load one pipeline per thread.
 pub struct Pipeline {
     card: ModelCard,
     denoiser: Denoiser,
     options: LoadOptions,
+    scratch: Scratch,
 }
 
 impl Pipeline {
@@ -111,6 +166,22 @@ impl Pipeline {
     }
 
     /// Loads from a parsed card and ONNX bytes held in memory (e.g. `include_bytes!`).
+    ///
+    /// ```
+    /// use edge_diffuse::{LoadOptions, ModelCard, Pipeline};
+    /// use std::path::Path;
+    ///
+    /// # fn main() -> edge_diffuse::Result<()> {
+    /// // In firmware: include_str!("../models/fmnist-student/model.toml") and include_bytes!(…).
+    /// let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/models/fmnist-student");
+    /// let card_text = std::fs::read_to_string(format!("{dir}/model.toml")).unwrap();
+    /// let onnx = std::fs::read(format!("{dir}/denoiser.onnx")).unwrap();
+    /// let card = ModelCard::parse(&card_text, Path::new(""), Path::new("model.toml"))?;
+    /// let pipe = Pipeline::from_bytes(card, &onnx, LoadOptions { threads: 1, ..Default::default() })?;
+    /// assert_eq!(pipe.image_len(), 32 * 32);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn from_bytes(card: ModelCard, onnx: &[u8], options: LoadOptions) -> Result<Self> {
         let denoiser = Denoiser::from_bytes(onnx, &card, options.threads, card.onnx_path())?;
         Self::from_parts(card, denoiser, options)
@@ -119,7 +190,8 @@ impl Pipeline {
     fn from_parts(card: ModelCard, mut denoiser: Denoiser, options: LoadOptions) -> Result<Self> {
         // Build the batch-1 plan now so load errors surface here, not at the first image.
         denoiser.prepare(1)?;
-        Ok(Pipeline { card, denoiser, options })
+        let scratch = Scratch::new([card.image.channels, card.image.height, card.image.width]);
+        Ok(Pipeline { card, denoiser, options, scratch })
     }
 
     /// The model card.
@@ -132,13 +204,112 @@ impl Pipeline {
         &self.denoiser
     }
 
+    /// Values in one image, `C·H·W` (a sample and its pixels hold the same number).
+    pub fn image_len(&self) -> usize {
+        self.card.image.channels * self.card.image.height * self.card.image.width
+    }
+
+    /// Images `req` generates: the batch of its `noise`, else `num_images` (at least 1).
+    pub fn num_images(&self, req: &Request) -> usize {
+        match &req.noise {
+            Some(noise) => noise.shape()[0],
+            None => req.num_images.max(1),
+        }
+    }
+
+    /// Buffer length [`generate_into`](Pipeline::generate_into) and
+    /// [`pixels_into`](Pipeline::pixels_into) need for `req`: images × `C·H·W`.
+    pub fn output_len(&self, req: &Request) -> usize {
+        self.num_images(req).saturating_mul(self.image_len())
+    }
+
     /// Generates images; `on_step` runs after every model call and may stop the run by
     /// returning `ControlFlow::Break(())` (the result is then [`Error::Cancelled`]).
+    ///
+    /// Allocates the returned samples; [`generate_into`](Pipeline::generate_into) writes into a
+    /// buffer the caller keeps instead.
     pub fn generate(
         &mut self,
         req: &Request,
         on_step: &mut dyn FnMut(&StepInfo) -> ControlFlow<()>,
     ) -> Result<Generation> {
+        let r = self.resolve(req)?;
+        let [c, h, w] = [self.card.image.channels, self.card.image.height, self.card.image.width];
+        let mut samples = Array4::<f32>::zeros((r.images, c, h, w));
+        let buf = samples.as_slice_mut().expect("a new array is contiguous");
+        let info = self.run(req, &r, buf, on_step)?;
+        Ok(Generation {
+            samples,
+            sampler: info.sampler,
+            steps: info.steps,
+            timesteps: info.timesteps,
+            guidance: info.guidance,
+        })
+    }
+
+    /// Generates into `samples`, `[images, C, H, W]` in the model's value range, row-major; it
+    /// must hold at least [`output_len`](Pipeline::output_len) values (the rest is left as is),
+    /// else the result is [`Error::BufferTooSmall`]. `on_step` works as in
+    /// [`generate`](Pipeline::generate). On an error the buffer's contents are unspecified.
+    ///
+    /// ```
+    /// use std::ops::ControlFlow;
+    /// use std::time::Duration;
+    /// use edge_diffuse::{LoadOptions, Pipeline, Request};
+    ///
+    /// # fn main() -> edge_diffuse::Result<()> {
+    /// # let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/models/fmnist-student");
+    /// let mut pipe = Pipeline::load(dir, LoadOptions { threads: 1, ..Default::default() })?;
+    /// let mut request = Request { num_images: 1, classes: Some(vec![7]), ..Default::default() };
+    /// let mut samples = vec![0f32; pipe.output_len(&request)]; // [1, 1, 32, 32], allocated once
+    /// let mut pixels = vec![0u8; samples.len()];
+    /// for seed in 0..3 {
+    ///     request.seed = seed; // one trigger
+    ///     pipe.generate_into(&request, &mut samples, &mut |step| {
+    ///         // Break(()) cancels: the result is Error::Cancelled
+    ///         if step.elapsed > Duration::from_secs(5) { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+    ///     })?;
+    ///     pipe.pixels_into(&samples, &mut pixels)?; // 32×32 grey, row by row
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn generate_into(
+        &mut self,
+        req: &Request,
+        samples: &mut [f32],
+        on_step: &mut dyn FnMut(&StepInfo) -> ControlFlow<()>,
+    ) -> Result<RunInfo> {
+        let r = self.resolve(req)?;
+        self.run(req, &r, samples, on_step)
+    }
+
+    /// Turns samples (`[images, C, H, W]` as [`generate_into`](Pipeline::generate_into) writes
+    /// them) into 8-bit pixels, `[images, H, W, C]` (channels interleaved, rows top to bottom),
+    /// mapping the card's `value_range` to 0–255 as the PNG output does. Converts
+    /// `samples.len() / image_len()` whole images; `pixels` must hold as many values, else
+    /// [`Error::BufferTooSmall`]. Returns the number of images converted.
+    pub fn pixels_into(&self, samples: &[f32], pixels: &mut [u8]) -> Result<usize> {
+        let [c, h, w] = [self.card.image.channels, self.card.image.height, self.card.image.width];
+        let per = c * h * w;
+        let images = samples.len() / per;
+        let needed = images * per;
+        if pixels.len() < needed {
+            return Err(Error::BufferTooSmall { what: "pixel buffer", needed, got: pixels.len() });
+        }
+        let range = self.card.image.value_range;
+        for (src, dst) in samples.chunks_exact(per).zip(pixels.chunks_exact_mut(per)) {
+            for (k, plane) in src.chunks_exact(h * w).enumerate() {
+                for (p, &v) in plane.iter().enumerate() {
+                    dst[p * c + k] = crate::files::to_u8(v, range);
+                }
+            }
+        }
+        Ok(images)
+    }
+
+    /// Checks `req` against the card and fills in the card's defaults, before any work.
+    fn resolve(&self, req: &Request) -> Result<Resolved> {
         let card = &self.card;
         let d = &card.defaults;
         let kind = match req.sampler {
@@ -151,7 +322,6 @@ impl Pipeline {
             return Err(Error::config("guidance", format!("expected a finite scale >= 0, got {guidance}")));
         }
         let opts = SamplerOptions { eta: req.eta.or(d.eta).unwrap_or(0.0) };
-        // Validate the configuration before any work.
         let probe = sampler::build(kind, &card.scheduler, steps, &opts).map_err(|e| match e {
             Error::Config { field, message } if field.starts_with("scheduler.") => {
                 Error::Card { path: card.file.clone(), message: format!("{field}: {message}") }
@@ -162,54 +332,62 @@ impl Pipeline {
         drop(probe);
 
         let [c, h, w] = [card.image.channels, card.image.height, card.image.width];
-        let n = match &req.noise {
-            Some(noise) => {
-                let want = [c, h, w];
-                if noise.shape()[1..] != want || noise.shape()[0] == 0 {
-                    return Err(Error::Tensor {
-                        what: "noise".into(),
-                        message: format!("expected shape [batch, {c}, {h}, {w}], found {:?}", noise.shape()),
-                    });
-                }
-                let bad = noise.iter().filter(|v| !v.is_finite()).count();
-                if bad > 0 {
-                    return Err(Error::Tensor {
-                        what: "noise".into(),
-                        message: format!(
-                            "holds {bad} non-finite values (NaN or Inf), expected finite unit-variance noise"
-                        ),
-                    });
-                }
-                noise.shape()[0]
+        if let Some(noise) = &req.noise {
+            let want = [c, h, w];
+            if noise.shape()[1..] != want || noise.shape()[0] == 0 {
+                return Err(Error::Tensor {
+                    what: "noise".into(),
+                    message: format!("expected shape [batch, {c}, {h}, {w}], found {:?}", noise.shape()),
+                });
             }
-            None => req.num_images.max(1),
-        };
-        let labels = self.labels(req)?;
+            let bad = noise.iter().filter(|v| !v.is_finite()).count();
+            if bad > 0 {
+                return Err(Error::Tensor {
+                    what: "noise".into(),
+                    message: format!("holds {bad} non-finite values (NaN or Inf), expected finite unit-variance noise"),
+                });
+            }
+        }
+        self.check_labels(req)?;
         let null = card.classes.as_ref().and_then(|c| c.null);
-        let guided = guidance != 1.0;
-        if guided && (null.is_none() || labels.is_none()) {
+        let conditional = card.model.inputs.class_labels.is_some();
+        if guidance != 1.0 && (null.is_none() || !conditional) {
             return Err(Error::config(
                 "guidance",
                 "classifier-free guidance needs a class-conditional model whose card names a null class ([classes] null)",
             ));
         }
+        Ok(Resolved { kind, steps, total, guidance, opts, images: self.num_images(req) })
+    }
+
+    /// The sampler loop, image by image, into `samples`.
+    fn run(
+        &mut self,
+        req: &Request,
+        r: &Resolved,
+        samples: &mut [f32],
+        on_step: &mut dyn FnMut(&StepInfo) -> ControlFlow<()>,
+    ) -> Result<RunInfo> {
+        let per = self.image_len();
+        let n = r.images;
+        let needed = n.saturating_mul(per);
+        if samples.len() < needed {
+            return Err(Error::BufferTooSmall { what: "sample buffer", needed, got: samples.len() });
+        }
+        let guided = r.guidance != 1.0;
         if guided && self.options.guidance_batching == GuidanceBatching::Batched {
             self.denoiser.prepare(2)?;
         }
-
-        let mut samples = Array4::<f32>::zeros((n, c, h, w));
-        let mut x = Array4::<f32>::zeros((1, c, h, w));
-        let mut x_in = x.clone();
-        let mut out = x.clone();
-        let mut out_u = x.clone();
-        let mut pair_in = Array4::<f32>::zeros((2, c, h, w));
-        let mut pair_out = pair_in.clone();
-        for i in 0..n {
-            let mut sampler = sampler::build(kind, &card.scheduler, steps, &opts)?;
+        let null = self.card.classes.as_ref().and_then(|c| c.null);
+        let conditional = self.card.model.inputs.class_labels.is_some();
+        let Scratch { x, x_in, out, out_u, pair_in, pair_out } = &mut self.scratch;
+        let (guidance, total) = (r.guidance, r.total);
+        for (i, dst) in samples[..needed].chunks_exact_mut(per).enumerate() {
+            let mut sampler = sampler::build(r.kind, &self.card.scheduler, r.steps, &r.opts)?;
             let mut noise = SeededNoise::new(req.seed, i as u64, 1);
             match &req.noise {
                 Some(given) => x.assign(&given.slice(s![i..i + 1, .., .., ..])),
-                None => noise.fill(&mut x),
+                None => noise.fill(x),
             }
             if req.noise.is_some() {
                 // Stochastic samplers still need a stream: give them one that does not
@@ -218,52 +396,57 @@ impl Pipeline {
             }
             let sigma0 = sampler.init_noise_sigma() as f32;
             x.mapv_inplace(|v| v * sigma0);
-            let label = labels.as_ref().map(|l| l[i % l.len()]);
-            let timesteps = sampler.timesteps().to_vec();
-            for (k, &t) in timesteps.iter().enumerate() {
+            // Labels were checked in `resolve`: one per image (cycled), else the null class.
+            let label = match &req.classes {
+                Some(l) => Some(l[i % l.len()]),
+                None if conditional => null,
+                None => None,
+            };
+            for k in 0..sampler.timesteps().len() {
+                let t = sampler.timesteps()[k];
                 let start = Instant::now();
-                x_in.assign(&x);
-                sampler.scale_model_input(&mut x_in, k);
+                x_in.assign(x);
+                sampler.scale_model_input(x_in, k);
                 let ctx = req.context.as_ref();
-                match (guided, label) {
-                    (true, Some(label)) if Some(label) != null => {
-                        let null = null.expect("checked above");
+                match (guided, label, null) {
+                    (true, Some(label), Some(null)) if label != null => {
                         match self.options.guidance_batching {
                             GuidanceBatching::TwoCalls => {
-                                self.denoiser.predict(&x_in, t, Some(&[label]), ctx, &mut out)?;
-                                self.denoiser.predict(&x_in, t, Some(&[null]), ctx, &mut out_u)?;
+                                self.denoiser.predict(x_in, t, Some(&[label]), ctx, out)?;
+                                self.denoiser.predict(x_in, t, Some(&[null]), ctx, out_u)?;
                             }
                             GuidanceBatching::Batched => {
-                                pair_in.slice_mut(s![0..1, .., .., ..]).assign(&x_in);
-                                pair_in.slice_mut(s![1..2, .., .., ..]).assign(&x_in);
-                                self.denoiser.predict(&pair_in, t, Some(&[label, null]), ctx, &mut pair_out)?;
+                                pair_in.slice_mut(s![0..1, .., .., ..]).assign(x_in);
+                                pair_in.slice_mut(s![1..2, .., .., ..]).assign(x_in);
+                                self.denoiser.predict(pair_in, t, Some(&[label, null]), ctx, pair_out)?;
                                 out.assign(&pair_out.slice(s![0..1, .., .., ..]));
                                 out_u.assign(&pair_out.slice(s![1..2, .., .., ..]));
                             }
                         }
-                        ndarray::Zip::from(&mut out).and(&out_u).for_each(|c, &u| *c = u + guidance * (*c - u));
+                        ndarray::Zip::from(&mut *out).and(&*out_u).for_each(|c, &u| *c = u + guidance * (*c - u));
                     }
                     _ => {
                         let l = label.map(|l| [l]);
-                        self.denoiser.predict(&x_in, t, l.as_ref().map(|l| &l[..]), ctx, &mut out)?;
+                        self.denoiser.predict(x_in, t, l.as_ref().map(|l| &l[..]), ctx, out)?;
                     }
                 }
                 let bad = out.iter().filter(|v| !v.is_finite()).count();
                 if bad > 0 {
                     return Err(Error::NonFinite { step: k + 1, total, timestep: t, count: bad });
                 }
-                sampler.step(&out, k, &mut x, &mut noise);
+                sampler.step(out, k, x, &mut noise);
                 let info = StepInfo { image: i, step: k + 1, total, elapsed: start.elapsed() };
                 if on_step(&info).is_break() {
                     return Err(Error::Cancelled { step: k + 1 });
                 }
             }
-            samples.slice_mut(s![i..i + 1, .., .., ..]).assign(&x);
+            dst.copy_from_slice(x.as_slice().expect("scratch arrays are contiguous"));
         }
-        Ok(Generation { samples, sampler: kind, steps, timesteps: total, guidance })
+        Ok(RunInfo { images: n, sampler: r.kind, steps: r.steps, timesteps: total, guidance })
     }
 
-    fn labels(&self, req: &Request) -> Result<Option<Vec<i64>>> {
+    /// Checks the request's class labels against the card.
+    fn check_labels(&self, req: &Request) -> Result<()> {
         let classes = self.card.classes.as_ref();
         let conditional = self.card.model.inputs.class_labels.is_some();
         match (&req.classes, conditional) {
@@ -275,15 +458,15 @@ impl Pipeline {
                 if let Some(bad) = l.iter().find(|&&v| !((0..names).contains(&v) || Some(v) == null)) {
                     return Err(Error::config("class", format!("label {bad} is out of range 0..{}", names - 1)));
                 }
-                Ok(Some(l.clone()))
+                Ok(())
             }
             (None, true) => match classes.and_then(|c| c.null) {
-                Some(null) => Ok(Some(vec![null])),
+                Some(_) => Ok(()),
                 None => {
                     Err(Error::config("class", "this model is class-conditional without a null class: choose a class"))
                 }
             },
-            (None, false) => Ok(None),
+            (None, false) => Ok(()),
         }
     }
 }
