@@ -48,8 +48,12 @@ fn main() -> Result<()> {
     let plain = t0.elapsed() / runs as u32;
 
     let mut per_node: HashMap<usize, (String, String, Duration)> = HashMap::new();
+    let mut shapes: HashMap<usize, String> = HashMap::new();
     for _ in 0..runs {
         state.run_plan_with_eval(inputs.clone(), |ctx, op_state, node, input| {
+            shapes.entry(node.id).or_insert_with(|| {
+                input.iter().map(|t| format!("{:?}", t.shape())).collect::<Vec<_>>().join(" ")
+            });
             let t = Instant::now();
             let out = tract_core::plan::eval(ctx, op_state, node, input);
             let e = per_node.entry(node.id).or_insert_with(|| (node.op().name().to_string(), node.name.clone(), Duration::ZERO));
@@ -71,11 +75,11 @@ fn main() -> Result<()> {
     for (op, (n, d)) in &ops {
         println!("{op:<28} {n:>6} {:>9.3} {:>5.1}%", ms(*d), 100.0 * d.as_secs_f64() / total.as_secs_f64());
     }
-    let mut nodes: Vec<_> = per_node.into_values().collect();
-    nodes.sort_by(|a, b| b.2.cmp(&a.2));
-    println!("\nslowest nodes:");
-    for (op, name, d) in nodes.iter().take(15) {
-        println!("{:>8.3} ms  {op:<20} {name}", ms(*d / runs as u32));
+    let mut nodes: Vec<_> = per_node.into_iter().collect();
+    nodes.sort_by(|a, b| b.1 .2.cmp(&a.1 .2));
+    println!("\nslowest nodes (inputs):");
+    for (id, (op, name, d)) in nodes.iter().take(15) {
+        println!("{:>8.3} ms  {op:<20} {name} ({})", ms(*d / runs as u32), shapes.get(id).map_or("", |s| s));
     }
     Ok(())
 }

@@ -17,6 +17,12 @@ pub struct BenchArgs {
     /// Steps per image (default: the card's).
     #[arg(long)]
     pub steps: Option<usize>,
+    /// Sampler (default: the card's).
+    #[arg(long)]
+    pub sampler: Option<String>,
+    /// Classifier-free guidance scale (default: the card's); 1 turns guidance off.
+    #[arg(long)]
+    pub guidance: Option<f32>,
     /// Threads for the model (default: available cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -60,6 +66,7 @@ pub fn run(a: BenchArgs, model: PathBuf) -> Result<()> {
         anyhow::ensure!(t >= 1, "--threads: expected at least 1");
         opts.threads = t;
     }
+    let sampler = a.sampler.as_deref().map(str::parse::<edge_diffuse::sampler::SamplerKind>).transpose()?;
     let t0 = Instant::now();
     let mut pipe = Pipeline::load(&model, opts)?;
     let load_s = t0.elapsed().as_secs_f64();
@@ -67,11 +74,19 @@ pub fn run(a: BenchArgs, model: PathBuf) -> Result<()> {
     let mut first_step_ms = None;
     let mut image_s = Vec::new();
     let mut steps_used = 0;
+    let mut used = (String::new(), 1.0);
     // A class-conditional model is measured on a real class, so guidance runs as it would.
     let classes = pipe.card().classes.as_ref().map(|_| vec![0]);
     for i in 0..=a.runs {
-        let req =
-            Request { seed: i as u64, num_images: 1, steps: a.steps, classes: classes.clone(), ..Default::default() };
+        let req = Request {
+            seed: i as u64,
+            num_images: 1,
+            sampler: sampler.clone(),
+            steps: a.steps,
+            guidance: a.guidance,
+            classes: classes.clone(),
+            ..Default::default()
+        };
         let mut times = Vec::new();
         let t = Instant::now();
         let gen = pipe.generate(&req, &mut |s| {
@@ -80,6 +95,7 @@ pub fn run(a: BenchArgs, model: PathBuf) -> Result<()> {
         })?;
         let elapsed = t.elapsed().as_secs_f64();
         steps_used = gen.steps;
+        used = (gen.sampler.to_string(), gen.guidance);
         if i == 0 {
             first_step_ms = times.first().copied();
         } else {
@@ -93,9 +109,9 @@ pub fn run(a: BenchArgs, model: PathBuf) -> Result<()> {
     let card = pipe.card();
     let report = serde_json::json!({
         "model": card.model.name,
-        "sampler": card.defaults.sampler.clone().unwrap_or_else(|| "ddim".into()),
+        "sampler": used.0,
         "steps": steps_used,
-        "guidance": card.defaults.guidance.unwrap_or(1.0),
+        "guidance": used.1,
         "threads": pipe.denoiser().threads(),
         "cpu": cpu_model(),
         "load_s": load_s,

@@ -30,3 +30,30 @@ fn bench_rejects_zero_runs() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.starts_with("error: ") && err.contains("--runs"), "{err}");
 }
+
+#[test]
+fn bench_takes_sampler_and_guidance() {
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/models/fmnist-teacher");
+    let run = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_edge-diffuse"))
+            .args(["bench", "--model", model, "--runs", "1", "--threads", "1", "--steps", "2", "--json"])
+            .args(extra)
+            .output()
+            .expect("runs");
+        assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("one JSON object")
+    };
+    let v = run(&["--sampler", "euler", "--guidance", "1"]);
+    assert_eq!(v["sampler"], "euler");
+    assert_eq!(v["guidance"], 1.0);
+    // The card's defaults when not given: ddim with guidance 2.
+    let v = run(&[]);
+    assert_eq!(v["sampler"], "ddim");
+    assert_eq!(v["guidance"], 2.0);
+    let out = Command::new(env!("CARGO_BIN_EXE_edge-diffuse"))
+        .args(["bench", "--model", model, "--sampler", "nope"])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown sampler"));
+}
