@@ -21,6 +21,7 @@ commit, so a run that stops resumes at the next chunk, in another session or on 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import re
@@ -134,6 +135,14 @@ def cmd_run(a):
     n_chunks, u_chunks = -(-a.n // a.chunk), -(-a.n_uncond // a.chunk)
     with tempfile.TemporaryDirectory() as tmp:
         for label, model, sampler, steps, g in rows:
+            # One process per row: a second one (another terminal, the other core) skips it.
+            os.makedirs(STATE, exist_ok=True)
+            lock = open(os.path.join(STATE, slug(label) + ".lock"), "w")
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"{label}: another process is on this row; skipped", flush=True)
+                continue
             st = load_state(label)
             if int(st.get("chunk", a.chunk)) != a.chunk:
                 sys.exit(f"{label}: its state in {STATE} was made with --chunk {int(st['chunk'])}, not {a.chunk}")
@@ -206,6 +215,18 @@ def cmd_report(a):
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w") as fh:
             fh.write(text)
+    if a.readme:
+        with open(a.readme) as fh:
+            doc = fh.read()
+        begin, end = "<!-- quality-table: written by `python3 tools/eval_quality.py report` -->", "<!-- /quality-table -->"
+        if begin not in doc or end not in doc:
+            sys.exit(f"{a.readme}: no {begin!r} … {end!r} block to replace")
+        head, rest = doc.split(begin, 1)
+        doc = head + begin + "\n" + text + rest[rest.index(end):]
+        tmp = a.readme + ".tmp"
+        with open(tmp, "w") as fh:
+            fh.write(doc)
+        os.replace(tmp, a.readme)
 
 
 def cmd_grids(a):
@@ -235,6 +256,7 @@ def main():
     q = sub.add_parser("report", help="print the table of what is done")
     q.add_argument("--bench-runs", type=int, default=20, help="images timed per row by `edge-diffuse bench`; 0: skip")
     q.add_argument("--out", default=os.path.join(ROOT, "tools", "eval", "quality.md"))
+    q.add_argument("--readme", help="also replace the table block in this Markdown file (README.md)")
     g = sub.add_parser("grids", help="the README's sample grids")
     g.add_argument("--per-class", type=int, default=8)
     g.add_argument("--out-dir", default=os.path.join(ROOT, "docs"))
