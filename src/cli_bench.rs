@@ -29,6 +29,9 @@ pub struct BenchArgs {
     /// Images generated (one request each) after a warm-up image.
     #[arg(long, default_value_t = 10)]
     pub runs: usize,
+    /// Arithmetic precision: f32 or f16 (see `sample --help`).
+    #[arg(long, default_value = "f32")]
+    pub precision: String,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -61,7 +64,8 @@ fn cpu_model() -> String {
 
 pub fn run(a: BenchArgs, model: PathBuf) -> Result<()> {
     anyhow::ensure!(a.runs >= 1, "--runs: expected at least 1");
-    let mut opts = LoadOptions::default();
+    let precision = a.precision.parse().map_err(|e: edge_diffuse::Error| anyhow::anyhow!("--{e}"))?;
+    let mut opts = LoadOptions { precision, ..Default::default() };
     if let Some(t) = a.threads {
         anyhow::ensure!(t >= 1, "--threads: expected at least 1");
         opts.threads = t;
@@ -113,6 +117,7 @@ pub fn run(a: BenchArgs, model: PathBuf) -> Result<()> {
         "steps": steps_used,
         "guidance": used.1,
         "threads": pipe.denoiser().threads(),
+        "precision": pipe.denoiser().precision().to_string(),
         "cpu": cpu_model(),
         "load_s": load_s,
         "first_step_ms": first_step_ms,

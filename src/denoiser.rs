@@ -11,6 +11,8 @@ use ndarray::Array4;
 use tract_linalg::multithread::Executor;
 use tract_onnx::pb::ModelProto;
 use tract_onnx::prelude::*;
+use tract_onnx::tract_core::floats::FloatPrecisionTranslator;
+use tract_onnx::tract_core::transform::ModelTransform;
 use tract_onnx::tract_hir::infer::{Factoid, InferenceModel};
 
 use crate::card::ModelCard;
@@ -34,6 +36,48 @@ pub enum TimestepShape {
     One,
     /// One value per image.
     Batch,
+}
+
+/// Arithmetic precision of the denoiser's float operations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// float32 everywhere, as exported.
+    #[default]
+    F32,
+    /// float16 inside the graph (tract's f32→f16 translation of weights and operators); the
+    /// sample and the prediction stay float32 at the boundary. Fast on CPUs with fp16
+    /// arithmetic (ARMv8.2-A: Cortex-A55/A75/A76/A78, Pi 5, Jetson Orin); elsewhere tract falls
+    /// back to a generic kernel that is many times slower than f32.
+    F16,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "f16" => Ok(Precision::F16),
+            other => Err(Error::config("precision", format!("expected f32 or f16, got {other:?}"))),
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+        })
+    }
+}
+
+impl Precision {
+    fn float_type(self) -> DatumType {
+        match self {
+            Precision::F32 => f32::datum_type(),
+            Precision::F16 => f16::datum_type(),
+        }
+    }
 }
 
 /// Description of one graph input or output, for `info`.
@@ -87,6 +131,7 @@ pub struct Denoiser {
     chw: [usize; 3],
     threads: usize,
     executor: Executor,
+    precision: Precision,
     plans: Plans,
     params: usize,
     inputs: Vec<IoInfo>,
@@ -124,8 +169,7 @@ impl Denoiser {
         drop(proto);
         let (inputs, outputs) = describe(&model);
         let bindings = bind(&model, card).map_err(|m| Error::Model { path: path.clone(), message: m })?;
-        let threads = threads.max(1);
-        let executor = if threads > 1 { Executor::multithread(threads) } else { Executor::SingleThread };
+        let (threads, executor) = executor_for(threads);
         Ok(Denoiser {
             path,
             model,
@@ -133,11 +177,20 @@ impl Denoiser {
             chw: [card.image.channels, card.image.height, card.image.width],
             threads,
             executor,
+            precision: Precision::F32,
             plans: Plans(HashMap::new()),
             params,
             inputs,
             outputs,
         })
+    }
+
+    /// Switches the arithmetic precision; plans built so far are dropped and rebuilt on demand.
+    pub fn set_precision(&mut self, precision: Precision) {
+        if precision != self.precision {
+            self.precision = precision;
+            self.plans.get_mut().clear();
+        }
     }
 
     /// Builds (once) the optimized plan for `batch` images per call.
@@ -174,14 +227,26 @@ impl Denoiser {
         }
         let out_outlet = model.output_outlets().map_err(err)?[b.output];
         model.select_output_outlets(&[out_outlet]).map_err(err)?;
-        let typed = model.into_optimized().map_err(|e| format!("optimizing for batch {batch}: {}", err(e)))?;
+        let optimizing = |e: TractError| format!("optimizing for batch {batch}: {}", err(e));
+        let typed = match self.precision {
+            Precision::F32 => model.into_optimized().map_err(optimizing)?,
+            // The translation works on the decluttered graph, before tract fuses operators into
+            // kernels picked for f32.
+            Precision::F16 => {
+                let mut typed = model.into_typed().and_then(|m| m.into_decluttered()).map_err(optimizing)?;
+                FloatPrecisionTranslator::new(f32::datum_type(), f16::datum_type())
+                    .transform(&mut typed)
+                    .map_err(|e| format!("translating to f16: {}", err(e)))?;
+                typed.into_optimized().map_err(optimizing)?
+            }
+        };
         let out_fact = typed.output_fact(0).map_err(err)?;
         let expected = [batch, c, h, w];
-        let ok = out_fact.datum_type == f32::datum_type()
+        let ok = out_fact.datum_type == self.precision.float_type()
             && out_fact.shape.as_concrete().map(|s| s == expected).unwrap_or(false);
         if !ok {
             return Err(format!(
-                "the output is {out_fact:?}, expected float32 {expected:?} (the sample's shape): not a denoiser for this card's [image]"
+                "the output is {out_fact:?}, expected float {expected:?} (the sample's shape): not a denoiser for this card's [image]"
             ));
         }
         let options = RunOptions { executor: Some(self.executor.clone()), ..Default::default() };
@@ -204,15 +269,25 @@ impl Denoiser {
         self.prepare(batch)?;
         let b = &self.bindings;
         let mut inputs: Vec<Option<TValue>> = vec![None; self.model.input_outlets().map(|o| o.len()).unwrap_or(0)];
+        let float_dt = self.precision.float_type();
+        // The f16 graph takes f16 floats: convert at the boundary so callers always see f32.
+        let to_graph = |t: Tensor| -> Result<TValue> {
+            let t = if t.datum_type() == f32::datum_type() && float_dt != t.datum_type() {
+                t.cast_to_dt(float_dt).map_err(|e| Error::Inference(e.to_string()))?.into_owned()
+            } else {
+                t
+            };
+            Ok(t.into_tvalue())
+        };
         let x = Tensor::from_shape(sample.shape(), sample.as_slice().expect("standard layout"))
             .map_err(|e| Error::Inference(e.to_string()))?;
-        inputs[b.sample] = Some(x.into_tvalue());
+        inputs[b.sample] = Some(to_graph(x)?);
         let n_t = match b.timestep_input.shape {
             TimestepShape::Scalar | TimestepShape::One => 1,
             TimestepShape::Batch => batch,
         };
         let t = timestep_tensor(b.timestep_input, timestep, n_t).map_err(|e| Error::Inference(e.to_string()))?;
-        inputs[b.timestep] = Some(t.into_tvalue());
+        inputs[b.timestep] = Some(to_graph(t)?);
         if let Some((ix, dt)) = b.class_labels {
             let labels = class_labels.ok_or_else(|| Error::config("class", "this model needs a class label"))?;
             let t = tensor1(labels).cast_to_dt(dt).map_err(|e| Error::Inference(e.to_string()))?.into_owned();
@@ -222,12 +297,13 @@ impl Denoiser {
             let ctx = context.ok_or_else(|| {
                 Error::config("context", "this model takes encoder_hidden_states; pass a conditioning tensor")
             })?;
-            inputs[*ix] = Some(Tensor::from(ctx.clone()).into_tvalue());
+            inputs[*ix] = Some(to_graph(Tensor::from(ctx.clone()))?);
         }
         let inputs: TVec<TValue> = inputs.into_iter().map(|v| v.expect("every input bound")).collect();
         let plan = self.plans.get_mut().get_mut(&batch).expect("prepared above");
         let outputs = plan.state.run(inputs).map_err(|e| Error::Inference(one_line(&format!("{e:#}"))))?;
-        let view = outputs[0].to_plain_array_view::<f32>().map_err(|e| Error::Inference(e.to_string()))?;
+        let out32 = outputs[0].cast_to::<f32>().map_err(|e| Error::Inference(e.to_string()))?;
+        let view = out32.to_plain_array_view::<f32>().map_err(|e| Error::Inference(e.to_string()))?;
         out.assign(&view.into_dimensionality::<ndarray::Ix4>().map_err(|e| Error::Inference(e.to_string()))?);
         Ok(())
     }
@@ -239,6 +315,10 @@ impl Denoiser {
     /// Threads given to tract's matrix-multiplication executor.
     pub fn threads(&self) -> usize {
         self.threads
+    }
+    /// Arithmetic precision of the plans.
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
     /// The graph's inputs as declared in the file.
     pub fn inputs(&self) -> &[IoInfo] {
@@ -256,6 +336,18 @@ impl Denoiser {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+#[cfg(feature = "multithread")]
+fn executor_for(threads: usize) -> (usize, Executor) {
+    let threads = threads.max(1);
+    (threads, if threads > 1 { Executor::multithread(threads) } else { Executor::SingleThread })
+}
+
+// Built without tract's rayon executor (a trimmed board build): one thread whatever is asked.
+#[cfg(not(feature = "multithread"))]
+fn executor_for(_threads: usize) -> (usize, Executor) {
+    (1, Executor::SingleThread)
 }
 
 fn timestep_tensor(ti: TimestepInput, t: f64, n: usize) -> TractResult<Tensor> {

@@ -66,6 +66,9 @@ struct SampleArgs {
     /// Guided steps: "two-calls" (default) or "batched" (one batch-2 call).
     #[arg(long, default_value = "two-calls")]
     guidance_batching: String,
+    /// Arithmetic precision: f32, or f16 for CPUs with fp16 arithmetic (ARMv8.2+: Pi 5, Jetson Orin).
+    #[arg(long, default_value = "f32")]
+    precision: String,
     /// Output PNG: one grid of all images, or numbered files with --separate.
     #[arg(long, default_value = "sample.png")]
     out: PathBuf,
@@ -138,7 +141,8 @@ fn sample(a: SampleArgs) -> Result<()> {
         check_output_path(p)?;
     }
     let noise = a.noise.as_deref().map(files::read_npy4).transpose()?;
-    let mut opts = LoadOptions { guidance_batching, ..Default::default() };
+    let precision = a.precision.parse().map_err(|e: edge_diffuse::Error| anyhow::anyhow!("--{e}"))?;
+    let mut opts = LoadOptions { guidance_batching, precision, ..Default::default() };
     if let Some(t) = a.threads {
         if t == 0 {
             bail!("--threads: expected at least 1");

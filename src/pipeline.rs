@@ -12,6 +12,7 @@ use ndarray::{s, Array4, ArrayD};
 
 use crate::card::ModelCard;
 use crate::denoiser::Denoiser;
+pub use crate::denoiser::Precision;
 use crate::error::{Error, Result};
 use crate::noise::SeededNoise;
 use crate::sampler::{self, NoiseSource, SamplerKind, SamplerOptions};
@@ -33,6 +34,8 @@ pub struct LoadOptions {
     pub threads: usize,
     /// Guided-step strategy.
     pub guidance_batching: GuidanceBatching,
+    /// Arithmetic precision of the denoiser (f16 pays off only on CPUs with fp16 arithmetic).
+    pub precision: Precision,
 }
 
 impl Default for LoadOptions {
@@ -40,6 +43,7 @@ impl Default for LoadOptions {
         LoadOptions {
             threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             guidance_batching: GuidanceBatching::default(),
+            precision: Precision::default(),
         }
     }
 }
@@ -188,6 +192,7 @@ impl Pipeline {
     }
 
     fn from_parts(card: ModelCard, mut denoiser: Denoiser, options: LoadOptions) -> Result<Self> {
+        denoiser.set_precision(options.precision);
         // Build the batch-1 plan now so load errors surface here, not at the first image.
         denoiser.prepare(1)?;
         let scratch = Scratch::new([card.image.channels, card.image.height, card.image.width]);

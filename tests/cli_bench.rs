@@ -1,11 +1,11 @@
 //! `edge-diffuse bench --json` reports every field with sane values.
 
-use std::process::Command;
+mod common;
 
 #[test]
 fn bench_json_reports_latency_and_memory() {
     let model = concat!(env!("CARGO_MANIFEST_DIR"), "/models/fmnist-student");
-    let out = Command::new(env!("CARGO_BIN_EXE_edge-diffuse"))
+    let out = common::edge_diffuse()
         .args(["bench", "--model", model, "--runs", "2", "--threads", "1", "--steps", "2", "--json"])
         .output()
         .expect("runs");
@@ -25,7 +25,7 @@ fn bench_json_reports_latency_and_memory() {
 
 #[test]
 fn bench_rejects_zero_runs() {
-    let out = Command::new(env!("CARGO_BIN_EXE_edge-diffuse")).args(["bench", "--runs", "0"]).output().expect("runs");
+    let out = common::edge_diffuse().args(["bench", "--runs", "0"]).output().expect("runs");
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.starts_with("error: ") && err.contains("--runs"), "{err}");

@@ -14,14 +14,15 @@
 //! everything cannot pass. The tiny non-denoiser ONNX graphs in `tests/fixtures/bad/` are
 //! written by `tools/gen_bad_fixtures.py`.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use ndarray::Array4;
 use ndarray_npy::WriteNpyExt;
 
-const BIN: &str = env!("CARGO_BIN_EXE_edge-diffuse");
 /// The model directory's name inside each case's temporary folder.
 const MODEL: &str = "model";
 /// The `--out` file most cases ask for.
@@ -114,7 +115,7 @@ impl Fx {
 
     /// Runs the binary with `args`, in the folder.
     fn run(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
+        common::edge_diffuse()
             .args(args)
             .current_dir(self.path())
             .env_remove("EDGE_DIFFUSE_MODEL")

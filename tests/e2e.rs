@@ -8,9 +8,10 @@
 //!   1e-4, and so does the `sample` command with `--noise`/`--save-tensor`;
 //! * the command line is deterministic in its seed.
 
+mod common;
+
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use edge_diffuse::denoiser::Denoiser;
 use edge_diffuse::pipeline::{GuidanceBatching, LoadOptions, Pipeline, Request};
@@ -161,7 +162,7 @@ fn case_card(c: &Value) -> ModelCard {
 }
 
 fn load_pipeline(c: &Value, guidance_batching: GuidanceBatching) -> Pipeline {
-    let opts = LoadOptions { threads: 1, guidance_batching };
+    let opts = LoadOptions { threads: 1, guidance_batching, ..Default::default() };
     if c["scheduler_overrides"].as_object().unwrap().is_empty() {
         Pipeline::load(root().join(c["model"].as_str().unwrap()), opts).expect("pipeline loads")
     } else {
@@ -254,11 +255,7 @@ fn student_lcm_1_step_matches_diffusers() {
 // The command line.
 
 fn cli(args: &[&str]) -> std::process::Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_edge-diffuse"))
-        .current_dir(root())
-        .args(args)
-        .output()
-        .expect("the binary runs");
+    let out = common::edge_diffuse().current_dir(root()).args(args).output().expect("the binary runs");
     assert!(
         out.status.success(),
         "edge-diffuse {args:?} failed ({}): {}",

@@ -64,7 +64,7 @@ fn requests() -> (Request, Request) {
 /// change.
 fn survives_file_change(change: impl FnOnce(&Path)) {
     let tmp = student_copy();
-    let opts = LoadOptions { threads: 1, guidance_batching: GuidanceBatching::Batched };
+    let opts = LoadOptions { threads: 1, guidance_batching: GuidanceBatching::Batched, ..Default::default() };
     let (plain, guided) = requests();
     // The guided reference from another pipeline, so `pipe` builds its batch-2 plan only after
     // the change.
