@@ -88,7 +88,7 @@ fn sampler_math(c: &mut Criterion) {
         let mut noise = SeededNoise::new(1, 0, 1);
         g.bench_function(kind.name(), |b| {
             b.iter_batched_ref(
-                || sample_input(),
+                sample_input,
                 |x| {
                     s.scale_model_input(x, 1);
                     s.step(black_box(&model_out), 1, x, &mut noise);

@@ -51,12 +51,14 @@ fn main() -> Result<()> {
     let mut shapes: HashMap<usize, String> = HashMap::new();
     for _ in 0..runs {
         state.run_plan_with_eval(inputs.clone(), |ctx, op_state, node, input| {
-            shapes.entry(node.id).or_insert_with(|| {
-                input.iter().map(|t| format!("{:?}", t.shape())).collect::<Vec<_>>().join(" ")
-            });
+            shapes
+                .entry(node.id)
+                .or_insert_with(|| input.iter().map(|t| format!("{:?}", t.shape())).collect::<Vec<_>>().join(" "));
             let t = Instant::now();
             let out = tract_core::plan::eval(ctx, op_state, node, input);
-            let e = per_node.entry(node.id).or_insert_with(|| (node.op().name().to_string(), node.name.clone(), Duration::ZERO));
+            let e = per_node
+                .entry(node.id)
+                .or_insert_with(|| (node.op().name().to_string(), node.name.clone(), Duration::ZERO));
             e.2 += t.elapsed();
             out
         })?;
@@ -69,14 +71,19 @@ fn main() -> Result<()> {
     }
     let total: Duration = per_op.values().map(|v| v.1).sum();
     let mut ops: Vec<_> = per_op.into_iter().collect();
-    ops.sort_by(|a, b| b.1 .1.cmp(&a.1 .1));
-    println!("{dir}: {} nodes; untimed call {:.2} ms, sum of node times {:.2} ms", plan.model().nodes().len(), ms(plain), ms(total));
+    ops.sort_by_key(|o| std::cmp::Reverse(o.1 .1));
+    println!(
+        "{dir}: {} nodes; untimed call {:.2} ms, sum of node times {:.2} ms",
+        plan.model().nodes().len(),
+        ms(plain),
+        ms(total)
+    );
     println!("{:<28} {:>6} {:>9} {:>6}", "operator", "nodes", "ms/call", "share");
     for (op, (n, d)) in &ops {
         println!("{op:<28} {n:>6} {:>9.3} {:>5.1}%", ms(*d), 100.0 * d.as_secs_f64() / total.as_secs_f64());
     }
     let mut nodes: Vec<_> = per_node.into_iter().collect();
-    nodes.sort_by(|a, b| b.1 .2.cmp(&a.1 .2));
+    nodes.sort_by_key(|n| std::cmp::Reverse(n.1 .2));
     println!("\nslowest nodes (inputs):");
     for (id, (op, name, d)) in nodes.iter().take(15) {
         println!("{:>8.3} ms  {op:<20} {name} ({})", ms(*d / runs as u32), shapes.get(id).map_or("", |s| s));

@@ -85,7 +85,7 @@ pub fn run(a: BenchArgs, model: PathBuf) -> Result<()> {
         let req = Request {
             seed: i as u64,
             num_images: 1,
-            sampler: sampler.clone(),
+            sampler,
             steps: a.steps,
             guidance: a.guidance,
             classes: classes.clone(),

@@ -35,7 +35,7 @@ fn bench_rejects_zero_runs() {
 fn bench_takes_sampler_and_guidance() {
     let model = concat!(env!("CARGO_MANIFEST_DIR"), "/models/fmnist-teacher");
     let run = |extra: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_edge-diffuse"))
+        let out = common::edge_diffuse()
             .args(["bench", "--model", model, "--runs", "1", "--threads", "1", "--steps", "2", "--json"])
             .args(extra)
             .output()
@@ -50,10 +50,7 @@ fn bench_takes_sampler_and_guidance() {
     let v = run(&[]);
     assert_eq!(v["sampler"], "ddim");
     assert_eq!(v["guidance"], 2.0);
-    let out = Command::new(env!("CARGO_BIN_EXE_edge-diffuse"))
-        .args(["bench", "--model", model, "--sampler", "nope"])
-        .output()
-        .expect("runs");
+    let out = common::edge_diffuse().args(["bench", "--model", model, "--sampler", "nope"]).output().expect("runs");
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown sampler"));
 }
