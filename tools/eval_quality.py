@@ -132,7 +132,6 @@ def run_runtime(model, sampler, steps, guidance, n, classes, seed, out_npy, thre
 def cmd_run(a):
     clf, _ = load_classifier()
     rows = ROWS if a.rows == "all" else [r for r in ROWS if r[0] in a.rows.split(",")]
-    n_chunks, u_chunks = -(-a.n // a.chunk), -(-a.n_uncond // a.chunk)
     with tempfile.TemporaryDirectory() as tmp:
         for label, model, sampler, steps, g in rows:
             # One process per row: a second one (another terminal, the other core) skips it.
@@ -144,13 +143,14 @@ def cmd_run(a):
                 print(f"{label}: another process is on this row; skipped", flush=True)
                 continue
             st = load_state(label)
-            if int(st.get("chunk", a.chunk)) != a.chunk:
-                sys.exit(f"{label}: its state in {STATE} was made with --chunk {int(st['chunk'])}, not {a.chunk}")
-            st["chunk"] = np.int64(a.chunk)
+            # A row keeps the chunk size it started with: seeds are numbered by chunk.
+            chunk = int(st.get("chunk", a.chunk))
+            st["chunk"] = np.int64(chunk)
+            n_chunks, u_chunks = -(-a.n // chunk), -(-a.n_uncond // chunk)
             for k in range(n_chunks):
                 if k in st["cond_done"]:
                     continue
-                x, secs = run_runtime(model, sampler, steps, g, a.chunk, "all", 1000 + k, os.path.join(tmp, "c.npy"),
+                x, secs = run_runtime(model, sampler, steps, g, chunk, "all", 1000 + k, os.path.join(tmp, "c.npy"),
                                       a.threads)
                 f, pred = features_and_preds(clf, x)
                 truth = np.arange(len(pred)) % 10
@@ -165,7 +165,7 @@ def cmd_run(a):
             for k in range(u_chunks):
                 if k in st["uncond_done"]:
                     continue
-                x, secs = run_runtime(model, sampler, steps, 1.0, a.chunk, None, 5000 + k, os.path.join(tmp, "u.npy"),
+                x, secs = run_runtime(model, sampler, steps, 1.0, chunk, None, 5000 + k, os.path.join(tmp, "u.npy"),
                                       a.threads)
                 _, pred = features_and_preds(clf, x)
                 st["uncond_counts"] = st["uncond_counts"] + np.bincount(pred, minlength=10)
@@ -250,7 +250,7 @@ def main():
     r = sub.add_parser("run", help="generate and score the missing chunks")
     r.add_argument("--n", type=int, default=5000, help="class-conditional samples per row")
     r.add_argument("--n-uncond", type=int, default=1000, help="null-class samples per row (class shares)")
-    r.add_argument("--chunk", type=int, default=500)
+    r.add_argument("--chunk", type=int, default=500, help="images per chunk for a row not started yet")
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--rows", default="all", help="comma-separated row labels, or all")
     q = sub.add_parser("report", help="print the table of what is done")
