@@ -12,6 +12,7 @@ use tract_linalg::multithread::Executor;
 use tract_onnx::pb::ModelProto;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::floats::FloatPrecisionTranslator;
+use tract_onnx::tract_core::ops::konst::Const;
 use tract_onnx::tract_core::transform::ModelTransform;
 use tract_onnx::tract_hir::infer::{Factoid, InferenceModel};
 
@@ -228,7 +229,7 @@ impl Denoiser {
         let out_outlet = model.output_outlets().map_err(err)?[b.output];
         model.select_output_outlets(&[out_outlet]).map_err(err)?;
         let optimizing = |e: TractError| format!("optimizing for batch {batch}: {}", err(e));
-        let typed = match self.precision {
+        let mut typed = match self.precision {
             Precision::F32 => model.into_optimized().map_err(optimizing)?,
             // The translation works on the decluttered graph, before tract fuses operators into
             // kernels picked for f32.
@@ -240,6 +241,7 @@ impl Denoiser {
                 typed.into_optimized().map_err(optimizing)?
             }
         };
+        contiguous_constants(&mut typed).map_err(err)?;
         let out_fact = typed.output_fact(0).map_err(err)?;
         let expected = [batch, c, h, w];
         let ok = out_fact.datum_type == self.precision.float_type()
@@ -362,6 +364,25 @@ fn timestep_tensor(ti: TimestepInput, t: f64, n: usize) -> TractResult<Tensor> {
         tensor = tensor.into_shape(&[])?;
     }
     Ok(tensor)
+}
+
+/// Gives every constant natural (C-order) strides.
+///
+/// Exporters store per-channel constants as `[C,1,1]`; tract broadcasts them to `[1,C,1,1]` by
+/// inserting an axis, which leaves strides it then does not recognise as contiguous, and its
+/// elementwise kernels fall back to a generic broadcasting loop for them (measured: the GroupNorm
+/// affine and time-embedding scale/shift took 15–25 % of a UNet call instead of ≈ 2 %).
+fn contiguous_constants(model: &mut TypedModel) -> TractResult<()> {
+    for id in 0..model.nodes().len() {
+        let Some(konst) = model.node(id).op_as::<Const>() else { continue };
+        let t = konst.val();
+        if t.strides() == &*Tensor::natural_strides(t.shape()) {
+            continue;
+        }
+        let fixed = (**t).clone().into_shape(t.shape())?;
+        model.node_mut(id).op = Box::new(Const::new(Arc::new(fixed))?);
+    }
+    Ok(())
 }
 
 fn one_line(e: &dyn std::fmt::Display) -> String {
