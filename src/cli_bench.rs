@@ -29,6 +29,9 @@ pub struct BenchArgs {
     /// Images generated (one request each) after a warm-up image.
     #[arg(long, default_value_t = 10)]
     pub runs: usize,
+    /// Guided steps: auto, two-calls, concurrent or batched (see `sample --help`).
+    #[arg(long, default_value = "auto")]
+    pub guidance_batching: String,
     /// Arithmetic precision: f32 or f16 (see `sample --help`).
     #[arg(long, default_value = "f32")]
     pub precision: String,
@@ -65,7 +68,9 @@ fn cpu_model() -> String {
 pub fn run(a: BenchArgs, model: PathBuf) -> Result<()> {
     anyhow::ensure!(a.runs >= 1, "--runs: expected at least 1");
     let precision = a.precision.parse().map_err(|e: edge_diffuse::Error| anyhow::anyhow!("--{e}"))?;
-    let mut opts = LoadOptions { precision, ..Default::default() };
+    let guidance_batching = a.guidance_batching.parse().map_err(|e: edge_diffuse::Error| anyhow::anyhow!("--{e}"))?;
+    let batching_label = a.guidance_batching.clone();
+    let mut opts = LoadOptions { precision, guidance_batching, ..Default::default() };
     if let Some(t) = a.threads {
         anyhow::ensure!(t >= 1, "--threads: expected at least 1");
         opts.threads = t;
@@ -117,6 +122,7 @@ pub fn run(a: BenchArgs, model: PathBuf) -> Result<()> {
         "steps": steps_used,
         "guidance": used.1,
         "threads": pipe.denoiser().threads(),
+        "guidance_batching": batching_label,
         "precision": pipe.denoiser().precision().to_string(),
         "cpu": cpu_model(),
         "load_s": load_s,

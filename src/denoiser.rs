@@ -102,6 +102,11 @@ struct Bindings {
 
 struct Plan {
     state: TypedSimpleState,
+    /// The optimized graph, shared (weights included) by every plan built from it.
+    model: Arc<TypedModel>,
+    /// Two states of a second plan over the same graph, for guidance branches run at once on
+    /// two threads with half the threads each; built on first use.
+    branches: Option<Box<[TypedSimpleState; 2]>>,
 }
 
 /// The plans, reachable only through `&mut`.
@@ -251,24 +256,22 @@ impl Denoiser {
                 "the output is {out_fact:?}, expected float {expected:?} (the sample's shape): not a denoiser for this card's [image]"
             ));
         }
+        let model = Arc::new(typed);
         let options = RunOptions { executor: Some(self.executor.clone()), ..Default::default() };
-        let plan = typed.into_runnable_with_options(&options).map_err(err)?;
+        let plan = TypedSimplePlan::new_with_options(model.clone(), &options).map_err(err)?;
         let state = TypedSimpleState::new(&plan).map_err(err)?;
-        Ok(Plan { state })
+        Ok(Plan { state, model, branches: None })
     }
 
-    /// Runs the model once: `sample` is `[batch, C, H, W]`, `timestep` the same for every image,
-    /// `class_labels` one per image when the model is class-conditional. Writes into `out`.
-    pub fn predict(
-        &mut self,
+    /// The graph's inputs for one call, in tract's order and precision.
+    fn graph_inputs(
+        &self,
         sample: &Array4<f32>,
         timestep: f64,
         class_labels: Option<&[i64]>,
         context: Option<&ndarray::ArrayD<f32>>,
-        out: &mut Array4<f32>,
-    ) -> Result<()> {
+    ) -> Result<TVec<TValue>> {
         let batch = sample.shape()[0];
-        self.prepare(batch)?;
         let b = &self.bindings;
         let mut inputs: Vec<Option<TValue>> = vec![None; self.model.input_outlets().map(|o| o.len()).unwrap_or(0)];
         let float_dt = self.precision.float_type();
@@ -301,13 +304,71 @@ impl Denoiser {
             })?;
             inputs[*ix] = Some(to_graph(Tensor::from(ctx.clone()))?);
         }
-        let inputs: TVec<TValue> = inputs.into_iter().map(|v| v.expect("every input bound")).collect();
+        Ok(inputs.into_iter().map(|v| v.expect("every input bound")).collect())
+    }
+
+    /// Runs the model once: `sample` is `[batch, C, H, W]`, `timestep` the same for every image,
+    /// `class_labels` one per image when the model is class-conditional. Writes into `out`.
+    pub fn predict(
+        &mut self,
+        sample: &Array4<f32>,
+        timestep: f64,
+        class_labels: Option<&[i64]>,
+        context: Option<&ndarray::ArrayD<f32>>,
+        out: &mut Array4<f32>,
+    ) -> Result<()> {
+        let batch = sample.shape()[0];
+        self.prepare(batch)?;
+        let inputs = self.graph_inputs(sample, timestep, class_labels, context)?;
         let plan = self.plans.get_mut().get_mut(&batch).expect("prepared above");
-        let outputs = plan.state.run(inputs).map_err(|e| Error::Inference(one_line(&format!("{e:#}"))))?;
-        let out32 = outputs[0].cast_to::<f32>().map_err(|e| Error::Inference(e.to_string()))?;
-        let view = out32.to_plain_array_view::<f32>().map_err(|e| Error::Inference(e.to_string()))?;
-        out.assign(&view.into_dimensionality::<ndarray::Ix4>().map_err(|e| Error::Inference(e.to_string()))?);
-        Ok(())
+        copy_output(plan.state.run(inputs), out)
+    }
+
+    /// Runs the model on one image `[1, C, H, W]` with two class labels at once, each call on
+    /// its own thread with half of [`threads`](Denoiser::threads): classifier-free guidance's
+    /// conditional and unconditional branches. The results equal two [`predict`] calls.
+    ///
+    /// Two batch-1 calls side by side keep both cores busy on small layers where splitting one
+    /// matrix product between threads does not (tract's batch-2 convolution is slower still).
+    ///
+    /// [`predict`]: Denoiser::predict
+    pub fn predict_pair(
+        &mut self,
+        sample: &Array4<f32>,
+        timestep: f64,
+        labels: [i64; 2],
+        context: Option<&ndarray::ArrayD<f32>>,
+        outs: [&mut Array4<f32>; 2],
+    ) -> Result<()> {
+        if sample.shape()[0] != 1 {
+            return Err(Error::Inference(format!(
+                "predict_pair takes one image, got a batch of {}",
+                sample.shape()[0]
+            )));
+        }
+        self.prepare(1)?;
+        let inputs_a = self.graph_inputs(sample, timestep, Some(&labels[..1]), context)?;
+        let inputs_b = self.graph_inputs(sample, timestep, Some(&labels[1..]), context)?;
+        let half = executor_for(self.threads / 2).1;
+        let path = self.path.clone();
+        let plan = self.plans.get_mut().get_mut(&1).expect("prepared above");
+        if plan.branches.is_none() {
+            let err = |e: TractError| Error::Model { path: path.clone(), message: one_line(&format!("{e:#}")) };
+            let options = RunOptions { executor: Some(half), ..Default::default() };
+            let p = TypedSimplePlan::new_with_options(plan.model.clone(), &options).map_err(err)?;
+            plan.branches =
+                Some(Box::new([TypedSimpleState::new(&p).map_err(err)?, TypedSimpleState::new(&p).map_err(err)?]));
+        }
+        let [state_a, state_b] = &mut **plan.branches.as_mut().expect("built above");
+        let [out_a, out_b] = outs;
+        let (res_a, res_b) = std::thread::scope(|s| {
+            let other = s.spawn(move || state_b.run(inputs_b));
+            let mine = state_a.run(inputs_a);
+            (mine, other.join())
+        });
+        let res_b = res_b.map_err(|_| Error::Inference("the unconditional branch's thread panicked".into()))?;
+        copy_output(res_a, out_a)?;
+        copy_output(res_b, out_b)
     }
 
     /// Number of weights in the ONNX initializers.
@@ -350,6 +411,15 @@ fn executor_for(threads: usize) -> (usize, Executor) {
 #[cfg(not(feature = "multithread"))]
 fn executor_for(_threads: usize) -> (usize, Executor) {
     (1, Executor::SingleThread)
+}
+
+/// Copies a run's first output into `out` as f32.
+fn copy_output(outputs: TractResult<TVec<TValue>>, out: &mut Array4<f32>) -> Result<()> {
+    let outputs = outputs.map_err(|e| Error::Inference(one_line(&format!("{e:#}"))))?;
+    let out32 = outputs[0].cast_to::<f32>().map_err(|e| Error::Inference(e.to_string()))?;
+    let view = out32.to_plain_array_view::<f32>().map_err(|e| Error::Inference(e.to_string()))?;
+    out.assign(&view.into_dimensionality::<ndarray::Ix4>().map_err(|e| Error::Inference(e.to_string()))?);
+    Ok(())
 }
 
 fn timestep_tensor(ti: TimestepInput, t: f64, n: usize) -> TractResult<Tensor> {

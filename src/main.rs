@@ -63,8 +63,10 @@ struct SampleArgs {
     /// Threads for the model (default: available cores).
     #[arg(long)]
     threads: Option<usize>,
-    /// Guided steps: "two-calls" (default) or "batched" (one batch-2 call).
-    #[arg(long, default_value = "two-calls")]
+    /// Guided steps: auto (concurrent with 2+ threads, else two-calls), two-calls (one after
+    /// the other), concurrent (both branches at once, half the threads each) or batched (one
+    /// batch-2 call).
+    #[arg(long, default_value = "auto")]
     guidance_batching: String,
     /// Arithmetic precision: f32, or f16 for CPUs with fp16 arithmetic (ARMv8.2+: Pi 5, Jetson Orin).
     #[arg(long, default_value = "f32")]
@@ -129,11 +131,8 @@ fn parse_classes(card: &ModelCard, spec: &str) -> Result<Vec<i64>> {
 fn sample(a: SampleArgs) -> Result<()> {
     let model = a.model.clone().unwrap_or_else(default_model);
     let sampler = a.sampler.as_deref().map(str::parse::<SamplerKind>).transpose()?;
-    let guidance_batching = match a.guidance_batching.as_str() {
-        "two-calls" => GuidanceBatching::TwoCalls,
-        "batched" => GuidanceBatching::Batched,
-        other => bail!("--guidance-batching: expected two-calls or batched, got {other:?}"),
-    };
+    let guidance_batching: GuidanceBatching =
+        a.guidance_batching.parse().map_err(|e: edge_diffuse::Error| anyhow::anyhow!("--{e}"))?;
     if a.num_images == 0 {
         bail!("--num-images: expected at least 1");
     }

@@ -20,11 +20,32 @@ use crate::sampler::{self, NoiseSource, SamplerKind, SamplerOptions};
 /// How a guided step evaluates its conditional and unconditional branches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum GuidanceBatching {
-    /// Two batch-1 calls (measured faster with tract on the shipped models; see README).
+    /// `Concurrent` when the pipeline has 2 threads or more, else `TwoCalls` (both measured
+    /// faster than `Batched` with tract on the shipped models; see README "Performance").
     #[default]
+    Auto,
+    /// Two batch-1 calls one after the other, each with all the threads.
     TwoCalls,
+    /// Two batch-1 calls at once on two threads, each with half the threads.
+    Concurrent,
     /// One batch-2 call.
     Batched,
+}
+
+impl std::str::FromStr for GuidanceBatching {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(GuidanceBatching::Auto),
+            "two-calls" => Ok(GuidanceBatching::TwoCalls),
+            "concurrent" => Ok(GuidanceBatching::Concurrent),
+            "batched" => Ok(GuidanceBatching::Batched),
+            other => Err(Error::config(
+                "guidance-batching",
+                format!("expected auto, two-calls, concurrent or batched, got {other:?}"),
+            )),
+        }
+    }
 }
 
 /// Options fixed when the pipeline is loaded.
@@ -380,7 +401,12 @@ impl Pipeline {
             return Err(Error::BufferTooSmall { what: "sample buffer", needed, got: samples.len() });
         }
         let guided = r.guidance != 1.0;
-        if guided && self.options.guidance_batching == GuidanceBatching::Batched {
+        let batching = match self.options.guidance_batching {
+            GuidanceBatching::Auto if self.denoiser.threads() >= 2 => GuidanceBatching::Concurrent,
+            GuidanceBatching::Auto => GuidanceBatching::TwoCalls,
+            chosen => chosen,
+        };
+        if guided && batching == GuidanceBatching::Batched {
             self.denoiser.prepare(2)?;
         }
         let null = self.card.classes.as_ref().and_then(|c| c.null);
@@ -415,10 +441,13 @@ impl Pipeline {
                 let ctx = req.context.as_ref();
                 match (guided, label, null) {
                     (true, Some(label), Some(null)) if label != null => {
-                        match self.options.guidance_batching {
-                            GuidanceBatching::TwoCalls => {
+                        match batching {
+                            GuidanceBatching::Auto | GuidanceBatching::TwoCalls => {
                                 self.denoiser.predict(x_in, t, Some(&[label]), ctx, out)?;
                                 self.denoiser.predict(x_in, t, Some(&[null]), ctx, out_u)?;
+                            }
+                            GuidanceBatching::Concurrent => {
+                                self.denoiser.predict_pair(x_in, t, [label, null], ctx, [&mut *out, &mut *out_u])?;
                             }
                             GuidanceBatching::Batched => {
                                 pair_in.slice_mut(s![0..1, .., .., ..]).assign(x_in);

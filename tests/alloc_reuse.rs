@@ -155,6 +155,14 @@ fn repeated_generation_keeps_no_heap() {
         pipe2.generate_into(&req, &mut samples, &mut go).unwrap();
     });
     assert!(growth <= 64 * 1024, "live heap grew by {growth} bytes over {CALLS_MEASURED} calls on 2 threads");
+
+    // Guidance on 2 threads runs its branches concurrently, on a thread spawned per step: that
+    // thread's allocations, its per-thread caches included, end with it.
+    let growth = measure("guided, concurrent branches, 2 threads", 2, |seed| {
+        guided.seed = seed;
+        pipe2.generate_into(&guided, &mut two, &mut go).unwrap();
+    });
+    assert!(growth <= 0, "live heap grew by {growth} bytes over {CALLS_MEASURED} calls with concurrent guidance");
 }
 
 #[cfg(feature = "capi")]

@@ -237,6 +237,35 @@ fn teacher_ddim_batched_guidance_matches_diffusers() {
 }
 
 #[test]
+fn teacher_ddim_concurrent_guidance_matches_diffusers() {
+    check_pipeline("teacher_ddim_s4_g2", GuidanceBatching::Concurrent);
+}
+
+/// Both guidance branches on their own thread (2 threads, one each) run the same single-thread
+/// kernels as two calls in a row at 1 thread: the images must be bit-identical.
+#[test]
+fn concurrent_guidance_is_bit_identical_to_two_calls() {
+    let c = case("teacher_ddim_s4_g2");
+    let req = request(&c);
+    let run = |threads, guidance_batching| {
+        let opts = LoadOptions { threads, guidance_batching, ..Default::default() };
+        let mut pipe = Pipeline::load(root().join(c["model"].as_str().unwrap()), opts).expect("pipeline loads");
+        pipe.generate(&req, &mut |_| ControlFlow::Continue(())).expect("generates").samples
+    };
+    let serial = run(1, GuidanceBatching::TwoCalls);
+    let concurrent = run(2, GuidanceBatching::Concurrent);
+    let auto = run(2, GuidanceBatching::Auto);
+    assert!(
+        serial.iter().zip(&concurrent).all(|(a, b)| a.to_bits() == b.to_bits()),
+        "concurrent differs from two calls"
+    );
+    assert!(
+        serial.iter().zip(&auto).all(|(a, b)| a.to_bits() == b.to_bits()),
+        "auto at 2 threads differs from two calls"
+    );
+}
+
+#[test]
 fn teacher_euler_6_steps_guided_matches_diffusers() {
     check_pipeline("teacher_euler_s6_g2", GuidanceBatching::TwoCalls);
 }
