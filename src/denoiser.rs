@@ -321,7 +321,17 @@ impl Denoiser {
         self.prepare(batch)?;
         let inputs = self.graph_inputs(sample, timestep, class_labels, context)?;
         let plan = self.plans.get_mut().get_mut(&batch).expect("prepared above");
-        copy_output(plan.state.run(inputs), out)
+        let outputs = match &self.executor {
+            // Run the whole call on a worker of the pool: tract hands every threaded matrix
+            // product to the pool, and from outside it each hand-off parks this thread and
+            // wakes a worker; from inside, the worker runs its share itself and the others
+            // steal the rest. Measured at 2 threads, medians of 10 images, 2-3 alternating
+            // runs: student step 19.1-22.3 -> 14.3-17.3 ms, teacher 20.5-25.6 -> 19.1-19.6 ms.
+            #[cfg(feature = "multithread")]
+            Executor::MultiThread(pool) => pool.install(|| plan.state.run(inputs)),
+            _ => plan.state.run(inputs),
+        };
+        copy_output(outputs, out)
     }
 
     /// Runs the model on one image `[1, C, H, W]` with two class labels at once, each call on
