@@ -452,7 +452,10 @@ fn timestep_tensor(ti: TimestepInput, t: f64, n: usize) -> TractResult<Tensor> {
 /// inserting an axis, which leaves strides it then does not recognise as contiguous, and its
 /// elementwise kernels fall back to a generic broadcasting loop for them (measured: the GroupNorm
 /// affine and time-embedding scale/shift took 15–25 % of a UNet call instead of ≈ 2 %).
-fn contiguous_constants(model: &mut TypedModel) -> TractResult<()> {
+///
+/// Public only for `examples/profile_ops.rs`, which must profile the graph the runtime runs.
+#[doc(hidden)]
+pub fn contiguous_constants(model: &mut TypedModel) -> TractResult<()> {
     for id in 0..model.nodes().len() {
         let Some(konst) = model.node(id).op_as::<Const>() else { continue };
         let t = konst.val();
