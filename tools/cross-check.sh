@@ -6,7 +6,8 @@
 #
 #   test     cargo test --target aarch64-unknown-linux-gnu (dev profile), whole suite under qemu
 #   test-armv7   the same for armv7-unknown-linux-gnueabihf
-#   release  release builds of aarch64-gnu, aarch64-musl (static) and armv7-gnueabihf; stripped
+#   release  release builds of aarch64-gnu, aarch64-musl (static) and armv7-gnueabihf (or the
+#            triples in $RELEASE_TARGETS); stripped
 #            size; `sample` of both shipped models under qemu compared with the x86 references
 #   f16      `sample`/`bench --precision f16` under qemu with fp16 arithmetic, error against f32
 #   boards   one build per board (-C target-cpu=...), stripped size, `sample` under
@@ -70,7 +71,8 @@ run_tests() { # target
 
 # sample: runner, binary, tag; draws the cross-arch reference requests and compares.
 sample_refs() {
-  local runner=$1 bin=$2 tag=$3 dir=$OUT/$tag
+  local runner=$1 bin=$2 tag=$3
+  local dir=$OUT/$tag
   mkdir -p "$dir"
   $runner "$bin" sample --model models/fmnist-student --seed 7 --num-images 2 --class 3,7 --threads 1 \
     --quiet --save-tensor "$dir/student-lcm2.npy" --out "$dir/student-lcm2.png" "${@:4}"
@@ -96,7 +98,7 @@ size_of() { # target, binary -> stripped size
 }
 
 release() {
-  for t in $GNU $MUSL $ARMV7; do
+  for t in ${RELEASE_TARGETS:-$GNU $MUSL $ARMV7}; do
     timed "$t cargo build --release" cargo build -j "$JOBS" --release --target "$t"
     local bin=target/$t/release/edge-diffuse
     note "$t release: $(stat -c %s "$bin") bytes, stripped $(size_of "$t" "$bin") bytes ($(file -b "$bin" | cut -d, -f1-2))"
