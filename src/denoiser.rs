@@ -104,9 +104,15 @@ struct Plan {
     state: TypedSimpleState,
     /// The optimized graph, shared (weights included) by every plan built from it.
     model: Arc<TypedModel>,
-    /// Two states of a second plan over the same graph, for guidance branches run at once on
-    /// two threads with half the threads each; built on first use.
-    branches: Option<Box<[TypedSimpleState; 2]>>,
+    /// Two more plans over the same graph, each with its own half of the threads, for guidance
+    /// branches run at once; built on first use.
+    branches: Option<Box<[Branch; 2]>>,
+}
+
+/// A plan's state and the executor it runs on.
+struct Branch {
+    state: TypedSimpleState,
+    executor: Executor,
 }
 
 /// The plans, reachable only through `&mut`.
@@ -321,17 +327,7 @@ impl Denoiser {
         self.prepare(batch)?;
         let inputs = self.graph_inputs(sample, timestep, class_labels, context)?;
         let plan = self.plans.get_mut().get_mut(&batch).expect("prepared above");
-        let outputs = match &self.executor {
-            // Run the whole call on a worker of the pool: tract hands every threaded matrix
-            // product to the pool, and from outside it each hand-off parks this thread and
-            // wakes a worker; from inside, the worker runs its share itself and the others
-            // steal the rest. Measured at 2 threads, medians of 10 images, 2-3 alternating
-            // runs: student step 19.1-22.3 -> 14.3-17.3 ms, teacher 20.5-25.6 -> 19.1-19.6 ms.
-            #[cfg(feature = "multithread")]
-            Executor::MultiThread(pool) => pool.install(|| plan.state.run(inputs)),
-            _ => plan.state.run(inputs),
-        };
-        copy_output(outputs, out)
+        copy_output(run_on(&self.executor, &mut plan.state, inputs), out)
     }
 
     /// Runs the model on one image `[1, C, H, W]` with two class labels at once, each call on
@@ -359,21 +355,24 @@ impl Denoiser {
         self.prepare(1)?;
         let inputs_a = self.graph_inputs(sample, timestep, Some(&labels[..1]), context)?;
         let inputs_b = self.graph_inputs(sample, timestep, Some(&labels[1..]), context)?;
-        let half = executor_for(self.threads / 2).1;
-        let path = self.path.clone();
+        let (threads, path) = (self.threads, self.path.clone());
         let plan = self.plans.get_mut().get_mut(&1).expect("prepared above");
         if plan.branches.is_none() {
             let err = |e: TractError| Error::Model { path: path.clone(), message: one_line(&format!("{e:#}")) };
-            let options = RunOptions { executor: Some(half), ..Default::default() };
-            let p = TypedSimplePlan::new_with_options(plan.model.clone(), &options).map_err(err)?;
-            plan.branches =
-                Some(Box::new([TypedSimpleState::new(&p).map_err(err)?, TypedSimpleState::new(&p).map_err(err)?]));
+            let branch = || -> Result<Branch> {
+                let executor = executor_for(threads / 2).1;
+                let options = RunOptions { executor: Some(executor.clone()), ..Default::default() };
+                let p = TypedSimplePlan::new_with_options(plan.model.clone(), &options).map_err(err)?;
+                Ok(Branch { state: TypedSimpleState::new(&p).map_err(err)?, executor })
+            };
+            let pair = [branch()?, branch()?];
+            plan.branches = Some(Box::new(pair));
         }
-        let [state_a, state_b] = &mut **plan.branches.as_mut().expect("built above");
+        let [a, b] = &mut **plan.branches.as_mut().expect("built above");
         let [out_a, out_b] = outs;
         let (res_a, res_b) = std::thread::scope(|s| {
-            let other = s.spawn(move || state_b.run(inputs_b));
-            let mine = state_a.run(inputs_a);
+            let other = s.spawn(|| run_on(&b.executor, &mut b.state, inputs_b));
+            let mine = run_on(&a.executor, &mut a.state, inputs_a);
             (mine, other.join())
         });
         let res_b = res_b.map_err(|_| Error::Inference("the unconditional branch's thread panicked".into()))?;
@@ -421,6 +420,20 @@ fn executor_for(threads: usize) -> (usize, Executor) {
 #[cfg(not(feature = "multithread"))]
 fn executor_for(_threads: usize) -> (usize, Executor) {
     (1, Executor::SingleThread)
+}
+
+/// Runs one call of `state`, on a worker of `executor`'s pool when it has one.
+///
+/// tract hands every threaded matrix product to the pool; from outside it, each hand-off parks
+/// the calling thread and wakes a worker, while from inside, the worker runs its share itself
+/// and the others steal the rest. Measured at 2 threads, medians of 10 images, 2–3 alternating
+/// runs: student step 19.1–22.3 → 14.3–17.3 ms, teacher 20.5–25.6 → 19.1–19.6 ms.
+fn run_on(executor: &Executor, state: &mut TypedSimpleState, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+    match executor {
+        #[cfg(feature = "multithread")]
+        Executor::MultiThread(pool) => pool.install(|| state.run(inputs)),
+        _ => state.run(inputs),
+    }
 }
 
 /// Copies a run's first output into `out` as f32.
