@@ -504,3 +504,23 @@ impl Pipeline {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guidance_batching_names_parse_and_bad_ones_name_the_flag() {
+        for (name, want) in [
+            ("auto", GuidanceBatching::Auto),
+            ("two-calls", GuidanceBatching::TwoCalls),
+            ("concurrent", GuidanceBatching::Concurrent),
+            ("batched", GuidanceBatching::Batched),
+        ] {
+            assert_eq!(name.parse::<GuidanceBatching>().unwrap(), want);
+        }
+        let err = "parallel".parse::<GuidanceBatching>().unwrap_err().to_string();
+        assert!(err.contains("guidance-batching") && err.contains("\"parallel\""), "{err}");
+        assert_eq!(GuidanceBatching::default(), GuidanceBatching::Auto);
+    }
+}
