@@ -67,8 +67,8 @@ fn cpu_model() -> String {
 
 pub fn run(a: BenchArgs, model: PathBuf) -> Result<()> {
     anyhow::ensure!(a.runs >= 1, "--runs: expected at least 1");
-    let precision = a.precision.parse().map_err(|e: edge_diffuse::Error| anyhow::anyhow!("--{e}"))?;
-    let guidance_batching = a.guidance_batching.parse().map_err(|e: edge_diffuse::Error| anyhow::anyhow!("--{e}"))?;
+    let precision = crate::parse_flag(&a.precision)?;
+    let guidance_batching = crate::parse_flag(&a.guidance_batching)?;
     let batching_label = a.guidance_batching.clone();
     let mut opts = LoadOptions { precision, guidance_batching, ..Default::default() };
     if let Some(t) = a.threads {

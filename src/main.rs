@@ -128,11 +128,15 @@ fn parse_classes(card: &ModelCard, spec: &str) -> Result<Vec<i64>> {
     spec.split(',').map(|s| Ok(card.class_label(s.trim())?)).collect()
 }
 
+/// Parses a flag's value with the library's parser, whose error starts with the field name.
+fn parse_flag<T: std::str::FromStr<Err = edge_diffuse::Error>>(value: &str) -> Result<T> {
+    value.parse().map_err(|e: edge_diffuse::Error| anyhow::anyhow!("--{e}"))
+}
+
 fn sample(a: SampleArgs) -> Result<()> {
     let model = a.model.clone().unwrap_or_else(default_model);
     let sampler = a.sampler.as_deref().map(str::parse::<SamplerKind>).transpose()?;
-    let guidance_batching: GuidanceBatching =
-        a.guidance_batching.parse().map_err(|e: edge_diffuse::Error| anyhow::anyhow!("--{e}"))?;
+    let guidance_batching: GuidanceBatching = parse_flag(&a.guidance_batching)?;
     if a.num_images == 0 {
         bail!("--num-images: expected at least 1");
     }
@@ -140,7 +144,7 @@ fn sample(a: SampleArgs) -> Result<()> {
         check_output_path(p)?;
     }
     let noise = a.noise.as_deref().map(files::read_npy4).transpose()?;
-    let precision = a.precision.parse().map_err(|e: edge_diffuse::Error| anyhow::anyhow!("--{e}"))?;
+    let precision = parse_flag(&a.precision)?;
     let mut opts = LoadOptions { guidance_batching, precision, ..Default::default() };
     if let Some(t) = a.threads {
         if t == 0 {
