@@ -35,6 +35,9 @@ pub struct BenchArgs {
     /// Arithmetic precision: f32 or f16 (see `sample --help`).
     #[arg(long, default_value = "f32")]
     pub precision: String,
+    /// 3×3 convolutions: winograd or im2col (see `sample --help`).
+    #[arg(long, default_value = "winograd")]
+    pub convolution: String,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -70,7 +73,8 @@ pub fn run(a: BenchArgs, model: PathBuf) -> Result<()> {
     let precision = crate::parse_flag(&a.precision)?;
     let guidance_batching = crate::parse_flag(&a.guidance_batching)?;
     let batching_label = a.guidance_batching.clone();
-    let mut opts = LoadOptions { precision, guidance_batching, ..Default::default() };
+    let convolution = crate::parse_flag(&a.convolution)?;
+    let mut opts = LoadOptions { precision, guidance_batching, convolution, ..Default::default() };
     if let Some(t) = a.threads {
         anyhow::ensure!(t >= 1, "--threads: expected at least 1");
         opts.threads = t;
@@ -124,6 +128,8 @@ pub fn run(a: BenchArgs, model: PathBuf) -> Result<()> {
         "threads": pipe.denoiser().threads(),
         "guidance_batching": batching_label,
         "precision": pipe.denoiser().precision().to_string(),
+        "convolution": pipe.denoiser().convolution().to_string(),
+        "winograd_convolutions": pipe.denoiser().winograd_convolutions(),
         "cpu": cpu_model(),
         "load_s": load_s,
         "first_step_ms": first_step_ms,
@@ -134,8 +140,11 @@ pub fn run(a: BenchArgs, model: PathBuf) -> Result<()> {
         "peak_rss_mib": peak_rss_mib(),
         "runs": a.runs,
     });
+    // Written, not println!: a closed pipe (`bench --json | head`) is an error, not a panic.
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
     if a.json {
-        println!("{report}");
+        writeln!(out, "{report}")?;
     } else {
         for (k, v) in report.as_object().expect("object") {
             let text = match v {
@@ -143,7 +152,7 @@ pub fn run(a: BenchArgs, model: PathBuf) -> Result<()> {
                 serde_json::Value::Number(n) if n.is_f64() => format!("{:.3}", n.as_f64().unwrap_or(f64::NAN)),
                 other => other.to_string(),
             };
-            println!("{k:<16} {text}");
+            writeln!(out, "{k:<16} {text}")?;
         }
     }
     Ok(())

@@ -81,6 +81,39 @@ impl Precision {
     }
 }
 
+/// How the denoiser's 3×3 convolutions run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Convolution {
+    /// Float32 3×3, stride-1, padding-1 convolutions by Winograd's F(2×2, 3×3) (2.25× fewer
+    /// multiplications; rounding differences of a few 1e-7 relative), the rest as `Im2col`.
+    /// Float16 plans, and 32-bit ARM builds (no fast matrix product for it there), always use
+    /// `Im2col`.
+    #[default]
+    Winograd,
+    /// Every convolution as tract compiles it: an im2col matrix product.
+    Im2col,
+}
+
+impl std::str::FromStr for Convolution {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "winograd" => Ok(Convolution::Winograd),
+            "im2col" => Ok(Convolution::Im2col),
+            other => Err(Error::config("convolution", format!("expected winograd or im2col, got {other:?}"))),
+        }
+    }
+}
+
+impl std::fmt::Display for Convolution {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Convolution::Winograd => "winograd",
+            Convolution::Im2col => "im2col",
+        })
+    }
+}
+
 /// Description of one graph input or output, for `info`.
 #[derive(Debug, Clone)]
 pub struct IoInfo {
@@ -144,6 +177,9 @@ pub struct Denoiser {
     threads: usize,
     executor: Executor,
     precision: Precision,
+    convolution: Convolution,
+    /// 3×3 convolutions running as Winograd in the plans built so far.
+    winograd_convs: usize,
     plans: Plans,
     params: usize,
     inputs: Vec<IoInfo>,
@@ -190,6 +226,8 @@ impl Denoiser {
             threads,
             executor,
             precision: Precision::F32,
+            convolution: Convolution::default(),
+            winograd_convs: 0,
             plans: Plans(HashMap::new()),
             params,
             inputs,
@@ -205,17 +243,28 @@ impl Denoiser {
         }
     }
 
+    /// Switches how 3×3 convolutions run; plans built so far are dropped and rebuilt on demand.
+    pub fn set_convolution(&mut self, convolution: Convolution) {
+        if convolution != self.convolution {
+            self.convolution = convolution;
+            self.plans.get_mut().clear();
+        }
+    }
+
     /// Builds (once) the optimized plan for `batch` images per call.
     pub fn prepare(&mut self, batch: usize) -> Result<()> {
         if self.plans.get_mut().contains_key(&batch) {
             return Ok(());
         }
-        let plan = self.build_plan(batch).map_err(|m| Error::Model { path: self.path.clone(), message: m })?;
+        let (plan, winograd_convs) =
+            self.build_plan(batch).map_err(|m| Error::Model { path: self.path.clone(), message: m })?;
+        self.winograd_convs = winograd_convs;
         self.plans.get_mut().insert(batch, plan);
         Ok(())
     }
 
-    fn build_plan(&self, batch: usize) -> std::result::Result<Plan, String> {
+    /// The plan, and how many convolutions in it run as Winograd.
+    fn build_plan(&self, batch: usize) -> std::result::Result<(Plan, usize), String> {
         let [c, h, w] = self.chw;
         let b = &self.bindings;
         let mut model = self.model.clone();
@@ -240,8 +289,17 @@ impl Denoiser {
         let out_outlet = model.output_outlets().map_err(err)?[b.output];
         model.select_output_outlets(&[out_outlet]).map_err(err)?;
         let optimizing = |e: TractError| format!("optimizing for batch {batch}: {}", err(e));
+        let mut winograd_convs = 0;
         let mut typed = match self.precision {
-            Precision::F32 => model.into_optimized().map_err(optimizing)?,
+            // The rewrite needs tract's convolutions as they are before optimization.
+            Precision::F32 => {
+                let mut typed = model.into_typed().and_then(|m| m.into_decluttered()).map_err(optimizing)?;
+                if self.convolution == Convolution::Winograd && crate::winograd::PAYS_OFF {
+                    winograd_convs =
+                        crate::winograd::rewrite(&mut typed).map_err(|e| format!("winograd: {}", err(e)))?;
+                }
+                typed.into_optimized().map_err(optimizing)?
+            }
             // The translation works on the decluttered graph, before tract fuses operators into
             // kernels picked for f32.
             Precision::F16 => {
@@ -266,7 +324,7 @@ impl Denoiser {
         let options = RunOptions { executor: Some(self.executor.clone()), ..Default::default() };
         let plan = TypedSimplePlan::new_with_options(model.clone(), &options).map_err(err)?;
         let state = TypedSimpleState::new(&plan).map_err(err)?;
-        Ok(Plan { state, model, branches: None })
+        Ok((Plan { state, model, branches: None }, winograd_convs))
     }
 
     /// The graph's inputs for one call, in tract's order and precision.
@@ -388,6 +446,17 @@ impl Denoiser {
     pub fn threads(&self) -> usize {
         self.threads
     }
+    /// How 3×3 convolutions run.
+    pub fn convolution(&self) -> Convolution {
+        self.convolution
+    }
+
+    /// How many convolutions run as Winograd in the last plan built (0 with `Im2col`, in f16,
+    /// or when the graph has no float32 3×3 stride-1 padding-1 convolution).
+    pub fn winograd_convolutions(&self) -> usize {
+        self.winograd_convs
+    }
+
     /// Arithmetic precision of the plans.
     pub fn precision(&self) -> Precision {
         self.precision

@@ -40,6 +40,7 @@ pub mod noise;
 pub mod pipeline;
 pub mod sampler;
 pub mod schedule;
+mod winograd;
 
 pub use card::{ModelCard, PredictionType, SchedulerConfig};
 pub use error::{Error, Result};

@@ -1,6 +1,7 @@
 //! `edge-diffuse`: the command line over the library. Prints and exits; the library never does.
 
 use std::io::IsTerminal;
+use std::io::Write;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -71,6 +72,9 @@ struct SampleArgs {
     /// Arithmetic precision: f32, or f16 for CPUs with fp16 arithmetic (ARMv8.2+: Pi 5, Jetson Orin).
     #[arg(long, default_value = "f32")]
     precision: String,
+    /// 3×3 convolutions: winograd (F(2×2,3×3), float32 only) or im2col (tract's own).
+    #[arg(long, default_value = "winograd")]
+    convolution: String,
     /// Output PNG: one grid of all images, or numbered files with --separate.
     #[arg(long, default_value = "sample.png")]
     out: PathBuf,
@@ -145,7 +149,8 @@ fn sample(a: SampleArgs) -> Result<()> {
     }
     let noise = a.noise.as_deref().map(files::read_npy4).transpose()?;
     let precision = parse_flag(&a.precision)?;
-    let mut opts = LoadOptions { guidance_batching, precision, ..Default::default() };
+    let convolution = parse_flag(&a.convolution)?;
+    let mut opts = LoadOptions { guidance_batching, precision, convolution, ..Default::default() };
     if let Some(t) = a.threads {
         if t == 0 {
             bail!("--threads: expected at least 1");
@@ -254,33 +259,38 @@ fn info(model: Option<PathBuf>) -> Result<()> {
         Pipeline::load(&model, LoadOptions::default()).with_context(|| format!("loading {}", model.display()))?;
     let load = t0.elapsed();
     let d = pipe.denoiser();
-    println!("model       {} ({})", card.model.name, card.dir.display());
-    println!("onnx        {}", card.onnx_path().display());
-    println!("parameters  {}", d.params());
-    println!(
+    // Written, not println!: a closed pipe (`info | head -1`) is an error, not a panic.
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "model       {} ({})", card.model.name, card.dir.display())?;
+    writeln!(out, "onnx        {}", card.onnx_path().display())?;
+    writeln!(out, "parameters  {}", d.params())?;
+    writeln!(
+        out,
         "image       {} x {} x {}, values in {:?}",
         card.image.channels, card.image.height, card.image.width, card.image.value_range
-    );
+    )?;
     for i in d.inputs() {
-        println!("input       {} {}", i.name, i.fact);
+        writeln!(out, "input       {} {}", i.name, i.fact)?;
     }
     for o in d.outputs() {
-        println!("output      {} {}", o.name, o.fact);
+        writeln!(out, "output      {} {}", o.name, o.fact)?;
     }
     let ti = d.timestep_input();
-    println!("timestep    {:?} {:?}", ti.datum_type, ti.shape);
+    writeln!(out, "timestep    {:?} {:?}", ti.datum_type, ti.shape)?;
     if let Some(c) = &card.classes {
-        println!("classes     {} (null class: {:?})", c.names.join(", "), c.null);
+        writeln!(out, "classes     {} (null class: {:?})", c.names.join(", "), c.null)?;
     }
-    println!("scheduler   {}", card.scheduler.set_keys().join(", "));
+    writeln!(out, "scheduler   {}", card.scheduler.set_keys().join(", "))?;
     let df = &card.defaults;
-    println!(
+    writeln!(
+        out,
         "defaults    sampler {} steps {} guidance {} eta {}",
         df.sampler.as_deref().unwrap_or("ddim"),
         df.steps.unwrap_or(4),
         df.guidance.unwrap_or(1.0),
         df.eta.unwrap_or(0.0)
-    );
-    println!("load        {:.3} s to a runnable plan ({} threads)", load.as_secs_f64(), d.threads());
+    )?;
+    writeln!(out, "load        {:.3} s to a runnable plan ({} threads)", load.as_secs_f64(), d.threads())?;
+    writeln!(out, "winograd    {} of the 3x3 convolutions", d.winograd_convolutions())?;
     Ok(())
 }

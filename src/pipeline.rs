@@ -12,7 +12,7 @@ use ndarray::{s, Array4, ArrayD};
 
 use crate::card::ModelCard;
 use crate::denoiser::Denoiser;
-pub use crate::denoiser::Precision;
+pub use crate::denoiser::{Convolution, Precision};
 use crate::error::{Error, Result};
 use crate::noise::SeededNoise;
 use crate::sampler::{self, NoiseSource, SamplerKind, SamplerOptions};
@@ -57,6 +57,8 @@ pub struct LoadOptions {
     pub guidance_batching: GuidanceBatching,
     /// Arithmetic precision of the denoiser (f16 pays off only on CPUs with fp16 arithmetic).
     pub precision: Precision,
+    /// How 3×3 convolutions run (Winograd by default).
+    pub convolution: Convolution,
 }
 
 impl Default for LoadOptions {
@@ -65,6 +67,7 @@ impl Default for LoadOptions {
             threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             guidance_batching: GuidanceBatching::default(),
             precision: Precision::default(),
+            convolution: Convolution::default(),
         }
     }
 }
@@ -214,6 +217,7 @@ impl Pipeline {
 
     fn from_parts(card: ModelCard, mut denoiser: Denoiser, options: LoadOptions) -> Result<Self> {
         denoiser.set_precision(options.precision);
+        denoiser.set_convolution(options.convolution);
         // Build the batch-1 plan now so load errors surface here, not at the first image.
         denoiser.prepare(1)?;
         let scratch = Scratch::new([card.image.channels, card.image.height, card.image.width]);

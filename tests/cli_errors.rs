@@ -529,6 +529,12 @@ fn unknown_guidance_batching() {
     fx.sample_fails(&["--guidance-batching", "triple"], &["--guidance-batching", "triple"]);
 }
 
+#[test]
+fn unknown_convolution() {
+    let fx = Fx::new();
+    fx.sample_fails(&["--convolution", "fft"], &["--convolution", "fft", "winograd or im2col"]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // --noise.
 

@@ -13,7 +13,7 @@ mod common;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
-use edge_diffuse::denoiser::Denoiser;
+use edge_diffuse::denoiser::{Convolution, Denoiser};
 use edge_diffuse::pipeline::{GuidanceBatching, LoadOptions, Pipeline, Request};
 use edge_diffuse::sampler::{self, SamplerKind, SamplerOptions};
 use edge_diffuse::ModelCard;
@@ -83,9 +83,18 @@ fn max_abs_diff(a: &Array4<f32>, b: &Array4<f32>) -> f32 {
 // ---------------------------------------------------------------------------------------------
 // The denoiser alone.
 
-fn check_denoiser(model: &str) {
+fn check_denoiser(model: &str, convolution: Convolution) {
     let card = ModelCard::load(root().join("models").join(format!("fmnist-{model}"))).expect("card loads");
     let mut d = Denoiser::load(&card, 1).expect("denoiser loads");
+    d.set_convolution(convolution);
+    d.prepare(1).expect("plan");
+    let winograd = d.winograd_convolutions();
+    eprintln!("{model} {convolution}: {winograd} convolutions as Winograd");
+    match convolution {
+        // 38 of the 62 convolutions are 3×3, stride 1, padding 1 (the rest: 1×1 and stride 2).
+        Convolution::Winograd => assert_eq!(winograd, 38, "{model}: convolutions rewritten to Winograd"),
+        Convolution::Im2col => assert_eq!(winograd, 0, "{model}: Winograd with im2col asked"),
+    }
     let sample = read4(&fixture("denoiser_sample.npy"));
     let timesteps: Array1<f32> = read_npy::<f32>(&fixture("denoiser_timestep.npy")).into_dimensionality().unwrap();
     let labels: Array1<i64> = read_npy::<i64>(&fixture("denoiser_class_labels.npy")).into_dimensionality().unwrap();
@@ -127,12 +136,22 @@ fn check_denoiser(model: &str) {
 
 #[test]
 fn teacher_denoiser_matches_pytorch() {
-    check_denoiser("teacher");
+    check_denoiser("teacher", Convolution::Winograd);
 }
 
 #[test]
 fn student_denoiser_matches_pytorch() {
-    check_denoiser("student");
+    check_denoiser("student", Convolution::Winograd);
+}
+
+#[test]
+fn teacher_denoiser_im2col_matches_pytorch() {
+    check_denoiser("teacher", Convolution::Im2col);
+}
+
+#[test]
+fn student_denoiser_im2col_matches_pytorch() {
+    check_denoiser("student", Convolution::Im2col);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,0 +1,476 @@
+//! 3×3 convolutions by Winograd's minimal filtering, F(2×2, 3×3) (Lavin & Gray 2016, "Fast
+//! Algorithms for Convolutional Neural Networks").
+//!
+//! Why: the shipped UNets spend most of a call in 3×3, stride-1, padding-1 convolutions, which
+//! tract runs as im2col + matrix product (9 multiply-adds per input channel and output pixel).
+//! F(2×2, 3×3) computes each 2×2 output tile from a 4×4 input tile with 16 instead of 36
+//! products per channel pair: the work becomes 16 independent matrix products that are 2.25×
+//! smaller in total, plus cheap linear transforms of the input and output tiles.
+//!
+//! [`rewrite`] swaps such tract `Conv` nodes for [`Winograd3x3`] in a decluttered graph, before
+//! tract optimizes it. In float32 the transforms add a rounding error of a few 1e-7 relative,
+//! below the difference between tract and onnxruntime.
+//!
+//! Layout: the input transform writes `V[ξ][c][t]` (ξ: one of the 16 tile positions, c: input
+//! channel, t: tile index over batch × tile rows × tile columns), the weights are stored as
+//! `U[ξ][k][c]`, and 16 products `M[ξ] = U[ξ] · V[ξ]` give `M[ξ][k][t]`, which the output
+//! transform turns into 2×2 pixels. Tiles of one tile row are contiguous in `t`, so both
+//! transforms run along whole rows, which the compiler vectorizes.
+
+use std::cell::RefCell;
+
+use ndarray::linalg::general_mat_mul;
+use ndarray::{ArrayView2, ArrayViewMut2};
+use tract_linalg::multithread::{current_tract_executor, Executor};
+use tract_onnx::prelude::tract_itertools::Itertools;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec};
+use tract_onnx::tract_core::ops::nn::DataFormat;
+
+/// Whether this build has a fast matrix product for the 16 products: `matrixmultiply` has AVX2
+/// and FMA kernels for x86-64 and NEON ones for aarch64, but only a generic one for 32-bit ARM,
+/// where tract's own NEON kernels are faster.
+pub const PAYS_OFF: bool = cfg!(any(target_arch = "x86_64", target_arch = "aarch64"));
+
+/// Replaces every float32 3×3, stride-1, padding-1, ungrouped NCHW convolution with constant
+/// weights by a [`Winograd3x3`] node. Returns how many were replaced.
+pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
+    let mut replaced = 0;
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some(op) = winograd_for(model, node)? else { continue };
+        let patch = TypedModelPatch::replace_single_op(model, node, &[node.inputs[0]], op)?;
+        patch.apply(model)?;
+        replaced += 1;
+    }
+    if replaced > 0 {
+        model.compact()?;
+    }
+    Ok(replaced)
+}
+
+/// The replacement for `node`, when it is a convolution this module can run.
+fn winograd_for(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Winograd3x3>> {
+    let Some(conv) = node.op_as::<Conv>() else { return Ok(None) };
+    let spec = &conv.pool_spec;
+    let ones = |v: &Option<TVec<usize>>| v.iter().flatten().all(|&x| x == 1);
+    if conv.q_params.is_some()
+        || conv.group != 1
+        || conv.kernel_fmt != KernelFormat::OIHW
+        || spec.data_format != DataFormat::NCHW
+        || *spec.kernel_shape != [3, 3]
+        || !ones(&spec.strides)
+        || !ones(&spec.dilations)
+        || node.inputs.len() != 3
+    {
+        return Ok(None);
+    }
+    let padded_by_one = match &spec.padding {
+        PaddingSpec::Explicit(b, a) | PaddingSpec::ExplicitOnnxPool(b, a, _) => {
+            b.iter().chain(a.iter()).all(|&p| p == 1)
+        }
+        PaddingSpec::SameUpper | PaddingSpec::SameLower => true,
+        PaddingSpec::Valid => false,
+    };
+    let x = model.outlet_fact(node.inputs[0])?;
+    let (Some(kernel), Some(bias)) =
+        (&model.outlet_fact(node.inputs[1])?.konst, &model.outlet_fact(node.inputs[2])?.konst)
+    else {
+        return Ok(None);
+    };
+    let (k, c) = (conv.output_channels(), conv.input_channels());
+    if !padded_by_one
+        || x.datum_type != f32::datum_type()
+        || x.rank() != 4
+        || x.shape.as_concrete().is_none()
+        || kernel.datum_type() != f32::datum_type()
+        || kernel.shape() != [k, c, 3, 3]
+        || bias.datum_type() != f32::datum_type()
+        || !(bias.len() == 1 || bias.len() == k)
+    {
+        return Ok(None);
+    }
+    let bias = if bias.len() == k { f32s(bias)?.to_vec() } else { vec![f32s(bias)?[0]; k] };
+    let weights = transform_kernel(f32s(kernel)?, k, c);
+    Ok(Some(Winograd3x3 {
+        k,
+        c,
+        weights: Arc::new(tensor1(&weights).into_shape(&[16, k, c])?),
+        bias: Arc::new(tensor1(&bias)),
+    }))
+}
+
+/// `U = G g Gᵀ` for every (output, input) channel pair, stored as `[16][k][c]`.
+fn transform_kernel(kernel: &[f32], k: usize, c: usize) -> Vec<f32> {
+    let mut u = vec![0f32; 16 * k * c];
+    for (kc, g) in kernel.chunks_exact(9).enumerate() {
+        // G = [[1,0,0],[½,½,½],[½,-½,½],[0,0,1]]; first G g (4×3), then (G g) Gᵀ (4×4).
+        let mut gg = [[0f32; 3]; 4];
+        for j in 0..3 {
+            let (g0, g1, g2) = (g[j], g[3 + j], g[6 + j]);
+            gg[0][j] = g0;
+            gg[1][j] = 0.5 * (g0 + g1 + g2);
+            gg[2][j] = 0.5 * (g0 - g1 + g2);
+            gg[3][j] = g2;
+        }
+        for (i, row) in gg.iter().enumerate() {
+            let [r0, r1, r2] = *row;
+            let out = [r0, 0.5 * (r0 + r1 + r2), 0.5 * (r0 - r1 + r2), r2];
+            for (j, v) in out.into_iter().enumerate() {
+                u[(i * 4 + j) * k * c + kc] = v;
+            }
+        }
+    }
+    u
+}
+
+/// A 3×3, stride-1, padding-1 convolution computed by F(2×2, 3×3); see the module docs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Winograd3x3 {
+    k: usize,
+    c: usize,
+    /// `U[ξ][k][c]`, float32 `[16, k, c]`.
+    weights: Arc<Tensor>,
+    /// One bias per output channel, float32 `[k]`.
+    bias: Arc<Tensor>,
+}
+
+impl Op for Winograd3x3 {
+    fn name(&self) -> StaticName {
+        "Winograd3x3".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!("F(2x2,3x3), {} -> {} channels", self.c, self.k)])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for Winograd3x3 {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let x = args_1!(inputs);
+        let &[n, c, h, w] = x.shape() else { bail!("Winograd3x3 expects NCHW, got {:?}", x.shape()) };
+        ensure!(c == self.c, "Winograd3x3 expects {} channels, got {c}", self.c);
+        let mut y = unsafe { Tensor::uninitialized::<f32>(&[n, self.k, h, w])? };
+        let mut out = y.try_as_plain_ram_mut()?;
+        self.run(f32s(&x)?, [n, h, w], out.as_slice_mut::<f32>()?);
+        Ok(tvec!(y.into_tvalue()))
+    }
+}
+
+impl TypedOp for Winograd3x3 {
+    as_op!();
+
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let x = inputs[0];
+        ensure!(x.rank() == 4 && x.shape[1] == self.c.to_dim());
+        let shape = [x.shape[0].clone(), self.k.to_dim(), x.shape[2].clone(), x.shape[3].clone()];
+        Ok(tvec!(f32::fact(shape)))
+    }
+}
+
+/// A float32 tensor's elements, in C order.
+fn f32s(t: &Tensor) -> TractResult<&[f32]> {
+    ensure!(t.strides() == &*Tensor::natural_strides(t.shape()), "Winograd3x3: a strided tensor");
+    t.try_as_plain_ram()?.as_slice::<f32>()
+}
+
+thread_local! {
+    /// Transformed input and products, reused from call to call on each thread.
+    static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+impl Winograd3x3 {
+    /// `x`: `[n, c, h, w]`, `y`: `[n, k, h, w]`, both C-order.
+    fn run(&self, x: &[f32], [n, h, w]: [usize; 3], y: &mut [f32]) {
+        let (k, c) = (self.k, self.c);
+        let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+        let t = n * th * tw;
+        let u = f32s(&self.weights).expect("f32 weights");
+        let bias = f32s(&self.bias).expect("f32 bias");
+        let parts = threads();
+        SCRATCH.with_borrow_mut(|(v, m)| {
+            // Grow only: shrinking and growing again would zero-fill on every layer.
+            for (buf, len) in [(&mut *v, 16 * c * t), (&mut *m, 16 * k * t)] {
+                if buf.len() < len {
+                    buf.resize(len, 0.0);
+                }
+            }
+            let (v, m) = (&mut v[..16 * c * t], &mut m[..16 * k * t]);
+
+            // Input transform, the channels split between the threads: part i writes, in each
+            // of the 16 blocks v[ξ], the rows of its channels.
+            let ranges = split(c, parts);
+            let mut outs: Vec<Vec<&mut [f32]>> = ranges.iter().map(|_| Vec::with_capacity(16)).collect();
+            for block in v.chunks_mut(c * t) {
+                let mut rest = block;
+                for (out, r) in outs.iter_mut().zip(&ranges) {
+                    let (mine, tail) = std::mem::take(&mut rest).split_at_mut(r.len() * t);
+                    out.push(mine);
+                    rest = tail;
+                }
+            }
+            for_each(ranges.iter().cloned().zip(outs).collect(), |(r, mut out)| {
+                input_transform(x, [n, c, h, w], r, &mut out)
+            });
+
+            // The 16 products, independent of each other.
+            let v = &*v;
+            for_each(m.chunks_mut(k * t).enumerate().collect(), |(xi, p)| {
+                let a = ArrayView2::from_shape((k, c), &u[xi * k * c..][..k * c]).expect("U shape");
+                let b = ArrayView2::from_shape((c, t), &v[xi * c * t..][..c * t]).expect("V shape");
+                let mut p = ArrayViewMut2::from_shape((k, t), p).expect("M shape");
+                general_mat_mul(1.0, &a, &b, 0.0, &mut p);
+            });
+
+            // Output transform, the output planes split between the threads.
+            let m = &*m;
+            let ranges = split(n * k, parts);
+            let mut items = Vec::with_capacity(ranges.len());
+            let mut rest = y;
+            for r in ranges {
+                let (mine, tail) = std::mem::take(&mut rest).split_at_mut(r.len() * h * w);
+                items.push((r, mine));
+                rest = tail;
+            }
+            for_each(items, |(r, out)| output_transform(m, bias, [n, k, h, w], r, out));
+        });
+    }
+}
+
+/// `0..len` in `parts` nearly equal ranges (fewer when `len` is small).
+fn split(len: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
+    let parts = parts.clamp(1, len.max(1));
+    (0..parts).map(|i| i * len / parts..(i + 1) * len / parts).collect()
+}
+
+/// Threads of the executor the plan runs on.
+fn threads() -> usize {
+    match current_tract_executor() {
+        #[cfg(feature = "multithread")]
+        Executor::MultiThread(pool) => pool.current_num_threads(),
+        _ => 1,
+    }
+}
+
+/// Runs `f` on each item, on the plan's thread pool when it has one.
+fn for_each<T: Send>(items: Vec<T>, f: impl Fn(T) + Send + Sync) {
+    match current_tract_executor() {
+        #[cfg(feature = "multithread")]
+        Executor::MultiThread(pool) if items.len() > 1 => {
+            use rayon::prelude::*;
+            pool.install(|| items.into_par_iter().for_each(f))
+        }
+        _ => items.into_iter().for_each(f),
+    }
+}
+
+/// `V = Bᵀ d B` for every 4×4 input tile `d` (zero outside the image), into `v[ξ][c][t]`.
+///
+/// Bᵀ = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]]. Tile `tx` covers padded columns
+/// `2tx .. 2tx+4`, so its columns are even, odd, even, odd columns `tx, tx, tx+1, tx+1` of the
+/// padded plane: splitting the plane into its even and odd columns first turns the column
+/// transform into contiguous, vectorizable loops over `tx`.
+///
+/// Only the channels in `channels`: `v[ξ]` holds their rows, `(ci − channels.start)·t + tile`.
+fn input_transform(x: &[f32], [n, c, h, w]: [usize; 4], channels: std::ops::Range<usize>, v: &mut [&mut [f32]]) {
+    let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+    let t = n * th * tw;
+    // Zero-padded plane, 1 pixel before and 1–2 after, as its even and odd columns.
+    let (ph, cw) = (2 * th + 2, tw + 1);
+    let mut even = vec![0f32; ph * cw];
+    let mut odd = vec![0f32; ph * cw];
+    let mut rows = vec![0f32; 8 * cw];
+    for (b, ci) in (0..n).cartesian_product(channels.clone()) {
+        let src = &x[(b * c + ci) * h * w..][..h * w];
+        let row_at = (ci - channels.start) * t;
+        for (i, line) in src.chunks_exact(w).enumerate() {
+            // Padded column p is input column p − 1: odd columns hold the even input columns.
+            let (e, o) = (&mut even[(i + 1) * cw..][..cw], &mut odd[(i + 1) * cw..][..cw]);
+            for (j, px) in line.chunks(2).enumerate() {
+                o[j] = px[0];
+                if let Some(&second) = px.get(1) {
+                    e[j + 1] = second;
+                }
+            }
+        }
+        for ty in 0..th {
+            // Bᵀ down the 4 rows of this tile row, for all columns at once: rows[4·parity + i].
+            for (parity, plane) in [&even, &odd].into_iter().enumerate() {
+                let d = &plane[2 * ty * cw..][..4 * cw];
+                let (d0, d1, d2, d3) = (&d[..cw], &d[cw..2 * cw], &d[2 * cw..3 * cw], &d[3 * cw..]);
+                let out = &mut rows[4 * parity * cw..][..4 * cw];
+                let (r0, rest) = out.split_at_mut(cw);
+                let (r1, rest) = rest.split_at_mut(cw);
+                let (r2, r3) = rest.split_at_mut(cw);
+                for j in 0..cw {
+                    r0[j] = d0[j] - d2[j];
+                    r1[j] = d1[j] + d2[j];
+                    r2[j] = d2[j] - d1[j];
+                    r3[j] = d1[j] - d3[j];
+                }
+            }
+            // Then B along the columns of each tile; tiles of the row are contiguous in `t`.
+            let t0 = (b * th + ty) * tw;
+            for i in 0..4 {
+                let (e, o) = (&rows[i * cw..][..cw], &rows[(4 + i) * cw..][..cw]);
+                let (e0, e1, o0, o1) = (&e[..tw], &e[1..], &o[..tw], &o[1..]);
+                let at = row_at + t0;
+                let v0 = &mut v[4 * i][at..][..tw];
+                for tx in 0..tw {
+                    v0[tx] = e0[tx] - e1[tx];
+                }
+                let v1 = &mut v[4 * i + 1][at..][..tw];
+                for tx in 0..tw {
+                    v1[tx] = o0[tx] + e1[tx];
+                }
+                let v2 = &mut v[4 * i + 2][at..][..tw];
+                for tx in 0..tw {
+                    v2[tx] = e1[tx] - o0[tx];
+                }
+                let v3 = &mut v[4 * i + 3][at..][..tw];
+                for tx in 0..tw {
+                    v3[tx] = o0[tx] - o1[tx];
+                }
+            }
+        }
+    }
+}
+
+/// `Y = Aᵀ M A + bias` for every tile, from `m[ξ][k][t]` into `y[n][k][h][w]`.
+///
+/// Aᵀ = [[1,1,1,0],[0,1,-1,-1]]. Only the output planes `planes` (`b·k + ki`), into `y`.
+fn output_transform(m: &[f32], bias: &[f32], [n, k, h, w]: [usize; 4], planes: std::ops::Range<usize>, y: &mut [f32]) {
+    let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+    let t = n * th * tw;
+    let mut s = vec![0f32; 8 * tw];
+    let mut pair = vec![0f32; 2 * tw];
+    for (out, plane) in y.chunks_exact_mut(h * w).zip(planes) {
+        let (b, ki) = (plane / k, plane % k);
+        let beta = bias[ki];
+        for ty in 0..th {
+            let t0 = (b * th + ty) * tw;
+            let row = |xi: usize| &m[(xi * k + ki) * t + t0..][..tw];
+            // Aᵀ down each column j of the tile: s[0][j] = m0j + m1j + m2j, s[1][j] = m1j − m2j − m3j.
+            let (s0, s1) = s.split_at_mut(4 * tw);
+            for j in 0..4 {
+                let (m0, m1, m2, m3) = (row(j), row(4 + j), row(8 + j), row(12 + j));
+                let (a, b) = (&mut s0[j * tw..][..tw], &mut s1[j * tw..][..tw]);
+                for tx in 0..tw {
+                    a[tx] = m0[tx] + m1[tx] + m2[tx];
+                    b[tx] = m1[tx] - m2[tx] - m3[tx];
+                }
+            }
+            // Then A along each row, giving 2 output rows of 2 pixels per tile.
+            for i in 0..2 {
+                let y_row = 2 * ty + i;
+                if y_row >= h {
+                    break;
+                }
+                let sr = &s[4 * i * tw..][..4 * tw];
+                let (a0, a1, a2, a3) = (&sr[..tw], &sr[tw..2 * tw], &sr[2 * tw..3 * tw], &sr[3 * tw..]);
+                for (tx, px) in pair.chunks_exact_mut(2).enumerate() {
+                    px[0] = a0[tx] + a1[tx] + a2[tx] + beta;
+                    px[1] = a1[tx] - a2[tx] - a3[tx] + beta;
+                }
+                out[y_row * w..][..w].copy_from_slice(&pair[..w]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand_chacha::rand_core::{RngCore, SeedableRng};
+
+    fn random(len: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..len).map(|_| (rng.next_u32() as f32 / u32::MAX as f32) * 2.0 - 1.0).collect()
+    }
+
+    /// Direct convolution in f64, the reference.
+    fn direct(x: &[f32], kernel: &[f32], bias: &[f32], [n, c, h, w]: [usize; 4], k: usize) -> Vec<f64> {
+        let mut y = vec![0f64; n * k * h * w];
+        for b in 0..n {
+            for ko in 0..k {
+                for i in 0..h {
+                    for j in 0..w {
+                        let mut acc = bias[ko] as f64;
+                        for ci in 0..c {
+                            for di in 0..3 {
+                                for dj in 0..3 {
+                                    let (ii, jj) = (i as isize + di as isize - 1, j as isize + dj as isize - 1);
+                                    if ii < 0 || jj < 0 || ii >= h as isize || jj >= w as isize {
+                                        continue;
+                                    }
+                                    let xv = x[((b * c + ci) * h + ii as usize) * w + jj as usize] as f64;
+                                    acc += xv * kernel[((ko * c + ci) * 3 + di) * 3 + dj] as f64;
+                                }
+                            }
+                        }
+                        y[((b * k + ko) * h + i) * w + j] = acc;
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    fn check(n: usize, c: usize, k: usize, h: usize, w: usize) {
+        let x = random(n * c * h * w, 1);
+        let kernel = random(k * c * 9, 2);
+        let bias = random(k, 3);
+        let op = Winograd3x3 {
+            k,
+            c,
+            weights: Arc::new(tensor1(&transform_kernel(&kernel, k, c)).into_shape(&[16, k, c]).unwrap()),
+            bias: Arc::new(tensor1(&bias)),
+        };
+        let mut y = vec![f32::NAN; n * k * h * w];
+        op.run(&x, [n, h, w], &mut y);
+        let want = direct(&x, &kernel, &bias, [n, c, h, w], k);
+        let worst = y.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
+        // Sums of 9·c products of values in [-1, 1]: f32 rounding alone is a few 1e-6.
+        assert!(worst < 1e-4 * (c as f64).sqrt(), "n{n} c{c} k{k} {h}x{w}: max abs error {worst}");
+    }
+
+    #[test]
+    fn matches_direct_convolution() {
+        check(1, 3, 5, 8, 8);
+        check(2, 4, 3, 6, 10);
+        check(1, 32, 16, 16, 16);
+    }
+
+    #[cfg(feature = "multithread")]
+    #[test]
+    fn threads_split_the_work_without_changing_a_bit() {
+        use tract_linalg::multithread::multithread_tract_scope;
+        let (n, c, k, h, w) = (2, 7, 5, 6, 9);
+        let x = random(n * c * h * w, 4);
+        let op = Winograd3x3 {
+            k,
+            c,
+            weights: Arc::new(tensor1(&transform_kernel(&random(k * c * 9, 5), k, c)).into_shape(&[16, k, c]).unwrap()),
+            bias: Arc::new(tensor1(&random(k, 6))),
+        };
+        let mut one = vec![0f32; n * k * h * w];
+        op.run(&x, [n, h, w], &mut one);
+        for threads in [2, 3] {
+            let mut many = vec![f32::NAN; n * k * h * w];
+            multithread_tract_scope(Executor::multithread(threads), || op.run(&x, [n, h, w], &mut many));
+            assert_eq!(one, many, "{threads} threads");
+        }
+    }
+
+    #[test]
+    fn odd_sizes_and_single_pixels() {
+        check(1, 2, 3, 5, 7);
+        check(3, 1, 1, 1, 1);
+        check(1, 4, 2, 3, 2);
+    }
+}
