@@ -20,6 +20,7 @@ cd "$(dirname "$0")/.."
 GNU=aarch64-unknown-linux-gnu
 MUSL=aarch64-unknown-linux-musl
 ARMV7=armv7-unknown-linux-gnueabihf
+TARGET=${CARGO_TARGET_DIR:-target}
 OUT=target/cross-check
 mkdir -p "$OUT"
 SUMMARY=$OUT/summary.txt
@@ -100,7 +101,7 @@ size_of() { # target, binary -> stripped size
 release() {
   for t in ${RELEASE_TARGETS:-$GNU $MUSL $ARMV7}; do
     timed "$t cargo build --release" cargo build -j "$JOBS" --release --target "$t"
-    local bin=target/$t/release/edge-diffuse
+    local bin=$TARGET/$t/release/edge-diffuse
     note "$t release: $(stat -c %s "$bin") bytes, stripped $(size_of "$t" "$bin") bytes ($(file -b "$bin" | cut -d, -f1-2))"
     local start=$SECONDS
     sample_refs "$(runner_for "$t")" "$bin" "$t"
@@ -109,7 +110,7 @@ release() {
 }
 
 f16() {
-  local bin=target/$GNU/release/edge-diffuse
+  local bin=$TARGET/$GNU/release/edge-diffuse
   [ -x "$bin" ] || cargo build -j "$JOBS" --release --target $GNU
   # qemu-user shows the host's /proc/cpuinfo, so tract cannot see the emulated fp16 support:
   # name the core kind (see ../shared/notes and tract-linalg's TRACT_CPU_AARCH64_KIND).
