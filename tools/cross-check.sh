@@ -11,7 +11,8 @@
 #            size; `sample` of both shipped models under qemu compared with the x86 references
 #   f16      `sample`/`bench --precision f16` under qemu with fp16 arithmetic, error against f32
 #   boards   one build per board (-C target-cpu=...), stripped size, `sample` under
-#            `qemu -cpu <that core>`; plus a trimmed build (--no-default-features) for Pi 4
+#            `qemu -cpu <that core>`; plus a trimmed build (--no-default-features) for Pi 4;
+#            $BOARDS picks some (pi4 pi5 orin pi3-armv7 pi4-trimmed)
 #
 # Results go to target/cross-check/summary.txt (appended, one line each) and stdout.
 set -euo pipefail
@@ -139,6 +140,7 @@ boards() {
   )
   for entry in "${list[@]}"; do
     IFS=: read -r board t cpu qcpu <<<"$entry"
+    [[ " ${BOARDS:-pi4 pi5 orin pi3-armv7 pi4-trimmed} " == *" $board "* ]] || continue
     local dir=target/boards/$board
     RUSTFLAGS="-C target-cpu=$cpu" CARGO_TARGET_DIR=$dir \
       timed "board $board ($t, target-cpu=$cpu) cargo build --release" cargo build -j "$JOBS" --release --target "$t"
@@ -147,6 +149,7 @@ boards() {
     (export QEMU_CPU=$qcpu; sample_refs "$(runner_for "$t")" "$bin" "board-$board")
   done
   # Trimmed: no rayon executor, no transformer operators (enough for the shipped UNets).
+  [[ " ${BOARDS:-pi4-trimmed} " == *" pi4-trimmed "* ]] || return 0
   local dir=target/boards/pi4-trimmed
   RUSTFLAGS="-C target-cpu=cortex-a72" CARGO_TARGET_DIR=$dir \
     timed "board pi4-trimmed (--no-default-features) cargo build --release" \
