@@ -197,7 +197,15 @@ impl Winograd3x3 {
         let u = f32s(&self.weights).expect("f32 weights");
         let bias = f32s(&self.bias).expect("f32 bias");
         let parts = threads();
-        SCRATCH.with_borrow_mut(|(v, m)| {
+        // A thread blocked in a pool call can run other pool work; should that ever be another
+        // Winograd node, it gets fresh buffers instead of a second borrow (a panic).
+        SCRATCH.with(|cell| {
+            let mut fresh = (Vec::new(), Vec::new());
+            let mut held = cell.try_borrow_mut();
+            let (v, m) = match held.as_deref_mut() {
+                Ok(scratch) => scratch,
+                Err(_) => &mut fresh,
+            };
             // Grow only: shrinking and growing again would zero-fill on every layer.
             for (buf, len) in [(&mut *v, 16 * c * t), (&mut *m, 16 * k * t)] {
                 if buf.len() < len {
