@@ -25,7 +25,9 @@ use std::cell::RefCell;
 
 use ndarray::linalg::general_mat_mul;
 use ndarray::{ArrayView2, ArrayViewMut2};
-use tract_linalg::multithread::{current_tract_executor, Executor};
+use tract_linalg::multithread::current_tract_executor;
+#[cfg(feature = "multithread")]
+use tract_linalg::multithread::Executor;
 use tract_onnx::prelude::tract_itertools::Itertools;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
@@ -461,7 +463,7 @@ mod tests {
     #[cfg(feature = "multithread")]
     #[test]
     fn threads_split_the_work_without_changing_a_bit() {
-        use tract_linalg::multithread::multithread_tract_scope;
+        use tract_linalg::multithread::{multithread_tract_scope, Executor};
         let (n, c, k, h, w) = (2, 7, 5, 6, 9);
         let x = random(n * c * h * w, 4);
         let op = Winograd3x3 {
