@@ -289,27 +289,25 @@ impl Denoiser {
         let out_outlet = model.output_outlets().map_err(err)?[b.output];
         model.select_output_outlets(&[out_outlet]).map_err(err)?;
         let optimizing = |e: TractError| format!("optimizing for batch {batch}: {}", err(e));
+        // Both rewrites work on the decluttered graph: the Winograd swap needs tract's
+        // convolutions as they are before optimization, and the f16 translation must come
+        // before tract fuses operators into kernels picked for f32.
+        let mut typed = model.into_typed().and_then(|m| m.into_decluttered()).map_err(optimizing)?;
         let mut winograd_convs = 0;
-        let mut typed = match self.precision {
-            // The rewrite needs tract's convolutions as they are before optimization.
+        match self.precision {
             Precision::F32 => {
-                let mut typed = model.into_typed().and_then(|m| m.into_decluttered()).map_err(optimizing)?;
                 if self.convolution == Convolution::Winograd && crate::winograd::PAYS_OFF {
                     winograd_convs =
                         crate::winograd::rewrite(&mut typed).map_err(|e| format!("winograd: {}", err(e)))?;
                 }
-                typed.into_optimized().map_err(optimizing)?
             }
-            // The translation works on the decluttered graph, before tract fuses operators into
-            // kernels picked for f32.
             Precision::F16 => {
-                let mut typed = model.into_typed().and_then(|m| m.into_decluttered()).map_err(optimizing)?;
                 FloatPrecisionTranslator::new(f32::datum_type(), f16::datum_type())
                     .transform(&mut typed)
                     .map_err(|e| format!("translating to f16: {}", err(e)))?;
-                typed.into_optimized().map_err(optimizing)?
             }
-        };
+        }
+        let mut typed = typed.into_optimized().map_err(optimizing)?;
         contiguous_constants(&mut typed).map_err(err)?;
         let out_fact = typed.output_fact(0).map_err(err)?;
         let expected = [batch, c, h, w];

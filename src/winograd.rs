@@ -221,11 +221,8 @@ impl Winograd3x3 {
             let ranges = split(c, parts);
             let mut outs: Vec<Vec<&mut [f32]>> = ranges.iter().map(|_| Vec::with_capacity(16)).collect();
             for block in v.chunks_mut(c * t) {
-                let mut rest = block;
-                for (out, r) in outs.iter_mut().zip(&ranges) {
-                    let (mine, tail) = std::mem::take(&mut rest).split_at_mut(r.len() * t);
+                for (out, mine) in outs.iter_mut().zip(carve(block, ranges.iter().map(|r| r.len() * t))) {
                     out.push(mine);
-                    rest = tail;
                 }
             }
             for_each(ranges.iter().cloned().zip(outs).collect(), |(r, mut out)| {
@@ -244,14 +241,10 @@ impl Winograd3x3 {
             // Output transform, the output planes split between the threads.
             let m = &*m;
             let ranges = split(n * k, parts);
-            let mut items = Vec::with_capacity(ranges.len());
-            let mut rest = y;
-            for r in ranges {
-                let (mine, tail) = std::mem::take(&mut rest).split_at_mut(r.len() * h * w);
-                items.push((r, mine));
-                rest = tail;
-            }
-            for_each(items, |(r, out)| output_transform(m, bias, [n, k, h, w], r, out));
+            let pieces = carve(y, ranges.iter().map(|r| r.len() * h * w));
+            for_each(ranges.into_iter().zip(pieces).collect(), |(r, out)| {
+                output_transform(m, bias, [n, k, h, w], r, out)
+            });
         });
     }
 }
@@ -260,6 +253,17 @@ impl Winograd3x3 {
 fn split(len: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
     let parts = parts.clamp(1, len.max(1));
     (0..parts).map(|i| i * len / parts..(i + 1) * len / parts).collect()
+}
+
+/// `rest` cut into consecutive pieces of the given lengths.
+fn carve(mut rest: &mut [f32], lens: impl IntoIterator<Item = usize>) -> Vec<&mut [f32]> {
+    lens.into_iter()
+        .map(|len| {
+            let (piece, tail) = std::mem::take(&mut rest).split_at_mut(len);
+            rest = tail;
+            piece
+        })
+        .collect()
 }
 
 /// Threads of the executor the plan runs on.
