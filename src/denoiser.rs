@@ -321,7 +321,8 @@ impl Denoiser {
         let model = Arc::new(typed);
         let options = RunOptions { executor: Some(self.executor.clone()), ..Default::default() };
         let plan = TypedSimplePlan::new_with_options(model.clone(), &options).map_err(err)?;
-        let state = TypedSimpleState::new(&plan).map_err(err)?;
+        let mut state = TypedSimpleState::new(&plan).map_err(err)?;
+        crate::winograd::install_scratch(&mut state);
         Ok((Plan { state, model, branches: None }, winograd_convs))
     }
 
@@ -419,7 +420,9 @@ impl Denoiser {
                 let executor = executor_for(threads / 2).1;
                 let options = RunOptions { executor: Some(executor.clone()), ..Default::default() };
                 let p = TypedSimplePlan::new_with_options(plan.model.clone(), &options).map_err(err)?;
-                Ok(Branch { state: TypedSimpleState::new(&p).map_err(err)?, executor })
+                let mut state = TypedSimpleState::new(&p).map_err(err)?;
+                crate::winograd::install_scratch(&mut state);
+                Ok(Branch { state, executor })
             };
             let pair = [branch()?, branch()?];
             plan.branches = Some(Box::new(pair));

@@ -21,7 +21,7 @@
 //! transform turns into 2×2 pixels. Tiles of one tile row are contiguous in `t`, so both
 //! transforms run along whole rows, which the compiler vectorizes.
 
-use std::cell::RefCell;
+use std::sync::Mutex;
 
 use ndarray::linalg::general_mat_mul;
 use ndarray::{ArrayView2, ArrayViewMut2};
@@ -157,13 +157,20 @@ impl Op for Winograd3x3 {
 impl EvalOp for Winograd3x3 {
     op_out_of_plan!();
 
-    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+    fn eval(&self, ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let x = args_1!(inputs);
         let &[n, c, h, w] = x.shape() else { bail!("Winograd3x3 expects NCHW, got {:?}", x.shape()) };
         ensure!(c == self.c, "Winograd3x3 expects {} channels, got {c}", self.c);
         let mut y = unsafe { Tensor::uninitialized::<f32>(&[n, self.k, h, w])? };
         let mut out = y.try_as_plain_ram_mut()?;
-        self.run(f32s(&x)?, [n, h, w], out.as_slice_mut::<f32>()?);
+        let out = out.as_slice_mut::<f32>()?;
+        match ctx.shared.and_then(|shared| shared.get::<SharedScratch>()) {
+            Some(SharedScratch(held)) => {
+                let mut scratch = held.lock().map_err(|_| format_err!("Winograd3x3: a poisoned scratch"))?;
+                self.run(f32s(&x)?, [n, h, w], out, &mut scratch)
+            }
+            None => self.run(f32s(&x)?, [n, h, w], out, &mut Scratch::default()),
+        }
         Ok(tvec!(y.into_tvalue()))
     }
 }
@@ -185,30 +192,39 @@ fn f32s(t: &Tensor) -> TractResult<&[f32]> {
     t.try_as_plain_ram()?.as_slice::<f32>()
 }
 
-thread_local! {
-    /// Transformed input and products, reused from call to call on each thread.
-    static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+/// Buffers for one call: the transformed input `V` and the products `M`. They grow only:
+/// shrinking and growing again would zero-fill on every layer.
+#[derive(Default)]
+pub struct Scratch {
+    v: Vec<f32>,
+    m: Vec<f32>,
+}
+
+/// One [`Scratch`] for all the Winograd nodes of a plan state, kept in its turn state.
+///
+/// Why there: it lives exactly as long as the state, whichever pool thread runs a call, so the
+/// heap stops growing after the state's first call (a thread-local scratch grew again whenever
+/// another pool worker first took a call, which made the 2-thread heap check flaky on a busy
+/// machine), and states run side by side (concurrent guidance) each have their own. The lock
+/// is never contended: a state runs one node at a time.
+struct SharedScratch(Mutex<Scratch>);
+
+/// Gives `state` the buffers its Winograd nodes share. Without them each call allocates its own.
+pub fn install_scratch(state: &mut TypedSimpleState) {
+    state.turn_state.shared.insert(SharedScratch(Mutex::new(Scratch::default())));
 }
 
 impl Winograd3x3 {
     /// `x`: `[n, c, h, w]`, `y`: `[n, k, h, w]`, both C-order.
-    fn run(&self, x: &[f32], [n, h, w]: [usize; 3], y: &mut [f32]) {
+    fn run(&self, x: &[f32], [n, h, w]: [usize; 3], y: &mut [f32], scratch: &mut Scratch) {
         let (k, c) = (self.k, self.c);
         let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
         let t = n * th * tw;
         let u = f32s(&self.weights).expect("f32 weights");
         let bias = f32s(&self.bias).expect("f32 bias");
         let parts = threads();
-        // A thread blocked in a pool call can run other pool work; should that ever be another
-        // Winograd node, it gets fresh buffers instead of a second borrow (a panic).
-        SCRATCH.with(|cell| {
-            let mut fresh = (Vec::new(), Vec::new());
-            let mut held = cell.try_borrow_mut();
-            let (v, m) = match held.as_deref_mut() {
-                Ok(scratch) => scratch,
-                Err(_) => &mut fresh,
-            };
-            // Grow only: shrinking and growing again would zero-fill on every layer.
+        {
+            let Scratch { v, m } = scratch;
             for (buf, len) in [(&mut *v, 16 * c * t), (&mut *m, 16 * k * t)] {
                 if buf.len() < len {
                     buf.resize(len, 0.0);
@@ -245,7 +261,7 @@ impl Winograd3x3 {
             for_each(ranges.into_iter().zip(pieces).collect(), |(r, out)| {
                 output_transform(m, bias, [n, k, h, w], r, out)
             });
-        });
+        }
     }
 }
 
@@ -439,18 +455,26 @@ mod tests {
         y
     }
 
+    fn op_for(kernel: &[f32], bias: &[f32], k: usize, c: usize) -> Winograd3x3 {
+        Winograd3x3 {
+            k,
+            c,
+            weights: Arc::new(tensor1(&transform_kernel(kernel, k, c)).into_shape(&[16, k, c]).unwrap()),
+            bias: Arc::new(tensor1(bias)),
+        }
+    }
+
     fn check(n: usize, c: usize, k: usize, h: usize, w: usize) {
         let x = random(n * c * h * w, 1);
         let kernel = random(k * c * 9, 2);
         let bias = random(k, 3);
-        let op = Winograd3x3 {
-            k,
-            c,
-            weights: Arc::new(tensor1(&transform_kernel(&kernel, k, c)).into_shape(&[16, k, c]).unwrap()),
-            bias: Arc::new(tensor1(&bias)),
-        };
+        let op = op_for(&kernel, &bias, k, c);
+        // The scratch first serves a larger layer, as in a plan: nothing stale may leak in.
+        let mut scratch = Scratch::default();
+        let big = op_for(&random(7 * 9 * 9, 7), &random(7, 8), 7, 9);
+        big.run(&random(9 * 12 * 14, 9), [1, 12, 14], &mut vec![0f32; 7 * 12 * 14], &mut scratch);
         let mut y = vec![f32::NAN; n * k * h * w];
-        op.run(&x, [n, h, w], &mut y);
+        op.run(&x, [n, h, w], &mut y, &mut scratch);
         let want = direct(&x, &kernel, &bias, [n, c, h, w], k);
         let worst = y.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
         // Sums of 9·c products of values in [-1, 1]: f32 rounding alone is a few 1e-6.
@@ -470,17 +494,14 @@ mod tests {
         use tract_linalg::multithread::{multithread_tract_scope, Executor};
         let (n, c, k, h, w) = (2, 7, 5, 6, 9);
         let x = random(n * c * h * w, 4);
-        let op = Winograd3x3 {
-            k,
-            c,
-            weights: Arc::new(tensor1(&transform_kernel(&random(k * c * 9, 5), k, c)).into_shape(&[16, k, c]).unwrap()),
-            bias: Arc::new(tensor1(&random(k, 6))),
-        };
+        let op = op_for(&random(k * c * 9, 5), &random(k, 6), k, c);
         let mut one = vec![0f32; n * k * h * w];
-        op.run(&x, [n, h, w], &mut one);
+        op.run(&x, [n, h, w], &mut one, &mut Scratch::default());
         for threads in [2, 3] {
             let mut many = vec![f32::NAN; n * k * h * w];
-            multithread_tract_scope(Executor::multithread(threads), || op.run(&x, [n, h, w], &mut many));
+            multithread_tract_scope(Executor::multithread(threads), || {
+                op.run(&x, [n, h, w], &mut many, &mut Scratch::default())
+            });
             assert_eq!(one, many, "{threads} threads");
         }
     }
