@@ -91,9 +91,8 @@ fn check_denoiser(model: &str, convolution: Convolution) {
     let winograd = d.winograd_convolutions();
     eprintln!("{model} {convolution}: {winograd} convolutions as Winograd");
     match convolution {
-        // 38 of the 62 convolutions are 3×3, stride 1, padding 1 (the rest: 1×1 and stride 2);
-        // the 14 on 8×8 maps have too few tiles (winograd::MIN_TILES) and stay on im2col.
-        Convolution::Winograd => assert_eq!(winograd, 24, "{model}: convolutions rewritten to Winograd"),
+        // 38 of the 62 convolutions are 3×3, stride 1, padding 1 (the rest: 1×1 and stride 2).
+        Convolution::Winograd => assert_eq!(winograd, 38, "{model}: convolutions rewritten to Winograd"),
         Convolution::Im2col => assert_eq!(winograd, 0, "{model}: Winograd with im2col asked"),
     }
     let sample = read4(&fixture("denoiser_sample.npy"));

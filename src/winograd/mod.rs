@@ -18,10 +18,14 @@
 //! Layout: the input transform writes `V[ξ][c][t]` (ξ: one of the 16 tile positions, c: input
 //! channel, t: tile index over batch × tile rows × tile columns), the weights are stored as
 //! `U[ξ][k][c]`, and 16 products `M[ξ] = U[ξ] · V[ξ]` give `M[ξ][k][t]`, which the output
-//! transform turns into 2×2 pixels. Tiles of one tile row are contiguous in `t`, so both
+//! transform turns into 2×2 pixels. The products run on our AVX2+FMA kernel (`gemm`, with `U`
+//! packed for it once at load) where the CPU has it, else on `matrixmultiply`. Tiles of one tile row are contiguous in `t`, so both
 //! transforms run along whole rows, which the compiler vectorizes.
 
 use std::sync::Mutex;
+
+#[cfg(target_arch = "x86_64")]
+mod gemm;
 
 use ndarray::linalg::general_mat_mul;
 use ndarray::{ArrayView2, ArrayViewMut2};
@@ -39,17 +43,8 @@ use tract_onnx::tract_core::ops::nn::DataFormat;
 /// where tract's own NEON kernels are faster.
 pub const PAYS_OFF: bool = cfg!(any(target_arch = "x86_64", target_arch = "aarch64"));
 
-/// The fewest 2×2 output tiles (over the batch) for which the rewrite pays. `matrixmultiply`
-/// packs both operands of every product, so each call repacks all 16 transformed weight matrices;
-/// on small maps that outweighs the 2.25× fewer multiplications, and tract's im2col, whose
-/// weights are packed once at load, is faster. Measured, student step at 1 thread: rewriting the
-/// 8×8 maps too (16 tiles) 14.7–14.9 ms, leaving them to im2col 14.1–14.2 ms, also leaving the
-/// 16×16 maps (64 tiles) 14.6–15.1 ms; the 35.7M UNet 162–163 against 156–160 ms.
-pub const MIN_TILES: usize = 32;
-
 /// Replaces every float32 3×3, stride-1, padding-1, ungrouped NCHW convolution with constant
-/// weights over at least [`MIN_TILES`] output tiles by a [`Winograd3x3`] node. Returns how many
-/// were replaced.
+/// weights by a [`Winograd3x3`] node. Returns how many were replaced.
 pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
     let mut replaced = 0;
     for id in model.eval_order()? {
@@ -95,13 +90,10 @@ fn winograd_for(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Wino
         return Ok(None);
     };
     let (k, c) = (conv.output_channels(), conv.input_channels());
-    let tiles = match x.shape.as_concrete() {
-        Some(&[n, _, h, w]) => n * h.div_ceil(2) * w.div_ceil(2),
-        _ => 0,
-    };
     if !padded_by_one
         || x.datum_type != f32::datum_type()
-        || tiles < MIN_TILES
+        || x.rank() != 4
+        || x.shape.as_concrete().is_none()
         || kernel.datum_type() != f32::datum_type()
         || kernel.shape() != [k, c, 3, 3]
         || bias.datum_type() != f32::datum_type()
@@ -110,13 +102,7 @@ fn winograd_for(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Wino
         return Ok(None);
     }
     let bias = if bias.len() == k { f32s(bias)?.to_vec() } else { vec![f32s(bias)?[0]; k] };
-    let weights = transform_kernel(f32s(kernel)?, k, c);
-    Ok(Some(Winograd3x3 {
-        k,
-        c,
-        weights: Arc::new(tensor1(&weights).into_shape(&[16, k, c])?),
-        bias: Arc::new(tensor1(&bias)),
-    }))
+    Ok(Some(Winograd3x3::new(f32s(kernel)?, &bias, k, c)))
 }
 
 /// `U = G g Gᵀ` for every (output, input) channel pair, stored as `[16][k][c]`.
@@ -148,10 +134,43 @@ fn transform_kernel(kernel: &[f32], k: usize, c: usize) -> Vec<f32> {
 pub struct Winograd3x3 {
     k: usize,
     c: usize,
-    /// `U[ξ][k][c]`, float32 `[16, k, c]`.
+    /// `U[ξ]` for each ξ: packed for our kernel (`gemm::pack_weights`) where the CPU runs it,
+    /// else plain `[k][c]` for `matrixmultiply`; float32 `[16, …]`.
     weights: Arc<Tensor>,
+    /// Which of the two.
+    own_kernel: bool,
     /// One bias per output channel, float32 `[k]`.
     bias: Arc<Tensor>,
+}
+
+impl Winograd3x3 {
+    /// The operator for an OIHW `[k, c, 3, 3]` kernel and `k` biases.
+    fn new(kernel: &[f32], bias: &[f32], k: usize, c: usize) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        let own_kernel = gemm::available();
+        #[cfg(not(target_arch = "x86_64"))]
+        let own_kernel = false;
+        Self::with_products(kernel, bias, k, c, own_kernel)
+    }
+
+    /// [`Self::new`], with the products on our kernel (only where it is available) or on
+    /// `matrixmultiply`.
+    fn with_products(kernel: &[f32], bias: &[f32], k: usize, c: usize, own_kernel: bool) -> Self {
+        #[allow(unused_mut)] // only x86-64 repacks
+        let mut u = transform_kernel(kernel, k, c);
+        #[cfg(target_arch = "x86_64")]
+        if own_kernel {
+            u = u.chunks_exact(k * c).flat_map(|ui| gemm::pack_weights(ui, k, c)).collect();
+        }
+        let len = u.len();
+        Winograd3x3 {
+            k,
+            c,
+            weights: Arc::new(Tensor::from_shape(&[16, len / 16], &u).expect("16 matrices")),
+            own_kernel,
+            bias: Arc::new(tensor1(bias)),
+        }
+    }
 }
 
 impl Op for Winograd3x3 {
@@ -259,9 +278,15 @@ impl Winograd3x3 {
 
             // The 16 products, independent of each other.
             let v = &*v;
+            let len = u.len() / 16;
             for_each(m.chunks_mut(k * t).enumerate().collect(), |(xi, p)| {
-                let a = ArrayView2::from_shape((k, c), &u[xi * k * c..][..k * c]).expect("U shape");
-                let b = ArrayView2::from_shape((c, t), &v[xi * c * t..][..c * t]).expect("V shape");
+                let (u, v) = (&u[xi * len..][..len], &v[xi * c * t..][..c * t]);
+                if self.own_kernel {
+                    #[cfg(target_arch = "x86_64")]
+                    return gemm::product(u, v, p, [k, c, t]);
+                }
+                let a = ArrayView2::from_shape((k, c), u).expect("U shape");
+                let b = ArrayView2::from_shape((c, t), v).expect("V shape");
                 let mut p = ArrayViewMut2::from_shape((k, t), p).expect("M shape");
                 general_mat_mul(1.0, &a, &b, 0.0, &mut p);
             });
@@ -468,29 +493,36 @@ mod tests {
     }
 
     fn op_for(kernel: &[f32], bias: &[f32], k: usize, c: usize) -> Winograd3x3 {
-        Winograd3x3 {
-            k,
-            c,
-            weights: Arc::new(tensor1(&transform_kernel(kernel, k, c)).into_shape(&[16, k, c]).unwrap()),
-            bias: Arc::new(tensor1(bias)),
+        Winograd3x3::new(kernel, bias, k, c)
+    }
+
+    /// Both ways of running the products, where this CPU has both.
+    fn ops_for(kernel: &[f32], bias: &[f32], k: usize, c: usize) -> Vec<Winograd3x3> {
+        let mut ops = vec![Winograd3x3::with_products(kernel, bias, k, c, false)];
+        #[cfg(target_arch = "x86_64")]
+        if gemm::available() {
+            ops.push(Winograd3x3::with_products(kernel, bias, k, c, true));
         }
+        ops
     }
 
     fn check(n: usize, c: usize, k: usize, h: usize, w: usize) {
         let x = random(n * c * h * w, 1);
         let kernel = random(k * c * 9, 2);
         let bias = random(k, 3);
-        let op = op_for(&kernel, &bias, k, c);
-        // The scratch first serves a larger layer, as in a plan: nothing stale may leak in.
-        let mut scratch = Scratch::default();
-        let big = op_for(&random(7 * 9 * 9, 7), &random(7, 8), 7, 9);
-        big.run(&random(9 * 12 * 14, 9), [1, 12, 14], &mut vec![0f32; 7 * 12 * 14], &mut scratch);
-        let mut y = vec![f32::NAN; n * k * h * w];
-        op.run(&x, [n, h, w], &mut y, &mut scratch);
         let want = direct(&x, &kernel, &bias, [n, c, h, w], k);
-        let worst = y.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
-        // Sums of 9·c products of values in [-1, 1]: f32 rounding alone is a few 1e-6.
-        assert!(worst < 1e-4 * (c as f64).sqrt(), "n{n} c{c} k{k} {h}x{w}: max abs error {worst}");
+        for op in ops_for(&kernel, &bias, k, c) {
+            // The scratch first serves a larger layer, as in a plan: nothing stale may leak in.
+            let mut scratch = Scratch::default();
+            let big = op_for(&random(7 * 9 * 9, 7), &random(7, 8), 7, 9);
+            big.run(&random(9 * 12 * 14, 9), [1, 12, 14], &mut vec![0f32; 7 * 12 * 14], &mut scratch);
+            let mut y = vec![f32::NAN; n * k * h * w];
+            op.run(&x, [n, h, w], &mut y, &mut scratch);
+            let worst = y.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
+            // Sums of 9·c products of values in [-1, 1]: f32 rounding alone is a few 1e-6.
+            let own = op.own_kernel;
+            assert!(worst < 1e-4 * (c as f64).sqrt(), "n{n} c{c} k{k} {h}x{w} own kernel {own}: max abs error {worst}");
+        }
     }
 
     #[test]
@@ -498,6 +530,8 @@ mod tests {
         check(1, 3, 5, 8, 8);
         check(2, 4, 3, 6, 10);
         check(1, 32, 16, 16, 16);
+        // Channels not a multiple of the kernel's 6, tiles not of its 16.
+        check(1, 13, 19, 14, 18);
     }
 
     #[cfg(feature = "multithread")]
