@@ -238,12 +238,18 @@ mod tests {
     /// 4 TiB before reading: "memory allocation failed", an abort.
     #[test]
     fn npy_huge_declared_shape_is_an_error_not_an_allocation() {
+        // On 32-bit targets (armv7) these dimensions do not fit a usize, and the header parser
+        // refuses them before anything is sized.
+        let either = |err: &str, on_64_bit: &str| {
+            err.contains(on_64_bit)
+                || (cfg!(target_pointer_width = "32") && err.contains("illegal value for key shape"))
+        };
         let err = npy_err(&npy(1, "<f4", "(1099511627776, 1, 1, 1)", &[0; 8]));
-        assert!(err.contains("reached EOF before reading all data"), "{err}");
+        assert!(either(&err, "reached EOF before reading all data"), "{err}");
         let err = npy_err(&npy(1, "<f8", "(1099511627776, 1, 1, 1)", &[0; 8]));
-        assert!(err.contains("expected a float32 ('<f4') array, found dtype '<f8'"), "{err}");
+        assert!(either(&err, "expected a float32 ('<f4') array, found dtype '<f8'"), "{err}");
         let err = npy_err(&npy(1, "<f4", "(4611686018427387904, 1, 1, 1)", &[0; 8]));
-        assert!(err.contains("overflow computing length from shape"), "{err}");
+        assert!(either(&err, "overflow computing length from shape"), "{err}");
     }
 
     /// Every error is the one ndarray-npy gave on its own for the same bytes.

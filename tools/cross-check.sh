@@ -67,7 +67,7 @@ run_tests() { # target
   # aarch64 as a Cortex-A76: the f16 test then runs tract's NEON fp16 kernels (see f16 below).
   (export EDGE_DIFFUSE_TEST_RUNNER="$(runner_for "$t")"
     [ "$t" != $GNU ] || export QEMU_CPU=cortex-a76 TRACT_CPU_AARCH64_KIND=a75
-    timed "$t cargo test under qemu" cargo test -j "$JOBS" --target "$t") 2>&1 | tee "$OUT/test-$t.log"
+    timed "$t cargo test under qemu" cargo test -j "$JOBS" --target "$t" --no-fail-fast) 2>&1 | tee "$OUT/test-$t.log"
   grep -h "cross-arch\|^f16" "$OUT/test-$t.log" | sed "s/^/$t test: /" | tee -a "$SUMMARY" || true
 }
 
