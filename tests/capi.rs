@@ -110,6 +110,14 @@ fn c_example_builds_passes_its_selftest_and_matches_the_rust_api() {
     let floats: Vec<f32> =
         std::fs::read(&raw).unwrap().chunks_exact(4).map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]])).collect();
     assert_eq!(floats.len(), samples.len());
-    let same = floats.iter().zip(samples).all(|(a, b)| a.to_bits() == b.to_bits());
-    assert!(same, "the C program's samples differ from the Rust API's");
+    if std::env::var_os("EDGE_DIFFUSE_TEST_RUNNER").is_some() {
+        // Under a cross runner (tools/cross-check.sh) the C program and its library are built
+        // for and run on the host while this test runs on the target: the same seed then agrees
+        // to rounding, as in tests/cross_arch.rs, not to the bit (armv7 under qemu: ~1e-6).
+        let worst = floats.iter().zip(samples).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst <= 1e-4, "the C program's samples differ from the Rust API's by {worst}");
+    } else {
+        let same = floats.iter().zip(samples).all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "the C program's samples differ from the Rust API's");
+    }
 }
