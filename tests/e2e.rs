@@ -91,8 +91,12 @@ fn check_denoiser(model: &str, convolution: Convolution) {
     let winograd = d.winograd_convolutions();
     eprintln!("{model} {convolution}: {winograd} convolutions as Winograd");
     match convolution {
-        // 38 of the 62 convolutions are 3×3, stride 1, padding 1 (the rest: 1×1 and stride 2).
-        Convolution::Winograd => assert_eq!(winograd, 38, "{model}: convolutions rewritten to Winograd"),
+        // 38 of the 62 convolutions are 3×3, stride 1, padding 1 (the rest: 1×1 and stride 2);
+        // 32-bit ARM keeps im2col for all (winograd::PAYS_OFF).
+        Convolution::Winograd => {
+            let expected = if cfg!(any(target_arch = "x86_64", target_arch = "aarch64")) { 38 } else { 0 };
+            assert_eq!(winograd, expected, "{model}: convolutions rewritten to Winograd")
+        }
         Convolution::Im2col => assert_eq!(winograd, 0, "{model}: Winograd with im2col asked"),
     }
     let sample = read4(&fixture("denoiser_sample.npy"));

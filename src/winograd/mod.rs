@@ -498,6 +498,7 @@ mod tests {
 
     /// Both ways of running the products, where this CPU has both.
     fn ops_for(kernel: &[f32], bias: &[f32], k: usize, c: usize) -> Vec<Winograd3x3> {
+        #[allow(unused_mut)] // only x86-64 adds the second
         let mut ops = vec![Winograd3x3::with_products(kernel, bias, k, c, false)];
         #[cfg(target_arch = "x86_64")]
         if gemm::available() {
