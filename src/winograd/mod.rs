@@ -19,8 +19,9 @@
 //! channel, t: tile index over batch × tile rows × tile columns), the weights are stored as
 //! `U[ξ][k][c]`, and 16 products `M[ξ] = U[ξ] · V[ξ]` give `M[ξ][k][t]`, which the output
 //! transform turns into 2×2 pixels. The products run on our AVX2+FMA kernel (`gemm`, with `U`
-//! packed for it once at load) where the CPU has it, else on `matrixmultiply`. Tiles of one tile row are contiguous in `t`, so both
-//! transforms run along whole rows, which the compiler vectorizes.
+//! packed for it once at load) where the CPU has it, else on `matrixmultiply`. Tiles of one
+//! tile row are contiguous in `t`, so both transforms run along whole rows, which the compiler
+//! vectorizes.
 
 use std::sync::Mutex;
 
@@ -38,9 +39,9 @@ use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec};
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
-/// Whether this build has a fast matrix product for the 16 products: `matrixmultiply` has AVX2
-/// and FMA kernels for x86-64 and NEON ones for aarch64, but only a generic one for 32-bit ARM,
-/// where tract's own NEON kernels are faster.
+/// Whether this build has a fast matrix product for the 16 products: our kernel or
+/// `matrixmultiply`'s AVX2+FMA one on x86-64, `matrixmultiply`'s NEON one on aarch64; for 32-bit
+/// ARM `matrixmultiply` has only a generic kernel, and tract's own NEON kernels are faster.
 pub const PAYS_OFF: bool = cfg!(any(target_arch = "x86_64", target_arch = "aarch64"));
 
 /// Replaces every float32 3×3, stride-1, padding-1, ungrouped NCHW convolution with constant
