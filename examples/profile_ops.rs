@@ -35,11 +35,17 @@ fn main() -> Result<()> {
         model.set_input_fact(ix, InferenceFact::dt_shape(t.datum_type(), t.shape()))?;
         inputs.push(t.into_tvalue());
     }
-    let mut typed = model.into_optimized()?;
-    // The load-time fix the runtime applies (see `Denoiser`), so this profiles what it runs.
+    // The load-time rewrites the runtime applies (see `Denoiser`), so this profiles what it runs;
+    // `PROFILE_IM2COL=1` leaves the convolutions to tract.
+    let mut typed = model.into_typed()?.into_decluttered()?;
+    if std::env::var_os("PROFILE_IM2COL").is_none() {
+        edge_diffuse::winograd::rewrite(&mut typed)?;
+    }
+    let mut typed = typed.into_optimized()?;
     edge_diffuse::denoiser::contiguous_constants(&mut typed)?;
     let plan = typed.into_runnable()?;
     let mut state = TypedSimpleState::new(&plan)?;
+    edge_diffuse::winograd::install_scratch(&mut state);
     for _ in 0..3 {
         state.run(inputs.clone())?;
     }

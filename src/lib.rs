@@ -40,7 +40,9 @@ pub mod noise;
 pub mod pipeline;
 pub mod sampler;
 pub mod schedule;
-mod winograd;
+// Public only for `examples/profile_ops.rs`, which profiles the plan the runtime builds.
+#[doc(hidden)]
+pub mod winograd;
 
 pub use card::{ModelCard, PredictionType, SchedulerConfig};
 pub use error::{Error, Result};

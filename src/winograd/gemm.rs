@@ -4,7 +4,7 @@
 //!
 //! Why our own: a general matrix product packs both operands on every call. Here `U` is
 //! constant, so it is packed once at load ([`pack_weights`]), and `V` needs no packing at all:
-//! the kernel reads rows of 16 tiles straight from it. With `matrixmultiply`, packing was 14 %
+//! the kernel reads rows of 16 tiles straight from a block of it (`super::fused`). With `matrixmultiply`, packing was 14 %
 //! of a student call; tract-linalg's kernels, fed packed operands, were no faster (README,
 //! "Performance"). Other CPUs (aarch64's NEON included, where a kernel of ours is not measured)
 //! keep `matrixmultiply`.
@@ -13,9 +13,9 @@
 //! channel, one 6-value column of `U` times one 16-value row of `V`.
 
 /// Output channels per block of the micro-kernel (rows of `M`).
-const MR: usize = 6;
+pub(super) const MR: usize = 6;
 /// Tiles per block of the micro-kernel (columns of `M`).
-const NR: usize = 16;
+pub(super) const NR: usize = 16;
 
 /// `U` (k × c, row-major) in the kernel's layout: panels of [`MR`] output channels, zero-padded,
 /// each as `c` columns of `MR` values.
@@ -41,45 +41,16 @@ pub fn available() -> bool {
     std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
 }
 
-/// `m = u · v`: `u` from [`pack_weights`], `v` (c × t) and `m` (k × t) row-major. Panics unless
-/// [`available`].
-pub fn product(u: &[f32], v: &[f32], m: &mut [f32], [k, c, t]: [usize; 3]) {
-    assert!(available(), "product: no AVX2 and FMA");
-    assert!(u.len() >= packed_len(k, c) && v.len() >= c * t && m.len() >= k * t, "product: short operand");
-    let panels = k.div_ceil(MR);
-    // The last, partial block of tiles goes through a zero-padded copy of its columns.
-    let mut tail = Vec::new();
-    for t0 in (0..t).step_by(NR) {
-        let width = NR.min(t - t0);
-        let (rows, stride) = if width == NR {
-            (&v[t0..], t)
-        } else {
-            tail.resize(c * NR, 0.0);
-            for (dst, src) in tail.chunks_exact_mut(NR).zip(v.chunks_exact(t)) {
-                dst[..width].copy_from_slice(&src[t0..]);
-            }
-            (&tail[..], NR)
-        };
-        assert!(c == 0 || rows.len() >= (c - 1) * stride + NR, "product: short rows");
-        for p in 0..panels {
-            let up = &u[p * c * MR..][..c * MR];
-            // Safety: `available()` and the lengths are asserted above.
-            let acc = unsafe { block_avx2_fma(up, rows, stride) };
-            for (r, a) in acc.iter().enumerate().take(k - p * MR) {
-                m[(p * MR + r) * t + t0..][..width].copy_from_slice(&a[..width]);
-            }
-        }
-    }
-}
-
 /// One `MR × NR` block of `M`: `up` is one panel of `U` (c columns of `MR`), `rows` the first
-/// of its c rows of `NR` tiles, `stride` apart. The 12 accumulators are named registers: written
-/// as plain Rust over a `[[f32; 16]; 6]`, the compiler vectorized the loop but stored the array
-/// back to memory on every step, at half the speed.
+/// of its c rows of `NR` tiles, `stride` apart. The first `height` rows of the block are stored
+/// at `out`, `ld` apart, straight from the registers. The 12 accumulators are named registers: written as plain Rust over a
+/// `[[f32; 16]; 6]`, the compiler vectorized the loop but stored the array back to memory on
+/// every step, at half the speed.
 ///
-/// Safety: the CPU has AVX2 and FMA; `up` holds c·MR values and `rows` c rows of NR.
+/// Safety: the CPU has AVX2 and FMA; `up` holds c·MR values, `rows` c rows of NR, and `out`
+/// has room for `height` rows of NR values `ld` apart.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn block_avx2_fma(up: &[f32], rows: &[f32], stride: usize) -> [[f32; NR]; MR] {
+pub(super) unsafe fn block_avx2_fma(up: &[f32], rows: &[f32], stride: usize, out: *mut f32, ld: usize, height: usize) {
     use std::arch::x86_64::*;
     let c = up.len() / MR;
     debug_assert!(c == 0 || rows.len() >= (c - 1) * stride + NR);
@@ -105,19 +76,59 @@ unsafe fn block_avx2_fma(up: &[f32], rows: &[f32], stride: usize) -> [[f32; NR];
             v = v.add(stride);
         }
     }
-    let mut out = [[0f32; NR]; MR];
-    for (row, (a, b)) in out.iter_mut().zip([(a0, b0), (a1, b1), (a2, b2), (a3, b3), (a4, b4), (a5, b5)]) {
+    for (r, (a, b)) in [(a0, b0), (a1, b1), (a2, b2), (a3, b3), (a4, b4), (a5, b5)].into_iter().enumerate().take(height)
+    {
         unsafe {
-            _mm256_storeu_ps(row.as_mut_ptr(), a);
-            _mm256_storeu_ps(row.as_mut_ptr().add(8), b);
+            let row = out.add(r * ld);
+            _mm256_storeu_ps(row, a);
+            _mm256_storeu_ps(row.add(8), b);
         }
     }
-    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `m = u · v`: `u` from [`pack_weights`], `v` (c × t) and `m` (k × t) row-major. Panics unless
+    /// [`available`].
+    fn product(u: &[f32], v: &[f32], m: &mut [f32], [k, c, t]: [usize; 3]) {
+        assert!(available(), "product: no AVX2 and FMA");
+        assert!(u.len() >= packed_len(k, c) && v.len() >= c * t && m.len() >= k * t, "product: short operand");
+        let panels = k.div_ceil(MR);
+        // The last, partial block of tiles goes through a zero-padded copy of its columns.
+        let mut tail = Vec::new();
+        for t0 in (0..t).step_by(NR) {
+            let width = NR.min(t - t0);
+            let (rows, stride) = if width == NR {
+                (&v[t0..], t)
+            } else {
+                tail.resize(c * NR, 0.0);
+                for (dst, src) in tail.chunks_exact_mut(NR).zip(v.chunks_exact(t)) {
+                    dst[..width].copy_from_slice(&src[t0..]);
+                }
+                (&tail[..], NR)
+            };
+            assert!(c == 0 || rows.len() >= (c - 1) * stride + NR, "product: short rows");
+            for p in 0..panels {
+                let up = &u[p * c * MR..][..c * MR];
+                let height = MR.min(k - p * MR);
+                if width == NR {
+                    let out = &mut m[p * MR * t + t0..];
+                    assert!(out.len() >= (height - 1) * t + NR, "product: short output");
+                    // Safety: `available()`, the operand lengths above and the output length here.
+                    unsafe { block_avx2_fma(up, rows, stride, out.as_mut_ptr(), t, height) };
+                } else {
+                    let mut acc = [[0f32; NR]; MR];
+                    // Safety: as above, into a whole MR × NR block.
+                    unsafe { block_avx2_fma(up, rows, stride, acc.as_mut_ptr().cast(), NR, MR) };
+                    for (r, a) in acc.iter().enumerate().take(height) {
+                        m[(p * MR + r) * t + t0..][..width].copy_from_slice(&a[..width]);
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn matches_a_plain_product() {

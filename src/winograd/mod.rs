@@ -15,16 +15,21 @@
 //! (student step 17.4–19.3 against 15.1 ms): on 8×8–32×32 maps it leaves matrix products of
 //! only 4–64 tile columns, and its transforms cost more per pixel.
 //!
-//! Layout: the input transform writes `V[ξ][c][t]` (ξ: one of the 16 tile positions, c: input
-//! channel, t: tile index over batch × tile rows × tile columns), the weights are stored as
-//! `U[ξ][k][c]`, and 16 products `M[ξ] = U[ξ] · V[ξ]` give `M[ξ][k][t]`, which the output
-//! transform turns into 2×2 pixels. The products run on our AVX2+FMA kernel (`gemm`, with `U`
-//! packed for it once at load) where the CPU has it, else on `matrixmultiply`. Tiles of one
-//! tile row are contiguous in `t`, so both transforms run along whole rows, which the compiler
-//! vectorizes.
+//! Layout: the weights are stored as `U[ξ][k][c]` (ξ: one of the 16 tile positions, k, c:
+//! output and input channel), and 16 products `M[ξ] = U[ξ] · V[ξ]` with the transformed input
+//! `V[ξ][c][t]` (t: tile index over batch × tile rows × tile columns) give `M[ξ][k][t]`, which
+//! the output transform turns into 2×2 pixels.
+//! - On x86-64 with AVX2 and FMA (`fused`): blocks of 16 tiles go through all three stages at
+//!   once, so `V` and `M` stay in L1/L2; the products on our own kernel (`gemm`, `U` packed for
+//!   it once at load), the transforms in AVX2 intrinsics.
+//! - Elsewhere (aarch64): the whole `V`, then 16 whole products on `matrixmultiply`, then the
+//!   output transform. Tiles of one tile row are contiguous in `t`, so both transforms run along
+//!   whole rows, which the compiler vectorizes.
 
 use std::sync::Mutex;
 
+#[cfg(target_arch = "x86_64")]
+mod fused;
 #[cfg(target_arch = "x86_64")]
 mod gemm;
 
@@ -255,6 +260,21 @@ impl Winograd3x3 {
         let u = f32s(&self.weights).expect("f32 weights");
         let bias = f32s(&self.bias).expect("f32 bias");
         let parts = threads();
+        #[cfg(target_arch = "x86_64")]
+        if self.own_kernel {
+            // Blocks of 16 tiles through all three stages at once (`fused`), split between
+            // the threads; each thread has its own part of the scratch.
+            let d = fused::Dims { n, c, k, h, w };
+            let ranges = split(d.blocks(), parts);
+            let need = ranges.len() * d.scratch_len();
+            if scratch.v.len() < need {
+                scratch.v.resize(need, 0.0);
+            }
+            let out = fused::Output::new(y);
+            let pieces = scratch.v[..need].chunks_mut(d.scratch_len());
+            for_each(ranges.into_iter().zip(pieces).collect(), |(r, s)| fused::blocks(u, bias, x, out, d, r, s));
+            return;
+        }
         {
             let Scratch { v, m } = scratch;
             for (buf, len) in [(&mut *v, 16 * c * t), (&mut *m, 16 * k * t)] {
@@ -282,10 +302,6 @@ impl Winograd3x3 {
             let len = u.len() / 16;
             for_each(m.chunks_mut(k * t).enumerate().collect(), |(xi, p)| {
                 let (u, v) = (&u[xi * len..][..len], &v[xi * c * t..][..c * t]);
-                if self.own_kernel {
-                    #[cfg(target_arch = "x86_64")]
-                    return gemm::product(u, v, p, [k, c, t]);
-                }
                 let a = ArrayView2::from_shape((k, c), u).expect("U shape");
                 let b = ArrayView2::from_shape((c, t), v).expect("V shape");
                 let mut p = ArrayViewMut2::from_shape((k, t), p).expect("M shape");
@@ -320,6 +336,13 @@ fn carve(mut rest: &mut [f32], lens: impl IntoIterator<Item = usize>) -> Vec<&mu
         .collect()
 }
 
+/// Whether the transforms may run their AVX2 builds. Only additions and subtractions: the
+/// results are the same bits as the SSE build's.
+#[cfg(target_arch = "x86_64")]
+fn avx2() -> bool {
+    std::is_x86_feature_detected!("avx2")
+}
+
 /// Threads of the executor the plan runs on.
 fn threads() -> usize {
     match current_tract_executor() {
@@ -349,7 +372,26 @@ fn for_each<T: Send>(items: Vec<T>, f: impl Fn(T) + Send + Sync) {
 /// transform into contiguous, vectorizable loops over `tx`.
 ///
 /// Only the channels in `channels`: `v[ξ]` holds their rows, `(ci − channels.start)·t + tile`.
-fn input_transform(x: &[f32], [n, c, h, w]: [usize; 4], channels: std::ops::Range<usize>, v: &mut [&mut [f32]]) {
+fn input_transform(x: &[f32], shape: [usize; 4], channels: std::ops::Range<usize>, v: &mut [&mut [f32]]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // Safety: the CPU has AVX2.
+        return unsafe { input_transform_avx2(x, shape, channels, v) };
+    }
+    input_transform_body(x, shape, channels, v)
+}
+
+/// [`input_transform`] compiled for AVX2, whose loops then run 8 lanes wide instead of SSE's 4.
+///
+/// Safety: the CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn input_transform_avx2(x: &[f32], shape: [usize; 4], channels: std::ops::Range<usize>, v: &mut [&mut [f32]]) {
+    input_transform_body(x, shape, channels, v)
+}
+
+#[inline(always)]
+fn input_transform_body(x: &[f32], [n, c, h, w]: [usize; 4], channels: std::ops::Range<usize>, v: &mut [&mut [f32]]) {
     let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
     let t = n * th * tw;
     // Zero-padded plane, 1 pixel before and 1–2 after, as its even and odd columns.
@@ -416,7 +458,38 @@ fn input_transform(x: &[f32], [n, c, h, w]: [usize; 4], channels: std::ops::Rang
 /// `Y = Aᵀ M A + bias` for every tile, from `m[ξ][k][t]` into `y[n][k][h][w]`.
 ///
 /// Aᵀ = [[1,1,1,0],[0,1,-1,-1]]. Only the output planes `planes` (`b·k + ki`), into `y`.
-fn output_transform(m: &[f32], bias: &[f32], [n, k, h, w]: [usize; 4], planes: std::ops::Range<usize>, y: &mut [f32]) {
+fn output_transform(m: &[f32], bias: &[f32], shape: [usize; 4], planes: std::ops::Range<usize>, y: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // Safety: the CPU has AVX2.
+        return unsafe { output_transform_avx2(m, bias, shape, planes, y) };
+    }
+    output_transform_body(m, bias, shape, planes, y)
+}
+
+/// [`output_transform`] compiled for AVX2.
+///
+/// Safety: the CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn output_transform_avx2(
+    m: &[f32],
+    bias: &[f32],
+    shape: [usize; 4],
+    planes: std::ops::Range<usize>,
+    y: &mut [f32],
+) {
+    output_transform_body(m, bias, shape, planes, y)
+}
+
+#[inline(always)]
+fn output_transform_body(
+    m: &[f32],
+    bias: &[f32],
+    [n, k, h, w]: [usize; 4],
+    planes: std::ops::Range<usize>,
+    y: &mut [f32],
+) {
     let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
     let t = n * th * tw;
     let mut s = vec![0f32; 8 * tw];
@@ -534,6 +607,9 @@ mod tests {
         check(1, 32, 16, 16, 16);
         // Channels not a multiple of the kernel's 6, tiles not of its 16.
         check(1, 13, 19, 14, 18);
+        // Tile rows longer than a block of 16 tiles, and blocks that span two images.
+        check(2, 5, 7, 6, 40);
+        check(3, 3, 4, 10, 10);
     }
 
     #[cfg(feature = "multithread")]

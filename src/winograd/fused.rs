@@ -1,0 +1,328 @@
+//! The Winograd convolution on x86-64 with AVX2 and FMA, one block of 16 tiles at a time.
+//!
+//! Why blocks: the plain layout (`super`) writes the transformed input `V` of the whole image,
+//! then the products `M` of the whole image, and reads both back: 16 values per 2×2 tile and
+//! channel, 1 MB each for a 64-channel 32×32 map, so every stage streams through L3. Here a
+//! block of [`NR`] tiles (the width of our kernel's block) is transformed for all input channels
+//! (`c`·1 KB, in L1/L2), multiplied panel by panel of [`MR`] output channels into a 6 KB buffer,
+//! and transformed back into the output at once. The arithmetic is the plain layout's, in the
+//! same order: the results are the same bits.
+//!
+//! The transforms run on whole blocks as arrays of 16 lanes, which the compiler vectorizes
+//! (the functions are built for AVX2). A block is the tiles `16q .. 16q + 16` in the order of
+//! `t` (batch, tile row, tile column); it breaks into [`Run`]s of tiles that share a tile row.
+
+use std::arch::x86_64::*;
+
+use super::gemm::{self, MR, NR};
+
+/// Tiles of one tile row in a block: image `b`, tile row `ty`, columns `tx0 .. tx0 + len`, in
+/// the block's lanes `lane .. lane + len`.
+#[derive(Clone, Copy)]
+struct Run {
+    b: usize,
+    ty: usize,
+    tx0: usize,
+    len: usize,
+    lane: usize,
+}
+
+/// The runs of block `q` of `t` tiles, `th` × `tw` per image.
+fn runs(q: usize, t: usize, [th, tw]: [usize; 2], out: &mut Vec<Run>) {
+    out.clear();
+    let (mut at, end) = (q * NR, t.min(q * NR + NR));
+    while at < end {
+        let (row, tx0) = (at / tw, at % tw);
+        let len = (tw - tx0).min(end - at);
+        out.push(Run { b: row / th, ty: row % th, tx0, len, lane: at - q * NR });
+        at += len;
+    }
+}
+
+/// Shapes of one call: batch, input channels, output channels, height, width.
+#[derive(Clone, Copy)]
+pub struct Dims {
+    pub n: usize,
+    pub c: usize,
+    pub k: usize,
+    pub h: usize,
+    pub w: usize,
+}
+
+impl Dims {
+    fn tiles(&self) -> [usize; 2] {
+        [self.h.div_ceil(2), self.w.div_ceil(2)]
+    }
+
+    /// Blocks of [`NR`] tiles in a call.
+    pub fn blocks(&self) -> usize {
+        let [th, tw] = self.tiles();
+        (self.n * th * tw).div_ceil(NR)
+    }
+
+    /// Scratch one thread needs: the block's `V` and its products for one panel.
+    pub fn scratch_len(&self) -> usize {
+        16 * self.c * NR + 16 * MR * NR
+    }
+}
+
+/// The output, written by several threads at once: each writes only the pixels of its own
+/// tiles, and tiles do not overlap.
+#[derive(Clone, Copy)]
+pub struct Output {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// Safety: see the type's docs; `blocks` writes only inside `len` and only its own tiles.
+unsafe impl Send for Output {}
+unsafe impl Sync for Output {}
+
+impl Output {
+    pub fn new(y: &mut [f32]) -> Self {
+        Output { ptr: y.as_mut_ptr(), len: y.len() }
+    }
+}
+
+/// Convolves the tiles of `blocks` into `y`: `u` from `gemm::pack_weights`, 16 matrices of
+/// `gemm::packed_len(k, c)`, `x` `[n, c, h, w]`, `y` `[n, k, h, w]`, `scratch` of
+/// [`Dims::scratch_len`]. Panics unless `gemm::available()`.
+pub fn blocks(
+    u: &[f32],
+    bias: &[f32],
+    x: &[f32],
+    y: Output,
+    d: Dims,
+    blocks: std::ops::Range<usize>,
+    scratch: &mut [f32],
+) {
+    assert!(gemm::available(), "fused::blocks: no AVX2 and FMA");
+    assert!(x.len() >= d.n * d.c * d.h * d.w && y.len >= d.n * d.k * d.h * d.w, "fused::blocks: short tensor");
+    assert!(u.len() >= 16 * gemm::packed_len(d.k, d.c) && bias.len() >= d.k, "fused::blocks: short weights");
+    assert!(scratch.len() >= d.scratch_len() && blocks.end <= d.blocks(), "fused::blocks: short scratch");
+    // Safety: AVX2 and FMA checked, lengths asserted.
+    unsafe { blocks_avx2(u, bias, x, y, d, blocks, scratch) }
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn blocks_avx2(
+    u: &[f32],
+    bias: &[f32],
+    x: &[f32],
+    y: Output,
+    d: Dims,
+    blocks: std::ops::Range<usize>,
+    scratch: &mut [f32],
+) {
+    let Dims { n, c, k, h, w } = d;
+    let [th, tw] = d.tiles();
+    let t = n * th * tw;
+    let (v, m) = scratch.split_at_mut(16 * c * NR);
+    let m = &mut m[..16 * MR * NR];
+    let len = gemm::packed_len(k, c);
+    let mut list = Vec::with_capacity(NR);
+    let mut pad = Vec::new();
+    let mut dt = [[[0f32; NR]; 4]; 4];
+    let mut px = [[[0f32; NR]; 2]; 2];
+    for q in blocks {
+        runs(q, t, [th, tw], &mut list);
+        if pad.len() < list.len() * 4 * (w + 20) {
+            pad.resize(list.len() * 4 * (w + 20), 0.0);
+        }
+        for ci in 0..c {
+            // Safety: AVX2; `pad` as `input_block` needs it.
+            unsafe { input_block(x, [c, h, w], ci, &list, v, &mut dt, &mut pad) };
+        }
+        for p in 0..k.div_ceil(MR) {
+            for xi in 0..16 {
+                let up = &u[xi * len + p * c * MR..][..c * MR];
+                let rows = &v[xi * c * NR..][..c * NR];
+                let out = &mut m[xi * MR * NR..][..MR * NR];
+                // Safety: AVX2 and FMA; `up` is one panel, `rows` c rows of NR, `out` MR of NR.
+                unsafe { gemm::block_avx2_fma(up, rows, NR, out.as_mut_ptr(), NR, MR) };
+            }
+            for r in 0..MR.min(k - p * MR) {
+                // Safety: AVX2.
+                unsafe { output_block(m, r, bias[p * MR + r], d, p * MR + r, &list, y, &mut px) };
+            }
+        }
+    }
+}
+
+/// The even- and odd-indexed elements of 16 consecutive floats at `p`, as two vectors of 8.
+///
+/// Safety: AVX2; 16 floats readable at `p`.
+#[inline(always)]
+unsafe fn deinterleave(p: *const f32) -> (__m256, __m256) {
+    unsafe {
+        let (a, b) = (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)));
+        // Within each 128-bit half: [a0 a2 b0 b2 | a4 a6 b4 b6]; then the 64-bit pairs in order.
+        let even = _mm256_shuffle_ps::<0x88>(a, b);
+        let odd = _mm256_shuffle_ps::<0xDD>(a, b);
+        let order = |v: __m256| _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(v)));
+        (order(even), order(odd))
+    }
+}
+
+/// Element (i, j) of every lane's 4×4 input tile, `[i][j][lane]`.
+type Tiles = [[[f32; NR]; 4]; 4];
+
+/// `V = Bᵀ d B` for the tiles of `list`, channel `ci`, into `v[ξ][ci][lane]`. Bᵀ =
+/// [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]]. `dt` is scratch; lanes that no run covers
+/// keep what they held, harmless: every lane of the products depends on its own lane only.
+/// `pad` holds 4 rows of w + 20 floats per run, zero where this function does not write.
+///
+/// Safety: AVX2.
+#[inline(always)]
+unsafe fn input_block(
+    x: &[f32],
+    [c, h, w]: [usize; 3],
+    ci: usize,
+    list: &[Run],
+    v: &mut [f32],
+    dt: &mut Tiles,
+    pad: &mut [f32],
+) {
+    let stride = w + 20;
+    // First every row the block needs, with a zero before it and zeros after: column j of tile
+    // tx, input column 2tx + j − 1, is then pad[2tx + j]. All the copies go first: vector loads
+    // right behind the copy of their row stalled (store forwarding across unaligned stores).
+    for (run, rows) in list.iter().zip(pad.chunks_exact_mut(4 * stride)) {
+        let plane = &x[(run.b * c + ci) * h * w..][..h * w];
+        for (i, row) in rows.chunks_exact_mut(stride).enumerate() {
+            // Tile row ty covers input rows 2ty − 1 .. 2ty + 3.
+            if let Some(r) = (2 * run.ty + i).checked_sub(1).filter(|&r| r < h) {
+                row[1..=w].copy_from_slice(&plane[r * w..][..w]);
+            }
+        }
+    }
+    for (run, rows) in list.iter().zip(pad.chunks_exact(4 * stride)) {
+        let (len, lane) = (run.len, run.lane);
+        for (i, (di, row)) in dt.iter_mut().zip(rows.chunks_exact(stride)).enumerate() {
+            if (2 * run.ty + i).checked_sub(1).filter(|&r| r < h).is_none() {
+                for dij in di.iter_mut() {
+                    dij[lane..lane + len].fill(0.0);
+                }
+                continue;
+            }
+            for g in (0..len).step_by(8) {
+                let (base, at) = (2 * (run.tx0 + g), lane + g);
+                if len - g >= 8 {
+                    // Safety: base + 19 ≤ 2·tw + 3 ≤ w + 4 < stride floats of `row`; 8 lanes
+                    // from `at`.
+                    unsafe {
+                        let p = row.as_ptr().add(base);
+                        let (d0, _) = deinterleave(p);
+                        let (d1, d2) = deinterleave(p.add(1));
+                        let (d3, _) = deinterleave(p.add(3));
+                        for (j, dv) in [d0, d1, d2, d3].into_iter().enumerate() {
+                            _mm256_storeu_ps(di[j][at..at + 8].as_mut_ptr(), dv);
+                        }
+                    }
+                } else {
+                    for l in 0..len - g {
+                        for j in 0..4 {
+                            di[j][at + l] = row[base + 2 * l + j];
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Bᵀ down the rows, then B along the columns: the plain layout's order, the same bits.
+    let at = |xi: usize| (xi * c + ci) * NR;
+    for half in [0, 8] {
+        // Safety: AVX2; 8 lanes from `half` of 16.
+        unsafe {
+            let d = |i: usize, j: usize| _mm256_loadu_ps(dt[i][j][half..].as_ptr());
+            // col[j][i]: row i of Bᵀ d, column j.
+            let col: [[__m256; 4]; 4] = std::array::from_fn(|j| {
+                let (d0, d1, d2, d3) = (d(0, j), d(1, j), d(2, j), d(3, j));
+                [_mm256_sub_ps(d0, d2), _mm256_add_ps(d1, d2), _mm256_sub_ps(d2, d1), _mm256_sub_ps(d1, d3)]
+            });
+            for i in 0..4 {
+                let [a0, a1, a2, a3] = [0, 1, 2, 3].map(|j| col[j][i]);
+                let out = [_mm256_sub_ps(a0, a2), _mm256_add_ps(a1, a2), _mm256_sub_ps(a2, a1), _mm256_sub_ps(a1, a3)];
+                for (j, o) in out.into_iter().enumerate() {
+                    _mm256_storeu_ps(v[at(4 * i + j) + half..][..8].as_mut_ptr(), o);
+                }
+            }
+        }
+    }
+}
+
+/// `Y = Aᵀ M A + bias` for output channel `ko` from row `r` of the panel's products `m[ξ][r]`,
+/// into the pixels of the tiles of `list`, through `px`. Aᵀ = [[1,1,1,0],[0,1,-1,-1]].
+///
+/// Safety: AVX2.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn output_block(
+    m: &[f32],
+    r: usize,
+    beta: f32,
+    d: Dims,
+    ko: usize,
+    list: &[Run],
+    y: Output,
+    px: &mut [[[f32; NR]; 2]; 2],
+) {
+    let Dims { k, h, w, .. } = d;
+    // px[i][j]: output pixel (i, j) of every lane's tile, all of it written below.
+    for half in [0, 8] {
+        // Safety: AVX2; 8 lanes from `half` of each 16-lane row of `m`.
+        unsafe {
+            let row = |xi: usize| _mm256_loadu_ps(m[(xi * MR + r) * NR + half..][..8].as_ptr());
+            // col[j][i]: row i of Aᵀ M, column j.
+            let col: [[__m256; 2]; 4] = std::array::from_fn(|j| {
+                let (m0, m1, m2, m3) = (row(j), row(4 + j), row(8 + j), row(12 + j));
+                [_mm256_add_ps(_mm256_add_ps(m0, m1), m2), _mm256_sub_ps(_mm256_sub_ps(m1, m2), m3)]
+            });
+            let b = _mm256_set1_ps(beta);
+            for (i, pi) in px.iter_mut().enumerate() {
+                let [a0, a1, a2, a3] = [0, 1, 2, 3].map(|j| col[j][i]);
+                let p0 = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), a2), b);
+                let p1 = _mm256_add_ps(_mm256_sub_ps(_mm256_sub_ps(a1, a2), a3), b);
+                _mm256_storeu_ps(pi[0][half..].as_mut_ptr(), p0);
+                _mm256_storeu_ps(pi[1][half..].as_mut_ptr(), p1);
+            }
+        }
+    }
+    for run in list {
+        for (i, pi) in px.iter().enumerate() {
+            let yr = 2 * run.ty + i;
+            if yr >= h {
+                break;
+            }
+            // The run's tiles cover columns 2tx0 .. 2(tx0 + len) of this row, the last one
+            // cut off when w is odd.
+            let first = ((run.b * k + ko) * h + yr) * w + 2 * run.tx0;
+            let width = (2 * run.len).min(w - 2 * run.tx0);
+            debug_assert!(first + width <= y.len);
+            // Safety: inside `y` (`blocks` checked its length; yr < h, the columns < w); these
+            // pixels belong to this run's tiles, which no other block or thread writes.
+            let out = unsafe { std::slice::from_raw_parts_mut(y.ptr.add(first), width) };
+            let (a, b) = (&pi[0][run.lane..][..run.len], &pi[1][run.lane..][..run.len]);
+            let mut l = 0;
+            while 2 * l + 16 <= width {
+                // Safety: AVX2; 8 lanes of a and b, 16 pixels of `out`.
+                unsafe {
+                    let (a, b) = (_mm256_loadu_ps(a[l..][..8].as_ptr()), _mm256_loadu_ps(b[l..][..8].as_ptr()));
+                    // [a0 b0 a1 b1 | a4 b4 a5 b5] and [a2 b2 a3 b3 | a6 b6 a7 b7], then halves in order.
+                    let (lo, hi) = (_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+                    let o = out[2 * l..][..16].as_mut_ptr();
+                    _mm256_storeu_ps(o, _mm256_permute2f128_ps::<0x20>(lo, hi));
+                    _mm256_storeu_ps(o.add(8), _mm256_permute2f128_ps::<0x31>(lo, hi));
+                }
+                l += 8;
+            }
+            while 2 * l < width {
+                out[2 * l] = a[l];
+                if 2 * l + 1 < width {
+                    out[2 * l + 1] = b[l];
+                }
+                l += 1;
+            }
+        }
+    }
+}
