@@ -38,6 +38,7 @@ fn main() -> Result<()> {
     // The load-time rewrites the runtime applies (see `Denoiser`), so this profiles what it runs;
     // `PROFILE_IM2COL=1` leaves the convolutions to tract.
     let mut typed = model.into_typed()?.into_decluttered()?;
+    edge_diffuse::groupnorm::rewrite(&mut typed)?;
     if std::env::var_os("PROFILE_IM2COL").is_none() {
         edge_diffuse::winograd::rewrite(&mut typed)?;
     }

@@ -130,6 +130,7 @@ pub fn run(a: BenchArgs, model: PathBuf) -> Result<()> {
         "precision": pipe.denoiser().precision().to_string(),
         "convolution": pipe.denoiser().convolution().to_string(),
         "winograd_convolutions": pipe.denoiser().winograd_convolutions(),
+        "fused_group_norms": pipe.denoiser().fused_group_norms(),
         "cpu": cpu_model(),
         "load_s": load_s,
         "first_step_ms": first_step_ms,

@@ -180,6 +180,7 @@ pub struct Denoiser {
     convolution: Convolution,
     /// 3×3 convolutions running as Winograd in the plans built so far.
     winograd_convs: usize,
+    group_norms: usize,
     plans: Plans,
     params: usize,
     inputs: Vec<IoInfo>,
@@ -228,6 +229,7 @@ impl Denoiser {
             precision: Precision::F32,
             convolution: Convolution::default(),
             winograd_convs: 0,
+            group_norms: 0,
             plans: Plans(HashMap::new()),
             params,
             inputs,
@@ -256,15 +258,16 @@ impl Denoiser {
         if self.plans.get_mut().contains_key(&batch) {
             return Ok(());
         }
-        let (plan, winograd_convs) =
+        let (plan, winograd_convs, group_norms) =
             self.build_plan(batch).map_err(|m| Error::Model { path: self.path.clone(), message: m })?;
         self.winograd_convs = winograd_convs;
+        self.group_norms = group_norms;
         self.plans.get_mut().insert(batch, plan);
         Ok(())
     }
 
     /// The plan, and how many convolutions in it run as Winograd.
-    fn build_plan(&self, batch: usize) -> std::result::Result<(Plan, usize), String> {
+    fn build_plan(&self, batch: usize) -> std::result::Result<(Plan, usize, usize), String> {
         let [c, h, w] = self.chw;
         let b = &self.bindings;
         let mut model = self.model.clone();
@@ -293,9 +296,10 @@ impl Denoiser {
         // convolutions as they are before optimization, and the f16 translation must come
         // before tract fuses operators into kernels picked for f32.
         let mut typed = model.into_typed().and_then(|m| m.into_decluttered()).map_err(optimizing)?;
-        let mut winograd_convs = 0;
+        let (mut winograd_convs, mut group_norms) = (0, 0);
         match self.precision {
             Precision::F32 => {
+                group_norms = crate::groupnorm::rewrite(&mut typed).map_err(|e| format!("group norm: {}", err(e)))?;
                 if self.convolution == Convolution::Winograd && crate::winograd::PAYS_OFF {
                     winograd_convs =
                         crate::winograd::rewrite(&mut typed).map_err(|e| format!("winograd: {}", err(e)))?;
@@ -323,7 +327,7 @@ impl Denoiser {
         let plan = TypedSimplePlan::new_with_options(model.clone(), &options).map_err(err)?;
         let mut state = TypedSimpleState::new(&plan).map_err(err)?;
         crate::winograd::install_scratch(&mut state);
-        Ok((Plan { state, model, branches: None }, winograd_convs))
+        Ok((Plan { state, model, branches: None }, winograd_convs, group_norms))
     }
 
     /// The graph's inputs for one call, in tract's order and precision.
@@ -456,6 +460,12 @@ impl Denoiser {
     /// or when the graph has no float32 3×3 stride-1 padding-1 convolution).
     pub fn winograd_convolutions(&self) -> usize {
         self.winograd_convs
+    }
+
+    /// How many GroupNorms (with their affine) the last prepared plan runs as one fused
+    /// operator each (float32 only).
+    pub fn fused_group_norms(&self) -> usize {
+        self.group_norms
     }
 
     /// Arithmetic precision of the plans.

@@ -36,6 +36,9 @@ pub mod card;
 pub mod denoiser;
 pub mod error;
 pub mod files;
+// Public only for `examples/profile_ops.rs`, which profiles the plan the runtime builds.
+#[doc(hidden)]
+pub mod groupnorm;
 pub mod noise;
 pub mod pipeline;
 pub mod sampler;

@@ -292,5 +292,6 @@ fn info(model: Option<PathBuf>) -> Result<()> {
     )?;
     writeln!(out, "load        {:.3} s to a runnable plan ({} threads)", load.as_secs_f64(), d.threads())?;
     writeln!(out, "winograd    {} of the 3x3 convolutions", d.winograd_convolutions())?;
+    writeln!(out, "group norm  {} fused", d.fused_group_norms())?;
     Ok(())
 }

@@ -99,6 +99,8 @@ fn check_denoiser(model: &str, convolution: Convolution) {
         }
         Convolution::Im2col => assert_eq!(winograd, 0, "{model}: Winograd with im2col asked"),
     }
+    // Every GroupNorm of the UNet (2 per ResBlock, 1 per attention block, the output norm).
+    assert_eq!(d.fused_group_norms(), 41, "{model}: GroupNorms fused");
     let sample = read4(&fixture("denoiser_sample.npy"));
     let timesteps: Array1<f32> = read_npy::<f32>(&fixture("denoiser_timestep.npy")).into_dimensionality().unwrap();
     let labels: Array1<i64> = read_npy::<i64>(&fixture("denoiser_class_labels.npy")).into_dimensionality().unwrap();

@@ -60,6 +60,11 @@ impl Dims {
         (self.n * th * tw).div_ceil(NR)
     }
 
+    /// Panels of [`MR`] output channels.
+    pub fn panels(&self) -> usize {
+        self.k.div_ceil(MR)
+    }
+
     /// Scratch one thread needs: the block's `V` and its products for one panel.
     pub fn scratch_len(&self) -> usize {
         16 * self.c * NR + 16 * MR * NR
@@ -74,7 +79,7 @@ pub struct Output {
     len: usize,
 }
 
-// Safety: see the type's docs; `blocks` writes only inside `len` and only its own tiles.
+// Safety: see the type's docs; `run` writes only inside `len` and only its own tiles.
 unsafe impl Send for Output {}
 unsafe impl Sync for Output {}
 
@@ -84,34 +89,42 @@ impl Output {
     }
 }
 
-/// Convolves the tiles of `blocks` into `y`: `u` from `gemm::pack_weights`, 16 matrices of
+/// Convolves one share of the work into `y`: `u` from `gemm::pack_weights`, 16 matrices of
 /// `gemm::packed_len(k, c)`, `x` `[n, c, h, w]`, `y` `[n, k, h, w]`, `scratch` of
-/// [`Dims::scratch_len`]. Panics unless `gemm::available()`.
-pub fn blocks(
+/// [`Dims::scratch_len`]. The work is [`Dims::blocks`] × `groups` items, item `i` being the
+/// output-channel panels of group `i % groups` for block `i / groups`; this call does `items`.
+/// Groups let threads share a map of fewer blocks than threads (an 8×8 map is one block).
+/// Panics unless `gemm::available()`.
+#[allow(clippy::too_many_arguments)]
+pub fn run(
     u: &[f32],
     bias: &[f32],
     x: &[f32],
     y: Output,
     d: Dims,
-    blocks: std::ops::Range<usize>,
+    items: std::ops::Range<usize>,
+    groups: usize,
     scratch: &mut [f32],
 ) {
-    assert!(gemm::available(), "fused::blocks: no AVX2 and FMA");
-    assert!(x.len() >= d.n * d.c * d.h * d.w && y.len >= d.n * d.k * d.h * d.w, "fused::blocks: short tensor");
-    assert!(u.len() >= 16 * gemm::packed_len(d.k, d.c) && bias.len() >= d.k, "fused::blocks: short weights");
-    assert!(scratch.len() >= d.scratch_len() && blocks.end <= d.blocks(), "fused::blocks: short scratch");
+    assert!(gemm::available(), "fused::run: no AVX2 and FMA");
+    assert!(x.len() >= d.n * d.c * d.h * d.w && y.len >= d.n * d.k * d.h * d.w, "fused::run: short tensor");
+    assert!(u.len() >= 16 * gemm::packed_len(d.k, d.c) && bias.len() >= d.k, "fused::run: short weights");
+    assert!(scratch.len() >= d.scratch_len(), "fused::run: short scratch");
+    assert!(groups >= 1 && items.end <= d.blocks() * groups, "fused::run: no such item");
     // Safety: AVX2 and FMA checked, lengths asserted.
-    unsafe { blocks_avx2(u, bias, x, y, d, blocks, scratch) }
+    unsafe { run_avx2(u, bias, x, y, d, items, groups, scratch) }
 }
 
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn blocks_avx2(
+unsafe fn run_avx2(
     u: &[f32],
     bias: &[f32],
     x: &[f32],
     y: Output,
     d: Dims,
-    blocks: std::ops::Range<usize>,
+    items: std::ops::Range<usize>,
+    groups: usize,
     scratch: &mut [f32],
 ) {
     let Dims { n, c, k, h, w } = d;
@@ -120,20 +133,26 @@ unsafe fn blocks_avx2(
     let (v, m) = scratch.split_at_mut(16 * c * NR);
     let m = &mut m[..16 * MR * NR];
     let len = gemm::packed_len(k, c);
+    let panels = k.div_ceil(MR);
     let mut list = Vec::with_capacity(NR);
     let mut pad = Vec::new();
     let mut dt = [[[0f32; NR]; 4]; 4];
     let mut px = [[[0f32; NR]; 2]; 2];
-    for q in blocks {
-        runs(q, t, [th, tw], &mut list);
-        if pad.len() < list.len() * 4 * (w + 20) {
-            pad.resize(list.len() * 4 * (w + 20), 0.0);
+    let mut transformed = None;
+    for item in items {
+        let (q, g) = (item / groups, item % groups);
+        if transformed != Some(q) {
+            runs(q, t, [th, tw], &mut list);
+            if pad.len() < list.len() * 4 * (w + 20) {
+                pad.resize(list.len() * 4 * (w + 20), 0.0);
+            }
+            for ci in 0..c {
+                // Safety: AVX2; `pad` as `input_block` needs it.
+                unsafe { input_block(x, [c, h, w], ci, &list, v, &mut dt, &mut pad) };
+            }
+            transformed = Some(q);
         }
-        for ci in 0..c {
-            // Safety: AVX2; `pad` as `input_block` needs it.
-            unsafe { input_block(x, [c, h, w], ci, &list, v, &mut dt, &mut pad) };
-        }
-        for p in 0..k.div_ceil(MR) {
+        for p in g * panels / groups..(g + 1) * panels / groups {
             for xi in 0..16 {
                 let up = &u[xi * len + p * c * MR..][..c * MR];
                 let rows = &v[xi * c * NR..][..c * NR];
@@ -299,7 +318,7 @@ unsafe fn output_block(
             let first = ((run.b * k + ko) * h + yr) * w + 2 * run.tx0;
             let width = (2 * run.len).min(w - 2 * run.tx0);
             debug_assert!(first + width <= y.len);
-            // Safety: inside `y` (`blocks` checked its length; yr < h, the columns < w); these
+            // Safety: inside `y` (`run` checked its length; yr < h, the columns < w); these
             // pixels belong to this run's tiles, which no other block or thread writes.
             let out = unsafe { std::slice::from_raw_parts_mut(y.ptr.add(first), width) };
             let (a, b) = (&pi[0][run.lane..][..run.len], &pi[1][run.lane..][..run.len]);

@@ -41,6 +41,46 @@ pub fn available() -> bool {
     std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
 }
 
+/// `m = u · v`: `u` from [`pack_weights`], `v` (c × t) and `m` (k × t) row-major. Panics unless
+/// [`available`].
+pub fn product(u: &[f32], v: &[f32], m: &mut [f32], [k, c, t]: [usize; 3]) {
+    assert!(available(), "product: no AVX2 and FMA");
+    assert!(u.len() >= packed_len(k, c) && v.len() >= c * t && m.len() >= k * t, "product: short operand");
+    let panels = k.div_ceil(MR);
+    // The last, partial block of tiles goes through a zero-padded copy of its columns.
+    let mut tail = Vec::new();
+    for t0 in (0..t).step_by(NR) {
+        let width = NR.min(t - t0);
+        let (rows, stride) = if width == NR {
+            (&v[t0..], t)
+        } else {
+            tail.resize(c * NR, 0.0);
+            for (dst, src) in tail.chunks_exact_mut(NR).zip(v.chunks_exact(t)) {
+                dst[..width].copy_from_slice(&src[t0..]);
+            }
+            (&tail[..], NR)
+        };
+        assert!(c == 0 || rows.len() >= (c - 1) * stride + NR, "product: short rows");
+        for p in 0..panels {
+            let up = &u[p * c * MR..][..c * MR];
+            let height = MR.min(k - p * MR);
+            if width == NR {
+                let out = &mut m[p * MR * t + t0..];
+                assert!(out.len() >= (height - 1) * t + NR, "product: short output");
+                // Safety: `available()`, the operand lengths above and the output length here.
+                unsafe { block_avx2_fma(up, rows, stride, out.as_mut_ptr(), t, height) };
+            } else {
+                let mut acc = [[0f32; NR]; MR];
+                // Safety: as above, into a whole MR × NR block.
+                unsafe { block_avx2_fma(up, rows, stride, acc.as_mut_ptr().cast(), NR, MR) };
+                for (r, a) in acc.iter().enumerate().take(height) {
+                    m[(p * MR + r) * t + t0..][..width].copy_from_slice(&a[..width]);
+                }
+            }
+        }
+    }
+}
+
 /// One `MR × NR` block of `M`: `up` is one panel of `U` (c columns of `MR`), `rows` the first
 /// of its c rows of `NR` tiles, `stride` apart. The first `height` rows of the block are stored
 /// at `out`, `ld` apart, straight from the registers. The 12 accumulators are named registers: written as plain Rust over a
@@ -89,46 +129,6 @@ pub(super) unsafe fn block_avx2_fma(up: &[f32], rows: &[f32], stride: usize, out
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// `m = u · v`: `u` from [`pack_weights`], `v` (c × t) and `m` (k × t) row-major. Panics unless
-    /// [`available`].
-    fn product(u: &[f32], v: &[f32], m: &mut [f32], [k, c, t]: [usize; 3]) {
-        assert!(available(), "product: no AVX2 and FMA");
-        assert!(u.len() >= packed_len(k, c) && v.len() >= c * t && m.len() >= k * t, "product: short operand");
-        let panels = k.div_ceil(MR);
-        // The last, partial block of tiles goes through a zero-padded copy of its columns.
-        let mut tail = Vec::new();
-        for t0 in (0..t).step_by(NR) {
-            let width = NR.min(t - t0);
-            let (rows, stride) = if width == NR {
-                (&v[t0..], t)
-            } else {
-                tail.resize(c * NR, 0.0);
-                for (dst, src) in tail.chunks_exact_mut(NR).zip(v.chunks_exact(t)) {
-                    dst[..width].copy_from_slice(&src[t0..]);
-                }
-                (&tail[..], NR)
-            };
-            assert!(c == 0 || rows.len() >= (c - 1) * stride + NR, "product: short rows");
-            for p in 0..panels {
-                let up = &u[p * c * MR..][..c * MR];
-                let height = MR.min(k - p * MR);
-                if width == NR {
-                    let out = &mut m[p * MR * t + t0..];
-                    assert!(out.len() >= (height - 1) * t + NR, "product: short output");
-                    // Safety: `available()`, the operand lengths above and the output length here.
-                    unsafe { block_avx2_fma(up, rows, stride, out.as_mut_ptr(), t, height) };
-                } else {
-                    let mut acc = [[0f32; NR]; MR];
-                    // Safety: as above, into a whole MR × NR block.
-                    unsafe { block_avx2_fma(up, rows, stride, acc.as_mut_ptr().cast(), NR, MR) };
-                    for (r, a) in acc.iter().enumerate().take(height) {
-                        m[(p * MR + r) * t + t0..][..width].copy_from_slice(&a[..width]);
-                    }
-                }
-            }
-        }
-    }
 
     #[test]
     fn matches_a_plain_product() {

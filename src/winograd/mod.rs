@@ -261,18 +261,20 @@ impl Winograd3x3 {
         let bias = f32s(&self.bias).expect("f32 bias");
         let parts = threads();
         #[cfg(target_arch = "x86_64")]
-        if self.own_kernel {
+        if self.own_kernel && 16 * k * c <= FUSED_MAX_WEIGHTS {
             // Blocks of 16 tiles through all three stages at once (`fused`), split between
             // the threads; each thread has its own part of the scratch.
             let d = fused::Dims { n, c, k, h, w };
-            let ranges = split(d.blocks(), parts);
+            // With fewer blocks than threads, the threads also split the output channels.
+            let groups = parts.div_ceil(d.blocks()).min(d.panels());
+            let ranges = split(d.blocks() * groups, parts);
             let need = ranges.len() * d.scratch_len();
             if scratch.v.len() < need {
                 scratch.v.resize(need, 0.0);
             }
             let out = fused::Output::new(y);
             let pieces = scratch.v[..need].chunks_mut(d.scratch_len());
-            for_each(ranges.into_iter().zip(pieces).collect(), |(r, s)| fused::blocks(u, bias, x, out, d, r, s));
+            for_each(ranges.into_iter().zip(pieces).collect(), |(r, s)| fused::run(u, bias, x, out, d, r, groups, s));
             return;
         }
         {
@@ -302,6 +304,10 @@ impl Winograd3x3 {
             let len = u.len() / 16;
             for_each(m.chunks_mut(k * t).enumerate().collect(), |(xi, p)| {
                 let (u, v) = (&u[xi * len..][..len], &v[xi * c * t..][..c * t]);
+                if self.own_kernel {
+                    #[cfg(target_arch = "x86_64")]
+                    return gemm::product(u, v, p, [k, c, t]);
+                }
                 let a = ArrayView2::from_shape((k, c), u).expect("U shape");
                 let b = ArrayView2::from_shape((c, t), v).expect("V shape");
                 let mut p = ArrayViewMut2::from_shape((k, t), p).expect("M shape");
@@ -335,6 +341,13 @@ fn carve(mut rest: &mut [f32], lens: impl IntoIterator<Item = usize>) -> Vec<&mu
         })
         .collect()
 }
+
+/// The most transformed weights (floats, all 16 matrices) for which a layer runs in blocks
+/// (`fused`): each block reads all of them, which pays while they stay in L2 (1 MB here:
+/// 128 → 128 channels); larger layers (the 35.7M UNet's 256 channels) run the whole-map layout,
+/// where each of the 16 products reuses its own matrix across all tiles.
+#[cfg(target_arch = "x86_64")]
+const FUSED_MAX_WEIGHTS: usize = 16 * 128 * 128;
 
 /// Whether the transforms may run their AVX2 builds. Only additions and subtractions: the
 /// results are the same bits as the SSE build's.
@@ -610,13 +623,16 @@ mod tests {
         // Tile rows longer than a block of 16 tiles, and blocks that span two images.
         check(2, 5, 7, 6, 40);
         check(3, 3, 4, 10, 10);
+        // Weights above FUSED_MAX_WEIGHTS: the whole-map layout on our kernel.
+        check(1, 130, 131, 6, 5);
     }
 
     #[cfg(feature = "multithread")]
     #[test]
     fn threads_split_the_work_without_changing_a_bit() {
         use tract_linalg::multithread::{multithread_tract_scope, Executor};
-        let (n, c, k, h, w) = (2, 7, 5, 6, 9);
+        // 30 tiles: 2 blocks, fewer than 3 threads, which then split the output channels too.
+        let (n, c, k, h, w) = (2, 7, 13, 6, 9);
         let x = random(n * c * h * w, 4);
         let op = op_for(&random(k * c * 9, 5), &random(k, 6), k, c);
         let mut one = vec![0f32; n * k * h * w];
