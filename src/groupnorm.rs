@@ -217,39 +217,43 @@ impl TypedOp for GroupNorm {
 const LANES: usize = 16;
 
 impl GroupNorm {
-    /// `x`, `y`: `[n, c, h·w]`, C order; `plane`: h·w.
+    /// `x`, `y`: `[n, c, h·w]`, C order; `plane`: h·w. The groups are split between the plan's
+    /// threads; each group's arithmetic is the same on any thread count.
     fn run(&self, x: &[f32], y: &mut [f32], plane: usize) {
+        let len = self.gamma.len() / self.groups * plane;
+        let work: Vec<_> = x.chunks_exact(len).zip(y.chunks_exact_mut(len)).enumerate().collect();
+        crate::winograd::for_each(work, |(gi, (xg, yg))| self.group(gi % self.groups, xg, yg, plane));
+    }
+
+    /// One group `g` of one image: `x`, `y` its `c / groups` planes of `plane` values.
+    fn group(&self, g: usize, x: &[f32], y: &mut [f32], plane: usize) {
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx2") {
             // Safety: the CPU has AVX2.
-            return unsafe { self.run_avx2(x, y, plane) };
+            return unsafe { self.group_avx2(g, x, y, plane) };
         }
-        self.run_body(x, y, plane)
+        self.group_body(g, x, y, plane)
     }
 
-    /// [`Self::run`] built for AVX2: the partial sums and the normalization 8 lanes wide.
+    /// [`Self::group`] built for AVX2: the partial sums and the normalization 8 lanes wide.
     ///
     /// Safety: the CPU has AVX2.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    unsafe fn run_avx2(&self, x: &[f32], y: &mut [f32], plane: usize) {
-        self.run_body(x, y, plane)
+    unsafe fn group_avx2(&self, g: usize, x: &[f32], y: &mut [f32], plane: usize) {
+        self.group_body(g, x, y, plane)
     }
 
     #[inline(always)]
-    fn run_body(&self, x: &[f32], y: &mut [f32], plane: usize) {
+    fn group_body(&self, g: usize, x: &[f32], y: &mut [f32], plane: usize) {
         let per_group = self.gamma.len() / self.groups;
-        let len = per_group * plane;
-        for (gi, (xg, yg)) in x.chunks_exact(len).zip(y.chunks_exact_mut(len)).enumerate() {
-            let mean = sum(xg, |v| v) * self.recip;
-            let var = sum(xg, |v| (v - mean) * (v - mean)) / len as f32;
-            let inv = (var + self.eps).sqrt().recip();
-            let first = (gi % self.groups) * per_group;
-            for (ch, (xc, yc)) in xg.chunks_exact(plane).zip(yg.chunks_exact_mut(plane)).enumerate() {
-                let (g, b) = (self.gamma[first + ch], self.beta[first + ch]);
-                for (o, &v) in yc.iter_mut().zip(xc) {
-                    *o = (v - mean) * inv * g + b;
-                }
+        let mean = sum(x, |v| v) * self.recip;
+        let var = sum(x, |v| (v - mean) * (v - mean)) / x.len() as f32;
+        let inv = (var + self.eps).sqrt().recip();
+        for (ch, (xc, yc)) in x.chunks_exact(plane).zip(y.chunks_exact_mut(plane)).enumerate() {
+            let (gamma, beta) = (self.gamma[g * per_group + ch], self.beta[g * per_group + ch]);
+            for (o, &v) in yc.iter_mut().zip(xc) {
+                *o = (v - mean) * inv * gamma + beta;
             }
         }
     }
@@ -343,6 +347,27 @@ mod tests {
         let outputs = [model.output_outlets()?[0], OutletId::new(rms, 0)];
         model.select_output_outlets(&outputs)?;
         assert_eq!(rewrite(&mut model)?, 0);
+        Ok(())
+    }
+
+    #[cfg(feature = "multithread")]
+    #[test]
+    fn threads_split_the_groups_without_changing_a_bit() -> TractResult<()> {
+        use tract_linalg::multithread::{multithread_tract_scope, Executor};
+        let (n, c, groups, hw) = (2, 12, 3, [5, 7]);
+        let mut model = graph(n, c, groups, hw)?;
+        rewrite(&mut model)?;
+        let op = model.nodes().iter().find_map(|node| node.op_as::<GroupNorm>()).expect("fused").clone();
+        let x = input(n, c, hw);
+        let x = x.try_as_plain_ram()?;
+        let x = x.as_slice::<f32>()?;
+        let mut one = vec![0f32; x.len()];
+        op.run(x, &mut one, hw[0] * hw[1]);
+        for threads in [2, 3] {
+            let mut many = vec![f32::NAN; x.len()];
+            multithread_tract_scope(Executor::multithread(threads), || op.run(x, &mut many, hw[0] * hw[1]));
+            assert_eq!(one, many, "{threads} threads");
+        }
         Ok(())
     }
 }

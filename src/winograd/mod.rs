@@ -366,7 +366,7 @@ fn threads() -> usize {
 }
 
 /// Runs `f` on each item, on the plan's thread pool when it has one.
-fn for_each<T: Send>(items: Vec<T>, f: impl Fn(T) + Send + Sync) {
+pub(crate) fn for_each<T: Send>(items: Vec<T>, f: impl Fn(T) + Send + Sync) {
     match current_tract_executor() {
         #[cfg(feature = "multithread")]
         Executor::MultiThread(pool) if items.len() > 1 => {
