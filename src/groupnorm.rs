@@ -77,14 +77,14 @@ fn pattern_at(model: &TypedModel, id: usize) -> TractResult<Option<Found>> {
         return Ok(None);
     }
     // Back to [n, c, h, w], then · γ + β with one value per channel.
-    let Some(back) = single_succ(model, id)? else { return Ok(None) };
+    let Some(back) = model.single_succ(id)? else { return Ok(None) };
     let back_shape = model.outlet_fact(OutletId::new(back.id, 0))?.shape.as_concrete().map(|s| s.to_vec());
     if !matches!(back.op_as::<AxisOp>(), Some(AxisOp::Reshape(..))) || back_shape.as_deref() != Some(shape) {
         return Ok(None);
     }
-    let Some(scale) = single_succ(model, back.id)? else { return Ok(None) };
+    let Some(scale) = model.single_succ(back.id)? else { return Ok(None) };
     let Some((_, gamma)) = bin_by_const::<Mul>(model, scale)? else { return Ok(None) };
-    let Some(shift) = single_succ(model, scale.id)? else { return Ok(None) };
+    let Some(shift) = model.single_succ(scale.id)? else { return Ok(None) };
     let Some((_, beta)) = bin_by_const::<Add>(model, shift)? else { return Ok(None) };
     // The intermediate results must feed nothing else.
     let outputs = model.output_outlets()?;
@@ -143,14 +143,6 @@ fn bin_by_const<O: BinMiniOp>(model: &TypedModel, node: &TypedNode) -> TractResu
     Ok(None)
 }
 
-fn single_succ(model: &TypedModel, id: usize) -> TractResult<Option<&TypedNode>> {
-    let node = model.node(id);
-    if node.outputs.len() != 1 {
-        return Ok(None);
-    }
-    model.single_succ(id)
-}
-
 /// `y = (x − mean) / sqrt(var + eps) · γ + β` over each group of `c / groups` channels of a
 /// float32 `[n, c, h, w]` tensor; mean = Σx · `recip`, var = Σ(x − mean)² / L (L: elements of
 /// a group), as in the decluttered graph it replaces.
@@ -193,10 +185,8 @@ impl EvalOp for GroupNorm {
         let x = args_1!(inputs);
         let &[n, c, h, w] = x.shape() else { bail!("GroupNorm expects NCHW, got {:?}", x.shape()) };
         ensure!(c == self.gamma.len(), "GroupNorm expects {} channels, got {c}", self.gamma.len());
-        ensure!(x.strides() == &*Tensor::natural_strides(x.shape()), "GroupNorm: a strided tensor");
+        let xs = crate::winograd::f32s(&x, "GroupNorm")?;
         let mut y = unsafe { Tensor::uninitialized::<f32>(&[n, c, h, w])? };
-        let xs = x.try_as_plain_ram()?;
-        let xs = xs.as_slice::<f32>()?;
         let mut ys = y.try_as_plain_ram_mut()?;
         let ys = ys.as_slice_mut::<f32>()?;
         self.run(xs, ys, h * w);

@@ -83,9 +83,9 @@ pub fn product(u: &[f32], v: &[f32], m: &mut [f32], [k, c, t]: [usize; 3]) {
 
 /// One `MR × NR` block of `M`: `up` is one panel of `U` (c columns of `MR`), `rows` the first
 /// of its c rows of `NR` tiles, `stride` apart. The first `height` rows of the block are stored
-/// at `out`, `ld` apart, straight from the registers. The 12 accumulators are named registers: written as plain Rust over a
-/// `[[f32; 16]; 6]`, the compiler vectorized the loop but stored the array back to memory on
-/// every step, at half the speed.
+/// at `out`, `ld` apart, straight from the registers. The 12 accumulators are named registers:
+/// written as plain Rust over a `[[f32; 16]; 6]`, the compiler vectorized the loop but stored
+/// the array back to memory on every step, at half the speed.
 ///
 /// Safety: the CPU has AVX2 and FMA; `up` holds c·MR values, `rows` c rows of NR, and `out`
 /// has room for `height` rows of NR values `ld` apart.

@@ -107,8 +107,9 @@ fn winograd_for(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Wino
     {
         return Ok(None);
     }
-    let bias = if bias.len() == k { f32s(bias)?.to_vec() } else { vec![f32s(bias)?[0]; k] };
-    Ok(Some(Winograd3x3::new(f32s(kernel)?, &bias, k, c)))
+    let bias =
+        if bias.len() == k { f32s(bias, "Winograd3x3")?.to_vec() } else { vec![f32s(bias, "Winograd3x3")?[0]; k] };
+    Ok(Some(Winograd3x3::new(f32s(kernel, "Winograd3x3")?, &bias, k, c)))
 }
 
 /// `U = G g Gᵀ` for every (output, input) channel pair, stored as `[16][k][c]`.
@@ -204,9 +205,9 @@ impl EvalOp for Winograd3x3 {
         match ctx.shared.and_then(|shared| shared.get::<SharedScratch>()) {
             Some(SharedScratch(held)) => {
                 let mut scratch = held.lock().map_err(|_| format_err!("Winograd3x3: a poisoned scratch"))?;
-                self.run(f32s(&x)?, [n, h, w], out, &mut scratch)
+                self.run(f32s(&x, "Winograd3x3")?, [n, h, w], out, &mut scratch)
             }
-            None => self.run(f32s(&x)?, [n, h, w], out, &mut Scratch::default()),
+            None => self.run(f32s(&x, "Winograd3x3")?, [n, h, w], out, &mut Scratch::default()),
         }
         Ok(tvec!(y.into_tvalue()))
     }
@@ -223,9 +224,9 @@ impl TypedOp for Winograd3x3 {
     }
 }
 
-/// A float32 tensor's elements, in C order.
-fn f32s(t: &Tensor) -> TractResult<&[f32]> {
-    ensure!(t.strides() == &*Tensor::natural_strides(t.shape()), "Winograd3x3: a strided tensor");
+/// A float32 tensor's elements, in C order; `op` names the operator in the error.
+pub(crate) fn f32s<'t>(t: &'t Tensor, op: &str) -> TractResult<&'t [f32]> {
+    ensure!(t.strides() == &*Tensor::natural_strides(t.shape()), "{op}: a strided tensor");
     t.try_as_plain_ram()?.as_slice::<f32>()
 }
 
@@ -257,8 +258,8 @@ impl Winograd3x3 {
         let (k, c) = (self.k, self.c);
         let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
         let t = n * th * tw;
-        let u = f32s(&self.weights).expect("f32 weights");
-        let bias = f32s(&self.bias).expect("f32 bias");
+        let u = f32s(&self.weights, "Winograd3x3").expect("f32 weights");
+        let bias = f32s(&self.bias, "Winograd3x3").expect("f32 bias");
         let parts = threads();
         #[cfg(target_arch = "x86_64")]
         if self.own_kernel && 16 * k * c <= FUSED_MAX_WEIGHTS {
@@ -349,13 +350,6 @@ fn carve(mut rest: &mut [f32], lens: impl IntoIterator<Item = usize>) -> Vec<&mu
 #[cfg(target_arch = "x86_64")]
 const FUSED_MAX_WEIGHTS: usize = 16 * 128 * 128;
 
-/// Whether the transforms may run their AVX2 builds. Only additions and subtractions: the
-/// results are the same bits as the SSE build's.
-#[cfg(target_arch = "x86_64")]
-fn avx2() -> bool {
-    std::is_x86_feature_detected!("avx2")
-}
-
 /// Threads of the executor the plan runs on.
 fn threads() -> usize {
     match current_tract_executor() {
@@ -385,26 +379,7 @@ pub(crate) fn for_each<T: Send>(items: Vec<T>, f: impl Fn(T) + Send + Sync) {
 /// transform into contiguous, vectorizable loops over `tx`.
 ///
 /// Only the channels in `channels`: `v[ξ]` holds their rows, `(ci − channels.start)·t + tile`.
-fn input_transform(x: &[f32], shape: [usize; 4], channels: std::ops::Range<usize>, v: &mut [&mut [f32]]) {
-    #[cfg(target_arch = "x86_64")]
-    if avx2() {
-        // Safety: the CPU has AVX2.
-        return unsafe { input_transform_avx2(x, shape, channels, v) };
-    }
-    input_transform_body(x, shape, channels, v)
-}
-
-/// [`input_transform`] compiled for AVX2, whose loops then run 8 lanes wide instead of SSE's 4.
-///
-/// Safety: the CPU has AVX2.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn input_transform_avx2(x: &[f32], shape: [usize; 4], channels: std::ops::Range<usize>, v: &mut [&mut [f32]]) {
-    input_transform_body(x, shape, channels, v)
-}
-
-#[inline(always)]
-fn input_transform_body(x: &[f32], [n, c, h, w]: [usize; 4], channels: std::ops::Range<usize>, v: &mut [&mut [f32]]) {
+fn input_transform(x: &[f32], [n, c, h, w]: [usize; 4], channels: std::ops::Range<usize>, v: &mut [&mut [f32]]) {
     let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
     let t = n * th * tw;
     // Zero-padded plane, 1 pixel before and 1–2 after, as its even and odd columns.
@@ -471,38 +446,7 @@ fn input_transform_body(x: &[f32], [n, c, h, w]: [usize; 4], channels: std::ops:
 /// `Y = Aᵀ M A + bias` for every tile, from `m[ξ][k][t]` into `y[n][k][h][w]`.
 ///
 /// Aᵀ = [[1,1,1,0],[0,1,-1,-1]]. Only the output planes `planes` (`b·k + ki`), into `y`.
-fn output_transform(m: &[f32], bias: &[f32], shape: [usize; 4], planes: std::ops::Range<usize>, y: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if avx2() {
-        // Safety: the CPU has AVX2.
-        return unsafe { output_transform_avx2(m, bias, shape, planes, y) };
-    }
-    output_transform_body(m, bias, shape, planes, y)
-}
-
-/// [`output_transform`] compiled for AVX2.
-///
-/// Safety: the CPU has AVX2.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn output_transform_avx2(
-    m: &[f32],
-    bias: &[f32],
-    shape: [usize; 4],
-    planes: std::ops::Range<usize>,
-    y: &mut [f32],
-) {
-    output_transform_body(m, bias, shape, planes, y)
-}
-
-#[inline(always)]
-fn output_transform_body(
-    m: &[f32],
-    bias: &[f32],
-    [n, k, h, w]: [usize; 4],
-    planes: std::ops::Range<usize>,
-    y: &mut [f32],
-) {
+fn output_transform(m: &[f32], bias: &[f32], [n, k, h, w]: [usize; 4], planes: std::ops::Range<usize>, y: &mut [f32]) {
     let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
     let t = n * th * tw;
     let mut s = vec![0f32; 8 * tw];
