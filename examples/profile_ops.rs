@@ -4,6 +4,7 @@
 //!     cargo run --release --example profile_ops -- models/fmnist-teacher [runs]
 //!
 //! Timing each node adds a little overhead per node; the total is printed next to an untimed run.
+//! `PROFILE_THREADS=2` runs it on tract's rayon pool of that many threads, as `--threads 2` does.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -44,6 +45,23 @@ fn main() -> Result<()> {
     }
     let mut typed = typed.into_optimized()?;
     edge_diffuse::denoiser::contiguous_constants(&mut typed)?;
+    let threads: usize = std::env::var("PROFILE_THREADS").ok().map(|t| t.parse()).transpose()?.unwrap_or(1);
+    if threads > 1 {
+        // As the runtime runs a plan: on a worker of the pool, with the pool as tract's executor
+        // there (the executor is thread-local, so it is set inside the worker).
+        use tract_linalg::multithread::{multithread_tract_scope, Executor};
+        let pool = Executor::multithread(threads);
+        let Executor::MultiThread(workers) = &pool else { unreachable!("a multithread executor") };
+        return workers.install(|| {
+            multithread_tract_scope(pool.clone(), || {
+                edge_diffuse::denoiser::with_spinning_workers(threads, || profile(&dir, typed, inputs, runs))
+            })
+        });
+    }
+    profile(&dir, typed, inputs, runs)
+}
+
+fn profile(dir: &str, typed: TypedModel, inputs: TVec<TValue>, runs: usize) -> Result<()> {
     let plan = typed.into_runnable()?;
     let mut state = TypedSimpleState::new(&plan)?;
     edge_diffuse::winograd::install_scratch(&mut state);

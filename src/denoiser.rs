@@ -511,9 +511,48 @@ fn executor_for(_threads: usize) -> (usize, Executor) {
 fn run_on(executor: &Executor, state: &mut TypedSimpleState, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
     match executor {
         #[cfg(feature = "multithread")]
-        Executor::MultiThread(pool) => pool.install(|| state.run(inputs)),
+        Executor::MultiThread(pool) => {
+            pool.install(|| with_spinning_workers(pool.current_num_threads(), || state.run(inputs)))
+        }
         _ => state.run(inputs),
     }
+}
+
+/// Runs `f` on this pool worker while the pool's other workers spin, taking its parallel work
+/// the moment it is queued, until `f` returns.
+///
+/// A call forks and joins a hundred times or more (every convolution, group norm and large
+/// matrix product), with serial operators in between. Between two forks an idle rayon worker
+/// goes to sleep after a few dozen `sched_yield`s, and the next fork then waits for the kernel
+/// (and, in a VM, the hypervisor) to wake it. Spinning for the length of one call costs the
+/// cores the caller gave us anyway; onnxruntime's pool spins the same way by default.
+#[cfg(feature = "multithread")]
+#[doc(hidden)]
+pub fn with_spinning_workers<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let done = AtomicBool::new(false);
+    let home = rayon::current_thread_index();
+    rayon::scope(|s| {
+        for _ in 1..threads {
+            s.spawn(|_| {
+                // `f`'s own thread may pop a spinner while it waits inside a join of `f`:
+                // spinning there would wait for `f`, which waits below it on the same stack.
+                if rayon::current_thread_index() == home {
+                    return;
+                }
+                while !done.load(Ordering::Acquire) {
+                    if let Some(rayon::Yield::Idle) | None = rayon::yield_now() {
+                        // Not a bare spin: with more threads than free cores, a spinner would
+                        // take the time slices of the thread running `f`.
+                        std::thread::yield_now();
+                    }
+                }
+            });
+        }
+        let result = f();
+        done.store(true, Ordering::Release);
+        result
+    })
 }
 
 /// Copies a run's first output into `out` as f32.

@@ -11,23 +11,25 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::ops::ControlFlow;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use edge_diffuse::pipeline::StepInfo;
 use edge_diffuse::{LoadOptions, Pipeline, Request};
 
 struct Counting;
 
-static ALLOCATED: AtomicUsize = AtomicUsize::new(0);
-static FREED: AtomicUsize = AtomicUsize::new(0);
-static CALLS: AtomicUsize = AtomicUsize::new(0);
+// 64-bit even on 32-bit targets: the test allocates more than 4 GiB in all (≈ 45 MB a call),
+// which wrapped a usize counter on armv7.
+static ALLOCATED: AtomicU64 = AtomicU64::new(0);
+static FREED: AtomicU64 = AtomicU64::new(0);
+static CALLS: AtomicU64 = AtomicU64::new(0);
 
 // SAFETY: forwards to the system allocator unchanged; the counters are plain atomics.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         let p = System.alloc(layout);
         if !p.is_null() {
-            ALLOCATED.fetch_add(layout.size(), Relaxed);
+            ALLOCATED.fetch_add(layout.size() as u64, Relaxed);
             CALLS.fetch_add(1, Relaxed);
         }
         p
@@ -35,20 +37,20 @@ unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         let p = System.alloc_zeroed(layout);
         if !p.is_null() {
-            ALLOCATED.fetch_add(layout.size(), Relaxed);
+            ALLOCATED.fetch_add(layout.size() as u64, Relaxed);
             CALLS.fetch_add(1, Relaxed);
         }
         p
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         System.dealloc(ptr, layout);
-        FREED.fetch_add(layout.size(), Relaxed);
+        FREED.fetch_add(layout.size() as u64, Relaxed);
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         let p = System.realloc(ptr, layout, new_size);
         if !p.is_null() {
-            FREED.fetch_add(layout.size(), Relaxed);
-            ALLOCATED.fetch_add(new_size, Relaxed);
+            FREED.fetch_add(layout.size() as u64, Relaxed);
+            ALLOCATED.fetch_add(new_size as u64, Relaxed);
             CALLS.fetch_add(1, Relaxed);
         }
         p
@@ -58,8 +60,8 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-fn live() -> isize {
-    ALLOCATED.load(Relaxed) as isize - FREED.load(Relaxed) as isize
+fn live() -> i64 {
+    ALLOCATED.load(Relaxed) as i64 - FREED.load(Relaxed) as i64
 }
 
 fn go(_: &StepInfo) -> ControlFlow<()> {
@@ -70,7 +72,7 @@ const CALLS_MEASURED: usize = 20;
 
 /// Runs `call` `warm_up` times, then `CALLS_MEASURED` times; returns the growth of live bytes
 /// over the measured calls and prints what was measured.
-fn measure(what: &str, warm_up: u64, mut call: impl FnMut(u64)) -> isize {
+fn measure(what: &str, warm_up: u64, mut call: impl FnMut(u64)) -> i64 {
     for seed in 0..warm_up {
         call(1000 + seed);
     }
@@ -79,8 +81,8 @@ fn measure(what: &str, warm_up: u64, mut call: impl FnMut(u64)) -> isize {
         call(seed);
     }
     let growth = live() - live0;
-    let per_call_bytes = (ALLOCATED.load(Relaxed) - bytes0) / CALLS_MEASURED;
-    let per_call_allocs = (CALLS.load(Relaxed) - calls0) / CALLS_MEASURED;
+    let per_call_bytes = (ALLOCATED.load(Relaxed) - bytes0) / CALLS_MEASURED as u64;
+    let per_call_allocs = (CALLS.load(Relaxed) - calls0) / CALLS_MEASURED as u64;
     eprintln!(
         "{what}: live bytes {live0} after warm-up, {:+} after {CALLS_MEASURED} more calls; \
          per call {per_call_allocs} allocations, {per_call_bytes} bytes (all freed again)",
@@ -170,7 +172,7 @@ mod capi {
     use edge_diffuse::capi::*;
 
     /// The same through the C entry points, pixels only (the handle's own sample buffer).
-    pub fn measure_c_generate() -> isize {
+    pub fn measure_c_generate() -> i64 {
         let dir = std::ffi::CString::new(super::model()).unwrap();
         let mut pipe = std::ptr::null_mut();
         // SAFETY: valid pointers, as the header requires.
