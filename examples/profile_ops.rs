@@ -47,6 +47,18 @@ fn main() -> Result<()> {
     edge_diffuse::denoiser::contiguous_constants(&mut typed)?;
     let threads: usize = std::env::var("PROFILE_THREADS").ok().map(|t| t.parse()).transpose()?.unwrap_or(1);
     if threads > 1 {
+        // tract's gates for threading a product or an elementwise op, to try other values.
+        use tract_linalg::multithread as mt;
+        let knob = |name: &str| std::env::var(name).ok().map(|v| v.parse::<usize>()).transpose();
+        if let Some(v) = knob("PROFILE_PANEL_THRESHOLD")? {
+            mt::set_threading_panel_threshold(v);
+        }
+        if let Some(v) = knob("PROFILE_MAC_THRESHOLD")? {
+            mt::set_threading_mac_threshold(v);
+        }
+        if let Some(v) = knob("PROFILE_ELEMENT_THRESHOLD")? {
+            mt::set_threading_element_threshold(v);
+        }
         // As the runtime runs a plan: on a worker of the pool, with the pool as tract's executor
         // there (the executor is thread-local, so it is set inside the worker).
         use tract_linalg::multithread::{multithread_tract_scope, Executor};

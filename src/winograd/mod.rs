@@ -51,12 +51,17 @@ pub const PAYS_OFF: bool = cfg!(any(target_arch = "x86_64", target_arch = "aarch
 
 /// Replaces every float32 3×3, stride-1, padding-1, ungrouped NCHW convolution with constant
 /// weights by a [`Winograd3x3`] node. Returns how many were replaced.
+///
+/// The bias may be computed: tract folds a per-channel add after a convolution into its bias
+/// (diffusers' ResNet blocks add the time embedding right after `conv1`), and such a node then
+/// takes the bias as its second input.
 pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
     let mut replaced = 0;
     for id in model.eval_order()? {
         let node = model.node(id);
         let Some(op) = winograd_for(model, node)? else { continue };
-        let patch = TypedModelPatch::replace_single_op(model, node, &[node.inputs[0]], op)?;
+        let inputs = if op.bias.is_some() { vec![node.inputs[0]] } else { vec![node.inputs[0], node.inputs[2]] };
+        let patch = TypedModelPatch::replace_single_op(model, node, &inputs, op)?;
         patch.apply(model)?;
         replaced += 1;
     }
@@ -90,11 +95,8 @@ fn winograd_for(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Wino
         PaddingSpec::Valid => false,
     };
     let x = model.outlet_fact(node.inputs[0])?;
-    let (Some(kernel), Some(bias)) =
-        (&model.outlet_fact(node.inputs[1])?.konst, &model.outlet_fact(node.inputs[2])?.konst)
-    else {
-        return Ok(None);
-    };
+    let Some(kernel) = &model.outlet_fact(node.inputs[1])?.konst else { return Ok(None) };
+    let bias = model.outlet_fact(node.inputs[2])?;
     let (k, c) = (conv.output_channels(), conv.input_channels());
     if !padded_by_one
         || x.datum_type != f32::datum_type()
@@ -102,14 +104,20 @@ fn winograd_for(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Wino
         || x.shape.as_concrete().is_none()
         || kernel.datum_type() != f32::datum_type()
         || kernel.shape() != [k, c, 3, 3]
-        || bias.datum_type() != f32::datum_type()
-        || !(bias.len() == 1 || bias.len() == k)
+        || bias.datum_type != f32::datum_type()
     {
         return Ok(None);
     }
-    let bias =
-        if bias.len() == k { f32s(bias, "Winograd3x3")?.to_vec() } else { vec![f32s(bias, "Winograd3x3")?[0]; k] };
-    Ok(Some(Winograd3x3::new(f32s(kernel, "Winograd3x3")?, &bias, k, c)))
+    let kernel = f32s(kernel, "Winograd3x3")?;
+    match &bias.konst {
+        Some(b) if b.len() == k => Ok(Some(Winograd3x3::new(kernel, Some(f32s(b, "Winograd3x3")?), k, c))),
+        Some(b) if b.len() == 1 => Ok(Some(Winograd3x3::new(kernel, Some(&vec![f32s(b, "Winograd3x3")?[0]; k]), k, c))),
+        // A computed bias: one value per output channel, the same for every image of the batch.
+        None if bias.shape.as_concrete().is_some_and(|s| s.iter().product::<usize>() == k) => {
+            Ok(Some(Winograd3x3::new(kernel, None, k, c)))
+        }
+        _ => Ok(None),
+    }
 }
 
 /// `U = G g Gᵀ` for every (output, input) channel pair, stored as `[16][k][c]`.
@@ -146,13 +154,13 @@ pub struct Winograd3x3 {
     weights: Arc<Tensor>,
     /// Which of the two.
     own_kernel: bool,
-    /// One bias per output channel, float32 `[k]`.
-    bias: Arc<Tensor>,
+    /// One bias per output channel, float32 `[k]`; `None`: the node's second input, `k` values.
+    bias: Option<Arc<Tensor>>,
 }
 
 impl Winograd3x3 {
-    /// The operator for an OIHW `[k, c, 3, 3]` kernel and `k` biases.
-    fn new(kernel: &[f32], bias: &[f32], k: usize, c: usize) -> Self {
+    /// The operator for an OIHW `[k, c, 3, 3]` kernel and `k` biases (`None`: given at run time).
+    fn new(kernel: &[f32], bias: Option<&[f32]>, k: usize, c: usize) -> Self {
         #[cfg(target_arch = "x86_64")]
         let own_kernel = gemm::available();
         #[cfg(not(target_arch = "x86_64"))]
@@ -162,7 +170,7 @@ impl Winograd3x3 {
 
     /// [`Self::new`], with the products on our kernel (only where it is available) or on
     /// `matrixmultiply`.
-    fn with_products(kernel: &[f32], bias: &[f32], k: usize, c: usize, own_kernel: bool) -> Self {
+    fn with_products(kernel: &[f32], bias: Option<&[f32]>, k: usize, c: usize, own_kernel: bool) -> Self {
         #[allow(unused_mut)] // only x86-64 repacks
         let mut u = transform_kernel(kernel, k, c);
         #[cfg(target_arch = "x86_64")]
@@ -175,7 +183,7 @@ impl Winograd3x3 {
             c,
             weights: Arc::new(Tensor::from_shape(&[16, len / 16], &u).expect("16 matrices")),
             own_kernel,
-            bias: Arc::new(tensor1(bias)),
+            bias: bias.map(|b| Arc::new(tensor1(b))),
         }
     }
 }
@@ -196,18 +204,24 @@ impl EvalOp for Winograd3x3 {
     op_out_of_plan!();
 
     fn eval(&self, ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let x = args_1!(inputs);
+        let (x, bias) = match (&self.bias, &*inputs) {
+            (Some(b), [x]) => (x, &**b),
+            (None, [x, b]) => (x, &**b),
+            _ => bail!("Winograd3x3: {} inputs, expected {}", inputs.len(), 2 - self.bias.is_some() as usize),
+        };
         let &[n, c, h, w] = x.shape() else { bail!("Winograd3x3 expects NCHW, got {:?}", x.shape()) };
         ensure!(c == self.c, "Winograd3x3 expects {} channels, got {c}", self.c);
+        let bias = f32s(bias, "Winograd3x3")?;
+        ensure!(bias.len() == self.k, "Winograd3x3: {} biases for {} channels", bias.len(), self.k);
         let mut y = unsafe { Tensor::uninitialized::<f32>(&[n, self.k, h, w])? };
         let mut out = y.try_as_plain_ram_mut()?;
         let out = out.as_slice_mut::<f32>()?;
         match ctx.shared.and_then(|shared| shared.get::<SharedScratch>()) {
             Some(SharedScratch(held)) => {
                 let mut scratch = held.lock().map_err(|_| format_err!("Winograd3x3: a poisoned scratch"))?;
-                self.run(f32s(&x, "Winograd3x3")?, [n, h, w], out, &mut scratch)
+                self.run(f32s(x, "Winograd3x3")?, bias, [n, h, w], out, &mut scratch)
             }
-            None => self.run(f32s(&x, "Winograd3x3")?, [n, h, w], out, &mut Scratch::default()),
+            None => self.run(f32s(x, "Winograd3x3")?, bias, [n, h, w], out, &mut Scratch::default()),
         }
         Ok(tvec!(y.into_tvalue()))
     }
@@ -253,13 +267,12 @@ pub fn install_scratch(state: &mut TypedSimpleState) {
 }
 
 impl Winograd3x3 {
-    /// `x`: `[n, c, h, w]`, `y`: `[n, k, h, w]`, both C-order.
-    fn run(&self, x: &[f32], [n, h, w]: [usize; 3], y: &mut [f32], scratch: &mut Scratch) {
+    /// `x`: `[n, c, h, w]`, `y`: `[n, k, h, w]`, both C-order; `bias`: `k` values.
+    fn run(&self, x: &[f32], bias: &[f32], [n, h, w]: [usize; 3], y: &mut [f32], scratch: &mut Scratch) {
         let (k, c) = (self.k, self.c);
         let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
         let t = n * th * tw;
         let u = f32s(&self.weights, "Winograd3x3").expect("f32 weights");
-        let bias = f32s(&self.bias, "Winograd3x3").expect("f32 bias");
         let parts = threads();
         #[cfg(target_arch = "x86_64")]
         if self.own_kernel && 16 * k * c <= FUSED_MAX_WEIGHTS {
@@ -524,16 +537,16 @@ mod tests {
     }
 
     fn op_for(kernel: &[f32], bias: &[f32], k: usize, c: usize) -> Winograd3x3 {
-        Winograd3x3::new(kernel, bias, k, c)
+        Winograd3x3::new(kernel, Some(bias), k, c)
     }
 
     /// Both ways of running the products, where this CPU has both.
     fn ops_for(kernel: &[f32], bias: &[f32], k: usize, c: usize) -> Vec<Winograd3x3> {
         #[allow(unused_mut)] // only x86-64 adds the second
-        let mut ops = vec![Winograd3x3::with_products(kernel, bias, k, c, false)];
+        let mut ops = vec![Winograd3x3::with_products(kernel, Some(bias), k, c, false)];
         #[cfg(target_arch = "x86_64")]
         if gemm::available() {
-            ops.push(Winograd3x3::with_products(kernel, bias, k, c, true));
+            ops.push(Winograd3x3::with_products(kernel, Some(bias), k, c, true));
         }
         ops
     }
@@ -547,9 +560,9 @@ mod tests {
             // The scratch first serves a larger layer, as in a plan: nothing stale may leak in.
             let mut scratch = Scratch::default();
             let big = op_for(&random(7 * 9 * 9, 7), &random(7, 8), 7, 9);
-            big.run(&random(9 * 12 * 14, 9), [1, 12, 14], &mut vec![0f32; 7 * 12 * 14], &mut scratch);
+            big.run(&random(9 * 12 * 14, 9), &random(7, 8), [1, 12, 14], &mut vec![0f32; 7 * 12 * 14], &mut scratch);
             let mut y = vec![f32::NAN; n * k * h * w];
-            op.run(&x, [n, h, w], &mut y, &mut scratch);
+            op.run(&x, &bias, [n, h, w], &mut y, &mut scratch);
             let worst = y.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
             // Sums of 9·c products of values in [-1, 1]: f32 rounding alone is a few 1e-6.
             let own = op.own_kernel;
@@ -578,16 +591,59 @@ mod tests {
         // 30 tiles: 2 blocks, fewer than 3 threads, which then split the output channels too.
         let (n, c, k, h, w) = (2, 7, 13, 6, 9);
         let x = random(n * c * h * w, 4);
-        let op = op_for(&random(k * c * 9, 5), &random(k, 6), k, c);
+        let bias = random(k, 6);
+        let op = op_for(&random(k * c * 9, 5), &bias, k, c);
         let mut one = vec![0f32; n * k * h * w];
-        op.run(&x, [n, h, w], &mut one, &mut Scratch::default());
+        op.run(&x, &bias, [n, h, w], &mut one, &mut Scratch::default());
         for threads in [2, 3] {
             let mut many = vec![f32::NAN; n * k * h * w];
             multithread_tract_scope(Executor::multithread(threads), || {
-                op.run(&x, [n, h, w], &mut many, &mut Scratch::default())
+                op.run(&x, &bias, [n, h, w], &mut many, &mut Scratch::default())
             });
             assert_eq!(one, many, "{threads} threads");
         }
+    }
+
+    /// A convolution followed by a per-channel add of a computed `[1, k, 1, 1]` tensor (the
+    /// time embedding of diffusers' ResNet blocks): tract folds the add into the bias, and the
+    /// rewrite must still take the node, with the bias as its second input.
+    #[test]
+    fn a_computed_bias_becomes_an_input() -> TractResult<()> {
+        use tract_onnx::tract_core::ops::cnn::PoolSpec;
+        let (c, k, h, w) = (4, 5, 6, 7);
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact([1, c, h, w]))?;
+        let t = model.add_source("t", f32::fact([1, k, 1, 1]))?;
+        let kernel = model.add_const("kernel", Tensor::from_shape(&[k, c, 3, 3], &random(k * c * 9, 11))?)?;
+        let bias = model.add_const("bias", tensor1(&random(k, 12)))?;
+        let pool_spec = PoolSpec {
+            data_format: DataFormat::NCHW,
+            kernel_shape: tvec![3, 3],
+            padding: PaddingSpec::Explicit(tvec![1, 1], tvec![1, 1]),
+            dilations: None,
+            strides: None,
+            input_channels: c,
+            output_channels: k,
+        };
+        let conv = Conv { pool_spec, kernel_fmt: KernelFormat::OIHW, group: 1, q_params: None };
+        let y = model.wire_node("conv", conv, &[x, kernel, bias])?[0];
+        let y = model.wire_node("add", tract_onnx::tract_core::ops::math::add(), &[y, t])?[0];
+        model.select_output_outlets(&[y])?;
+        let inputs = tvec![
+            Tensor::from_shape(&[1, c, h, w], &random(c * h * w, 13))?.into_tvalue(),
+            Tensor::from_shape(&[1, k, 1, 1], &random(k, 14))?.into_tvalue(),
+        ];
+        let want = model.clone().into_runnable()?.run(inputs.clone())?;
+
+        let mut ours = model.into_decluttered()?;
+        assert_eq!(rewrite(&mut ours)?, 1);
+        let node = ours.nodes().iter().find(|n| n.op_is::<Winograd3x3>()).expect("a Winograd node");
+        assert_eq!(node.inputs.len(), 2, "the bias should be an input: {node}");
+        let got = ours.into_optimized()?.into_runnable()?.run(inputs)?;
+        let (want, got) = (f32s(&want[0], "want")?, f32s(&got[0], "got")?);
+        let worst = want.iter().zip(got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-5, "max abs difference {worst}");
+        Ok(())
     }
 
     #[test]
