@@ -4,6 +4,7 @@
 //!     cargo run --release --example profile_ops -- models/fmnist-teacher [runs]
 //!
 //! Timing each node adds a little overhead per node; the total is printed next to an untimed run.
+//! `PROFILE_BATCH=2` profiles a batch of 2 (a guided step in one call).
 //! `PROFILE_THREADS=2` runs it on tract's rayon pool of that many threads, as `--threads 2` does.
 
 use std::collections::HashMap;
@@ -22,16 +23,18 @@ fn main() -> Result<()> {
     let card = ModelCard::load(std::path::Path::new(&dir))?;
     let mut model = tract_onnx::onnx().model_for_path(card.onnx_path())?;
     let [c, h, w] = [card.image.channels, card.image.height, card.image.width];
+    // `PROFILE_BATCH=2`: the batch of a guided step run as one call (conditional + null class).
+    let n: usize = std::env::var("PROFILE_BATCH").ok().map(|b| b.parse()).transpose()?.unwrap_or(1);
     let names: Vec<String> = model.input_outlets()?.iter().map(|o| model.node(o.node).name.clone()).collect();
     let mut inputs: TVec<TValue> = tvec![];
     for (ix, name) in names.iter().enumerate() {
         let t: Tensor = if *name == card.model.inputs.sample {
-            Tensor::from(tract_ndarray::Array4::<f32>::from_elem((1, c, h, w), 0.3))
+            Tensor::from(tract_ndarray::Array4::<f32>::from_elem((n, c, h, w), 0.3))
         } else if *name == card.model.inputs.timestep {
             let dt = model.input_fact(ix)?.datum_type.concretize().unwrap_or(f32::datum_type());
-            tensor1(&[500f32]).cast_to_dt(dt)?.into_owned()
+            tensor1(&vec![500f32; n]).cast_to_dt(dt)?.into_owned()
         } else {
-            tensor1(&[1i64])
+            tensor1(&vec![1i64; n])
         };
         model.set_input_fact(ix, InferenceFact::dt_shape(t.datum_type(), t.shape()))?;
         inputs.push(t.into_tvalue());
