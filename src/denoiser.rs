@@ -526,6 +526,8 @@ fn run_on(executor: &Executor, state: &mut TypedSimpleState, inputs: TVec<TValue
 /// goes to sleep after a few dozen `sched_yield`s, and the next fork then waits for the kernel
 /// (and, in a VM, the hypervisor) to wake it. Spinning for the length of one call costs the
 /// cores the caller gave us anyway; onnxruntime's pool spins the same way by default.
+/// Measured at 2 threads, alternating A/B, 10 rounds of 20 images: student step median
+/// 12.84 → 10.82 ms; teacher unguided, 4 rounds: 10.73 → 8.37 ms.
 #[cfg(feature = "multithread")]
 #[doc(hidden)]
 pub fn with_spinning_workers<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
