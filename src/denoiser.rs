@@ -551,10 +551,42 @@ pub fn with_spinning_workers<R: Send>(threads: usize, f: impl FnOnce() -> R + Se
                 }
             });
         }
-        let result = f();
-        done.store(true, Ordering::Release);
-        result
+        // Set on the way out, unwinding included: the scope waits for the spinners, and a
+        // panic in `f` would otherwise leave them spinning and the call hanging.
+        struct Finish<'a>(&'a AtomicBool);
+        impl Drop for Finish<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Release);
+            }
+        }
+        let _finish = Finish(&done);
+        f()
     })
+}
+
+#[cfg(all(test, feature = "multithread"))]
+mod tests {
+    use super::*;
+
+    fn on_pool<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+        let Executor::MultiThread(pool) = Executor::multithread(threads) else { unreachable!() };
+        pool.install(|| with_spinning_workers(threads, f))
+    }
+
+    #[test]
+    fn forked_work_is_done_while_the_workers_spin() {
+        use rayon::prelude::*;
+        for threads in [2, 3] {
+            let sum: u64 = on_pool(threads, || (0..10_000u64).into_par_iter().map(|i| i * i).sum());
+            assert_eq!(sum, (0..10_000u64).map(|i| i * i).sum::<u64>(), "{threads} threads");
+        }
+    }
+
+    #[test]
+    fn a_panic_in_the_call_stops_the_spinners() {
+        let caught = std::panic::catch_unwind(|| on_pool(2, || panic!("inside the call")));
+        assert!(caught.is_err());
+    }
 }
 
 /// Copies a run's first output into `out` as f32.
