@@ -49,6 +49,9 @@ fn main() -> Result<()> {
     let mut typed = typed.into_optimized()?;
     edge_diffuse::denoiser::contiguous_constants(&mut typed)?;
     let threads: usize = std::env::var("PROFILE_THREADS").ok().map(|t| t.parse()).transpose()?.unwrap_or(1);
+    #[cfg(not(feature = "multithread"))]
+    anyhow::ensure!(threads <= 1, "PROFILE_THREADS needs the multithread feature");
+    #[cfg(feature = "multithread")]
     if threads > 1 {
         // tract's gates for threading a product or an elementwise op, to try other values.
         use tract_linalg::multithread as mt;
