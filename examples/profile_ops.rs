@@ -130,7 +130,11 @@ fn profile(dir: &str, typed: TypedModel, inputs: TVec<TValue>, runs: usize) -> R
     let mut nodes: Vec<_> = per_node.into_iter().collect();
     nodes.sort_by_key(|n| std::cmp::Reverse(n.1 .2));
     println!("\nslowest nodes (inputs):");
-    for (id, (op, name, d)) in nodes.iter().take(15) {
+    // `PROFILE_TOP=N` lists N nodes; `PROFILE_OP=name` only those of one operator.
+    let top: usize = std::env::var("PROFILE_TOP").ok().map(|t| t.parse()).transpose()?.unwrap_or(15);
+    let only = std::env::var("PROFILE_OP").ok();
+    let listed = nodes.iter().filter(|n| only.as_deref().map_or(true, |o| n.1 .0 == o));
+    for (id, (op, name, d)) in listed.take(top) {
         println!("{:>8.3} ms  {op:<20} {name} ({})", ms(*d / runs as u32), shapes.get(id).map_or("", |s| s));
     }
     Ok(())
