@@ -24,7 +24,7 @@ fn main() -> Result<()> {
     let mut model = tract_onnx::onnx().model_for_path(card.onnx_path())?;
     let [c, h, w] = [card.image.channels, card.image.height, card.image.width];
     // `PROFILE_BATCH=2`: the batch of a guided step run as one call (conditional + null class).
-    let n: usize = std::env::var("PROFILE_BATCH").ok().map(|b| b.parse()).transpose()?.unwrap_or(1);
+    let n = env_usize("PROFILE_BATCH")?.unwrap_or(1);
     let names: Vec<String> = model.input_outlets()?.iter().map(|o| model.node(o.node).name.clone()).collect();
     let mut inputs: TVec<TValue> = tvec![];
     for (ix, name) in names.iter().enumerate() {
@@ -48,31 +48,30 @@ fn main() -> Result<()> {
     }
     let mut typed = typed.into_optimized()?;
     edge_diffuse::denoiser::contiguous_constants(&mut typed)?;
-    let threads: usize = std::env::var("PROFILE_THREADS").ok().map(|t| t.parse()).transpose()?.unwrap_or(1);
+    let threads = env_usize("PROFILE_THREADS")?.unwrap_or(1);
     #[cfg(not(feature = "multithread"))]
     anyhow::ensure!(threads <= 1, "PROFILE_THREADS needs the multithread feature");
     #[cfg(feature = "multithread")]
     if threads > 1 {
-        // tract's gates for threading a product or an elementwise op, to try other values.
         use tract_linalg::multithread as mt;
-        let knob = |name: &str| std::env::var(name).ok().map(|v| v.parse::<usize>()).transpose();
-        if let Some(v) = knob("PROFILE_PANEL_THRESHOLD")? {
+        // tract's gates for threading a product or an elementwise op, to try other values.
+        if let Some(v) = env_usize("PROFILE_PANEL_THRESHOLD")? {
             mt::set_threading_panel_threshold(v);
         }
-        if let Some(v) = knob("PROFILE_MAC_THRESHOLD")? {
+        if let Some(v) = env_usize("PROFILE_MAC_THRESHOLD")? {
             mt::set_threading_mac_threshold(v);
         }
-        if let Some(v) = knob("PROFILE_ELEMENT_THRESHOLD")? {
+        if let Some(v) = env_usize("PROFILE_ELEMENT_THRESHOLD")? {
             mt::set_threading_element_threshold(v);
         }
         // As the runtime runs a plan: on a worker of the pool, with the pool as tract's executor
         // there (the executor is thread-local, so it is set inside the worker).
-        use tract_linalg::multithread::{multithread_tract_scope, Executor};
+        use mt::{multithread_tract_scope, Executor};
         let pool = Executor::multithread(threads);
         let Executor::MultiThread(workers) = &pool else { unreachable!("a multithread executor") };
         return workers.install(|| {
             multithread_tract_scope(pool.clone(), || {
-                edge_diffuse::denoiser::with_spinning_workers(threads, || profile(&dir, typed, inputs, runs))
+                edge_diffuse::denoiser::with_spinning_workers(|| profile(&dir, typed, inputs, runs))
             })
         });
     }
@@ -131,13 +130,18 @@ fn profile(dir: &str, typed: TypedModel, inputs: TVec<TValue>, runs: usize) -> R
     nodes.sort_by_key(|n| std::cmp::Reverse(n.1 .2));
     println!("\nslowest nodes (inputs):");
     // `PROFILE_TOP=N` lists N nodes; `PROFILE_OP=name` only those of one operator.
-    let top: usize = std::env::var("PROFILE_TOP").ok().map(|t| t.parse()).transpose()?.unwrap_or(15);
+    let top = env_usize("PROFILE_TOP")?.unwrap_or(15);
     let only = std::env::var("PROFILE_OP").ok();
     let listed = nodes.iter().filter(|n| only.as_deref().map_or(true, |o| n.1 .0 == o));
     for (id, (op, name, d)) in listed.take(top) {
         println!("{:>8.3} ms  {op:<20} {name} ({})", ms(*d / runs as u32), shapes.get(id).map_or("", |s| s));
     }
     Ok(())
+}
+
+/// An optional numeric setting from the environment; a value that is not a number is an error.
+fn env_usize(name: &str) -> Result<Option<usize>> {
+    std::env::var(name).ok().map(|v| v.parse().with_context(|| format!("{name}={v}: not a number"))).transpose()
 }
 
 fn ms(d: Duration) -> f64 {

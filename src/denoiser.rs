@@ -511,9 +511,7 @@ fn executor_for(_threads: usize) -> (usize, Executor) {
 fn run_on(executor: &Executor, state: &mut TypedSimpleState, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
     match executor {
         #[cfg(feature = "multithread")]
-        Executor::MultiThread(pool) => {
-            pool.install(|| with_spinning_workers(pool.current_num_threads(), || state.run(inputs)))
-        }
+        Executor::MultiThread(pool) => pool.install(|| with_spinning_workers(|| state.run(inputs))),
         _ => state.run(inputs),
     }
 }
@@ -530,12 +528,12 @@ fn run_on(executor: &Executor, state: &mut TypedSimpleState, inputs: TVec<TValue
 /// 12.84 → 10.82 ms; teacher unguided, 4 rounds: 10.73 → 8.37 ms.
 #[cfg(feature = "multithread")]
 #[doc(hidden)]
-pub fn with_spinning_workers<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+pub fn with_spinning_workers<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     use std::sync::atomic::{AtomicBool, Ordering};
     let done = AtomicBool::new(false);
     let home = rayon::current_thread_index();
     rayon::scope(|s| {
-        for _ in 1..threads {
+        for _ in 1..rayon::current_num_threads() {
             s.spawn(|_| {
                 // `f`'s own thread may pop a spinner while it waits inside a join of `f`:
                 // spinning there would wait for `f`, which waits below it on the same stack.
@@ -570,7 +568,7 @@ mod tests {
 
     fn on_pool<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
         let Executor::MultiThread(pool) = Executor::multithread(threads) else { unreachable!() };
-        pool.install(|| with_spinning_workers(threads, f))
+        pool.install(|| with_spinning_workers(f))
     }
 
     #[test]

@@ -211,7 +211,7 @@ impl EvalOp for Winograd3x3 {
         };
         let &[n, c, h, w] = x.shape() else { bail!("Winograd3x3 expects NCHW, got {:?}", x.shape()) };
         ensure!(c == self.c, "Winograd3x3 expects {} channels, got {c}", self.c);
-        let bias = f32s(bias, "Winograd3x3")?;
+        let (xs, bias) = (f32s(x, "Winograd3x3")?, f32s(bias, "Winograd3x3")?);
         ensure!(bias.len() == self.k, "Winograd3x3: {} biases for {} channels", bias.len(), self.k);
         let mut y = unsafe { Tensor::uninitialized::<f32>(&[n, self.k, h, w])? };
         let mut out = y.try_as_plain_ram_mut()?;
@@ -219,9 +219,9 @@ impl EvalOp for Winograd3x3 {
         match ctx.shared.and_then(|shared| shared.get::<SharedScratch>()) {
             Some(SharedScratch(held)) => {
                 let mut scratch = held.lock().map_err(|_| format_err!("Winograd3x3: a poisoned scratch"))?;
-                self.run(f32s(x, "Winograd3x3")?, bias, [n, h, w], out, &mut scratch)
+                self.run(xs, bias, [n, h, w], out, &mut scratch)
             }
-            None => self.run(f32s(x, "Winograd3x3")?, bias, [n, h, w], out, &mut Scratch::default()),
+            None => self.run(xs, bias, [n, h, w], out, &mut Scratch::default()),
         }
         Ok(tvec!(y.into_tvalue()))
     }
