@@ -234,9 +234,10 @@ unsafe fn input_block(
                         let (d0, _) = deinterleave(p);
                         let (d1, d2) = deinterleave(p.add(1));
                         let (d3, _) = deinterleave(p.add(3));
-                        for (j, dv) in [d0, d1, d2, d3].into_iter().enumerate() {
-                            _mm256_storeu_ps(di[j][at..at + 8].as_mut_ptr(), dv);
-                        }
+                        _mm256_storeu_ps(di[0][at..at + 8].as_mut_ptr(), d0);
+                        _mm256_storeu_ps(di[1][at..at + 8].as_mut_ptr(), d1);
+                        _mm256_storeu_ps(di[2][at..at + 8].as_mut_ptr(), d2);
+                        _mm256_storeu_ps(di[3][at..at + 8].as_mut_ptr(), d3);
                     }
                 } else {
                     for l in 0..len - g {
@@ -249,22 +250,28 @@ unsafe fn input_block(
         }
     }
     // Bᵀ down the rows, then B along the columns: the plain layout's order, the same bits.
-    let at = |xi: usize| (xi * c + ci) * NR;
+    // Written out register by register: `std::array::from_fn` and `<[T; N]>::map` here were
+    // compiled out of line, without AVX, and their results read back through the stack (a
+    // store-forwarding stall that cost 10–15 % of a student call).
+    debug_assert!(v.len() >= (15 * c + ci) * NR + NR);
+    let vp = v.as_mut_ptr();
     for half in [0, 8] {
-        // Safety: AVX2; 8 lanes from `half` of 16.
+        // Safety: AVX2; 8 lanes from `half` of 16 in `dt`, and v[(ξ·c + ci)·NR + half ..][..8]
+        // inside `v` (asserted above for the largest ξ).
         unsafe {
-            let d = |i: usize, j: usize| _mm256_loadu_ps(dt[i][j][half..].as_ptr());
-            // col[j][i]: row i of Bᵀ d, column j.
-            let col: [[__m256; 4]; 4] = std::array::from_fn(|j| {
+            let d = |i: usize, j: usize| _mm256_loadu_ps(dt[i][j].as_ptr().add(half));
+            let mut col = [[_mm256_setzero_ps(); 4]; 4];
+            for (j, cj) in col.iter_mut().enumerate() {
                 let (d0, d1, d2, d3) = (d(0, j), d(1, j), d(2, j), d(3, j));
-                [_mm256_sub_ps(d0, d2), _mm256_add_ps(d1, d2), _mm256_sub_ps(d2, d1), _mm256_sub_ps(d1, d3)]
-            });
+                *cj = [_mm256_sub_ps(d0, d2), _mm256_add_ps(d1, d2), _mm256_sub_ps(d2, d1), _mm256_sub_ps(d1, d3)];
+            }
             for i in 0..4 {
-                let [a0, a1, a2, a3] = [0, 1, 2, 3].map(|j| col[j][i]);
-                let out = [_mm256_sub_ps(a0, a2), _mm256_add_ps(a1, a2), _mm256_sub_ps(a2, a1), _mm256_sub_ps(a1, a3)];
-                for (j, o) in out.into_iter().enumerate() {
-                    _mm256_storeu_ps(v[at(4 * i + j) + half..][..8].as_mut_ptr(), o);
-                }
+                let (a0, a1, a2, a3) = (col[0][i], col[1][i], col[2][i], col[3][i]);
+                let store = |j: usize, o: __m256| _mm256_storeu_ps(vp.add(((4 * i + j) * c + ci) * NR + half), o);
+                store(0, _mm256_sub_ps(a0, a2));
+                store(1, _mm256_add_ps(a1, a2));
+                store(2, _mm256_sub_ps(a2, a1));
+                store(3, _mm256_sub_ps(a1, a3));
             }
         }
     }
@@ -287,23 +294,27 @@ unsafe fn output_block(
     px: &mut [[[f32; NR]; 2]; 2],
 ) {
     let Dims { k, h, w, .. } = d;
-    // px[i][j]: output pixel (i, j) of every lane's tile, all of it written below.
+    // px[i][j]: output pixel (i, j) of every lane's tile, all of it written below. Written out
+    // without `from_fn` and `map`, for the reason `input_block` gives.
+    debug_assert!(m.len() >= (15 * MR + r) * NR + NR);
+    let mp = m.as_ptr();
     for half in [0, 8] {
-        // Safety: AVX2; 8 lanes from `half` of each 16-lane row of `m`.
+        // Safety: AVX2; 8 lanes from `half` of each 16-lane row of `m` (asserted above for the
+        // last row).
         unsafe {
-            let row = |xi: usize| _mm256_loadu_ps(m[(xi * MR + r) * NR + half..][..8].as_ptr());
-            // col[j][i]: row i of Aᵀ M, column j.
-            let col: [[__m256; 2]; 4] = std::array::from_fn(|j| {
+            let row = |xi: usize| _mm256_loadu_ps(mp.add((xi * MR + r) * NR + half));
+            let mut col = [[_mm256_setzero_ps(); 2]; 4];
+            for (j, cj) in col.iter_mut().enumerate() {
                 let (m0, m1, m2, m3) = (row(j), row(4 + j), row(8 + j), row(12 + j));
-                [_mm256_add_ps(_mm256_add_ps(m0, m1), m2), _mm256_sub_ps(_mm256_sub_ps(m1, m2), m3)]
-            });
+                *cj = [_mm256_add_ps(_mm256_add_ps(m0, m1), m2), _mm256_sub_ps(_mm256_sub_ps(m1, m2), m3)];
+            }
             let b = _mm256_set1_ps(beta);
             for (i, pi) in px.iter_mut().enumerate() {
-                let [a0, a1, a2, a3] = [0, 1, 2, 3].map(|j| col[j][i]);
+                let (a0, a1, a2, a3) = (col[0][i], col[1][i], col[2][i], col[3][i]);
                 let p0 = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), a2), b);
                 let p1 = _mm256_add_ps(_mm256_sub_ps(_mm256_sub_ps(a1, a2), a3), b);
-                _mm256_storeu_ps(pi[0][half..].as_mut_ptr(), p0);
-                _mm256_storeu_ps(pi[1][half..].as_mut_ptr(), p1);
+                _mm256_storeu_ps(pi[0].as_mut_ptr().add(half), p0);
+                _mm256_storeu_ps(pi[1].as_mut_ptr().add(half), p1);
             }
         }
     }
