@@ -41,9 +41,15 @@ fn main() -> Result<()> {
     }
     // The load-time rewrites the runtime applies (see `Denoiser`), so this profiles what it runs;
     // `PROFILE_IM2COL=1` leaves the convolutions to tract.
-    let mut typed = model.into_typed()?.into_decluttered()?;
+    let ours = std::env::var_os("PROFILE_IM2COL").is_none();
+    let mut typed = model.into_typed()?;
+    #[cfg(target_arch = "x86_64")]
+    if ours {
+        edge_diffuse::pointwise::rewrite(&mut typed)?;
+    }
+    let mut typed = typed.into_decluttered()?;
     edge_diffuse::groupnorm::rewrite(&mut typed)?;
-    if std::env::var_os("PROFILE_IM2COL").is_none() {
+    if ours {
         edge_diffuse::winograd::rewrite(&mut typed)?;
     }
     let mut typed = typed.into_optimized()?;

@@ -85,12 +85,13 @@ impl Precision {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Convolution {
     /// Float32 3×3, stride-1, padding-1 convolutions by Winograd's F(2×2, 3×3) (2.25× fewer
-    /// multiplications; rounding differences of a few 1e-7 relative), the rest as `Im2col`.
+    /// multiplications; rounding differences of a few 1e-7 relative), and on x86-64 with AVX2
+    /// and FMA the 1×1 convolutions on the same matrix kernel; the rest as `Im2col`.
     /// Float16 plans, and 32-bit ARM builds (no fast matrix product for it there), always use
     /// `Im2col`.
     #[default]
     Winograd,
-    /// Every convolution as tract compiles it: an im2col matrix product.
+    /// Every convolution as tract compiles it: an im2col (3×3) or plain (1×1) matrix product.
     Im2col,
 }
 
@@ -295,7 +296,13 @@ impl Denoiser {
         // Both rewrites work on the decluttered graph: the Winograd swap needs tract's
         // convolutions as they are before optimization, and the f16 translation must come
         // before tract fuses operators into kernels picked for f32.
-        let mut typed = model.into_typed().and_then(|m| m.into_decluttered()).map_err(optimizing)?;
+        let mut typed = model.into_typed().map_err(optimizing)?;
+        // 1×1 convolutions before declutter, which turns them into forms tract runs slower.
+        #[cfg(target_arch = "x86_64")]
+        if self.precision == Precision::F32 && self.convolution == Convolution::Winograd {
+            crate::pointwise::rewrite(&mut typed).map_err(|e| format!("1x1 convolution: {}", err(e)))?;
+        }
+        let mut typed = typed.into_decluttered().map_err(optimizing)?;
         let (mut winograd_convs, mut group_norms) = (0, 0);
         match self.precision {
             Precision::F32 => {

@@ -36,11 +36,17 @@ pub mod card;
 pub mod denoiser;
 pub mod error;
 pub mod files;
+#[cfg(target_arch = "x86_64")]
+mod gemm;
 // Public only for `examples/profile_ops.rs`, which profiles the plan the runtime builds.
 #[doc(hidden)]
 pub mod groupnorm;
 pub mod noise;
 pub mod pipeline;
+// Public only for `examples/profile_ops.rs`, which profiles the plan the runtime builds.
+#[doc(hidden)]
+#[cfg(target_arch = "x86_64")]
+pub mod pointwise;
 pub mod sampler;
 pub mod schedule;
 // Public only for `examples/profile_ops.rs`, which profiles the plan the runtime builds.

@@ -14,7 +14,7 @@
 
 use std::arch::x86_64::*;
 
-use super::gemm::{self, MR, NR};
+use crate::gemm::{self, MR, NR};
 
 /// Tiles of one tile row in a block: image `b`, tile row `ty`, columns `tx0 .. tx0 + len`, in
 /// the block's lanes `lane .. lane + len`.
@@ -158,7 +158,7 @@ unsafe fn run_avx2(
                 let rows = &v[xi * c * NR..][..c * NR];
                 let out = &mut m[xi * MR * NR..][..MR * NR];
                 // Safety: AVX2 and FMA; `up` is one panel, `rows` c rows of NR, `out` MR of NR.
-                unsafe { gemm::block_avx2_fma(up, rows, NR, out.as_mut_ptr(), NR, MR) };
+                unsafe { gemm::block_avx2_fma(up, rows, NR, out.as_mut_ptr(), NR, MR, &[0.0; MR]) };
             }
             for r in 0..MR.min(k - p * MR) {
                 // Safety: AVX2.
@@ -265,6 +265,8 @@ unsafe fn input_block(
                 let (d0, d1, d2, d3) = (d(0, j), d(1, j), d(2, j), d(3, j));
                 *cj = [_mm256_sub_ps(d0, d2), _mm256_add_ps(d1, d2), _mm256_sub_ps(d2, d1), _mm256_sub_ps(d1, d3)];
             }
+            // `i` picks row i of each column: the index is the clearest way to say it.
+            #[allow(clippy::needless_range_loop)]
             for i in 0..4 {
                 let (a0, a1, a2, a3) = (col[0][i], col[1][i], col[2][i], col[3][i]);
                 let store = |j: usize, o: __m256| _mm256_storeu_ps(vp.add(((4 * i + j) * c + ci) * NR + half), o);

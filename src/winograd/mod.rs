@@ -30,8 +30,9 @@ use std::sync::Mutex;
 
 #[cfg(target_arch = "x86_64")]
 mod fused;
+
 #[cfg(target_arch = "x86_64")]
-mod gemm;
+use crate::gemm;
 
 use ndarray::linalg::general_mat_mul;
 use ndarray::{ArrayView2, ArrayViewMut2};
@@ -216,13 +217,7 @@ impl EvalOp for Winograd3x3 {
         let mut y = unsafe { Tensor::uninitialized::<f32>(&[n, self.k, h, w])? };
         let mut out = y.try_as_plain_ram_mut()?;
         let out = out.as_slice_mut::<f32>()?;
-        match ctx.shared.and_then(|shared| shared.get::<SharedScratch>()) {
-            Some(SharedScratch(held)) => {
-                let mut scratch = held.lock().map_err(|_| format_err!("Winograd3x3: a poisoned scratch"))?;
-                self.run(xs, bias, [n, h, w], out, &mut scratch)
-            }
-            None => self.run(xs, bias, [n, h, w], out, &mut Scratch::default()),
-        }
+        with_scratch(ctx, |scratch| self.run(xs, bias, [n, h, w], out, scratch))?;
         Ok(tvec!(y.into_tvalue()))
     }
 }
@@ -261,7 +256,29 @@ pub struct Scratch {
 /// is never contended: a state runs one node at a time.
 struct SharedScratch(Mutex<Scratch>);
 
-/// Gives `state` the buffers its Winograd nodes share. Without them each call allocates its own.
+/// Runs `f` on the scratch of the plan state that runs `ctx`, or on a fresh one when the state
+/// has none.
+pub(crate) fn with_scratch<R>(ctx: &EvalContext, f: impl FnOnce(&mut Scratch) -> R) -> TractResult<R> {
+    match ctx.shared.and_then(|shared| shared.get::<SharedScratch>()) {
+        Some(SharedScratch(held)) => {
+            let mut scratch = held.lock().map_err(|_| format_err!("a poisoned scratch"))?;
+            Ok(f(&mut scratch))
+        }
+        None => Ok(f(&mut Scratch::default())),
+    }
+}
+
+impl Scratch {
+    /// `len` floats of the buffer, grown when short; what they hold is left over from before.
+    pub(crate) fn floats(&mut self, len: usize) -> &mut [f32] {
+        if self.v.len() < len {
+            self.v.resize(len, 0.0);
+        }
+        &mut self.v[..len]
+    }
+}
+
+/// Gives `state` the buffers its Winograd and 1×1 convolution nodes share. Without them each call allocates its own.
 pub fn install_scratch(state: &mut TypedSimpleState) {
     state.turn_state.shared.insert(SharedScratch(Mutex::new(Scratch::default())));
 }
@@ -340,7 +357,7 @@ impl Winograd3x3 {
 }
 
 /// `0..len` in `parts` nearly equal ranges (fewer when `len` is small).
-fn split(len: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
+pub(crate) fn split(len: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
     let parts = parts.clamp(1, len.max(1));
     (0..parts).map(|i| i * len / parts..(i + 1) * len / parts).collect()
 }
@@ -364,7 +381,7 @@ fn carve(mut rest: &mut [f32], lens: impl IntoIterator<Item = usize>) -> Vec<&mu
 const FUSED_MAX_WEIGHTS: usize = 16 * 128 * 128;
 
 /// Threads of the executor the plan runs on.
-fn threads() -> usize {
+pub(crate) fn threads() -> usize {
     match current_tract_executor() {
         #[cfg(feature = "multithread")]
         Executor::MultiThread(pool) => pool.current_num_threads(),

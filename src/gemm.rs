@@ -1,21 +1,22 @@
-//! The 16 matrix products of a Winograd convolution on x86-64 with AVX2 and FMA: `M = U · V`
-//! with `U` (k × c, the transformed weights), `V` (c × t, the transformed input tiles) and `M`
-//! (k × t), all small: k and c are 32–256 channels, t is 16–1024 tiles.
+//! The matrix products of our convolutions on x86-64 with AVX2 and FMA: `M = U · V` with `U`
+//! (k × c, constant weights), `V` (c × t, one row per input channel) and `M` (k × t), all small:
+//! k and c are 32–256 channels, t is 16–1024 tiles or pixels. Used for the 16 products of a
+//! Winograd convolution (`winograd`) and for 1×1 convolutions (`pointwise`).
 //!
 //! Why our own: a general matrix product packs both operands on every call. Here `U` is
 //! constant, so it is packed once at load ([`pack_weights`]), and `V` needs no packing at all:
-//! the kernel reads rows of 16 tiles straight from a block of it (`super::fused`). With `matrixmultiply`, packing was 14 %
-//! of a student call; tract-linalg's kernels, fed packed operands, were no faster (README,
-//! "Performance"). Other CPUs (aarch64's NEON included, where a kernel of ours is not measured)
-//! keep `matrixmultiply`.
+//! the kernel reads rows of 16 columns straight from a block of it. With `matrixmultiply`,
+//! packing was 14 % of a student call; tract-linalg's kernels, fed packed operands, were no
+//! faster (README, "Performance"). Other CPUs (aarch64's NEON included, where a kernel of ours
+//! is not measured) keep `matrixmultiply` or tract's own.
 //!
 //! The micro-kernel keeps a 6 × 16 block of `M` in 12 AVX registers and adds, for each input
 //! channel, one 6-value column of `U` times one 16-value row of `V`.
 
 /// Output channels per block of the micro-kernel (rows of `M`).
-pub(super) const MR: usize = 6;
+pub(crate) const MR: usize = 6;
 /// Tiles per block of the micro-kernel (columns of `M`).
-pub(super) const NR: usize = 16;
+pub(crate) const NR: usize = 16;
 
 /// `U` (k × c, row-major) in the kernel's layout: panels of [`MR`] output channels, zero-padded,
 /// each as `c` columns of `MR` values.
@@ -68,11 +69,11 @@ pub fn product(u: &[f32], v: &[f32], m: &mut [f32], [k, c, t]: [usize; 3]) {
                 let out = &mut m[p * MR * t + t0..];
                 assert!(out.len() >= (height - 1) * t + NR, "product: short output");
                 // Safety: `available()`, the operand lengths above and the output length here.
-                unsafe { block_avx2_fma(up, rows, stride, out.as_mut_ptr(), t, height) };
+                unsafe { block_avx2_fma(up, rows, stride, out.as_mut_ptr(), t, height, &[0.0; MR]) };
             } else {
                 let mut acc = [[0f32; NR]; MR];
                 // Safety: as above, into a whole MR × NR block.
-                unsafe { block_avx2_fma(up, rows, stride, acc.as_mut_ptr().cast(), NR, MR) };
+                unsafe { block_avx2_fma(up, rows, stride, acc.as_mut_ptr().cast(), NR, MR, &[0.0; MR]) };
                 for (r, a) in acc.iter().enumerate().take(height) {
                     m[(p * MR + r) * t + t0..][..width].copy_from_slice(&a[..width]);
                 }
@@ -81,21 +82,31 @@ pub fn product(u: &[f32], v: &[f32], m: &mut [f32], [k, c, t]: [usize; 3]) {
     }
 }
 
-/// One `MR × NR` block of `M`: `up` is one panel of `U` (c columns of `MR`), `rows` the first
-/// of its c rows of `NR` tiles, `stride` apart. The first `height` rows of the block are stored
-/// at `out`, `ld` apart, straight from the registers. The 12 accumulators are named registers:
+/// One `MR × NR` block of `M` plus `init` (row r of the block starts from `init[r]`): `up` is
+/// one panel of `U` (c columns of `MR`), `rows` the first of its c rows of `NR` tiles, `stride`
+/// apart. The first `height` rows of the block are stored at `out`, `ld` apart, straight from
+/// the registers. The 12 accumulators are named registers:
 /// written as plain Rust over a `[[f32; 16]; 6]`, the compiler vectorized the loop but stored
 /// the array back to memory on every step, at half the speed.
 ///
 /// Safety: the CPU has AVX2 and FMA; `up` holds c·MR values, `rows` c rows of NR, and `out`
 /// has room for `height` rows of NR values `ld` apart.
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn block_avx2_fma(up: &[f32], rows: &[f32], stride: usize, out: *mut f32, ld: usize, height: usize) {
+pub(crate) unsafe fn block_avx2_fma(
+    up: &[f32],
+    rows: &[f32],
+    stride: usize,
+    out: *mut f32,
+    ld: usize,
+    height: usize,
+    init: &[f32; MR],
+) {
     use std::arch::x86_64::*;
     let c = up.len() / MR;
     debug_assert!(c == 0 || rows.len() >= (c - 1) * stride + NR);
-    let z = _mm256_setzero_ps();
-    let [mut a0, mut b0, mut a1, mut b1, mut a2, mut b2, mut a3, mut b3, mut a4, mut b4, mut a5, mut b5] = [z; 12];
+    let i = |r: usize| _mm256_set1_ps(init[r]);
+    let (mut a0, mut a1, mut a2, mut a3, mut a4, mut a5) = (i(0), i(1), i(2), i(3), i(4), i(5));
+    let (mut b0, mut b1, mut b2, mut b3, mut b4, mut b5) = (a0, a1, a2, a3, a4, a5);
     let (mut u, mut v) = (up.as_ptr(), rows.as_ptr());
     for _ in 0..c {
         unsafe {

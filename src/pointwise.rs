@@ -1,0 +1,326 @@
+//! 1×1 convolutions on our matrix kernel (`gemm`), x86-64 with AVX2 and FMA.
+//!
+//! Why: a 1×1 convolution is one matrix product per image, `y = W · x + b` with `x` as c rows of
+//! h·w pixels. tract runs it as a general product that packs its input on every call, splits
+//! the ones that read a `Concat` into one product per part plus a sum, and adds the bias in
+//! another pass; the UNets' skip connections and attention projections took 0.9 ms of a 12 ms
+//! student call that way (`profile_ops`). Here `W` is packed once at load, each block of 16
+//! pixels is copied once into a contiguous buffer (rows of a 32×32 map are 4 KB apart, which
+//! would make every row of a block fall into the same L1 set) and multiplied by every panel of
+//! output channels, and the bias starts the sums.
+//!
+//! [`rewrite`] swaps such tract `Conv` nodes for [`Pointwise`] in the typed graph *before*
+//! tract declutters it: declutter turns a 1×1 convolution into an `EinSum` plus a bias `Add`
+//! and splits one that reads a `Concat`. The products add in the same order as the plain sum over input
+//! channels, one fused multiply-add at a time.
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec};
+use tract_onnx::tract_core::ops::nn::DataFormat;
+
+use crate::gemm::{self, MR, NR};
+use crate::winograd::{f32s, for_each, split, threads, with_scratch};
+
+/// Replaces every float32, 1×1, stride-1, unpadded, ungrouped NCHW convolution with constant
+/// weights by a [`Pointwise`] node, when this CPU runs our kernel. Returns how many were
+/// replaced. The bias may be a computed input of `k` values.
+pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
+    if !gemm::available() {
+        return Ok(0);
+    }
+    let mut replaced = 0;
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some(op) = pointwise_for(model, node)? else { continue };
+        let inputs = if op.bias.is_some() { vec![node.inputs[0]] } else { vec![node.inputs[0], node.inputs[2]] };
+        let patch = TypedModelPatch::replace_single_op(model, node, &inputs, op)?;
+        patch.apply(model)?;
+        replaced += 1;
+    }
+    if replaced > 0 {
+        model.compact()?;
+    }
+    Ok(replaced)
+}
+
+/// The replacement for `node`, when it is a convolution this module can run.
+fn pointwise_for(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Pointwise>> {
+    let Some(conv) = node.op_as::<Conv>() else { return Ok(None) };
+    let spec = &conv.pool_spec;
+    let ones = |v: &Option<TVec<usize>>| v.iter().flatten().all(|&x| x == 1);
+    let unpadded = match &spec.padding {
+        PaddingSpec::Explicit(b, a) | PaddingSpec::ExplicitOnnxPool(b, a, _) => {
+            b.iter().chain(a.iter()).all(|&p| p == 0)
+        }
+        // A 1×1 kernel needs no padding for a same-size output either.
+        PaddingSpec::Valid | PaddingSpec::SameUpper | PaddingSpec::SameLower => true,
+    };
+    if conv.q_params.is_some()
+        || conv.group != 1
+        || conv.kernel_fmt != KernelFormat::OIHW
+        || spec.data_format != DataFormat::NCHW
+        || *spec.kernel_shape != [1, 1]
+        || !ones(&spec.strides)
+        || !ones(&spec.dilations)
+        || !unpadded
+        || node.inputs.len() != 3
+    {
+        return Ok(None);
+    }
+    let x = model.outlet_fact(node.inputs[0])?;
+    let Some(kernel) = &model.outlet_fact(node.inputs[1])?.konst else { return Ok(None) };
+    let bias = model.outlet_fact(node.inputs[2])?;
+    let (k, c) = (conv.output_channels(), conv.input_channels());
+    if x.datum_type != f32::datum_type()
+        || x.rank() != 4
+        || x.shape.as_concrete().is_none()
+        || kernel.datum_type() != f32::datum_type()
+        || kernel.shape() != [k, c, 1, 1]
+        || bias.datum_type != f32::datum_type()
+    {
+        return Ok(None);
+    }
+    let weights = f32s(kernel, "Pointwise")?;
+    let op = match &bias.konst {
+        Some(b) if b.len() == k => Pointwise::new(weights, Some(f32s(b, "Pointwise")?), k, c),
+        Some(b) if b.len() == 1 => Pointwise::new(weights, Some(&vec![f32s(b, "Pointwise")?[0]; k]), k, c),
+        None if bias.shape.as_concrete().is_some_and(|s| s.iter().product::<usize>() == k) => {
+            Pointwise::new(weights, None, k, c)
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(op))
+}
+
+/// A 1×1, stride-1 convolution on our kernel; see the module docs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pointwise {
+    k: usize,
+    c: usize,
+    /// The `[k, c]` weights packed for the kernel (`gemm::pack_weights`), float32.
+    weights: Arc<Tensor>,
+    /// One bias per output channel, float32 `[k]`; `None`: the node's second input, `k` values.
+    bias: Option<Arc<Tensor>>,
+}
+
+impl Pointwise {
+    fn new(weights: &[f32], bias: Option<&[f32]>, k: usize, c: usize) -> Self {
+        let packed = gemm::pack_weights(weights, k, c);
+        Pointwise { k, c, weights: Arc::new(tensor1(&packed)), bias: bias.map(|b| Arc::new(tensor1(b))) }
+    }
+
+    /// `x`: `[n, c, t]`, `y`: `[n, k, t]`, both C order; `bias`: `k` values; `scratch`: room
+    /// for the pixel blocks, one per thread.
+    fn run(&self, x: &[f32], bias: &[f32], [n, t]: [usize; 2], y: &mut [f32], scratch: &mut crate::winograd::Scratch) {
+        let (k, c) = (self.k, self.c);
+        let u = f32s(&self.weights, "Pointwise").expect("f32 weights");
+        let (blocks, panels) = (t.div_ceil(NR), k.div_ceil(MR));
+        // Work items: (image, block of pixels, group of panels); with fewer blocks than
+        // threads, the threads also split the output channels.
+        let parts = threads();
+        let groups = parts.div_ceil(n * blocks).min(panels);
+        let ranges = split(n * blocks * groups, parts);
+        let need = c * NR;
+        let buffers = scratch.floats(ranges.len() * need);
+        let out = Output(y.as_mut_ptr(), y.len());
+        let work: Vec<_> = ranges.into_iter().zip(buffers.chunks_mut(need)).collect();
+        for_each(work, |(items, buf)| {
+            for item in items {
+                let (image, q, g) = (item / (blocks * groups), item / groups % blocks, item % groups);
+                let (t0, width) = (q * NR, NR.min(t - q * NR));
+                let xs = &x[image * c * t..][..c * t];
+                for (row, src) in buf.chunks_exact_mut(NR).zip(xs.chunks_exact(t)) {
+                    row[..width].copy_from_slice(&src[t0..t0 + width]);
+                    row[width..].fill(0.0);
+                }
+                for p in g * panels / groups..(g + 1) * panels / groups {
+                    let height = MR.min(k - p * MR);
+                    let mut init = [0f32; MR];
+                    init[..height].copy_from_slice(&bias[p * MR..][..height]);
+                    let up = &u[p * c * MR..][..c * MR];
+                    let first = (image * k + p * MR) * t + t0;
+                    if width == NR {
+                        assert!(first + (height - 1) * t + NR <= out.len(), "Pointwise: short output");
+                        // Safety: `available()` (checked by `rewrite`), a panel of `up`, c rows of
+                        // NR in `buf`, and `height` rows of NR inside `y` from `first` (asserted);
+                        // only this item writes them.
+                        unsafe { gemm::block_avx2_fma(up, buf, NR, out.at(first), t, height, &init) };
+                    } else {
+                        let mut acc = [[0f32; NR]; MR];
+                        // Safety: as above, into a whole MR × NR block.
+                        unsafe { gemm::block_avx2_fma(up, buf, NR, acc.as_mut_ptr().cast(), NR, MR, &init) };
+                        for (r, a) in acc.iter().enumerate().take(height) {
+                            assert!(first + r * t + width <= out.len(), "Pointwise: short output");
+                            // Safety: inside `y` (asserted), this item's pixels.
+                            let row = unsafe { std::slice::from_raw_parts_mut(out.at(first + r * t), width) };
+                            row.copy_from_slice(&a[..width]);
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// The output, written by several threads at once, each only the pixels of its own items.
+#[derive(Clone, Copy)]
+struct Output(*mut f32, usize);
+
+impl Output {
+    /// A method, not a field access, so that closures capture the whole (`Sync`) value.
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+
+    fn len(self) -> usize {
+        self.1
+    }
+}
+
+// Safety: see the type's docs; items do not overlap.
+unsafe impl Send for Output {}
+unsafe impl Sync for Output {}
+
+impl Op for Pointwise {
+    fn name(&self) -> StaticName {
+        "Pointwise".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!("1x1, {} -> {} channels", self.c, self.k)])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for Pointwise {
+    op_out_of_plan!();
+
+    fn eval(&self, ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let (x, bias) = match (&self.bias, &*inputs) {
+            (Some(b), [x]) => (x, &**b),
+            (None, [x, b]) => (x, &**b),
+            _ => bail!("Pointwise: {} inputs, expected {}", inputs.len(), 2 - self.bias.is_some() as usize),
+        };
+        let &[n, c, h, w] = x.shape() else { bail!("Pointwise expects NCHW, got {:?}", x.shape()) };
+        ensure!(c == self.c, "Pointwise expects {} channels, got {c}", self.c);
+        let (xs, bias) = (f32s(x, "Pointwise")?, f32s(bias, "Pointwise")?);
+        ensure!(bias.len() == self.k, "Pointwise: {} biases for {} channels", bias.len(), self.k);
+        ensure!(gemm::available(), "Pointwise: this CPU lacks AVX2 and FMA");
+        let mut y = unsafe { Tensor::uninitialized::<f32>(&[n, self.k, h, w])? };
+        let mut out = y.try_as_plain_ram_mut()?;
+        let out = out.as_slice_mut::<f32>()?;
+        with_scratch(ctx, |scratch| self.run(xs, bias, [n, h * w], out, scratch))?;
+        Ok(tvec!(y.into_tvalue()))
+    }
+}
+
+impl TypedOp for Pointwise {
+    as_op!();
+
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let x = inputs[0];
+        ensure!(x.rank() == 4 && x.shape[1] == self.c.to_dim());
+        let shape = [x.shape[0].clone(), self.k.to_dim(), x.shape[2].clone(), x.shape[3].clone()];
+        Ok(tvec!(f32::fact(shape)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tract_onnx::tract_core::ops::cnn::PoolSpec;
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        (0..len).map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0).collect()
+    }
+
+    fn conv(c: usize, k: usize, strides: Option<TVec<usize>>) -> Conv {
+        let pool_spec = PoolSpec {
+            data_format: DataFormat::NCHW,
+            kernel_shape: tvec![1, 1],
+            padding: PaddingSpec::Valid,
+            dilations: None,
+            strides,
+            input_channels: c,
+            output_channels: k,
+        };
+        Conv { pool_spec, kernel_fmt: KernelFormat::OIHW, group: 1, q_params: None }
+    }
+
+    /// A 1×1 convolution, with a computed `[1, k, 1, 1]` tensor added after it when `computed`,
+    /// run by tract and rewritten (before declutter, as the runtime does).
+    fn check(n: usize, c: usize, k: usize, [h, w]: [usize; 2], computed: bool) -> TractResult<()> {
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact([n, c, h, w]))?;
+        let kernel = model.add_const("kernel", Tensor::from_shape(&[k, c, 1, 1], &values(k * c, 1))?)?;
+        let bias = model.add_const("bias", tensor1(&values(k, 2)))?;
+        let mut y = model.wire_node("conv", conv(c, k, None), &[x, kernel, bias])?[0];
+        let mut inputs = tvec![Tensor::from_shape(&[n, c, h, w], &values(n * c * h * w, 3))?.into_tvalue()];
+        if computed {
+            let t = model.add_source("t", f32::fact([1, k, 1, 1]))?;
+            y = model.wire_node("add", tract_onnx::tract_core::ops::math::add(), &[y, t])?[0];
+            inputs.push(Tensor::from_shape(&[1, k, 1, 1], &values(k, 4))?.into_tvalue());
+        }
+        model.select_output_outlets(&[y])?;
+        let want = model.clone().into_optimized()?.into_runnable()?.run(inputs.clone())?;
+
+        let mut ours = model;
+        assert_eq!(rewrite(&mut ours)?, 1, "not rewritten: n{n} c{c} k{k} {h}x{w}");
+        let got = ours.into_optimized()?.into_runnable()?.run(inputs)?;
+        let (want, got) = (f32s(&want[0], "want")?, f32s(&got[0], "got")?);
+        assert_eq!(want.len(), got.len());
+        let worst = want.iter().zip(got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-5, "n{n} c{c} k{k} {h}x{w}: max abs difference {worst}");
+        Ok(())
+    }
+
+    #[test]
+    fn matches_tract_around_the_block_edges() -> TractResult<()> {
+        if !gemm::available() {
+            eprintln!("no AVX2 and FMA here: the kernel cannot run");
+            return Ok(());
+        }
+        // Pixel counts around the 16-pixel blocks, channel counts around the 6-channel panels.
+        check(1, 32, 64, [8, 8], false)?;
+        check(1, 96, 32, [32, 32], true)?;
+        check(2, 7, 13, [5, 3], true)?;
+        check(3, 1, 1, [1, 17], false)
+    }
+
+    #[cfg(feature = "multithread")]
+    #[test]
+    fn threads_split_the_work_without_changing_a_bit() {
+        use tract_linalg::multithread::{multithread_tract_scope, Executor};
+        if !gemm::available() {
+            return;
+        }
+        // 2 images of 30 pixels: 4 blocks, fewer than 5 threads, which then split the panels.
+        let (n, c, k, t) = (2, 9, 20, 30);
+        let (x, bias) = (values(n * c * t, 5), values(k, 6));
+        let op = Pointwise::new(&values(k * c, 7), Some(&bias), k, c);
+        let mut one = vec![0f32; n * k * t];
+        op.run(&x, &bias, [n, t], &mut one, &mut Default::default());
+        for threads in [2, 5] {
+            let mut many = vec![f32::NAN; n * k * t];
+            multithread_tract_scope(Executor::multithread(threads), || {
+                op.run(&x, &bias, [n, t], &mut many, &mut Default::default())
+            });
+            assert_eq!(one, many, "{threads} threads");
+        }
+    }
+
+    #[test]
+    fn leaves_strided_convolutions_alone() -> TractResult<()> {
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact([1, 4, 8, 8]))?;
+        let w = model.add_const("w", Tensor::zero::<f32>(&[4, 4, 1, 1])?)?;
+        let b = model.add_const("b", Tensor::zero::<f32>(&[4])?)?;
+        let y = model.wire_node("strided", conv(4, 4, Some(tvec![2, 2])), &[x, w, b])?;
+        model.select_output_outlets(&y)?;
+        let mut model = model;
+        assert_eq!(rewrite(&mut model)?, 0);
+        Ok(())
+    }
+}
