@@ -49,6 +49,8 @@ fn main() -> Result<()> {
     }
     let mut typed = typed.into_decluttered()?;
     edge_diffuse::groupnorm::rewrite(&mut typed)?;
+    #[cfg(target_arch = "x86_64")]
+    edge_diffuse::softmax::rewrite(&mut typed)?;
     if ours {
         edge_diffuse::winograd::rewrite(&mut typed)?;
     }

@@ -307,6 +307,8 @@ impl Denoiser {
         match self.precision {
             Precision::F32 => {
                 group_norms = crate::groupnorm::rewrite(&mut typed).map_err(|e| format!("group norm: {}", err(e)))?;
+                #[cfg(target_arch = "x86_64")]
+                crate::softmax::rewrite(&mut typed).map_err(|e| format!("softmax: {}", err(e)))?;
                 if self.convolution == Convolution::Winograd && crate::winograd::PAYS_OFF {
                     winograd_convs =
                         crate::winograd::rewrite(&mut typed).map_err(|e| format!("winograd: {}", err(e)))?;

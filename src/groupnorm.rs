@@ -8,19 +8,26 @@
 //! [`GroupNorm`] operator makes three passes over each group (sum, centered sum of squares,
 //! normalize with the affine), with 16 partial sums the compiler vectorizes.
 //!
+//! A SiLU right after the norm (diffusers' ResNet blocks: norm → SiLU → convolution) runs
+//! inside the operator, on each group while it is still in L1, with tract's own SiLU kernel
+//! (the same results as tract's `Silu` node): one pass over the tensor and one node fewer.
+//!
 //! [`rewrite`] swaps the pattern for the operator in a decluttered graph, before tract
 //! optimizes it. Float32 only. The sums' order differs from tract's, so results differ from
 //! tract's in the last bits (relative 1e-7 of a group's mean and spread).
 
+use tract_linalg::routines::Func;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::binary::{BinMiniOp, TypedBinOp};
 use tract_onnx::tract_core::ops::change_axes::AxisOp;
+use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
 use tract_onnx::tract_core::ops::math::{Add, Mul, Sub};
-use tract_onnx::tract_core::ops::nn::{Reduce, Reducer, RmsNorm};
+use tract_onnx::tract_core::ops::nn::{Reduce, Reducer, RmsNorm, Silu};
 
 /// Replaces every GroupNorm pattern (see the module docs) over a float32 `[n, c, h, w]` tensor
-/// with constant γ and β by a [`GroupNorm`] node. Returns how many were replaced.
+/// with constant γ and β, and the SiLU that follows it if any, by a [`GroupNorm`] node.
+/// Returns how many were replaced.
 pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
     let mut replaced = 0;
     for id in model.eval_order()? {
@@ -106,14 +113,21 @@ fn pattern_at(model: &TypedModel, id: usize) -> TractResult<Option<Found>> {
     let (Ok(recip), Ok(eps)) = (recip.1.cast_to_scalar::<f32>(), rms.eps.cast_to_scalar::<f32>()) else {
         return Ok(None);
     };
+    // A SiLU that alone reads the result joins the operator.
+    let shifted = OutletId::new(shift.id, 0);
+    let silu = model
+        .single_succ(shift.id)?
+        .filter(|next| only(shifted, 1) && next.op_as::<ElementWiseOp>().is_some_and(|op| op.0.is::<Silu>()));
     let op = GroupNorm {
         groups,
         recip,
         eps,
         gamma: gamma.try_as_plain_ram()?.as_slice::<f32>()?.to_vec(),
         beta: beta.try_as_plain_ram()?.as_slice::<f32>()?.to_vec(),
+        silu: silu.is_some(),
     };
-    Ok(Some(Found { input, output: OutletId::new(shift.id, 0), op }))
+    let output = silu.map_or(shifted, |node| OutletId::new(node.id, 0));
+    Ok(Some(Found { input, output, op }))
 }
 
 /// Whether `shape` (of a tensor of `c` elements) broadcasts along the channel axis of
@@ -145,7 +159,7 @@ fn bin_by_const<O: BinMiniOp>(model: &TypedModel, node: &TypedNode) -> TractResu
 
 /// `y = (x − mean) / sqrt(var + eps) · γ + β` over each group of `c / groups` channels of a
 /// float32 `[n, c, h, w]` tensor; mean = Σx · `recip`, var = Σ(x − mean)² / L (L: elements of
-/// a group), as in the decluttered graph it replaces.
+/// a group), as in the decluttered graph it replaces; then `y · sigmoid(y)` when `silu`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GroupNorm {
     groups: usize,
@@ -153,6 +167,7 @@ pub struct GroupNorm {
     eps: f32,
     gamma: Vec<f32>,
     beta: Vec<f32>,
+    silu: bool,
 }
 
 impl Eq for GroupNorm {}
@@ -162,6 +177,7 @@ impl std::hash::Hash for GroupNorm {
         self.groups.hash(state);
         self.recip.to_bits().hash(state);
         self.eps.to_bits().hash(state);
+        self.silu.hash(state);
         self.gamma.iter().chain(&self.beta).for_each(|v| v.to_bits().hash(state));
     }
 }
@@ -172,7 +188,13 @@ impl Op for GroupNorm {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!("{} groups of {} channels, eps {}", self.groups, self.gamma.len() / self.groups, self.eps)])
+        let silu = if self.silu { ", then SiLU" } else { "" };
+        Ok(vec![format!(
+            "{} groups of {} channels, eps {}{silu}",
+            self.groups,
+            self.gamma.len() / self.groups,
+            self.eps
+        )])
     }
 
     op_as_typed_op!();
@@ -189,7 +211,7 @@ impl EvalOp for GroupNorm {
         let mut y = unsafe { Tensor::uninitialized::<f32>(&[n, c, h, w])? };
         let mut ys = y.try_as_plain_ram_mut()?;
         let ys = ys.as_slice_mut::<f32>()?;
-        self.run(xs, ys, h * w);
+        self.run(xs, ys, h * w)?;
         Ok(tvec!(y.into_tvalue()))
     }
 }
@@ -209,10 +231,21 @@ const LANES: usize = 16;
 impl GroupNorm {
     /// `x`, `y`: `[n, c, h·w]`, C order; `plane`: h·w. The groups are split between the plan's
     /// threads; each group's arithmetic is the same on any thread count.
-    fn run(&self, x: &[f32], y: &mut [f32], plane: usize) {
+    fn run(&self, x: &[f32], y: &mut [f32], plane: usize) -> TractResult<()> {
         let len = self.gamma.len() / self.groups * plane;
+        let silu = if self.silu { Some(Func::Silu.ew_f32()?) } else { None };
+        let failed = std::sync::Mutex::new(None);
         let work: Vec<_> = x.chunks_exact(len).zip(y.chunks_exact_mut(len)).enumerate().collect();
-        crate::winograd::for_each(work, |(gi, (xg, yg))| self.group(gi % self.groups, xg, yg, plane));
+        crate::winograd::for_each(work, |(gi, (xg, yg))| {
+            self.group(gi % self.groups, xg, yg, plane);
+            if let Some(Err(e)) = silu.as_ref().map(|silu| silu.run(yg)) {
+                *failed.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(e);
+            }
+        });
+        match failed.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner()) {
+            Some(e) => Err(e.context("GroupNorm: SiLU")),
+            None => Ok(()),
+        }
     }
 
     /// One group `g` of one image: `x`, `y` its `c / groups` planes of `plane` values.
@@ -329,6 +362,54 @@ mod tests {
         Ok(())
     }
 
+    /// [`graph`] with a SiLU after it; `shared`: the norm's result is also an output.
+    fn graph_with_silu(n: usize, c: usize, groups: usize, hw: [usize; 2], shared: bool) -> TractResult<TypedModel> {
+        let mut model = graph(n, c, groups, hw)?;
+        let normed = model.output_outlets()?[0];
+        let out = model.wire_node("silu", tract_onnx::tract_core::ops::nn::silu::silu(), &[normed])?[0];
+        let outputs = if shared { vec![out, normed] } else { vec![out] };
+        model.select_output_outlets(&outputs)?;
+        Ok(model)
+    }
+
+    fn run(model: TypedModel, x: &Tensor) -> TractResult<Vec<Vec<f32>>> {
+        let outputs = model.into_runnable()?.run(tvec!(x.clone().into_tvalue()))?;
+        outputs.iter().map(|t| Ok(t.try_as_plain_ram()?.as_slice::<f32>()?.to_vec())).collect()
+    }
+
+    #[test]
+    fn takes_in_the_silu_that_follows() -> TractResult<()> {
+        for (n, c, groups, hw) in [(1, 32, 8, [8, 8]), (2, 12, 3, [5, 7])] {
+            let plain = graph_with_silu(n, c, groups, hw, false)?;
+            let mut fused = plain.clone();
+            assert_eq!(rewrite(&mut fused)?, 1);
+            let ops: Vec<&GroupNorm> = fused.nodes().iter().filter_map(|node| node.op_as::<GroupNorm>()).collect();
+            assert!(ops.len() == 1 && ops[0].silu, "{fused}");
+            assert!(fused.nodes().iter().all(|node| node.op_as::<ElementWiseOp>().is_none()), "{fused}");
+            let x = input(n, c, hw);
+            let (want, got) = (run(plain, &x)?, run(fused, &x)?);
+            let worst = want[0].iter().zip(&got[0]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst < 1e-5, "{n} {c} {groups} {hw:?}: max abs difference {worst}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn leaves_the_silu_when_the_norm_is_used_elsewhere() -> TractResult<()> {
+        let plain = graph_with_silu(1, 8, 2, [4, 4], true)?;
+        let mut fused = plain.clone();
+        assert_eq!(rewrite(&mut fused)?, 1);
+        assert!(fused.nodes().iter().any(|node| node.op_as::<GroupNorm>().is_some_and(|op| !op.silu)));
+        assert!(fused.nodes().iter().any(|node| node.op_as::<ElementWiseOp>().is_some_and(|op| op.0.is::<Silu>())));
+        let x = input(1, 8, [4, 4]);
+        let (want, got) = (run(plain, &x)?, run(fused, &x)?);
+        for (w, g) in want.iter().zip(&got) {
+            let worst = w.iter().zip(g).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst < 1e-5, "max abs difference {worst}");
+        }
+        Ok(())
+    }
+
     #[test]
     fn leaves_a_shared_intermediate_alone() -> TractResult<()> {
         // The normalized tensor also feeds a second output: fusing would lose it.
@@ -352,10 +433,10 @@ mod tests {
         let x = x.try_as_plain_ram()?;
         let x = x.as_slice::<f32>()?;
         let mut one = vec![0f32; x.len()];
-        op.run(x, &mut one, hw[0] * hw[1]);
+        op.run(x, &mut one, hw[0] * hw[1])?;
         for threads in [2, 3] {
             let mut many = vec![f32::NAN; x.len()];
-            multithread_tract_scope(Executor::multithread(threads), || op.run(x, &mut many, hw[0] * hw[1]));
+            multithread_tract_scope(Executor::multithread(threads), || op.run(x, &mut many, hw[0] * hw[1]))?;
             assert_eq!(one, many, "{threads} threads");
         }
         Ok(())

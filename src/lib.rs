@@ -51,6 +51,10 @@ pub mod sampler;
 pub mod schedule;
 // Public only for `examples/profile_ops.rs`, which profiles the plan the runtime builds.
 #[doc(hidden)]
+#[cfg(target_arch = "x86_64")]
+pub mod softmax;
+// Public only for `examples/profile_ops.rs`, which profiles the plan the runtime builds.
+#[doc(hidden)]
 pub mod winograd;
 
 pub use card::{ModelCard, PredictionType, SchedulerConfig};

@@ -1,0 +1,255 @@
+//! Softmax over the last axis of a float32 tensor, on x86-64 with AVX2 and FMA.
+//!
+//! Why: the UNets' attention takes a softmax over rows of 64 scores (4 heads × 64 queries at
+//! an 8×8 map). tract 0.23 has no row kernel on x86-64 and runs three kernel calls per row
+//! (max, exp-and-sum, scale), each through its alignment wrapper: 60–70 µs for one 16 K-element
+//! softmax, 3–4 % of a student call (`profile_ops`). Here each row is one pass for the maximum
+//! and one for the exponentials and their sum, 8 lanes wide, then a scale.
+//!
+//! The exponential: `2^n · e^r` with `n = round(x / ln 2)` and `|r| ≤ ln 2 / 2`, `e^r` by its
+//! Taylor series to degree 7 (truncation below 1e-8 relative), `ln 2` split in two parts so that
+//! `r` is exact to float precision (Cody & Waite). Arguments are `x − max ≤ 0`, clamped at −87
+//! so that `2^n` stays a normal float.
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
+
+use crate::winograd::{f32s, for_each, split, threads};
+
+/// Whether this CPU runs the kernel.
+pub fn available() -> bool {
+    std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+}
+
+/// Replaces every float32 softmax over the last axis of a tensor of known shape by a
+/// [`RowSoftmax`] node, when this CPU runs the kernel. Returns how many were replaced.
+pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
+    if !available() {
+        return Ok(0);
+    }
+    let mut replaced = 0;
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some(softmax) = node.op_as::<Softmax>() else { continue };
+        let x = model.outlet_fact(node.inputs[0])?;
+        let rank = x.rank();
+        let row = x.shape.as_concrete().and_then(|s| s.last().copied());
+        if softmax.kind != SoftmaxKind::Softmax
+            || x.datum_type != f32::datum_type()
+            || rank == 0
+            || *softmax.axes != [rank - 1]
+            || !row.is_some_and(|r| r > 0)
+        {
+            continue;
+        }
+        let patch = TypedModelPatch::replace_single_op(model, node, &node.inputs, RowSoftmax)?;
+        patch.apply(model)?;
+        replaced += 1;
+    }
+    Ok(replaced)
+}
+
+/// Softmax over the last axis, float32; see the module docs.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RowSoftmax;
+
+impl Op for RowSoftmax {
+    fn name(&self) -> StaticName {
+        "RowSoftmax".into()
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for RowSoftmax {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let x = args_1!(inputs);
+        let row = *x.shape().last().context("RowSoftmax: a scalar input")?;
+        ensure!(available(), "RowSoftmax: this CPU lacks AVX2 and FMA");
+        let xs = f32s(&x, "RowSoftmax")?;
+        let mut y = unsafe { Tensor::uninitialized::<f32>(x.shape())? };
+        let mut out = y.try_as_plain_ram_mut()?;
+        let out = out.as_slice_mut::<f32>()?;
+        if let Some(rows) = xs.len().checked_div(row) {
+            let ranges = split(rows, threads());
+            let mut pieces = Vec::with_capacity(ranges.len());
+            let mut rest = &mut *out;
+            for r in &ranges {
+                let (piece, tail) = std::mem::take(&mut rest).split_at_mut(r.len() * row);
+                pieces.push((&xs[r.start * row..r.end * row], piece));
+                rest = tail;
+            }
+            for_each(pieces, |(x, y)| {
+                for (x, y) in x.chunks_exact(row).zip(y.chunks_exact_mut(row)) {
+                    // Safety: `available()` checked above.
+                    unsafe { softmax_row(x, y) }
+                }
+            });
+        }
+        Ok(tvec!(y.into_tvalue()))
+    }
+}
+
+impl TypedOp for RowSoftmax {
+    as_op!();
+
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(inputs[0].datum_type == f32::datum_type());
+        Ok(tvec!(f32::fact(inputs[0].shape.clone())))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// `e^x` in each lane, for `x ≤ 0` (see the module docs).
+///
+/// Safety: AVX2 and FMA.
+#[inline(always)]
+unsafe fn exp_nonpositive(x: __m256) -> __m256 {
+    unsafe {
+        let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+            x,
+            _mm256_set1_ps(std::f32::consts::LOG2_E),
+        ));
+        // ln 2 = 0.693359375 − 2.12194440e-4: the first part has few bits, so n · it is exact.
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        // Horner's rule on 1 + r + r²/2! + … + r⁷/7!.
+        let mut p = _mm256_set1_ps(1.0 / 5040.0);
+        for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        // 2^n: n + 127 in the exponent bits.
+        let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
+        _mm256_mul_ps(p, _mm256_castsi256_ps(bits))
+    }
+}
+
+/// `y = softmax(x)` for one row.
+///
+/// Safety: AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_row(x: &[f32], y: &mut [f32]) {
+    debug_assert_eq!(x.len(), y.len());
+    let len = x.len();
+    let whole = len / 8 * 8;
+    // Safety, for the block: AVX2 and FMA; every vector access is inside `whole ≤ len` floats of
+    // `x` and `y`, the last partial vector goes through `tail`.
+    unsafe {
+        let mut top = _mm256_set1_ps(f32::NEG_INFINITY);
+        for at in (0..whole).step_by(8) {
+            top = _mm256_max_ps(top, _mm256_loadu_ps(x.as_ptr().add(at)));
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), top);
+        let max = lanes.iter().chain(&x[whole..]).fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let m = _mm256_set1_ps(max);
+        let mut sum = _mm256_setzero_ps();
+        for at in (0..whole).step_by(8) {
+            let e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x.as_ptr().add(at)), m));
+            _mm256_storeu_ps(y.as_mut_ptr().add(at), e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        if whole < len {
+            // The tail padded with the maximum's own value minus a lot: e^(−87) ≈ 1.6e-38 each,
+            // below any float32 sum's rounding.
+            let mut tail = [max - 1e4; 8];
+            tail[..len - whole].copy_from_slice(&x[whole..]);
+            let e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(tail.as_ptr()), m));
+            _mm256_storeu_ps(tail.as_mut_ptr(), e);
+            y[whole..].copy_from_slice(&tail[..len - whole]);
+            sum = _mm256_add_ps(sum, e);
+        }
+        _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
+        let scale = _mm256_set1_ps(1.0 / lanes.iter().sum::<f32>());
+        for at in (0..whole).step_by(8) {
+            let p = y.as_mut_ptr().add(at);
+            _mm256_storeu_ps(p, _mm256_mul_ps(_mm256_loadu_ps(p), scale));
+        }
+        let scale = 1.0 / lanes.iter().sum::<f32>();
+        for v in &mut y[whole..] {
+            *v *= scale;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(x: &[f32]) -> Vec<f64> {
+        let max = x.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
+        let e: Vec<f64> = x.iter().map(|&v| (v as f64 - max).exp()).collect();
+        let sum: f64 = e.iter().sum();
+        e.iter().map(|v| v / sum).collect()
+    }
+
+    #[test]
+    fn rows_match_a_float64_softmax() {
+        if !available() {
+            eprintln!("no AVX2 and FMA here: the kernel cannot run");
+            return;
+        }
+        // Lengths around the 8 lanes; values over a wide range, a constant row, huge gaps.
+        for len in [1, 3, 8, 13, 64, 100] {
+            for scale in [0.01f32, 1.0, 30.0, 200.0] {
+                let x: Vec<f32> = (0..len).map(|i| ((i * 37 % 19) as f32 - 9.0) * scale).collect();
+                let mut y = vec![f32::NAN; len];
+                // Safety: available() above.
+                unsafe { softmax_row(&x, &mut y) };
+                for (i, (&got, want)) in y.iter().zip(reference(&x)).enumerate() {
+                    assert!(
+                        (got as f64 - want).abs() < 2e-7 + 1e-6 * want,
+                        "len {len} scale {scale} [{i}]: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_exponential_is_within_two_ulps() {
+        if !available() {
+            return;
+        }
+        for i in 0..=87_000 {
+            let x = -(i as f32) / 1000.0;
+            let mut got = [0f32; 8];
+            // Safety: available() above.
+            unsafe { _mm256_storeu_ps(got.as_mut_ptr(), exp_nonpositive(_mm256_set1_ps(x))) };
+            let want = (x as f64).exp();
+            assert!(((got[0] as f64 - want) / want).abs() < 2.5e-7, "e^{x}: {} vs {want}", got[0]);
+        }
+    }
+
+    #[test]
+    fn replaces_a_last_axis_softmax_and_matches_tract() -> TractResult<()> {
+        if !available() {
+            return Ok(());
+        }
+        let shape = [4, 6, 20];
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact(shape))?;
+        let y = model.wire_node("softmax", Softmax::new(tvec![2], None, SoftmaxKind::Softmax), &[x])?;
+        model.select_output_outlets(&y)?;
+        let mut other_axis = model.clone();
+        let input: Vec<f32> = (0..480).map(|i| ((i * 53 % 97) as f32 - 48.0) / 7.0).collect();
+        let input = tvec![Tensor::from_shape(&shape, &input)?.into_tvalue()];
+        let want = model.clone().into_runnable()?.run(input.clone())?;
+        assert_eq!(rewrite(&mut model)?, 1);
+        let got = model.into_runnable()?.run(input)?;
+        let (want, got) = (f32s(&want[0], "want")?, f32s(&got[0], "got")?);
+        let worst = want.iter().zip(got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-6, "max abs difference {worst}");
+        // Not the last axis: left to tract.
+        let id = other_axis.node_by_name("softmax")?.id;
+        other_axis.node_mut(id).op = Box::new(Softmax::new(tvec![1], None, SoftmaxKind::Softmax));
+        assert_eq!(rewrite(&mut other_axis)?, 0);
+        Ok(())
+    }
+}
