@@ -42,6 +42,7 @@ fn main() -> Result<()> {
     // The load-time rewrites the runtime applies (see `Denoiser`), so this profiles what it runs;
     // `PROFILE_IM2COL=1` leaves the convolutions to tract.
     let ours = std::env::var_os("PROFILE_IM2COL").is_none();
+    #[allow(unused_mut)] // only x86-64 rewrites here
     let mut typed = model.into_typed()?;
     #[cfg(target_arch = "x86_64")]
     if ours {

@@ -296,6 +296,7 @@ impl Denoiser {
         // Both rewrites work on the decluttered graph: the Winograd swap needs tract's
         // convolutions as they are before optimization, and the f16 translation must come
         // before tract fuses operators into kernels picked for f32.
+        #[allow(unused_mut)] // only x86-64 rewrites here
         let mut typed = model.into_typed().map_err(optimizing)?;
         // 1×1 convolutions before declutter, which turns them into forms tract runs slower.
         #[cfg(target_arch = "x86_64")]
