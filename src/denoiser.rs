@@ -293,9 +293,10 @@ impl Denoiser {
         let out_outlet = model.output_outlets().map_err(err)?[b.output];
         model.select_output_outlets(&[out_outlet]).map_err(err)?;
         let optimizing = |e: TractError| format!("optimizing for batch {batch}: {}", err(e));
-        // Both rewrites work on the decluttered graph: the Winograd swap needs tract's
-        // convolutions as they are before optimization, and the f16 translation must come
-        // before tract fuses operators into kernels picked for f32.
+        // The 1×1 swap works on the typed graph before declutter (see `pointwise`); the other
+        // rewrites on the decluttered one: the Winograd swap needs tract's convolutions as they
+        // are before optimization, and the f16 translation must come before tract fuses
+        // operators into kernels picked for f32.
         #[allow(unused_mut)] // only x86-64 rewrites here
         let mut typed = model.into_typed().map_err(optimizing)?;
         // 1×1 convolutions before declutter, which turns them into forms tract runs slower.

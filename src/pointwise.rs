@@ -74,7 +74,9 @@ fn pointwise_for(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Poi
     let (k, c) = (conv.output_channels(), conv.input_channels());
     if x.datum_type != f32::datum_type()
         || x.rank() != 4
-        || x.shape.as_concrete().is_none()
+        || !x.shape.as_concrete().is_some_and(|s| s.iter().all(|&d| d > 0))
+        || k == 0
+        || c == 0
         || kernel.datum_type() != f32::datum_type()
         || kernel.shape() != [k, c, 1, 1]
         || bias.datum_type != f32::datum_type()
@@ -209,6 +211,9 @@ impl EvalOp for Pointwise {
         ensure!(bias.len() == self.k, "Pointwise: {} biases for {} channels", bias.len(), self.k);
         ensure!(gemm::available(), "Pointwise: this CPU lacks AVX2 and FMA");
         let mut y = unsafe { Tensor::uninitialized::<f32>(&[n, self.k, h, w])? };
+        if n * h * w == 0 {
+            return Ok(tvec!(y.into_tvalue()));
+        }
         let mut out = y.try_as_plain_ram_mut()?;
         let out = out.as_slice_mut::<f32>()?;
         with_scratch(ctx, |scratch| self.run(xs, bias, [n, h * w], out, scratch))?;
@@ -309,6 +314,37 @@ mod tests {
             });
             assert_eq!(one, many, "{threads} threads");
         }
+    }
+
+    /// The operator with its bias as a second input (tract folds a computed per-channel add
+    /// into a convolution's bias) gives the same bits as with the bias as a constant.
+    #[test]
+    fn a_bias_input_gives_the_constant_bias_result() -> TractResult<()> {
+        if !gemm::available() {
+            return Ok(());
+        }
+        let (n, c, k, h, w) = (2, 10, 14, 5, 7);
+        let (weights, bias) = (values(k * c, 8), values(k, 9));
+        let x = Tensor::from_shape(&[n, c, h, w], &values(n * c * h * w, 10))?;
+        let mut model = TypedModel::default();
+        let xs = model.add_source("x", f32::fact([n, c, h, w]))?;
+        let b = model.add_source("b", f32::fact([1, k, 1, 1]))?;
+        let with_input = model.wire_node("input", Pointwise::new(&weights, None, k, c), &[xs, b])?[0];
+        let with_const = model.wire_node("const", Pointwise::new(&weights, Some(&bias), k, c), &[xs])?[0];
+        model.select_output_outlets(&[with_input, with_const])?;
+        let b = Tensor::from_shape(&[1, k, 1, 1], &bias)?;
+        let out = model.into_runnable()?.run(tvec![x.into_tvalue(), b.into_tvalue()])?;
+        assert_eq!(f32s(&out[0], "input")?, f32s(&out[1], "const")?);
+        // A wrong number of biases is an error, not a panic.
+        let mut model = TypedModel::default();
+        let xs = model.add_source("x", f32::fact([1, c, 2, 2]))?;
+        let b = model.add_source("b", f32::fact([k + 1]))?;
+        let y = model.wire_node("input", Pointwise::new(&weights, None, k, c), &[xs, b])?;
+        model.select_output_outlets(&y)?;
+        let inputs =
+            tvec![Tensor::zero::<f32>(&[1, c, 2, 2])?.into_tvalue(), Tensor::zero::<f32>(&[k + 1])?.into_tvalue()];
+        assert!(model.into_runnable()?.run(inputs).is_err());
+        Ok(())
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! The exponential: `2^n · e^r` with `n = round(x / ln 2)` and `|r| ≤ ln 2 / 2`, `e^r` by its
 //! Taylor series to degree 7 (truncation below 1e-8 relative), `ln 2` split in two parts so that
 //! `r` is exact to float precision (Cody & Waite). Arguments are `x − max ≤ 0`, clamped at −87
-//! so that `2^n` stays a normal float.
+//! so that `2^n` stays a normal float. A row holding NaN or ±∞ comes out all NaN.
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
@@ -111,7 +111,9 @@ use std::arch::x86_64::*;
 #[inline(always)]
 unsafe fn exp_nonpositive(x: __m256) -> __m256 {
     unsafe {
-        let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
+        // NaN as the second operand, which `max` returns when either is NaN: a NaN score
+        // spreads to its row's sum, and the whole row becomes NaN, as it should.
+        let x = _mm256_max_ps(_mm256_set1_ps(-87.0), x);
         let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
             x,
             _mm256_set1_ps(std::f32::consts::LOG2_E),
@@ -156,14 +158,14 @@ unsafe fn softmax_row(x: &[f32], y: &mut [f32]) {
             sum = _mm256_add_ps(sum, e);
         }
         if whole < len {
-            // The tail padded with the maximum's own value minus a lot: e^(−87) ≈ 1.6e-38 each,
-            // below any float32 sum's rounding.
-            let mut tail = [max - 1e4; 8];
+            // The last values through a buffer of 8, its unused lanes zeroed before the sum.
+            let mut tail = [max; 8];
             tail[..len - whole].copy_from_slice(&x[whole..]);
             let e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(tail.as_ptr()), m));
             _mm256_storeu_ps(tail.as_mut_ptr(), e);
+            tail[len - whole..].fill(0.0);
             y[whole..].copy_from_slice(&tail[..len - whole]);
-            sum = _mm256_add_ps(sum, e);
+            sum = _mm256_add_ps(sum, _mm256_loadu_ps(tail.as_ptr()));
         }
         _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
         let scale = _mm256_set1_ps(1.0 / lanes.iter().sum::<f32>());
@@ -208,6 +210,35 @@ mod tests {
                         "len {len} scale {scale} [{i}]: {got} vs {want}"
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn short_rows_with_huge_values_and_rows_with_nan_or_infinity() {
+        if !available() {
+            return;
+        }
+        let softmax = |x: &[f32]| {
+            let mut y = vec![0f32; x.len()];
+            // Safety: available() above.
+            unsafe { softmax_row(x, &mut y) };
+            y
+        };
+        // A maximum so large that max − 1e4 rounds to max: the tail's padding must not count.
+        let y = softmax(&[1e12, 0.0, 0.0]);
+        assert!(y[0] == 1.0 && y[1] < 1e-30 && y[2] < 1e-30, "{y:?}");
+        let masked = softmax(&[f32::MIN; 3]);
+        assert!(masked.iter().all(|&v| (v - 1.0 / 3.0).abs() < 1e-7), "{masked:?}");
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for len in [3, 24] {
+                let mut x = vec![0.5f32; len];
+                x[len / 2] = bad;
+                if bad == f32::NEG_INFINITY {
+                    x.fill(bad);
+                }
+                let y = softmax(&x);
+                assert!(y.iter().all(|v| v.is_nan()), "{bad} in a row of {len}: {y:?}");
             }
         }
     }

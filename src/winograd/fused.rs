@@ -253,11 +253,11 @@ unsafe fn input_block(
     // Written out register by register: `std::array::from_fn` and `<[T; N]>::map` here were
     // compiled out of line, without AVX, and their results read back through the stack (a
     // store-forwarding stall that cost 10–15 % of a student call).
-    debug_assert!(v.len() >= (15 * c + ci) * NR + NR);
+    assert!(ci < c && v.len() >= 16 * c * NR, "input_block: no room for channel {ci}");
     let vp = v.as_mut_ptr();
     for half in [0, 8] {
         // Safety: AVX2; 8 lanes from `half` of 16 in `dt`, and v[(ξ·c + ci)·NR + half ..][..8]
-        // inside `v` (asserted above for the largest ξ).
+        // inside `v` (asserted above).
         unsafe {
             let d = |i: usize, j: usize| _mm256_loadu_ps(dt[i][j].as_ptr().add(half));
             let mut col = [[_mm256_setzero_ps(); 4]; 4];
@@ -298,11 +298,10 @@ unsafe fn output_block(
     let Dims { k, h, w, .. } = d;
     // px[i][j]: output pixel (i, j) of every lane's tile, all of it written below. Written out
     // without `from_fn` and `map`, for the reason `input_block` gives.
-    debug_assert!(m.len() >= (15 * MR + r) * NR + NR);
+    assert!(r < MR && m.len() >= 16 * MR * NR, "output_block: no row {r}");
     let mp = m.as_ptr();
     for half in [0, 8] {
-        // Safety: AVX2; 8 lanes from `half` of each 16-lane row of `m` (asserted above for the
-        // last row).
+        // Safety: AVX2; 8 lanes from `half` of each 16-lane row of `m` (asserted above).
         unsafe {
             let row = |xi: usize| _mm256_loadu_ps(mp.add((xi * MR + r) * NR + half));
             let mut col = [[_mm256_setzero_ps(); 2]; 4];
