@@ -72,7 +72,8 @@ struct SampleArgs {
     /// Arithmetic precision: f32, or f16 for CPUs with fp16 arithmetic (ARMv8.2+: Pi 5, Jetson Orin).
     #[arg(long, default_value = "f32")]
     precision: String,
-    /// 3×3 convolutions: winograd (F(2×2,3×3), float32 only) or im2col (tract's own).
+    /// Convolutions: winograd (3×3 by F(2×2,3×3) and, on x86-64, 1×1 on our kernel; float32
+    /// only) or im2col (tract's own).
     #[arg(long, default_value = "winograd")]
     convolution: String,
     /// Output PNG: one grid of all images, or numbered files with --separate.
