@@ -33,6 +33,7 @@
 #[cfg(feature = "capi")]
 pub mod capi;
 pub mod card;
+mod conv;
 pub mod denoiser;
 pub mod error;
 pub mod files;

@@ -14,13 +14,10 @@
 //! and splits one that reads a `Concat`. The products add in the same order as the plain sum over input
 //! channels, one fused multiply-add at a time.
 
-use tract_onnx::prelude::*;
-use tract_onnx::tract_core::internal::*;
-use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec};
-use tract_onnx::tract_core::ops::nn::DataFormat;
-
 use crate::gemm::{self, MR, NR};
 use crate::winograd::{f32s, for_each, split, threads, with_scratch};
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
 
 /// Replaces every float32, 1×1, stride-1, unpadded, ungrouped NCHW convolution with constant
 /// weights by a [`Pointwise`] node, when this CPU runs our kernel. Returns how many were
@@ -29,70 +26,7 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
     if !gemm::available() {
         return Ok(0);
     }
-    let mut replaced = 0;
-    for id in model.eval_order()? {
-        let node = model.node(id);
-        let Some(op) = pointwise_for(model, node)? else { continue };
-        let inputs = if op.bias.is_some() { vec![node.inputs[0]] } else { vec![node.inputs[0], node.inputs[2]] };
-        let patch = TypedModelPatch::replace_single_op(model, node, &inputs, op)?;
-        patch.apply(model)?;
-        replaced += 1;
-    }
-    if replaced > 0 {
-        model.compact()?;
-    }
-    Ok(replaced)
-}
-
-/// The replacement for `node`, when it is a convolution this module can run.
-fn pointwise_for(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Pointwise>> {
-    let Some(conv) = node.op_as::<Conv>() else { return Ok(None) };
-    let spec = &conv.pool_spec;
-    let ones = |v: &Option<TVec<usize>>| v.iter().flatten().all(|&x| x == 1);
-    let unpadded = match &spec.padding {
-        PaddingSpec::Explicit(b, a) | PaddingSpec::ExplicitOnnxPool(b, a, _) => {
-            b.iter().chain(a.iter()).all(|&p| p == 0)
-        }
-        // A 1×1 kernel needs no padding for a same-size output either.
-        PaddingSpec::Valid | PaddingSpec::SameUpper | PaddingSpec::SameLower => true,
-    };
-    if conv.q_params.is_some()
-        || conv.group != 1
-        || conv.kernel_fmt != KernelFormat::OIHW
-        || spec.data_format != DataFormat::NCHW
-        || *spec.kernel_shape != [1, 1]
-        || !ones(&spec.strides)
-        || !ones(&spec.dilations)
-        || !unpadded
-        || node.inputs.len() != 3
-    {
-        return Ok(None);
-    }
-    let x = model.outlet_fact(node.inputs[0])?;
-    let Some(kernel) = &model.outlet_fact(node.inputs[1])?.konst else { return Ok(None) };
-    let bias = model.outlet_fact(node.inputs[2])?;
-    let (k, c) = (conv.output_channels(), conv.input_channels());
-    if x.datum_type != f32::datum_type()
-        || x.rank() != 4
-        || !x.shape.as_concrete().is_some_and(|s| s.iter().all(|&d| d > 0))
-        || k == 0
-        || c == 0
-        || kernel.datum_type() != f32::datum_type()
-        || kernel.shape() != [k, c, 1, 1]
-        || bias.datum_type != f32::datum_type()
-    {
-        return Ok(None);
-    }
-    let weights = f32s(kernel, "Pointwise")?;
-    let op = match &bias.konst {
-        Some(b) if b.len() == k => Pointwise::new(weights, Some(f32s(b, "Pointwise")?), k, c),
-        Some(b) if b.len() == 1 => Pointwise::new(weights, Some(&vec![f32s(b, "Pointwise")?[0]; k]), k, c),
-        None if bias.shape.as_concrete().is_some_and(|s| s.iter().product::<usize>() == k) => {
-            Pointwise::new(weights, None, k, c)
-        }
-        _ => return Ok(None),
-    };
-    Ok(Some(op))
+    crate::conv::rewrite(model, [1, 0], "Pointwise", Pointwise::new)
 }
 
 /// A 1×1, stride-1 convolution on our kernel; see the module docs.
@@ -200,15 +134,7 @@ impl EvalOp for Pointwise {
     op_out_of_plan!();
 
     fn eval(&self, ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let (x, bias) = match (&self.bias, &*inputs) {
-            (Some(b), [x]) => (x, &**b),
-            (None, [x, b]) => (x, &**b),
-            _ => bail!("Pointwise: {} inputs, expected {}", inputs.len(), 2 - self.bias.is_some() as usize),
-        };
-        let &[n, c, h, w] = x.shape() else { bail!("Pointwise expects NCHW, got {:?}", x.shape()) };
-        ensure!(c == self.c, "Pointwise expects {} channels, got {c}", self.c);
-        let (xs, bias) = (f32s(x, "Pointwise")?, f32s(bias, "Pointwise")?);
-        ensure!(bias.len() == self.k, "Pointwise: {} biases for {} channels", bias.len(), self.k);
+        let (xs, bias, [n, _, h, w]) = crate::conv::call_inputs("Pointwise", &self.bias, &inputs, [self.c, self.k])?;
         ensure!(gemm::available(), "Pointwise: this CPU lacks AVX2 and FMA");
         let mut y = unsafe { Tensor::uninitialized::<f32>(&[n, self.k, h, w])? };
         if n * h * w == 0 {
@@ -225,17 +151,15 @@ impl TypedOp for Pointwise {
     as_op!();
 
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let x = inputs[0];
-        ensure!(x.rank() == 4 && x.shape[1] == self.c.to_dim());
-        let shape = [x.shape[0].clone(), self.k.to_dim(), x.shape[2].clone(), x.shape[3].clone()];
-        Ok(tvec!(f32::fact(shape)))
+        crate::conv::output_facts(inputs, [self.c, self.k])
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tract_onnx::tract_core::ops::cnn::PoolSpec;
+    use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec, PoolSpec};
+    use tract_onnx::tract_core::ops::nn::DataFormat;
 
     fn values(len: usize, seed: u32) -> Vec<f32> {
         (0..len).map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0).collect()

@@ -15,7 +15,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
 
-use crate::winograd::{f32s, for_each, split, threads};
+use crate::winograd::{carve, f32s, for_each, split, threads};
 
 /// Whether this CPU runs the kernel.
 pub fn available() -> bool {
@@ -75,13 +75,8 @@ impl EvalOp for RowSoftmax {
         let out = out.as_slice_mut::<f32>()?;
         if let Some(rows) = xs.len().checked_div(row) {
             let ranges = split(rows, threads());
-            let mut pieces = Vec::with_capacity(ranges.len());
-            let mut rest = &mut *out;
-            for r in &ranges {
-                let (piece, tail) = std::mem::take(&mut rest).split_at_mut(r.len() * row);
-                pieces.push((&xs[r.start * row..r.end * row], piece));
-                rest = tail;
-            }
+            let outs = carve(out, ranges.iter().map(|r| r.len() * row));
+            let pieces: Vec<_> = ranges.iter().map(|r| &xs[r.start * row..r.end * row]).zip(outs).collect();
             for_each(pieces, |(x, y)| {
                 for (x, y) in x.chunks_exact(row).zip(y.chunks_exact_mut(row)) {
                     // Safety: `available()` checked above.
@@ -168,12 +163,12 @@ unsafe fn softmax_row(x: &[f32], y: &mut [f32]) {
             sum = _mm256_add_ps(sum, _mm256_loadu_ps(tail.as_ptr()));
         }
         _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
-        let scale = _mm256_set1_ps(1.0 / lanes.iter().sum::<f32>());
+        let scale = 1.0 / lanes.iter().sum::<f32>();
+        let scales = _mm256_set1_ps(scale);
         for at in (0..whole).step_by(8) {
             let p = y.as_mut_ptr().add(at);
-            _mm256_storeu_ps(p, _mm256_mul_ps(_mm256_loadu_ps(p), scale));
+            _mm256_storeu_ps(p, _mm256_mul_ps(_mm256_loadu_ps(p), scales));
         }
-        let scale = 1.0 / lanes.iter().sum::<f32>();
         for v in &mut y[whole..] {
             *v *= scale;
         }

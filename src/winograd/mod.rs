@@ -42,8 +42,6 @@ use tract_linalg::multithread::Executor;
 use tract_onnx::prelude::tract_itertools::Itertools;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
-use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec};
-use tract_onnx::tract_core::ops::nn::DataFormat;
 
 /// Whether this build has a fast matrix product for the 16 products: our kernel or
 /// `matrixmultiply`'s AVX2+FMA one on x86-64, `matrixmultiply`'s NEON one on aarch64; for 32-bit
@@ -57,68 +55,7 @@ pub const PAYS_OFF: bool = cfg!(any(target_arch = "x86_64", target_arch = "aarch
 /// (diffusers' ResNet blocks add the time embedding right after `conv1`), and such a node then
 /// takes the bias as its second input.
 pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
-    let mut replaced = 0;
-    for id in model.eval_order()? {
-        let node = model.node(id);
-        let Some(op) = winograd_for(model, node)? else { continue };
-        let inputs = if op.bias.is_some() { vec![node.inputs[0]] } else { vec![node.inputs[0], node.inputs[2]] };
-        let patch = TypedModelPatch::replace_single_op(model, node, &inputs, op)?;
-        patch.apply(model)?;
-        replaced += 1;
-    }
-    if replaced > 0 {
-        model.compact()?;
-    }
-    Ok(replaced)
-}
-
-/// The replacement for `node`, when it is a convolution this module can run.
-fn winograd_for(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Winograd3x3>> {
-    let Some(conv) = node.op_as::<Conv>() else { return Ok(None) };
-    let spec = &conv.pool_spec;
-    let ones = |v: &Option<TVec<usize>>| v.iter().flatten().all(|&x| x == 1);
-    if conv.q_params.is_some()
-        || conv.group != 1
-        || conv.kernel_fmt != KernelFormat::OIHW
-        || spec.data_format != DataFormat::NCHW
-        || *spec.kernel_shape != [3, 3]
-        || !ones(&spec.strides)
-        || !ones(&spec.dilations)
-        || node.inputs.len() != 3
-    {
-        return Ok(None);
-    }
-    let padded_by_one = match &spec.padding {
-        PaddingSpec::Explicit(b, a) | PaddingSpec::ExplicitOnnxPool(b, a, _) => {
-            b.iter().chain(a.iter()).all(|&p| p == 1)
-        }
-        PaddingSpec::SameUpper | PaddingSpec::SameLower => true,
-        PaddingSpec::Valid => false,
-    };
-    let x = model.outlet_fact(node.inputs[0])?;
-    let Some(kernel) = &model.outlet_fact(node.inputs[1])?.konst else { return Ok(None) };
-    let bias = model.outlet_fact(node.inputs[2])?;
-    let (k, c) = (conv.output_channels(), conv.input_channels());
-    if !padded_by_one
-        || x.datum_type != f32::datum_type()
-        || x.rank() != 4
-        || x.shape.as_concrete().is_none()
-        || kernel.datum_type() != f32::datum_type()
-        || kernel.shape() != [k, c, 3, 3]
-        || bias.datum_type != f32::datum_type()
-    {
-        return Ok(None);
-    }
-    let kernel = f32s(kernel, "Winograd3x3")?;
-    match &bias.konst {
-        Some(b) if b.len() == k => Ok(Some(Winograd3x3::new(kernel, Some(f32s(b, "Winograd3x3")?), k, c))),
-        Some(b) if b.len() == 1 => Ok(Some(Winograd3x3::new(kernel, Some(&vec![f32s(b, "Winograd3x3")?[0]; k]), k, c))),
-        // A computed bias: one value per output channel, the same for every image of the batch.
-        None if bias.shape.as_concrete().is_some_and(|s| s.iter().product::<usize>() == k) => {
-            Ok(Some(Winograd3x3::new(kernel, None, k, c)))
-        }
-        _ => Ok(None),
-    }
+    crate::conv::rewrite(model, [3, 1], "Winograd3x3", Winograd3x3::new)
 }
 
 /// `U = G g Gᵀ` for every (output, input) channel pair, stored as `[16][k][c]`.
@@ -205,15 +142,7 @@ impl EvalOp for Winograd3x3 {
     op_out_of_plan!();
 
     fn eval(&self, ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let (x, bias) = match (&self.bias, &*inputs) {
-            (Some(b), [x]) => (x, &**b),
-            (None, [x, b]) => (x, &**b),
-            _ => bail!("Winograd3x3: {} inputs, expected {}", inputs.len(), 2 - self.bias.is_some() as usize),
-        };
-        let &[n, c, h, w] = x.shape() else { bail!("Winograd3x3 expects NCHW, got {:?}", x.shape()) };
-        ensure!(c == self.c, "Winograd3x3 expects {} channels, got {c}", self.c);
-        let (xs, bias) = (f32s(x, "Winograd3x3")?, f32s(bias, "Winograd3x3")?);
-        ensure!(bias.len() == self.k, "Winograd3x3: {} biases for {} channels", bias.len(), self.k);
+        let (xs, bias, [n, _, h, w]) = crate::conv::call_inputs("Winograd3x3", &self.bias, &inputs, [self.c, self.k])?;
         let mut y = unsafe { Tensor::uninitialized::<f32>(&[n, self.k, h, w])? };
         let mut out = y.try_as_plain_ram_mut()?;
         let out = out.as_slice_mut::<f32>()?;
@@ -226,10 +155,7 @@ impl TypedOp for Winograd3x3 {
     as_op!();
 
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let x = inputs[0];
-        ensure!(x.rank() == 4 && x.shape[1] == self.c.to_dim());
-        let shape = [x.shape[0].clone(), self.k.to_dim(), x.shape[2].clone(), x.shape[3].clone()];
-        Ok(tvec!(f32::fact(shape)))
+        crate::conv::output_facts(inputs, [self.c, self.k])
     }
 }
 
@@ -364,7 +290,7 @@ pub(crate) fn split(len: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
 }
 
 /// `rest` cut into consecutive pieces of the given lengths.
-fn carve(mut rest: &mut [f32], lens: impl IntoIterator<Item = usize>) -> Vec<&mut [f32]> {
+pub(crate) fn carve(mut rest: &mut [f32], lens: impl IntoIterator<Item = usize>) -> Vec<&mut [f32]> {
     lens.into_iter()
         .map(|len| {
             let (piece, tail) = std::mem::take(&mut rest).split_at_mut(len);
@@ -627,7 +553,8 @@ mod tests {
     /// rewrite must still take the node, with the bias as its second input.
     #[test]
     fn a_computed_bias_becomes_an_input() -> TractResult<()> {
-        use tract_onnx::tract_core::ops::cnn::PoolSpec;
+        use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec, PoolSpec};
+        use tract_onnx::tract_core::ops::nn::DataFormat;
         let (c, k, h, w) = (4, 5, 6, 7);
         let mut model = TypedModel::default();
         let x = model.add_source("x", f32::fact([1, c, h, w]))?;
