@@ -42,19 +42,7 @@ fn main() -> Result<()> {
     // The load-time rewrites the runtime applies (see `Denoiser`), so this profiles what it runs;
     // `PROFILE_IM2COL=1` leaves the convolutions to tract.
     let ours = std::env::var_os("PROFILE_IM2COL").is_none();
-    #[allow(unused_mut)] // only x86-64 rewrites here
-    let mut typed = model.into_typed()?;
-    #[cfg(target_arch = "x86_64")]
-    if ours {
-        edge_diffuse::pointwise::rewrite(&mut typed)?;
-    }
-    let mut typed = typed.into_decluttered()?;
-    edge_diffuse::groupnorm::rewrite(&mut typed)?;
-    #[cfg(target_arch = "x86_64")]
-    edge_diffuse::softmax::rewrite(&mut typed)?;
-    if ours {
-        edge_diffuse::winograd::rewrite(&mut typed)?;
-    }
+    let typed = edge_diffuse::denoiser::f32_rewrites(model.into_typed()?, ours)?.model;
     let mut typed = typed.into_optimized()?;
     edge_diffuse::denoiser::contiguous_constants(&mut typed)?;
     let threads = env_usize("PROFILE_THREADS")?.unwrap_or(1);

@@ -293,35 +293,22 @@ impl Denoiser {
         let out_outlet = model.output_outlets().map_err(err)?[b.output];
         model.select_output_outlets(&[out_outlet]).map_err(err)?;
         let optimizing = |e: TractError| format!("optimizing for batch {batch}: {}", err(e));
-        // The 1×1 swap works on the typed graph before declutter (see `pointwise`); the other
-        // rewrites on the decluttered one: the Winograd swap needs tract's convolutions as they
-        // are before optimization, and the f16 translation must come before tract fuses
-        // operators into kernels picked for f32.
-        #[allow(unused_mut)] // only x86-64 rewrites here
-        let mut typed = model.into_typed().map_err(optimizing)?;
-        // 1×1 convolutions before declutter, which turns them into forms tract runs slower.
-        #[cfg(target_arch = "x86_64")]
-        if self.precision == Precision::F32 && self.convolution == Convolution::Winograd {
-            crate::pointwise::rewrite(&mut typed).map_err(|e| format!("1x1 convolution: {}", err(e)))?;
-        }
-        let mut typed = typed.into_decluttered().map_err(optimizing)?;
-        let (mut winograd_convs, mut group_norms) = (0, 0);
-        match self.precision {
+        // The f16 translation must come before tract fuses operators into kernels picked for f32.
+        let typed = model.into_typed().map_err(optimizing)?;
+        let (typed, winograd_convs, group_norms) = match self.precision {
             Precision::F32 => {
-                group_norms = crate::groupnorm::rewrite(&mut typed).map_err(|e| format!("group norm: {}", err(e)))?;
-                #[cfg(target_arch = "x86_64")]
-                crate::softmax::rewrite(&mut typed).map_err(|e| format!("softmax: {}", err(e)))?;
-                if self.convolution == Convolution::Winograd && crate::winograd::PAYS_OFF {
-                    winograd_convs =
-                        crate::winograd::rewrite(&mut typed).map_err(|e| format!("winograd: {}", err(e)))?;
-                }
+                let ours = self.convolution == Convolution::Winograd;
+                let rewritten = f32_rewrites(typed, ours).map_err(optimizing)?;
+                (rewritten.model, rewritten.winograd_convolutions, rewritten.group_norms)
             }
             Precision::F16 => {
+                let mut typed = typed.into_decluttered().map_err(optimizing)?;
                 FloatPrecisionTranslator::new(f32::datum_type(), f16::datum_type())
                     .transform(&mut typed)
                     .map_err(|e| format!("translating to f16: {}", err(e)))?;
+                (typed, 0, 0)
             }
-        }
+        };
         let mut typed = typed.into_optimized().map_err(optimizing)?;
         contiguous_constants(&mut typed).map_err(err)?;
         let out_fact = typed.output_fact(0).map_err(err)?;
@@ -619,6 +606,40 @@ fn timestep_tensor(ti: TimestepInput, t: f64, n: usize) -> TractResult<Tensor> {
         tensor = tensor.into_shape(&[])?;
     }
     Ok(tensor)
+}
+
+/// A float32 graph after [`f32_rewrites`], decluttered, not yet optimized.
+#[doc(hidden)]
+pub struct Rewritten {
+    pub model: TypedModel,
+    pub winograd_convolutions: usize,
+    pub group_norms: usize,
+}
+
+/// Declutters a float32 graph with this crate's operators swapped in: 1×1 convolutions before
+/// declutter (which turns them into forms tract runs slower, see `pointwise`); GroupNorms,
+/// softmaxes and, where it pays, Winograd 3×3 convolutions after it (the Winograd swap needs
+/// tract's convolutions as they are before optimization). `convolutions: false` leaves every
+/// convolution to tract (`Convolution::Im2col`).
+///
+/// Public only for `examples/profile_ops.rs`, which must profile the graph the runtime runs.
+#[doc(hidden)]
+pub fn f32_rewrites(model: TypedModel, convolutions: bool) -> TractResult<Rewritten> {
+    #[allow(unused_mut)] // only x86-64 rewrites here
+    let mut model = model;
+    #[cfg(target_arch = "x86_64")]
+    if convolutions {
+        crate::pointwise::rewrite(&mut model).map_err(|e| e.context("1x1 convolution"))?;
+    }
+    let mut model = model.into_decluttered()?;
+    let group_norms = crate::groupnorm::rewrite(&mut model).map_err(|e| e.context("group norm"))?;
+    #[cfg(target_arch = "x86_64")]
+    crate::softmax::rewrite(&mut model).map_err(|e| e.context("softmax"))?;
+    let mut winograd_convolutions = 0;
+    if convolutions && crate::winograd::PAYS_OFF {
+        winograd_convolutions = crate::winograd::rewrite(&mut model).map_err(|e| e.context("winograd"))?;
+    }
+    Ok(Rewritten { model, winograd_convolutions, group_norms })
 }
 
 /// Gives every constant natural (C-order) strides.
