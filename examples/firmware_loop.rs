@@ -81,7 +81,7 @@ fn main() -> anyhow::Result<()> {
     let triggers: Box<dyn Iterator<Item = String>> = if args.stdin {
         Box::new(std::io::stdin().lock().lines().map_while(Result::ok))
     } else {
-        Box::new(std::iter::repeat(String::new()).take(args.images))
+        Box::new(std::iter::repeat_n(String::new(), args.images))
     };
     println!("{:>5} {:>12} {:>9} {:>9} {:>10}", "image", "class", "ms", "RSS MiB", "pixel sum");
     let mut latencies = Vec::new();

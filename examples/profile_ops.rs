@@ -129,7 +129,7 @@ fn profile(dir: &str, typed: TypedModel, inputs: TVec<TValue>, runs: usize) -> R
     // `PROFILE_TOP=N` lists N nodes; `PROFILE_OP=name` only those of one operator.
     let top = env_usize("PROFILE_TOP")?.unwrap_or(15);
     let only = std::env::var("PROFILE_OP").ok();
-    let listed = nodes.iter().filter(|n| only.as_deref().map_or(true, |o| n.1 .0 == o));
+    let listed = nodes.iter().filter(|n| only.as_deref().is_none_or(|o| n.1 .0 == o));
     for (id, (op, name, d)) in listed.take(top) {
         println!("{:>8.3} ms  {op:<20} {name} ({})", ms(*d / runs as u32), shapes.get(id).map_or("", |s| s));
     }

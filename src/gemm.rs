@@ -10,8 +10,17 @@
 //! faster (README, "Performance"). Other CPUs (aarch64's NEON included, where a kernel of ours
 //! is not measured) keep `matrixmultiply` or tract's own.
 //!
-//! The micro-kernel keeps a 6 × 16 block of `M` in 12 AVX registers and adds, for each input
-//! channel, one 6-value column of `U` times one 16-value row of `V`.
+//! Two micro-kernels, picked once per process ([`Kernel::detect`]):
+//! - AVX2+FMA keeps a 6 × 16 block of `M` in 12 registers of 8 lanes and adds, for each input
+//!   channel, one 6-value column of `U` times one 16-value row of `V`;
+//! - AVX-512 keeps a 12 × 16 block (two panels of `U`) in 12 registers of 16 lanes: the same
+//!   number of independent sums, which is what two FMA units with a 4-cycle latency need, at
+//!   twice the width. Each sum adds the same products in the same order as the AVX2 kernel's,
+//!   so both give the same bits.
+//!
+//! `EDGE_DIFFUSE_X86_KERNEL=avx2` keeps a CPU with AVX-512 on the AVX2 kernel (to compare them).
+
+use std::sync::OnceLock;
 
 /// Output channels per block of the micro-kernel (rows of `M`).
 pub(crate) const MR: usize = 6;
@@ -42,42 +51,109 @@ pub fn available() -> bool {
     std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
 }
 
-/// `m = u · v`: `u` from [`pack_weights`], `v` (c × t) and `m` (k × t) row-major. Panics unless
-/// [`available`].
-pub fn product(u: &[f32], v: &[f32], m: &mut [f32], [k, c, t]: [usize; 3]) {
-    assert!(available(), "product: no AVX2 and FMA");
-    assert!(u.len() >= packed_len(k, c) && v.len() >= c * t && m.len() >= k * t, "product: short operand");
-    let panels = k.div_ceil(MR);
-    // The last, partial block of tiles goes through a zero-padded copy of its columns.
-    let mut tail = Vec::new();
-    for t0 in (0..t).step_by(NR) {
-        let width = NR.min(t - t0);
-        let (rows, stride) = if width == NR {
-            (&v[t0..], t)
-        } else {
-            tail.resize(c * NR, 0.0);
-            for (dst, src) in tail.chunks_exact_mut(NR).zip(v.chunks_exact(t)) {
-                dst[..width].copy_from_slice(&src[t0..]);
-            }
-            (&tail[..], NR)
-        };
-        assert!(c == 0 || rows.len() >= (c - 1) * stride + NR, "product: short rows");
-        for p in 0..panels {
-            let up = &u[p * c * MR..][..c * MR];
-            let height = MR.min(k - p * MR);
-            if width == NR {
-                let out = &mut m[p * MR * t + t0..];
-                assert!(out.len() >= (height - 1) * t + NR, "product: short output");
-                // Safety: `available()`, the operand lengths above and the output length here.
-                unsafe { block_avx2_fma(up, rows, stride, out.as_mut_ptr(), t, height, &[0.0; MR]) };
+/// The micro-kernel this process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    Avx2,
+    Avx512,
+}
+
+impl Kernel {
+    /// AVX-512 where the CPU has it, unless `EDGE_DIFFUSE_X86_KERNEL=avx2`; AVX2 otherwise.
+    /// Only meaningful where [`available`].
+    pub fn detect() -> Kernel {
+        static KERNEL: OnceLock<Kernel> = OnceLock::new();
+        *KERNEL.get_or_init(|| {
+            let wanted = std::env::var("EDGE_DIFFUSE_X86_KERNEL").ok();
+            if wanted.as_deref() != Some("avx2") && std::is_x86_feature_detected!("avx512f") {
+                Kernel::Avx512
             } else {
-                let mut acc = [[0f32; NR]; MR];
-                // Safety: as above, into a whole MR × NR block.
-                unsafe { block_avx2_fma(up, rows, stride, acc.as_mut_ptr().cast(), NR, MR, &[0.0; MR]) };
-                for (r, a) in acc.iter().enumerate().take(height) {
-                    m[(p * MR + r) * t + t0..][..width].copy_from_slice(&a[..width]);
+                Kernel::Avx2
+            }
+        })
+    }
+
+    /// Whether this CPU runs `self` (tests ask before running a kernel that is not detected).
+    pub fn runs_here(self) -> bool {
+        match self {
+            Kernel::Avx2 => available(),
+            Kernel::Avx512 => available() && std::is_x86_feature_detected!("avx512f"),
+        }
+    }
+}
+
+/// One block of [`NR`] columns of `M` for the output-channel panels `panels` of `u` (from
+/// [`pack_weights`] for `k` × `c`), each row starting from `init[row]` (0 with `None`):
+/// `rows` holds c rows of NR values, `stride` apart; row `ki` of `M` (for `ki` in the panels and
+/// below `k`) goes to `out + (ki − panels.start · MR) · ld`.
+///
+/// Safety: `kernel.runs_here()`; `u` holds the panels, `rows` c rows of NR `stride` apart,
+/// `init` (when given) `k` values, and `out` room for every row stored.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn block(
+    kernel: Kernel,
+    u: &[f32],
+    [k, c]: [usize; 2],
+    panels: std::ops::Range<usize>,
+    rows: &[f32],
+    stride: usize,
+    out: *mut f32,
+    ld: usize,
+    init: Option<&[f32]>,
+) {
+    let start = panels.start;
+    let mut p = start;
+    while p < panels.end {
+        let pair = kernel == Kernel::Avx512 && p + 1 < panels.end;
+        let count = if pair { 2 } else { 1 };
+        let height = (count * MR).min(k - p * MR);
+        let mut first = [0f32; 2 * MR];
+        if let Some(init) = init {
+            first[..height].copy_from_slice(&init[p * MR..][..height]);
+        }
+        let panel = |q: usize| &u[q * c * MR..][..c * MR];
+        // Safety: the caller's promises, for these panels' rows.
+        unsafe {
+            let at = out.add((p - start) * MR * ld);
+            match (kernel, pair) {
+                (Kernel::Avx512, true) => {
+                    block_avx512::<2>([panel(p), panel(p + 1)], rows, stride, at, ld, height, &first)
+                }
+                (Kernel::Avx512, false) => block_avx512::<1>([panel(p)], rows, stride, at, ld, height, &first),
+                (Kernel::Avx2, _) => {
+                    block_avx2_fma(panel(p), rows, stride, at, ld, height, first[..MR].try_into().expect("MR values"))
                 }
             }
+        }
+        p += count;
+    }
+}
+
+/// `m = u · v` on `kernel`: `u` from [`pack_weights`], `v` (c × t) and `m` (k × t) row-major.
+/// Panics unless `kernel.runs_here()`.
+pub fn product(kernel: Kernel, u: &[f32], v: &[f32], m: &mut [f32], [k, c, t]: [usize; 3]) {
+    assert!(kernel.runs_here(), "product: this CPU cannot run {kernel:?}");
+    assert!(u.len() >= packed_len(k, c) && v.len() >= c * t && m.len() >= k * t, "product: short operand");
+    let panels = k.div_ceil(MR);
+    // The last, partial block of tiles goes through zero-padded copies of its columns.
+    let (mut tail, mut acc) = (Vec::new(), Vec::new());
+    for t0 in (0..t).step_by(NR) {
+        let width = NR.min(t - t0);
+        if width == NR {
+            assert!(c == 0 || v.len() >= t0 + (c - 1) * t + NR, "product: short rows");
+            // Safety: `runs_here`, the operand lengths above; rows below k of m, t apart.
+            unsafe { block(kernel, u, [k, c], 0..panels, &v[t0..], t, m[t0..].as_mut_ptr(), t, None) };
+            continue;
+        }
+        tail.resize(c * NR, 0.0);
+        for (dst, src) in tail.chunks_exact_mut(NR).zip(v.chunks_exact(t)) {
+            dst[..width].copy_from_slice(&src[t0..]);
+        }
+        acc.resize(k * NR, 0.0);
+        // Safety: as above, into k whole rows of NR.
+        unsafe { block(kernel, u, [k, c], 0..panels, &tail, NR, acc.as_mut_ptr(), NR, None) };
+        for (ki, a) in acc.chunks_exact(NR).enumerate() {
+            m[ki * t + t0..][..width].copy_from_slice(&a[..width]);
         }
     }
 }
@@ -137,6 +213,56 @@ pub(crate) unsafe fn block_avx2_fma(
     }
 }
 
+/// [`block_avx2_fma`] for `P` panels at once (`ups`, c columns of MR each) on AVX-512: rows
+/// `0 .. P·MR` of the block, the first `height` of them stored. The sums are kept in `P·MR`
+/// registers of 16 lanes; each adds the same products in the same order as the AVX2 kernel.
+///
+/// Safety: the CPU has AVX-512F; each of `ups` holds c·MR values, `rows` c rows of NR, and
+/// `out` room for `height` rows of NR values `ld` apart.
+#[target_feature(enable = "avx512f")]
+unsafe fn block_avx512<const P: usize>(
+    ups: [&[f32]; P],
+    rows: &[f32],
+    stride: usize,
+    out: *mut f32,
+    ld: usize,
+    height: usize,
+    init: &[f32; 2 * MR],
+) {
+    use std::arch::x86_64::*;
+    let c = ups[0].len() / MR;
+    debug_assert!(ups.iter().all(|u| u.len() == c * MR) && (c == 0 || rows.len() >= (c - 1) * stride + NR));
+    let mut acc = [[_mm512_setzero_ps(); MR]; P];
+    for (q, a) in acc.iter_mut().enumerate() {
+        for (r, ar) in a.iter_mut().enumerate() {
+            *ar = _mm512_set1_ps(init[q * MR + r]);
+        }
+    }
+    let u = ups.map(|u| u.as_ptr());
+    let mut v = rows.as_ptr();
+    for ci in 0..c {
+        // Safety: ci < c columns of each panel, and row ci of `rows` (checked by the caller).
+        unsafe {
+            let row = _mm512_loadu_ps(v);
+            for (q, a) in acc.iter_mut().enumerate() {
+                let col = u[q].add(ci * MR);
+                for (r, ar) in a.iter_mut().enumerate() {
+                    *ar = _mm512_fmadd_ps(_mm512_set1_ps(*col.add(r)), row, *ar);
+                }
+            }
+            v = v.add(stride);
+        }
+    }
+    // A loop of constant length, with constant indices once unrolled: an iterator that stops at
+    // `height` made the compiler keep `acc` in memory and store it on every step of the sum.
+    for i in 0..P * MR {
+        if i < height {
+            // Safety: row i < height of the caller's output.
+            unsafe { _mm512_storeu_ps(out.add(i * ld), acc[i / MR][i % MR]) };
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,12 +273,13 @@ mod tests {
             eprintln!("no AVX2 and FMA here: the kernel cannot run");
             return;
         }
-        // Sizes around the block edges: k not a multiple of 6, t not a multiple of 16.
-        for (k, c, t) in [(6, 1, 16), (32, 32, 256), (7, 5, 17), (13, 3, 5), (1, 9, 33)] {
+        // Sizes around the block edges: k not a multiple of 6 (an odd number of panels for the
+        // AVX-512 pairs), t not a multiple of 16.
+        for (k, c, t) in [(6, 1, 16), (32, 32, 256), (7, 5, 17), (13, 3, 5), (1, 9, 33), (19, 4, 16), (24, 2, 40)] {
             let u: Vec<f32> = (0..k * c).map(|i| ((i * 7 % 11) as f32 - 5.0) / 3.0).collect();
             let v: Vec<f32> = (0..c * t).map(|i| ((i * 5 % 13) as f32 - 6.0) / 4.0).collect();
             let mut m = vec![f32::NAN; k * t];
-            product(&pack_weights(&u, k, c), &v, &mut m, [k, c, t]);
+            product(Kernel::detect(), &pack_weights(&u, k, c), &v, &mut m, [k, c, t]);
             for ki in 0..k {
                 for ti in 0..t {
                     let want: f64 = (0..c).map(|ci| u[ki * c + ci] as f64 * v[ci * t + ti] as f64).sum();
@@ -163,6 +290,48 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn both_kernels_give_the_same_bits() {
+        if !Kernel::Avx512.runs_here() {
+            eprintln!("no AVX-512 here: nothing to compare");
+            return;
+        }
+        for (k, c, t) in [(64, 64, 64), (19, 7, 33), (6, 3, 16), (128, 32, 20)] {
+            let u: Vec<f32> = (0..k * c).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
+            let v: Vec<f32> = (0..c * t).map(|i| ((i * 53 % 97) as f32 - 48.0) / 13.0).collect();
+            let packed = pack_weights(&u, k, c);
+            let [mut a, mut b] = [vec![f32::NAN; k * t], vec![f32::NAN; k * t]];
+            product(Kernel::Avx2, &packed, &v, &mut a, [k, c, t]);
+            product(Kernel::Avx512, &packed, &v, &mut b, [k, c, t]);
+            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "k{k} c{c} t{t}");
+        }
+    }
+
+    #[test]
+    fn block_starts_from_init_and_stores_only_rows_below_k() {
+        for kernel in [Kernel::Avx2, Kernel::Avx512] {
+            if !kernel.runs_here() {
+                continue;
+            }
+            let (k, c) = (13, 4);
+            let u: Vec<f32> = (0..k * c).map(|i| i as f32 / 8.0).collect();
+            let v: Vec<f32> = (0..c * NR).map(|i| (i % 5) as f32).collect();
+            let init: Vec<f32> = (0..k).map(|i| 100.0 * i as f32).collect();
+            // Room for 3 panels (18 rows); rows 13.. must stay untouched.
+            let mut out = vec![f32::NAN; 18 * NR];
+            let packed = pack_weights(&u, k, c);
+            // Safety: `runs_here`; 3 panels of c·MR, c rows of NR, 18 rows of room.
+            unsafe { block(kernel, &packed, [k, c], 0..3, &v, NR, out.as_mut_ptr(), NR, Some(&init)) };
+            for ki in 0..k {
+                for ti in 0..NR {
+                    let want = init[ki] + (0..c).map(|ci| u[ki * c + ci] * v[ci * NR + ti]).sum::<f32>();
+                    assert!((out[ki * NR + ti] - want).abs() < 1e-3, "{kernel:?} ({ki},{ti})");
+                }
+            }
+            assert!(out[k * NR..].iter().all(|x| x.is_nan()), "{kernel:?} wrote past k");
         }
     }
 }

@@ -134,7 +134,7 @@ fn pattern_at(model: &TypedModel, id: usize) -> TractResult<Option<Found>> {
 /// `[n, c, h, w]`: `[c]`-like shapes right-aligned against it, `[1, c, 1, 1]` or `[c, 1, 1]`.
 fn channel_axis_only(shape: &[usize], c: usize) -> bool {
     let padded: Vec<usize> =
-        std::iter::repeat(1).take(4usize.saturating_sub(shape.len())).chain(shape.iter().copied()).collect();
+        std::iter::repeat_n(1, 4usize.saturating_sub(shape.len())).chain(shape.iter().copied()).collect();
     padded.len() == 4 && padded[1] == c && padded[0] == 1 && padded[2] == 1 && padded[3] == 1
 }
 

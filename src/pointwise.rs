@@ -60,6 +60,7 @@ impl Pointwise {
         let need = c * NR;
         let buffers = scratch.floats(ranges.len() * need);
         let out = Output(y.as_mut_ptr(), y.len());
+        let kernel = gemm::Kernel::detect();
         let work: Vec<_> = ranges.into_iter().zip(buffers.chunks_mut(need)).collect();
         for_each(work, |(items, buf)| {
             for item in items {
@@ -70,28 +71,30 @@ impl Pointwise {
                     row[..width].copy_from_slice(&src[t0..t0 + width]);
                     row[width..].fill(0.0);
                 }
-                for p in g * panels / groups..(g + 1) * panels / groups {
+                let (lo, hi) = (g * panels / groups, (g + 1) * panels / groups);
+                if width == NR {
+                    let first = (image * k + lo * MR) * t + t0;
+                    let rows = (hi * MR).min(k) - lo * MR;
+                    assert!(first + (rows - 1) * t + NR <= out.len(), "Pointwise: short output");
+                    // Safety: `available()` (checked by `rewrite`) and the detected kernel; the
+                    // panels of `u`, c rows of NR in `buf`, `bias` of k, and `rows` rows of NR
+                    // inside `y` from `first` (asserted); only this item writes them.
+                    unsafe { gemm::block(kernel, u, [k, c], lo..hi, buf, NR, out.at(first), t, Some(bias)) };
+                    continue;
+                }
+                for p in lo..hi {
                     let height = MR.min(k - p * MR);
-                    let mut init = [0f32; MR];
-                    init[..height].copy_from_slice(&bias[p * MR..][..height]);
-                    let up = &u[p * c * MR..][..c * MR];
                     let first = (image * k + p * MR) * t + t0;
-                    if width == NR {
-                        assert!(first + (height - 1) * t + NR <= out.len(), "Pointwise: short output");
-                        // Safety: `available()` (checked by `rewrite`), a panel of `up`, c rows of
-                        // NR in `buf`, and `height` rows of NR inside `y` from `first` (asserted);
-                        // only this item writes them.
-                        unsafe { gemm::block_avx2_fma(up, buf, NR, out.at(first), t, height, &init) };
-                    } else {
-                        let mut acc = [[0f32; NR]; MR];
-                        // Safety: as above, into a whole MR × NR block.
-                        unsafe { gemm::block_avx2_fma(up, buf, NR, acc.as_mut_ptr().cast(), NR, MR, &init) };
-                        for (r, a) in acc.iter().enumerate().take(height) {
-                            assert!(first + r * t + width <= out.len(), "Pointwise: short output");
-                            // Safety: inside `y` (asserted), this item's pixels.
-                            let row = unsafe { std::slice::from_raw_parts_mut(out.at(first + r * t), width) };
-                            row.copy_from_slice(&a[..width]);
-                        }
+                    let mut acc = [[0f32; NR]; MR];
+                    // Safety: as above, one panel into a whole MR × NR block.
+                    unsafe {
+                        gemm::block(kernel, u, [k, c], p..p + 1, buf, NR, acc.as_mut_ptr().cast(), NR, Some(bias))
+                    };
+                    for (r, a) in acc.iter().enumerate().take(height) {
+                        assert!(first + r * t + width <= out.len(), "Pointwise: short output");
+                        // Safety: inside `y` (asserted), this item's pixels.
+                        let row = unsafe { std::slice::from_raw_parts_mut(out.at(first + r * t), width) };
+                        row.copy_from_slice(&a[..width]);
                     }
                 }
             }

@@ -39,7 +39,7 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
             || x.datum_type != f32::datum_type()
             || rank == 0
             || *softmax.axes != [rank - 1]
-            || !row.is_some_and(|r| r > 0)
+            || row.is_none_or(|r| r == 0)
         {
             continue;
         }

@@ -1,20 +1,27 @@
-//! The Winograd convolution on x86-64 with AVX2 and FMA, one block of 16 tiles at a time.
+//! The Winograd convolution on x86-64 with AVX2 and FMA (or AVX-512), one block of 16 tiles at
+//! a time.
 //!
 //! Why blocks: the plain layout (`super`) writes the transformed input `V` of the whole image,
 //! then the products `M` of the whole image, and reads both back: 16 values per 2×2 tile and
 //! channel, 1 MB each for a 64-channel 32×32 map, so every stage streams through L3. Here a
 //! block of [`NR`] tiles (the width of our kernel's block) is transformed for all input channels
-//! (`c`·1 KB, in L1/L2), multiplied panel by panel of [`MR`] output channels into a 6 KB buffer,
-//! and transformed back into the output at once. The arithmetic is the plain layout's, in the
-//! same order: the results are the same bits.
+//! (`c`·1 KB, in L1/L2), multiplied panel by panel of [`MR`] output channels (two panels at once
+//! on AVX-512) into a 12 KB buffer, and transformed back into the output at once. The
+//! arithmetic is the plain layout's, in the same order: the results are the same bits.
 //!
-//! The transforms run on whole blocks as arrays of 16 lanes, which the compiler vectorizes
-//! (the functions are built for AVX2). A block is the tiles `16q .. 16q + 16` in the order of
-//! `t` (batch, tile row, tile column); it breaks into [`Run`]s of tiles that share a tile row.
+//! A block is the tiles `16q .. 16q + 16` in the order of `t` (batch, tile row, tile column); it
+//! breaks into [`Run`]s of tiles that share a tile row. With AVX2 the runs are copied into
+//! arrays of 16 lanes and transformed in two halves of 8. With AVX-512 a block is one register:
+//! masked loads and two-table permutes gather each run's tile columns straight from the input
+//! (zeros outside the image, no copies), and permutes and masked stores write the output rows
+//! (8×8 maps, whose blocks hold 4 runs of 4 tiles, took a scalar path with AVX2).
 
 use std::arch::x86_64::*;
 
 use crate::gemm::{self, MR, NR};
+
+/// Rows of products kept per tile position: two panels, what the AVX-512 kernel makes at once.
+const ROWS: usize = 2 * MR;
 
 /// Tiles of one tile row in a block: image `b`, tile row `ty`, columns `tx0 .. tx0 + len`, in
 /// the block's lanes `lane .. lane + len`.
@@ -65,9 +72,9 @@ impl Dims {
         self.k.div_ceil(MR)
     }
 
-    /// Scratch one thread needs: the block's `V` and its products for one panel.
+    /// Scratch one thread needs: the block's `V` and its products for two panels.
     pub fn scratch_len(&self) -> usize {
-        16 * self.c * NR + 16 * MR * NR
+        16 * self.c * NR + 16 * ROWS * NR
     }
 }
 
@@ -94,9 +101,11 @@ impl Output {
 /// [`Dims::scratch_len`]. The work is [`Dims::blocks`] × `groups` items, item `i` being the
 /// output-channel panels of group `i % groups` for block `i / groups`; this call does `items`.
 /// Groups let threads share a map of fewer blocks than threads (an 8×8 map is one block).
-/// Panics unless `gemm::available()`.
+/// `kernel` is the one the products run on, and the transforms with it (AVX-512 or AVX2);
+/// both give the same bits. Panics unless `kernel.runs_here()`.
 #[allow(clippy::too_many_arguments)]
 pub fn run(
+    kernel: gemm::Kernel,
     u: &[f32],
     bias: &[f32],
     x: &[f32],
@@ -106,13 +115,18 @@ pub fn run(
     groups: usize,
     scratch: &mut [f32],
 ) {
-    assert!(gemm::available(), "fused::run: no AVX2 and FMA");
+    assert!(kernel.runs_here(), "fused::run: this CPU cannot run {kernel:?}");
     assert!(x.len() >= d.n * d.c * d.h * d.w && y.len >= d.n * d.k * d.h * d.w, "fused::run: short tensor");
     assert!(u.len() >= 16 * gemm::packed_len(d.k, d.c) && bias.len() >= d.k, "fused::run: short weights");
     assert!(scratch.len() >= d.scratch_len(), "fused::run: short scratch");
     assert!(groups >= 1 && items.end <= d.blocks() * groups, "fused::run: no such item");
-    // Safety: AVX2 and FMA checked, lengths asserted.
-    unsafe { run_avx2(u, bias, x, y, d, items, groups, scratch) }
+    // Safety: the kernel's instructions checked, lengths asserted.
+    unsafe {
+        match kernel {
+            gemm::Kernel::Avx2 => run_avx2(u, bias, x, y, d, items, groups, scratch),
+            gemm::Kernel::Avx512 => run_avx512(u, bias, x, y, d, items, groups, scratch),
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -127,14 +141,52 @@ unsafe fn run_avx2(
     groups: usize,
     scratch: &mut [f32],
 ) {
+    // Safety: the caller's.
+    unsafe { body::<false>(u, bias, x, y, d, items, groups, scratch) }
+}
+
+/// The same work with the transforms on 16 lanes: the whole block in one register.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn run_avx512(
+    u: &[f32],
+    bias: &[f32],
+    x: &[f32],
+    y: Output,
+    d: Dims,
+    items: std::ops::Range<usize>,
+    groups: usize,
+    scratch: &mut [f32],
+) {
+    // Safety: the caller's.
+    unsafe { body::<true>(u, bias, x, y, d, items, groups, scratch) }
+}
+
+/// `run`'s work, inlined into a function built for the instructions `WIDE` uses (AVX-512 when
+/// set, else AVX2 and FMA).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn body<const WIDE: bool>(
+    u: &[f32],
+    bias: &[f32],
+    x: &[f32],
+    y: Output,
+    d: Dims,
+    items: std::ops::Range<usize>,
+    groups: usize,
+    scratch: &mut [f32],
+) {
     let Dims { n, c, k, h, w } = d;
     let [th, tw] = d.tiles();
     let t = n * th * tw;
     let (v, m) = scratch.split_at_mut(16 * c * NR);
-    let m = &mut m[..16 * MR * NR];
+    let m = &mut m[..16 * ROWS * NR];
     let len = gemm::packed_len(k, c);
     let panels = k.div_ceil(MR);
+    let kernel = if WIDE { gemm::Kernel::Avx512 } else { gemm::Kernel::Avx2 };
+    let step = if WIDE { 2 } else { 1 };
     let mut list = Vec::with_capacity(NR);
+    let mut lanes = Vec::with_capacity(NR);
     let mut pad = Vec::new();
     let mut dt = [[[0f32; NR]; 4]; 4];
     let mut px = [[[0f32; NR]; 2]; 2];
@@ -143,27 +195,47 @@ unsafe fn run_avx2(
         let (q, g) = (item / groups, item % groups);
         if transformed != Some(q) {
             runs(q, t, [th, tw], &mut list);
+            if WIDE {
+                lanes.clear();
+                // Safety: AVX-512 (WIDE).
+                lanes.extend(list.iter().map(|run| unsafe { Lanes::new(run, [h, w]) }));
+            }
             if pad.len() < list.len() * 4 * (w + 20) {
                 pad.resize(list.len() * 4 * (w + 20), 0.0);
             }
             for ci in 0..c {
-                // Safety: AVX2; `pad` as `input_block` needs it.
-                unsafe { input_block(x, [c, h, w], ci, &list, v, &mut dt, &mut pad) };
+                // Safety: AVX2 (and AVX-512 if WIDE); `pad` as `input_block` needs it.
+                unsafe { input_block::<WIDE>(x, [c, h, w], ci, &list, &lanes, v, &mut dt, &mut pad) };
             }
             transformed = Some(q);
         }
-        for p in g * panels / groups..(g + 1) * panels / groups {
+        let (mut p, end) = (g * panels / groups, (g + 1) * panels / groups);
+        while p < end {
+            let count = step.min(end - p);
             for xi in 0..16 {
-                let up = &u[xi * len + p * c * MR..][..c * MR];
                 let rows = &v[xi * c * NR..][..c * NR];
-                let out = &mut m[xi * MR * NR..][..MR * NR];
-                // Safety: AVX2 and FMA; `up` is one panel, `rows` c rows of NR, `out` MR of NR.
-                unsafe { gemm::block_avx2_fma(up, rows, NR, out.as_mut_ptr(), NR, MR, &[0.0; MR]) };
+                let out = &mut m[xi * ROWS * NR..][..ROWS * NR];
+                // Safety: `kernel` is the detected one (AVX2 and FMA checked by `run`); `u[ξ]`
+                // holds every panel, `rows` c rows of NR, `out` ROWS ≥ count·MR rows of NR.
+                unsafe {
+                    gemm::block(
+                        kernel,
+                        &u[xi * len..][..len],
+                        [k, c],
+                        p..p + count,
+                        rows,
+                        NR,
+                        out.as_mut_ptr(),
+                        NR,
+                        None,
+                    )
+                };
             }
-            for r in 0..MR.min(k - p * MR) {
-                // Safety: AVX2.
-                unsafe { output_block(m, r, bias[p * MR + r], d, p * MR + r, &list, y, &mut px) };
+            for r in 0..(count * MR).min(k - p * MR) {
+                // Safety: AVX2 (and AVX-512 if WIDE).
+                unsafe { output_block::<WIDE>(m, r, bias[p * MR + r], d, p * MR + r, &list, &lanes, y, &mut px) };
             }
+            p += count;
         }
     }
 }
@@ -191,17 +263,28 @@ type Tiles = [[[f32; NR]; 4]; 4];
 /// keep what they held, harmless: every lane of the products depends on its own lane only.
 /// `pad` holds 4 rows of w + 20 floats per run, zero where this function does not write.
 ///
-/// Safety: AVX2.
+/// With `WIDE` (AVX-512), `lanes` (from [`Lanes::new`] for each run of `list`) gathers the tiles
+/// straight from `x` into registers; `dt` and `pad` are then not used.
+///
+/// Safety: AVX2, and AVX-512 if `WIDE`.
 #[inline(always)]
-unsafe fn input_block(
+#[allow(clippy::too_many_arguments)]
+unsafe fn input_block<const WIDE: bool>(
     x: &[f32],
     [c, h, w]: [usize; 3],
     ci: usize,
     list: &[Run],
+    lanes: &[Lanes],
     v: &mut [f32],
     dt: &mut Tiles,
     pad: &mut [f32],
 ) {
+    if WIDE {
+        assert!(ci < c && v.len() >= 16 * c * NR, "input_block: no room for channel {ci}");
+        // Safety: AVX-512; `v` asserted, `x` holds [n, c, h, w] (checked by `run`).
+        unsafe { input_wide(x, [c, h, w], ci, list, lanes, v.as_mut_ptr()) };
+        return;
+    }
     let stride = w + 20;
     // First every row the block needs, with a zero before it and zeros after: column j of tile
     // tx, input column 2tx + j − 1, is then pad[2tx + j]. All the copies go first: vector loads
@@ -279,31 +362,41 @@ unsafe fn input_block(
     }
 }
 
-/// `Y = Aᵀ M A + bias` for output channel `ko` from row `r` of the panel's products `m[ξ][r]`,
+/// `Y = Aᵀ M A + bias` for output channel `ko` from row `r` of the panels' products `m[ξ][r]`,
 /// into the pixels of the tiles of `list`, through `px`. Aᵀ = [[1,1,1,0],[0,1,-1,-1]].
 ///
-/// Safety: AVX2.
+/// With `WIDE` (AVX-512), straight from registers into `y` through `lanes`; `px` is then not
+/// used.
+///
+/// Safety: AVX2, and AVX-512 if `WIDE`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn output_block(
+unsafe fn output_block<const WIDE: bool>(
     m: &[f32],
     r: usize,
     beta: f32,
     d: Dims,
     ko: usize,
     list: &[Run],
+    lanes: &[Lanes],
     y: Output,
     px: &mut [[[f32; NR]; 2]; 2],
 ) {
+    if WIDE {
+        assert!(r < ROWS && m.len() >= 16 * ROWS * NR, "output_block: no row {r}");
+        // Safety: AVX-512; `m` asserted; `y` holds [n, k, h, w] (checked by `run`).
+        unsafe { output_wide(m.as_ptr(), r, beta, d, ko, list, lanes, y) };
+        return;
+    }
     let Dims { k, h, w, .. } = d;
     // px[i][j]: output pixel (i, j) of every lane's tile, all of it written below. Written out
     // without `from_fn` and `map`, for the reason `input_block` gives.
-    assert!(r < MR && m.len() >= 16 * MR * NR, "output_block: no row {r}");
+    assert!(r < ROWS && m.len() >= 16 * ROWS * NR, "output_block: no row {r}");
     let mp = m.as_ptr();
     for half in [0, 8] {
         // Safety: AVX2; 8 lanes from `half` of each 16-lane row of `m` (asserted above).
         unsafe {
-            let row = |xi: usize| _mm256_loadu_ps(mp.add((xi * MR + r) * NR + half));
+            let row = |xi: usize| _mm256_loadu_ps(mp.add((xi * ROWS + r) * NR + half));
             let mut col = [[_mm256_setzero_ps(); 2]; 4];
             for (j, cj) in col.iter_mut().enumerate() {
                 let (m0, m1, m2, m3) = (row(j), row(4 + j), row(8 + j), row(12 + j));
@@ -353,6 +446,202 @@ unsafe fn output_block(
                     out[2 * l + 1] = b[l];
                 }
                 l += 1;
+            }
+        }
+    }
+}
+
+/// Where one run's tiles sit in a block and in its rows, for the AVX-512 gathers and scatters.
+struct Lanes {
+    /// Input column of the run's first tile's first column (−1 at the left edge).
+    col0: isize,
+    /// Which lanes of the loads at `col0`, `col0 + 16`, `col0 + 2`, `col0 + 18` are columns of
+    /// the image (the others load zeros: the padding).
+    load: [u16; 4],
+    /// Lanes of the block that are this run's.
+    mine: u16,
+    /// For each lane of the run, the position in a pair of loads of its tile's even and odd
+    /// column.
+    even: __m512i,
+    odd: __m512i,
+    /// Which lanes of the products make output pixels 0..16 and 16..32 of the run's row, and how
+    /// many of those pixels the row has.
+    pixels: [__m512i; 2],
+    stores: [u16; 2],
+}
+
+impl Lanes {
+    /// Safety: AVX-512.
+    #[inline(always)]
+    unsafe fn new(run: &Run, [_h, w]: [usize; 2]) -> Lanes {
+        let col0 = 2 * run.tx0 as isize - 1;
+        let valid = |from: isize| -> u16 {
+            (0..16).filter(|l| (0..w as isize).contains(&(from + l))).fold(0, |m, l| m | 1 << l)
+        };
+        let load = [valid(col0), valid(col0 + 16), valid(col0 + 2), valid(col0 + 18)];
+        let lane = |l: usize| l.checked_sub(run.lane).filter(|&i| i < run.len);
+        let index = |odd: i32| -> [i32; 16] { std::array::from_fn(|l| lane(l).map_or(0, |i| 2 * i as i32 + odd)) };
+        // Output pixel e of the row: column (e / 2) of the tile at lane `run.lane + e / 2`, from
+        // the even-column products (table 0) or the odd-column ones (table 1, index + 16).
+        let pixel = |e: usize| -> i32 { (run.lane + (e / 2).min(NR - 1 - run.lane)) as i32 + 16 * (e % 2) as i32 };
+        let width = (2 * run.len).min(w - 2 * run.tx0);
+        let store = |from: usize| -> u16 { (0..16).filter(|e| from + e < width).fold(0, |m, e| m | 1 << e) };
+        let vector = |v: [i32; 16]| unsafe { _mm512_loadu_si512(v.as_ptr().cast()) };
+        Lanes {
+            col0,
+            load,
+            mine: (0..16).filter(|&l| lane(l).is_some()).fold(0, |m, l| m | 1 << l),
+            even: vector(index(0)),
+            odd: vector(index(1)),
+            pixels: [vector(std::array::from_fn(pixel)), vector(std::array::from_fn(|e| pixel(e + 16)))],
+            stores: [store(0), store(16)],
+        }
+    }
+}
+
+/// `input_block` on AVX-512: row i of every lane's tile is gathered from `x` by masked loads and
+/// two-table permutes (zeros outside the image), then the same sums as `input_block`'s.
+///
+/// Safety: AVX-512; `x` holds the tiles' planes and `v` 16·c·NR floats.
+#[inline(always)]
+unsafe fn input_wide(x: &[f32], [c, h, w]: [usize; 3], ci: usize, list: &[Run], lanes: &[Lanes], vp: *mut f32) {
+    unsafe {
+        let mut d = [[_mm512_setzero_ps(); 4]; 4];
+        for (run, at) in list.iter().zip(lanes) {
+            let plane = x.as_ptr().add((run.b * c + ci) * h * w);
+            for (i, di) in d.iter_mut().enumerate() {
+                // Tile row ty covers input rows 2ty − 1 .. 2ty + 3; rows outside stay zero.
+                let Some(r) = (2 * run.ty + i).checked_sub(1).filter(|&r| r < h) else { continue };
+                // Masked-off lanes are not read, so the address may point outside the row.
+                let p = plane.add(r * w).wrapping_offset(at.col0);
+                let ld = |k: usize, off: usize| _mm512_maskz_loadu_ps(at.load[k], p.wrapping_add(off));
+                let (a, b, a2, b2) = (ld(0, 0), ld(1, 16), ld(2, 2), ld(3, 18));
+                let put = |into: __m512, idx: __m512i, lo: __m512, hi: __m512| {
+                    _mm512_mask_mov_ps(into, at.mine, _mm512_permutex2var_ps(lo, idx, hi))
+                };
+                // Columns 0 and 1 of a tile are the even and odd columns from col0; 2 and 3
+                // those from col0 + 2.
+                di[0] = put(di[0], at.even, a, b);
+                di[1] = put(di[1], at.odd, a, b);
+                di[2] = put(di[2], at.even, a2, b2);
+                di[3] = put(di[3], at.odd, a2, b2);
+            }
+        }
+        // Bᵀ down the rows, then B along the columns, as in `input_block`.
+        let mut col = [[_mm512_setzero_ps(); 4]; 4];
+        for (j, cj) in col.iter_mut().enumerate() {
+            let (d0, d1, d2, d3) = (d[0][j], d[1][j], d[2][j], d[3][j]);
+            *cj = [_mm512_sub_ps(d0, d2), _mm512_add_ps(d1, d2), _mm512_sub_ps(d2, d1), _mm512_sub_ps(d1, d3)];
+        }
+        #[allow(clippy::needless_range_loop)]
+        for i in 0..4 {
+            let (a0, a1, a2, a3) = (col[0][i], col[1][i], col[2][i], col[3][i]);
+            let store = |j: usize, o: __m512| _mm512_storeu_ps(vp.add(((4 * i + j) * c + ci) * NR), o);
+            store(0, _mm512_sub_ps(a0, a2));
+            store(1, _mm512_add_ps(a1, a2));
+            store(2, _mm512_sub_ps(a2, a1));
+            store(3, _mm512_sub_ps(a1, a3));
+        }
+    }
+}
+
+/// `output_block` on AVX-512: the same sums, then each run's two rows of pixels interleaved
+/// from the even- and odd-column products by permutes and written by masked stores.
+///
+/// Safety: AVX-512; `m` holds 16·ROWS·NR floats, `y` the output tensor.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn output_wide(
+    mp: *const f32,
+    r: usize,
+    beta: f32,
+    d: Dims,
+    ko: usize,
+    list: &[Run],
+    lanes: &[Lanes],
+    y: Output,
+) {
+    let Dims { k, h, w, .. } = d;
+    unsafe {
+        let row = |xi: usize| _mm512_loadu_ps(mp.add((xi * ROWS + r) * NR));
+        let mut col = [[_mm512_setzero_ps(); 2]; 4];
+        for (j, cj) in col.iter_mut().enumerate() {
+            let (m0, m1, m2, m3) = (row(j), row(4 + j), row(8 + j), row(12 + j));
+            *cj = [_mm512_add_ps(_mm512_add_ps(m0, m1), m2), _mm512_sub_ps(_mm512_sub_ps(m1, m2), m3)];
+        }
+        let b = _mm512_set1_ps(beta);
+        #[allow(clippy::needless_range_loop)]
+        for i in 0..2 {
+            let (a0, a1, a2, a3) = (col[0][i], col[1][i], col[2][i], col[3][i]);
+            let p0 = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), a2), b);
+            let p1 = _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(a1, a2), a3), b);
+            for (run, at) in list.iter().zip(lanes) {
+                let yr = 2 * run.ty + i;
+                if yr >= h {
+                    continue;
+                }
+                let first = ((run.b * k + ko) * h + yr) * w + 2 * run.tx0;
+                debug_assert!(first + (2 * run.len).min(w - 2 * run.tx0) <= y.len);
+                // Safety: the masks keep the stores to the run's own pixels of row yr, inside `y`.
+                for half in 0..2 {
+                    if at.stores[half] != 0 {
+                        let o = _mm512_permutex2var_ps(p0, at.pixels[half], p1);
+                        _mm512_mask_storeu_ps(y.ptr.add(first + 16 * half), at.stores[half], o);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        (0..len).map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0).collect()
+    }
+
+    /// The AVX-512 gathers, permutes and masked stores against the AVX2 path (itself checked
+    /// against a direct convolution in `super`): maps whose blocks hold 1 to 16 runs, runs that
+    /// start at the left edge or end at the right one, odd widths, blocks spanning images.
+    #[test]
+    fn avx512_and_avx2_give_the_same_bits() {
+        if !gemm::Kernel::Avx512.runs_here() {
+            eprintln!("no AVX-512 here: nothing to compare");
+            return;
+        }
+        let shapes = [
+            (1, 3, 5, 8, 8),
+            (2, 4, 3, 6, 10),
+            (1, 13, 19, 14, 18),
+            (2, 5, 7, 6, 40),
+            (3, 3, 4, 9, 9),
+            (1, 2, 3, 1, 1),
+            (2, 4, 4, 1, 5),
+            (1, 7, 13, 32, 32),
+            (2, 6, 12, 16, 16),
+            (1, 5, 8, 64, 64),
+            (1, 3, 2, 33, 35),
+        ];
+        for (n, c, k, h, w) in shapes {
+            let d = Dims { n, c, k, h, w };
+            let u: Vec<f32> = super::super::transform_kernel(&values(k * c * 9, 1), k, c)
+                .chunks_exact(k * c)
+                .flat_map(|ui| gemm::pack_weights(ui, k, c))
+                .collect();
+            let (x, bias) = (values(n * c * h * w, 2), values(k, 3));
+            for groups in [1, 2.min(d.panels())] {
+                let ys = [gemm::Kernel::Avx2, gemm::Kernel::Avx512].map(|kernel| {
+                    let mut y = vec![f32::NAN; n * k * h * w];
+                    let mut scratch = vec![0f32; d.scratch_len()];
+                    let items = 0..d.blocks() * groups;
+                    run(kernel, &u, &bias, &x, Output::new(&mut y), d, items, groups, &mut scratch);
+                    y
+                });
+                let same = ys[0].iter().zip(&ys[1]).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "n{n} c{c} k{k} {h}x{w}, {groups} group(s)");
+                assert!(ys[1].iter().all(|v| v.is_finite()), "a pixel left unwritten: n{n} c{c} k{k} {h}x{w}");
             }
         }
     }

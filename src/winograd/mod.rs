@@ -232,7 +232,10 @@ impl Winograd3x3 {
             }
             let out = fused::Output::new(y);
             let pieces = scratch.v[..need].chunks_mut(d.scratch_len());
-            for_each(ranges.into_iter().zip(pieces).collect(), |(r, s)| fused::run(u, bias, x, out, d, r, groups, s));
+            let kernel = gemm::Kernel::detect();
+            for_each(ranges.into_iter().zip(pieces).collect(), |(r, s)| {
+                fused::run(kernel, u, bias, x, out, d, r, groups, s)
+            });
             return;
         }
         {
@@ -264,7 +267,7 @@ impl Winograd3x3 {
                 let (u, v) = (&u[xi * len..][..len], &v[xi * c * t..][..c * t]);
                 if self.own_kernel {
                     #[cfg(target_arch = "x86_64")]
-                    return gemm::product(u, v, p, [k, c, t]);
+                    return gemm::product(gemm::Kernel::detect(), u, v, p, [k, c, t]);
                 }
                 let a = ArrayView2::from_shape((k, c), u).expect("U shape");
                 let b = ArrayView2::from_shape((c, t), v).expect("V shape");
