@@ -99,8 +99,10 @@ impl Output {
 /// Convolves one share of the work into `y`: `u` from `gemm::pack_weights`, 16 matrices of
 /// `gemm::packed_len(k, c)`, `x` `[n, c, h, w]`, `y` `[n, k, h, w]`, `scratch` of
 /// [`Dims::scratch_len`]. The work is [`Dims::blocks`] × `groups` items, item `i` being the
-/// output-channel panels of group `i % groups` for block `i / groups`; this call does `items`.
-/// Groups let threads share a map of fewer blocks than threads (an 8×8 map is one block).
+/// output-channel panels of group `i / blocks` for block `i % blocks`; this call does `items`.
+/// Groups let threads share a map of fewer blocks than threads (an 8×8 map is one block), and
+/// split the weights of a large layer (each thread then reads only its own panels' for every
+/// block, and transforms every block's input itself).
 /// `kernel` is the one the products run on, and the transforms with it (AVX-512 or AVX2);
 /// both give the same bits. Panics unless `kernel.runs_here()`.
 #[allow(clippy::too_many_arguments)]
@@ -192,7 +194,7 @@ unsafe fn body<const WIDE: bool>(
     let mut px = [[[0f32; NR]; 2]; 2];
     let mut transformed = None;
     for item in items {
-        let (q, g) = (item / groups, item % groups);
+        let (g, q) = (item / d.blocks(), item % d.blocks());
         if transformed != Some(q) {
             runs(q, t, [th, tw], &mut list);
             if WIDE {

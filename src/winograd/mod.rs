@@ -219,12 +219,13 @@ impl Winograd3x3 {
         let u = f32s(&self.weights, "Winograd3x3").expect("f32 weights");
         let parts = threads();
         #[cfg(target_arch = "x86_64")]
-        if self.own_kernel && 16 * k * c <= FUSED_MAX_WEIGHTS {
+        if self.own_kernel && runs_in_blocks(gemm::Kernel::detect(), k, c) {
             // Blocks of 16 tiles through all three stages at once (`fused`), split between
             // the threads; each thread has its own part of the scratch.
             let d = fused::Dims { n, c, k, h, w };
-            // With fewer blocks than threads, the threads also split the output channels.
-            let groups = parts.div_ceil(d.blocks()).min(d.panels());
+            // With fewer blocks than threads, or in a large layer, the threads also split the
+            // output channels.
+            let groups = if 16 * k * c > LARGE { parts } else { parts.div_ceil(d.blocks()) }.min(d.panels());
             let ranges = split(d.blocks() * groups, parts);
             let need = ranges.len() * d.scratch_len();
             if scratch.v.len() < need {
@@ -303,12 +304,26 @@ pub(crate) fn carve(mut rest: &mut [f32], lens: impl IntoIterator<Item = usize>)
         .collect()
 }
 
-/// The most transformed weights (floats, all 16 matrices) for which a layer runs in blocks
-/// (`fused`): each block reads all of them, which pays while they stay in L2 (1 MB here:
-/// 128 → 128 channels); larger layers (the 35.7M UNet's 256 channels) run the whole-map layout,
-/// where each of the 16 products reuses its own matrix across all tiles.
+/// Whether a layer of `k` × `c` channels runs in blocks (`fused`) on `kernel`. Each block reads
+/// all the transformed weights (16·k·c floats) that its thread's panels need. With AVX2 that
+/// pays while they stay in L2 (1 MB here: 128 → 128 channels), and larger layers (the 35.7M
+/// UNet's 256 channels) run the whole-map layout, where each of the 16 products reuses its own
+/// matrix across all tiles. With AVX-512 every layer runs in blocks: on the 35.7M UNet
+/// (`profile_ops`, 1 thread) the convolutions took 54 ms a call in the whole-map layout and
+/// 44.5–48 ms in blocks, the 4 MB of a 256 → 256 layer read from L3 for each block
+/// notwithstanding. (On two threads such layers split their output channels, see [`LARGE`].)
 #[cfg(target_arch = "x86_64")]
-const FUSED_MAX_WEIGHTS: usize = 16 * 128 * 128;
+fn runs_in_blocks(kernel: gemm::Kernel, k: usize, c: usize) -> bool {
+    kernel == gemm::Kernel::Avx512 || 16 * k * c <= LARGE
+}
+
+/// Transformed weights (floats) above which a layer is large: its threads take every block
+/// each, for their own share of the output channels, rather than blocks of their own, so that
+/// each reads a share of the weights rather than all of them. Splitting the blocks of the
+/// 35.7M UNet's 256-channel layers between two threads took the step from 33.5–34.1 ms (the
+/// whole-map layout) to 38.4–39.7 ms (`tools/bench_compare.py`).
+#[cfg(target_arch = "x86_64")]
+const LARGE: usize = 16 * 128 * 128;
 
 /// Threads of the executor the plan runs on.
 pub(crate) fn threads() -> usize {
@@ -527,7 +542,7 @@ mod tests {
         // Tile rows longer than a block of 16 tiles, and blocks that span two images.
         check(2, 5, 7, 6, 40);
         check(3, 3, 4, 10, 10);
-        // Weights above FUSED_MAX_WEIGHTS: the whole-map layout on our kernel.
+        // Weights above what AVX2 runs in blocks: the whole-map layout on our kernel there.
         check(1, 130, 131, 6, 5);
     }
 
@@ -535,19 +550,22 @@ mod tests {
     #[test]
     fn threads_split_the_work_without_changing_a_bit() {
         use tract_linalg::multithread::{multithread_tract_scope, Executor};
-        // 30 tiles: 2 blocks, fewer than 3 threads, which then split the output channels too.
-        let (n, c, k, h, w) = (2, 7, 13, 6, 9);
-        let x = random(n * c * h * w, 4);
-        let bias = random(k, 6);
-        let op = op_for(&random(k * c * 9, 5), &bias, k, c);
-        let mut one = vec![0f32; n * k * h * w];
-        op.run(&x, &bias, [n, h, w], &mut one, &mut Scratch::default());
-        for threads in [2, 3] {
-            let mut many = vec![f32::NAN; n * k * h * w];
-            multithread_tract_scope(Executor::multithread(threads), || {
-                op.run(&x, &bias, [n, h, w], &mut many, &mut Scratch::default())
-            });
-            assert_eq!(one, many, "{threads} threads");
+        // 30 tiles: 2 blocks, fewer than 3 threads, which then split the output channels too;
+        // and a large layer (more weights than `LARGE`), where the threads split the output
+        // channels of every block (with AVX-512), or the 16 products (whole-map layout).
+        for (n, c, k, h, w) in [(2, 7, 13, 6, 9), (1, 131, 130, 9, 10)] {
+            let x = random(n * c * h * w, 4);
+            let bias = random(k, 6);
+            let op = op_for(&random(k * c * 9, 5), &bias, k, c);
+            let mut one = vec![0f32; n * k * h * w];
+            op.run(&x, &bias, [n, h, w], &mut one, &mut Scratch::default());
+            for threads in [2, 3] {
+                let mut many = vec![f32::NAN; n * k * h * w];
+                multithread_tract_scope(Executor::multithread(threads), || {
+                    op.run(&x, &bias, [n, h, w], &mut many, &mut Scratch::default())
+                });
+                assert_eq!(one, many, "c{c} k{k}: {threads} threads");
+            }
         }
     }
 
