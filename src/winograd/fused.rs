@@ -54,6 +54,9 @@ pub struct Dims {
     pub k: usize,
     pub h: usize,
     pub w: usize,
+    /// Blocks that one item takes at once, reading each panel of the weights once for all of
+    /// them (1: each block on its own).
+    pub chunk: usize,
 }
 
 impl Dims {
@@ -67,13 +70,23 @@ impl Dims {
         (self.n * th * tw).div_ceil(NR)
     }
 
+    /// Items of [`Dims::chunk`] blocks (the last one may have fewer).
+    pub fn chunks(&self) -> usize {
+        self.blocks().div_ceil(self.chunk)
+    }
+
     /// Panels of [`MR`] output channels.
     pub fn panels(&self) -> usize {
         self.k.div_ceil(MR)
     }
 
-    /// Scratch one thread needs: the block's `V` and its products for two panels.
+    /// Scratch one thread needs: for each block of a chunk, its `V` and its products for two
+    /// panels.
     pub fn scratch_len(&self) -> usize {
+        self.chunk * self.block_scratch()
+    }
+
+    fn block_scratch(&self) -> usize {
         16 * self.c * NR + 16 * ROWS * NR
     }
 }
@@ -98,8 +111,8 @@ impl Output {
 
 /// Convolves one share of the work into `y`: `u` from `gemm::pack_weights`, 16 matrices of
 /// `gemm::packed_len(k, c)`, `x` `[n, c, h, w]`, `y` `[n, k, h, w]`, `scratch` of
-/// [`Dims::scratch_len`]. The work is [`Dims::blocks`] × `groups` items, item `i` being the
-/// output-channel panels of group `i / blocks` for block `i % blocks`; this call does `items`.
+/// [`Dims::scratch_len`]. The work is [`Dims::chunks`] × `groups` items, item `i` being the
+/// output-channel panels of group `i / chunks` for chunk `i % chunks`; this call does `items`.
 /// Groups let threads share a map of fewer blocks than threads (an 8×8 map is one block), and
 /// split the weights of a large layer (each thread then reads only its own panels' for every
 /// block, and transforms every block's input itself).
@@ -121,7 +134,7 @@ pub fn run(
     assert!(x.len() >= d.n * d.c * d.h * d.w && y.len >= d.n * d.k * d.h * d.w, "fused::run: short tensor");
     assert!(u.len() >= 16 * gemm::packed_len(d.k, d.c) && bias.len() >= d.k, "fused::run: short weights");
     assert!(scratch.len() >= d.scratch_len(), "fused::run: short scratch");
-    assert!(groups >= 1 && items.end <= d.blocks() * groups, "fused::run: no such item");
+    assert!(groups >= 1 && d.chunk >= 1 && items.end <= d.chunks() * groups, "fused::run: no such item");
     // Safety: the kernel's instructions checked, lengths asserted.
     unsafe {
         match kernel {
@@ -178,36 +191,41 @@ unsafe fn body<const WIDE: bool>(
     groups: usize,
     scratch: &mut [f32],
 ) {
-    let Dims { n, c, k, h, w } = d;
+    let Dims { n, c, k, h, w, .. } = d;
     let [th, tw] = d.tiles();
     let t = n * th * tw;
-    let (v, m) = scratch.split_at_mut(16 * c * NR);
-    let m = &mut m[..16 * ROWS * NR];
+    let mut parts: Vec<(&mut [f32], &mut [f32])> =
+        scratch.chunks_exact_mut(d.block_scratch()).take(d.chunk).map(|b| b.split_at_mut(16 * c * NR)).collect();
     let len = gemm::packed_len(k, c);
     let panels = k.div_ceil(MR);
     let kernel = if WIDE { gemm::Kernel::Avx512 } else { gemm::Kernel::Avx2 };
     let step = if WIDE { 2 } else { 1 };
-    let mut list = Vec::with_capacity(NR);
-    let mut lanes = Vec::with_capacity(NR);
+    let mut lists: Vec<Vec<Run>> = (0..d.chunk).map(|_| Vec::with_capacity(NR)).collect();
+    let mut lanes: Vec<Vec<Lanes>> = (0..d.chunk).map(|_| Vec::with_capacity(NR)).collect();
     let mut pad = Vec::new();
     let mut dt = [[[0f32; NR]; 4]; 4];
     let mut px = [[[0f32; NR]; 2]; 2];
     let mut transformed = None;
     for item in items {
-        let (g, q) = (item / d.blocks(), item % d.blocks());
+        let (g, q) = (item / d.chunks(), item % d.chunks());
+        let blocks = q * d.chunk..d.blocks().min((q + 1) * d.chunk);
+        let held = blocks.len();
         if transformed != Some(q) {
-            runs(q, t, [th, tw], &mut list);
-            if WIDE {
-                lanes.clear();
-                // Safety: AVX-512 (WIDE).
-                lanes.extend(list.iter().map(|run| unsafe { Lanes::new(run, [h, w]) }));
-            }
-            if pad.len() < list.len() * 4 * (w + 20) {
-                pad.resize(list.len() * 4 * (w + 20), 0.0);
-            }
-            for ci in 0..c {
-                // Safety: AVX2 (and AVX-512 if WIDE); `pad` as `input_block` needs it.
-                unsafe { input_block::<WIDE>(x, [c, h, w], ci, &list, &lanes, v, &mut dt, &mut pad) };
+            for (b, block) in blocks.clone().enumerate() {
+                let (list, lanes) = (&mut lists[b], &mut lanes[b]);
+                runs(block, t, [th, tw], list);
+                if WIDE {
+                    lanes.clear();
+                    // Safety: AVX-512 (WIDE).
+                    lanes.extend(list.iter().map(|run| unsafe { Lanes::new(run, [h, w]) }));
+                }
+                if pad.len() < list.len() * 4 * (w + 20) {
+                    pad.resize(list.len() * 4 * (w + 20), 0.0);
+                }
+                for ci in 0..c {
+                    // Safety: AVX2 (and AVX-512 if WIDE); `pad` as `input_block` needs it.
+                    unsafe { input_block::<WIDE>(x, [c, h, w], ci, list, lanes, parts[b].0, &mut dt, &mut pad) };
+                }
             }
             transformed = Some(q);
         }
@@ -215,27 +233,33 @@ unsafe fn body<const WIDE: bool>(
         while p < end {
             let count = step.min(end - p);
             for xi in 0..16 {
-                let rows = &v[xi * c * NR..][..c * NR];
-                let out = &mut m[xi * ROWS * NR..][..ROWS * NR];
-                // Safety: `kernel` is the detected one (AVX2 and FMA checked by `run`); `u[ξ]`
-                // holds every panel, `rows` c rows of NR, `out` ROWS ≥ count·MR rows of NR.
-                unsafe {
-                    gemm::block(
-                        kernel,
-                        &u[xi * len..][..len],
-                        [k, c],
-                        p..p + count,
-                        rows,
-                        NR,
-                        out.as_mut_ptr(),
-                        NR,
-                        None,
-                    )
-                };
+                for (v, m) in parts.iter_mut().take(held) {
+                    let rows = &v[xi * c * NR..][..c * NR];
+                    let out = &mut m[xi * ROWS * NR..][..ROWS * NR];
+                    // Safety: `kernel` is the one `run` checked; `u[ξ]` holds every panel,
+                    // `rows` c rows of NR, `out` ROWS ≥ count·MR rows of NR.
+                    unsafe {
+                        gemm::block(
+                            kernel,
+                            &u[xi * len..][..len],
+                            [k, c],
+                            p..p + count,
+                            rows,
+                            NR,
+                            out.as_mut_ptr(),
+                            NR,
+                            None,
+                        )
+                    };
+                }
             }
-            for r in 0..(count * MR).min(k - p * MR) {
-                // Safety: AVX2 (and AVX-512 if WIDE).
-                unsafe { output_block::<WIDE>(m, r, bias[p * MR + r], d, p * MR + r, &list, &lanes, y, &mut px) };
+            for (b, (_, m)) in parts.iter().enumerate().take(held) {
+                for r in 0..(count * MR).min(k - p * MR) {
+                    // Safety: AVX2 (and AVX-512 if WIDE).
+                    unsafe {
+                        output_block::<WIDE>(m, r, bias[p * MR + r], d, p * MR + r, &lists[b], &lanes[b], y, &mut px)
+                    };
+                }
             }
             p += count;
         }
@@ -627,7 +651,8 @@ mod tests {
             (1, 3, 2, 33, 35),
         ];
         for (n, c, k, h, w) in shapes {
-            let d = Dims { n, c, k, h, w };
+            let d = Dims { n, c, k, h, w, chunk: 1 };
+            let chunked = Dims { chunk: 3, ..d };
             let u: Vec<f32> = super::super::transform_kernel(&values(k * c * 9, 1), k, c)
                 .chunks_exact(k * c)
                 .flat_map(|ui| gemm::pack_weights(ui, k, c))
@@ -637,12 +662,21 @@ mod tests {
                 let ys = [gemm::Kernel::Avx2, gemm::Kernel::Avx512].map(|kernel| {
                     let mut y = vec![f32::NAN; n * k * h * w];
                     let mut scratch = vec![0f32; d.scratch_len()];
-                    let items = 0..d.blocks() * groups;
+                    let items = 0..d.chunks() * groups;
                     run(kernel, &u, &bias, &x, Output::new(&mut y), d, items, groups, &mut scratch);
                     y
                 });
                 let same = ys[0].iter().zip(&ys[1]).all(|(a, b)| a.to_bits() == b.to_bits());
                 assert!(same, "n{n} c{c} k{k} {h}x{w}, {groups} group(s)");
+                // Chunks of 3 blocks (the last one shorter), on both kernels.
+                for (kernel, want) in [gemm::Kernel::Avx2, gemm::Kernel::Avx512].into_iter().zip(&ys) {
+                    let mut y = vec![f32::NAN; n * k * h * w];
+                    let mut scratch = vec![0f32; chunked.scratch_len()];
+                    let items = 0..chunked.chunks() * groups;
+                    run(kernel, &u, &bias, &x, Output::new(&mut y), chunked, items, groups, &mut scratch);
+                    let same = y.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{kernel:?}, chunks of 3: n{n} c{c} k{k} {h}x{w}, {groups} group(s)");
+                }
                 assert!(ys[1].iter().all(|v| v.is_finite()), "a pixel left unwritten: n{n} c{c} k{k} {h}x{w}");
             }
         }
