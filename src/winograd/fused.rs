@@ -109,27 +109,28 @@ impl Output {
     }
 }
 
-/// Convolves one share of the work into `y`: `u` from `gemm::pack_weights`, 16 matrices of
-/// `gemm::packed_len(k, c)`, `x` `[n, c, h, w]`, `y` `[n, k, h, w]`, `scratch` of
-/// [`Dims::scratch_len`]. The work is [`Dims::chunks`] × `groups` items, item `i` being the
-/// output-channel panels of group `i / chunks` for chunk `i % chunks`; this call does `items`.
-/// Groups let threads share a map of fewer blocks than threads (an 8×8 map is one block), and
-/// split the weights of a large layer (each thread then reads only its own panels' for every
-/// block, and transforms every block's input itself).
+/// One convolution call: what every thread that takes a share of its work reads. `u` from
+/// `gemm::pack_weights`, 16 matrices of `gemm::packed_len(k, c)`; `bias` k values; `x`
+/// `[n, c, h, w]`; `y` `[n, k, h, w]`. The work is [`Dims::chunks`] × `groups` items, item `i`
+/// being the output-channel panels of group `i / chunks` for chunk `i % chunks`. Groups let
+/// threads share a map of fewer blocks than threads (an 8×8 map is one block), and split the
+/// weights of a large layer (each thread then reads only its own panels' for every block, and
+/// transforms every block's input itself).
+#[derive(Clone, Copy)]
+pub struct Call<'a> {
+    pub u: &'a [f32],
+    pub bias: &'a [f32],
+    pub x: &'a [f32],
+    pub y: Output,
+    pub d: Dims,
+    pub groups: usize,
+}
+
+/// Convolves `items` of `call`'s work into its `y`, with `scratch` of [`Dims::scratch_len`].
 /// `kernel` is the one the products run on, and the transforms with it (AVX-512 or AVX2);
 /// both give the same bits. Panics unless `kernel.runs_here()`.
-#[allow(clippy::too_many_arguments)]
-pub fn run(
-    kernel: gemm::Kernel,
-    u: &[f32],
-    bias: &[f32],
-    x: &[f32],
-    y: Output,
-    d: Dims,
-    items: std::ops::Range<usize>,
-    groups: usize,
-    scratch: &mut [f32],
-) {
+pub fn run(kernel: gemm::Kernel, call: Call, items: std::ops::Range<usize>, scratch: &mut [f32]) {
+    let Call { u, bias, x, y, d, groups } = call;
     assert!(kernel.runs_here(), "fused::run: this CPU cannot run {kernel:?}");
     assert!(x.len() >= d.n * d.c * d.h * d.w && y.len >= d.n * d.k * d.h * d.w, "fused::run: short tensor");
     assert!(u.len() >= 16 * gemm::packed_len(d.k, d.c) && bias.len() >= d.k, "fused::run: short weights");
@@ -138,59 +139,30 @@ pub fn run(
     // Safety: the kernel's instructions checked, lengths asserted.
     unsafe {
         match kernel {
-            gemm::Kernel::Avx2 => run_avx2(u, bias, x, y, d, items, groups, scratch),
-            gemm::Kernel::Avx512 => run_avx512(u, bias, x, y, d, items, groups, scratch),
+            gemm::Kernel::Avx2 => run_avx2(call, items, scratch),
+            gemm::Kernel::Avx512 => run_avx512(call, items, scratch),
         }
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn run_avx2(
-    u: &[f32],
-    bias: &[f32],
-    x: &[f32],
-    y: Output,
-    d: Dims,
-    items: std::ops::Range<usize>,
-    groups: usize,
-    scratch: &mut [f32],
-) {
+unsafe fn run_avx2(call: Call, items: std::ops::Range<usize>, scratch: &mut [f32]) {
     // Safety: the caller's.
-    unsafe { body::<false>(u, bias, x, y, d, items, groups, scratch) }
+    unsafe { body::<false>(call, items, scratch) }
 }
 
 /// The same work with the transforms on 16 lanes: the whole block in one register.
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn run_avx512(
-    u: &[f32],
-    bias: &[f32],
-    x: &[f32],
-    y: Output,
-    d: Dims,
-    items: std::ops::Range<usize>,
-    groups: usize,
-    scratch: &mut [f32],
-) {
+unsafe fn run_avx512(call: Call, items: std::ops::Range<usize>, scratch: &mut [f32]) {
     // Safety: the caller's.
-    unsafe { body::<true>(u, bias, x, y, d, items, groups, scratch) }
+    unsafe { body::<true>(call, items, scratch) }
 }
 
 /// `run`'s work, inlined into a function built for the instructions `WIDE` uses (AVX-512 when
 /// set, else AVX2 and FMA).
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn body<const WIDE: bool>(
-    u: &[f32],
-    bias: &[f32],
-    x: &[f32],
-    y: Output,
-    d: Dims,
-    items: std::ops::Range<usize>,
-    groups: usize,
-    scratch: &mut [f32],
-) {
+unsafe fn body<const WIDE: bool>(call: Call, items: std::ops::Range<usize>, scratch: &mut [f32]) {
+    let Call { u, bias, x, y, d, groups } = call;
     let Dims { n, c, k, h, w, .. } = d;
     let [th, tw] = d.tiles();
     let t = n * th * tw;
@@ -217,9 +189,8 @@ unsafe fn body<const WIDE: bool>(
                 if WIDE {
                     lanes.clear();
                     // Safety: AVX-512 (WIDE).
-                    lanes.extend(list.iter().map(|run| unsafe { Lanes::new(run, [h, w]) }));
-                }
-                if pad.len() < list.len() * 4 * (w + 20) {
+                    lanes.extend(list.iter().map(|run| unsafe { Lanes::new(run, w) }));
+                } else if pad.len() < list.len() * 4 * (w + 20) {
                     pad.resize(list.len() * 4 * (w + 20), 0.0);
                 }
                 for ci in 0..c {
@@ -499,7 +470,7 @@ struct Lanes {
 impl Lanes {
     /// Safety: AVX-512.
     #[inline(always)]
-    unsafe fn new(run: &Run, [_h, w]: [usize; 2]) -> Lanes {
+    unsafe fn new(run: &Run, w: usize) -> Lanes {
         let col0 = 2 * run.tx0 as isize - 1;
         let valid = |from: isize| -> u16 {
             (0..16).filter(|l| (0..w as isize).contains(&(from + l))).fold(0, |m, l| m | 1 << l)
@@ -624,9 +595,7 @@ unsafe fn output_wide(
 mod tests {
     use super::*;
 
-    fn values(len: usize, seed: u32) -> Vec<f32> {
-        (0..len).map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0).collect()
-    }
+    use crate::winograd::tests::random;
 
     /// The AVX-512 gathers, permutes and masked stores against the AVX2 path (itself checked
     /// against a direct convolution in `super`): maps whose blocks hold 1 to 16 runs, runs that
@@ -653,17 +622,18 @@ mod tests {
         for (n, c, k, h, w) in shapes {
             let d = Dims { n, c, k, h, w, chunk: 1 };
             let chunked = Dims { chunk: 3, ..d };
-            let u: Vec<f32> = super::super::transform_kernel(&values(k * c * 9, 1), k, c)
+            let u: Vec<f32> = super::super::transform_kernel(&random(k * c * 9, 1), k, c)
                 .chunks_exact(k * c)
                 .flat_map(|ui| gemm::pack_weights(ui, k, c))
                 .collect();
-            let (x, bias) = (values(n * c * h * w, 2), values(k, 3));
+            let (x, bias) = (random(n * c * h * w, 2), random(k, 3));
             for groups in [1, 2.min(d.panels())] {
                 let ys = [gemm::Kernel::Avx2, gemm::Kernel::Avx512].map(|kernel| {
                     let mut y = vec![f32::NAN; n * k * h * w];
                     let mut scratch = vec![0f32; d.scratch_len()];
                     let items = 0..d.chunks() * groups;
-                    run(kernel, &u, &bias, &x, Output::new(&mut y), d, items, groups, &mut scratch);
+                    let call = Call { u: &u, bias: &bias, x: &x, y: Output::new(&mut y), d, groups };
+                    run(kernel, call, items, &mut scratch);
                     y
                 });
                 let same = ys[0].iter().zip(&ys[1]).all(|(a, b)| a.to_bits() == b.to_bits());
@@ -673,7 +643,8 @@ mod tests {
                     let mut y = vec![f32::NAN; n * k * h * w];
                     let mut scratch = vec![0f32; chunked.scratch_len()];
                     let items = 0..chunked.chunks() * groups;
-                    run(kernel, &u, &bias, &x, Output::new(&mut y), chunked, items, groups, &mut scratch);
+                    let call = Call { u: &u, bias: &bias, x: &x, y: Output::new(&mut y), d: chunked, groups };
+                    run(kernel, call, items, &mut scratch);
                     let same = y.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits());
                     assert!(same, "{kernel:?}, chunks of 3: n{n} c{c} k{k} {h}x{w}, {groups} group(s)");
                 }

@@ -237,12 +237,10 @@ impl Winograd3x3 {
             if scratch.v.len() < need {
                 scratch.v.resize(need, 0.0);
             }
-            let out = fused::Output::new(y);
             let pieces = scratch.v[..need].chunks_mut(d.scratch_len());
+            let call = fused::Call { u, bias, x, y: fused::Output::new(y), d, groups };
             let kernel = gemm::Kernel::detect();
-            for_each(ranges.into_iter().zip(pieces).collect(), |(r, s)| {
-                fused::run(kernel, u, bias, x, out, d, r, groups, s)
-            });
+            for_each(ranges.into_iter().zip(pieces).collect(), |(r, s)| fused::run(kernel, call, r, s));
             return;
         }
         {
@@ -472,7 +470,7 @@ mod tests {
     use super::*;
     use rand_chacha::rand_core::{RngCore, SeedableRng};
 
-    fn random(len: usize, seed: u64) -> Vec<f32> {
+    pub(super) fn random(len: usize, seed: u64) -> Vec<f32> {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         (0..len).map(|_| (rng.next_u32() as f32 / u32::MAX as f32) * 2.0 - 1.0).collect()
     }
