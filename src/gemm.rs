@@ -129,32 +129,65 @@ pub(crate) unsafe fn block(
     }
 }
 
+/// [`block`] for a block whose last columns are padding: only the first `width` ≤ [`NR`] values
+/// of each row are stored (`rows` still holds whole rows of NR, zero-padded). A partial block
+/// goes panel by panel through a stack buffer.
+///
+/// Safety: as [`block`], with room for `width` values in each row of `out`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn block_cols(
+    kernel: Kernel,
+    u: &[f32],
+    [k, c]: [usize; 2],
+    panels: std::ops::Range<usize>,
+    rows: &[f32],
+    stride: usize,
+    width: usize,
+    out: *mut f32,
+    ld: usize,
+    init: Option<&[f32]>,
+) {
+    debug_assert!(width <= NR);
+    if width == NR {
+        // Safety: the caller's.
+        return unsafe { block(kernel, u, [k, c], panels, rows, stride, out, ld, init) };
+    }
+    for p in panels.clone() {
+        let mut acc = [[0f32; NR]; MR];
+        // Safety: the caller's, one panel into a whole MR × NR buffer; then `width` values of
+        // each of its rows below k into the caller's rows.
+        unsafe {
+            block(kernel, u, [k, c], p..p + 1, rows, stride, acc.as_mut_ptr().cast(), NR, init);
+            for (r, a) in acc.iter().enumerate().take(MR.min(k - p * MR)) {
+                std::ptr::copy_nonoverlapping(a.as_ptr(), out.add(((p - panels.start) * MR + r) * ld), width);
+            }
+        }
+    }
+}
+
 /// `m = u · v` on `kernel`: `u` from [`pack_weights`], `v` (c × t) and `m` (k × t) row-major.
 /// Panics unless `kernel.runs_here()`.
 pub fn product(kernel: Kernel, u: &[f32], v: &[f32], m: &mut [f32], [k, c, t]: [usize; 3]) {
     assert!(kernel.runs_here(), "product: this CPU cannot run {kernel:?}");
     assert!(u.len() >= packed_len(k, c) && v.len() >= c * t && m.len() >= k * t, "product: short operand");
     let panels = k.div_ceil(MR);
-    // The last, partial block of tiles goes through zero-padded copies of its columns.
-    let (mut tail, mut acc) = (Vec::new(), Vec::new());
+    // The last, partial block of tiles goes through a zero-padded copy of its columns.
+    let mut tail = Vec::new();
     for t0 in (0..t).step_by(NR) {
         let width = NR.min(t - t0);
-        if width == NR {
-            assert!(c == 0 || v.len() >= t0 + (c - 1) * t + NR, "product: short rows");
-            // Safety: `runs_here`, the operand lengths above; rows below k of m, t apart.
-            unsafe { block(kernel, u, [k, c], 0..panels, &v[t0..], t, m[t0..].as_mut_ptr(), t, None) };
-            continue;
-        }
-        tail.resize(c * NR, 0.0);
-        for (dst, src) in tail.chunks_exact_mut(NR).zip(v.chunks_exact(t)) {
-            dst[..width].copy_from_slice(&src[t0..]);
-        }
-        acc.resize(k * NR, 0.0);
-        // Safety: as above, into k whole rows of NR.
-        unsafe { block(kernel, u, [k, c], 0..panels, &tail, NR, acc.as_mut_ptr(), NR, None) };
-        for (ki, a) in acc.chunks_exact(NR).enumerate() {
-            m[ki * t + t0..][..width].copy_from_slice(&a[..width]);
-        }
+        let (rows, stride) = if width == NR {
+            (&v[t0..], t)
+        } else {
+            tail.resize(c * NR, 0.0);
+            for (dst, src) in tail.chunks_exact_mut(NR).zip(v.chunks_exact(t)) {
+                dst[..width].copy_from_slice(&src[t0..]);
+            }
+            (&tail[..], NR)
+        };
+        assert!(c == 0 || rows.len() >= (c - 1) * stride + NR, "product: short rows");
+        // Safety: `runs_here`, the operand lengths above; `width` columns from t0 of the k rows
+        // of m, t apart.
+        unsafe { block_cols(kernel, u, [k, c], 0..panels, rows, stride, width, m[t0..].as_mut_ptr(), t, None) };
     }
 }
 

@@ -72,31 +72,13 @@ impl Pointwise {
                     row[width..].fill(0.0);
                 }
                 let (lo, hi) = (g * panels / groups, (g + 1) * panels / groups);
-                if width == NR {
-                    let first = (image * k + lo * MR) * t + t0;
-                    let rows = (hi * MR).min(k) - lo * MR;
-                    assert!(first + (rows - 1) * t + NR <= out.len(), "Pointwise: short output");
-                    // Safety: `available()` (checked by `rewrite`) and the detected kernel; the
-                    // panels of `u`, c rows of NR in `buf`, `bias` of k, and `rows` rows of NR
-                    // inside `y` from `first` (asserted); only this item writes them.
-                    unsafe { gemm::block(kernel, u, [k, c], lo..hi, buf, NR, out.at(first), t, Some(bias)) };
-                    continue;
-                }
-                for p in lo..hi {
-                    let height = MR.min(k - p * MR);
-                    let first = (image * k + p * MR) * t + t0;
-                    let mut acc = [[0f32; NR]; MR];
-                    // Safety: as above, one panel into a whole MR × NR block.
-                    unsafe {
-                        gemm::block(kernel, u, [k, c], p..p + 1, buf, NR, acc.as_mut_ptr().cast(), NR, Some(bias))
-                    };
-                    for (r, a) in acc.iter().enumerate().take(height) {
-                        assert!(first + r * t + width <= out.len(), "Pointwise: short output");
-                        // Safety: inside `y` (asserted), this item's pixels.
-                        let row = unsafe { std::slice::from_raw_parts_mut(out.at(first + r * t), width) };
-                        row.copy_from_slice(&a[..width]);
-                    }
-                }
+                let first = (image * k + lo * MR) * t + t0;
+                let rows = (hi * MR).min(k) - lo * MR;
+                assert!(first + (rows - 1) * t + width <= out.len(), "Pointwise: short output");
+                // Safety: `available()` (checked by `rewrite`) and the detected kernel; the
+                // panels of `u`, c rows of NR in `buf`, `bias` of k, and `rows` rows of `width`
+                // inside `y` from `first` (asserted); only this item writes them.
+                unsafe { gemm::block_cols(kernel, u, [k, c], lo..hi, buf, NR, width, out.at(first), t, Some(bias)) };
             }
         });
     }
