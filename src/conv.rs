@@ -8,12 +8,14 @@ use tract_onnx::tract_core::ops::nn::DataFormat;
 
 use crate::winograd::f32s;
 
-/// A convolution one of our operators can run: `k` × `c` channels, its OIHW weights, and its
-/// `k` biases, or `None` when the bias is computed (tract folds a per-channel add after a
-/// convolution into its bias: diffusers' ResNet blocks add the time embedding after `conv1`).
+/// A convolution one of our operators can run: `k` × `c` channels over an `h` × `w` map, its
+/// OIHW weights, and its `k` biases, or `None` when the bias is computed (tract folds a
+/// per-channel add after a convolution into its bias: diffusers' ResNet blocks add the time
+/// embedding after `conv1`).
 struct Found<'m> {
     k: usize,
     c: usize,
+    map: [usize; 2],
     kernel: &'m [f32],
     bias: Option<Vec<f32>>,
 }
@@ -72,23 +74,24 @@ fn find<'m>(
         None if bias.shape.as_concrete().is_some_and(|s| s.iter().product::<usize>() == k) => None,
         _ => return Ok(None),
     };
-    Ok(Some(Found { k, c, kernel: f32s(kernel, op)?, bias }))
+    let map = [x.shape[2].to_usize()?, x.shape[3].to_usize()?];
+    Ok(Some(Found { k, c, map, kernel: f32s(kernel, op)?, bias }))
 }
 
-/// Replaces every convolution [`find`] accepts by `make(kernel, bias, k, c)`, which takes the
+/// Replaces every convolution [`find`] accepts by `make(kernel, bias, k, c, [h, w])`, which takes the
 /// convolution's input and, when the bias is computed, the bias as a second input. Returns how
 /// many were replaced.
-pub(crate) fn rewrite<O: TypedOp>(
+pub(crate) fn rewrite<O: Into<Box<dyn TypedOp>>>(
     model: &mut TypedModel,
     [size, pad]: [usize; 2],
     op: &str,
-    make: impl Fn(&[f32], Option<&[f32]>, usize, usize) -> O,
+    make: impl Fn(&[f32], Option<&[f32]>, usize, usize, [usize; 2]) -> O,
 ) -> TractResult<usize> {
     let mut replaced = 0;
     for id in model.eval_order()? {
         let node = model.node(id);
         let Some(found) = find(model, node, size, pad, op)? else { continue };
-        let new = make(found.kernel, found.bias.as_deref(), found.k, found.c);
+        let new = make(found.kernel, found.bias.as_deref(), found.k, found.c, found.map);
         let inputs = if found.bias.is_some() { vec![node.inputs[0]] } else { vec![node.inputs[0], node.inputs[2]] };
         let patch = TypedModelPatch::replace_single_op(model, node, &inputs, new)?;
         patch.apply(model)?;

@@ -1,4 +1,6 @@
-//! 1×1 convolutions on our matrix kernel (`gemm`), x86-64 with AVX2 and FMA.
+//! 1×1 convolutions on our matrix kernel (`gemm`), x86-64 with AVX2 and FMA; and, the same
+//! way, 3×3 convolutions of large layers on small maps (`winograd::direct_pays`), whose blocks
+//! hold 9 shifted copies of each input channel.
 //!
 //! Why: a 1×1 convolution is one matrix product per image, `y = W · x + b` with `x` as c rows of
 //! h·w pixels. tract runs it as a general product that packs its input on every call, splits
@@ -26,15 +28,18 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
     if !gemm::available() {
         return Ok(0);
     }
-    crate::conv::rewrite(model, [1, 0], "Pointwise", Pointwise::new)
+    crate::conv::rewrite(model, [1, 0], "Pointwise", |w, b, k, c, _| Pointwise::new(w, b, k, c))
 }
 
-/// A 1×1, stride-1 convolution on our kernel; see the module docs.
+/// A 1×1, stride-1 convolution on our kernel, or a 3×3, stride-1, padding-1 one computed
+/// directly; see the module docs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pointwise {
     k: usize,
     c: usize,
-    /// The `[k, c]` weights packed for the kernel (`gemm::pack_weights`), float32.
+    /// Side of the kernel: 1, or 3 (padding 1).
+    window: usize,
+    /// The `[k, c·window²]` weights packed for the kernel (`gemm::pack_weights`), float32.
     weights: Arc<Tensor>,
     /// One bias per output channel, float32 `[k]`; `None`: the node's second input, `k` values.
     bias: Option<Arc<Tensor>>,
@@ -42,14 +47,33 @@ pub struct Pointwise {
 
 impl Pointwise {
     fn new(weights: &[f32], bias: Option<&[f32]>, k: usize, c: usize) -> Self {
-        let packed = gemm::pack_weights(weights, k, c);
-        Pointwise { k, c, weights: Arc::new(tensor1(&packed)), bias: bias.map(|b| Arc::new(tensor1(b))) }
+        Self::with_window(weights, bias, k, c, 1)
     }
 
-    /// `x`: `[n, c, t]`, `y`: `[n, k, t]`, both C order; `bias`: `k` values; `scratch`: room
-    /// for the pixel blocks, one per thread.
-    fn run(&self, x: &[f32], bias: &[f32], [n, t]: [usize; 2], y: &mut [f32], scratch: &mut crate::winograd::Scratch) {
-        let (k, c) = (self.k, self.c);
+    /// A 3×3, stride-1, padding-1 convolution with OIHW `[k, c, 3, 3]` weights, computed
+    /// directly: the product of the weights, as k × 9c, by the 9c shifted copies of the input.
+    pub(crate) fn window3(weights: &[f32], bias: Option<&[f32]>, k: usize, c: usize) -> Self {
+        Self::with_window(weights, bias, k, c, 3)
+    }
+
+    fn with_window(weights: &[f32], bias: Option<&[f32]>, k: usize, c: usize, window: usize) -> Self {
+        let packed = gemm::pack_weights(weights, k, c * window * window);
+        Pointwise { k, c, window, weights: Arc::new(tensor1(&packed)), bias: bias.map(|b| Arc::new(tensor1(b))) }
+    }
+
+    /// `x`: `[n, c, h, w]`, `y`: `[n, k, h, w]`, both C order; `bias`: `k` values; `scratch`:
+    /// room for the pixel blocks, one per thread.
+    fn run(
+        &self,
+        x: &[f32],
+        bias: &[f32],
+        [n, h, w]: [usize; 3],
+        y: &mut [f32],
+        scratch: &mut crate::winograd::Scratch,
+    ) {
+        let (k, t) = (self.k, h * w);
+        // Rows of a block: one per input channel and kernel tap.
+        let c = self.c * self.window * self.window;
         let u = f32s(&self.weights, "Pointwise").expect("f32 weights");
         let (blocks, panels) = (t.div_ceil(NR), k.div_ceil(MR));
         // Work items: (image, block of pixels, group of panels); with fewer blocks than
@@ -66,10 +90,14 @@ impl Pointwise {
             for item in items {
                 let (image, q, g) = (item / (blocks * groups), item / groups % blocks, item % groups);
                 let (t0, width) = (q * NR, NR.min(t - q * NR));
-                let xs = &x[image * c * t..][..c * t];
-                for (row, src) in buf.chunks_exact_mut(NR).zip(xs.chunks_exact(t)) {
-                    row[..width].copy_from_slice(&src[t0..t0 + width]);
-                    row[width..].fill(0.0);
+                let xs = &x[image * self.c * t..][..self.c * t];
+                if self.window == 1 {
+                    for (row, src) in buf.chunks_exact_mut(NR).zip(xs.chunks_exact(t)) {
+                        row[..width].copy_from_slice(&src[t0..t0 + width]);
+                        row[width..].fill(0.0);
+                    }
+                } else {
+                    shifted_rows(xs, [h, w], t0..t0 + width, buf);
                 }
                 let (lo, hi) = (g * panels / groups, (g + 1) * panels / groups);
                 let first = (image * k + lo * MR) * t + t0;
@@ -81,6 +109,35 @@ impl Pointwise {
                 unsafe { gemm::block_cols(kernel, u, [k, c], lo..hi, buf, NR, width, out.at(first), t, Some(bias)) };
             }
         });
+    }
+}
+
+/// For pixels `pixels` of each `h` × `w` plane of `x`, the 9 rows of NR values that a 3×3
+/// kernel multiplies: row `9ci + 3dy + dx` holds plane ci shifted by (dy − 1, dx − 1), zero
+/// outside the plane and past the block's pixels.
+fn shifted_rows(x: &[f32], [h, w]: [usize; 2], pixels: std::ops::Range<usize>, buf: &mut [f32]) {
+    for (plane, rows) in x.chunks_exact(h * w).zip(buf.chunks_exact_mut(9 * NR)) {
+        rows.fill(0.0);
+        // The block's pixels in stretches along image rows: (first lane, row, first column, length).
+        let mut at = pixels.start;
+        while at < pixels.end {
+            let (py, px0) = (at / w, at % w);
+            let len = (w - px0).min(pixels.end - at);
+            let lane = at - pixels.start;
+            for dy in 0..3 {
+                let Some(yy) = (py + dy).checked_sub(1).filter(|&yy| yy < h) else { continue };
+                let src = &plane[yy * w..][..w];
+                for dx in 0..3 {
+                    let row = &mut rows[(3 * dy + dx) * NR + lane..][..len];
+                    for (j, v) in row.iter_mut().enumerate() {
+                        if let Some(xx) = (px0 + j + dx).checked_sub(1).filter(|&xx| xx < w) {
+                            *v = src[xx];
+                        }
+                    }
+                }
+            }
+            at += len;
+        }
     }
 }
 
@@ -109,7 +166,8 @@ impl Op for Pointwise {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!("1x1, {} -> {} channels", self.c, self.k)])
+        let s = self.window;
+        Ok(vec![format!("{s}x{s}, {} -> {} channels", self.c, self.k)])
     }
 
     op_as_typed_op!();
@@ -127,7 +185,7 @@ impl EvalOp for Pointwise {
         }
         let mut out = y.try_as_plain_ram_mut()?;
         let out = out.as_slice_mut::<f32>()?;
-        with_scratch(ctx, |scratch| self.run(xs, bias, [n, h * w], out, scratch))?;
+        with_scratch(ctx, |scratch| self.run(xs, bias, [n, h, w], out, scratch))?;
         Ok(tvec!(y.into_tvalue()))
     }
 }
@@ -215,11 +273,11 @@ mod tests {
         let (x, bias) = (values(n * c * t, 5), values(k, 6));
         let op = Pointwise::new(&values(k * c, 7), Some(&bias), k, c);
         let mut one = vec![0f32; n * k * t];
-        op.run(&x, &bias, [n, t], &mut one, &mut Default::default());
+        op.run(&x, &bias, [n, t, 1], &mut one, &mut Default::default());
         for threads in [2, 5] {
             let mut many = vec![f32::NAN; n * k * t];
             multithread_tract_scope(Executor::multithread(threads), || {
-                op.run(&x, &bias, [n, t], &mut many, &mut Default::default())
+                op.run(&x, &bias, [n, t, 1], &mut many, &mut Default::default())
             });
             assert_eq!(one, many, "{threads} threads");
         }
@@ -254,6 +312,49 @@ mod tests {
             tvec![Tensor::zero::<f32>(&[1, c, 2, 2])?.into_tvalue(), Tensor::zero::<f32>(&[k + 1])?.into_tvalue()];
         assert!(model.into_runnable()?.run(inputs).is_err());
         Ok(())
+    }
+
+    /// The 3×3 direct convolution against a float64 one: maps of one pixel, of fewer pixels
+    /// than a block, of several blocks (blocks that start mid-row), batches of 1–3.
+    #[test]
+    fn window3_matches_a_direct_convolution() {
+        use crate::winograd::tests::{direct, random};
+        if !gemm::available() {
+            eprintln!("no AVX2 and FMA here: the kernel cannot run");
+            return;
+        }
+        for (n, c, k, h, w) in [(1, 3, 5, 4, 4), (2, 7, 13, 3, 5), (3, 2, 1, 1, 1), (1, 5, 8, 5, 7), (2, 4, 7, 2, 9)] {
+            let (x, kernel, bias) = (random(n * c * h * w, 31), random(k * c * 9, 32), random(k, 33));
+            let want = direct(&x, &kernel, &bias, [n, c, h, w], k);
+            let op = Pointwise::window3(&kernel, Some(&bias), k, c);
+            let mut y = vec![f32::NAN; n * k * h * w];
+            op.run(&x, &bias, [n, h, w], &mut y, &mut Default::default());
+            let worst = y.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
+            assert!(worst < 1e-5, "n{n} c{c} k{k} {h}x{w}: max abs error {worst}");
+        }
+    }
+
+    #[cfg(feature = "multithread")]
+    #[test]
+    fn window3_threads_give_the_same_bits() {
+        use crate::winograd::tests::random;
+        use tract_linalg::multithread::{multithread_tract_scope, Executor};
+        if !gemm::available() {
+            return;
+        }
+        // One block per image: the threads split the output channels.
+        let (n, c, k, h, w) = (1, 9, 31, 4, 4);
+        let (x, bias) = (random(n * c * h * w, 34), random(k, 35));
+        let op = Pointwise::window3(&random(k * c * 9, 36), Some(&bias), k, c);
+        let mut one = vec![0f32; n * k * h * w];
+        op.run(&x, &bias, [n, h, w], &mut one, &mut Default::default());
+        for threads in [2, 3] {
+            let mut many = vec![f32::NAN; n * k * h * w];
+            multithread_tract_scope(Executor::multithread(threads), || {
+                op.run(&x, &bias, [n, h, w], &mut many, &mut Default::default())
+            });
+            assert_eq!(one, many, "{threads} threads");
+        }
     }
 
     #[test]

@@ -13,7 +13,11 @@
 //!
 //! F(4×4, 3×3) (36 products, 4× fewer multiplications) was tried and measured slower here
 //! (student step 17.4–19.3 against 15.1 ms): on 8×8–32×32 maps it leaves matrix products of
-//! only 4–64 tile columns, and its transforms cost more per pixel.
+//! only 4–64 tile columns, and its transforms cost more per pixel. Tried again in the block
+//! layout with AVX-512, for the 35.7M UNet's large layers only: slower on its 16×16 maps
+//! (a 256 → 256 layer 1.0 → 1.2–1.4 ms: its 36·k·c weights come from memory for one block of
+//! 16 tiles), and on its 32×32 maps alone the step went from 48.7–49.8 to 52.3–52.4 ms
+//! (`tools/bench_compare.py`, alternating sittings).
 //!
 //! Layout: the weights are stored as `U[ξ][k][c]` (ξ: one of the 16 tile positions, k, c:
 //! output and input channel), and 16 products `M[ξ] = U[ξ] · V[ξ]` with the transformed input
@@ -54,9 +58,38 @@ pub const PAYS_OFF: bool = cfg!(any(target_arch = "x86_64", target_arch = "aarch
 /// The bias may be computed: tract folds a per-channel add after a convolution into its bias
 /// (diffusers' ResNet blocks add the time embedding right after `conv1`), and such a node then
 /// takes the bias as its second input.
+///
+/// On x86-64, large layers on small maps go to [`crate::pointwise::Pointwise`] instead, as
+/// direct convolutions: see [`direct_pays`].
 pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
-    crate::conv::rewrite(model, [3, 1], "Winograd3x3", Winograd3x3::new)
+    crate::conv::rewrite(model, [3, 1], "Winograd3x3", |kernel, bias, k, c, _map| -> Box<dyn TypedOp> {
+        #[cfg(target_arch = "x86_64")]
+        if direct_pays(k, c, _map) {
+            return Box::new(crate::pointwise::Pointwise::window3(kernel, bias, k, c));
+        }
+        Box::new(Winograd3x3::new(kernel, bias, k, c))
+    })
 }
+
+/// Whether a 3×3 convolution of `k` × `c` channels over an `h` × `w` map runs faster as a
+/// direct convolution on our kernel (`pointwise`: 9 products per pixel and channel pair) than
+/// by Winograd: for large layers (see [`LARGE`]) on maps of at most [`SMALL`] pixels. Such a
+/// layer reads its weights from memory on every call (the 35.7M UNet's do not fit in L3
+/// together), F(2×2) 16·k·c of them and the direct convolution 9·k·c; and on a 4×4 map
+/// F(2×2)'s 4 tiles fill only a quarter of a 16-tile block, so it does 16 products per pixel
+/// against 9.
+///
+/// On the 35.7M UNet (`profile_ops`, 1 thread) the 14 such layers on its 4×4 maps took 8.7 ms a
+/// call by F(2×2) and 3.6 ms directly. On its 8×8 maps the direct convolution was slower (7.5–7.9
+/// against 7.1 ms for 11 layers, also with each panel of weights read once for 4 blocks).
+#[cfg(target_arch = "x86_64")]
+fn direct_pays(k: usize, c: usize, [h, w]: [usize; 2]) -> bool {
+    gemm::available() && 16 * k * c > LARGE && h * w <= SMALL
+}
+
+/// See [`direct_pays`].
+#[cfg(target_arch = "x86_64")]
+const SMALL: usize = 16;
 
 /// `U = G g Gᵀ` for every (output, input) channel pair, stored as `[16][k][c]`.
 fn transform_kernel(kernel: &[f32], k: usize, c: usize) -> Vec<f32> {
@@ -466,17 +499,17 @@ fn output_transform(m: &[f32], bias: &[f32], [n, k, h, w]: [usize; 4], planes: s
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use rand_chacha::rand_core::{RngCore, SeedableRng};
 
-    pub(super) fn random(len: usize, seed: u64) -> Vec<f32> {
+    pub(crate) fn random(len: usize, seed: u64) -> Vec<f32> {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         (0..len).map(|_| (rng.next_u32() as f32 / u32::MAX as f32) * 2.0 - 1.0).collect()
     }
 
     /// Direct convolution in f64, the reference.
-    fn direct(x: &[f32], kernel: &[f32], bias: &[f32], [n, c, h, w]: [usize; 4], k: usize) -> Vec<f64> {
+    pub(crate) fn direct(x: &[f32], kernel: &[f32], bias: &[f32], [n, c, h, w]: [usize; 4], k: usize) -> Vec<f64> {
         let mut y = vec![0f64; n * k * h * w];
         for b in 0..n {
             for ko in 0..k {
@@ -614,6 +647,51 @@ mod tests {
         let (want, got) = (f32s(&want[0], "want")?, f32s(&got[0], "got")?);
         let worst = want.iter().zip(got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(worst < 1e-5, "max abs difference {worst}");
+        Ok(())
+    }
+
+    /// A large layer on a 4×4 map becomes a direct convolution (`Pointwise`), on an 8×8 map a
+    /// Winograd one; both match tract's own result.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn large_layers_on_small_maps_run_directly() -> TractResult<()> {
+        use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec, PoolSpec};
+        use tract_onnx::tract_core::ops::nn::DataFormat;
+        if !gemm::available() {
+            eprintln!("no AVX2 and FMA here: the direct convolution cannot run");
+            return Ok(());
+        }
+        let (k, c) = (130, 129);
+        assert!(16 * k * c > LARGE);
+        for (side, direct) in [(4, true), (8, false)] {
+            let mut model = TypedModel::default();
+            let x = model.add_source("x", f32::fact([2, c, side, side]))?;
+            let kernel = model.add_const("kernel", Tensor::from_shape(&[k, c, 3, 3], &random(k * c * 9, 21))?)?;
+            let bias = model.add_const("bias", tensor1(&random(k, 22)))?;
+            let pool_spec = PoolSpec {
+                data_format: DataFormat::NCHW,
+                kernel_shape: tvec![3, 3],
+                padding: PaddingSpec::Explicit(tvec![1, 1], tvec![1, 1]),
+                dilations: None,
+                strides: None,
+                input_channels: c,
+                output_channels: k,
+            };
+            let conv = Conv { pool_spec, kernel_fmt: KernelFormat::OIHW, group: 1, q_params: None };
+            let y = model.wire_node("conv", conv, &[x, kernel, bias])?;
+            model.select_output_outlets(&y)?;
+            let inputs =
+                tvec![Tensor::from_shape(&[2, c, side, side], &random(2 * c * side * side, 23))?.into_tvalue()];
+            let want = model.clone().into_runnable()?.run(inputs.clone())?;
+            let mut ours = model.into_decluttered()?;
+            assert_eq!(rewrite(&mut ours)?, 1);
+            let pointwise = ours.nodes().iter().any(|n| n.op_is::<crate::pointwise::Pointwise>());
+            assert_eq!(pointwise, direct, "{side}x{side} map");
+            let got = ours.into_optimized()?.into_runnable()?.run(inputs)?;
+            let (want, got) = (f32s(&want[0], "want")?, f32s(&got[0], "got")?);
+            let worst = want.iter().zip(got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst < 2e-4, "{side}x{side}: max abs difference {worst}");
+        }
         Ok(())
     }
 
