@@ -5,8 +5,8 @@
 //! then the products `M` of the whole image, and reads both back: 16 values per 2×2 tile and
 //! channel, 1 MB each for a 64-channel 32×32 map, so every stage streams through L3. Here a
 //! block of [`NR`] tiles (the width of our kernel's block) is transformed for all input channels
-//! (`c`·1 KB, in L1/L2), multiplied panel by panel of [`MR`] output channels (two panels at once
-//! on AVX-512) into a 12 KB buffer, and transformed back into the output at once. The
+//! (`c`·1 KB, in L1/L2), multiplied panel by panel of [`MR`] output channels (up to five panels
+//! at once on AVX-512) into a 12 KB buffer, and transformed back into the output at once. The
 //! arithmetic is the plain layout's, in the same order: the results are the same bits.
 //!
 //! A block is the tiles `16q .. 16q + 16` in the order of `t` (batch, tile row, tile column); it
@@ -20,8 +20,8 @@ use std::arch::x86_64::*;
 
 use crate::gemm::{self, MR, NR};
 
-/// Rows of products kept per tile position: two panels, what the AVX-512 kernel makes at once.
-const ROWS: usize = 2 * MR;
+/// Rows of products kept per tile position: the most panels the AVX-512 kernel makes at once.
+const ROWS: usize = gemm::MOST * MR;
 
 /// Tiles of one tile row in a block: image `b`, tile row `ty`, columns `tx0 .. tx0 + len`, in
 /// the block's lanes `lane .. lane + len`.
@@ -171,7 +171,6 @@ unsafe fn body<const WIDE: bool>(call: Call, items: std::ops::Range<usize>, scra
     let len = gemm::packed_len(k, c);
     let panels = k.div_ceil(MR);
     let kernel = if WIDE { gemm::Kernel::Avx512 } else { gemm::Kernel::Avx2 };
-    let step = if WIDE { 2 } else { 1 };
     let mut lists: Vec<Vec<Run>> = (0..d.chunk).map(|_| Vec::with_capacity(NR)).collect();
     let mut lanes: Vec<Vec<Lanes>> = (0..d.chunk).map(|_| Vec::with_capacity(NR)).collect();
     let mut pad = Vec::new();
@@ -202,7 +201,7 @@ unsafe fn body<const WIDE: bool>(call: Call, items: std::ops::Range<usize>, scra
         }
         let (mut p, end) = (g * panels / groups, (g + 1) * panels / groups);
         while p < end {
-            let count = step.min(end - p);
+            let count = gemm::at_once(kernel, end - p);
             for xi in 0..16 {
                 for (v, m) in parts.iter_mut().take(held) {
                     let rows = &v[xi * c * NR..][..c * NR];
