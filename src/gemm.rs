@@ -125,38 +125,19 @@ pub(crate) unsafe fn block(
         if let Some(init) = init {
             first[..height].copy_from_slice(&init[p * MR..][..height]);
         }
-        let panel = |q: usize| &u[q * c * MR..][..c * MR];
+        // The panels are consecutive in `u`, c·MR values each.
+        let up = &u[p * c * MR..][..count * c * MR];
         // Safety: the caller's promises, for these panels' rows.
         unsafe {
             let at = out.add((p - start) * MR * ld);
             match (kernel, count) {
-                (Kernel::Avx512, 5) => block_avx512::<5>(
-                    [panel(p), panel(p + 1), panel(p + 2), panel(p + 3), panel(p + 4)],
-                    rows,
-                    stride,
-                    at,
-                    ld,
-                    height,
-                    &first,
-                ),
-                (Kernel::Avx512, 4) => block_avx512::<4>(
-                    [panel(p), panel(p + 1), panel(p + 2), panel(p + 3)],
-                    rows,
-                    stride,
-                    at,
-                    ld,
-                    height,
-                    &first,
-                ),
-                (Kernel::Avx512, 3) => {
-                    block_avx512::<3>([panel(p), panel(p + 1), panel(p + 2)], rows, stride, at, ld, height, &first)
-                }
-                (Kernel::Avx512, 2) => {
-                    block_avx512::<2>([panel(p), panel(p + 1)], rows, stride, at, ld, height, &first)
-                }
-                (Kernel::Avx512, _) => block_avx512::<1>([panel(p)], rows, stride, at, ld, height, &first),
+                (Kernel::Avx512, 5) => block_avx512::<5>(up, rows, stride, at, ld, height, &first),
+                (Kernel::Avx512, 4) => block_avx512::<4>(up, rows, stride, at, ld, height, &first),
+                (Kernel::Avx512, 3) => block_avx512::<3>(up, rows, stride, at, ld, height, &first),
+                (Kernel::Avx512, 2) => block_avx512::<2>(up, rows, stride, at, ld, height, &first),
+                (Kernel::Avx512, _) => block_avx512::<1>(up, rows, stride, at, ld, height, &first),
                 (Kernel::Avx2, _) => {
-                    block_avx2_fma(panel(p), rows, stride, at, ld, height, first[..MR].try_into().expect("MR values"))
+                    block_avx2_fma(up, rows, stride, at, ld, height, first[..MR].try_into().expect("MR values"))
                 }
             }
         }
@@ -281,15 +262,16 @@ pub(crate) unsafe fn block_avx2_fma(
     }
 }
 
-/// [`block_avx2_fma`] for `P` panels at once (`ups`, c columns of MR each) on AVX-512: rows
-/// `0 .. P·MR` of the block, the first `height` of them stored. The sums are kept in `P·MR`
-/// registers of 16 lanes; each adds the same products in the same order as the AVX2 kernel.
+/// [`block_avx2_fma`] for `P` panels at once (`up`: P consecutive panels of c columns of MR)
+/// on AVX-512: rows `0 .. P·MR` of the block, the first `height` of them stored. The sums are
+/// kept in `P·MR` registers of 16 lanes; each adds the same products in the same order as the
+/// AVX2 kernel.
 ///
-/// Safety: the CPU has AVX-512F; each of `ups` holds c·MR values, `rows` c rows of NR, and
-/// `out` room for `height` rows of NR values `ld` apart.
+/// Safety: the CPU has AVX-512F; `up` holds P·c·MR values, `rows` c rows of NR, and `out` room
+/// for `height` rows of NR values `ld` apart.
 #[target_feature(enable = "avx512f")]
 unsafe fn block_avx512<const P: usize>(
-    ups: [&[f32]; P],
+    up: &[f32],
     rows: &[f32],
     stride: usize,
     out: *mut f32,
@@ -298,15 +280,15 @@ unsafe fn block_avx512<const P: usize>(
     init: &[f32; MOST * MR],
 ) {
     use std::arch::x86_64::*;
-    let c = ups[0].len() / MR;
-    debug_assert!(ups.iter().all(|u| u.len() == c * MR) && (c == 0 || rows.len() >= (c - 1) * stride + NR));
+    let c = up.len() / (P * MR);
+    debug_assert!(up.len() == P * c * MR && (c == 0 || rows.len() >= (c - 1) * stride + NR));
     let mut acc = [[_mm512_setzero_ps(); MR]; P];
     for (q, a) in acc.iter_mut().enumerate() {
         for (r, ar) in a.iter_mut().enumerate() {
             *ar = _mm512_set1_ps(init[q * MR + r]);
         }
     }
-    let u = ups.map(|u| u.as_ptr());
+    let u: [*const f32; P] = std::array::from_fn(|q| up[q * c * MR..].as_ptr());
     let mut v = rows.as_ptr();
     for ci in 0..c {
         // Safety: ci < c columns of each panel, and row ci of `rows` (checked by the caller).

@@ -268,18 +268,25 @@ mod tests {
         if !gemm::available() {
             return;
         }
-        // 2 images of 30 pixels: 4 blocks, fewer than 5 threads, which then split the panels.
-        let (n, c, k, t) = (2, 9, 20, 30);
-        let (x, bias) = (values(n * c * t, 5), values(k, 6));
-        let op = Pointwise::new(&values(k * c, 7), Some(&bias), k, c);
-        let mut one = vec![0f32; n * k * t];
-        op.run(&x, &bias, [n, t, 1], &mut one, &mut Default::default());
-        for threads in [2, 5] {
-            let mut many = vec![f32::NAN; n * k * t];
-            multithread_tract_scope(Executor::multithread(threads), || {
-                op.run(&x, &bias, [n, t, 1], &mut many, &mut Default::default())
-            });
-            assert_eq!(one, many, "{threads} threads");
+        // 1×1: 2 images of 30 pixels, 4 blocks, fewer than 5 threads, which then split the
+        // panels. 3×3: one 4×4 block, the threads split the output channels.
+        let (c, bias1, bias3) = (9, values(20, 6), values(31, 35));
+        let cases = [
+            (Pointwise::new(&values(20 * c, 7), Some(&bias1), 20, c), &bias1, [2, 30, 1]),
+            (Pointwise::window3(&values(31 * c * 9, 36), Some(&bias3), 31, c), &bias3, [1, 4, 4]),
+        ];
+        for (op, bias, [n, h, w]) in cases {
+            let (k, s) = (op.k, op.window);
+            let x = values(n * c * h * w, 5);
+            let mut one = vec![0f32; n * k * h * w];
+            op.run(&x, bias, [n, h, w], &mut one, &mut Default::default());
+            for threads in [2, 3, 5] {
+                let mut many = vec![f32::NAN; n * k * h * w];
+                multithread_tract_scope(Executor::multithread(threads), || {
+                    op.run(&x, bias, [n, h, w], &mut many, &mut Default::default())
+                });
+                assert_eq!(one, many, "{s}x{s}: {threads} threads");
+            }
         }
     }
 
@@ -331,29 +338,6 @@ mod tests {
             op.run(&x, &bias, [n, h, w], &mut y, &mut Default::default());
             let worst = y.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
             assert!(worst < 1e-5, "n{n} c{c} k{k} {h}x{w}: max abs error {worst}");
-        }
-    }
-
-    #[cfg(feature = "multithread")]
-    #[test]
-    fn window3_threads_give_the_same_bits() {
-        use crate::winograd::tests::random;
-        use tract_linalg::multithread::{multithread_tract_scope, Executor};
-        if !gemm::available() {
-            return;
-        }
-        // One block per image: the threads split the output channels.
-        let (n, c, k, h, w) = (1, 9, 31, 4, 4);
-        let (x, bias) = (random(n * c * h * w, 34), random(k, 35));
-        let op = Pointwise::window3(&random(k * c * 9, 36), Some(&bias), k, c);
-        let mut one = vec![0f32; n * k * h * w];
-        op.run(&x, &bias, [n, h, w], &mut one, &mut Default::default());
-        for threads in [2, 3] {
-            let mut many = vec![f32::NAN; n * k * h * w];
-            multithread_tract_scope(Executor::multithread(threads), || {
-                op.run(&x, &bias, [n, h, w], &mut many, &mut Default::default())
-            });
-            assert_eq!(one, many, "{threads} threads");
         }
     }
 

@@ -6,7 +6,7 @@
 //! channel, 1 MB each for a 64-channel 32×32 map, so every stage streams through L3. Here a
 //! block of [`NR`] tiles (the width of our kernel's block) is transformed for all input channels
 //! (`c`·1 KB, in L1/L2), multiplied panel by panel of [`MR`] output channels (up to five panels
-//! at once on AVX-512) into a 12 KB buffer, and transformed back into the output at once. The
+//! at once on AVX-512) into a buffer of 6–30 KB, and transformed back into the output at once. The
 //! arithmetic is the plain layout's, in the same order: the results are the same bits.
 //!
 //! A block is the tiles `16q .. 16q + 16` in the order of `t` (batch, tile row, tile column); it
@@ -80,8 +80,8 @@ impl Dims {
         self.k.div_ceil(MR)
     }
 
-    /// Scratch one thread needs: for each block of a chunk, its `V` and its products for two
-    /// panels.
+    /// Scratch one thread needs: for each block of a chunk, its `V` and its products for the
+    /// most panels the kernel takes at once.
     pub fn scratch_len(&self) -> usize {
         self.chunk * self.block_scratch()
     }

@@ -607,19 +607,11 @@ pub(crate) mod tests {
         }
     }
 
-    /// A convolution followed by a per-channel add of a computed `[1, k, 1, 1]` tensor (the
-    /// time embedding of diffusers' ResNet blocks): tract folds the add into the bias, and the
-    /// rewrite must still take the node, with the bias as its second input.
-    #[test]
-    fn a_computed_bias_becomes_an_input() -> TractResult<()> {
+    /// tract's 3×3, stride-1, padding-1 NCHW convolution from `c` to `k` channels (OIHW weights,
+    /// bias as its third input): what `rewrite` looks for.
+    fn conv3x3(c: usize, k: usize) -> tract_onnx::tract_core::ops::cnn::Conv {
         use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec, PoolSpec};
         use tract_onnx::tract_core::ops::nn::DataFormat;
-        let (c, k, h, w) = (4, 5, 6, 7);
-        let mut model = TypedModel::default();
-        let x = model.add_source("x", f32::fact([1, c, h, w]))?;
-        let t = model.add_source("t", f32::fact([1, k, 1, 1]))?;
-        let kernel = model.add_const("kernel", Tensor::from_shape(&[k, c, 3, 3], &random(k * c * 9, 11))?)?;
-        let bias = model.add_const("bias", tensor1(&random(k, 12)))?;
         let pool_spec = PoolSpec {
             data_format: DataFormat::NCHW,
             kernel_shape: tvec![3, 3],
@@ -629,8 +621,21 @@ pub(crate) mod tests {
             input_channels: c,
             output_channels: k,
         };
-        let conv = Conv { pool_spec, kernel_fmt: KernelFormat::OIHW, group: 1, q_params: None };
-        let y = model.wire_node("conv", conv, &[x, kernel, bias])?[0];
+        Conv { pool_spec, kernel_fmt: KernelFormat::OIHW, group: 1, q_params: None }
+    }
+
+    /// A convolution followed by a per-channel add of a computed `[1, k, 1, 1]` tensor (the
+    /// time embedding of diffusers' ResNet blocks): tract folds the add into the bias, and the
+    /// rewrite must still take the node, with the bias as its second input.
+    #[test]
+    fn a_computed_bias_becomes_an_input() -> TractResult<()> {
+        let (c, k, h, w) = (4, 5, 6, 7);
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact([1, c, h, w]))?;
+        let t = model.add_source("t", f32::fact([1, k, 1, 1]))?;
+        let kernel = model.add_const("kernel", Tensor::from_shape(&[k, c, 3, 3], &random(k * c * 9, 11))?)?;
+        let bias = model.add_const("bias", tensor1(&random(k, 12)))?;
+        let y = model.wire_node("conv", conv3x3(c, k), &[x, kernel, bias])?[0];
         let y = model.wire_node("add", tract_onnx::tract_core::ops::math::add(), &[y, t])?[0];
         model.select_output_outlets(&[y])?;
         let inputs = tvec![
@@ -655,8 +660,6 @@ pub(crate) mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn large_layers_on_small_maps_run_directly() -> TractResult<()> {
-        use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec, PoolSpec};
-        use tract_onnx::tract_core::ops::nn::DataFormat;
         if !gemm::available() {
             eprintln!("no AVX2 and FMA here: the direct convolution cannot run");
             return Ok(());
@@ -668,17 +671,7 @@ pub(crate) mod tests {
             let x = model.add_source("x", f32::fact([2, c, side, side]))?;
             let kernel = model.add_const("kernel", Tensor::from_shape(&[k, c, 3, 3], &random(k * c * 9, 21))?)?;
             let bias = model.add_const("bias", tensor1(&random(k, 22)))?;
-            let pool_spec = PoolSpec {
-                data_format: DataFormat::NCHW,
-                kernel_shape: tvec![3, 3],
-                padding: PaddingSpec::Explicit(tvec![1, 1], tvec![1, 1]),
-                dilations: None,
-                strides: None,
-                input_channels: c,
-                output_channels: k,
-            };
-            let conv = Conv { pool_spec, kernel_fmt: KernelFormat::OIHW, group: 1, q_params: None };
-            let y = model.wire_node("conv", conv, &[x, kernel, bias])?;
+            let y = model.wire_node("conv", conv3x3(c, k), &[x, kernel, bias])?;
             model.select_output_outlets(&y)?;
             let inputs =
                 tvec![Tensor::from_shape(&[2, c, side, side], &random(2 * c * side * side, 23))?.into_tvalue()];
