@@ -618,8 +618,9 @@ pub struct Rewritten {
 
 /// Declutters a float32 graph with this crate's operators swapped in: 1×1 convolutions before
 /// declutter (which turns them into forms tract runs slower, see `pointwise`); GroupNorms,
-/// softmaxes and, where it pays, Winograd 3×3 convolutions after it (the Winograd swap needs
-/// tract's convolutions as they are before optimization). `convolutions: false` leaves every
+/// softmaxes, where it pays Winograd 3×3 convolutions, and strided convolutions after it (these
+/// swaps need tract's convolutions as they are before optimization; declutter has by then folded
+/// an exported `Pad` into the convolution after it). `convolutions: false` leaves every
 /// convolution to tract (`Convolution::Im2col`).
 ///
 /// Public only for `examples/profile_ops.rs`, which must profile the graph the runtime runs.
@@ -638,6 +639,10 @@ pub fn f32_rewrites(model: TypedModel, convolutions: bool) -> TractResult<Rewrit
     let mut winograd_convolutions = 0;
     if convolutions && crate::winograd::PAYS_OFF {
         winograd_convolutions = crate::winograd::rewrite(&mut model).map_err(|e| e.context("winograd"))?;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if convolutions {
+        crate::pointwise::rewrite_strided(&mut model).map_err(|e| e.context("strided convolution"))?;
     }
     Ok(Rewritten { model, winograd_convolutions, group_norms })
 }

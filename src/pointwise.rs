@@ -1,6 +1,7 @@
 //! 1×1 convolutions on our matrix kernel (`gemm`), x86-64 with AVX2 and FMA; and, the same
-//! way, 3×3 convolutions of large layers on small maps (`winograd::direct_pays`), whose blocks
-//! hold 9 shifted copies of each input channel.
+//! way, other convolutions computed directly: 3×3 ones of large layers on small maps
+//! (`winograd::direct_pays`) and strided ones (diffusers' downsamplers), whose blocks hold one
+//! copy of each input channel per kernel tap, shifted (and strided) to line up with the outputs.
 //!
 //! Why: a 1×1 convolution is one matrix product per image, `y = W · x + b` with `x` as c rows of
 //! h·w pixels. tract runs it as a general product that packs its input on every call, splits
@@ -16,6 +17,7 @@
 //! and splits one that reads a `Concat`. The products add in the same order as the plain sum over input
 //! channels, one fused multiply-add at a time.
 
+use crate::conv::Window;
 use crate::gemm::{self, MR, NR};
 use crate::winograd::{f32s, for_each, split, threads, with_scratch};
 use tract_onnx::prelude::*;
@@ -28,18 +30,39 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
     if !gemm::available() {
         return Ok(0);
     }
-    crate::conv::rewrite(model, [1, 0], "Pointwise", |w, b, k, c, _| Pointwise::new(w, b, k, c))
+    crate::conv::rewrite(model, "Pointwise", |f| {
+        let op = || Box::new(Pointwise::new(f.kernel, f.bias.as_deref(), f.k, f.c)) as Box<dyn TypedOp>;
+        (f.window == Window::square(1, 0)).then(op)
+    })
 }
 
-/// A 1×1, stride-1 convolution on our kernel, or a 3×3, stride-1, padding-1 one computed
-/// directly; see the module docs.
+/// Replaces every float32 strided convolution (stride 2 or more) that [`crate::conv`] can take
+/// by a direct [`Pointwise`] one, when this CPU runs our kernel. Returns how many were replaced.
+///
+/// tract runs such a convolution as a product over a lazily addressed im2col at batch 1, but
+/// copies the whole im2col matrix first at batch 2 (a guided step in one call). Here the input
+/// is split once by phase of the stride ([`Phases`]) and each block of 16 output pixels copies
+/// its 9c rows from there. Measured (`profile_ops`, 1 thread): at batch 1 as fast as tract (the
+/// 35.7M UNet's three downsamplers 1.13–1.14 ms against 1.12–1.18 with tract's `Pad`); at batch
+/// 2 the teacher's two 0.20 against 0.25 ms, the 35.7M UNet's three 2.32–2.38 against 2.87–3.07.
+pub fn rewrite_strided(model: &mut TypedModel) -> TractResult<usize> {
+    if !gemm::available() {
+        return Ok(0);
+    }
+    crate::conv::rewrite(model, "Pointwise", |f| {
+        let op = || Box::new(Pointwise::direct(f.kernel, f.bias.as_deref(), f.k, f.c, f.window)) as Box<dyn TypedOp>;
+        (f.window.stride > 1).then(op)
+    })
+}
+
+/// A 1×1, stride-1 convolution on our kernel, or another one computed directly; see the module
+/// docs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pointwise {
     k: usize,
     c: usize,
-    /// Side of the kernel: 1, or 3 (padding 1).
-    window: usize,
-    /// The `[k, c·window²]` weights packed for the kernel (`gemm::pack_weights`), float32.
+    window: Window,
+    /// The `[k, c·size²]` weights packed for the kernel (`gemm::pack_weights`), float32.
     weights: Arc<Tensor>,
     /// One bias per output channel, float32 `[k]`; `None`: the node's second input, `k` values.
     bias: Option<Arc<Tensor>>,
@@ -47,22 +70,18 @@ pub struct Pointwise {
 
 impl Pointwise {
     fn new(weights: &[f32], bias: Option<&[f32]>, k: usize, c: usize) -> Self {
-        Self::with_window(weights, bias, k, c, 1)
+        Self::direct(weights, bias, k, c, Window::square(1, 0))
     }
 
-    /// A 3×3, stride-1, padding-1 convolution with OIHW `[k, c, 3, 3]` weights, computed
-    /// directly: the product of the weights, as k × 9c, by the 9c shifted copies of the input.
-    pub(crate) fn window3(weights: &[f32], bias: Option<&[f32]>, k: usize, c: usize) -> Self {
-        Self::with_window(weights, bias, k, c, 3)
-    }
-
-    fn with_window(weights: &[f32], bias: Option<&[f32]>, k: usize, c: usize, window: usize) -> Self {
-        let packed = gemm::pack_weights(weights, k, c * window * window);
+    /// A convolution with OIHW `[k, c, size, size]` weights over `window`, computed directly:
+    /// the product of the weights, as k × c·size², by c·size² shifted copies of the input.
+    pub(crate) fn direct(weights: &[f32], bias: Option<&[f32]>, k: usize, c: usize, window: Window) -> Self {
+        let packed = gemm::pack_weights(weights, k, c * window.size * window.size);
         Pointwise { k, c, window, weights: Arc::new(tensor1(&packed)), bias: bias.map(|b| Arc::new(tensor1(b))) }
     }
 
-    /// `x`: `[n, c, h, w]`, `y`: `[n, k, h, w]`, both C order; `bias`: `k` values; `scratch`:
-    /// room for the pixel blocks, one per thread.
+    /// `x`: `[n, c, h, w]`, `y`: `[n, k, oh, ow]` (the window's output map), both C order;
+    /// `bias`: `k` values; `scratch`: room for the pixel blocks, one per thread.
     fn run(
         &self,
         x: &[f32],
@@ -71,9 +90,10 @@ impl Pointwise {
         y: &mut [f32],
         scratch: &mut crate::winograd::Scratch,
     ) {
-        let (k, t) = (self.k, h * w);
+        let [oh, ow] = self.window.output([h, w]).expect("checked by eval");
+        let (k, t) = (self.k, oh * ow);
         // Rows of a block: one per input channel and kernel tap.
-        let c = self.c * self.window * self.window;
+        let c = self.c * self.window.size * self.window.size;
         let u = f32s(&self.weights, "Pointwise").expect("f32 weights");
         let (blocks, panels) = (t.div_ceil(NR), k.div_ceil(MR));
         // Work items: (image, block of pixels, group of panels); with fewer blocks than
@@ -82,7 +102,24 @@ impl Pointwise {
         let groups = parts.div_ceil(n * blocks).min(panels);
         let ranges = split(n * blocks * groups, parts);
         let need = c * NR;
-        let buffers = scratch.floats(ranges.len() * need);
+        // A strided window first pads and splits the input by phase (all images, in shares of
+        // planes between the threads), then gathers its blocks from there.
+        let plain = self.window == Window::square(1, 0);
+        let shifted = self.window == Window::square(3, 1);
+        let phases = Phases::new(self.window, [h, w]);
+        let planes = if plain || shifted { 0 } else { n * self.c };
+        let (padded, buffers) =
+            scratch.floats(planes * phases.plane() + ranges.len() * need).split_at_mut(planes * phases.plane());
+        if planes > 0 {
+            let shares = split(planes, parts);
+            let pieces = crate::winograd::carve(padded, shares.iter().map(|r| r.len() * phases.plane()));
+            for_each(shares.into_iter().zip(pieces).collect(), |(share, piece)| {
+                for (ci, dst) in share.zip(piece.chunks_exact_mut(phases.plane())) {
+                    phases.fill(self.window, &x[ci * h * w..][..h * w], [h, w], dst);
+                }
+            });
+        }
+        let padded = &*padded;
         let out = Output(y.as_mut_ptr(), y.len());
         let kernel = gemm::Kernel::detect();
         let work: Vec<_> = ranges.into_iter().zip(buffers.chunks_mut(need)).collect();
@@ -90,14 +127,18 @@ impl Pointwise {
             for item in items {
                 let (image, q, g) = (item / (blocks * groups), item / groups % blocks, item % groups);
                 let (t0, width) = (q * NR, NR.min(t - q * NR));
-                let xs = &x[image * self.c * t..][..self.c * t];
-                if self.window == 1 {
+                if plain {
+                    let xs = &x[image * self.c * t..][..self.c * t];
                     for (row, src) in buf.chunks_exact_mut(NR).zip(xs.chunks_exact(t)) {
                         row[..width].copy_from_slice(&src[t0..t0 + width]);
                         row[width..].fill(0.0);
                     }
-                } else {
+                } else if shifted {
+                    let xs = &x[image * self.c * t..][..self.c * t];
                     shifted_rows(xs, [h, w], t0..t0 + width, buf);
+                } else {
+                    let image_planes = &padded[image * self.c * phases.plane()..][..self.c * phases.plane()];
+                    phases.gather(image_planes, self.window.size, ow, t0..t0 + width, buf);
                 }
                 let (lo, hi) = (g * panels / groups, (g + 1) * panels / groups);
                 let first = (image * k + lo * MR) * t + t0;
@@ -141,6 +182,102 @@ fn shifted_rows(x: &[f32], [h, w]: [usize; 2], pixels: std::ops::Range<usize>, b
     }
 }
 
+/// The input of a convolution zero-padded and split by phase of the stride, so that each kernel
+/// tap reads a stretch of output pixels as one contiguous run. Phase (py, px) of an input
+/// plane holds padded pixel (i·s + py, j·s + px) at (i, j); output pixel (oy, ox) then reads
+/// tap (dy, dx) from phase (dy % s, dx % s) at (oy + dy / s, ox + dx / s).
+///
+/// Gathering with strided reads and bounds checks per value took longer than the products for
+/// the teacher's 32-channel downsampler (71 µs a call against tract's 64). On 4×4 maps, whose
+/// stretches are 4 pixels long, copying from phases was slower than [`shifted_rows`] (the
+/// 35.7M UNet's 256-channel layers 0.14 → 0.165 ms), so stride-1 3×3 windows gather directly.
+#[derive(Debug, Clone, Copy)]
+struct Phases {
+    s: usize,
+    rows: usize,
+    cols: usize,
+}
+
+impl Phases {
+    fn new(g: Window, [h, w]: [usize; 2]) -> Self {
+        let s = g.stride;
+        Phases { s, rows: (h + g.before[0] + g.after[0]).div_ceil(s), cols: (w + g.before[1] + g.after[1]).div_ceil(s) }
+    }
+
+    /// Floats per input plane.
+    fn plane(&self) -> usize {
+        self.s * self.s * self.rows * self.cols
+    }
+
+    /// `dst` ([`plane`](Phases::plane) floats) from the `h` × `w` plane `src`.
+    fn fill(&self, g: Window, src: &[f32], [h, w]: [usize; 2], dst: &mut [f32]) {
+        let (s, [top, left]) = (self.s, g.before);
+        dst.fill(0.0);
+        let size = self.rows * self.cols;
+        for (y, row) in src.chunks_exact(w).take(h).enumerate() {
+            let yy = y + top;
+            // Padded column X = x + left goes to phase X % s, column X / s.
+            let line = |px: usize| ((yy % s) * s + px) * size + (yy / s) * self.cols;
+            if s == 2 {
+                // Both phases in one pass over pairs of pixels (vectorized).
+                let (lo, hi) = dst.split_at_mut(line(1).max(line(0)));
+                let (even, odd) = if line(0) < line(1) { (&mut lo[line(0)..], hi) } else { (hi, &mut lo[line(1)..]) };
+                // Pixel 2m goes to column m + left / 2 of phase left % 2, 2m + 1 to the other.
+                let (first, second, a, b) = match left % 2 {
+                    0 => (even, odd, left / 2, left / 2),
+                    _ => (odd, even, left / 2, left / 2 + 1),
+                };
+                let pairs = w / 2;
+                for ((pair, x0), x1) in row.chunks_exact(2).zip(&mut first[a..a + pairs]).zip(&mut second[b..b + pairs])
+                {
+                    *x0 = pair[0];
+                    *x1 = pair[1];
+                }
+                if w % 2 == 1 {
+                    first[a + pairs] = row[w - 1];
+                }
+                continue;
+            }
+            for (x, &v) in row.iter().enumerate() {
+                let xx = x + left;
+                dst[line(xx % s) + xx / s] = v;
+            }
+        }
+    }
+
+    /// For output pixels `pixels` of a map `ow` wide, the size² rows of NR values per input
+    /// plane of `planes` that a `size` × `size` kernel's taps multiply (row `size²·ci + size·dy +
+    /// dx`), zero past the block's pixels.
+    fn gather(&self, planes: &[f32], size: usize, ow: usize, pixels: std::ops::Range<usize>, buf: &mut [f32]) {
+        let (s, width) = (self.s, pixels.len());
+        for (plane, rows) in planes.chunks_exact(self.plane()).zip(buf.chunks_exact_mut(size * size * NR)) {
+            // The block's pixels in stretches along output rows.
+            let mut at = pixels.start;
+            while at < pixels.end {
+                let (oy, ox0) = (at / ow, at % ow);
+                let len = (ow - ox0).min(pixels.end - at);
+                let lane = at - pixels.start;
+                for (tap, row) in rows.chunks_exact_mut(NR).enumerate() {
+                    let (dy, dx) = (tap / size, tap % size);
+                    let phase = ((dy % s) * s + dx % s) * self.rows * self.cols;
+                    let from = phase + (oy + dy / s) * self.cols + ox0 + dx / s;
+                    // Whole blocks and half blocks as constant-size copies (a call to memmove each
+                    // otherwise).
+                    match len {
+                        NR => row.copy_from_slice(&plane[from..from + NR]),
+                        8 => row[lane..lane + 8].copy_from_slice(&plane[from..from + 8]),
+                        _ => row[lane..lane + len].copy_from_slice(&plane[from..from + len]),
+                    }
+                }
+                at += len;
+            }
+            if width < NR {
+                rows.chunks_exact_mut(NR).for_each(|row| row[width..].fill(0.0));
+            }
+        }
+    }
+}
+
 /// The output, written by several threads at once, each only the pixels of its own items.
 #[derive(Clone, Copy)]
 struct Output(*mut f32, usize);
@@ -166,8 +303,8 @@ impl Op for Pointwise {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        let s = self.window;
-        Ok(vec![format!("{s}x{s}, {} -> {} channels", self.c, self.k)])
+        let Window { size: s, stride, before, after } = self.window;
+        Ok(vec![format!("{s}x{s}, stride {stride}, padding {before:?} {after:?}, {} -> {} channels", self.c, self.k)])
     }
 
     op_as_typed_op!();
@@ -179,7 +316,10 @@ impl EvalOp for Pointwise {
     fn eval(&self, ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let (xs, bias, [n, _, h, w]) = crate::conv::call_inputs("Pointwise", &self.bias, &inputs, [self.c, self.k])?;
         ensure!(gemm::available(), "Pointwise: this CPU lacks AVX2 and FMA");
-        let mut y = unsafe { Tensor::uninitialized::<f32>(&[n, self.k, h, w])? };
+        let Some([oh, ow]) = self.window.output([h, w]) else {
+            bail!("Pointwise: a {:?} window does not fit a {h}x{w} map", self.window)
+        };
+        let mut y = unsafe { Tensor::uninitialized::<f32>(&[n, self.k, oh, ow])? };
         if n * h * w == 0 {
             return Ok(tvec!(y.into_tvalue()));
         }
@@ -194,7 +334,7 @@ impl TypedOp for Pointwise {
     as_op!();
 
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        crate::conv::output_facts(inputs, [self.c, self.k])
+        crate::conv::output_facts(inputs, [self.c, self.k], self.window)
     }
 }
 
@@ -273,10 +413,10 @@ mod tests {
         let (c, bias1, bias3) = (9, values(20, 6), values(31, 35));
         let cases = [
             (Pointwise::new(&values(20 * c, 7), Some(&bias1), 20, c), &bias1, [2, 30, 1]),
-            (Pointwise::window3(&values(31 * c * 9, 36), Some(&bias3), 31, c), &bias3, [1, 4, 4]),
+            (Pointwise::direct(&values(31 * c * 9, 36), Some(&bias3), 31, c, Window::square(3, 1)), &bias3, [1, 4, 4]),
         ];
         for (op, bias, [n, h, w]) in cases {
-            let (k, s) = (op.k, op.window);
+            let (k, s) = (op.k, op.window.size);
             let x = values(n * c * h * w, 5);
             let mut one = vec![0f32; n * k * h * w];
             op.run(&x, bias, [n, h, w], &mut one, &mut Default::default());
@@ -333,7 +473,7 @@ mod tests {
         for (n, c, k, h, w) in [(1, 3, 5, 4, 4), (2, 7, 13, 3, 5), (3, 2, 1, 1, 1), (1, 5, 8, 5, 7), (2, 4, 7, 2, 9)] {
             let (x, kernel, bias) = (random(n * c * h * w, 31), random(k * c * 9, 32), random(k, 33));
             let want = direct(&x, &kernel, &bias, [n, c, h, w], k);
-            let op = Pointwise::window3(&kernel, Some(&bias), k, c);
+            let op = Pointwise::direct(&kernel, Some(&bias), k, c, Window::square(3, 1));
             let mut y = vec![f32::NAN; n * k * h * w];
             op.run(&x, &bias, [n, h, w], &mut y, &mut Default::default());
             let worst = y.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
@@ -351,6 +491,98 @@ mod tests {
         model.select_output_outlets(&y)?;
         let mut model = model;
         assert_eq!(rewrite(&mut model)?, 0);
+        Ok(())
+    }
+
+    /// A float64 convolution of `x` `[n, c, h, w]` with OIHW `kernel` over `window`.
+    fn reference(x: &[f32], kernel: &[f32], bias: &[f32], [n, c, h, w]: [usize; 4], k: usize, g: Window) -> Vec<f64> {
+        let [oh, ow] = g.output([h, w]).expect("the window fits");
+        let s = g.size;
+        let mut y = vec![0f64; n * k * oh * ow];
+        for (b, ko, oy, ox) in tract_itertools::iproduct!(0..n, 0..k, 0..oh, 0..ow) {
+            let mut sum = bias[ko] as f64;
+            for (ci, dy, dx) in tract_itertools::iproduct!(0..c, 0..s, 0..s) {
+                let (yy, xx) = (
+                    (oy * g.stride + dy) as isize - g.before[0] as isize,
+                    (ox * g.stride + dx) as isize - g.before[1] as isize,
+                );
+                if (0..h as isize).contains(&yy) && (0..w as isize).contains(&xx) {
+                    let v = x[((b * c + ci) * h + yy as usize) * w + xx as usize] as f64;
+                    sum += v * kernel[((ko * c + ci) * s + dy) * s + dx] as f64;
+                }
+            }
+            y[((b * k + ko) * oh + oy) * ow + ox] = sum;
+        }
+        y
+    }
+
+    /// Windows gathered from phases against a float64 convolution: diffusers' downsamplers (3×3,
+    /// stride 2, padding 1 on every side, or only after the map), odd map sizes, a 1×1 stride-2
+    /// window, stride 3, uneven stride-1 padding; output maps of one pixel, fewer pixels than a
+    /// block, and several blocks starting mid-row.
+    #[test]
+    fn strided_windows_match_a_direct_convolution() {
+        use crate::winograd::tests::random;
+        if !gemm::available() {
+            eprintln!("no AVX2 and FMA here: the kernel cannot run");
+            return;
+        }
+        let down = |before, after| Window { size: 3, stride: 2, before: [before; 2], after: [after; 2] };
+        let cases = [
+            (1, 3, 5, [8, 8], down(1, 1)),
+            (2, 7, 13, [11, 9], down(1, 1)),
+            (1, 4, 6, [12, 10], down(0, 1)),
+            (3, 2, 1, [2, 2], down(0, 1)),
+            (2, 5, 8, [1, 1], down(1, 1)),
+            (1, 6, 7, [16, 18], Window { size: 3, stride: 3, before: [1, 0], after: [0, 2] }),
+            (2, 9, 4, [7, 10], Window { size: 1, stride: 2, before: [0; 2], after: [0; 2] }),
+            (1, 3, 5, [6, 19], Window { size: 3, stride: 1, before: [0, 2], after: [1, 0] }),
+        ];
+        for (n, c, k, [h, w], g) in cases {
+            let [oh, ow] = g.output([h, w]).expect("the window fits");
+            let s = g.size;
+            let (x, kernel, bias) = (random(n * c * h * w, 41), random(k * c * s * s, 42), random(k, 43));
+            let want = reference(&x, &kernel, &bias, [n, c, h, w], k, g);
+            let op = Pointwise::direct(&kernel, Some(&bias), k, c, g);
+            let mut y = vec![f32::NAN; n * k * oh * ow];
+            op.run(&x, &bias, [n, h, w], &mut y, &mut Default::default());
+            let worst = y.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
+            assert!(worst < 1e-5, "n{n} c{c} k{k} {h}x{w} {g:?}: max abs error {worst}");
+        }
+    }
+
+    /// A graph with a padded, stride-2 3×3 convolution (as exported from PyTorch): the strided
+    /// rewrite takes it, leaves stride-1 ones to the others, and gives tract's results.
+    #[test]
+    fn strided_rewrite_matches_tract() -> TractResult<()> {
+        if !gemm::available() {
+            return Ok(());
+        }
+        for (n, [h, w], before, after) in [(1, [16, 16], 1, 1), (2, [9, 12], 0, 1)] {
+            let (c, k) = (6, 8);
+            let mut model = TypedModel::default();
+            let x = model.add_source("x", f32::fact([n, c, h, w]))?;
+            let kernel = model.add_const("kernel", Tensor::from_shape(&[k, c, 3, 3], &values(k * c * 9, 11))?)?;
+            let bias = model.add_const("bias", tensor1(&values(k, 12)))?;
+            let mut strided = conv(c, k, Some(tvec![2, 2]));
+            strided.pool_spec.kernel_shape = tvec![3, 3];
+            strided.pool_spec.padding = PaddingSpec::Explicit(tvec![before; 2], tvec![after; 2]);
+            let y = model.wire_node("down", strided, &[x, kernel, bias])?[0];
+            let kernel1 = model.add_const("kernel1", Tensor::from_shape(&[k, k, 1, 1], &values(k * k, 13))?)?;
+            let bias1 = model.add_const("bias1", tensor1(&values(k, 14)))?;
+            let y = model.wire_node("pointwise", conv(k, k, None), &[y, kernel1, bias1])?;
+            model.select_output_outlets(&y)?;
+            let inputs = tvec![Tensor::from_shape(&[n, c, h, w], &values(n * c * h * w, 15))?.into_tvalue()];
+            let want = model.clone().into_optimized()?.into_runnable()?.run(inputs.clone())?;
+
+            let mut ours = model;
+            assert_eq!(rewrite_strided(&mut ours)?, 1, "{h}x{w}");
+            let got = ours.into_optimized()?.into_runnable()?.run(inputs)?;
+            assert_eq!(want[0].shape(), got[0].shape());
+            let (want, got) = (f32s(&want[0], "want")?, f32s(&got[0], "got")?);
+            let worst = want.iter().zip(got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst < 1e-4, "n{n} {h}x{w}: max abs difference {worst}");
+        }
         Ok(())
     }
 }

@@ -35,6 +35,7 @@ use std::sync::Mutex;
 #[cfg(target_arch = "x86_64")]
 mod fused;
 
+use crate::conv::Window;
 #[cfg(target_arch = "x86_64")]
 use crate::gemm;
 
@@ -62,12 +63,21 @@ pub const PAYS_OFF: bool = cfg!(any(target_arch = "x86_64", target_arch = "aarch
 /// On x86-64, large layers on small maps go to [`crate::pointwise::Pointwise`] instead, as
 /// direct convolutions: see [`direct_pays`].
 pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
-    crate::conv::rewrite(model, [3, 1], "Winograd3x3", |kernel, bias, k, c, _map| -> Box<dyn TypedOp> {
-        #[cfg(target_arch = "x86_64")]
-        if direct_pays(k, c, _map) {
-            return Box::new(crate::pointwise::Pointwise::window3(kernel, bias, k, c));
+    crate::conv::rewrite(model, "Winograd3x3", |f| -> Option<Box<dyn TypedOp>> {
+        if f.window != Window::square(3, 1) {
+            return None;
         }
-        Box::new(Winograd3x3::new(kernel, bias, k, c))
+        #[cfg(target_arch = "x86_64")]
+        if direct_pays(f.k, f.c, f.map) {
+            return Some(Box::new(crate::pointwise::Pointwise::direct(
+                f.kernel,
+                f.bias.as_deref(),
+                f.k,
+                f.c,
+                f.window,
+            )));
+        }
+        Some(Box::new(Winograd3x3::new(f.kernel, f.bias.as_deref(), f.k, f.c)))
     })
 }
 
@@ -188,7 +198,7 @@ impl TypedOp for Winograd3x3 {
     as_op!();
 
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        crate::conv::output_facts(inputs, [self.c, self.k])
+        crate::conv::output_facts(inputs, [self.c, self.k], Window::square(3, 1))
     }
 }
 
