@@ -62,7 +62,8 @@ fn find<'m>(model: &'m TypedModel, node: &'m TypedNode, op: &str) -> TractResult
         Some(_) => return Ok(None),
     };
     let (before, after) = match &spec.padding {
-        PaddingSpec::Explicit(b, a) | PaddingSpec::ExplicitOnnxPool(b, a, _) if b.len() == 2 && a.len() == 2 => {
+        // Ceil mode (pooling's) would round the output size up, where `Window::output` rounds down.
+        PaddingSpec::Explicit(b, a) | PaddingSpec::ExplicitOnnxPool(b, a, false) if b.len() == 2 && a.len() == 2 => {
             ([b[0], b[1]], [a[0], a[1]])
         }
         // A stride-1 "same" convolution with an odd kernel pads by half of it on each side.
@@ -100,7 +101,10 @@ fn find<'m>(model: &'m TypedModel, node: &'m TypedNode, op: &str) -> TractResult
         return Ok(None);
     }
     let map = [x.shape[2].to_usize()?, x.shape[3].to_usize()?];
-    if window.output(map).is_none() {
+    // tract's own output shape must agree with the window's (a safeguard for padding modes).
+    let Some([oh, ow]) = window.output(map) else { return Ok(None) };
+    let y = model.outlet_fact(OutletId::new(node.id, 0))?;
+    if y.shape.as_concrete() != Some(&[x.shape[0].to_usize()?, k, oh, ow][..]) {
         return Ok(None);
     }
     let bias = match &bias.konst {
