@@ -39,6 +39,7 @@ impl Window {
 /// folds a per-channel add after a convolution into its bias: diffusers' ResNet blocks add the
 /// time embedding after `conv1`).
 pub(crate) struct Found<'m> {
+    pub n: usize,
     pub k: usize,
     pub c: usize,
     // Only x86-64 picks an operator by map size (`winograd::direct_pays`).
@@ -113,7 +114,8 @@ fn find<'m>(model: &'m TypedModel, node: &'m TypedNode, op: &str) -> TractResult
         None if bias.shape.as_concrete().is_some_and(|s| s.iter().product::<usize>() == k) => None,
         _ => return Ok(None),
     };
-    Ok(Some(Found { k, c, map, window, kernel: f32s(kernel, op)?, bias }))
+    let n = x.shape[0].to_usize()?;
+    Ok(Some(Found { n, k, c, map, window, kernel: f32s(kernel, op)?, bias }))
 }
 
 /// Replaces every convolution [`find`] accepts by the operator `make` returns for it, if any,
