@@ -222,8 +222,8 @@ impl Phases {
             let line = |px: usize| ((yy % s) * s + px) * size + (yy / s) * self.cols;
             if s == 2 {
                 // Both phases in one pass over pairs of pixels (vectorized).
-                let (lo, hi) = dst.split_at_mut(line(1).max(line(0)));
-                let (even, odd) = if line(0) < line(1) { (&mut lo[line(0)..], hi) } else { (hi, &mut lo[line(1)..]) };
+                let (lo, odd) = dst.split_at_mut(line(1));
+                let even = &mut lo[line(0)..];
                 // Pixel 2m goes to column m + left / 2 of phase left % 2, 2m + 1 to the other.
                 let (first, second, a, b) = match left % 2 {
                     0 => (even, odd, left / 2, left / 2),
