@@ -103,11 +103,11 @@ fn find<'m>(model: &'m TypedModel, node: &'m TypedNode, op: &str) -> TractResult
     {
         return Ok(None);
     }
-    let map = [x.shape[2].to_usize()?, x.shape[3].to_usize()?];
+    let (n, map) = (x.shape[0].to_usize()?, [x.shape[2].to_usize()?, x.shape[3].to_usize()?]);
     // tract's own output shape must agree with the window's (a safeguard for padding modes).
     let Some([oh, ow]) = window.output(map) else { return Ok(None) };
     let y = model.outlet_fact(OutletId::new(node.id, 0))?;
-    if y.shape.as_concrete() != Some(&[x.shape[0].to_usize()?, k, oh, ow][..]) {
+    if y.shape.as_concrete() != Some(&[n, k, oh, ow][..]) {
         return Ok(None);
     }
     let bias = match &bias.konst {
@@ -116,7 +116,6 @@ fn find<'m>(model: &'m TypedModel, node: &'m TypedNode, op: &str) -> TractResult
         None if bias.shape.as_concrete().is_some_and(|s| s.iter().product::<usize>() == k) => None,
         _ => return Ok(None),
     };
-    let n = x.shape[0].to_usize()?;
     Ok(Some(Found { n, k, c, map, window, kernel: f32s(kernel, op)?, bias }))
 }
 

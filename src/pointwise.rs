@@ -117,7 +117,7 @@ impl Pointwise {
             let pieces = crate::winograd::carve(padded, shares.iter().map(|r| r.len() * phases.plane()));
             for_each(shares.into_iter().zip(pieces).collect(), |(share, piece)| {
                 for (ci, dst) in share.zip(piece.chunks_exact_mut(phases.plane())) {
-                    phases.fill(self.window, &x[ci * h * w..][..h * w], [h, w], dst);
+                    phases.fill(&x[ci * h * w..][..h * w], [h, w], dst);
                 }
             });
         }
@@ -129,18 +129,17 @@ impl Pointwise {
             for item in items {
                 let (image, q, g) = (item / (blocks * groups), item / groups % blocks, item % groups);
                 let (t0, width) = (q * NR, NR.min(t - q * NR));
+                let xs = &x[image * self.c * h * w..][..self.c * h * w];
                 if plain {
-                    let xs = &x[image * self.c * t..][..self.c * t];
                     for (row, src) in buf.chunks_exact_mut(NR).zip(xs.chunks_exact(t)) {
                         row[..width].copy_from_slice(&src[t0..t0 + width]);
                         row[width..].fill(0.0);
                     }
                 } else if shifted {
-                    let xs = &x[image * self.c * t..][..self.c * t];
                     shifted_rows(xs, [h, w], t0..t0 + width, buf);
                 } else {
                     let image_planes = &padded[image * self.c * phases.plane()..][..self.c * phases.plane()];
-                    phases.gather(image_planes, self.window.size, ow, t0..t0 + width, buf);
+                    phases.gather(image_planes, ow, t0..t0 + width, buf);
                 }
                 let (lo, hi) = (g * panels / groups, (g + 1) * panels / groups);
                 let first = (image * k + lo * MR) * t + t0;
@@ -195,7 +194,8 @@ fn shifted_rows(x: &[f32], [h, w]: [usize; 2], pixels: std::ops::Range<usize>, b
 /// 35.7M UNet's 256-channel layers 0.14 → 0.165 ms), so stride-1 3×3 windows gather directly.
 #[derive(Debug, Clone, Copy)]
 struct Phases {
-    s: usize,
+    window: Window,
+    /// Rows and columns of each phase.
     rows: usize,
     cols: usize,
 }
@@ -203,17 +203,18 @@ struct Phases {
 impl Phases {
     fn new(g: Window, [h, w]: [usize; 2]) -> Self {
         let s = g.stride;
-        Phases { s, rows: (h + g.before[0] + g.after[0]).div_ceil(s), cols: (w + g.before[1] + g.after[1]).div_ceil(s) }
+        let (rows, cols) = ((h + g.before[0] + g.after[0]).div_ceil(s), (w + g.before[1] + g.after[1]).div_ceil(s));
+        Phases { window: g, rows, cols }
     }
 
     /// Floats per input plane.
     fn plane(&self) -> usize {
-        self.s * self.s * self.rows * self.cols
+        self.window.stride * self.window.stride * self.rows * self.cols
     }
 
     /// `dst` ([`plane`](Phases::plane) floats) from the `h` × `w` plane `src`.
-    fn fill(&self, g: Window, src: &[f32], [h, w]: [usize; 2], dst: &mut [f32]) {
-        let (s, [top, left]) = (self.s, g.before);
+    fn fill(&self, src: &[f32], [h, w]: [usize; 2], dst: &mut [f32]) {
+        let (s, [top, left]) = (self.window.stride, self.window.before);
         dst.fill(0.0);
         let size = self.rows * self.cols;
         for (y, row) in src.chunks_exact(w).take(h).enumerate() {
@@ -248,10 +249,10 @@ impl Phases {
     }
 
     /// For output pixels `pixels` of a map `ow` wide, the size² rows of NR values per input
-    /// plane of `planes` that a `size` × `size` kernel's taps multiply (row `size²·ci + size·dy +
-    /// dx`), zero past the block's pixels.
-    fn gather(&self, planes: &[f32], size: usize, ow: usize, pixels: std::ops::Range<usize>, buf: &mut [f32]) {
-        let (s, width) = (self.s, pixels.len());
+    /// plane of `planes` that the window's taps multiply (row `size²·ci + size·dy + dx`), zero
+    /// past the block's pixels.
+    fn gather(&self, planes: &[f32], ow: usize, pixels: std::ops::Range<usize>, buf: &mut [f32]) {
+        let (s, size, width) = (self.window.stride, self.window.size, pixels.len());
         for (plane, rows) in planes.chunks_exact(self.plane()).zip(buf.chunks_exact_mut(size * size * NR)) {
             // The block's pixels in stretches along output rows.
             let mut at = pixels.start;
@@ -463,26 +464,6 @@ mod tests {
         Ok(())
     }
 
-    /// The 3×3 direct convolution against a float64 one: maps of one pixel, of fewer pixels
-    /// than a block, of several blocks (blocks that start mid-row), batches of 1–3.
-    #[test]
-    fn window3_matches_a_direct_convolution() {
-        use crate::winograd::tests::{direct, random};
-        if !gemm::available() {
-            eprintln!("no AVX2 and FMA here: the kernel cannot run");
-            return;
-        }
-        for (n, c, k, h, w) in [(1, 3, 5, 4, 4), (2, 7, 13, 3, 5), (3, 2, 1, 1, 1), (1, 5, 8, 5, 7), (2, 4, 7, 2, 9)] {
-            let (x, kernel, bias) = (random(n * c * h * w, 31), random(k * c * 9, 32), random(k, 33));
-            let want = direct(&x, &kernel, &bias, [n, c, h, w], k);
-            let op = Pointwise::direct(&kernel, Some(&bias), k, c, Window::square(3, 1));
-            let mut y = vec![f32::NAN; n * k * h * w];
-            op.run(&x, &bias, [n, h, w], &mut y, &mut Default::default());
-            let worst = y.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
-            assert!(worst < 1e-5, "n{n} c{c} k{k} {h}x{w}: max abs error {worst}");
-        }
-    }
-
     #[test]
     fn leaves_strided_convolutions_alone() -> TractResult<()> {
         let mut model = TypedModel::default();
@@ -496,41 +477,27 @@ mod tests {
         Ok(())
     }
 
-    /// A float64 convolution of `x` `[n, c, h, w]` with OIHW `kernel` over `window`.
-    fn reference(x: &[f32], kernel: &[f32], bias: &[f32], [n, c, h, w]: [usize; 4], k: usize, g: Window) -> Vec<f64> {
-        let [oh, ow] = g.output([h, w]).expect("the window fits");
-        let s = g.size;
-        let mut y = vec![0f64; n * k * oh * ow];
-        for (b, ko, oy, ox) in tract_itertools::iproduct!(0..n, 0..k, 0..oh, 0..ow) {
-            let mut sum = bias[ko] as f64;
-            for (ci, dy, dx) in tract_itertools::iproduct!(0..c, 0..s, 0..s) {
-                let (yy, xx) = (
-                    (oy * g.stride + dy) as isize - g.before[0] as isize,
-                    (ox * g.stride + dx) as isize - g.before[1] as isize,
-                );
-                if (0..h as isize).contains(&yy) && (0..w as isize).contains(&xx) {
-                    let v = x[((b * c + ci) * h + yy as usize) * w + xx as usize] as f64;
-                    sum += v * kernel[((ko * c + ci) * s + dy) * s + dx] as f64;
-                }
-            }
-            y[((b * k + ko) * oh + oy) * ow + ox] = sum;
-        }
-        y
-    }
-
-    /// Windows gathered from phases against a float64 convolution: diffusers' downsamplers (3×3,
-    /// stride 2, padding 1 on every side, or only after the map), odd map sizes, a 1×1 stride-2
-    /// window, stride 3, uneven stride-1 padding; output maps of one pixel, fewer pixels than a
-    /// block, and several blocks starting mid-row.
+    /// Direct convolutions against a float64 one. 3×3 padding-1 windows (gathered by
+    /// `shifted_rows`): maps of one pixel, of fewer pixels than a block, of several blocks
+    /// (blocks that start mid-row), batches of 1–3. Windows gathered from phases: diffusers'
+    /// downsamplers (3×3, stride 2, padding 1 on every side, or only after the map), odd map
+    /// sizes, a 1×1 stride-2 window, stride 3, uneven stride-1 padding; output maps of one
+    /// pixel, fewer pixels than a block, and several blocks starting mid-row.
     #[test]
-    fn strided_windows_match_a_direct_convolution() {
-        use crate::winograd::tests::random;
+    fn direct_windows_match_a_direct_convolution() {
+        use crate::winograd::tests::{direct_window, random};
         if !gemm::available() {
             eprintln!("no AVX2 and FMA here: the kernel cannot run");
             return;
         }
+        let shifted = Window::square(3, 1);
         let down = |before, after| Window { size: 3, stride: 2, before: [before; 2], after: [after; 2] };
         let cases = [
+            (1, 3, 5, [4, 4], shifted),
+            (2, 7, 13, [3, 5], shifted),
+            (3, 2, 1, [1, 1], shifted),
+            (1, 5, 8, [5, 7], shifted),
+            (2, 4, 7, [2, 9], shifted),
             (1, 3, 5, [8, 8], down(1, 1)),
             (2, 7, 13, [11, 9], down(1, 1)),
             (1, 4, 6, [12, 10], down(0, 1)),
@@ -544,7 +511,7 @@ mod tests {
             let [oh, ow] = g.output([h, w]).expect("the window fits");
             let s = g.size;
             let (x, kernel, bias) = (random(n * c * h * w, 41), random(k * c * s * s, 42), random(k, 43));
-            let want = reference(&x, &kernel, &bias, [n, c, h, w], k, g);
+            let want = direct_window(&x, &kernel, &bias, [n, c, h, w], k, g);
             let op = Pointwise::direct(&kernel, Some(&bias), k, c, g);
             let mut y = vec![f32::NAN; n * k * oh * ow];
             op.run(&x, &bias, [n, h, w], &mut y, &mut Default::default());

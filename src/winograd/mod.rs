@@ -518,30 +518,34 @@ pub(crate) mod tests {
         (0..len).map(|_| (rng.next_u32() as f32 / u32::MAX as f32) * 2.0 - 1.0).collect()
     }
 
-    /// Direct convolution in f64, the reference.
-    pub(crate) fn direct(x: &[f32], kernel: &[f32], bias: &[f32], [n, c, h, w]: [usize; 4], k: usize) -> Vec<f64> {
-        let mut y = vec![0f64; n * k * h * w];
-        for b in 0..n {
-            for ko in 0..k {
-                for i in 0..h {
-                    for j in 0..w {
-                        let mut acc = bias[ko] as f64;
-                        for ci in 0..c {
-                            for di in 0..3 {
-                                for dj in 0..3 {
-                                    let (ii, jj) = (i as isize + di as isize - 1, j as isize + dj as isize - 1);
-                                    if ii < 0 || jj < 0 || ii >= h as isize || jj >= w as isize {
-                                        continue;
-                                    }
-                                    let xv = x[((b * c + ci) * h + ii as usize) * w + jj as usize] as f64;
-                                    acc += xv * kernel[((ko * c + ci) * 3 + di) * 3 + dj] as f64;
-                                }
-                            }
-                        }
-                        y[((b * k + ko) * h + i) * w + j] = acc;
-                    }
+    /// The 3×3, padding-1 convolution in f64, the reference.
+    pub(crate) fn direct(x: &[f32], kernel: &[f32], bias: &[f32], dims: [usize; 4], k: usize) -> Vec<f64> {
+        direct_window(x, kernel, bias, dims, k, Window::square(3, 1))
+    }
+
+    /// A float64 convolution of `x` `[n, c, h, w]` with OIHW `kernel` over any window.
+    pub(crate) fn direct_window(
+        x: &[f32],
+        kernel: &[f32],
+        bias: &[f32],
+        [n, c, h, w]: [usize; 4],
+        k: usize,
+        g: Window,
+    ) -> Vec<f64> {
+        let [oh, ow] = g.output([h, w]).expect("the window fits");
+        let s = g.size;
+        let mut y = vec![0f64; n * k * oh * ow];
+        for (b, ko, oy, ox) in tract_itertools::iproduct!(0..n, 0..k, 0..oh, 0..ow) {
+            let mut acc = bias[ko] as f64;
+            for (ci, dy, dx) in tract_itertools::iproduct!(0..c, 0..s, 0..s) {
+                let yy = (oy * g.stride + dy) as isize - g.before[0] as isize;
+                let xx = (ox * g.stride + dx) as isize - g.before[1] as isize;
+                if (0..h as isize).contains(&yy) && (0..w as isize).contains(&xx) {
+                    let v = x[((b * c + ci) * h + yy as usize) * w + xx as usize] as f64;
+                    acc += v * kernel[((ko * c + ci) * s + dy) * s + dx] as f64;
                 }
             }
+            y[((b * k + ko) * oh + oy) * ow + ox] = acc;
         }
         y
     }
