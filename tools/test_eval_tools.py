@@ -1,5 +1,5 @@
 """Tests of the evaluation and benchmark helpers: the FID-proxy's pooled statistics and the MAC
-counter (on a hand-built ONNX graph whose count is known)."""
+counter (on a hand-built ONNX graph whose count is known), and how bench_compare combines rounds."""
 from __future__ import annotations
 
 import os
@@ -61,3 +61,21 @@ def test_macs_of_a_known_graph(tmp_path):
     r = count_macs(str(path))
     assert r["by_op"] == {"Conv": 55296, "MatMul": 20480}
     assert r["macs"] == 75776 and r["params"] == 8 * 27 + 2560 + 3
+
+
+def test_bench_compare_takes_medians_over_rounds_and_pairs_ratios_by_round():
+    import bench_compare
+
+    def rec(step, load=0.1):
+        return dict(cpu="x", step_ms_median=step, step_ms_p90=step * 1.1, image_s_median=step * 4e-3,
+                    load_s=load, peak_rss_mib=50.0)
+
+    ed = [rec(3.0), rec(9.0), rec(3.2, load=0.3)]
+    ort = [rec(4.0), rec(10.0), rec(4.0)]
+    combined = bench_compare.combine(ed)
+    assert combined["step_ms_median"] == 3.2 and combined["load_s"] == 0.1 and combined["cpu"] == "x"
+    # Round by round: the disturbed second round hit both runtimes, and its ratio stays sane.
+    assert bench_compare.ratios(ed, ort) == pytest.approx([0.75, 0.9, 0.8])
+    assert bench_compare.spread([0.75, 0.9, 0.8]) == "0.75-0.90"
+    with pytest.raises(ValueError):
+        bench_compare.ratios(ed, ort[:2])
