@@ -4,6 +4,7 @@
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec};
+use tract_onnx::tract_core::ops::konst::Const;
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
 use crate::winograd::f32s;
@@ -133,14 +134,35 @@ pub(crate) fn rewrite(
         let Some(found) = find(model, node, op)? else { continue };
         let Some(new) = make(&found) else { continue };
         let inputs = if found.bias.is_some() { vec![node.inputs[0]] } else { vec![node.inputs[0], node.inputs[2]] };
+        let kernel = node.inputs[1];
         let patch = TypedModelPatch::replace_single_op(model, node, &inputs, new)?;
         patch.apply(model)?;
+        empty_if_unread(model, kernel)?;
         replaced += 1;
     }
     if replaced > 0 {
         model.compact()?;
     }
     Ok(replaced)
+}
+
+/// Empties the constant at `outlet` once nothing reads it any more (`compact` then drops the
+/// node). Why: when the graph holds the only reference to a kernel (a plan built from the source
+/// graph itself, `Denoiser::prepare_final`), each kernel is freed as soon as its replacement has
+/// its own copy, so the build never holds all the kernels and all their copies at once.
+fn empty_if_unread(model: &mut TypedModel, outlet: OutletId) -> TractResult<()> {
+    let node = model.node(outlet.node);
+    if node.op_as::<Const>().is_none()
+        || node.outputs.iter().any(|o| !o.successors.is_empty())
+        || model.output_outlets()?.contains(&outlet)
+    {
+        return Ok(());
+    }
+    let empty = Arc::new(Tensor::zero::<f32>(&[0])?);
+    let node = model.node_mut(outlet.node);
+    node.outputs[0].fact = TypedFact::try_from(empty.clone())?;
+    node.op = Box::new(Const::new(empty)?);
+    Ok(())
 }
 
 /// The input `[n, c, h, w]` and the `k` biases of a call to operator `op`: `bias` when it holds

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use edge_diffuse::denoiser::{Convolution, Denoiser};
 use edge_diffuse::pipeline::{GuidanceBatching, LoadOptions, Pipeline, Request};
 use edge_diffuse::sampler::{self, SamplerKind, SamplerOptions};
-use edge_diffuse::ModelCard;
+use edge_diffuse::{Error, ModelCard};
 use ndarray::{s, Array1, Array4, ArrayD, Ix4};
 use ndarray_npy::ReadNpyExt;
 use serde_json::Value;
@@ -138,6 +138,36 @@ fn check_denoiser(model: &str, convolution: Convolution) {
         let err = max_abs_diff(&pair.slice(s![i..i + 1, .., .., ..]).to_owned(), &one);
         assert!(err <= 1e-5, "{model}: batch-2 image {i} differs from batch-1 by {err:e}");
     }
+    // Without the source graph the plans built run as before (the same bits); a new plan is a
+    // clear error, not a panic.
+    let x = sample.slice(s![0..1, .., .., ..]).to_owned();
+    let [mut before, mut after] = [Array4::<f32>::zeros((1, 1, 32, 32)), Array4::<f32>::zeros((1, 1, 32, 32))];
+    d.predict(&x, t, Some(&[labels[0]]), None, &mut before).expect("predict");
+    assert!(d.holds_graph());
+    d.release_graph();
+    assert!(!d.holds_graph());
+    d.predict(&x, t, Some(&[labels[0]]), None, &mut after).expect("predict after release");
+    assert!(before.iter().zip(&after).all(|(a, b)| a.to_bits() == b.to_bits()), "{model}: plan changed by release");
+    let three = Array4::<f32>::zeros((3, 1, 32, 32));
+    let mut out3 = Array4::<f32>::zeros((3, 1, 32, 32));
+    match d.predict(&three, t, Some(&[0, 1, 2]), None, &mut out3) {
+        Err(Error::Model { message, .. }) => {
+            assert!(message.contains("batch 3") && message.contains("released"), "{message}")
+        }
+        other => panic!("{model}: batch 3 after release_graph: {other:?}"),
+    }
+    // A plan built from the source graph itself (freeing each kernel as it is replaced) is the
+    // same plan.
+    let mut last = Denoiser::load(&card, 1).expect("denoiser loads");
+    last.set_convolution(convolution);
+    last.prepare_final(1).expect("final plan");
+    assert!(!last.holds_graph());
+    let mut from_last = Array4::<f32>::zeros((1, 1, 32, 32));
+    last.predict(&x, t, Some(&[labels[0]]), None, &mut from_last).expect("predict");
+    assert!(
+        before.iter().zip(&from_last).all(|(a, b)| a.to_bits() == b.to_bits()),
+        "{model}: prepare_final's plan differs"
+    );
 }
 
 #[test]
