@@ -175,7 +175,7 @@ pub struct Denoiser {
     /// The decoded ONNX graph that plans are built from; `None` once released
     /// ([`Denoiser::release_graph`]).
     source: Option<InferenceModel>,
-    /// Inputs of the graph, for [`Denoiser::graph_inputs`] after the source is released.
+    /// Inputs of the graph (for `graph_inputs`, also once the source is released).
     graph_inputs: usize,
     bindings: Bindings,
     chw: [usize; 3],
@@ -288,7 +288,7 @@ impl Denoiser {
             let source = self.source.take().ok_or_else(|| self.released(batch))?;
             self.insert_plan(batch, source)?;
         }
-        self.release_graph();
+        self.source = None;
         return_freed_memory();
         Ok(())
     }
