@@ -175,8 +175,6 @@ pub struct Denoiser {
     /// The decoded ONNX graph that plans are built from; `None` once released
     /// ([`Denoiser::release_graph`]).
     source: Option<InferenceModel>,
-    /// Inputs of the graph (for `graph_inputs`, also once the source is released).
-    graph_inputs: usize,
     bindings: Bindings,
     chw: [usize; 3],
     threads: usize,
@@ -232,11 +230,9 @@ impl Denoiser {
         let (inputs, outputs) = describe(&model);
         let bindings = bind(&model, card).map_err(|m| Error::Model { path: path.clone(), message: m })?;
         let (threads, executor) = executor_for(threads);
-        let graph_inputs = model.input_outlets().map(|o| o.len()).unwrap_or(0);
         Ok(Denoiser {
             path,
             source: Some(model),
-            graph_inputs,
             bindings,
             chw: [card.image.channels, card.image.height, card.image.width],
             threads,
@@ -402,7 +398,8 @@ impl Denoiser {
     ) -> Result<TVec<TValue>> {
         let batch = sample.shape()[0];
         let b = &self.bindings;
-        let mut inputs: Vec<Option<TValue>> = vec![None; self.graph_inputs];
+        // One per graph input (`describe` lists them all), also once the source is released.
+        let mut inputs: Vec<Option<TValue>> = vec![None; self.inputs.len()];
         let float_dt = self.precision.float_type();
         // The f16 graph takes f16 floats: convert at the boundary so callers always see f32.
         let to_graph = |t: Tensor| -> Result<TValue> {

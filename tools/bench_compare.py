@@ -153,11 +153,11 @@ def main():
     for r in results:
         if r["label"] == "teacher ddim-4 unguided" and r["threads"] in guided:
             g = guided[r["threads"]]
-            line = [f"guided / unguided step, {r['threads']} thread(s):"]
+            parts = []
             for who, name in (("edge_diffuse", "edge-diffuse"), ("onnxruntime", "onnxruntime")):
                 per_round = ratios(g["rounds"][who], r["rounds"][who])
-                line.append(f"{name} {statistics.median(per_round):.2f} (rounds {spread(per_round)})")
-            print("\n" + " ".join(line[:1]) + " " + ", ".join(line[1:]))
+                parts.append(f"{name} {statistics.median(per_round):.2f} (rounds {spread(per_round)})")
+            print(f"\nguided / unguided step, {r['threads']} thread(s): " + ", ".join(parts))
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(results, fh, indent=1)
