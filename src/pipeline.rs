@@ -51,7 +51,10 @@ impl std::str::FromStr for GuidanceBatching {
 /// Options fixed when the pipeline is loaded.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// Threads for tract's matrix products (default: the available cores).
+    /// Threads for the model (default: the available cores). More than
+    /// [`std::thread::available_parallelism`] reports are not started: threads beyond the cores
+    /// only wait on each other, so the pipeline runs with as many as there are cores
+    /// ([`Denoiser::threads`] tells how many).
     pub threads: usize,
     /// Guided-step strategy.
     pub guidance_batching: GuidanceBatching,
@@ -79,6 +82,10 @@ pub struct Request {
     pub seed: u64,
     /// Number of images (ignored when `noise` is given: its batch sets it).
     pub num_images: usize,
+    /// Index of the request's first image: image `i` of the request is image `first_image + i`
+    /// of the seed (its noise stream, and its label when `classes` cycle), so a run split in
+    /// parts, or resumed after an interruption, gives the same images as one run.
+    pub first_image: usize,
     /// Sampler.
     pub sampler: Option<SamplerKind>,
     /// Number of steps.
@@ -98,7 +105,8 @@ pub struct Request {
 /// Progress of one model call, for callbacks.
 #[derive(Debug, Clone, Copy)]
 pub struct StepInfo {
-    /// Image index (0-based).
+    /// Image index (0-based, counted from 0 of the seed, i.e. including
+    /// [`Request::first_image`]).
     pub image: usize,
     /// Step within the image (1-based).
     pub step: usize,
@@ -189,7 +197,7 @@ impl Pipeline {
     /// Loads the model directory `dir` (its `model.toml` and ONNX file).
     pub fn load(dir: impl AsRef<Path>, options: LoadOptions) -> Result<Self> {
         let card = ModelCard::load(dir)?;
-        let denoiser = Denoiser::load(&card, options.threads)?;
+        let denoiser = Denoiser::load(&card, usable_threads(options.threads))?;
         Self::from_parts(card, denoiser, options)
     }
 
@@ -211,7 +219,7 @@ impl Pipeline {
     /// # }
     /// ```
     pub fn from_bytes(card: ModelCard, onnx: &[u8], options: LoadOptions) -> Result<Self> {
-        let denoiser = Denoiser::from_bytes(onnx, &card, options.threads, card.onnx_path())?;
+        let denoiser = Denoiser::from_bytes(onnx, &card, usable_threads(options.threads), card.onnx_path())?;
         Self::from_parts(card, denoiser, options)
     }
 
@@ -277,7 +285,7 @@ impl Pipeline {
         let [c, h, w] = [self.card.image.channels, self.card.image.height, self.card.image.width];
         let mut samples = Array4::<f32>::zeros((r.images, c, h, w));
         let buf = samples.as_slice_mut().expect("a new array is contiguous");
-        let info = self.run(req, &r, buf, on_step)?;
+        let info = self.run_into(req, &r, buf, on_step)?;
         Ok(Generation {
             samples,
             sampler: info.sampler,
@@ -321,7 +329,42 @@ impl Pipeline {
         on_step: &mut dyn FnMut(&StepInfo) -> ControlFlow<()>,
     ) -> Result<RunInfo> {
         let r = self.resolve(req)?;
-        self.run(req, &r, samples, on_step)
+        self.run_into(req, &r, samples, on_step)
+    }
+
+    /// Generates images and hands each to `on_image` as soon as it is done, with its index
+    /// (counting [`Request::first_image`]) and its `C·H·W` values in the model's value range.
+    /// Memory does not grow with the number of images, so a caller can stream any number of
+    /// them to files. `on_step` works as in [`generate`](Pipeline::generate); either callback
+    /// may stop the run by returning `ControlFlow::Break(())` (the result is then
+    /// [`Error::Cancelled`]); every image handed over before that is complete.
+    ///
+    /// ```
+    /// use std::ops::ControlFlow;
+    /// use edge_diffuse::{LoadOptions, Pipeline, Request};
+    ///
+    /// # fn main() -> edge_diffuse::Result<()> {
+    /// # let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/models/fmnist-student");
+    /// let mut pipe = Pipeline::load(dir, LoadOptions { threads: 1, ..Default::default() })?;
+    /// // Images 5 and 6 of seed 3: the same as the last two of a 7-image request.
+    /// let request = Request { seed: 3, num_images: 2, first_image: 5, ..Default::default() };
+    /// let mut seen = Vec::new();
+    /// pipe.generate_each(&request, &mut |_| ControlFlow::Continue(()), &mut |index, image| {
+    ///     seen.push((index, image.len())); // e.g. write image `index` to its file here
+    ///     ControlFlow::Continue(())
+    /// })?;
+    /// assert_eq!(seen, [(5, 32 * 32), (6, 32 * 32)]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn generate_each(
+        &mut self,
+        req: &Request,
+        on_step: &mut dyn FnMut(&StepInfo) -> ControlFlow<()>,
+        on_image: &mut dyn FnMut(usize, &[f32]) -> ControlFlow<()>,
+    ) -> Result<RunInfo> {
+        let r = self.resolve(req)?;
+        self.run(req, &r, on_step, on_image)
     }
 
     /// Turns samples (`[images, C, H, W]` as [`generate_into`](Pipeline::generate_into) writes
@@ -400,8 +443,8 @@ impl Pipeline {
         Ok(Resolved { kind, steps, total, guidance, opts, images: self.num_images(req) })
     }
 
-    /// The sampler loop, image by image, into `samples`.
-    fn run(
+    /// The sampler loop into `samples`, image `i` at `samples[i·C·H·W..]`.
+    fn run_into(
         &mut self,
         req: &Request,
         r: &Resolved,
@@ -409,11 +452,26 @@ impl Pipeline {
         on_step: &mut dyn FnMut(&StepInfo) -> ControlFlow<()>,
     ) -> Result<RunInfo> {
         let per = self.image_len();
-        let n = r.images;
-        let needed = n.saturating_mul(per);
+        let needed = r.images.saturating_mul(per);
         if samples.len() < needed {
             return Err(Error::BufferTooSmall { what: "sample buffer", needed, got: samples.len() });
         }
+        let mut images = samples[..needed].chunks_exact_mut(per);
+        self.run(req, r, on_step, &mut |_, image| {
+            images.next().expect("one chunk per image").copy_from_slice(image);
+            ControlFlow::Continue(())
+        })
+    }
+
+    /// The sampler loop, image by image, each handed to `on_image` when done.
+    fn run(
+        &mut self,
+        req: &Request,
+        r: &Resolved,
+        on_step: &mut dyn FnMut(&StepInfo) -> ControlFlow<()>,
+        on_image: &mut dyn FnMut(usize, &[f32]) -> ControlFlow<()>,
+    ) -> Result<RunInfo> {
+        let n = r.images;
         let guided = r.guidance != 1.0;
         let batching = match self.options.guidance_batching {
             GuidanceBatching::Auto if self.denoiser.threads() >= 2 => GuidanceBatching::Concurrent,
@@ -427,9 +485,10 @@ impl Pipeline {
         let conditional = self.card.model.inputs.class_labels.is_some();
         let Scratch { x, x_in, out, out_u, pair_in, pair_out } = &mut self.scratch;
         let (guidance, total) = (r.guidance, r.total);
-        for (i, dst) in samples[..needed].chunks_exact_mut(per).enumerate() {
+        for i in 0..n {
+            let index = req.first_image + i;
             let mut sampler = sampler::build(r.kind, &self.card.scheduler, r.steps, &r.opts)?;
-            let mut noise = SeededNoise::new(req.seed, i as u64, 1);
+            let mut noise = SeededNoise::new(req.seed, index as u64, 1);
             match &req.noise {
                 Some(given) => x.assign(&given.slice(s![i..i + 1, .., .., ..])),
                 None => noise.fill(x),
@@ -437,13 +496,13 @@ impl Pipeline {
             if req.noise.is_some() {
                 // Stochastic samplers still need a stream: give them one that does not
                 // repeat the user's noise.
-                noise = SeededNoise::new(req.seed ^ 0x9e37_79b9_7f4a_7c15, i as u64, 1);
+                noise = SeededNoise::new(req.seed ^ 0x9e37_79b9_7f4a_7c15, index as u64, 1);
             }
             let sigma0 = sampler.init_noise_sigma() as f32;
             x.mapv_inplace(|v| v * sigma0);
             // Labels were checked in `resolve`: one per image (cycled), else the null class.
             let label = match &req.classes {
-                Some(l) => Some(l[i % l.len()]),
+                Some(l) => Some(l[index % l.len()]),
                 None if conditional => null,
                 None => None,
             };
@@ -483,12 +542,14 @@ impl Pipeline {
                     return Err(Error::NonFinite { step: k + 1, total, timestep: t, count: bad });
                 }
                 sampler.step(out, k, x, &mut noise);
-                let info = StepInfo { image: i, step: k + 1, total, elapsed: start.elapsed() };
+                let info = StepInfo { image: index, step: k + 1, total, elapsed: start.elapsed() };
                 if on_step(&info).is_break() {
                     return Err(Error::Cancelled { step: k + 1 });
                 }
             }
-            dst.copy_from_slice(x.as_slice().expect("scratch arrays are contiguous"));
+            if on_image(index, x.as_slice().expect("scratch arrays are contiguous")).is_break() {
+                return Err(Error::Cancelled { step: total });
+            }
         }
         Ok(RunInfo { images: n, sampler: r.kind, steps: r.steps, timesteps: total, guidance })
     }
@@ -517,6 +578,12 @@ impl Pipeline {
             (None, false) => Ok(()),
         }
     }
+}
+
+/// `wanted` threads (at least 1), but no more than the cores the process may run on.
+fn usable_threads(wanted: usize) -> usize {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    wanted.clamp(1, cores)
 }
 
 #[cfg(test)]
