@@ -1,42 +1,20 @@
-//! `edge-diffuse`: the command line over the library. Prints and exits; the library never does.
+//! `edge-diffuse sample`: generate images and stream them to their outputs.
 
 use std::io::IsTerminal;
-use std::io::Write;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use anyhow::{bail, Result};
+use clap::Args;
 use edge_diffuse::files;
 use edge_diffuse::pipeline::{GuidanceBatching, LoadOptions, Pipeline, Request};
 use edge_diffuse::{ModelCard, SamplerKind};
 
-mod cli_bench;
-
-#[derive(Parser)]
-#[command(name = "edge-diffuse", version, about = "Few-step diffusion sampling on small devices")]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Generate images from a model directory.
-    Sample(Box<SampleArgs>),
-    /// Measure load time, step latency, images/s and peak memory of a model.
-    Bench(cli_bench::BenchArgs),
-    /// Describe a model: card, ONNX inputs and outputs, parameters, defaults.
-    Info {
-        /// Model directory (holding model.toml); default: the bundled model.
-        #[arg(long)]
-        model: Option<PathBuf>,
-    },
-}
+use crate::{default_model, interrupt, parse_flag};
 
 #[derive(Args)]
-struct SampleArgs {
+pub struct SampleArgs {
     /// Model directory (holding model.toml); default: the bundled fmnist-student.
     #[arg(long)]
     model: Option<PathBuf>,
@@ -103,49 +81,8 @@ struct SampleArgs {
     quiet: bool,
 }
 
-fn main() {
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Sample(args) => sample(*args),
-        Command::Info { model } => info(model),
-        Command::Bench(args) => {
-            let model = args.model.clone().unwrap_or_else(default_model);
-            cli_bench::run(args, model)
-        }
-    };
-    if let Err(e) = result {
-        let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-        eprintln!("error: {}", msg.join(": "));
-        std::process::exit(1);
-    }
-}
-
-/// The bundled default model: `./models/fmnist-student`, else the one in the source tree.
-fn default_model() -> PathBuf {
-    if let Some(p) = std::env::var_os("EDGE_DIFFUSE_MODEL") {
-        return PathBuf::from(p);
-    }
-    let local = Path::new("models/fmnist-student");
-    if local.join("model.toml").is_file() {
-        return local.to_path_buf();
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/fmnist-student")
-}
-
-fn parse_classes(card: &ModelCard, spec: &str) -> Result<Vec<i64>> {
-    if spec == "all" {
-        let Some(c) = &card.classes else { bail!("class: this model is not class-conditional") };
-        return Ok((0..c.names.len() as i64).collect());
-    }
-    spec.split(',').map(|s| Ok(card.class_label(s.trim())?)).collect()
-}
-
-/// Parses a flag's value with the library's parser, whose error starts with the field name.
-fn parse_flag<T: std::str::FromStr<Err = edge_diffuse::Error>>(value: &str) -> Result<T> {
-    value.parse().map_err(|e: edge_diffuse::Error| anyhow::anyhow!("--{e}"))
-}
-
-fn sample(a: SampleArgs) -> Result<()> {
+/// Runs `sample`.
+pub fn run(a: SampleArgs) -> Result<()> {
     let model = a.model.clone().unwrap_or_else(default_model);
     let sampler = a.sampler.as_deref().map(str::parse::<SamplerKind>).transpose()?;
     let guidance_batching: GuidanceBatching = parse_flag(&a.guidance_batching)?;
@@ -361,114 +298,10 @@ fn interrupted(a: &SampleArgs, signal: interrupt::Signal, done: usize, count: us
     std::process::exit(signal.exit_code());
 }
 
-/// SIGINT and SIGTERM stop a run at the next step boundary; a second one ends the process at
-/// once, as it would without this.
-mod interrupt {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use std::sync::Arc;
-
-    /// The signal that stopped the run.
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub enum Signal {
-        Interrupt,
-        Terminate,
+fn parse_classes(card: &ModelCard, spec: &str) -> Result<Vec<i64>> {
+    if spec == "all" {
+        let Some(c) = &card.classes else { bail!("class: this model is not class-conditional") };
+        return Ok((0..c.names.len() as i64).collect());
     }
-
-    impl Signal {
-        pub fn name(self) -> &'static str {
-            match self {
-                Signal::Interrupt => "SIGINT",
-                Signal::Terminate => "SIGTERM",
-            }
-        }
-
-        /// 128 + the signal's number.
-        pub fn exit_code(self) -> i32 {
-            match self {
-                Signal::Interrupt => 130,
-                Signal::Terminate => 143,
-            }
-        }
-    }
-
-    /// Set by the handlers: 0 until a signal, then that signal's exit code.
-    pub struct Flag(Arc<AtomicUsize>);
-
-    impl Flag {
-        pub fn signal(&self) -> Option<Signal> {
-            match self.0.load(Ordering::Relaxed) {
-                130 => Some(Signal::Interrupt),
-                143 => Some(Signal::Terminate),
-                _ => None,
-            }
-        }
-    }
-
-    #[cfg(unix)]
-    pub fn install() -> Flag {
-        use signal_hook::consts::{SIGINT, SIGTERM};
-        use signal_hook::flag;
-        let code = Arc::new(AtomicUsize::new(0));
-        let seen = Arc::new(AtomicBool::new(false));
-        for (sig, exit) in [(SIGINT, 130), (SIGTERM, 143)] {
-            // The default action (the end of the process) once `seen` is set, i.e. at a second
-            // signal: registered first, so that the first signal still finds `seen` false.
-            let installed = flag::register_conditional_default(sig, Arc::clone(&seen))
-                .and_then(|_| flag::register(sig, Arc::clone(&seen)))
-                .and_then(|_| flag::register_usize(sig, Arc::clone(&code), exit));
-            // Without handlers, a signal ends the process as it always did.
-            drop(installed);
-        }
-        Flag(code)
-    }
-
-    #[cfg(not(unix))]
-    pub fn install() -> Flag {
-        Flag(Arc::new(AtomicUsize::new(0)))
-    }
-}
-
-fn info(model: Option<PathBuf>) -> Result<()> {
-    let model = model.unwrap_or_else(default_model);
-    let card = ModelCard::load(&model)?;
-    let t0 = Instant::now();
-    let pipe =
-        Pipeline::load(&model, LoadOptions::default()).with_context(|| format!("loading {}", model.display()))?;
-    let load = t0.elapsed();
-    let d = pipe.denoiser();
-    // Written, not println!: a closed pipe (`info | head -1`) is an error, not a panic.
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "model       {} ({})", card.model.name, card.dir.display())?;
-    writeln!(out, "onnx        {}", card.onnx_path().display())?;
-    writeln!(out, "parameters  {}", d.params())?;
-    writeln!(
-        out,
-        "image       {} x {} x {}, values in {:?}",
-        card.image.channels, card.image.height, card.image.width, card.image.value_range
-    )?;
-    for i in d.inputs() {
-        writeln!(out, "input       {} {}", i.name, i.fact)?;
-    }
-    for o in d.outputs() {
-        writeln!(out, "output      {} {}", o.name, o.fact)?;
-    }
-    let ti = d.timestep_input();
-    writeln!(out, "timestep    {:?} {:?}", ti.datum_type, ti.shape)?;
-    if let Some(c) = &card.classes {
-        writeln!(out, "classes     {} (null class: {:?})", c.names.join(", "), c.null)?;
-    }
-    writeln!(out, "scheduler   {}", card.scheduler.set_keys().join(", "))?;
-    let df = &card.defaults;
-    writeln!(
-        out,
-        "defaults    sampler {} steps {} guidance {} eta {}",
-        df.sampler.as_deref().unwrap_or("ddim"),
-        df.steps.unwrap_or(4),
-        df.guidance.unwrap_or(1.0),
-        df.eta.unwrap_or(0.0)
-    )?;
-    writeln!(out, "load        {:.3} s to a runnable plan ({} threads)", load.as_secs_f64(), d.threads())?;
-    writeln!(out, "winograd    {} of the 3x3 convolutions", d.winograd_convolutions())?;
-    writeln!(out, "group norm  {} fused", d.fused_group_norms())?;
-    Ok(())
+    spec.split(',').map(|s| Ok(card.class_label(s.trim())?)).collect()
 }

@@ -17,36 +17,8 @@ use crate::error::{Error, Result};
 use crate::noise::SeededNoise;
 use crate::sampler::{self, NoiseSource, SamplerKind, SamplerOptions};
 
-/// How a guided step evaluates its conditional and unconditional branches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum GuidanceBatching {
-    /// `Concurrent` when the pipeline has 2 threads or more, else `TwoCalls` (both measured
-    /// faster than `Batched` with tract on the shipped models; see README "Performance").
-    #[default]
-    Auto,
-    /// Two batch-1 calls one after the other, each with all the threads.
-    TwoCalls,
-    /// Two batch-1 calls at once on two threads, each with half the threads.
-    Concurrent,
-    /// One batch-2 call.
-    Batched,
-}
-
-impl std::str::FromStr for GuidanceBatching {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "auto" => Ok(GuidanceBatching::Auto),
-            "two-calls" => Ok(GuidanceBatching::TwoCalls),
-            "concurrent" => Ok(GuidanceBatching::Concurrent),
-            "batched" => Ok(GuidanceBatching::Batched),
-            other => Err(Error::config(
-                "guidance-batching",
-                format!("expected auto, two-calls, concurrent or batched, got {other:?}"),
-            )),
-        }
-    }
-}
+mod guidance;
+pub use guidance::GuidanceBatching;
 
 /// Options fixed when the pipeline is loaded.
 #[derive(Debug, Clone)]
@@ -153,16 +125,13 @@ struct Scratch {
     x: Array4<f32>,
     x_in: Array4<f32>,
     out: Array4<f32>,
-    out_u: Array4<f32>,
-    pair_in: Array4<f32>,
-    pair_out: Array4<f32>,
+    guided: guidance::Scratch,
 }
 
 impl Scratch {
     fn new([c, h, w]: [usize; 3]) -> Self {
         let one = || Array4::<f32>::zeros((1, c, h, w));
-        let two = || Array4::<f32>::zeros((2, c, h, w));
-        Scratch { x: one(), x_in: one(), out: one(), out_u: one(), pair_in: two(), pair_out: two() }
+        Scratch { x: one(), x_in: one(), out: one(), guided: guidance::Scratch::new([c, h, w]) }
     }
 }
 
@@ -473,17 +442,13 @@ impl Pipeline {
     ) -> Result<RunInfo> {
         let n = r.images;
         let guided = r.guidance != 1.0;
-        let batching = match self.options.guidance_batching {
-            GuidanceBatching::Auto if self.denoiser.threads() >= 2 => GuidanceBatching::Concurrent,
-            GuidanceBatching::Auto => GuidanceBatching::TwoCalls,
-            chosen => chosen,
-        };
+        let batching = self.options.guidance_batching.for_threads(self.denoiser.threads());
         if guided && batching == GuidanceBatching::Batched {
             self.denoiser.prepare(2)?;
         }
         let null = self.card.classes.as_ref().and_then(|c| c.null);
         let conditional = self.card.model.inputs.class_labels.is_some();
-        let Scratch { x, x_in, out, out_u, pair_in, pair_out } = &mut self.scratch;
+        let Scratch { x, x_in, out, guided: pair } = &mut self.scratch;
         let (guidance, total) = (r.guidance, r.total);
         for i in 0..n {
             let index = req.first_image + i;
@@ -514,23 +479,8 @@ impl Pipeline {
                 let ctx = req.context.as_ref();
                 match (guided, label, null) {
                     (true, Some(label), Some(null)) if label != null => {
-                        match batching {
-                            GuidanceBatching::Auto | GuidanceBatching::TwoCalls => {
-                                self.denoiser.predict(x_in, t, Some(&[label]), ctx, out)?;
-                                self.denoiser.predict(x_in, t, Some(&[null]), ctx, out_u)?;
-                            }
-                            GuidanceBatching::Concurrent => {
-                                self.denoiser.predict_pair(x_in, t, [label, null], ctx, [&mut *out, &mut *out_u])?;
-                            }
-                            GuidanceBatching::Batched => {
-                                pair_in.slice_mut(s![0..1, .., .., ..]).assign(x_in);
-                                pair_in.slice_mut(s![1..2, .., .., ..]).assign(x_in);
-                                self.denoiser.predict(pair_in, t, Some(&[label, null]), ctx, pair_out)?;
-                                out.assign(&pair_out.slice(s![0..1, .., .., ..]));
-                                out_u.assign(&pair_out.slice(s![1..2, .., .., ..]));
-                            }
-                        }
-                        ndarray::Zip::from(&mut *out).and(&*out_u).for_each(|c, &u| *c = u + guidance * (*c - u));
+                        let call = guidance::Call { x: x_in, t, labels: [label, null], context: ctx, scale: guidance };
+                        pair.predict(&mut self.denoiser, batching, &call, out)?;
                     }
                     _ => {
                         let l = label.map(|l| [l]);
@@ -587,21 +537,4 @@ fn usable_threads(wanted: usize) -> usize {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn guidance_batching_names_parse_and_bad_ones_name_the_flag() {
-        for (name, want) in [
-            ("auto", GuidanceBatching::Auto),
-            ("two-calls", GuidanceBatching::TwoCalls),
-            ("concurrent", GuidanceBatching::Concurrent),
-            ("batched", GuidanceBatching::Batched),
-        ] {
-            assert_eq!(name.parse::<GuidanceBatching>().unwrap(), want);
-        }
-        let err = "parallel".parse::<GuidanceBatching>().unwrap_err().to_string();
-        assert!(err.contains("guidance-batching") && err.contains("\"parallel\""), "{err}");
-        assert_eq!(GuidanceBatching::default(), GuidanceBatching::Auto);
-    }
-}
+mod tests {}
