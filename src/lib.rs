@@ -49,7 +49,6 @@ pub mod pipeline;
 #[cfg(target_arch = "x86_64")]
 pub mod pointwise;
 pub mod sampler;
-pub mod schedule;
 // Public only for `examples/profile_ops.rs`, which profiles the plan the runtime builds.
 #[doc(hidden)]
 #[cfg(target_arch = "x86_64")]
