@@ -1,7 +1,7 @@
 //! The matrix products of our convolutions on x86-64 with AVX2 and FMA: `M = U · V` with `U`
 //! (k × c, constant weights), `V` (c × t, one row per input channel) and `M` (k × t), all small:
 //! k and c are 32–256 channels, t is 16–1024 tiles or pixels. Used for the 16 products of a
-//! Winograd convolution (`winograd`) and for 1×1 convolutions (`pointwise`).
+//! Winograd convolution (`crate::ops::winograd3x3`) and for direct convolutions, 1×1 included (`crate::ops::direct_conv`).
 //!
 //! Why our own: a general matrix product packs both operands on every call. Here `U` is
 //! constant, so it is packed once at load ([`pack_weights`]), and `V` needs no packing at all:
