@@ -6,8 +6,8 @@
 //! Why: a 1×1 convolution is one matrix product per image, `y = W · x + b` with `x` as c rows of
 //! h·w pixels. tract runs it as a general product that packs its input on every call, splits
 //! the ones that read a `Concat` into one product per part plus a sum, and adds the bias in
-//! another pass; the UNets' skip connections and attention projections took 0.9 ms of a 12 ms
-//! student call that way (`profile_ops`). Here `W` is packed once at load, each block of 16
+//! another pass, which made the UNets' skip connections and attention projections a visible
+//! part of a call. Here `W` is packed once at load, each block of 16
 //! pixels is copied once into a contiguous buffer (rows of a 32×32 map are 4 KB apart, which
 //! would make every row of a block fall into the same L1 set) and multiplied by every panel of
 //! output channels, and the bias starts the sums.

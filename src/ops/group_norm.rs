@@ -4,7 +4,7 @@
 //! Add β, which tract declutters into eight nodes: a sum (`Reduce<Sum>`), a multiply by 1/L,
 //! a subtraction, `RmsNorm`, a reshape back and the affine. Its sum and `RmsNorm` add their
 //! elements one after the other (scalar, a dependency chain), and each node makes another pass
-//! over the tensor; together these nodes took 15 % of a student call (`profile_ops`). The
+//! over the tensor; together these nodes were a large part of a call. The
 //! [`GroupNorm`] operator makes three passes over each group (sum, centered sum of squares,
 //! normalize with the affine), with 16 partial sums the compiler vectorizes.
 //!

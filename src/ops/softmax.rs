@@ -2,8 +2,7 @@
 //!
 //! Why: the UNets' attention takes a softmax over rows of 64 scores (4 heads × 64 queries at
 //! an 8×8 map). tract 0.23 has no row kernel on x86-64 and runs three kernel calls per row
-//! (max, exp-and-sum, scale), each through its alignment wrapper: 60–70 µs for one 16 K-element
-//! softmax, 3–4 % of a student call (`profile_ops`). Here each row is one pass for the maximum
+//! (max, exp-and-sum, scale), each through its alignment wrapper. Here each row is one pass for the maximum
 //! and one for the exponentials and their sum, 8 lanes wide, then a scale
 //! (`crate::kernels::x86_64::softmax`).
 

@@ -11,13 +11,11 @@
 //! graph, before tract optimizes it. In float32 the transforms add a rounding error of a few 1e-7 relative,
 //! below the difference between tract and onnxruntime.
 //!
-//! F(4×4, 3×3) (36 products, 4× fewer multiplications) was tried and measured slower here
-//! (student step 17.4–19.3 against 15.1 ms): on 8×8–32×32 maps it leaves matrix products of
-//! only 4–64 tile columns, and its transforms cost more per pixel. Tried again in the block
-//! layout with AVX-512, for the 35.7M UNet's large layers only: slower on its 16×16 maps
-//! (a 256 → 256 layer 1.0 → 1.2–1.4 ms: its 36·k·c weights come from memory for one block of
-//! 16 tiles), and on its 32×32 maps alone the step went from 48.7–49.8 to 52.3–52.4 ms
-//! (`tools/bench_compare.py`, alternating sittings).
+//! F(4×4, 3×3) (36 products, 4× fewer multiplications) was tried and measured slower here: on
+//! 8×8–32×32 maps it leaves matrix products of only 4–64 tile columns, and its transforms cost
+//! more per pixel. Tried again in the block layout with AVX-512, for the 35.7M UNet's large
+//! layers only: slower on its 16×16 maps (its 36·k·c weights come from memory for one block
+//! of 16 tiles), and slower on its 32×32 maps alone too.
 //!
 //! Layout: the weights are stored as `U[ξ][k][c]` (ξ: one of the 16 tile positions, k, c:
 //! output and input channel), and 16 products `M[ξ] = U[ξ] · V[ξ]` with the transformed input
@@ -133,9 +131,7 @@ impl Winograd3x3 {
             // the threads; each thread has its own part of the scratch.
             let large = 16 * k * c > LARGE;
             // A large layer's weights come from L3 or memory: a chunk of blocks reads each panel
-            // once for all of them. On the 35.7M UNet (`profile_ops`, three rounds of 20 calls):
-            // 1 thread, chunks of 1/4/8 blocks 43.9–48.5/43.3–46.9/42.2–43.3 ms in the
-            // convolutions; 2 threads, the call 31.6–31.8/30.8–31.4/33.1–33.5 ms.
+            // once for all of them. 4 blocks: 8 was faster on one thread but slower on two.
             let chunk = if large { 4 } else { 1 };
             let d = fused::Dims { n, c, k, h, w, chunk };
             // With fewer blocks than threads, or in a large layer, the threads also split the
@@ -204,10 +200,9 @@ impl Winograd3x3 {
 /// all the transformed weights (16·k·c floats) that its thread's panels need. With AVX2 that
 /// pays while they stay in L2 (1 MB here: 128 → 128 channels), and larger layers (the 35.7M
 /// UNet's 256 channels) run the whole-map layout, where each of the 16 products reuses its own
-/// matrix across all tiles. With AVX-512 every layer runs in blocks: on the 35.7M UNet
-/// (`profile_ops`, 1 thread) the convolutions took 54 ms a call in the whole-map layout and
-/// 44.5–48 ms in blocks, the 4 MB of a 256 → 256 layer read from L3 for each block
-/// notwithstanding. (On two threads such layers split their output channels, see [`LARGE`].)
+/// matrix across all tiles. With AVX-512 every layer runs in blocks: on the 35.7M UNet the
+/// convolutions were faster in blocks than in the whole-map layout, the 4 MB of a 256 → 256
+/// layer read from L3 for each block notwithstanding. (On two threads such layers split their output channels, see [`LARGE`].)
 #[cfg(target_arch = "x86_64")]
 fn runs_in_blocks(kernel: gemm::Kernel, k: usize, c: usize) -> bool {
     kernel == gemm::Kernel::Avx512 || 16 * k * c <= LARGE
@@ -215,10 +210,9 @@ fn runs_in_blocks(kernel: gemm::Kernel, k: usize, c: usize) -> bool {
 
 /// Transformed weights (floats) above which a layer is large: its threads take every block
 /// each, for their own share of the output channels, rather than blocks of their own, so that
-/// each reads a share of the weights rather than all of them. Splitting the blocks of the
-/// 35.7M UNet's 256-channel layers between two threads took the step from 33.5–34.1 ms (the
-/// whole-map layout) to 38.4–39.7 ms (`tools/bench_compare.py`); splitting their output
-/// channels, to 31.0–32.0 ms.
+/// each reads a share of the weights rather than all of them. On the 35.7M UNet's 256-channel
+/// layers at two threads, splitting the blocks between the threads was slower than the
+/// whole-map layout; splitting the output channels was faster than both.
 #[cfg(target_arch = "x86_64")]
 pub(crate) const LARGE: usize = 16 * 128 * 128;
 

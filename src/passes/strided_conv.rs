@@ -13,10 +13,8 @@ use crate::ops::direct_conv::Pointwise;
 /// tract runs such a convolution as a product over a lazily addressed im2col at batch 1, but
 /// copies the whole im2col matrix first at batch 2 (a guided step in one call). Here the input
 /// is split once by phase of the stride ([`Phases`]) and each block of 16 output pixels copies
-/// its 9c rows from there. Measured (`profile_ops`, 1 thread): at batch 2 the teacher's two
-/// downsamplers 0.20 against 0.25 ms, the 35.7M UNet's three 2.32–2.38 against 2.87–3.07; at
-/// batch 1 no gain (35.7M 1.13–1.14 against 1.12–1.18 ms with tract's `Pad`, teacher
-/// 0.096–0.100 against 0.086–0.097), so batch 1 stays with tract.
+/// its 9c rows from there. That is faster than tract at batch 2; at batch 1 there was no gain,
+/// so batch 1 stays with tract.
 pub(crate) fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
     if !gemm::available() {
         return Ok(0);

@@ -51,9 +51,9 @@ pub(crate) fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
 /// F(2×2)'s 4 tiles fill only a quarter of a 16-tile block, so it does 16 products per pixel
 /// against 9.
 ///
-/// On the 35.7M UNet (`profile_ops`, 1 thread) the 14 such layers on its 4×4 maps took 8.7 ms a
-/// call by F(2×2) and 3.6 ms directly. On its 8×8 maps the direct convolution was slower (7.5–7.9
-/// against 7.1 ms for 11 layers, also with each panel of weights read once for 4 blocks).
+/// Measured on the 35.7M UNet: faster directly on its 4×4 maps; on its 8×8 maps the direct
+/// convolution was slower (also with each panel of weights read once for 4 blocks), hence
+/// [`SMALL`].
 #[cfg(target_arch = "x86_64")]
 fn direct_pays(k: usize, c: usize, [h, w]: [usize; 2]) -> bool {
     gemm::available() && 16 * k * c > LARGE && h * w <= SMALL

@@ -148,7 +148,7 @@ impl Denoiser {
     /// [`release_graph`](Denoiser::release_graph). The plan is built from the source graph
     /// itself rather than a copy, so each weight that the plan replaces (a 3×3 kernel by its
     /// Winograd transform) is freed as soon as it is replaced, and the load never holds all
-    /// the kernels and all their transforms at once (on the 35.7M UNet, about 130 and 250 MB).
+    /// the kernels and all their transforms at once.
     /// The source is gone afterwards even if the build fails.
     pub fn prepare_final(&mut self, batch: usize) -> Result<()> {
         if !self.plans.get_mut().contains_key(&batch) {

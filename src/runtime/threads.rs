@@ -19,8 +19,7 @@ pub(super) fn executor_for(_threads: usize) -> (usize, Executor) {
 ///
 /// tract hands every threaded matrix product to the pool; from outside it, each hand-off parks
 /// the calling thread and wakes a worker, while from inside, the worker runs its share itself
-/// and the others steal the rest. Measured at 2 threads, medians of 10 images, 2–3 alternating
-/// runs: student step 19.1–22.3 → 14.3–17.3 ms, teacher 20.5–25.6 → 19.1–19.6 ms.
+/// and the others steal the rest, which made the 2-thread steps faster.
 pub(super) fn run_on(
     executor: &Executor,
     state: &mut TypedSimpleState,
@@ -46,8 +45,6 @@ pub(super) fn in_pool<R: Send>(executor: &Executor, f: impl FnOnce() -> R + Send
 /// goes to sleep after a few dozen `sched_yield`s, and the next fork then waits for the kernel
 /// (and, in a VM, the hypervisor) to wake it. Spinning for the length of one call costs the
 /// cores the caller gave us anyway; onnxruntime's pool spins the same way by default.
-/// Measured at 2 threads, alternating A/B, 10 rounds of 20 images: student step median
-/// 12.84 → 10.82 ms; teacher unguided, 4 rounds: 10.73 → 8.37 ms.
 #[cfg(feature = "multithread")]
 pub(super) fn with_spinning_workers<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     use std::sync::atomic::{AtomicBool, Ordering};

@@ -40,9 +40,9 @@ pub(crate) fn shifted_rows(x: &[f32], [h, w]: [usize; 2], pixels: std::ops::Rang
 /// tap (dy, dx) from phase (dy % s, dx % s) at (oy + dy / s, ox + dx / s).
 ///
 /// Gathering with strided reads and bounds checks per value took longer than the products for
-/// the teacher's 32-channel downsampler (71 µs a call against tract's 64). On 4×4 maps, whose
-/// stretches are 4 pixels long, copying from phases was slower than [`shifted_rows`] (the
-/// 35.7M UNet's 256-channel layers 0.14 → 0.165 ms), so stride-1 3×3 windows gather directly.
+/// the teacher's 32-channel downsampler, and longer than tract's whole convolution. On 4×4
+/// maps, whose stretches are 4 pixels long, copying from phases was slower than
+/// [`shifted_rows`], so stride-1 3×3 windows gather directly.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Phases {
     window: Window,

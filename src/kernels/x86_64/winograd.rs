@@ -331,7 +331,7 @@ unsafe fn input_block<const WIDE: bool>(
     // Bᵀ down the rows, then B along the columns: the plain layout's order, the same bits.
     // Written out register by register: `std::array::from_fn` and `<[T; N]>::map` here were
     // compiled out of line, without AVX, and their results read back through the stack (a
-    // store-forwarding stall that cost 10–15 % of a student call).
+    // store-forwarding stall on every tile).
     assert!(ci < c && v.len() >= 16 * c * NR, "input_block: no room for channel {ci}");
     let vp = v.as_mut_ptr();
     for half in [0, 8] {
