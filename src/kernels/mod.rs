@@ -115,6 +115,8 @@ pub(crate) mod testing {
         y
     }
 
+    /// Deterministic values in [-1, 1) (the direct-convolution tests').
+    #[cfg(target_arch = "x86_64")]
     pub(crate) fn values(len: usize, seed: u32) -> Vec<f32> {
         (0..len).map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0).collect()
     }

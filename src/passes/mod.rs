@@ -96,6 +96,7 @@ pub(crate) mod testing {
 
     /// tract's 1×1, unpadded NCHW convolution from `c` to `k` channels with `strides` (OIHW
     /// weights, bias as its third input).
+    #[cfg(target_arch = "x86_64")]
     pub(crate) fn conv(c: usize, k: usize, strides: Option<TVec<usize>>) -> Conv {
         let pool_spec = PoolSpec {
             data_format: DataFormat::NCHW,
@@ -110,7 +111,7 @@ pub(crate) mod testing {
     }
 
     /// tract's 3×3, stride-1, padding-1 NCHW convolution from `c` to `k` channels (OIHW weights,
-    /// bias as its third input): what `rewrite` looks for.
+    /// bias as its third input): what `winograd::rewrite` looks for.
     pub(crate) fn conv3x3(c: usize, k: usize) -> tract_onnx::tract_core::ops::cnn::Conv {
         let pool_spec = PoolSpec {
             data_format: DataFormat::NCHW,
