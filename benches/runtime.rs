@@ -16,9 +16,9 @@ use std::path::PathBuf;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use edge_diffuse::card::ModelCard;
-use edge_diffuse::denoiser::Denoiser;
 use edge_diffuse::noise::SeededNoise;
 use edge_diffuse::pipeline::{GuidanceBatching, LoadOptions, Pipeline, Request};
+use edge_diffuse::runtime::Denoiser;
 use edge_diffuse::sampler::{self, NoiseSource, SamplerKind, SamplerOptions};
 use ndarray::Array4;
 

@@ -8,7 +8,7 @@
 
 use std::time::Instant;
 
-use edge_diffuse::denoiser::Denoiser;
+use edge_diffuse::runtime::Denoiser;
 use edge_diffuse::ModelCard;
 
 fn peak_rss_kib() -> u64 {

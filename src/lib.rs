@@ -1,8 +1,10 @@
 //! edge-diffuse: few-step diffusion sampling on small devices.
 //!
-//! The flow runs one way: a [model card](card) → a loaded [denoiser] (tract) → a
-//! [sampler] loop (the math of one diffusers scheduler per file) → samples, turned into
-//! pictures by [`files`]. [`pipeline::Pipeline`] ties them together.
+//! The flow runs one way: a [model card](card) → a loaded denoiser ([`runtime::Denoiser`], on
+//! tract) → a [sampler] loop (the math of one diffusers scheduler per file) → samples, turned
+//! into pictures by [`files`]. [`pipeline::Pipeline`] ties them together. The engine under the
+//! runtime is private: graph rewrites (`passes`) that swap in our operators (`ops`), which run
+//! SIMD kernels per architecture (`kernels`); see docs/architecture.md.
 //!
 //! ```
 //! use std::ops::ControlFlow;
@@ -33,30 +35,15 @@
 #[cfg(feature = "capi")]
 pub mod capi;
 pub mod card;
-mod conv;
-pub mod denoiser;
 pub mod error;
 pub mod files;
-#[cfg(target_arch = "x86_64")]
-mod gemm;
-// Public only for `examples/profile_ops.rs`, which profiles the plan the runtime builds.
-#[doc(hidden)]
-pub mod groupnorm;
+mod kernels;
 pub mod noise;
+mod ops;
+mod passes;
 pub mod pipeline;
-// Public only for `examples/profile_ops.rs`, which profiles the plan the runtime builds.
-#[doc(hidden)]
-#[cfg(target_arch = "x86_64")]
-pub mod pointwise;
+pub mod runtime;
 pub mod sampler;
-pub mod schedule;
-// Public only for `examples/profile_ops.rs`, which profiles the plan the runtime builds.
-#[doc(hidden)]
-#[cfg(target_arch = "x86_64")]
-pub mod softmax;
-// Public only for `examples/profile_ops.rs`, which profiles the plan the runtime builds.
-#[doc(hidden)]
-pub mod winograd;
 
 pub use card::{ModelCard, PredictionType, SchedulerConfig};
 pub use error::{Error, Result};

@@ -13,8 +13,8 @@ mod common;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
-use edge_diffuse::denoiser::{Convolution, Denoiser};
 use edge_diffuse::pipeline::{GuidanceBatching, LoadOptions, Pipeline, Request};
+use edge_diffuse::runtime::{Convolution, Denoiser};
 use edge_diffuse::sampler::{self, SamplerKind, SamplerOptions};
 use edge_diffuse::{Error, ModelCard};
 use ndarray::{s, Array1, Array4, ArrayD, Ix4};

@@ -25,7 +25,7 @@ fn assert_send_sync<T: Send + Sync>() {}
 #[test]
 fn pipeline_is_send_and_sync() {
     assert_send_sync::<Pipeline>();
-    assert_send_sync::<edge_diffuse::denoiser::Denoiser>();
+    assert_send_sync::<edge_diffuse::runtime::Denoiser>();
     assert_send_sync::<Error>();
 }
 

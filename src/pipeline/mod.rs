@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 use ndarray::{s, Array4, ArrayD};
 
 use crate::card::ModelCard;
-use crate::denoiser::Denoiser;
-pub use crate::denoiser::{Convolution, Precision};
 use crate::error::{Error, Result};
 use crate::noise::SeededNoise;
+use crate::runtime::Denoiser;
+pub use crate::runtime::{Convolution, Precision};
 use crate::sampler::{self, NoiseSource, SamplerKind, SamplerOptions};
 
 mod guidance;

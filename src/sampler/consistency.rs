@@ -7,10 +7,10 @@
 
 use ndarray::{Array4, Zip};
 
+use super::config::SchedulerConfig;
+use super::schedule::{self, num_train_timesteps};
 use super::{NoiseSource, Sampler};
-use crate::card::SchedulerConfig;
 use crate::error::{Error, Result};
-use crate::schedule::{self, num_train_timesteps};
 
 /// diffusers `CMStochasticIterativeScheduler`.
 pub struct Consistency {

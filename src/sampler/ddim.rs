@@ -5,10 +5,11 @@
 
 use ndarray::{Array4, Zip};
 
-use super::{unsupported, NoiseSource, Sampler, X0Clip};
-use crate::card::{PredictionType, SchedulerConfig, TimestepSpacing};
+use super::config::{unsupported, PredictionType, SchedulerConfig, TimestepSpacing};
+use super::schedule::{self, check_range, Schedule, ScheduleDefaults, DEFAULTS_SD1};
+use super::x0::X0Clip;
+use super::{NoiseSource, Sampler};
 use crate::error::Result;
-use crate::schedule::{self, Schedule, ScheduleDefaults, DEFAULTS_SD1};
 
 const DEFAULTS: ScheduleDefaults = DEFAULTS_SD1;
 
@@ -50,17 +51,6 @@ impl Ddim {
             noise: None,
         })
     }
-}
-
-/// Rejects timesteps that `steps_offset` pushed past the training range.
-pub(crate) fn check_range(timesteps: &[i64], n: usize) -> Result<()> {
-    if let Some(t) = timesteps.iter().find(|&&t| t < 0 || t >= n as i64) {
-        return Err(crate::Error::config(
-            "scheduler.steps_offset",
-            format!("gives timestep {t}, outside the training range 0..{}", n - 1),
-        ));
-    }
-    Ok(())
 }
 
 impl Sampler for Ddim {

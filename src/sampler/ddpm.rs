@@ -5,11 +5,11 @@
 
 use ndarray::{Array4, Zip};
 
-use super::ddim::check_range;
-use super::{NoiseSource, Sampler, X0Clip};
-use crate::card::{PredictionType, SchedulerConfig, TimestepSpacing};
+use super::config::{PredictionType, SchedulerConfig, TimestepSpacing};
+use super::schedule::{self, check_range, Schedule, DEFAULTS_SD1};
+use super::x0::X0Clip;
+use super::{NoiseSource, Sampler};
 use crate::error::{Error, Result};
-use crate::schedule::{self, Schedule, DEFAULTS_SD1};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Variance {

@@ -8,11 +8,12 @@
 
 use ndarray::{Array4, Zip};
 
-use super::euler::{check_karras_range, final_sigma_is_zero, interp_sigmas, log_sigmas, sigma_schedule};
-use super::{unsupported, NoiseSource, Sampler, X0Clip};
-use crate::card::{BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing};
+use super::config::{unsupported, BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing};
+use super::schedule::{self, ScheduleDefaults};
+use super::sigmas::{check_karras_range, final_sigma_is_zero, interp_sigmas, log_sigmas, sigma_schedule};
+use super::x0::X0Clip;
+use super::{NoiseSource, Sampler};
 use crate::error::{Error, Result};
-use crate::schedule::{self, ScheduleDefaults};
 
 const NAME: &str = "dpmpp_2m";
 

@@ -10,11 +10,12 @@
 
 use ndarray::{Array4, Zip};
 
-use super::euler::{init_noise_sigma, interp_sigmas, scale_by_sigma, sigma_schedule, SigmaSpaceX0};
+use super::config::{BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing};
+use super::schedule::{self, ScheduleDefaults};
+use super::sigmas::{init_noise_sigma, interp_sigmas, scale_by_sigma, sigma_schedule};
+use super::x0::SigmaSpaceX0;
 use super::{NoiseSource, Sampler};
-use crate::card::{BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing};
 use crate::error::{Error, Result};
-use crate::schedule::{self, ScheduleDefaults};
 
 const DEFAULTS: ScheduleDefaults = ScheduleDefaults {
     beta_start: 0.0001,

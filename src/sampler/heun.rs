@@ -10,13 +10,12 @@
 
 use ndarray::{Array4, Zip};
 
-use super::euler::{
-    check_karras_range, init_noise_sigma, interp_sigmas, log_sigmas, scale_by_sigma, sigma_schedule, SigmaSpaceX0,
-};
-use super::{unsupported, NoiseSource, Sampler};
-use crate::card::{BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing};
+use super::config::{unsupported, BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing};
+use super::schedule::{self, ScheduleDefaults};
+use super::sigmas::{check_karras_range, init_noise_sigma, interp_sigmas, log_sigmas, scale_by_sigma, sigma_schedule};
+use super::x0::SigmaSpaceX0;
+use super::{NoiseSource, Sampler};
 use crate::error::{Error, Result};
-use crate::schedule::{self, ScheduleDefaults};
 
 const NAME: &str = "heun";
 

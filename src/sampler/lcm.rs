@@ -8,10 +8,11 @@
 
 use ndarray::{Array4, Zip};
 
-use super::{NoiseSource, Sampler, X0Clip};
-use crate::card::{BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing};
+use super::config::{BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing};
+use super::schedule::{self, Schedule, ScheduleDefaults};
+use super::x0::X0Clip;
+use super::{NoiseSource, Sampler};
 use crate::error::{Error, Result};
-use crate::schedule::{self, Schedule, ScheduleDefaults};
 
 const DEFAULTS: ScheduleDefaults = ScheduleDefaults {
     beta_start: 0.00085,

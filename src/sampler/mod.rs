@@ -13,10 +13,14 @@
 //! `timesteps()` is diffusers' `scheduler.timesteps` (Heun lists each inner step twice, as
 //! diffusers does), so one entry is one model call.
 
-use ndarray::{Array4, ArrayViewMut2, Axis};
+use ndarray::Array4;
 
-use crate::card::SchedulerConfig;
 use crate::error::{Error, Result};
+
+pub mod config;
+pub mod schedule;
+pub(crate) mod sigmas;
+pub(crate) mod x0;
 
 pub mod consistency;
 pub mod ddim;
@@ -131,7 +135,7 @@ impl Default for SamplerOptions {
 /// Sets up a sampler of `kind` for `steps` inference steps.
 pub fn build(
     kind: SamplerKind,
-    cfg: &SchedulerConfig,
+    cfg: &config::SchedulerConfig,
     steps: usize,
     opts: &SamplerOptions,
 ) -> Result<Box<dyn Sampler>> {
@@ -148,82 +152,4 @@ pub fn build(
         SamplerKind::Lcm => Box::new(lcm::Lcm::new(cfg, steps)?),
         SamplerKind::Consistency => Box::new(consistency::Consistency::new(cfg, steps)?),
     })
-}
-
-/// Rejects a config key that this sampler does not implement when it is set to anything but
-/// diffusers' default, so a card never silently samples differently from diffusers.
-pub(crate) fn unsupported<T: PartialEq + std::fmt::Debug>(
-    sampler: &str,
-    key: &str,
-    value: &Option<T>,
-    default: T,
-) -> Result<()> {
-    match value {
-        Some(v) if *v != default => Err(Error::config(
-            format!("scheduler.{key}"),
-            format!("{v:?} is not supported by the {sampler} sampler (only {default:?})"),
-        )),
-        _ => Ok(()),
-    }
-}
-
-/// The x₀ post-processing shared by DDIM, DDPM, LCM and DPM-Solver: dynamic thresholding
-/// (Saharia et al. 2022) or clipping.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct X0Clip {
-    pub thresholding: Option<(f64, f64)>,
-    pub clip: Option<f64>,
-}
-
-impl X0Clip {
-    pub fn from_config(cfg: &SchedulerConfig, clip_default: bool) -> Self {
-        let thresholding = cfg
-            .thresholding
-            .unwrap_or(false)
-            .then(|| (cfg.dynamic_thresholding_ratio.unwrap_or(0.995), cfg.sample_max_value.unwrap_or(1.0)));
-        let clip = cfg.clip_sample.unwrap_or(clip_default).then(|| cfg.clip_sample_range.unwrap_or(1.0));
-        X0Clip { thresholding, clip }
-    }
-
-    /// Writes x̂₀ for `model_output` at ᾱ = `alpha_prod` into `x0`, then clips or thresholds it.
-    pub fn predict_x0(
-        &self,
-        prediction: crate::card::PredictionType,
-        model_output: &Array4<f32>,
-        sample: &Array4<f32>,
-        alpha_prod: f64,
-        x0: &mut Array4<f32>,
-    ) {
-        let beta_prod = 1.0 - alpha_prod;
-        ndarray::Zip::from(&mut *x0).and(model_output).and(sample).for_each(|x0, &m, &x| {
-            *x0 = crate::schedule::predicted_original(prediction, m, x, alpha_prod, beta_prod) as f32;
-        });
-        self.apply(x0);
-    }
-
-    pub fn apply(&self, x0: &mut Array4<f32>) {
-        if let Some((ratio, max)) = self.thresholding {
-            let b = x0.shape()[0];
-            let n = x0.len() / b;
-            let mut flat: ArrayViewMut2<f32> = x0.view_mut().into_shape_with_order((b, n)).expect("contiguous");
-            for mut row in flat.axis_iter_mut(Axis(0)) {
-                let mut abs: Vec<f32> = row.iter().map(|v| v.abs()).collect();
-                let s = quantile(&mut abs, ratio).clamp(1.0, max) as f32;
-                row.mapv_inplace(|v| v.clamp(-s, s) / s);
-            }
-        } else if let Some(r) = self.clip {
-            let r = r as f32;
-            x0.mapv_inplace(|v| v.clamp(-r, r));
-        }
-    }
-}
-
-/// `torch.quantile` with linear interpolation.
-fn quantile(values: &mut [f32], q: f64) -> f64 {
-    values.sort_by(|a, b| a.total_cmp(b));
-    let pos = q * (values.len() - 1) as f64;
-    let lo = pos.floor() as usize;
-    let hi = pos.ceil() as usize;
-    let frac = pos - lo as f64;
-    values[lo] as f64 + (values[hi] as f64 - values[lo] as f64) * frac
 }

@@ -3,7 +3,7 @@
 //! and rounds each entry), so they are stored as f32 here too and every later formula runs in
 //! f64 from those values.
 
-use crate::card::{BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing};
+use super::config::{BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing};
 use crate::error::{Error, Result};
 
 /// Each diffusers scheduler has its own defaults for the keys a card may leave out.
@@ -111,6 +111,17 @@ pub fn num_train_timesteps(cfg: &SchedulerConfig, default: usize) -> Result<usiz
 pub fn check_steps(steps: usize, num_train: usize) -> Result<()> {
     if steps == 0 || steps > num_train {
         return Err(Error::config("steps", format!("expected 1 to num_train_timesteps = {num_train}, got {steps}")));
+    }
+    Ok(())
+}
+
+/// Rejects timesteps that `steps_offset` pushed past the training range.
+pub(crate) fn check_range(timesteps: &[i64], n: usize) -> Result<()> {
+    if let Some(t) = timesteps.iter().find(|&&t| t < 0 || t >= n as i64) {
+        return Err(Error::config(
+            "scheduler.steps_offset",
+            format!("gives timestep {t}, outside the training range 0..{}", n - 1),
+        ));
     }
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! The Winograd convolution on x86-64 with AVX2 and FMA (or AVX-512), one block of 16 tiles at
 //! a time.
 //!
-//! Why blocks: the plain layout (`super`) writes the transformed input `V` of the whole image,
+//! Why blocks: the whole-map layout (`crate::kernels::portable::winograd`) writes the transformed input `V` of the whole image,
 //! then the products `M` of the whole image, and reads both back: 16 values per 2×2 tile and
 //! channel, 1 MB each for a 64-channel 32×32 map, so every stage streams through L3. Here a
 //! block of [`NR`] tiles (the width of our kernel's block) is transformed for all input channels
@@ -18,7 +18,7 @@
 
 use std::arch::x86_64::*;
 
-use crate::gemm::{self, MR, NR};
+use super::gemm::{self, MR, NR};
 
 /// Rows of products kept per tile position: the most panels the AVX-512 kernel makes at once.
 const ROWS: usize = gemm::MOST * MR;
@@ -331,7 +331,7 @@ unsafe fn input_block<const WIDE: bool>(
     // Bᵀ down the rows, then B along the columns: the plain layout's order, the same bits.
     // Written out register by register: `std::array::from_fn` and `<[T; N]>::map` here were
     // compiled out of line, without AVX, and their results read back through the stack (a
-    // store-forwarding stall that cost 10–15 % of a student call).
+    // store-forwarding stall on every tile).
     assert!(ci < c && v.len() >= 16 * c * NR, "input_block: no room for channel {ci}");
     let vp = v.as_mut_ptr();
     for half in [0, 8] {
@@ -594,10 +594,11 @@ unsafe fn output_wide(
 mod tests {
     use super::*;
 
-    use crate::winograd::tests::random;
+    use crate::kernels::portable::winograd::transform_kernel;
+    use crate::kernels::testing::random;
 
     /// The AVX-512 gathers, permutes and masked stores against the AVX2 path (itself checked
-    /// against a direct convolution in `super`): maps whose blocks hold 1 to 16 runs, runs that
+    /// against a direct convolution in `crate::ops::winograd3x3`): maps whose blocks hold 1 to 16 runs, runs that
     /// start at the left edge or end at the right one, odd widths, blocks spanning images.
     #[test]
     fn avx512_and_avx2_give_the_same_bits() {
@@ -621,7 +622,7 @@ mod tests {
         for (n, c, k, h, w) in shapes {
             let d = Dims { n, c, k, h, w, chunk: 1 };
             let chunked = Dims { chunk: 3, ..d };
-            let u: Vec<f32> = super::super::transform_kernel(&random(k * c * 9, 1), k, c)
+            let u: Vec<f32> = transform_kernel(&random(k * c * 9, 1), k, c)
                 .chunks_exact(k * c)
                 .flat_map(|ui| gemm::pack_weights(ui, k, c))
                 .collect();

@@ -1,104 +1,19 @@
 //! Softmax over the last axis of a float32 tensor, on x86-64 with AVX2 and FMA.
 //!
-//! Why: the UNets' attention takes a softmax over rows of 64 scores (4 heads × 64 queries at
-//! an 8×8 map). tract 0.23 has no row kernel on x86-64 and runs three kernel calls per row
-//! (max, exp-and-sum, scale), each through its alignment wrapper: 60–70 µs for one 16 K-element
-//! softmax, 3–4 % of a student call (`profile_ops`). Here each row is one pass for the maximum
-//! and one for the exponentials and their sum, 8 lanes wide, then a scale.
+//! Each row is one pass for the maximum and one for the exponentials and their sum, 8 lanes
+//! wide, then a scale (why: `crate::ops::softmax`).
 //!
 //! The exponential: `2^n · e^r` with `n = round(x / ln 2)` and `|r| ≤ ln 2 / 2`, `e^r` by its
 //! Taylor series to degree 7 (truncation below 1e-8 relative), `ln 2` split in two parts so that
 //! `r` is exact to float precision (Cody & Waite). Arguments are `x − max ≤ 0`, clamped at −87
 //! so that `2^n` stays a normal float. A row holding NaN or ±∞ comes out all NaN.
 
-use tract_onnx::prelude::*;
-use tract_onnx::tract_core::internal::*;
-use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
-
-use crate::winograd::{carve, f32s, for_each, split, threads};
+use std::arch::x86_64::*;
 
 /// Whether this CPU runs the kernel.
 pub fn available() -> bool {
     std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
 }
-
-/// Replaces every float32 softmax over the last axis of a tensor of known shape by a
-/// [`RowSoftmax`] node, when this CPU runs the kernel. Returns how many were replaced.
-pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
-    if !available() {
-        return Ok(0);
-    }
-    let mut replaced = 0;
-    for id in model.eval_order()? {
-        let node = model.node(id);
-        let Some(softmax) = node.op_as::<Softmax>() else { continue };
-        let x = model.outlet_fact(node.inputs[0])?;
-        let rank = x.rank();
-        let row = x.shape.as_concrete().and_then(|s| s.last().copied());
-        if softmax.kind != SoftmaxKind::Softmax
-            || x.datum_type != f32::datum_type()
-            || rank == 0
-            || *softmax.axes != [rank - 1]
-            || row.is_none_or(|r| r == 0)
-        {
-            continue;
-        }
-        let patch = TypedModelPatch::replace_single_op(model, node, &node.inputs, RowSoftmax)?;
-        patch.apply(model)?;
-        replaced += 1;
-    }
-    Ok(replaced)
-}
-
-/// Softmax over the last axis, float32; see the module docs.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct RowSoftmax;
-
-impl Op for RowSoftmax {
-    fn name(&self) -> StaticName {
-        "RowSoftmax".into()
-    }
-
-    op_as_typed_op!();
-}
-
-impl EvalOp for RowSoftmax {
-    op_out_of_plan!();
-
-    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let x = args_1!(inputs);
-        let row = *x.shape().last().context("RowSoftmax: a scalar input")?;
-        ensure!(available(), "RowSoftmax: this CPU lacks AVX2 and FMA");
-        let xs = f32s(&x, "RowSoftmax")?;
-        let mut y = unsafe { Tensor::uninitialized::<f32>(x.shape())? };
-        let mut out = y.try_as_plain_ram_mut()?;
-        let out = out.as_slice_mut::<f32>()?;
-        if let Some(rows) = xs.len().checked_div(row) {
-            let ranges = split(rows, threads());
-            let outs = carve(out, ranges.iter().map(|r| r.len() * row));
-            let pieces: Vec<_> = ranges.iter().map(|r| &xs[r.start * row..r.end * row]).zip(outs).collect();
-            for_each(pieces, |(x, y)| {
-                for (x, y) in x.chunks_exact(row).zip(y.chunks_exact_mut(row)) {
-                    // Safety: `available()` checked above.
-                    unsafe { softmax_row(x, y) }
-                }
-            });
-        }
-        Ok(tvec!(y.into_tvalue()))
-    }
-}
-
-impl TypedOp for RowSoftmax {
-    as_op!();
-
-    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        ensure!(inputs[0].datum_type == f32::datum_type());
-        Ok(tvec!(f32::fact(inputs[0].shape.clone())))
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-use std::arch::x86_64::*;
 
 /// `e^x` in each lane, for `x ≤ 0` (see the module docs).
 ///
@@ -131,7 +46,7 @@ unsafe fn exp_nonpositive(x: __m256) -> __m256 {
 ///
 /// Safety: AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn softmax_row(x: &[f32], y: &mut [f32]) {
+pub(crate) unsafe fn softmax_row(x: &[f32], y: &mut [f32]) {
     debug_assert_eq!(x.len(), y.len());
     let len = x.len();
     let whole = len / 8 * 8;
@@ -251,31 +166,5 @@ mod tests {
             let want = (x as f64).exp();
             assert!(((got[0] as f64 - want) / want).abs() < 2.5e-7, "e^{x}: {} vs {want}", got[0]);
         }
-    }
-
-    #[test]
-    fn replaces_a_last_axis_softmax_and_matches_tract() -> TractResult<()> {
-        if !available() {
-            return Ok(());
-        }
-        let shape = [4, 6, 20];
-        let mut model = TypedModel::default();
-        let x = model.add_source("x", f32::fact(shape))?;
-        let y = model.wire_node("softmax", Softmax::new(tvec![2], None, SoftmaxKind::Softmax), &[x])?;
-        model.select_output_outlets(&y)?;
-        let mut other_axis = model.clone();
-        let input: Vec<f32> = (0..480).map(|i| ((i * 53 % 97) as f32 - 48.0) / 7.0).collect();
-        let input = tvec![Tensor::from_shape(&shape, &input)?.into_tvalue()];
-        let want = model.clone().into_runnable()?.run(input.clone())?;
-        assert_eq!(rewrite(&mut model)?, 1);
-        let got = model.into_runnable()?.run(input)?;
-        let (want, got) = (f32s(&want[0], "want")?, f32s(&got[0], "got")?);
-        let worst = want.iter().zip(got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        assert!(worst < 1e-6, "max abs difference {worst}");
-        // Not the last axis: left to tract.
-        let id = other_axis.node_by_name("softmax")?.id;
-        other_axis.node_mut(id).op = Box::new(Softmax::new(tvec![1], None, SoftmaxKind::Softmax));
-        assert_eq!(rewrite(&mut other_axis)?, 0);
-        Ok(())
     }
 }

@@ -1,13 +1,13 @@
 //! The matrix products of our convolutions on x86-64 with AVX2 and FMA: `M = U · V` with `U`
 //! (k × c, constant weights), `V` (c × t, one row per input channel) and `M` (k × t), all small:
 //! k and c are 32–256 channels, t is 16–1024 tiles or pixels. Used for the 16 products of a
-//! Winograd convolution (`winograd`) and for 1×1 convolutions (`pointwise`).
+//! Winograd convolution (`crate::ops::winograd3x3`) and for direct convolutions, 1×1 included (`crate::ops::direct_conv`).
 //!
 //! Why our own: a general matrix product packs both operands on every call. Here `U` is
 //! constant, so it is packed once at load ([`pack_weights`]), and `V` needs no packing at all:
 //! the kernel reads rows of 16 columns straight from a block of it. With `matrixmultiply`,
-//! packing was 14 % of a student call; tract-linalg's kernels, fed packed operands, were no
-//! faster (README, "Performance"). Other CPUs (aarch64's NEON included, where a kernel of ours
+//! packing took a noticeable share of a call; tract-linalg's kernels, fed packed operands, were
+//! no faster (docs: optimizations). Other CPUs (aarch64's NEON included, where a kernel of ours
 //! is not measured) keep `matrixmultiply` or tract's own.
 //!
 //! Two micro-kernels, picked once per process ([`Kernel::detect`]):
@@ -16,9 +16,8 @@
 //! - AVX-512 keeps up to a 30 × 16 block (five panels of `U`, [`MOST`]) in 30 of its 32
 //!   registers of 16 lanes, so that each 16-value row of `V` it loads serves 30 products rather
 //!   than 12. Each sum adds the same products in the same order as the AVX2 kernel's, so both
-//!   give the same bits. Two panels at a time at first: on the 35.7M UNet, whose 256-channel
-//!   layers read `V` from L2 or L3 for every group of panels, four at once took the step from
-//!   52.5–54.0 to 45.1–46.2 ms (1 thread, alternating), five to 43–45.
+//!   give the same bits. Up to five panels rather than two: the 35.7M UNet's 256-channel layers
+//!   read `V` from L2 or L3 for every group of panels, so fewer groups made its step faster.
 //!
 //! `EDGE_DIFFUSE_X86_KERNEL=avx2` keeps a CPU with AVX-512 on the AVX2 kernel (to compare them).
 
@@ -212,7 +211,7 @@ pub fn product(kernel: Kernel, u: &[f32], v: &[f32], m: &mut [f32], [k, c, t]: [
 /// apart. The first `height` rows of the block are stored at `out`, `ld` apart, straight from
 /// the registers. The 12 accumulators are named registers:
 /// written as plain Rust over a `[[f32; 16]; 6]`, the compiler vectorized the loop but stored
-/// the array back to memory on every step, at half the speed.
+/// the array back to memory on every step, which was much slower.
 ///
 /// Safety: the CPU has AVX2 and FMA; `up` holds c·MR values, `rows` c rows of NR, and `out`
 /// has room for `height` rows of NR values `ld` apart.

@@ -1,5 +1,5 @@
-//! What our convolution operators (`winograd`, `pointwise`) share: which tract convolutions
-//! they can take, swapping them in, and reading the inputs of a call.
+//! What the convolution passes (`winograd`, `conv1x1`, `strided_conv`) share: which tract
+//! convolutions our operators can take, and swapping them in.
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
@@ -7,40 +7,15 @@ use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec};
 use tract_onnx::tract_core::ops::konst::Const;
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
-use crate::winograd::f32s;
-
-/// Where a square convolution window goes over the map: its side, its stride (the same along
-/// both axes), and the zeros padded before (top, left) and after (bottom, right) the map.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Window {
-    pub size: usize,
-    pub stride: usize,
-    pub before: [usize; 2],
-    pub after: [usize; 2],
-}
-
-impl Window {
-    /// A `size` × `size` window at stride 1, padded by `pad` on every side.
-    pub(crate) const fn square(size: usize, pad: usize) -> Self {
-        Window { size, stride: 1, before: [pad; 2], after: [pad; 2] }
-    }
-
-    /// The output map over an `h` × `w` input, `None` when the window does not fit in the padded map.
-    pub(crate) fn output(&self, [h, w]: [usize; 2]) -> Option<[usize; 2]> {
-        let along = |len: usize, axis: usize| -> Option<usize> {
-            let padded = len + self.before[axis] + self.after[axis];
-            Some(padded.checked_sub(self.size)? / self.stride + 1)
-        };
-        Some([along(h, 0)?, along(w, 1)?])
-    }
-}
+use crate::kernels::Window;
+use crate::ops::f32s;
 
 /// A convolution one of our operators can run: `k` × `c` channels over an `h` × `w` map with
 /// `window`, its OIHW weights, and its `k` biases, or `None` when the bias is computed (tract
 /// folds a per-channel add after a convolution into its bias: diffusers' ResNet blocks add the
 /// time embedding after `conv1`).
 pub(crate) struct Found<'m> {
-    // Only x86-64 picks an operator by batch (`pointwise::rewrite_strided`).
+    // Only x86-64 picks an operator by batch (`strided_conv`).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub n: usize,
     pub k: usize,
@@ -163,41 +138,4 @@ fn empty_if_unread(model: &mut TypedModel, outlet: OutletId) -> TractResult<()> 
     node.outputs[0].fact = TypedFact::try_from(empty.clone())?;
     node.op = Box::new(Const::new(empty)?);
     Ok(())
-}
-
-/// The input `[n, c, h, w]` and the `k` biases of a call to operator `op`: `bias` when it holds
-/// them, else the second input.
-pub(crate) fn call_inputs<'a>(
-    op: &str,
-    bias: &'a Option<Arc<Tensor>>,
-    inputs: &'a [TValue],
-    [c, k]: [usize; 2],
-) -> TractResult<(&'a [f32], &'a [f32], [usize; 4])> {
-    let (x, bias) = match (bias, inputs) {
-        (Some(b), [x]) => (x, &**b),
-        (None, [x, b]) => (x, &**b),
-        _ => bail!("{op}: {} inputs, expected {}", inputs.len(), 2 - bias.is_some() as usize),
-    };
-    let &[n, xc, h, w] = x.shape() else { bail!("{op} expects NCHW, got {:?}", x.shape()) };
-    ensure!(xc == c, "{op} expects {c} channels, got {xc}");
-    let (xs, bias) = (f32s(x, op)?, f32s(bias, op)?);
-    ensure!(bias.len() == k, "{op}: {} biases for {k} channels", bias.len());
-    Ok((xs, bias, [n, c, h, w]))
-}
-
-/// The output fact of a convolution from `c` to `k` channels with `window`.
-pub(crate) fn output_facts(inputs: &[&TypedFact], [c, k]: [usize; 2], window: Window) -> TractResult<TVec<TypedFact>> {
-    let x = inputs[0];
-    ensure!(x.rank() == 4 && x.shape[1] == c.to_dim());
-    // A window that keeps the map's size keeps its dimensions as they are (symbolic or not).
-    let keeps = (0..2).all(|a| window.stride == 1 && window.before[a] + window.after[a] + 1 == window.size);
-    let map = if keeps {
-        [x.shape[2].clone(), x.shape[3].clone()]
-    } else {
-        let map = [x.shape[2].to_usize()?, x.shape[3].to_usize()?];
-        let Some([oh, ow]) = window.output(map) else { bail!("a {window:?} window does not fit a {map:?} map") };
-        [oh.to_dim(), ow.to_dim()]
-    };
-    let [oh, ow] = map;
-    Ok(tvec!(f32::fact([x.shape[0].clone(), k.to_dim(), oh, ow])))
 }

@@ -1,34 +1,20 @@
-//! GroupNorm with its affine as one operator.
-//!
-//! Why: PyTorch exports `GroupNorm` as Reshape → InstanceNormalization → Reshape → Mul γ →
-//! Add β, which tract declutters into eight nodes: a sum (`Reduce<Sum>`), a multiply by 1/L,
-//! a subtraction, `RmsNorm`, a reshape back and the affine. Its sum and `RmsNorm` add their
-//! elements one after the other (scalar, a dependency chain), and each node makes another pass
-//! over the tensor; together these nodes took 15 % of a student call (`profile_ops`). The
-//! [`GroupNorm`] operator makes three passes over each group (sum, centered sum of squares,
-//! normalize with the affine), with 16 partial sums the compiler vectorizes.
-//!
-//! A SiLU right after the norm (diffusers' ResNet blocks: norm → SiLU → convolution) runs
-//! inside the operator, on each group while it is still in L1, with tract's own SiLU kernel
-//! (the same results as tract's `Silu` node): one pass over the tensor and one node fewer.
-//!
-//! [`rewrite`] swaps the pattern for the operator in a decluttered graph, before tract
-//! optimizes it. Float32 only. The sums' order differs from tract's, so results differ from
-//! tract's in the last bits (relative 1e-7 of a group's mean and spread).
+//! GroupNorm and its affine (and a SiLU right after) as one operator: finds the pattern
+//! PyTorch's export becomes in a decluttered graph (the operator and why:
+//! `crate::ops::group_norm`).
 
-use tract_linalg::routines::Func;
 use tract_onnx::prelude::*;
-use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::binary::{BinMiniOp, TypedBinOp};
 use tract_onnx::tract_core::ops::change_axes::AxisOp;
 use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
 use tract_onnx::tract_core::ops::math::{Add, Mul, Sub};
 use tract_onnx::tract_core::ops::nn::{Reduce, Reducer, RmsNorm, Silu};
 
+use crate::ops::group_norm::GroupNorm;
+
 /// Replaces every GroupNorm pattern (see the module docs) over a float32 `[n, c, h, w]` tensor
 /// with constant γ and β, and the SiLU that follows it if any, by a [`GroupNorm`] node.
 /// Returns how many were replaced.
-pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
+pub(crate) fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
     let mut replaced = 0;
     for id in model.eval_order()? {
         let Some(found) = pattern_at(model, id)? else { continue };
@@ -155,148 +141,6 @@ fn bin_by_const<O: BinMiniOp>(model: &TypedModel, node: &TypedNode) -> TractResu
         }
     }
     Ok(None)
-}
-
-/// `y = (x − mean) / sqrt(var + eps) · γ + β` over each group of `c / groups` channels of a
-/// float32 `[n, c, h, w]` tensor; mean = Σx · `recip`, var = Σ(x − mean)² / L (L: elements of
-/// a group), as in the decluttered graph it replaces; then `y · sigmoid(y)` when `silu`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct GroupNorm {
-    groups: usize,
-    recip: f32,
-    eps: f32,
-    gamma: Vec<f32>,
-    beta: Vec<f32>,
-    silu: bool,
-}
-
-impl Eq for GroupNorm {}
-
-impl std::hash::Hash for GroupNorm {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.groups.hash(state);
-        self.recip.to_bits().hash(state);
-        self.eps.to_bits().hash(state);
-        self.silu.hash(state);
-        self.gamma.iter().chain(&self.beta).for_each(|v| v.to_bits().hash(state));
-    }
-}
-
-impl Op for GroupNorm {
-    fn name(&self) -> StaticName {
-        "GroupNorm".into()
-    }
-
-    fn info(&self) -> TractResult<Vec<String>> {
-        let silu = if self.silu { ", then SiLU" } else { "" };
-        Ok(vec![format!(
-            "{} groups of {} channels, eps {}{silu}",
-            self.groups,
-            self.gamma.len() / self.groups,
-            self.eps
-        )])
-    }
-
-    op_as_typed_op!();
-}
-
-impl EvalOp for GroupNorm {
-    op_out_of_plan!();
-
-    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let x = args_1!(inputs);
-        let &[n, c, h, w] = x.shape() else { bail!("GroupNorm expects NCHW, got {:?}", x.shape()) };
-        ensure!(c == self.gamma.len(), "GroupNorm expects {} channels, got {c}", self.gamma.len());
-        let xs = crate::winograd::f32s(&x, "GroupNorm")?;
-        let mut y = unsafe { Tensor::uninitialized::<f32>(&[n, c, h, w])? };
-        let mut ys = y.try_as_plain_ram_mut()?;
-        let ys = ys.as_slice_mut::<f32>()?;
-        self.run(xs, ys, h * w)?;
-        Ok(tvec!(y.into_tvalue()))
-    }
-}
-
-impl TypedOp for GroupNorm {
-    as_op!();
-
-    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        ensure!(inputs[0].rank() == 4 && inputs[0].datum_type == f32::datum_type());
-        Ok(tvec!(f32::fact(inputs[0].shape.clone())))
-    }
-}
-
-/// Partial sums, so that the sums vectorize (one float addition chain would not).
-const LANES: usize = 16;
-
-impl GroupNorm {
-    /// `x`, `y`: `[n, c, h·w]`, C order; `plane`: h·w. The groups are split between the plan's
-    /// threads; each group's arithmetic is the same on any thread count.
-    fn run(&self, x: &[f32], y: &mut [f32], plane: usize) -> TractResult<()> {
-        let len = self.gamma.len() / self.groups * plane;
-        let silu = if self.silu { Some(Func::Silu.ew_f32()?) } else { None };
-        let failed = std::sync::Mutex::new(None);
-        let work: Vec<_> = x.chunks_exact(len).zip(y.chunks_exact_mut(len)).enumerate().collect();
-        crate::winograd::for_each(work, |(gi, (xg, yg))| {
-            self.group(gi % self.groups, xg, yg, plane);
-            if let Some(Err(e)) = silu.as_ref().map(|silu| silu.run(yg)) {
-                *failed.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(e);
-            }
-        });
-        match failed.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner()) {
-            Some(e) => Err(e.context("GroupNorm: SiLU")),
-            None => Ok(()),
-        }
-    }
-
-    /// One group `g` of one image: `x`, `y` its `c / groups` planes of `plane` values.
-    fn group(&self, g: usize, x: &[f32], y: &mut [f32], plane: usize) {
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") {
-            // Safety: the CPU has AVX2.
-            return unsafe { self.group_avx2(g, x, y, plane) };
-        }
-        self.group_body(g, x, y, plane)
-    }
-
-    /// [`Self::group`] built for AVX2: the partial sums and the normalization 8 lanes wide.
-    ///
-    /// Safety: the CPU has AVX2.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn group_avx2(&self, g: usize, x: &[f32], y: &mut [f32], plane: usize) {
-        self.group_body(g, x, y, plane)
-    }
-
-    #[inline(always)]
-    fn group_body(&self, g: usize, x: &[f32], y: &mut [f32], plane: usize) {
-        let per_group = self.gamma.len() / self.groups;
-        let mean = sum(x, |v| v) * self.recip;
-        let var = sum(x, |v| (v - mean) * (v - mean)) / x.len() as f32;
-        let inv = (var + self.eps).sqrt().recip();
-        for (ch, (xc, yc)) in x.chunks_exact(plane).zip(y.chunks_exact_mut(plane)).enumerate() {
-            let (gamma, beta) = (self.gamma[g * per_group + ch], self.beta[g * per_group + ch]);
-            for (o, &v) in yc.iter_mut().zip(xc) {
-                *o = (v - mean) * inv * gamma + beta;
-            }
-        }
-    }
-}
-
-/// Σ f(v) over `xs`, in [`LANES`] partial sums.
-#[inline(always)]
-fn sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
-    let mut acc = [0f32; LANES];
-    let chunks = xs.chunks_exact(LANES);
-    let rest = chunks.remainder();
-    for chunk in chunks {
-        for (a, &v) in acc.iter_mut().zip(chunk) {
-            *a += f(v);
-        }
-    }
-    for (a, &v) in acc.iter_mut().zip(rest) {
-        *a += f(v);
-    }
-    acc.iter().sum()
 }
 
 #[cfg(test)]

@@ -1,0 +1,123 @@
+//! Kernels: the arithmetic of our operators on plain slices and pointers, one module per
+//! architecture. No tract types here: the operators (`crate::ops`) unpack tensors, hand out the
+//! work to threads, and call these.
+//!
+//! - [`portable`]: plain Rust that the compiler vectorizes for any target (the Winograd tile
+//!   transforms of the whole-map layout, the GroupNorm sums). aarch64 and 32-bit ARM run these;
+//!   aarch64's matrix products go to `matrixmultiply`'s NEON kernel.
+//! - `x86_64`: AVX2+FMA and AVX-512 intrinsics: the matrix kernel (`gemm`), the Winograd
+//!   convolution in blocks of 16 tiles, the softmax rows, the GroupNorm built for AVX2, and the
+//!   row gathering of the direct convolutions.
+
+pub(crate) mod portable;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86_64;
+
+/// Where a square convolution window goes over the map: its side, its stride (the same along
+/// both axes), and the zeros padded before (top, left) and after (bottom, right) the map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Window {
+    pub size: usize,
+    pub stride: usize,
+    pub before: [usize; 2],
+    pub after: [usize; 2],
+}
+
+impl Window {
+    /// A `size` × `size` window at stride 1, padded by `pad` on every side.
+    pub(crate) const fn square(size: usize, pad: usize) -> Self {
+        Window { size, stride: 1, before: [pad; 2], after: [pad; 2] }
+    }
+
+    /// The output map over an `h` × `w` input, `None` when the window does not fit in the padded map.
+    pub(crate) fn output(&self, [h, w]: [usize; 2]) -> Option<[usize; 2]> {
+        let along = |len: usize, axis: usize| -> Option<usize> {
+            let padded = len + self.before[axis] + self.after[axis];
+            Some(padded.checked_sub(self.size)? / self.stride + 1)
+        };
+        Some([along(h, 0)?, along(w, 1)?])
+    }
+}
+
+/// `0..len` in `parts` nearly equal ranges (fewer when `len` is small).
+pub(crate) fn split(len: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
+    let parts = parts.clamp(1, len.max(1));
+    (0..parts).map(|i| i * len / parts..(i + 1) * len / parts).collect()
+}
+
+/// `rest` cut into consecutive pieces of the given lengths.
+pub(crate) fn carve(mut rest: &mut [f32], lens: impl IntoIterator<Item = usize>) -> Vec<&mut [f32]> {
+    lens.into_iter()
+        .map(|len| {
+            let (piece, tail) = std::mem::take(&mut rest).split_at_mut(len);
+            rest = tail;
+            piece
+        })
+        .collect()
+}
+
+/// `y = (x − mean) / sqrt(var + eps) · γ + β` over one group of one image: `x`, `y` its
+/// channels' planes of `plane` values each, `gamma` and `beta` one value per channel of the
+/// group; mean = Σx · `recip`, var = Σ(x − mean)² / `x.len()`.
+pub(crate) fn group_norm(x: &[f32], y: &mut [f32], plane: usize, [recip, eps]: [f32; 2], gamma: &[f32], beta: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // Safety: the CPU has AVX2.
+        return unsafe { x86_64::group_norm::group_avx2(x, y, plane, [recip, eps], gamma, beta) };
+    }
+    portable::group_norm::group(x, y, plane, [recip, eps], gamma, beta)
+}
+
+/// Test data and float64 references shared by the kernel and operator tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::Window;
+    use rand_chacha::rand_core::{RngCore, SeedableRng};
+
+    pub(crate) fn random(len: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..len).map(|_| (rng.next_u32() as f32 / u32::MAX as f32) * 2.0 - 1.0).collect()
+    }
+
+    /// The 3×3, padding-1 convolution in f64, the reference.
+    pub(crate) fn direct(x: &[f32], kernel: &[f32], bias: &[f32], dims: [usize; 4], k: usize) -> Vec<f64> {
+        direct_window(x, kernel, bias, dims, k, Window::square(3, 1))
+    }
+
+    /// A float64 convolution of `x` `[n, c, h, w]` with OIHW `kernel` over any window.
+    pub(crate) fn direct_window(
+        x: &[f32],
+        kernel: &[f32],
+        bias: &[f32],
+        [n, c, h, w]: [usize; 4],
+        k: usize,
+        g: Window,
+    ) -> Vec<f64> {
+        let [oh, ow] = g.output([h, w]).expect("the window fits");
+        let s = g.size;
+        let mut y = vec![0f64; n * k * oh * ow];
+        let outputs = (0..n).flat_map(|b| {
+            (0..k).flat_map(move |ko| (0..oh).flat_map(move |oy| (0..ow).map(move |ox| (b, ko, oy, ox))))
+        });
+        for (b, ko, oy, ox) in outputs {
+            let mut acc = bias[ko] as f64;
+            let taps = (0..c).flat_map(|ci| (0..s).flat_map(move |dy| (0..s).map(move |dx| (ci, dy, dx))));
+            for (ci, dy, dx) in taps {
+                let yy = (oy * g.stride + dy) as isize - g.before[0] as isize;
+                let xx = (ox * g.stride + dx) as isize - g.before[1] as isize;
+                if (0..h as isize).contains(&yy) && (0..w as isize).contains(&xx) {
+                    let v = x[((b * c + ci) * h + yy as usize) * w + xx as usize] as f64;
+                    acc += v * kernel[((ko * c + ci) * s + dy) * s + dx] as f64;
+                }
+            }
+            y[((b * k + ko) * oh + oy) * ow + ox] = acc;
+        }
+        y
+    }
+
+    /// Deterministic values in [-1, 1) (the direct-convolution tests').
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) fn values(len: usize, seed: u32) -> Vec<f32> {
+        (0..len).map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0).collect()
+    }
+}

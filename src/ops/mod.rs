@@ -1,0 +1,45 @@
+//! The tract operators this crate adds: each unpacks its tensors, shares its work out on the
+//! plan's thread pool, and runs a kernel (`crate::kernels`) on plain slices. The graph rewrites
+//! that put them in a plan are in `crate::passes`.
+
+use tract_linalg::multithread::current_tract_executor;
+#[cfg(feature = "multithread")]
+use tract_linalg::multithread::Executor;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+
+pub(crate) mod conv;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod direct_conv;
+pub(crate) mod group_norm;
+pub(crate) mod scratch;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod softmax;
+pub(crate) mod winograd3x3;
+
+/// A float32 tensor's elements, in C order; `op` names the operator in the error.
+pub(crate) fn f32s<'t>(t: &'t Tensor, op: &str) -> TractResult<&'t [f32]> {
+    ensure!(t.strides() == &*Tensor::natural_strides(t.shape()), "{op}: a strided tensor");
+    t.try_as_plain_ram()?.as_slice::<f32>()
+}
+
+/// Threads of the executor the plan runs on.
+pub(crate) fn threads() -> usize {
+    match current_tract_executor() {
+        #[cfg(feature = "multithread")]
+        Executor::MultiThread(pool) => pool.current_num_threads(),
+        _ => 1,
+    }
+}
+
+/// Runs `f` on each item, on the plan's thread pool when it has one.
+pub(crate) fn for_each<T: Send>(items: Vec<T>, f: impl Fn(T) + Send + Sync) {
+    match current_tract_executor() {
+        #[cfg(feature = "multithread")]
+        Executor::MultiThread(pool) if items.len() > 1 => {
+            use rayon::prelude::*;
+            pool.install(|| items.into_par_iter().for_each(f))
+        }
+        _ => items.into_iter().for_each(f),
+    }
+}

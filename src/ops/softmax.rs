@@ -1,0 +1,61 @@
+//! Softmax over the last axis of a float32 tensor, on x86-64 with AVX2 and FMA.
+//!
+//! Why: the UNets' attention takes a softmax over rows of 64 scores (4 heads × 64 queries at
+//! an 8×8 map). tract 0.23 has no row kernel on x86-64 and runs three kernel calls per row
+//! (max, exp-and-sum, scale), each through its alignment wrapper. Here each row is one pass for the maximum
+//! and one for the exponentials and their sum, 8 lanes wide, then a scale
+//! (`crate::kernels::x86_64::softmax`).
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+
+use super::{f32s, for_each, threads};
+use crate::kernels::x86_64::softmax;
+use crate::kernels::{carve, split};
+
+/// Softmax over the last axis, float32; see the module docs.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RowSoftmax;
+
+impl Op for RowSoftmax {
+    fn name(&self) -> StaticName {
+        "RowSoftmax".into()
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for RowSoftmax {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let x = args_1!(inputs);
+        let row = *x.shape().last().context("RowSoftmax: a scalar input")?;
+        ensure!(softmax::available(), "RowSoftmax: this CPU lacks AVX2 and FMA");
+        let xs = f32s(&x, "RowSoftmax")?;
+        let mut y = unsafe { Tensor::uninitialized::<f32>(x.shape())? };
+        let mut out = y.try_as_plain_ram_mut()?;
+        let out = out.as_slice_mut::<f32>()?;
+        if let Some(rows) = xs.len().checked_div(row) {
+            let ranges = split(rows, threads());
+            let outs = carve(out, ranges.iter().map(|r| r.len() * row));
+            let pieces: Vec<_> = ranges.iter().map(|r| &xs[r.start * row..r.end * row]).zip(outs).collect();
+            for_each(pieces, |(x, y)| {
+                for (x, y) in x.chunks_exact(row).zip(y.chunks_exact_mut(row)) {
+                    // Safety: `available()` checked above.
+                    unsafe { softmax::softmax_row(x, y) }
+                }
+            });
+        }
+        Ok(tvec!(y.into_tvalue()))
+    }
+}
+
+impl TypedOp for RowSoftmax {
+    as_op!();
+
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(inputs[0].datum_type == f32::datum_type());
+        Ok(tvec!(f32::fact(inputs[0].shape.clone())))
+    }
+}

@@ -1,0 +1,127 @@
+//! Graph rewrites: each finds a pattern in a typed tract graph and swaps in one of our
+//! operators (`crate::ops`). [`f32_rewrites`] runs them as one ordered list, [`PASSES`], the way
+//! tract lists its own declutter and optimization passes; one file per rewrite.
+
+use tract_onnx::prelude::*;
+
+pub(crate) mod contiguous_constants;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod conv1x1;
+pub(crate) mod conv_match;
+pub(crate) mod group_norm;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod softmax;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod strided_conv;
+pub(crate) mod winograd;
+
+/// When a pass runs on the float32 graph.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stage {
+    /// On the typed graph as imported, before tract's declutter (which turns a 1×1 convolution
+    /// into an `EinSum` plus a bias `Add` that tract runs slower).
+    Imported,
+    /// On the decluttered graph, before tract optimizes it: these passes need tract's
+    /// convolutions as they are before optimization, and declutter has by then folded an
+    /// exported `Pad` into the convolution after it.
+    Decluttered,
+}
+
+/// One graph rewrite.
+#[derive(Clone, Copy)]
+pub(crate) struct Pass {
+    /// Names the pass in errors and in [`Rewritten::replaced`].
+    pub name: &'static str,
+    pub stage: Stage,
+    /// Whether the pass swaps convolutions, which `Convolution::Im2col` leaves to tract.
+    pub convolutions: bool,
+    /// Rewrites the graph in place; returns how many nodes (or patterns) it replaced.
+    pub run: fn(&mut TypedModel) -> TractResult<usize>,
+}
+
+/// [`Pass::name`] of the Winograd rewrite.
+pub(crate) const WINOGRAD: &str = "winograd";
+/// [`Pass::name`] of the GroupNorm rewrite.
+pub(crate) const GROUP_NORM: &str = "group norm";
+
+/// The float32 rewrites, in the order they run. The x86-64 ones need AVX2 and FMA and replace
+/// nothing on a CPU without them.
+pub(crate) const PASSES: &[Pass] = &[
+    #[cfg(target_arch = "x86_64")]
+    Pass { name: "1x1 convolution", stage: Stage::Imported, convolutions: true, run: conv1x1::rewrite },
+    Pass { name: GROUP_NORM, stage: Stage::Decluttered, convolutions: false, run: group_norm::rewrite },
+    #[cfg(target_arch = "x86_64")]
+    Pass { name: "softmax", stage: Stage::Decluttered, convolutions: false, run: softmax::rewrite },
+    Pass { name: WINOGRAD, stage: Stage::Decluttered, convolutions: true, run: winograd::rewrite },
+    #[cfg(target_arch = "x86_64")]
+    Pass { name: "strided convolution", stage: Stage::Decluttered, convolutions: true, run: strided_conv::rewrite },
+];
+
+/// A float32 graph after [`f32_rewrites`], decluttered, not yet optimized.
+pub(crate) struct Rewritten {
+    pub model: TypedModel,
+    /// How many nodes each pass that ran replaced, in [`PASSES`] order.
+    pub replaced: Vec<(&'static str, usize)>,
+}
+
+impl Rewritten {
+    /// How many nodes the pass named `name` replaced (0 when it did not run).
+    pub(crate) fn replaced(&self, name: &str) -> usize {
+        self.replaced.iter().filter(|(pass, _)| *pass == name).map(|(_, n)| n).sum()
+    }
+}
+
+/// Runs [`PASSES`] on a float32 graph and declutters it between the two stages;
+/// `convolutions: false` skips the passes that swap convolutions (`Convolution::Im2col`).
+pub(crate) fn f32_rewrites(model: TypedModel, convolutions: bool) -> TractResult<Rewritten> {
+    let mut replaced = Vec::new();
+    let wanted = |stage| PASSES.iter().filter(move |p| p.stage == stage && (convolutions || !p.convolutions));
+    let mut model = model;
+    for pass in wanted(Stage::Imported) {
+        replaced.push((pass.name, (pass.run)(&mut model).map_err(|e| e.context(pass.name))?));
+    }
+    let mut model = model.into_decluttered()?;
+    for pass in wanted(Stage::Decluttered) {
+        replaced.push((pass.name, (pass.run)(&mut model).map_err(|e| e.context(pass.name))?));
+    }
+    Ok(Rewritten { model, replaced })
+}
+
+/// tract convolutions for the pass tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use tract_onnx::prelude::*;
+    use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec, PoolSpec};
+    use tract_onnx::tract_core::ops::nn::DataFormat;
+
+    /// tract's 1×1, unpadded NCHW convolution from `c` to `k` channels with `strides` (OIHW
+    /// weights, bias as its third input).
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) fn conv(c: usize, k: usize, strides: Option<TVec<usize>>) -> Conv {
+        let pool_spec = PoolSpec {
+            data_format: DataFormat::NCHW,
+            kernel_shape: tvec![1, 1],
+            padding: PaddingSpec::Valid,
+            dilations: None,
+            strides,
+            input_channels: c,
+            output_channels: k,
+        };
+        Conv { pool_spec, kernel_fmt: KernelFormat::OIHW, group: 1, q_params: None }
+    }
+
+    /// tract's 3×3, stride-1, padding-1 NCHW convolution from `c` to `k` channels (OIHW weights,
+    /// bias as its third input): what `winograd::rewrite` looks for.
+    pub(crate) fn conv3x3(c: usize, k: usize) -> tract_onnx::tract_core::ops::cnn::Conv {
+        let pool_spec = PoolSpec {
+            data_format: DataFormat::NCHW,
+            kernel_shape: tvec![3, 3],
+            padding: PaddingSpec::Explicit(tvec![1, 1], tvec![1, 1]),
+            dilations: None,
+            strides: None,
+            input_channels: c,
+            output_channels: k,
+        };
+        Conv { pool_spec, kernel_fmt: KernelFormat::OIHW, group: 1, q_params: None }
+    }
+}

@@ -1,0 +1,304 @@
+//! The tract plumbing: an ONNX denoiser loaded once, bound to the card's input names, and run
+//! through one optimized plan per batch size.
+//!
+//! Weights: the file is memory-mapped and the protobuf decoded straight from the map (tract
+//! then copies weights into its own aligned tensors; it has no borrowed-tensor storage).
+//!
+//! One file per job: decoding the file (`load`), binding inputs (`bind`), building plans with
+//! the graph rewrites of `crate::passes` (`plan`), the thread pool a call runs on (`threads`),
+//! handing memory back once the source graph is dropped (`memory`), and timing a plan's nodes
+//! ([`Denoiser::profile_ops`]). [`Precision`] and [`Convolution`] pick how plans compute.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use ndarray::Array4;
+use tract_linalg::multithread::Executor;
+use tract_onnx::pb::ModelProto;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::infer::InferenceModel;
+
+use crate::card::ModelCard;
+use crate::error::{Error, Result};
+
+mod bind;
+mod load;
+mod memory;
+mod plan;
+mod profile;
+mod settings;
+mod threads;
+
+pub use bind::{TimestepInput, TimestepShape};
+pub use load::IoInfo;
+pub use profile::{NodeTime, OpProfile, OpTime};
+pub use settings::{Convolution, Precision};
+
+use bind::{bind, copy_output, Bindings};
+use load::{count_params, decode, describe, one_line};
+use memory::return_freed_memory;
+use plan::Plans;
+use threads::{executor_for, run_on};
+
+/// A denoiser: ONNX model + input bindings + optimized plans (one per batch size).
+pub struct Denoiser {
+    path: PathBuf,
+    /// The decoded ONNX graph that plans are built from; `None` once released
+    /// ([`Denoiser::release_graph`]).
+    source: Option<InferenceModel>,
+    bindings: Bindings,
+    chw: [usize; 3],
+    threads: usize,
+    executor: Executor,
+    precision: Precision,
+    convolution: Convolution,
+    /// 3×3 convolutions running as Winograd in the plans built so far.
+    winograd_convs: usize,
+    group_norms: usize,
+    plans: Plans,
+    params: usize,
+    inputs: Vec<IoInfo>,
+    outputs: Vec<IoInfo>,
+}
+
+impl Denoiser {
+    /// Loads `card`'s ONNX file through a memory map.
+    pub fn load(card: &ModelCard, threads: usize) -> Result<Self> {
+        let path = card.onnx_path();
+        if path.is_dir() {
+            return Err(Error::Model { path, message: "is a directory, expected an ONNX file".into() });
+        }
+        let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+        let len = file.metadata().map_err(|e| Error::io(&path, e))?.len();
+        if len == 0 {
+            return Err(Error::Model { path, message: "the ONNX file is empty".into() });
+        }
+        // SAFETY: the map is read during decoding only and dropped before this function returns,
+        // so a later change to the file cannot reach memory tract holds. A file truncated by
+        // another process *during* decoding would raise SIGBUS (see docs/model-card.md).
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+        let proto = decode(&map, &path)?;
+        // The decoded protobuf holds its own copy of the weights: unmapping the file now keeps
+        // its pages out of the resident set while tract converts them (the load's peak was
+        // file + protobuf + tract's tensors, 3× the weights).
+        drop(map);
+        Self::from_proto(proto, card, threads, path)
+    }
+
+    /// Loads an ONNX model held in memory (for models compiled into the program).
+    /// `name` labels errors.
+    pub fn from_bytes(bytes: &[u8], card: &ModelCard, threads: usize, name: impl Into<PathBuf>) -> Result<Self> {
+        let path: PathBuf = name.into();
+        let proto = decode(bytes, &path)?;
+        Self::from_proto(proto, card, threads, path)
+    }
+
+    fn from_proto(proto: ModelProto, card: &ModelCard, threads: usize, path: PathBuf) -> Result<Self> {
+        let fail = |e: &dyn std::fmt::Display| Error::Model { path: path.clone(), message: one_line(e) };
+        let params = count_params(&proto);
+        let model = tract_onnx::onnx().model_for_proto_model(&proto).map_err(|e| fail(&format!("{e:#}")))?;
+        drop(proto);
+        let (inputs, outputs) = describe(&model);
+        let bindings = bind(&model, card).map_err(|m| Error::Model { path: path.clone(), message: m })?;
+        let (threads, executor) = executor_for(threads);
+        Ok(Denoiser {
+            path,
+            source: Some(model),
+            bindings,
+            chw: [card.image.channels, card.image.height, card.image.width],
+            threads,
+            executor,
+            precision: Precision::F32,
+            convolution: Convolution::default(),
+            winograd_convs: 0,
+            group_norms: 0,
+            plans: Plans(HashMap::new()),
+            params,
+            inputs,
+            outputs,
+        })
+    }
+
+    /// Switches the arithmetic precision; plans built so far are dropped and rebuilt on demand.
+    pub fn set_precision(&mut self, precision: Precision) {
+        if precision != self.precision {
+            self.precision = precision;
+            self.plans.get_mut().clear();
+        }
+    }
+
+    /// Switches how 3×3 convolutions run; plans built so far are dropped and rebuilt on demand.
+    pub fn set_convolution(&mut self, convolution: Convolution) {
+        if convolution != self.convolution {
+            self.convolution = convolution;
+            self.plans.get_mut().clear();
+        }
+    }
+
+    /// Builds (once) the optimized plan for `batch` images per call.
+    pub fn prepare(&mut self, batch: usize) -> Result<()> {
+        if self.plans.get_mut().contains_key(&batch) {
+            return Ok(());
+        }
+        let source = self.source.as_ref().ok_or_else(|| self.released(batch))?.clone();
+        self.insert_plan(batch, source)
+    }
+
+    /// [`prepare`](Denoiser::prepare) for the last plan this denoiser will need, then
+    /// [`release_graph`](Denoiser::release_graph). The plan is built from the source graph
+    /// itself rather than a copy, so each weight that the plan replaces (a 3×3 kernel by its
+    /// Winograd transform) is freed as soon as it is replaced, and the load never holds all
+    /// the kernels and all their transforms at once.
+    /// The source is gone afterwards even if the build fails.
+    pub fn prepare_final(&mut self, batch: usize) -> Result<()> {
+        if !self.plans.get_mut().contains_key(&batch) {
+            let source = self.source.take().ok_or_else(|| self.released(batch))?;
+            self.insert_plan(batch, source)?;
+        }
+        self.source = None;
+        return_freed_memory();
+        Ok(())
+    }
+
+    fn insert_plan(&mut self, batch: usize, source: InferenceModel) -> Result<()> {
+        let (plan, winograd_convs, group_norms) =
+            self.build_plan(batch, source).map_err(|m| Error::Model { path: self.path.clone(), message: m })?;
+        self.winograd_convs = winograd_convs;
+        self.group_norms = group_norms;
+        self.plans.get_mut().insert(batch, plan);
+        Ok(())
+    }
+
+    fn released(&self, batch: usize) -> Error {
+        Error::Model {
+            path: self.path.clone(),
+            message: format!(
+                "no plan for batch {batch} ({} {}), and the source graph was released \
+                 (Denoiser::release_graph): load the model again to run other batch sizes or settings",
+                self.precision, self.convolution
+            ),
+        }
+    }
+
+    /// Drops the decoded source graph once the plans this denoiser will run are built
+    /// ([`prepare`](Denoiser::prepare)), to keep its weights out of memory: a plan holds its
+    /// own (for a 3×3 convolution on Winograd, a transformed copy, so the source's kernels would
+    /// be held twice). Plans already built keep working; building another (a new batch size, or
+    /// after [`set_precision`](Denoiser::set_precision) or
+    /// [`set_convolution`](Denoiser::set_convolution) changed the setting) then fails with
+    /// [`Error::Model`]. [`Pipeline`](crate::Pipeline) builds its last plan with
+    /// [`prepare_final`](Denoiser::prepare_final), which ends with this.
+    pub fn release_graph(&mut self) {
+        if self.source.take().is_some() {
+            return_freed_memory();
+        }
+    }
+
+    /// Whether the source graph is still held (see [`release_graph`](Denoiser::release_graph)).
+    pub fn holds_graph(&self) -> bool {
+        self.source.is_some()
+    }
+
+    /// Runs the model once: `sample` is `[batch, C, H, W]`, `timestep` the same for every image,
+    /// `class_labels` one per image when the model is class-conditional. Writes into `out`.
+    pub fn predict(
+        &mut self,
+        sample: &Array4<f32>,
+        timestep: f64,
+        class_labels: Option<&[i64]>,
+        context: Option<&ndarray::ArrayD<f32>>,
+        out: &mut Array4<f32>,
+    ) -> Result<()> {
+        let batch = sample.shape()[0];
+        self.prepare(batch)?;
+        let inputs = self.graph_inputs(sample, timestep, class_labels, context)?;
+        let plan = self.plans.get_mut().get_mut(&batch).expect("prepared above");
+        copy_output(run_on(&self.executor, &mut plan.state, inputs), out)
+    }
+
+    /// Runs the model on one image `[1, C, H, W]` with two class labels at once, each call on
+    /// its own thread with half of [`threads`](Denoiser::threads): classifier-free guidance's
+    /// conditional and unconditional branches. The results equal two [`predict`] calls.
+    ///
+    /// Two batch-1 calls side by side keep both cores busy on small layers where splitting one
+    /// matrix product between threads does not (tract's batch-2 convolution is slower still).
+    ///
+    /// [`predict`]: Denoiser::predict
+    pub fn predict_pair(
+        &mut self,
+        sample: &Array4<f32>,
+        timestep: f64,
+        labels: [i64; 2],
+        context: Option<&ndarray::ArrayD<f32>>,
+        outs: [&mut Array4<f32>; 2],
+    ) -> Result<()> {
+        if sample.shape()[0] != 1 {
+            return Err(Error::Inference(format!(
+                "predict_pair takes one image, got a batch of {}",
+                sample.shape()[0]
+            )));
+        }
+        self.prepare(1)?;
+        let inputs_a = self.graph_inputs(sample, timestep, Some(&labels[..1]), context)?;
+        let inputs_b = self.graph_inputs(sample, timestep, Some(&labels[1..]), context)?;
+        let (threads, path) = (self.threads, self.path.clone());
+        let plan = self.plans.get_mut().get_mut(&1).expect("prepared above");
+        let err = |e: TractError| Error::Model { path: path.clone(), message: one_line(&format!("{e:#}")) };
+        let [a, b] = plan.branches(threads).map_err(err)?;
+        let [out_a, out_b] = outs;
+        let (res_a, res_b) = std::thread::scope(|s| {
+            let other = s.spawn(|| run_on(&b.executor, &mut b.state, inputs_b));
+            let mine = run_on(&a.executor, &mut a.state, inputs_a);
+            (mine, other.join())
+        });
+        let res_b = res_b.map_err(|_| Error::Inference("the unconditional branch's thread panicked".into()))?;
+        copy_output(res_a, out_a)?;
+        copy_output(res_b, out_b)
+    }
+
+    /// Number of weights in the ONNX initializers.
+    pub fn params(&self) -> usize {
+        self.params
+    }
+    /// Threads given to tract's matrix-multiplication executor.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+    /// How 3×3 convolutions run.
+    pub fn convolution(&self) -> Convolution {
+        self.convolution
+    }
+
+    /// How many convolutions run as Winograd in the last plan built (0 with `Im2col`, in f16,
+    /// or when the graph has no float32 3×3 stride-1 padding-1 convolution).
+    pub fn winograd_convolutions(&self) -> usize {
+        self.winograd_convs
+    }
+
+    /// How many GroupNorms (with their affine) the last prepared plan runs as one fused
+    /// operator each (float32 only).
+    pub fn fused_group_norms(&self) -> usize {
+        self.group_norms
+    }
+
+    /// Arithmetic precision of the plans.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+    /// The graph's inputs as declared in the file.
+    pub fn inputs(&self) -> &[IoInfo] {
+        &self.inputs
+    }
+    /// The graph's outputs as declared in the file.
+    pub fn outputs(&self) -> &[IoInfo] {
+        &self.outputs
+    }
+    /// How the timestep is fed.
+    pub fn timestep_input(&self) -> TimestepInput {
+        self.bindings.timestep_input
+    }
+    /// The ONNX file (or the label given to [`Denoiser::from_bytes`]).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}

@@ -1,0 +1,144 @@
+//! Plans: the source graph given the batch's input shapes, typed, rewritten by our passes (or
+//! translated to f16), optimized by tract, and a run state over it.
+
+use std::collections::HashMap;
+
+use tract_linalg::multithread::Executor;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::floats::FloatPrecisionTranslator;
+use tract_onnx::tract_core::transform::ModelTransform;
+use tract_onnx::tract_hir::infer::InferenceModel;
+
+use super::bind::TimestepShape;
+use super::load::one_line;
+use super::threads::executor_for;
+use super::{Convolution, Denoiser, Precision};
+use crate::ops::scratch::install_scratch;
+use crate::passes;
+
+/// The optimized plan for one batch size.
+pub(super) struct Plan {
+    pub(super) state: TypedSimpleState,
+    /// The optimized graph, shared (weights included) by every plan built from it.
+    pub(super) model: Arc<TypedModel>,
+    /// Two more plans over the same graph, each with its own half of the threads, for guidance
+    /// branches run at once; built on first use.
+    branches: Option<Box<[Branch; 2]>>,
+}
+
+/// A plan's state and the executor it runs on.
+pub(super) struct Branch {
+    pub(super) state: TypedSimpleState,
+    pub(super) executor: Executor,
+}
+
+/// The plans, reachable only through `&mut`.
+///
+/// tract's run state holds `Box<dyn OpState>`, which is `Send` but not `Sync`, so a `Denoiser`
+/// holding it directly could not be shared between threads even though nothing reads the state
+/// through `&self`. This wrapper makes that guarantee structural: it has no `&self` access at
+/// all, so a shared `&Plans` gives another thread nothing to touch (the pattern of the standard
+/// library's unstable `std::sync::Exclusive`).
+pub(super) struct Plans(pub(super) HashMap<usize, Plan>);
+
+// SAFETY: `Plans` exposes its contents only through `&mut self` (`get_mut`), and `&mut` access
+// is exclusive, so no two threads can ever reach the inner state at once. Moving it between
+// threads is left to the auto trait `Send`, which tract's state has.
+unsafe impl Sync for Plans {}
+
+impl Plans {
+    pub(super) fn get_mut(&mut self) -> &mut HashMap<usize, Plan> {
+        &mut self.0
+    }
+}
+
+impl Plan {
+    /// The two branch states over this plan's graph, built on first use, each on `threads / 2`
+    /// threads of its own.
+    pub(super) fn branches(&mut self, threads: usize) -> TractResult<&mut [Branch; 2]> {
+        if self.branches.is_none() {
+            let branch = || -> TractResult<Branch> {
+                let executor = executor_for(threads / 2).1;
+                let state = new_state(&self.model, &executor)?;
+                Ok(Branch { state, executor })
+            };
+            let pair = [branch()?, branch()?];
+            self.branches = Some(Box::new(pair));
+        }
+        Ok(self.branches.as_mut().expect("built above"))
+    }
+}
+
+/// A run state over `model` on `executor`, with the buffers our operators share.
+fn new_state(model: &Arc<TypedModel>, executor: &Executor) -> TractResult<TypedSimpleState> {
+    let options = RunOptions { executor: Some(executor.clone()), ..Default::default() };
+    let plan = TypedSimplePlan::new_with_options(model.clone(), &options)?;
+    let mut state = TypedSimpleState::new(&plan)?;
+    install_scratch(&mut state);
+    Ok(state)
+}
+
+impl Denoiser {
+    /// The plan, and how many convolutions in it run as Winograd.
+    pub(super) fn build_plan(
+        &self,
+        batch: usize,
+        mut model: InferenceModel,
+    ) -> std::result::Result<(Plan, usize, usize), String> {
+        let [c, h, w] = self.chw;
+        let b = &self.bindings;
+        let err = |e: TractError| one_line(&format!("{e:#}"));
+        model.set_input_fact(b.sample, f32::fact([batch, c, h, w]).into()).map_err(err)?;
+        let ts_shape: TVec<usize> = match b.timestep_input.shape {
+            TimestepShape::Scalar => tvec![],
+            TimestepShape::One => tvec![1],
+            TimestepShape::Batch => tvec![batch],
+        };
+        model
+            .set_input_fact(b.timestep, InferenceFact::dt_shape(b.timestep_input.datum_type, ts_shape))
+            .map_err(err)?;
+        if let Some((ix, dt)) = b.class_labels {
+            model.set_input_fact(ix, InferenceFact::dt_shape(dt, tvec![batch])).map_err(err)?;
+        }
+        if let Some((ix, dims)) = &b.context {
+            let mut shape: TVec<usize> = tvec![batch];
+            shape.extend(dims.iter().copied());
+            model.set_input_fact(*ix, f32::fact(shape).into()).map_err(err)?;
+        }
+        let out_outlet = model.output_outlets().map_err(err)?[b.output];
+        model.select_output_outlets(&[out_outlet]).map_err(err)?;
+        let optimizing = |e: TractError| format!("optimizing for batch {batch}: {}", err(e));
+        // The f16 translation must come before tract fuses operators into kernels picked for f32.
+        let typed = model.into_typed().map_err(optimizing)?;
+        let (typed, winograd_convs, group_norms) = match self.precision {
+            Precision::F32 => {
+                let ours = self.convolution == Convolution::Winograd;
+                let rewritten = passes::f32_rewrites(typed, ours).map_err(optimizing)?;
+                let (winograd, group_norms) =
+                    (rewritten.replaced(passes::WINOGRAD), rewritten.replaced(passes::GROUP_NORM));
+                (rewritten.model, winograd, group_norms)
+            }
+            Precision::F16 => {
+                let mut typed = typed.into_decluttered().map_err(optimizing)?;
+                FloatPrecisionTranslator::new(f32::datum_type(), f16::datum_type())
+                    .transform(&mut typed)
+                    .map_err(|e| format!("translating to f16: {}", err(e)))?;
+                (typed, 0, 0)
+            }
+        };
+        let mut typed = typed.into_optimized().map_err(optimizing)?;
+        passes::contiguous_constants::rewrite(&mut typed).map_err(err)?;
+        let out_fact = typed.output_fact(0).map_err(err)?;
+        let expected = [batch, c, h, w];
+        let ok = out_fact.datum_type == self.precision.float_type()
+            && out_fact.shape.as_concrete().map(|s| s == expected).unwrap_or(false);
+        if !ok {
+            return Err(format!(
+                "the output is {out_fact:?}, expected float {expected:?} (the sample's shape): not a denoiser for this card's [image]"
+            ));
+        }
+        let model = Arc::new(typed);
+        let state = new_state(&model, &self.executor).map_err(err)?;
+        Ok((Plan { state, model, branches: None }, winograd_convs, group_norms))
+    }
+}

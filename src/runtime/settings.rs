@@ -1,0 +1,81 @@
+//! How a denoiser's plans compute: the precision and the convolution setting.
+
+use tract_onnx::prelude::*;
+
+use crate::error::{Error, Result};
+
+/// Arithmetic precision of the denoiser's float operations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// float32 everywhere, as exported.
+    #[default]
+    F32,
+    /// float16 inside the graph (tract's f32→f16 translation of weights and operators); the
+    /// sample and the prediction stay float32 at the boundary. Fast on CPUs with fp16
+    /// arithmetic (ARMv8.2-A: Cortex-A55/A75/A76/A78, Pi 5, Jetson Orin); elsewhere tract falls
+    /// back to a generic kernel that is many times slower than f32.
+    F16,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "f16" => Ok(Precision::F16),
+            other => Err(Error::config("precision", format!("expected f32 or f16, got {other:?}"))),
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+        })
+    }
+}
+
+impl Precision {
+    pub(crate) fn float_type(self) -> DatumType {
+        match self {
+            Precision::F32 => f32::datum_type(),
+            Precision::F16 => f16::datum_type(),
+        }
+    }
+}
+
+/// How the denoiser's 3×3 convolutions run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Convolution {
+    /// Float32 3×3, stride-1, padding-1 convolutions by Winograd's F(2×2, 3×3) (2.25× fewer
+    /// multiplications; rounding differences of a few 1e-7 relative), and on x86-64 with AVX2
+    /// and FMA the 1×1 convolutions on the same matrix kernel; the rest as `Im2col`.
+    /// Float16 plans, and 32-bit ARM builds (no fast matrix product for it there), always use
+    /// `Im2col`.
+    #[default]
+    Winograd,
+    /// Every convolution as tract compiles it: an im2col (3×3) or plain (1×1) matrix product.
+    Im2col,
+}
+
+impl std::str::FromStr for Convolution {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "winograd" => Ok(Convolution::Winograd),
+            "im2col" => Ok(Convolution::Im2col),
+            other => Err(Error::config("convolution", format!("expected winograd or im2col, got {other:?}"))),
+        }
+    }
+}
+
+impl std::fmt::Display for Convolution {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Convolution::Winograd => "winograd",
+            Convolution::Im2col => "im2col",
+        })
+    }
+}
