@@ -54,3 +54,23 @@ fn bench_takes_sampler_and_guidance() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown sampler"));
 }
+
+#[test]
+fn profile_prints_where_a_call_spends_its_time() {
+    let out = common::edge_diffuse().args(["profile", "--runs", "1"]).output().expect("runs");
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("fmnist-student"), "{text}");
+    // One line per operator kind with its share; our Winograd operator runs the 3x3 convolutions.
+    let shares: Vec<f64> =
+        text.lines().filter_map(|l| l.trim_end().strip_suffix('%')?.rsplit(' ').next()?.parse().ok()).collect();
+    assert!(shares.len() > 5, "{text}");
+    let total: f64 = shares.iter().sum();
+    assert!((total - 100.0).abs() < 1.0, "shares add up to {total}: {text}");
+    assert!(text.lines().any(|l| l.starts_with("Winograd3x3")), "{text}");
+
+    let out = common::edge_diffuse().args(["profile", "--runs", "0"]).output().expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("error: ") && err.contains("runs"), "{err}");
+}

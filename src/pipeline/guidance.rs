@@ -3,8 +3,8 @@
 
 use ndarray::{s, Array4, ArrayD};
 
-use crate::denoiser::Denoiser;
 use crate::error::{Error, Result};
+use crate::runtime::Denoiser;
 
 /// How a guided step evaluates its conditional and unconditional branches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

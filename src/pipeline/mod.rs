@@ -166,7 +166,7 @@ impl Pipeline {
     /// Loads the model directory `dir` (its `model.toml` and ONNX file).
     pub fn load(dir: impl AsRef<Path>, options: LoadOptions) -> Result<Self> {
         let card = ModelCard::load(dir)?;
-        let denoiser = Denoiser::load(&card, usable_threads(options.threads))?;
+        let denoiser = Denoiser::load(&card, options.threads)?;
         Self::from_parts(card, denoiser, options)
     }
 
@@ -188,7 +188,7 @@ impl Pipeline {
     /// # }
     /// ```
     pub fn from_bytes(card: ModelCard, onnx: &[u8], options: LoadOptions) -> Result<Self> {
-        let denoiser = Denoiser::from_bytes(onnx, &card, usable_threads(options.threads), card.onnx_path())?;
+        let denoiser = Denoiser::from_bytes(onnx, &card, options.threads, card.onnx_path())?;
         Self::from_parts(card, denoiser, options)
     }
 
@@ -528,12 +528,6 @@ impl Pipeline {
             (None, false) => Ok(()),
         }
     }
-}
-
-/// `wanted` threads (at least 1), but no more than the cores the process may run on.
-fn usable_threads(wanted: usize) -> usize {
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    wanted.clamp(1, cores)
 }
 
 #[cfg(test)]

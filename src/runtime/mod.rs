@@ -62,7 +62,8 @@ pub struct Denoiser {
 }
 
 impl Denoiser {
-    /// Loads `card`'s ONNX file through a memory map.
+    /// Loads `card`'s ONNX file through a memory map, to run on `threads` threads: at least 1
+    /// and at most the cores the process may use ([`threads`](Denoiser::threads) tells how many).
     pub fn load(card: &ModelCard, threads: usize) -> Result<Self> {
         let path = card.onnx_path();
         if path.is_dir() {

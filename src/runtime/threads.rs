@@ -3,9 +3,14 @@
 use tract_linalg::multithread::Executor;
 use tract_onnx::prelude::*;
 
+/// The executor for `threads` threads, and how many it runs: at least 1, and no more than the
+/// cores the process may use (`available_parallelism`, which follows CPU affinity and cgroup
+/// quotas): threads beyond the cores only wait on each other, and a call with far more threads
+/// than cores ran many times slower than at the core count.
 #[cfg(feature = "multithread")]
 pub(super) fn executor_for(threads: usize) -> (usize, Executor) {
-    let threads = threads.max(1);
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = threads.clamp(1, cores);
     (threads, if threads > 1 { Executor::multithread(threads) } else { Executor::SingleThread })
 }
 

@@ -11,6 +11,7 @@ use edge_diffuse::ModelCard;
 
 mod bench;
 mod interrupt;
+mod profile;
 mod sample;
 
 #[derive(Parser)]
@@ -26,6 +27,8 @@ enum Command {
     Sample(Box<sample::SampleArgs>),
     /// Measure load time, step latency, images/s and peak memory of a model.
     Bench(bench::BenchArgs),
+    /// Time one model call per operator kind and per node (where a call's time goes).
+    Profile(profile::ProfileArgs),
     /// Describe a model: card, ONNX inputs and outputs, parameters, defaults.
     Info {
         /// Model directory (holding model.toml); default: the bundled model.
@@ -39,6 +42,10 @@ fn main() {
     let result = match cli.command {
         Command::Sample(args) => sample::run(*args),
         Command::Info { model } => info(model),
+        Command::Profile(args) => {
+            let model = args.model.clone().unwrap_or_else(default_model);
+            profile::run(args, model)
+        }
         Command::Bench(args) => {
             let model = args.model.clone().unwrap_or_else(default_model);
             bench::run(args, model)
