@@ -57,6 +57,44 @@ pub struct ModelSection {
     pub inputs: InputNames,
     /// ONNX output name (default: the model's first output).
     pub output: Option<String>,
+    /// `[model.conditioning.NAME]`: further graph inputs and their values, by name.
+    #[serde(default)]
+    pub conditioning: BTreeMap<String, ConditioningSection>,
+}
+
+/// `[model.conditioning.NAME]`: a graph input beyond the sample, the time and the class labels
+/// (a float per image, a vector, a tensor), and its values. Its dtype and shape are read from the
+/// ONNX graph: `[batch]`, `[batch, n]` or `[batch, ...]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConditioningSection {
+    /// The graph input (default: the table's name).
+    pub input: Option<String>,
+    /// The value when a request gives none.
+    pub default: Option<ConditioningValue>,
+    /// The value of the unconditional branch of classifier-free guidance.
+    pub null: Option<ConditioningValue>,
+}
+
+/// A conditioning value in the card: one number, a list of numbers, or a `.npy` file (float32,
+/// relative to the card). A list or a file holds one image's values, or several images' in a
+/// row, cycled over the images of a request.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum ConditioningValue {
+    /// One number.
+    Number(f64),
+    /// Numbers in row-major order.
+    List(Vec<f64>),
+    /// A `.npy` file, relative to the card.
+    File(PathBuf),
+}
+
+impl ConditioningSection {
+    /// The graph input it binds.
+    pub fn input_name<'a>(&'a self, table: &'a str) -> &'a str {
+        self.input.as_deref().unwrap_or(table)
+    }
 }
 
 /// `[model.inputs]`: ONNX input names.
@@ -66,9 +104,12 @@ pub struct InputNames {
     /// The noisy sample, float32 `[batch, C, H, W]`.
     #[serde(default = "default_sample")]
     pub sample: String,
-    /// The timestep: int64 or float32, `[]`, `[1]` or `[batch]`.
-    #[serde(default = "default_timestep")]
-    pub timestep: String,
+    /// The timestep: int64 or float32, `[]`, `[1]` or `[batch]` (default name `timestep`).
+    pub timestep: Option<String>,
+    /// For σ-conditioned denoisers, in place of `timestep`: the noise level σ, float32 `[]`,
+    /// `[1]` or `[batch]`. The graph then gets the noisy sample unscaled (k-diffusion's
+    /// D(x; σ)).
+    pub sigma: Option<String>,
     /// Class labels, int64 `[batch]` (class-conditional models).
     pub class_labels: Option<String>,
     /// Conditioning embeddings, float32 `[batch, tokens, dim]` (cross-attention models).
@@ -78,17 +119,34 @@ pub struct InputNames {
 fn default_sample() -> String {
     "sample".into()
 }
-fn default_timestep() -> String {
-    "timestep".into()
-}
 
 impl Default for InputNames {
     fn default() -> Self {
         InputNames {
             sample: default_sample(),
-            timestep: default_timestep(),
+            timestep: None,
+            sigma: None,
             class_labels: None,
             encoder_hidden_states: None,
+        }
+    }
+}
+
+/// What a denoiser's time input takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeInput<'a> {
+    /// The sampler's timestep, into the input of this name (the sample scaled by the sampler).
+    Timestep(&'a str),
+    /// The noise level σ, into the input of this name (the sample unscaled).
+    Sigma(&'a str),
+}
+
+impl InputNames {
+    /// The time input: `sigma` when the card names one, else `timestep` (default `timestep`).
+    pub fn time(&self) -> TimeInput<'_> {
+        match &self.sigma {
+            Some(name) => TimeInput::Sigma(name),
+            None => TimeInput::Timestep(self.timestep.as_deref().unwrap_or("timestep")),
         }
     }
 }
@@ -209,6 +267,43 @@ impl ModelCard {
                     return Err(format!("classes.null: expected a label >= 0, got {null}"));
                 }
             }
+        }
+        let inputs = &self.model.inputs;
+        if inputs.sigma.is_some() && inputs.timestep.is_some() {
+            return Err("model.inputs: give timestep or sigma (a σ-conditioned model), not both".into());
+        }
+        let mut bound: Vec<(String, &str)> = [
+            Some(("model.inputs.sample".to_string(), inputs.sample.as_str())),
+            Some((
+                "model.inputs.timestep/sigma".to_string(),
+                match inputs.time() {
+                    TimeInput::Timestep(n) | TimeInput::Sigma(n) => n,
+                },
+            )),
+            inputs.class_labels.as_deref().map(|n| ("model.inputs.class_labels".to_string(), n)),
+            inputs.encoder_hidden_states.as_deref().map(|n| ("model.inputs.encoder_hidden_states".to_string(), n)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        for (table, c) in &self.model.conditioning {
+            let field = format!("model.conditioning.{table}");
+            if let Some((other, _)) = bound.iter().find(|(_, n)| *n == c.input_name(table)) {
+                return Err(format!("{field}: input {:?} is already bound by {other}", c.input_name(table)));
+            }
+            for (key, v) in [("default", &c.default), ("null", &c.null)] {
+                let finite = match v {
+                    Some(ConditioningValue::Number(x)) => x.is_finite(),
+                    Some(ConditioningValue::List(l)) => !l.is_empty() && l.iter().all(|x| x.is_finite()),
+                    _ => true,
+                };
+                if !finite {
+                    return Err(format!(
+                        "{field}.{key}: expected finite numbers (a number, a non-empty list or a .npy file)"
+                    ));
+                }
+            }
+            bound.push((field, c.input_name(table)));
         }
         if let Some(steps) = self.defaults.steps {
             if steps == 0 {

@@ -266,7 +266,23 @@ pub fn read_npy4(path: &Path) -> Result<Array4<f32>> {
 }
 
 /// Reads a float32 `[batch, C, H, W]` tensor from `.npy` bytes; `what` names the source in errors.
-pub fn read_npy4_from(mut reader: impl Read, what: &str) -> Result<Array4<f32>> {
+pub fn read_npy4_from(reader: impl Read, what: &str) -> Result<Array4<f32>> {
+    let arr = read_npy_from(reader, what)?;
+    let shape = arr.shape().to_vec();
+    arr.into_dimensionality::<Ix4>().map_err(|_| Error::Tensor {
+        what: what.to_string(),
+        message: format!("expected shape [batch, C, H, W], found {shape:?}"),
+    })
+}
+
+/// Reads a float32 tensor of any shape from a `.npy` file.
+pub fn read_npy(path: &Path) -> Result<ArrayD<f32>> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    read_npy_from(std::io::BufReader::new(file), &path.display().to_string())
+}
+
+/// Reads a float32 tensor of any shape from `.npy` bytes; `what` names the source in errors.
+pub fn read_npy_from(mut reader: impl Read, what: &str) -> Result<ArrayD<f32>> {
     let tensor_err = |e: ReadNpyError| Error::Tensor {
         what: what.to_string(),
         message: match e {
@@ -277,12 +293,7 @@ pub fn read_npy4_from(mut reader: impl Read, what: &str) -> Result<Array4<f32>> 
         },
     };
     let head = read_declared(&mut reader).map_err(tensor_err)?;
-    let arr = ArrayD::<f32>::read_npy(std::io::Cursor::new(head).chain(reader)).map_err(tensor_err)?;
-    let shape = arr.shape().to_vec();
-    arr.into_dimensionality::<Ix4>().map_err(|_| Error::Tensor {
-        what: what.to_string(),
-        message: format!("expected shape [batch, C, H, W], found {shape:?}"),
-    })
+    ArrayD::<f32>::read_npy(std::io::Cursor::new(head).chain(reader)).map_err(tensor_err)
 }
 
 /// Reads a `.npy` file's preamble, header and float32 data, as much as they declare and never more

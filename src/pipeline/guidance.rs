@@ -1,10 +1,10 @@
 //! Classifier-free guidance: how a guided step runs its conditional and unconditional branches,
 //! and how their predictions combine (`uncond + scale · (cond − uncond)`, as diffusers does).
 
-use ndarray::{s, Array4, ArrayD};
+use ndarray::{s, Array4};
 
 use crate::error::{Error, Result};
-use crate::runtime::Denoiser;
+use crate::runtime::{Conditions, Denoiser};
 
 /// How a guided step evaluates its conditional and unconditional branches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -52,12 +52,12 @@ impl GuidanceBatching {
 pub(super) struct Call<'a> {
     /// The scaled model input, one image.
     pub x: &'a Array4<f32>,
-    /// The timestep.
+    /// The timestep (σ for a σ-conditioned model).
     pub t: f64,
-    /// The image's class and the null class.
-    pub labels: [i64; 2],
-    /// Cross-attention conditioning, if any.
-    pub context: Option<&'a ArrayD<f32>>,
+    /// The conditional and the unconditional branch's inputs, one image each.
+    pub branches: [Conditions<'a>; 2],
+    /// Both branches as one batch of two, for `Batched`.
+    pub pair: Conditions<'a>,
     /// The guidance scale.
     pub scale: f32,
 }
@@ -84,20 +84,20 @@ impl Scratch {
         call: &Call,
         out: &mut Array4<f32>,
     ) -> Result<()> {
-        let Call { x, t, labels: [label, null], context: ctx, scale } = *call;
+        let Call { x, t, branches: [ref cond, ref null], ref pair, scale } = *call;
         let Scratch { uncond, pair_in, pair_out } = self;
         match batching {
             GuidanceBatching::Auto | GuidanceBatching::TwoCalls => {
-                denoiser.predict(x, t, Some(&[label]), ctx, out)?;
-                denoiser.predict(x, t, Some(&[null]), ctx, uncond)?;
+                denoiser.predict_with(x, t, cond, out)?;
+                denoiser.predict_with(x, t, null, uncond)?;
             }
             GuidanceBatching::Concurrent => {
-                denoiser.predict_pair(x, t, [label, null], ctx, [&mut *out, &mut *uncond])?;
+                denoiser.predict_pair_with(x, t, [cond, null], [&mut *out, &mut *uncond])?;
             }
             GuidanceBatching::Batched => {
                 pair_in.slice_mut(s![0..1, .., .., ..]).assign(x);
                 pair_in.slice_mut(s![1..2, .., .., ..]).assign(x);
-                denoiser.predict(pair_in, t, Some(&[label, null]), ctx, pair_out)?;
+                denoiser.predict_with(pair_in, t, pair, pair_out)?;
                 out.assign(&pair_out.slice(s![0..1, .., .., ..]));
                 uncond.assign(&pair_out.slice(s![1..2, .., .., ..]));
             }

@@ -4,19 +4,21 @@
 //! gives the same result as a batched run, keeps peak memory at one image, and lets image `i`
 //! of a request be reproduced alone (its noise is stream `i` of the seed).
 
+use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ndarray::{s, Array4, ArrayD};
 
-use crate::card::ModelCard;
+use crate::card::{ModelCard, TimeInput};
 use crate::error::{Error, Result};
 use crate::noise::SeededNoise;
-use crate::runtime::Denoiser;
+use crate::runtime::{Conditions, Denoiser};
 pub use crate::runtime::{Convolution, Precision};
 use crate::sampler::{self, NoiseSource, SamplerKind, SamplerOptions};
 
+mod conditioning;
 mod guidance;
 pub use guidance::GuidanceBatching;
 
@@ -72,6 +74,11 @@ pub struct Request {
     pub noise: Option<Array4<f32>>,
     /// Conditioning for cross-attention models (`[1, tokens, dim]`, shared by all images).
     pub context: Option<ArrayD<f32>>,
+    /// Values of the card's conditioning inputs (`[model.conditioning.NAME]`), by name; an
+    /// input not given takes the card's `default`. Each is one image's values (the input's
+    /// shape after its batch axis, e.g. `[]` for one number per image), or rows of them
+    /// (`[rows, ...]`, or a flat list), image `i` taking row `i mod rows` as `classes` cycle.
+    pub conditioning: BTreeMap<String, ArrayD<f32>>,
 }
 
 /// Progress of one model call, for callbacks.
@@ -126,12 +133,31 @@ struct Scratch {
     x_in: Array4<f32>,
     out: Array4<f32>,
     guided: guidance::Scratch,
+    /// One image's values of each conditioning input, for the conditional and the
+    /// unconditional branch, and both as one batch of 2.
+    extra: Vec<ArrayD<f32>>,
+    extra_null: Vec<ArrayD<f32>>,
+    extra_pair: Vec<ArrayD<f32>>,
 }
 
 impl Scratch {
-    fn new([c, h, w]: [usize; 3]) -> Self {
+    fn new([c, h, w]: [usize; 3], conditioning: &[crate::runtime::ConditioningInput]) -> Self {
         let one = || Array4::<f32>::zeros((1, c, h, w));
-        Scratch { x: one(), x_in: one(), out: one(), guided: guidance::Scratch::new([c, h, w]) }
+        let arrays = |batch: usize| -> Vec<ArrayD<f32>> {
+            conditioning
+                .iter()
+                .map(|i| ArrayD::zeros(std::iter::once(batch).chain(i.dims.iter().copied()).collect::<Vec<_>>()))
+                .collect()
+        };
+        Scratch {
+            x: one(),
+            x_in: one(),
+            out: one(),
+            guided: guidance::Scratch::new([c, h, w]),
+            extra: arrays(1),
+            extra_null: arrays(1),
+            extra_pair: arrays(2),
+        }
     }
 }
 
@@ -143,6 +169,9 @@ struct Resolved {
     guidance: f32,
     opts: SamplerOptions,
     images: usize,
+    /// Each conditioning input's values, and its null values when guided.
+    conditioning: Vec<conditioning::Rows>,
+    nulls: Vec<conditioning::Rows>,
 }
 
 /// A model loaded once, ready to generate.
@@ -160,6 +189,7 @@ pub struct Pipeline {
     denoiser: Denoiser,
     options: LoadOptions,
     scratch: Scratch,
+    card_values: conditioning::CardValues,
 }
 
 impl Pipeline {
@@ -199,16 +229,19 @@ impl Pipeline {
         // batch 2 when guided steps run as one call. A pipeline runs no other batch size, so the
         // last plan consumes the source graph (on the 35.7M UNet about 130 MB of 3×3 kernels
         // that the plans hold transformed).
-        let guidable =
+        let card_values = conditioning::CardValues::load(&card, denoiser.conditioning_inputs())?;
+        let class_null =
             card.model.inputs.class_labels.is_some() && card.classes.as_ref().is_some_and(|c| c.null.is_some());
+        let guidable = (class_null || !denoiser.conditioning_inputs().is_empty()) && card_values.nulls().is_some();
         if options.guidance_batching == GuidanceBatching::Batched && guidable {
             denoiser.prepare(1)?;
             denoiser.prepare_final(2)?;
         } else {
             denoiser.prepare_final(1)?;
         }
-        let scratch = Scratch::new([card.image.channels, card.image.height, card.image.width]);
-        Ok(Pipeline { card, denoiser, options, scratch })
+        let scratch =
+            Scratch::new([card.image.channels, card.image.height, card.image.width], denoiser.conditioning_inputs());
+        Ok(Pipeline { card, denoiser, options, scratch, card_values })
     }
 
     /// The model card.
@@ -374,7 +407,7 @@ impl Pipeline {
             return Err(Error::config("guidance", format!("expected a finite scale >= 0, got {guidance}")));
         }
         let opts = SamplerOptions { eta: req.eta.or(d.eta).unwrap_or(0.0) };
-        let probe = sampler::build(kind, &card.scheduler, steps, &opts).map_err(|e| match e {
+        let probe = sampler_for(card, kind, steps, &opts).map_err(|e| match e {
             Error::Config { field, message } if field.starts_with("scheduler.") => {
                 Error::Card { path: card.file.clone(), message: format!("{field}: {message}") }
             }
@@ -403,13 +436,31 @@ impl Pipeline {
         self.check_labels(req)?;
         let null = card.classes.as_ref().and_then(|c| c.null);
         let conditional = card.model.inputs.class_labels.is_some();
-        if guidance != 1.0 && (null.is_none() || !conditional) {
-            return Err(Error::config(
-                "guidance",
-                "classifier-free guidance needs a class-conditional model whose card names a null class ([classes] null)",
-            ));
+        let inputs = self.denoiser.conditioning_inputs();
+        let conditioning = self.card_values.for_request(inputs, &req.conditioning)?;
+        let mut nulls = Vec::new();
+        if guidance != 1.0 {
+            if inputs.is_empty() && (null.is_none() || !conditional) {
+                return Err(Error::config(
+                    "guidance",
+                    "classifier-free guidance needs a class-conditional model whose card names a null class ([classes] null), or conditioning inputs with null values",
+                ));
+            }
+            if conditional && null.is_none() {
+                return Err(Error::config(
+                    "guidance",
+                    "the unconditional branch needs a null class: add null to [classes]",
+                ));
+            }
+            if let Some(name) = self.card_values.missing_null(inputs) {
+                return Err(Error::config(
+                    "guidance",
+                    format!("conditioning input {name:?} has no null value for the unconditional branch: add null = ... to [model.conditioning.{name}]"),
+                ));
+            }
+            nulls = self.card_values.nulls().expect("checked above");
         }
-        Ok(Resolved { kind, steps, total, guidance, opts, images: self.num_images(req) })
+        Ok(Resolved { kind, steps, total, guidance, opts, images: self.num_images(req), conditioning, nulls })
     }
 
     /// The sampler loop into `samples`, image `i` at `samples[i·C·H·W..]`.
@@ -448,11 +499,14 @@ impl Pipeline {
         }
         let null = self.card.classes.as_ref().and_then(|c| c.null);
         let conditional = self.card.model.inputs.class_labels.is_some();
-        let Scratch { x, x_in, out, guided: pair } = &mut self.scratch;
+        // A σ-conditioned model takes the noisy sample as it is (its preconditioning is in the graph).
+        let sigma_model = matches!(self.card.model.inputs.time(), TimeInput::Sigma(_));
+        let Scratch { x, x_in, out, guided: pair, extra, extra_null, extra_pair } = &mut self.scratch;
         let (guidance, total) = (r.guidance, r.total);
+        let ctx = req.context.as_ref();
         for i in 0..n {
             let index = req.first_image + i;
-            let mut sampler = sampler::build(r.kind, &self.card.scheduler, r.steps, &r.opts)?;
+            let mut sampler = sampler_for(&self.card, r.kind, r.steps, &r.opts)?;
             let mut noise = SeededNoise::new(req.seed, index as u64, 1);
             match &req.noise {
                 Some(given) => x.assign(&given.slice(s![i..i + 1, .., .., ..])),
@@ -471,21 +525,42 @@ impl Pipeline {
                 None if conditional => null,
                 None => None,
             };
+            // An image drawn as the null class with no other conditioning is its own
+            // unconditional branch: guidance would change nothing.
+            let guided_image = guided && (!r.conditioning.is_empty() || (label.is_some() && label != null));
+            conditioning::fill(extra, &r.conditioning, index, 0);
+            if guided_image {
+                conditioning::fill(extra_null, &r.nulls, index, 0);
+                conditioning::fill(extra_pair, &r.conditioning, index, 0);
+                conditioning::fill(extra_pair, &r.nulls, index, 1);
+            }
+            let labels = label.map(|l| [l]);
+            let null_labels = label.and(null).map(|n| [n]);
+            let pair_labels = label.zip(null).map(|(l, n)| [l, n]);
             for k in 0..sampler.timesteps().len() {
                 let t = sampler.timesteps()[k];
                 let start = Instant::now();
                 x_in.assign(x);
-                sampler.scale_model_input(x_in, k);
-                let ctx = req.context.as_ref();
-                match (guided, label, null) {
-                    (true, Some(label), Some(null)) if label != null => {
-                        let call = guidance::Call { x: x_in, t, labels: [label, null], context: ctx, scale: guidance };
-                        pair.predict(&mut self.denoiser, batching, &call, out)?;
-                    }
-                    _ => {
-                        let l = label.map(|l| [l]);
-                        self.denoiser.predict(x_in, t, l.as_ref().map(|l| &l[..]), ctx, out)?;
-                    }
+                if !sigma_model {
+                    sampler.scale_model_input(x_in, k);
+                }
+                let cond = branch(&labels, ctx, extra);
+                if guided_image {
+                    let both = Conditions {
+                        class_labels: pair_labels.as_ref().map(|l| &l[..]),
+                        context: ctx,
+                        extra: extra_pair,
+                    };
+                    let call = guidance::Call {
+                        x: x_in,
+                        t,
+                        branches: [cond, branch(&null_labels, ctx, extra_null)],
+                        pair: both,
+                        scale: guidance,
+                    };
+                    pair.predict(&mut self.denoiser, batching, &call, out)?;
+                } else {
+                    self.denoiser.predict_with(x_in, t, &cond, out)?;
                 }
                 let bad = out.iter().filter(|v| !v.is_finite()).count();
                 if bad > 0 {
@@ -530,5 +605,25 @@ impl Pipeline {
     }
 }
 
-#[cfg(test)]
-mod tests {}
+/// The sampler `kind` for the card's model: on the sampler's timesteps, or on σ for a
+/// σ-conditioned model.
+fn sampler_for(
+    card: &ModelCard,
+    kind: SamplerKind,
+    steps: usize,
+    opts: &SamplerOptions,
+) -> Result<Box<dyn sampler::Sampler>> {
+    match card.model.inputs.time() {
+        TimeInput::Timestep(_) => sampler::build(kind, &card.scheduler, steps, opts),
+        TimeInput::Sigma(_) => sampler::build_for_sigma_model(kind, &card.scheduler, steps, opts),
+    }
+}
+
+/// One image's call inputs: its label (if any), the shared context and its conditioning values.
+fn branch<'a>(
+    label: &'a Option<[i64; 1]>,
+    context: Option<&'a ArrayD<f32>>,
+    extra: &'a [ArrayD<f32>],
+) -> Conditions<'a> {
+    Conditions { class_labels: label.as_ref().map(|l| &l[..]), context, extra }
+}

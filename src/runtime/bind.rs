@@ -6,7 +6,7 @@ use tract_onnx::tract_hir::infer::{Factoid, InferenceModel};
 
 use super::load::{input_names, one_line};
 use super::Denoiser;
-use crate::card::ModelCard;
+use crate::card::{ModelCard, TimeInput};
 use crate::error::{Error, Result};
 
 /// How the timestep input is typed and shaped in the ONNX graph.
@@ -37,7 +37,34 @@ pub(super) struct Bindings {
     pub(super) timestep_input: TimestepInput,
     pub(super) class_labels: Option<(usize, DatumType)>,
     pub(super) context: Option<(usize, Vec<usize>)>,
+    pub(super) conditioning: Vec<ConditioningInput>,
     pub(super) output: usize,
+}
+
+/// A graph input bound by a `[model.conditioning.NAME]` table of the card.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConditioningInput {
+    /// The card table's name.
+    pub name: String,
+    /// The graph input's name.
+    pub input: String,
+    /// Its element type in the graph (values are given as float32 and converted).
+    pub datum_type: DatumType,
+    /// One image's shape: the input's dims after the batch axis (`[]` for one number per image).
+    pub dims: Vec<usize>,
+    pub(super) index: usize,
+}
+
+/// A call's inputs beyond the sample and the time, for a batch of images.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Conditions<'a> {
+    /// One class label per image (class-conditional models).
+    pub class_labels: Option<&'a [i64]>,
+    /// Cross-attention conditioning, `[batch, tokens, dim]`.
+    pub context: Option<&'a ndarray::ArrayD<f32>>,
+    /// The values of the card's conditioning inputs, in
+    /// [`conditioning_inputs`](Denoiser::conditioning_inputs) order, each `[batch, ...dims]`.
+    pub extra: &'a [ndarray::ArrayD<f32>],
 }
 
 pub(super) fn bind(model: &InferenceModel, card: &ModelCard) -> std::result::Result<Bindings, String> {
@@ -49,14 +76,32 @@ pub(super) fn bind(model: &InferenceModel, card: &ModelCard) -> std::result::Res
         })
     };
     let sample = find("sample", &cn.sample)?;
-    let timestep = find("timestep", &cn.timestep)?;
+    let (time_field, time_name) = match cn.time() {
+        TimeInput::Timestep(name) => ("timestep", name),
+        TimeInput::Sigma(name) => ("sigma", name),
+    };
+    let timestep = find(time_field, time_name)?;
     let class_labels = cn.class_labels.as_deref().map(|n| find("class_labels", n)).transpose()?;
     let context = cn.encoder_hidden_states.as_deref().map(|n| find("encoder_hidden_states", n)).transpose()?;
-    let bound: Vec<usize> = [Some(sample), Some(timestep), class_labels, context].into_iter().flatten().collect();
+    let mut conditioning = Vec::new();
+    for (table, c) in &card.model.conditioning {
+        let input = c.input_name(table);
+        let index = names.iter().position(|n| n == input).ok_or_else(|| {
+            format!(
+                "the card's [model.conditioning.{table}] binds input {input:?}, which is not an input of this ONNX graph (inputs: {names:?})"
+            )
+        })?;
+        conditioning.push((table.clone(), input.to_string(), index));
+    }
+    let bound: Vec<usize> = [Some(sample), Some(timestep), class_labels, context]
+        .into_iter()
+        .flatten()
+        .chain(conditioning.iter().map(|c| c.2))
+        .collect();
     if let Some(extra) = (0..names.len()).find(|i| !bound.contains(i)) {
+        let name = &names[extra];
         return Err(format!(
-            "ONNX input {:?} is not named in the card's [model.inputs] (sample, timestep, class_labels, encoder_hidden_states)",
-            names[extra]
+            "ONNX input {name:?} is bound to nothing: name it in the card's [model.inputs] (sample, timestep or sigma, class_labels, encoder_hidden_states), or add a [model.conditioning.{name}] table with a default (a number, a list or a .npy file)"
         ));
     }
     let outlets = model.input_outlets().map_err(|e| e.to_string())?;
@@ -87,15 +132,14 @@ pub(super) fn bind(model: &InferenceModel, card: &ModelCard) -> std::result::Res
     }
 
     let tf = fact(timestep)?;
-    let datum_type = match tf.datum_type.concretize() {
-        None | Some(DatumType::F32) => DatumType::F32,
-        Some(dt @ (DatumType::F64 | DatumType::I64 | DatumType::I32)) => dt,
-        Some(other) => {
-            return Err(format!(
-                "timestep input {:?} is {other:?}, expected float32, float64, int64 or int32",
-                cn.timestep
-            ))
+    let datum_type = match (tf.datum_type.concretize(), time_field) {
+        (None | Some(DatumType::F32), _) => DatumType::F32,
+        (Some(dt @ DatumType::F64), _) => dt,
+        (Some(dt @ (DatumType::I64 | DatumType::I32)), "timestep") => dt,
+        (Some(other), "timestep") => {
+            return Err(format!("timestep input {time_name:?} is {other:?}, expected float32, float64, int64 or int32"))
         }
+        (Some(other), _) => return Err(format!("sigma input {time_name:?} is {other:?}, expected float32 or float64")),
     };
     let shape = match tf.shape.rank().concretize() {
         Some(0) => TimestepShape::Scalar,
@@ -104,7 +148,7 @@ pub(super) fn bind(model: &InferenceModel, card: &ModelCard) -> std::result::Res
             _ => TimestepShape::Batch,
         },
         None => TimestepShape::Batch,
-        Some(r) => return Err(format!("timestep input {:?} has rank {r}, expected [], [1] or [batch]", cn.timestep)),
+        Some(r) => return Err(format!("{time_field} input {time_name:?} has rank {r}, expected [], [1] or [batch]")),
     };
 
     let class_labels = match class_labels {
@@ -128,6 +172,40 @@ pub(super) fn bind(model: &InferenceModel, card: &ModelCard) -> std::result::Res
         }
         None => None,
     };
+    let conditioning = conditioning
+        .into_iter()
+        .map(|(name, input, index)| {
+            let f = fact(index)?;
+            let datum_type = match f.datum_type.concretize() {
+                None => DatumType::F32,
+                Some(dt @ (DatumType::F32 | DatumType::F16 | DatumType::F64 | DatumType::I64 | DatumType::I32)) => dt,
+                Some(other) => {
+                    return Err(format!(
+                        "conditioning input {input:?} is {other:?}, expected a float or int32/int64 type"
+                    ))
+                }
+            };
+            let rank = f.shape.rank().concretize().ok_or_else(|| {
+                format!("conditioning input {input:?} has no known rank in the ONNX file, expected [batch, ...]")
+            })?;
+            if rank < 1 {
+                return Err(format!("conditioning input {input:?} is a scalar, expected a batch axis: [batch, ...]"));
+            }
+            let dims = (1..rank as usize)
+                .map(|a| {
+                    f.shape
+                        .dim(a)
+                        .and_then(|d| d.concretize())
+                        .and_then(|d| d.to_i64().ok())
+                        .map(|d| d as usize)
+                        .ok_or_else(|| {
+                            format!("conditioning input {input:?} has no fixed size at axis {a} in the ONNX file")
+                        })
+                })
+                .collect::<std::result::Result<Vec<usize>, String>>()?;
+            Ok(ConditioningInput { name, input, datum_type, dims, index })
+        })
+        .collect::<std::result::Result<Vec<_>, String>>()?;
     let outputs = model.output_outlets().map_err(|e| e.to_string())?;
     let output = match &card.model.output {
         None => 0,
@@ -142,19 +220,15 @@ pub(super) fn bind(model: &InferenceModel, card: &ModelCard) -> std::result::Res
         timestep_input: TimestepInput { datum_type, shape },
         class_labels,
         context,
+        conditioning,
         output,
     })
 }
 
 impl Denoiser {
     /// The graph's inputs for one call, in tract's order and precision.
-    pub(super) fn graph_inputs(
-        &self,
-        sample: &Array4<f32>,
-        timestep: f64,
-        class_labels: Option<&[i64]>,
-        context: Option<&ndarray::ArrayD<f32>>,
-    ) -> Result<TVec<TValue>> {
+    pub(super) fn graph_inputs(&self, sample: &Array4<f32>, timestep: f64, cond: &Conditions) -> Result<TVec<TValue>> {
+        let Conditions { class_labels, context, extra } = *cond;
         let batch = sample.shape()[0];
         let b = &self.bindings;
         // One per graph input (`describe` lists them all), also once the source is released.
@@ -188,6 +262,27 @@ impl Denoiser {
                 Error::config("context", "this model takes encoder_hidden_states; pass a conditioning tensor")
             })?;
             inputs[*ix] = Some(to_graph(Tensor::from(ctx.clone()))?);
+        }
+        if extra.len() != b.conditioning.len() {
+            return Err(Error::config(
+                "conditioning",
+                format!("this model takes {} conditioning inputs, got {} values", b.conditioning.len(), extra.len()),
+            ));
+        }
+        for (c, value) in b.conditioning.iter().zip(extra) {
+            let want: Vec<usize> = std::iter::once(batch).chain(c.dims.iter().copied()).collect();
+            if value.shape() != want.as_slice() {
+                return Err(Error::Tensor {
+                    what: format!("conditioning {}", c.name),
+                    message: format!("expected shape {want:?}, found {:?}", value.shape()),
+                });
+            }
+            let t = Tensor::from(value.clone());
+            let t = match c.datum_type {
+                DatumType::F32 => to_graph(t)?,
+                dt => t.cast_to_dt(dt).map_err(|e| Error::Inference(e.to_string()))?.into_owned().into_tvalue(),
+            };
+            inputs[c.index] = Some(t);
         }
         Ok(inputs.into_iter().map(|v| v.expect("every input bound")).collect())
     }

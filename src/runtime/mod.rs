@@ -29,7 +29,7 @@ mod profile;
 mod settings;
 mod threads;
 
-pub use bind::{TimestepInput, TimestepShape};
+pub use bind::{ConditioningInput, Conditions, TimestepInput, TimestepShape};
 pub use load::IoInfo;
 pub use profile::{NodeTime, OpProfile, OpTime};
 pub use settings::{Convolution, Precision};
@@ -210,9 +210,21 @@ impl Denoiser {
         context: Option<&ndarray::ArrayD<f32>>,
         out: &mut Array4<f32>,
     ) -> Result<()> {
+        self.predict_with(sample, timestep, &Conditions { class_labels, context, extra: &[] }, out)
+    }
+
+    /// [`predict`](Denoiser::predict) with every conditioning input: `time` is the timestep, or
+    /// σ for a σ-conditioned model (the card's `model.inputs.sigma`).
+    pub fn predict_with(
+        &mut self,
+        sample: &Array4<f32>,
+        time: f64,
+        conditions: &Conditions,
+        out: &mut Array4<f32>,
+    ) -> Result<()> {
         let batch = sample.shape()[0];
         self.prepare(batch)?;
-        let inputs = self.graph_inputs(sample, timestep, class_labels, context)?;
+        let inputs = self.graph_inputs(sample, time, conditions)?;
         let plan = self.plans.get_mut().get_mut(&batch).expect("prepared above");
         copy_output(run_on(&self.executor, &mut plan.state, inputs), out)
     }
@@ -233,6 +245,19 @@ impl Denoiser {
         context: Option<&ndarray::ArrayD<f32>>,
         outs: [&mut Array4<f32>; 2],
     ) -> Result<()> {
+        let cond = |l| Conditions { class_labels: Some(l), context, extra: &[] };
+        self.predict_pair_with(sample, timestep, [&cond(&labels[..1]), &cond(&labels[1..])], outs)
+    }
+
+    /// [`predict_pair`](Denoiser::predict_pair) with every conditioning input, one set per
+    /// branch.
+    pub fn predict_pair_with(
+        &mut self,
+        sample: &Array4<f32>,
+        time: f64,
+        conditions: [&Conditions; 2],
+        outs: [&mut Array4<f32>; 2],
+    ) -> Result<()> {
         if sample.shape()[0] != 1 {
             return Err(Error::Inference(format!(
                 "predict_pair takes one image, got a batch of {}",
@@ -240,8 +265,8 @@ impl Denoiser {
             )));
         }
         self.prepare(1)?;
-        let inputs_a = self.graph_inputs(sample, timestep, Some(&labels[..1]), context)?;
-        let inputs_b = self.graph_inputs(sample, timestep, Some(&labels[1..]), context)?;
+        let inputs_a = self.graph_inputs(sample, time, conditions[0])?;
+        let inputs_b = self.graph_inputs(sample, time, conditions[1])?;
         let (threads, path) = (self.threads, self.path.clone());
         let plan = self.plans.get_mut().get_mut(&1).expect("prepared above");
         let err = |e: TractError| Error::Model { path: path.clone(), message: one_line(&format!("{e:#}")) };
@@ -255,6 +280,12 @@ impl Denoiser {
         let res_b = res_b.map_err(|_| Error::Inference("the unconditional branch's thread panicked".into()))?;
         copy_output(res_a, out_a)?;
         copy_output(res_b, out_b)
+    }
+
+    /// The graph inputs bound by the card's `[model.conditioning.NAME]` tables, in the order
+    /// [`Conditions::extra`] takes their values.
+    pub fn conditioning_inputs(&self) -> &[ConditioningInput] {
+        &self.bindings.conditioning
     }
 
     /// Number of weights in the ONNX initializers.

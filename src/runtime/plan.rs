@@ -105,6 +105,11 @@ impl Denoiser {
             shape.extend(dims.iter().copied());
             model.set_input_fact(*ix, f32::fact(shape).into()).map_err(err)?;
         }
+        for c in &b.conditioning {
+            let mut shape: TVec<usize> = tvec![batch];
+            shape.extend(c.dims.iter().copied());
+            model.set_input_fact(c.index, InferenceFact::dt_shape(c.datum_type, shape)).map_err(err)?;
+        }
         let out_outlet = model.output_outlets().map_err(err)?[b.output];
         model.select_output_outlets(&[out_outlet]).map_err(err)?;
         let optimizing = |e: TractError| format!("optimizing for batch {batch}: {}", err(e));

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use ndarray::{Array4, ArrayD, IxDyn};
 use tract_onnx::prelude::*;
 
+use super::bind::Conditions;
 use super::load::one_line;
 use super::threads::{in_pool, run_on};
 use super::Denoiser;
@@ -87,7 +88,14 @@ impl Denoiser {
             let shape: Vec<usize> = std::iter::once(batch).chain(dims.iter().copied()).collect();
             ArrayD::<f32>::zeros(IxDyn(&shape))
         });
-        let inputs = self.graph_inputs(&sample, 500.0, Some(&labels), context.as_ref())?;
+        let extra: Vec<ArrayD<f32>> = self
+            .bindings
+            .conditioning
+            .iter()
+            .map(|c| ArrayD::zeros(IxDyn(&std::iter::once(batch).chain(c.dims.iter().copied()).collect::<Vec<_>>())))
+            .collect();
+        let conditions = Conditions { class_labels: Some(&labels), context: context.as_ref(), extra: &extra };
+        let inputs = self.graph_inputs(&sample, 500.0, &conditions)?;
         let executor = self.executor.clone();
         let plan = self.plans.get_mut().get_mut(&batch).expect("prepared above");
         let failed = |e: TractError| Error::Inference(one_line(&format!("{e:#}")));

@@ -7,7 +7,7 @@
 
 use ndarray::{Array4, Zip};
 
-use super::config::SchedulerConfig;
+use super::config::{PredictionType, SchedulerConfig};
 use super::schedule::{self, num_train_timesteps};
 use super::{NoiseSource, Sampler};
 use crate::error::{Error, Result};
@@ -23,6 +23,9 @@ pub struct Consistency {
     sigma_data: f64,
     s_noise: f64,
     clip_denoised: bool,
+    /// The model outputs the denoised sample itself (`prediction_type = "sample"`): c_skip = 0,
+    /// c_out = 1.
+    outputs_x0: bool,
     noise: Option<Array4<f32>>,
 }
 
@@ -74,8 +77,25 @@ impl Consistency {
             sigma_data,
             s_noise,
             clip_denoised: cfg.clip_denoised.unwrap_or(true),
+            outputs_x0: cfg.prediction_type == Some(PredictionType::Sample),
             noise: None,
         })
+    }
+
+    /// Consistency sampling of a σ-conditioned denoiser D(x; σ) with its preconditioning in the
+    /// graph: the same σ schedule, with σ itself as each call's timestep. A model that outputs
+    /// x̂₀ (`prediction_type = "sample"`) is taken as the denoised sample.
+    pub fn for_sigma_model(cfg: &SchedulerConfig, steps: usize) -> Result<Self> {
+        if matches!(cfg.prediction_type, Some(PredictionType::Epsilon | PredictionType::VPrediction)) {
+            return Err(Error::config(
+                "scheduler.prediction_type",
+                "the consistency sampler takes a σ-conditioned model that outputs the denoised sample: \
+                 expected \"sample\" (or no prediction_type: the consistency model's raw output)",
+            ));
+        }
+        let mut c = Consistency::new(cfg, steps)?;
+        c.timesteps = c.sigmas[..steps].iter().map(|&s| s as f64).collect();
+        Ok(c)
     }
 }
 
@@ -107,8 +127,13 @@ impl Sampler for Consistency {
         let (sd, smin) = (self.sigma_data, self.sigma_min);
         // The boundary-condition scalings: c_skip = 1 and c_out = 0 at σ = σ_min, so the model
         // is the identity there.
-        let c_skip = sd * sd / ((sigma - smin) * (sigma - smin) + sd * sd);
-        let c_out = (sigma - smin) * sd / (sigma * sigma + sd * sd).sqrt();
+        let (c_skip, c_out) = match self.outputs_x0 {
+            true => (0.0, 1.0),
+            false => (
+                sd * sd / ((sigma - smin) * (sigma - smin) + sd * sd),
+                (sigma - smin) * sd / (sigma * sigma + sd * sd).sqrt(),
+            ),
+        };
         let sigma_hat = sigma_next.clamp(smin, self.sigma_max);
         let noise_scale = self.s_noise * (sigma_hat * sigma_hat - smin * smin).max(0.0).sqrt();
         let clip = self.clip_denoised;

@@ -10,7 +10,10 @@ use ndarray::{Array4, Zip};
 
 use super::config::{unsupported, BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing};
 use super::schedule::{self, ScheduleDefaults};
-use super::sigmas::{check_karras_range, final_sigma_is_zero, interp_sigmas, log_sigmas, sigma_schedule};
+use super::sigmas::{
+    check_karras_range, final_sigma_is_zero, interp_sigmas, log_sigmas, sigma_model_sigmas, sigma_schedule,
+};
+use super::x0::SigmaSpaceX0;
 use super::x0::X0Clip;
 use super::{NoiseSource, Sampler};
 use crate::error::{Error, Result};
@@ -42,6 +45,9 @@ pub struct DpmPP2M {
     prev_x0: Option<Array4<f32>>,
     /// How many steps have run, capped at `order` (diffusers' `lower_order_nums`).
     lower_order_nums: usize,
+    /// Driving a σ-conditioned denoiser: the sample is in σ-space (x₀ + σ·ε, k-diffusion's
+    /// `sample_dpmpp_2m`) rather than diffusers' variance-preserving x.
+    sigma_model: bool,
 }
 
 impl DpmPP2M {
@@ -151,7 +157,58 @@ impl DpmPP2M {
             timesteps: timesteps.iter().map(|&t| t as f64).collect(),
             prev_x0: None,
             lower_order_nums: 0,
+            sigma_model: false,
         })
+    }
+
+    /// DPM-Solver++(2M) for a σ-conditioned denoiser, as k-diffusion's `sample_dpmpp_2m`: the
+    /// timesteps are the σ of each call (Karras sigmas from the card's `sigma_max` to
+    /// `sigma_min`), the first step and the last (to σ = 0) are first order.
+    pub fn for_sigma_model(cfg: &SchedulerConfig, steps: usize) -> Result<Self> {
+        let sigmas = sigma_model_sigmas(cfg, steps)?;
+        Ok(DpmPP2M {
+            prediction: cfg.prediction_type.unwrap_or(PredictionType::Epsilon),
+            thresholding: X0Clip::from_config(&SchedulerConfig::default(), false),
+            order: 2,
+            lower_order_final: true,
+            euler_at_final: false,
+            final_sigma_zero: true,
+            timesteps: sigmas[..steps].iter().map(|&s| s as f64).collect(),
+            sigmas,
+            prev_x0: None,
+            lower_order_nums: 0,
+            sigma_model: true,
+        })
+    }
+
+    /// One step in σ-space: x̂₀ from the model, then x ← (σₜ/σₛ)·x − (e^{−h} − 1)·D with
+    /// h = ln σₛ − ln σₜ, D the second-order blend of this x̂₀ and the previous one.
+    fn sigma_model_step(&mut self, model_output: &Array4<f32>, index: usize, sample: &mut Array4<f32>) {
+        let (sigma, sigma_next) = (self.sigmas[index], self.sigmas[index + 1]);
+        let to_x0 = SigmaSpaceX0::new(self.prediction, sigma);
+        let mut x0 = Array4::<f32>::zeros(sample.raw_dim());
+        Zip::from(&mut x0).and(model_output).and(&*sample).for_each(|d, &m, &x| *d = to_x0.of(m, x));
+        let (s, t) = (sigma as f64, sigma_next as f64);
+        if t == 0.0 {
+            sample.assign(&x0);
+        } else {
+            let h = s.ln() - t.ln();
+            let (ratio, phi) = (t / s, (-h).exp_m1());
+            match (&self.prev_x0, index) {
+                (Some(prev), i) if i > 0 => {
+                    let h_last = (self.sigmas[i - 1] as f64).ln() - s.ln();
+                    let r = h_last / h;
+                    let (a, b) = (1.0 + 1.0 / (2.0 * r), 1.0 / (2.0 * r));
+                    Zip::from(&mut *sample).and(&x0).and(prev).for_each(|x, &m0, &m1| {
+                        *x = (ratio * *x as f64 - phi * (a * m0 as f64 - b * m1 as f64)) as f32;
+                    });
+                }
+                _ => Zip::from(&mut *sample)
+                    .and(&x0)
+                    .for_each(|x, &m0| *x = (ratio * *x as f64 - phi * m0 as f64) as f32),
+            }
+        }
+        self.prev_x0 = Some(x0);
     }
 }
 
@@ -203,6 +260,14 @@ impl Sampler for DpmPP2M {
         &self.timesteps
     }
 
+    /// 1 in diffusers' variance-preserving x; σ_max in σ-space.
+    fn init_noise_sigma(&self) -> f64 {
+        match self.sigma_model {
+            true => self.sigmas[0] as f64,
+            false => 1.0,
+        }
+    }
+
     fn step(
         &mut self,
         model_output: &Array4<f32>,
@@ -210,6 +275,9 @@ impl Sampler for DpmPP2M {
         sample: &mut Array4<f32>,
         _noise: &mut dyn NoiseSource,
     ) {
+        if self.sigma_model {
+            return self.sigma_model_step(model_output, index, sample);
+        }
         // The last step is first order when it lands on σ = 0, and on request otherwise: a
         // second-order correction there is unstable with few steps.
         let calls = self.timesteps.len();

@@ -18,7 +18,7 @@ use super::config::{unsupported, BetaSchedule, PredictionType, SchedulerConfig, 
 use super::schedule::{self, ScheduleDefaults};
 use super::sigmas::{
     check_karras_range, final_sigma_is_zero, init_noise_sigma, interp_sigmas, log_sigmas, scale_by_sigma,
-    sigma_schedule,
+    sigma_model_sigmas, sigma_schedule,
 };
 use super::x0::SigmaSpaceX0;
 use super::{NoiseSource, Sampler};
@@ -91,6 +91,20 @@ impl Euler {
             sigmas,
             timesteps,
             init_noise_sigma,
+        })
+    }
+}
+
+impl Euler {
+    /// Euler sampling of a σ-conditioned denoiser, as k-diffusion's `sample_euler`: the
+    /// timesteps are the σ of each call, Karras sigmas from the card's `sigma_max` to `sigma_min`.
+    pub fn for_sigma_model(cfg: &SchedulerConfig, steps: usize) -> Result<Self> {
+        let sigmas = sigma_model_sigmas(cfg, steps)?;
+        Ok(Euler {
+            prediction: cfg.prediction_type.unwrap_or(PredictionType::Epsilon),
+            timesteps: sigmas[..steps].iter().map(|&s| s as f64).collect(),
+            init_noise_sigma: sigmas[0] as f64,
+            sigmas,
         })
     }
 }

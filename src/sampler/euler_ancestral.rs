@@ -12,7 +12,7 @@ use ndarray::{Array4, Zip};
 
 use super::config::{BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing};
 use super::schedule::{self, ScheduleDefaults};
-use super::sigmas::{init_noise_sigma, interp_sigmas, scale_by_sigma, sigma_schedule};
+use super::sigmas::{init_noise_sigma, interp_sigmas, scale_by_sigma, sigma_model_sigmas, sigma_schedule};
 use super::x0::SigmaSpaceX0;
 use super::{NoiseSource, Sampler};
 use crate::error::{Error, Result};
@@ -32,6 +32,8 @@ pub struct EulerAncestral {
     timesteps: Vec<f64>,
     init_noise_sigma: f64,
     noise: Option<Array4<f32>>,
+    /// Driving a σ-conditioned denoiser: k-diffusion draws no noise for the last step (σ = 0).
+    sigma_model: bool,
 }
 
 impl EulerAncestral {
@@ -58,7 +60,22 @@ impl EulerAncestral {
         sigmas.push(0.0);
         let sigmas: Vec<f32> = sigmas.iter().map(|&s| s as f32).collect();
         let init_noise_sigma = init_noise_sigma(&sigmas, spacing);
-        Ok(EulerAncestral { prediction, sigmas, timesteps, init_noise_sigma, noise: None })
+        Ok(EulerAncestral { prediction, sigmas, timesteps, init_noise_sigma, noise: None, sigma_model: false })
+    }
+
+    /// Ancestral Euler sampling of a σ-conditioned denoiser, as k-diffusion's
+    /// `sample_euler_ancestral` (η = 1): the timesteps are the σ of each call. A denoiser that
+    /// outputs x̂₀ (`prediction_type = "sample"`) is taken as it is.
+    pub fn for_sigma_model(cfg: &SchedulerConfig, steps: usize) -> Result<Self> {
+        let sigmas = sigma_model_sigmas(cfg, steps)?;
+        Ok(EulerAncestral {
+            prediction: cfg.prediction_type.unwrap_or(PredictionType::Epsilon),
+            timesteps: sigmas[..steps].iter().map(|&s| s as f64).collect(),
+            init_noise_sigma: sigmas[0] as f64,
+            sigmas,
+            noise: None,
+            sigma_model: true,
+        })
     }
 }
 
@@ -90,9 +107,14 @@ impl Sampler for EulerAncestral {
         let sigma_down = (to2 - sigma_up * sigma_up).max(0.0).sqrt();
         let dt = sigma_down - sigma;
         let x0 = SigmaSpaceX0::new(self.prediction, sigma);
-        // diffusers draws fresh noise at every step, the last one (σ_up = 0) included.
+        // diffusers draws fresh noise at every step, the last one (σ_up = 0) included;
+        // k-diffusion does not draw for the last.
         let z = self.noise.get_or_insert_with(|| Array4::zeros(sample.raw_dim()));
-        noise.fill(z);
+        if self.sigma_model && sigma_to == 0.0 {
+            z.fill(0.0);
+        } else {
+            noise.fill(z);
+        }
         Zip::from(sample).and(model_output).and(&*z).for_each(|x, &m, &z| {
             let derivative = (*x - x0.of(m, *x)) / sigma;
             *x = (*x + derivative * dt) + z * sigma_up;

@@ -12,7 +12,9 @@ use ndarray::{Array4, Zip};
 
 use super::config::{unsupported, BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing};
 use super::schedule::{self, ScheduleDefaults};
-use super::sigmas::{check_karras_range, init_noise_sigma, interp_sigmas, log_sigmas, scale_by_sigma, sigma_schedule};
+use super::sigmas::{
+    check_karras_range, init_noise_sigma, interp_sigmas, log_sigmas, scale_by_sigma, sigma_model_sigmas, sigma_schedule,
+};
 use super::x0::SigmaSpaceX0;
 use super::{NoiseSource, Sampler};
 use crate::error::{Error, Result};
@@ -103,6 +105,28 @@ impl Heun {
             sigmas: interleaved,
             timesteps: calls,
             init_noise_sigma,
+            pending: None,
+        })
+    }
+}
+
+impl Heun {
+    /// Heun sampling of a σ-conditioned denoiser, as k-diffusion's `sample_heun` (the last
+    /// step, to σ = 0, is an Euler step): the timesteps are the σ of each call.
+    pub fn for_sigma_model(cfg: &SchedulerConfig, steps: usize) -> Result<Self> {
+        let sigmas = sigma_model_sigmas(cfg, steps)?;
+        // [σ₀, σ₁, σ₁, …, σₙ₋₁, σₙ₋₁, 0], as diffusers interleaves its sigmas.
+        let mut interleaved = vec![sigmas[0]];
+        for &s in &sigmas[1..steps] {
+            interleaved.extend([s, s]);
+        }
+        interleaved.push(0.0);
+        Ok(Heun {
+            prediction: cfg.prediction_type.unwrap_or(PredictionType::Epsilon),
+            clip: None,
+            timesteps: interleaved[..interleaved.len() - 1].iter().map(|&s| s as f64).collect(),
+            init_noise_sigma: sigmas[0] as f64,
+            sigmas: interleaved,
             pending: None,
         })
     }

@@ -153,3 +153,35 @@ pub fn build(
         SamplerKind::Consistency => Box::new(consistency::Consistency::new(cfg, steps)?),
     })
 }
+
+/// Builds `kind` to drive a σ-conditioned denoiser D(x; σ) (k-diffusion's convention; the card's
+/// `model.inputs.sigma`): its [`timesteps`](Sampler::timesteps) are the σ of each model call,
+/// and the model gets the noisy sample unscaled, so the caller skips
+/// [`scale_model_input`](Sampler::scale_model_input). Samplers defined on a discrete timestep
+/// schedule cannot drive such a model and are an error naming the sampler.
+pub fn build_for_sigma_model(
+    kind: SamplerKind,
+    cfg: &config::SchedulerConfig,
+    steps: usize,
+    opts: &SamplerOptions,
+) -> Result<Box<dyn Sampler>> {
+    if opts.eta != 0.0 {
+        return Err(Error::config("eta", "applies to ddim only, which cannot drive a σ-conditioned model"));
+    }
+    Ok(match kind {
+        SamplerKind::Euler => Box::new(euler::Euler::for_sigma_model(cfg, steps)?),
+        SamplerKind::EulerAncestral => Box::new(euler_ancestral::EulerAncestral::for_sigma_model(cfg, steps)?),
+        SamplerKind::Heun => Box::new(heun::Heun::for_sigma_model(cfg, steps)?),
+        SamplerKind::DpmPP2M => Box::new(dpmpp_2m::DpmPP2M::for_sigma_model(cfg, steps)?),
+        SamplerKind::Consistency => Box::new(consistency::Consistency::for_sigma_model(cfg, steps)?),
+        other => {
+            return Err(Error::config(
+                "sampler",
+                format!(
+                    "{other} cannot drive a σ-conditioned model (the card's model.inputs.sigma): \
+                     use euler, euler_ancestral, heun, dpmpp_2m or consistency"
+                ),
+            ))
+        }
+    })
+}

@@ -82,3 +82,23 @@ pub(crate) fn scale_by_sigma(sample: &mut Array4<f32>, sigma: f32) {
     let scale = (sigma * sigma + 1.0).sqrt();
     sample.mapv_inplace(|x| x / scale);
 }
+
+/// The σ of each model call for a σ-conditioned denoiser D(x; σ), then 0: k-diffusion's
+/// `get_sigmas_karras`, Karras et al.'s ρ-schedule from the card's `sigma_max` down to its
+/// `sigma_min` (defaults 80, 0.002 and ρ = 7, EDM's), in float32 as k-diffusion keeps them.
+pub(crate) fn sigma_model_sigmas(cfg: &SchedulerConfig, steps: usize) -> Result<Vec<f32>> {
+    if steps == 0 {
+        return Err(Error::config("steps", "expected at least 1"));
+    }
+    let sigma_min = cfg.sigma_min.unwrap_or(0.002);
+    let sigma_max = cfg.sigma_max.unwrap_or(80.0);
+    check_karras_range(sigma_min, sigma_max)?;
+    let rho = cfg.rho.unwrap_or(7.0);
+    if !(rho.is_finite() && rho > 0.0) {
+        return Err(Error::config("scheduler.rho", format!("expected a finite value > 0, got {rho}")));
+    }
+    let mut sigmas: Vec<f32> =
+        schedule::karras_sigmas(sigma_min, sigma_max, steps, rho).iter().map(|&s| s as f32).collect();
+    sigmas.push(0.0);
+    Ok(sigmas)
+}

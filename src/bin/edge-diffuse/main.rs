@@ -100,7 +100,24 @@ fn info(model: Option<PathBuf>) -> Result<()> {
         writeln!(out, "output      {} {}", o.name, o.fact)?;
     }
     let ti = d.timestep_input();
-    writeln!(out, "timestep    {:?} {:?}", ti.datum_type, ti.shape)?;
+    let time = match card.model.inputs.time() {
+        edge_diffuse::card::TimeInput::Timestep(_) => "timestep",
+        edge_diffuse::card::TimeInput::Sigma(_) => "sigma",
+    };
+    writeln!(out, "{time:<12}{:?} {:?}", ti.datum_type, ti.shape)?;
+    for c in d.conditioning_inputs() {
+        let section = &card.model.conditioning[&c.name];
+        writeln!(
+            out,
+            "conditioning {} (input {:?}, {:?}, per image {:?}): default {}, null {}",
+            c.name,
+            c.input,
+            c.datum_type,
+            c.dims,
+            section.default.as_ref().map_or("none".to_string(), |v| format!("{v:?}")),
+            section.null.as_ref().map_or("none".to_string(), |v| format!("{v:?}")),
+        )?;
+    }
     if let Some(c) = &card.classes {
         writeln!(out, "classes     {} (null class: {:?})", c.names.join(", "), c.null)?;
     }

@@ -1,5 +1,6 @@
 //! `edge-diffuse sample`: generate images and stream them to their outputs.
 
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -10,6 +11,7 @@ use clap::Args;
 use edge_diffuse::files;
 use edge_diffuse::pipeline::{GuidanceBatching, LoadOptions, Pipeline, Request};
 use edge_diffuse::{ModelCard, SamplerKind};
+use ndarray::ArrayD;
 
 use crate::{default_model, interrupt, parse_flag};
 
@@ -69,6 +71,13 @@ pub struct SampleArgs {
     /// Grid columns (default: about the square root of the number of images).
     #[arg(long)]
     cols: Option<usize>,
+    /// A conditioning input's values (the card's [model.conditioning.NAME]): NAME=V[,V...],
+    /// cycled over the images as --class is, or NAME=@FILE.npy (float32); repeat for each input.
+    #[arg(long = "cond", value_name = "NAME=VALUES")]
+    cond: Vec<String>,
+    /// Cross-attention conditioning (encoder_hidden_states), float32 .npy [1, tokens, dim].
+    #[arg(long, value_name = "FILE.npy")]
+    context: Option<PathBuf>,
     /// Starting noise, float32 [batch,C,H,W] of unit variance (sets the number of images).
     #[arg(long)]
     noise: Option<PathBuf>,
@@ -104,6 +113,8 @@ pub fn run(a: SampleArgs) -> Result<()> {
         files::check_output(p)?;
     }
     let noise = a.noise.as_deref().map(files::read_npy4).transpose()?;
+    let conditioning = parse_conditioning(&a.cond)?;
+    let context = a.context.as_deref().map(files::read_npy).transpose()?;
     let precision = parse_flag(&a.precision)?;
     let convolution = parse_flag(&a.convolution)?;
     let mut opts = LoadOptions { guidance_batching, precision, convolution, ..Default::default() };
@@ -137,7 +148,8 @@ pub fn run(a: SampleArgs) -> Result<()> {
         guidance: a.guidance,
         eta: a.eta,
         noise: noise.map(|n| n.slice_move(ndarray::s![a.start_index.., .., .., ..])),
-        context: None,
+        context,
+        conditioning,
     };
     let card = pipe.card();
     let shape = [card.image.channels, card.image.height, card.image.width];
@@ -229,6 +241,16 @@ pub fn run(a: SampleArgs) -> Result<()> {
         Err(edge_diffuse::Error::Tensor { what, message }) if what == "noise" && a.noise.is_some() => {
             bail!("{}: {message}", a.noise.as_ref().expect("checked").display())
         }
+        // Name the flag rather than the library's request field.
+        Err(edge_diffuse::Error::Tensor { what, message }) if what.starts_with("conditioning ") => {
+            bail!("--cond {}: {message}", &what["conditioning ".len()..])
+        }
+        Err(edge_diffuse::Error::Config { field, message }) if field.starts_with("conditioning") => {
+            bail!("--cond{}: {message}", &field["conditioning".len()..])
+        }
+        Err(edge_diffuse::Error::Tensor { what, message }) if what == "context" && a.context.is_some() => {
+            bail!("{}: {message}", a.context.as_ref().expect("checked").display())
+        }
         Err(e) => return Err(e.into()),
     };
     let gen_s = t1.elapsed().as_secs_f64();
@@ -304,4 +326,33 @@ fn parse_classes(card: &ModelCard, spec: &str) -> Result<Vec<i64>> {
         return Ok((0..c.names.len() as i64).collect());
     }
     spec.split(',').map(|s| Ok(card.class_label(s.trim())?)).collect()
+}
+
+/// `--cond NAME=V[,V...]` and `--cond NAME=@FILE.npy`, by name.
+fn parse_conditioning(flags: &[String]) -> Result<BTreeMap<String, ArrayD<f32>>> {
+    let mut values = BTreeMap::new();
+    for flag in flags {
+        let Some((name, value)) = flag.split_once('=').filter(|(n, _)| !n.trim().is_empty()) else {
+            bail!("--cond {flag:?}: expected NAME=V[,V...] or NAME=@FILE.npy");
+        };
+        let name = name.trim();
+        let array = match value.strip_prefix('@') {
+            Some(path) => files::read_npy(Path::new(path))?,
+            None => {
+                let numbers = value
+                    .split(',')
+                    .map(|v| match v.trim().parse::<f32>() {
+                        Ok(x) if x.is_finite() => Ok(x),
+                        Ok(x) => bail!("--cond {name}: {x} is not a finite number"),
+                        Err(_) => bail!("--cond {name}: {:?} is not a number", v.trim()),
+                    })
+                    .collect::<Result<Vec<f32>>>()?;
+                ArrayD::from_shape_vec(vec![numbers.len()], numbers).expect("one-dimensional")
+            }
+        };
+        if values.insert(name.to_string(), array).is_some() {
+            bail!("--cond {name}: given twice");
+        }
+    }
+    Ok(values)
 }
