@@ -298,6 +298,16 @@ fn consistency_matches_diffusers() {
 }
 
 #[test]
+fn flow_euler_matches_diffusers() {
+    check_sampler(SamplerKind::FlowEuler);
+}
+
+#[test]
+fn flow_heun_matches_diffusers() {
+    check_sampler(SamplerKind::FlowHeun);
+}
+
+#[test]
 fn every_sampler_has_fixtures() {
     let all = load_all();
     for kind in SamplerKind::ALL {
@@ -337,7 +347,8 @@ fn fixtures_are_well_formed() {
             assert_eq!(x.len(), len, "{name}: trajectory[{i}]");
         }
         assert_eq!(fx.trajectory.last().unwrap(), &fx.final_sample, "{name}: final is not the last trajectory entry");
-        let model_calls = if kind == SamplerKind::Heun { 2 * fx.steps - 1 } else { fx.steps };
+        let second_order = matches!(kind, SamplerKind::Heun | SamplerKind::FlowHeun);
+        let model_calls = if second_order { 2 * fx.steps - 1 } else { fx.steps };
         assert_eq!(fx.timesteps.len(), model_calls, "{name}: timesteps for {} steps", fx.steps);
         assert!(fx.init_noise_sigma.is_finite() && fx.init_noise_sigma > 0.0, "{name}: init_noise_sigma");
         let all_finite = fx

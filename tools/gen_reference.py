@@ -16,8 +16,10 @@ Before writing a case the script checks it: replaying the recorded noise must re
 bit for bit, and the float32 run must agree with the same run in float64 (and with runs perturbed
 by float32 rounding errors) to 1e-5, so that a correct port cannot fail on rounding alone.
 
-Usage:  python3 tools/gen_reference.py [--out tests/fixtures/samplers] [--check]
+Usage:  python3 tools/gen_reference.py [--out tests/fixtures/samplers] [--check] [--only PREFIX]
     --check  regenerates in memory and fails if any committed fixture differs.
+    --only   runs only the cases whose file name starts with PREFIX (e.g. flow_), leaving the
+             other files alone: another torch build can round a few values one unit differently.
 """
 
 import argparse
@@ -37,6 +39,8 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
     HeunDiscreteScheduler,
     LCMScheduler,
 )
@@ -54,7 +58,14 @@ CLASSES = {
     "dpmpp_2m": DPMSolverMultistepScheduler,
     "lcm": LCMScheduler,
     "consistency": CMStochasticIterativeScheduler,
+    "flow_euler": FlowMatchEulerDiscreteScheduler,
+    "flow_heun": FlowMatchHeunDiscreteScheduler,
 }
+# Flow-matching schedulers have no init_noise_sigma or scale_model_input (their pipelines start
+# from plain noise and feed it to the model as is).
+FLOW = {"flow_euler", "flow_heun"}
+# Two model calls per step but the last.
+SECOND_ORDER = {"heun", "flow_heun"}
 
 # Stable Diffusion's betas, used by several cases.
 SD = {"beta_start": 0.00085, "beta_end": 0.012}
@@ -174,6 +185,23 @@ CASES = [
     ("consistency", "noclip_s3", 3, 0.0, {"clip_denoised": False}),
     ("consistency", "ntt151_noclip_s5", 5, 0.0, {"num_train_timesteps": 151, "clip_denoised": False}),
     ("consistency", "default_s1", 1, 0.0, {}),
+    # --- Flow matching ------------------------------------------------------------------------
+    # A single step goes from sigma 1 to 0 and leaves x / (num_train_timesteps + 1) with the dummy
+    # model, a cancellation too ill-conditioned for the 1e-4 test, so there is no one-step case.
+    # "mu" is not a constructor key: it is passed to set_timesteps, as diffusers' pipelines do.
+    ("flow_euler", "default_s4", 4, 0.0, {}),
+    ("flow_euler", "shift3_s6", 6, 0.0, {"shift": 3.0}),
+    ("flow_euler", "dynamic_exp_mu115_s5", 5, 0.0,
+     {"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+      "max_image_seq_len": 4096, "mu": 1.15}),
+    ("flow_euler", "dynamic_linear_mu2_terminal_s4", 4, 0.0,
+     {"use_dynamic_shifting": True, "time_shift_type": "linear", "mu": 2.0, "shift_terminal": 0.1}),
+    ("flow_euler", "shift3_karras_s5", 5, 0.0, {"shift": 3.0, "use_karras_sigmas": True}),
+    ("flow_euler", "ntt500_exponential_s4", 4, 0.0, {"num_train_timesteps": 500, "use_exponential_sigmas": True}),
+    ("flow_euler", "shift3_stochastic_s4", 4, 0.0, {"shift": 3.0, "stochastic_sampling": True}),
+    ("flow_heun", "default_s4", 4, 0.0, {}),
+    ("flow_heun", "shift3_s5", 5, 0.0, {"shift": 3.0}),
+    ("flow_heun", "ntt500_shift1p7_s3", 3, 0.0, {"num_train_timesteps": 500, "shift": 1.7}),
 ]
 
 
@@ -183,14 +211,36 @@ def dummy_model(x_in, t, dtype=torch.float32):
     return x_in * t / (t + 1)
 
 
-class NoiseTape:
-    """Wraps a scheduler module's `randn_tensor`: records what it returns, or replays a recording."""
+class _TorchWithTape:
+    """Stands in for `torch` inside a scheduler module, with `randn_like` drawing through a tape."""
 
-    def __init__(self, module, replay=None):
+    def __init__(self, module, tape):
+        self._module = module
+        self._tape = tape
+
+    def __getattr__(self, name):
+        return self._tape.randn_like if name == "randn_like" else getattr(self._module, name)
+
+
+class NoiseTape:
+    """Wraps a scheduler module's `randn_tensor` and `torch.randn_like`: records what they return,
+    or replays a recording. `randn_like` (FlowMatchEuler's stochastic sampling) draws from the
+    global generator in diffusers; here it draws from `gen`, so the fixtures are reproducible."""
+
+    def __init__(self, module, replay=None, gen=None):
         self.module = module
         self.original = getattr(module, "randn_tensor", None)  # Heun never draws noise
         self.draws = []
         self.replay = None if replay is None else list(replay)
+        self.gen = gen
+        self.saved_torch = None
+
+    def randn_like(self, x):
+        if self.replay is not None:
+            return self(x.shape, dtype=x.dtype)
+        out = torch.randn(x.shape, generator=self.gen, dtype=torch.float32)
+        self.draws.append(out.detach().clone())
+        return out.to(x.dtype)
 
     def __call__(self, shape, *args, **kwargs):
         if self.replay is not None:
@@ -206,11 +256,14 @@ class NoiseTape:
     def __enter__(self):
         if self.original is not None:
             self.module.randn_tensor = self
+        self.saved_torch = self.module.torch
+        self.module.torch = _TorchWithTape(self.saved_torch, self)
         return self
 
     def __exit__(self, *exc):
         if self.original is not None:
             self.module.randn_tensor = self.original
+        self.module.torch = self.saved_torch
         return False
 
 
@@ -259,9 +312,13 @@ def run_case(sampler, steps, eta, config, seed, replay=None, perturb=None, wide=
 def _run_case(sampler, steps, eta, config, seed, replay, perturb, wide):
     dtype = torch.float64 if wide else torch.float32
     cls = CLASSES[sampler]
+    config = dict(config)
+    mu = config.pop("mu", None)
     sched = cls(**config)
     if sampler == "consistency":
         sched.set_timesteps(num_inference_steps=steps)
+    elif mu is not None:
+        sched.set_timesteps(steps, mu=mu)
     else:
         sched.set_timesteps(steps)
     timesteps = [float(t) for t in sched.timesteps]
@@ -272,20 +329,24 @@ def _run_case(sampler, steps, eta, config, seed, replay, perturb, wide):
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(SHAPE, generator=gen, dtype=torch.float32)
     step_gen = torch.Generator().manual_seed(seed + 1)
-    init_noise_sigma = float(sched.init_noise_sigma)
-    x = noise.to(dtype) * sched.init_noise_sigma
+    if sampler in FLOW:
+        assert not hasattr(sched, "init_noise_sigma") and not hasattr(sched, "scale_model_input")
+        init_noise_sigma = 1.0
+    else:
+        init_noise_sigma = float(sched.init_noise_sigma)
+    x = noise.to(dtype) * init_noise_sigma
     assert x.dtype == dtype
 
     trajectory = []
     module = sys.modules[cls.__module__]
-    with NoiseTape(module, replay) as tape:
+    with NoiseTape(module, replay, step_gen) as tape:
         for t in sched.timesteps:
-            x_in = jitter(sched.scale_model_input(x, t), perturb)
+            x_in = jitter(x if sampler in FLOW else sched.scale_model_input(x, t), perturb)
             out = jitter(dummy_model(x_in, t, dtype), perturb)
             kwargs = {}
             if sampler == "ddim":
                 kwargs["eta"] = eta
-            if sampler != "heun":
+            if sampler not in SECOND_ORDER:
                 kwargs["generator"] = step_gen
             x = jitter(sched.step(out, t, x, **kwargs).prev_sample, perturb)
             assert x.dtype == dtype, (sampler, x.dtype)
@@ -357,6 +418,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(root, "tests", "fixtures", "samplers"))
     ap.add_argument("--check", action="store_true", help="compare against the files on disk instead of writing")
+    ap.add_argument("--only", default="", metavar="PREFIX", help="only the cases whose name starts with PREFIX")
     args = ap.parse_args()
 
     print(f"diffusers {diffusers.__version__}, torch {torch.__version__}, numpy {np.__version__}")
@@ -373,6 +435,8 @@ def main():
         name = f"{sampler}__{short}"
         assert name not in names, name
         names.add(name)
+        if not name.startswith(args.only):
+            continue
         seed = zlib.crc32(name.encode()) % 2**31  # per case, stable when cases are added
         result = run_case(sampler, steps, eta, config, seed)
         # Replay the recorded draws through a fresh scheduler: the result must not change, which

@@ -46,6 +46,17 @@ pub struct SchedulerConfig {
     pub lambda_min_clipped: Option<f64>,
     pub use_dynamic_shifting: Option<bool>,
     pub time_shift_type: Option<String>,
+    pub shift: Option<f64>,
+    pub base_shift: Option<f64>,
+    pub max_shift: Option<f64>,
+    pub base_image_seq_len: Option<usize>,
+    pub max_image_seq_len: Option<usize>,
+    pub shift_terminal: Option<f64>,
+    pub invert_sigmas: Option<bool>,
+    pub stochastic_sampling: Option<bool>,
+    /// Not a diffusers config key but the `mu` that diffusers' pipelines pass to
+    /// `set_timesteps` with `use_dynamic_shifting`; a card fixes it, as it fixes the image size.
+    pub mu: Option<f64>,
     pub original_inference_steps: Option<usize>,
     pub timestep_scaling: Option<f64>,
     pub sigma_data: Option<f64>,

@@ -18,6 +18,7 @@ use ndarray::Array4;
 use crate::error::{Error, Result};
 
 pub mod config;
+pub(crate) mod flow_sigmas;
 pub mod schedule;
 pub(crate) mod sigmas;
 pub(crate) mod x0;
@@ -28,6 +29,8 @@ pub mod ddpm;
 pub mod dpmpp_2m;
 pub mod euler;
 pub mod euler_ancestral;
+pub mod flow_euler;
+pub mod flow_heun;
 pub mod heun;
 pub mod lcm;
 
@@ -73,11 +76,15 @@ pub enum SamplerKind {
     Lcm,
     /// diffusers `CMStochasticIterativeScheduler`: consistency-model multistep sampling (Song et al. 2023).
     Consistency,
+    /// diffusers `FlowMatchEulerDiscreteScheduler`: Euler on a flow-matching ODE, velocity model.
+    FlowEuler,
+    /// diffusers `FlowMatchHeunDiscreteScheduler`: second-order Heun on a flow-matching ODE.
+    FlowHeun,
 }
 
 impl SamplerKind {
     /// All samplers, in documentation order.
-    pub const ALL: [SamplerKind; 8] = [
+    pub const ALL: [SamplerKind; 10] = [
         SamplerKind::Ddim,
         SamplerKind::Ddpm,
         SamplerKind::Euler,
@@ -86,6 +93,8 @@ impl SamplerKind {
         SamplerKind::DpmPP2M,
         SamplerKind::Lcm,
         SamplerKind::Consistency,
+        SamplerKind::FlowEuler,
+        SamplerKind::FlowHeun,
     ];
 
     /// The CLI and card name.
@@ -99,6 +108,8 @@ impl SamplerKind {
             SamplerKind::DpmPP2M => "dpmpp_2m",
             SamplerKind::Lcm => "lcm",
             SamplerKind::Consistency => "consistency",
+            SamplerKind::FlowEuler => "flow_euler",
+            SamplerKind::FlowHeun => "flow_heun",
         }
     }
 }
@@ -151,6 +162,8 @@ pub fn build(
         SamplerKind::DpmPP2M => Box::new(dpmpp_2m::DpmPP2M::new(cfg, steps)?),
         SamplerKind::Lcm => Box::new(lcm::Lcm::new(cfg, steps)?),
         SamplerKind::Consistency => Box::new(consistency::Consistency::new(cfg, steps)?),
+        SamplerKind::FlowEuler => Box::new(flow_euler::FlowEuler::new(cfg, steps)?),
+        SamplerKind::FlowHeun => Box::new(flow_heun::FlowHeun::new(cfg, steps)?),
     })
 }
 

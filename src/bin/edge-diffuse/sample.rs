@@ -20,7 +20,7 @@ pub struct SampleArgs {
     /// Model directory (holding model.toml); default: the bundled fmnist-student.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Sampler: ddim, ddpm, euler, euler_ancestral, heun, dpmpp_2m, lcm, consistency (default: the card's).
+    /// Sampler: ddim, ddpm, euler, euler_ancestral, heun, dpmpp_2m, lcm, consistency, flow_euler, flow_heun (default: the card's).
     #[arg(long)]
     sampler: Option<String>,
     /// Number of steps (default: the card's).
