@@ -95,6 +95,12 @@ ed_status ed_request_init(ed_request *req, size_t req_size);
 /* Resolves a class name ("sneaker") or number ("7") to its label. */
 ed_status ed_class_label(const ed_pipeline *pipe, const char *name, int64_t *label);
 
+/* Sets the values of the card's conditioning input `name` ([model.conditioning.NAME]) for the
+ * following ed_generate calls: count floats, one image's values or rows of them cycled over the
+ * images (as --cond). count 0 goes back to the card's default. An unknown name or values of the
+ * wrong size are reported by the next ed_generate (ED_ERR_CONFIG, ED_ERR_TENSOR). */
+ed_status ed_set_conditioning(ed_pipeline *pipe, const char *name, const float *values, size_t count);
+
 /* The buffer length ed_generate needs for req: images * width * height * channels
  * (floats for samples, bytes for pixels). */
 ed_status ed_output_len(const ed_pipeline *pipe, const ed_request *req, size_t *len);

@@ -354,6 +354,39 @@ pub unsafe extern "C" fn ed_class_label(pipe: *const EdPipeline, name: *const c_
     })
 }
 
+/// Sets the values of the card's conditioning input `name` (`[model.conditioning.NAME]`) for
+/// the following [`ed_generate`] calls: `count` floats, one image's values or rows of them
+/// cycled over the images, as `--cond` takes them. `count` 0 (with `values` NULL or not) goes
+/// back to the card's default. A name the model does not take, or values of the wrong size, are
+/// reported by the next `ed_generate` ([`EdStatus::Config`], [`EdStatus::Tensor`]).
+///
+/// # Safety
+/// `pipe` must be NULL or a live pipeline, `name` NULL or a NUL-terminated string, `values`
+/// valid for `count` reads when `count` > 0.
+#[no_mangle]
+pub unsafe extern "C" fn ed_set_conditioning(
+    pipe: *mut EdPipeline,
+    name: *const c_char,
+    values: *const f32,
+    count: usize,
+) -> EdStatus {
+    guard(|| {
+        let pipe = pipe.as_mut().ok_or_else(|| Fail::null("pipe"))?;
+        let name = utf8(c_str(name, "name")?, "name")?;
+        if count == 0 {
+            pipe.request.conditioning.remove(name);
+            return Ok(());
+        }
+        if values.is_null() {
+            return Err(Fail::null("values (with count > 0)"));
+        }
+        let v = std::slice::from_raw_parts(values, count).to_vec();
+        let array = ndarray::ArrayD::from_shape_vec(vec![count], v).expect("one-dimensional");
+        pipe.request.conditioning.insert(name.to_string(), array);
+        Ok(())
+    })
+}
+
 /// Writes in `*len` the length of the buffers [`ed_generate`] needs for `req`: images × width ×
 /// height × channels (floats for samples, bytes for pixels).
 ///

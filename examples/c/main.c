@@ -197,6 +197,16 @@ static int selftest(const char *dir) {
     EXPECT_ERR(ed_generate(pipe, &req, (float *)((char *)samples + 1), len, NULL, 0, NULL, NULL),
                ED_ERR_INVALID_ARGUMENT, "aligned");
 
+    /* Conditioning inputs: the student has none, so a value is refused by name at generation,
+     * and clearing it restores the card's (empty) set. */
+    float difficulty = 0.25f;
+    EXPECT(ed_set_conditioning(pipe, "difficulty", &difficulty, 1) == ED_OK);
+    EXPECT_ERR(ed_generate(pipe, &req, samples, len, NULL, 0, NULL, NULL), ED_ERR_CONFIG, "difficulty");
+    EXPECT(ed_set_conditioning(pipe, "difficulty", NULL, 0) == ED_OK);
+    EXPECT(ed_generate(pipe, &req, samples, len, NULL, 0, NULL, NULL) == ED_OK);
+    EXPECT_ERR(ed_set_conditioning(pipe, "difficulty", NULL, 1), ED_ERR_NULL, "values");
+    EXPECT_ERR(ed_set_conditioning(NULL, "difficulty", &difficulty, 1), ED_ERR_NULL, "pipe");
+
     /* Bad request values. */
     req.sampler = "nope";
     EXPECT_ERR(ed_generate(pipe, &req, samples, len, a, len, NULL, NULL), ED_ERR_CONFIG, "nope");
