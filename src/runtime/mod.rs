@@ -5,7 +5,9 @@
 //! then copies weights into its own aligned tensors; it has no borrowed-tensor storage).
 //!
 //! One file per job: decoding the file (`load`), binding inputs (`bind`), building plans with
-//! the graph rewrites of `crate::passes` (`plan`), the thread pool a call runs on (`threads`),
+//! the graph rewrites of `crate::passes` (`plan`) from input shapes that fix the graph's
+//! symbolic dimensions (`symbols`), graphs other than denoisers run once ([`run_graph`]),
+//! the thread pool a call runs on (`threads`),
 //! handing memory back once the source graph is dropped (`memory`), and timing a plan's nodes
 //! ([`Denoiser::profile_ops`]). [`Precision`] and [`Convolution`] pick how plans compute.
 

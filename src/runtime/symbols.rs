@@ -58,3 +58,42 @@ fn substitute(d: &DimFact, values: &SymbolValues) -> DimFact {
         GenericFactoid::Any => GenericFactoid::Any,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tract_onnx::tract_hir::ops::identity::Identity;
+
+    /// `a` [batch, 3] → Identity whose recorded shape (as in value_info) is [batch, 3].
+    fn graph() -> (InferenceModel, Symbol) {
+        let mut model = InferenceModel::default();
+        let batch = model.symbols.sym("batch");
+        let fact = || InferenceFact::dt_shape(f32::datum_type(), tvec![batch.to_dim(), 3.to_dim()]);
+        let a = model.add_source("a", fact()).unwrap();
+        let id = model.wire_node("id", Identity, &[a]).unwrap();
+        model.set_outlet_fact(id[0], fact()).unwrap();
+        model.select_output_outlets(&id).unwrap();
+        (model, batch)
+    }
+
+    #[test]
+    fn recorded_shapes_take_the_inputs_values() {
+        let (mut stale, _) = graph();
+        stale.set_input_fact(0, f32::fact([2, 3]).into()).unwrap();
+        let err = stale.into_typed().expect_err("the recorded [batch, 3] conflicts with [2, 3]");
+        assert!(format!("{err:#}").contains("Impossible to unify"), "{err:#}");
+
+        let (mut model, _) = graph();
+        set_inputs(&mut model, vec![(0, f32::fact([2, 3]).into())]).unwrap();
+        let typed = model.into_typed().unwrap();
+        assert_eq!(typed.output_fact(0).unwrap().shape.as_concrete(), Some(&[2, 3][..]));
+    }
+
+    #[test]
+    fn one_symbol_two_values_is_an_error() {
+        let (mut model, batch) = graph();
+        model.add_source("b", InferenceFact::dt_shape(f32::datum_type(), tvec![batch.to_dim()])).unwrap();
+        let err = set_inputs(&mut model, vec![(0, f32::fact([2, 3]).into()), (1, f32::fact([1]).into())]);
+        assert!(err.unwrap_err().to_string().contains("fixes batch to 2"));
+    }
+}
