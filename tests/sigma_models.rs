@@ -332,3 +332,84 @@ fn bad_sigma_and_conditioning_input_is_one_error_line() {
         &png,
     );
 }
+
+/// Issue 22's card, exactly as written.
+const ISSUE_CARD: &str = r#"[model]
+name = "edm-consistency"
+onnx = "denoiser.onnx"
+[model.inputs]
+sample = "noisy"
+sigma = "sigma"
+[model.conditioning.difficulty]   # a further graph input: one float32 per image
+default = 0.5
+[image]
+channels = 1
+height = 128
+width = 128
+[scheduler]
+sigma_min = 0.002
+sigma_max = 80.0
+sigma_data = 0.5
+prediction_type = "sample"
+[defaults]
+sampler = "consistency"
+steps = 1
+"#;
+
+#[test]
+fn the_issue_card_runs_the_corpus_consistency_model_in_one_step_and_several() {
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/corpus/consistency_edm");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(corpus.join("model.onnx"), dir.path().join("denoiser.onnx")).unwrap();
+    std::fs::write(dir.path().join("model.toml"), ISSUE_CARD).unwrap();
+    let noise = Array4::from_shape_fn((2, 1, 128, 128), |(b, _, y, x)| {
+        ((b * 7919 + y * 131 + x * 17) % 23) as f32 / 11.5 - 1.0
+    });
+    let noise_path = dir.path().join("N.npy");
+    ndarray_npy::write_npy(&noise_path, &noise).unwrap();
+    let run = |steps: &str, out: &str| {
+        let tensor = dir.path().join(out);
+        let o = sample(
+            dir.path(),
+            &[
+                "--cond",
+                "difficulty=0.25,0.9",
+                "--noise",
+                noise_path.to_str().unwrap(),
+                "--save-tensor",
+                tensor.to_str().unwrap(),
+                "--steps",
+                steps,
+                "--out",
+                dir.path().join("x.png").to_str().unwrap(),
+            ],
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        read_npy(&tensor)
+    };
+    let one = run("1", "one.npy");
+    // One step is one call of D at σ_max, clamped to [-1, 1] (clip_denoised).
+    let card = edge_diffuse::ModelCard::load(dir.path()).unwrap();
+    let mut d = edge_diffuse::runtime::Denoiser::load(&card, 1).unwrap();
+    for (i, difficulty) in [0.25f32, 0.9].into_iter().enumerate() {
+        let x = noise.slice(ndarray::s![i..i + 1, .., .., ..]).mapv(|v| v * 80.0);
+        let extra = [ArrayD::from_elem(vec![1], difficulty)];
+        let cond = edge_diffuse::runtime::Conditions { extra: &extra, ..Default::default() };
+        let mut out = Array4::zeros(x.raw_dim());
+        d.predict_with(&x, 80.0, &cond, &mut out).unwrap();
+        out.mapv_inplace(|v| v.clamp(-1.0, 1.0));
+        let got = one.slice(ndarray::s![i..i + 1, .., .., ..]).to_owned();
+        let err = rel_err(got.as_slice().unwrap(), out.as_slice().unwrap());
+        assert!(err <= 1e-6, "image {i}: {err:e}");
+    }
+    let three = run("3", "three.npy");
+    // The clamped x̂₀ plus noise at σ_min, as diffusers adds it after the last step too.
+    assert!(three.iter().all(|v| v.is_finite() && v.abs() <= 1.0 + 0.002 * 6.0));
+    assert_ne!(one, three);
+    let bench = common::edge_diffuse()
+        .args(["bench", "--threads", "1", "--runs", "1", "--model"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(bench.status.success(), "{}", String::from_utf8_lossy(&bench.stderr));
+}

@@ -23,7 +23,8 @@ impl Rows {
     pub(super) fn new(what: &str, values: &ArrayD<f32>, input: &ConditioningInput) -> Result<Rows> {
         let per: usize = input.dims.iter().product();
         let shape = values.shape();
-        let fits = shape == input.dims.as_slice()
+        let fits = values.len() == 1
+            || shape == input.dims.as_slice()
             || shape.get(1..) == Some(input.dims.as_slice())
             || (shape.len() == 1 && per > 0 && shape[0].is_multiple_of(per));
         if !fits || values.is_empty() {
@@ -37,6 +38,11 @@ impl Rows {
                     input.dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "),
                 ),
             });
+        }
+        if values.len() == 1 && per != 1 {
+            // One number stands for every value of an image (e.g. a zero vector).
+            let x = values.iter().next().copied().unwrap_or_default();
+            return Rows::new(what, &ArrayD::from_elem(input.dims.clone(), x), input);
         }
         if let Some(bad) = values.iter().find(|v| !v.is_finite()) {
             return Err(Error::Tensor {

@@ -4,6 +4,8 @@ use tract_onnx::pb::ModelProto;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::InferenceModel;
 
+use std::path::Path;
+
 use crate::error::{Error, Result};
 
 /// Description of one graph input or output, for `info`.
@@ -15,12 +17,49 @@ pub struct IoInfo {
     pub fact: String,
 }
 
+/// The ONNX protobuf of the file at `path`, decoded from a memory map.
+pub(super) fn read_proto(path: &Path) -> Result<ModelProto> {
+    if path.is_dir() {
+        return Err(Error::Model { path: path.to_path_buf(), message: "is a directory, expected an ONNX file".into() });
+    }
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    if len == 0 {
+        return Err(Error::Model { path: path.to_path_buf(), message: "the ONNX file is empty".into() });
+    }
+    // SAFETY: the map is read during decoding only and dropped before this function returns,
+    // so a later change to the file cannot reach memory tract holds. A file truncated by
+    // another process *during* decoding would raise SIGBUS (see docs/model-card.md).
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    // The decoded protobuf holds its own copy of the weights: unmapping the file on return
+    // keeps its pages out of the resident set while tract converts them (the load's peak was
+    // file + protobuf + tract's tensors, 3× the weights).
+    decode(&map, path)
+}
+
 /// The ONNX protobuf in `bytes`; `path` labels the error.
 pub(super) fn decode(bytes: &[u8], path: &std::path::Path) -> Result<ModelProto> {
     <ModelProto as prost::Message>::decode(bytes).map_err(|e| Error::Model {
         path: path.to_path_buf(),
         message: one_line(&format!("not an ONNX model (protobuf decoding failed: {e})")),
     })
+}
+
+/// The graph of `proto`, with tensors stored as external data read from `dir` (the folder of the
+/// ONNX file; ONNX resolves `location` against it). `None` for a model held in memory: one with
+/// external data then fails to load.
+pub(super) fn parse(proto: &ModelProto, dir: Option<&std::path::Path>) -> TractResult<InferenceModel> {
+    // tract takes the folder as `&str`; an empty parent (a bare file name) means the working
+    // directory to tract as to the OS.
+    let dir = match dir {
+        Some(d) => Some(d.to_str().ok_or_else(|| anyhow::anyhow!("the model's folder {d:?} is not valid UTF-8"))?),
+        None => None,
+    };
+    let parsed = tract_onnx::onnx().parse(proto, dir)?;
+    if !parsed.unresolved_inputs.is_empty() {
+        anyhow::bail!("the graph uses values it never defines: {:?}", parsed.unresolved_inputs);
+    }
+    Ok(parsed.model)
 }
 
 pub(super) fn count_params(proto: &ModelProto) -> usize {

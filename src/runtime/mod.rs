@@ -5,7 +5,9 @@
 //! then copies weights into its own aligned tensors; it has no borrowed-tensor storage).
 //!
 //! One file per job: decoding the file (`load`), binding inputs (`bind`), building plans with
-//! the graph rewrites of `crate::passes` (`plan`), the thread pool a call runs on (`threads`),
+//! the graph rewrites of `crate::passes` (`plan`) from input shapes that fix the graph's
+//! symbolic dimensions (`symbols`), graphs other than denoisers run once ([`run_graph`]),
+//! the thread pool a call runs on (`threads`),
 //! handing memory back once the source graph is dropped (`memory`), and timing a plan's nodes
 //! ([`Denoiser::profile_ops`]). [`Precision`] and [`Convolution`] pick how plans compute.
 
@@ -22,20 +24,23 @@ use crate::card::ModelCard;
 use crate::error::{Error, Result};
 
 mod bind;
+mod graph;
 mod load;
 mod memory;
 mod plan;
 mod profile;
 mod settings;
+mod symbols;
 mod threads;
 
 pub use bind::{ConditioningInput, Conditions, TimestepInput, TimestepShape};
+pub use graph::run_graph;
 pub use load::IoInfo;
 pub use profile::{NodeTime, OpProfile, OpTime};
 pub use settings::{Convolution, Precision};
 
 use bind::{bind, copy_output, Bindings};
-use load::{count_params, decode, describe, one_line};
+use load::{count_params, decode, describe, one_line, parse, read_proto};
 use memory::return_freed_memory;
 use plan::Plans;
 use threads::{executor_for, run_on};
@@ -66,24 +71,8 @@ impl Denoiser {
     /// and at most the cores the process may use ([`threads`](Denoiser::threads) tells how many).
     pub fn load(card: &ModelCard, threads: usize) -> Result<Self> {
         let path = card.onnx_path();
-        if path.is_dir() {
-            return Err(Error::Model { path, message: "is a directory, expected an ONNX file".into() });
-        }
-        let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
-        let len = file.metadata().map_err(|e| Error::io(&path, e))?.len();
-        if len == 0 {
-            return Err(Error::Model { path, message: "the ONNX file is empty".into() });
-        }
-        // SAFETY: the map is read during decoding only and dropped before this function returns,
-        // so a later change to the file cannot reach memory tract holds. A file truncated by
-        // another process *during* decoding would raise SIGBUS (see docs/model-card.md).
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
-        let proto = decode(&map, &path)?;
-        // The decoded protobuf holds its own copy of the weights: unmapping the file now keeps
-        // its pages out of the resident set while tract converts them (the load's peak was
-        // file + protobuf + tract's tensors, 3× the weights).
-        drop(map);
-        Self::from_proto(proto, card, threads, path)
+        let proto = read_proto(&path)?;
+        Self::from_proto(proto, card, threads, path.parent(), path.clone())
     }
 
     /// Loads an ONNX model held in memory (for models compiled into the program).
@@ -91,13 +80,20 @@ impl Denoiser {
     pub fn from_bytes(bytes: &[u8], card: &ModelCard, threads: usize, name: impl Into<PathBuf>) -> Result<Self> {
         let path: PathBuf = name.into();
         let proto = decode(bytes, &path)?;
-        Self::from_proto(proto, card, threads, path)
+        Self::from_proto(proto, card, threads, None, path)
     }
 
-    fn from_proto(proto: ModelProto, card: &ModelCard, threads: usize, path: PathBuf) -> Result<Self> {
+    /// `dir`: where external data lives (the ONNX file's folder), `None` for a model in memory.
+    fn from_proto(
+        proto: ModelProto,
+        card: &ModelCard,
+        threads: usize,
+        dir: Option<&Path>,
+        path: PathBuf,
+    ) -> Result<Self> {
         let fail = |e: &dyn std::fmt::Display| Error::Model { path: path.clone(), message: one_line(e) };
         let params = count_params(&proto);
-        let model = tract_onnx::onnx().model_for_proto_model(&proto).map_err(|e| fail(&format!("{e:#}")))?;
+        let model = parse(&proto, dir).map_err(|e| fail(&format!("{e:#}")))?;
         drop(proto);
         let (inputs, outputs) = describe(&model);
         let bindings = bind(&model, card).map_err(|m| Error::Model { path: path.clone(), message: m })?;

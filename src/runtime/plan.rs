@@ -11,6 +11,7 @@ use tract_onnx::tract_hir::infer::InferenceModel;
 
 use super::bind::TimestepShape;
 use super::load::one_line;
+use super::symbols::set_inputs;
 use super::threads::executor_for;
 use super::{Convolution, Denoiser, Precision};
 use crate::ops::scratch::install_scratch;
@@ -70,12 +71,27 @@ impl Plan {
 }
 
 /// A run state over `model` on `executor`, with the buffers our operators share.
-fn new_state(model: &Arc<TypedModel>, executor: &Executor) -> TractResult<TypedSimpleState> {
+pub(super) fn new_state(model: &Arc<TypedModel>, executor: &Executor) -> TractResult<TypedSimpleState> {
     let options = RunOptions { executor: Some(executor.clone()), ..Default::default() };
     let plan = TypedSimplePlan::new_with_options(model.clone(), &options)?;
     let mut state = TypedSimpleState::new(&plan)?;
     install_scratch(&mut state);
     Ok(state)
+}
+
+/// Our float32 rewrites on a typed graph (`convolutions`: also the ones that swap convolutions);
+/// with how many convolutions became Winograd and how many GroupNorms were fused.
+pub(super) fn f32_rewrites(typed: TypedModel, convolutions: bool) -> TractResult<(TypedModel, usize, usize)> {
+    let rewritten = passes::f32_rewrites(typed, convolutions)?;
+    let (winograd, group_norms) = (rewritten.replaced(passes::WINOGRAD), rewritten.replaced(passes::GROUP_NORM));
+    Ok((rewritten.model, winograd, group_norms))
+}
+
+/// tract's optimization, then the constant-layout fix that our operators need.
+pub(super) fn optimize(typed: TypedModel) -> TractResult<TypedModel> {
+    let mut typed = typed.into_optimized()?;
+    passes::contiguous_constants::rewrite(&mut typed)?;
+    Ok(typed)
 }
 
 impl Denoiser {
@@ -88,28 +104,27 @@ impl Denoiser {
         let [c, h, w] = self.chw;
         let b = &self.bindings;
         let err = |e: TractError| one_line(&format!("{e:#}"));
-        model.set_input_fact(b.sample, f32::fact([batch, c, h, w]).into()).map_err(err)?;
+        let mut facts = vec![(b.sample, f32::fact([batch, c, h, w]).into())];
         let ts_shape: TVec<usize> = match b.timestep_input.shape {
             TimestepShape::Scalar => tvec![],
             TimestepShape::One => tvec![1],
             TimestepShape::Batch => tvec![batch],
         };
-        model
-            .set_input_fact(b.timestep, InferenceFact::dt_shape(b.timestep_input.datum_type, ts_shape))
-            .map_err(err)?;
+        facts.push((b.timestep, InferenceFact::dt_shape(b.timestep_input.datum_type, ts_shape)));
         if let Some((ix, dt)) = b.class_labels {
-            model.set_input_fact(ix, InferenceFact::dt_shape(dt, tvec![batch])).map_err(err)?;
+            facts.push((ix, InferenceFact::dt_shape(dt, tvec![batch])));
         }
         if let Some((ix, dims)) = &b.context {
             let mut shape: TVec<usize> = tvec![batch];
             shape.extend(dims.iter().copied());
-            model.set_input_fact(*ix, f32::fact(shape).into()).map_err(err)?;
+            facts.push((*ix, f32::fact(shape).into()));
         }
         for c in &b.conditioning {
             let mut shape: TVec<usize> = tvec![batch];
             shape.extend(c.dims.iter().copied());
-            model.set_input_fact(c.index, InferenceFact::dt_shape(c.datum_type, shape)).map_err(err)?;
+            facts.push((c.index, InferenceFact::dt_shape(c.datum_type, shape)));
         }
+        set_inputs(&mut model, facts).map_err(err)?;
         let out_outlet = model.output_outlets().map_err(err)?[b.output];
         model.select_output_outlets(&[out_outlet]).map_err(err)?;
         let optimizing = |e: TractError| format!("optimizing for batch {batch}: {}", err(e));
@@ -118,10 +133,7 @@ impl Denoiser {
         let (typed, winograd_convs, group_norms) = match self.precision {
             Precision::F32 => {
                 let ours = self.convolution == Convolution::Winograd;
-                let rewritten = passes::f32_rewrites(typed, ours).map_err(optimizing)?;
-                let (winograd, group_norms) =
-                    (rewritten.replaced(passes::WINOGRAD), rewritten.replaced(passes::GROUP_NORM));
-                (rewritten.model, winograd, group_norms)
+                f32_rewrites(typed, ours).map_err(optimizing)?
             }
             Precision::F16 => {
                 let mut typed = typed.into_decluttered().map_err(optimizing)?;
@@ -131,8 +143,7 @@ impl Denoiser {
                 (typed, 0, 0)
             }
         };
-        let mut typed = typed.into_optimized().map_err(optimizing)?;
-        passes::contiguous_constants::rewrite(&mut typed).map_err(err)?;
+        let typed = optimize(typed).map_err(optimizing)?;
         let out_fact = typed.output_fact(0).map_err(err)?;
         let expected = [batch, c, h, w];
         let ok = out_fact.datum_type == self.precision.float_type()
