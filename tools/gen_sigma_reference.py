@@ -12,8 +12,10 @@ Writes, under tests/fixtures/sigma/:
   diffusers' `CMStochasticIterativeScheduler` loop (with `s_noise = 0` for several steps, so that no
   noise is drawn and the run is deterministic), from a given starting noise.
 
-Run from the repository root: `python3 tools/gen_sigma_reference.py` (pinned packages of
-tools/requirements.txt, plus k-diffusion).
+Run from the repository root: `python3 tools/gen_sigma_reference.py`. It needs the pinned
+packages of tools/requirements.txt plus k-diffusion 0.1.1.post1, which is not pinned there: its
+dependencies move torch. Install it, then reinstall the pins and the torchvision of that torch:
+`pip install k-diffusion==0.1.1.post1 && pip install -r tools/requirements.txt torchvision==0.26.0`.
 """
 
 import json
