@@ -1,0 +1,104 @@
+"""edge-diffuse against onnxruntime on the export corpus (tests/fixtures/corpus/): time per model
+call and load time, the same ONNX file and thread count, in one run on this machine.
+
+    cargo build --release
+    python3 tools/bench_corpus.py [--runs 20] [--rounds 3] [--threads 1,2] [--only NAME ...]
+
+For each model that has a card: edge-diffuse's `profile` gives the mean time of `--runs` untimed
+calls at batch 1 after a warm-up (the plan `sample` runs), and `info` the load time to a runnable
+plan; onnxruntime runs the corpus's reference inputs (the first image) in a session with that
+many intra-op threads, and its load time is the session's creation. Rounds are interleaved and
+the runtime that goes first alternates, so that a disturbance of a shared machine lands on both.
+The table shows the median over rounds and the range of the per-round ratios (edge-diffuse /
+onnxruntime: below 1, edge-diffuse is faster).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import re
+import statistics
+import subprocess
+import time
+
+import numpy as np
+import onnxruntime as ort
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.environ.get("EDGE_DIFFUSE_BIN", os.path.join(ROOT, "target", "release", "edge-diffuse"))
+CORPUS = os.path.join(ROOT, "tests", "fixtures", "corpus")
+
+
+def corpus_models(only):
+    names = sorted(d for d in os.listdir(CORPUS) if os.path.isfile(os.path.join(CORPUS, d, "model.toml")))
+    return [n for n in names if not only or n in only]
+
+
+def ours(name, threads, runs):
+    """(ms per call, load s) from `edge-diffuse profile` and `info`."""
+    folder = os.path.join(CORPUS, name)
+    out = subprocess.run([BIN, "profile", "--model", folder, "--runs", str(runs), "--threads", str(threads)],
+                         check=True, capture_output=True, text=True).stdout
+    call = float(re.search(r"untimed call ([0-9.]+) ms", out).group(1))
+    info = subprocess.run([BIN, "info", "--model", folder], check=True, capture_output=True, text=True).stdout
+    load = float(re.search(r"^load\s+([0-9.]+) s", info, re.M).group(1))
+    return call, load
+
+
+def theirs(name, threads, runs):
+    """(ms per call, session creation s) with onnxruntime on the first reference image."""
+    folder = os.path.join(CORPUS, name)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    t0 = time.perf_counter()
+    session = ort.InferenceSession(os.path.join(folder, "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    load = time.perf_counter() - t0
+    feeds = {}
+    for path in sorted(glob.glob(os.path.join(folder, "input_*.npy"))):
+        input_name = os.path.basename(path)[:-4].split("_", 2)[2]
+        value = np.load(path)
+        feeds[input_name] = value[:1] if value.ndim > 0 else value
+    for _ in range(3):
+        session.run(None, feeds)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        session.run(None, feeds)
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.mean(times), load
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", default="1,2")
+    p.add_argument("--only", nargs="*")
+    a = p.parse_args()
+    threads = [int(t) for t in a.threads.split(",")]
+    models = corpus_models(a.only)
+    results = {}
+    for r in range(a.rounds):
+        for name in models:
+            for t in threads:
+                order = [("ed", ours), ("ort", theirs)]
+                if r % 2:
+                    order.reverse()
+                for label, fn in order:
+                    results.setdefault((name, t, label), []).append(fn(name, t, a.runs))
+    print(f"{'model':22s} thr  call ms (ed / ort)   ratio  per round    load s (ed / ort)  ratio")
+    for name in models:
+        for t in threads:
+            ed, ox = results[(name, t, "ed")], results[(name, t, "ort")]
+            ratios = [e[0] / o[0] for e, o in zip(ed, ox)]
+            call_ed, call_ort = statistics.median(e[0] for e in ed), statistics.median(o[0] for o in ox)
+            load_ed, load_ort = statistics.median(e[1] for e in ed), statistics.median(o[1] for o in ox)
+            print(f"{name:22s} {t:3d}  {call_ed:8.3f} / {call_ort:8.3f}  {statistics.median(ratios):5.2f}"
+                  f"  {min(ratios):.2f}-{max(ratios):.2f}  {load_ed:6.3f} / {load_ort:6.3f}   {load_ed / load_ort:5.2f}")
+
+
+if __name__ == "__main__":
+    main()
