@@ -32,18 +32,19 @@ impl EvalOp for RowSoftmax {
         let x = args_1!(inputs);
         let row = *x.shape().last().context("RowSoftmax: a scalar input")?;
         ensure!(softmax::available(), "RowSoftmax: this CPU lacks AVX2 and FMA");
-        let xs = f32s(&x, "RowSoftmax")?;
-        let mut y = unsafe { Tensor::uninitialized::<f32>(x.shape())? };
+        f32s(&x, "RowSoftmax")?;
+        // In place when this op holds the only reference (attention's scores: no second tensor
+        // of that size to allocate and fault in); tract copies the input otherwise.
+        let mut y = x.into_tensor();
         let mut out = y.try_as_plain_ram_mut()?;
         let out = out.as_slice_mut::<f32>()?;
-        if let Some(rows) = xs.len().checked_div(row) {
+        if let Some(rows) = out.len().checked_div(row) {
             let ranges = split(rows, threads());
-            let outs = carve(out, ranges.iter().map(|r| r.len() * row));
-            let pieces: Vec<_> = ranges.iter().map(|r| &xs[r.start * row..r.end * row]).zip(outs).collect();
-            for_each(pieces, |(x, y)| {
-                for (x, y) in x.chunks_exact(row).zip(y.chunks_exact_mut(row)) {
+            let pieces = carve(out, ranges.iter().map(|r| r.len() * row));
+            for_each(pieces, |y| {
+                for y in y.chunks_exact_mut(row) {
                     // Safety: `available()` checked above.
-                    unsafe { softmax::softmax_row(x, y) }
+                    unsafe { softmax::softmax_row_in_place(y) }
                 }
             });
         }

@@ -42,50 +42,74 @@ unsafe fn exp_nonpositive(x: __m256) -> __m256 {
     }
 }
 
-/// `y = softmax(x)` for one row.
+/// `y = softmax(x)` for one row (the tests' out-of-place reference of the in-place kernel).
+///
+/// Safety: AVX2 and FMA.
+#[cfg(test)]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn softmax_row(x: &[f32], y: &mut [f32]) {
+    assert_eq!(x.len(), y.len());
+    // Safety: AVX2 and FMA (the caller's); both slices hold `len` floats.
+    unsafe { softmax(x.as_ptr(), y.as_mut_ptr(), x.len()) }
+}
+
+/// `y = softmax(y)` for one row, in place: a tensor that nothing else reads needs no second one
+/// (attention's score rows are the largest tensors of a call).
 ///
 /// Safety: AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn softmax_row(x: &[f32], y: &mut [f32]) {
-    debug_assert_eq!(x.len(), y.len());
-    let len = x.len();
+pub(crate) unsafe fn softmax_row_in_place(y: &mut [f32]) {
+    let p = y.as_mut_ptr();
+    // Safety: AVX2 and FMA (the caller's); `softmax` reads each value before it writes that
+    // value's place, so the row may be its own output.
+    unsafe { softmax(p, p, y.len()) }
+}
+
+/// The row kernel on `len` floats at `x` into `len` floats at `y`, which may be the same: the
+/// maximum pass only reads, and the exponential pass reads each value before writing its place.
+///
+/// Safety: AVX2 and FMA; `x` valid for `len` reads and `y` for `len` writes.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax(x: *const f32, y: *mut f32, len: usize) {
     let whole = len / 8 * 8;
     // Safety, for the block: AVX2 and FMA; every vector access is inside `whole ≤ len` floats of
     // `x` and `y`, the last partial vector goes through `tail`.
     unsafe {
         let mut top = _mm256_set1_ps(f32::NEG_INFINITY);
         for at in (0..whole).step_by(8) {
-            top = _mm256_max_ps(top, _mm256_loadu_ps(x.as_ptr().add(at)));
+            top = _mm256_max_ps(top, _mm256_loadu_ps(x.add(at)));
         }
         let mut lanes = [0f32; 8];
         _mm256_storeu_ps(lanes.as_mut_ptr(), top);
-        let max = lanes.iter().chain(&x[whole..]).fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let rest = len - whole;
+        let mut tail = [0f32; 8];
+        std::ptr::copy(x.add(whole), tail.as_mut_ptr(), rest);
+        let max = lanes.iter().chain(&tail[..rest]).fold(f32::NEG_INFINITY, |a, &b| a.max(b));
         let m = _mm256_set1_ps(max);
         let mut sum = _mm256_setzero_ps();
         for at in (0..whole).step_by(8) {
-            let e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x.as_ptr().add(at)), m));
-            _mm256_storeu_ps(y.as_mut_ptr().add(at), e);
+            let e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x.add(at)), m));
+            _mm256_storeu_ps(y.add(at), e);
             sum = _mm256_add_ps(sum, e);
         }
-        if whole < len {
-            // The last values through a buffer of 8, its unused lanes zeroed before the sum.
-            let mut tail = [max; 8];
-            tail[..len - whole].copy_from_slice(&x[whole..]);
+        if rest > 0 {
+            // The last values through the buffer of 8, its unused lanes zeroed before the sum.
+            tail[rest..].fill(max);
             let e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(tail.as_ptr()), m));
             _mm256_storeu_ps(tail.as_mut_ptr(), e);
-            tail[len - whole..].fill(0.0);
-            y[whole..].copy_from_slice(&tail[..len - whole]);
+            tail[rest..].fill(0.0);
+            std::ptr::copy(tail.as_ptr(), y.add(whole), rest);
             sum = _mm256_add_ps(sum, _mm256_loadu_ps(tail.as_ptr()));
         }
         _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
         let scale = 1.0 / lanes.iter().sum::<f32>();
         let scales = _mm256_set1_ps(scale);
         for at in (0..whole).step_by(8) {
-            let p = y.as_mut_ptr().add(at);
+            let p = y.add(at);
             _mm256_storeu_ps(p, _mm256_mul_ps(_mm256_loadu_ps(p), scales));
         }
-        for v in &mut y[whole..] {
-            *v *= scale;
+        for at in whole..len {
+            *y.add(at) *= scale;
         }
     }
 }
@@ -165,6 +189,24 @@ mod tests {
             unsafe { _mm256_storeu_ps(got.as_mut_ptr(), exp_nonpositive(_mm256_set1_ps(x))) };
             let want = (x as f64).exp();
             assert!(((got[0] as f64 - want) / want).abs() < 2.5e-7, "e^{x}: {} vs {want}", got[0]);
+        }
+    }
+
+    #[test]
+    fn in_place_gives_the_same_bits() {
+        if !available() {
+            return;
+        }
+        for len in [1, 5, 8, 19, 64, 4099] {
+            let x: Vec<f32> = (0..len).map(|i| ((i * 53 % 31) as f32 - 15.0) * 0.7).collect();
+            let mut y = vec![0f32; len];
+            let mut z = x.clone();
+            // Safety: available() above.
+            unsafe {
+                softmax_row(&x, &mut y);
+                softmax_row_in_place(&mut z);
+            }
+            assert!(y.iter().zip(&z).all(|(a, b)| a.to_bits() == b.to_bits()), "len {len}");
         }
     }
 }
