@@ -9,6 +9,7 @@ pub(crate) mod contiguous_constants;
 pub(crate) mod conv1x1;
 pub(crate) mod conv_match;
 pub(crate) mod group_norm;
+pub(crate) mod pow_const;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod softmax;
 #[cfg(target_arch = "x86_64")]
@@ -50,6 +51,7 @@ pub(crate) const PASSES: &[Pass] = &[
     #[cfg(target_arch = "x86_64")]
     Pass { name: "1x1 convolution", stage: Stage::Imported, convolutions: true, run: conv1x1::rewrite },
     Pass { name: GROUP_NORM, stage: Stage::Decluttered, convolutions: false, run: group_norm::rewrite },
+    Pass { name: "constant power", stage: Stage::Decluttered, convolutions: false, run: pow_const::rewrite },
     #[cfg(target_arch = "x86_64")]
     Pass { name: "softmax", stage: Stage::Decluttered, convolutions: false, run: softmax::rewrite },
     Pass { name: WINOGRAD, stage: Stage::Decluttered, convolutions: true, run: winograd::rewrite },
