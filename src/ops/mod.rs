@@ -8,6 +8,8 @@ use tract_linalg::multithread::Executor;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod attention;
 pub(crate) mod conv;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod direct_conv;

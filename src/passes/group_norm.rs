@@ -3,12 +3,12 @@
 //! `crate::ops::group_norm`).
 
 use tract_onnx::prelude::*;
-use tract_onnx::tract_core::ops::binary::{BinMiniOp, TypedBinOp};
 use tract_onnx::tract_core::ops::change_axes::AxisOp;
 use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
 use tract_onnx::tract_core::ops::math::{Add, Mul, Sub};
 use tract_onnx::tract_core::ops::nn::{Reduce, Reducer, RmsNorm, Silu};
 
+use super::{bin_by_const, is_bin};
 use crate::ops::group_norm::GroupNorm;
 
 /// Replaces every GroupNorm pattern (see the module docs) over a float32 `[n, c, h, w]` tensor
@@ -122,25 +122,6 @@ fn channel_axis_only(shape: &[usize], c: usize) -> bool {
     let padded: Vec<usize> =
         std::iter::repeat_n(1, 4usize.saturating_sub(shape.len())).chain(shape.iter().copied()).collect();
     padded.len() == 4 && padded[1] == c && padded[0] == 1 && padded[2] == 1 && padded[3] == 1
-}
-
-fn is_bin<O: BinMiniOp>(node: &TypedNode) -> bool {
-    node.op_as::<TypedBinOp>().is_some_and(|b| b.0.is::<O>())
-}
-
-/// For a binary node of kind `O` with one constant input: the other input and the constant.
-fn bin_by_const<O: BinMiniOp>(model: &TypedModel, node: &TypedNode) -> TractResult<Option<(OutletId, Arc<Tensor>)>> {
-    if !is_bin::<O>(node) || node.inputs.len() != 2 {
-        return Ok(None);
-    }
-    for (this, other) in [(0, 1), (1, 0)] {
-        if let Some(k) = model.outlet_fact(node.inputs[other])?.konst.clone() {
-            if model.outlet_fact(node.inputs[this])?.konst.is_none() {
-                return Ok(Some((node.inputs[this], k)));
-            }
-        }
-    }
-    Ok(None)
 }
 
 #[cfg(test)]

@@ -3,8 +3,12 @@
 //! tract lists its own declutter and optimization passes; one file per rewrite.
 
 use tract_onnx::prelude::*;
+use tract_onnx::tract_core::ops::binary::{BinMiniOp, TypedBinOp};
 
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod attention;
 pub(crate) mod contiguous_constants;
+pub(crate) mod einsum_permute;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod conv1x1;
 pub(crate) mod conv_match;
@@ -42,6 +46,8 @@ pub(crate) struct Pass {
 
 /// [`Pass::name`] of the Winograd rewrite.
 pub(crate) const WINOGRAD: &str = "winograd";
+/// [`Pass::name`] of the attention rewrite.
+pub(crate) const ATTENTION: &str = "attention";
 /// [`Pass::name`] of the GroupNorm rewrite.
 pub(crate) const GROUP_NORM: &str = "group norm";
 
@@ -51,7 +57,10 @@ pub(crate) const PASSES: &[Pass] = &[
     #[cfg(target_arch = "x86_64")]
     Pass { name: "1x1 convolution", stage: Stage::Imported, convolutions: true, run: conv1x1::rewrite },
     Pass { name: GROUP_NORM, stage: Stage::Decluttered, convolutions: false, run: group_norm::rewrite },
+    Pass { name: "einsum permutation", stage: Stage::Decluttered, convolutions: false, run: einsum_permute::rewrite },
     Pass { name: "constant power", stage: Stage::Decluttered, convolutions: false, run: pow_const::rewrite },
+    #[cfg(target_arch = "x86_64")]
+    Pass { name: ATTENTION, stage: Stage::Decluttered, convolutions: false, run: attention::rewrite },
     #[cfg(target_arch = "x86_64")]
     Pass { name: "softmax", stage: Stage::Decluttered, convolutions: false, run: softmax::rewrite },
     Pass { name: WINOGRAD, stage: Stage::Decluttered, convolutions: true, run: winograd::rewrite },
@@ -87,6 +96,26 @@ pub(crate) fn f32_rewrites(model: TypedModel, convolutions: bool) -> TractResult
         replaced.push((pass.name, (pass.run)(&mut model).map_err(|e| e.context(pass.name))?));
     }
     Ok(Rewritten { model, replaced })
+}
+
+/// Whether `node` is a binary operator of kind `O`.
+pub(crate) fn is_bin<O: BinMiniOp>(node: &TypedNode) -> bool {
+    node.op_as::<TypedBinOp>().is_some_and(|b| b.0.is::<O>())
+}
+
+/// For a binary node of kind `O` with one constant input: the other input and the constant.
+pub(crate) fn bin_by_const<O: BinMiniOp>(model: &TypedModel, node: &TypedNode) -> TractResult<Option<(OutletId, Arc<Tensor>)>> {
+    if !is_bin::<O>(node) || node.inputs.len() != 2 {
+        return Ok(None);
+    }
+    for (this, other) in [(0, 1), (1, 0)] {
+        if let Some(k) = model.outlet_fact(node.inputs[other])?.konst.clone() {
+            if model.outlet_fact(node.inputs[this])?.konst.is_none() {
+                return Ok(Some((node.inputs[this], k)));
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// tract convolutions for the pass tests.

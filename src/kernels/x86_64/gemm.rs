@@ -31,15 +31,20 @@ pub(crate) const NR: usize = 16;
 /// `U` (k × c, row-major) in the kernel's layout: panels of [`MR`] output channels, zero-padded,
 /// each as `c` columns of `MR` values.
 pub fn pack_weights(u: &[f32], k: usize, c: usize) -> Vec<f32> {
-    let panels = k.div_ceil(MR);
-    let mut packed = vec![0f32; panels * c * MR];
-    for (ki, row) in u.chunks_exact(c).enumerate() {
+    let mut packed = vec![0f32; packed_len(k, c)];
+    pack_strided(u, k, c, [c, 1], &mut packed);
+    packed
+}
+
+/// [`pack_weights`] into `packed` ([`packed_len`] values, its padding zero), from a `U` whose
+/// element (row, column) is at `u[row · strides[0] + column · strides[1]]`.
+pub(crate) fn pack_strided(u: &[f32], k: usize, c: usize, strides: [usize; 2], packed: &mut [f32]) {
+    for ki in 0..k {
         let panel = &mut packed[(ki / MR) * c * MR..][..c * MR];
-        for (ci, &x) in row.iter().enumerate() {
-            panel[ci * MR + ki % MR] = x;
+        for ci in 0..c {
+            panel[ci * MR + ki % MR] = u[ki * strides[0] + ci * strides[1]];
         }
     }
-    packed
 }
 
 /// Length of [`pack_weights`]' output.

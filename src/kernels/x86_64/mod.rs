@@ -1,6 +1,7 @@
 //! x86-64 kernels: AVX2+FMA and AVX-512 intrinsics, each picked at run time by the CPU's
 //! features (tract's builds target baseline x86-64).
 
+pub(crate) mod attention;
 pub(crate) mod direct_conv;
 pub(crate) mod gemm;
 pub(crate) mod group_norm;

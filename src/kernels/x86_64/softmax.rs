@@ -19,7 +19,7 @@ pub fn available() -> bool {
 ///
 /// Safety: AVX2 and FMA.
 #[inline(always)]
-unsafe fn exp_nonpositive(x: __m256) -> __m256 {
+pub(crate) unsafe fn exp_nonpositive(x: __m256) -> __m256 {
     unsafe {
         // NaN as the second operand, which `max` returns when either is NaN: a NaN score
         // spreads to its row's sum, and the whole row becomes NaN, as it should.

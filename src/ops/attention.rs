@@ -1,0 +1,212 @@
+//! Scaled dot-product attention as one operator: `softmax(scale · Q Kᵀ) V` per head, on x86-64
+//! with AVX2 and FMA.
+//!
+//! Why: exported attention is a product (`MatMul` or `Einsum`), maybe a scale, a `Softmax` and a
+//! second product. tract runs them as three nodes: the first writes every head's tokens × tokens
+//! scores, the softmax passes over them, and the second product packs them again as its left
+//! operand. At 4 096 tokens that matrix is 64 MiB a head and the packing alone took a quarter
+//! of a call. Here each block of 16 queries gets its scores, their exponentials and its output
+//! while the scores are in cache (`crate::kernels::x86_64::attention`); the keys and values of a
+//! head are packed once per call, and no score matrix is ever whole.
+//!
+//! The inputs come in whatever axis order the export uses; [`Layout`] says where each role's
+//! axes are, and the operator reads them through strides: keys and values as it packs them,
+//! queries as it gathers each block (or in place when a block's queries already lie in rows).
+//! `crate::passes::attention` finds the pattern.
+//! Float32; the sums run in another order than tract's, so results differ in the last bits.
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+
+use super::{f32s, for_each, threads};
+use crate::kernels::x86_64::attention::{block, Head};
+use crate::kernels::x86_64::gemm::{self, NR};
+use crate::kernels::{carve, split};
+
+/// Where the roles' axes are. Each permutation lists, for each axis of the operator's own
+/// order, the axis of the tensor it comes from (as `ndarray`'s `permuted_axes` takes it):
+/// `q` to `[batch…, depth, query]`, `k` to `[batch…, key, depth]`, `v` to
+/// `[batch…, feature, key]`; `out[i]` is the axis of `[batch…, feature, query]` that the
+/// output's axis `i` is. The batch axes (heads among them) come in the same order in all four.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct Layout {
+    pub q: TVec<usize>,
+    pub k: TVec<usize>,
+    pub v: TVec<usize>,
+    pub out: TVec<usize>,
+}
+
+impl Layout {
+    fn batch_rank(&self) -> usize {
+        self.q.len() - 2
+    }
+
+    /// The output's shape from its inputs' (batch and query from `q`, feature from `v`).
+    fn output_shape<D: Clone>(&self, q: &[D], v: &[D]) -> TVec<D> {
+        let nb = self.batch_rank();
+        let canonical: TVec<D> =
+            self.q[..nb].iter().map(|&a| q[a].clone()).chain([v[self.v[nb]].clone(), q[self.q[nb + 1]].clone()]).collect();
+        self.out.iter().map(|&a| canonical[a].clone()).collect()
+    }
+}
+
+/// Attention as one node; see the module docs.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Attention {
+    pub(crate) layout: Layout,
+    /// Multiplies the scores before the softmax; positive.
+    pub(crate) scale: f32,
+}
+
+impl Eq for Attention {}
+
+impl std::hash::Hash for Attention {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.layout.hash(state);
+        self.scale.to_bits().hash(state);
+    }
+}
+
+/// A float32 tensor read in the operator's axis order: sizes and element strides per axis.
+struct View<'t> {
+    data: &'t [f32],
+    dims: TVec<usize>,
+    strides: TVec<usize>,
+}
+
+impl<'t> View<'t> {
+    /// `x` with its axis `perm[i]` as axis `i`.
+    fn new(x: &'t Tensor, perm: &[usize]) -> TractResult<Self> {
+        let natural = Tensor::natural_strides(x.shape());
+        Ok(View {
+            data: f32s(x, "Attention")?,
+            dims: perm.iter().map(|&a| x.shape()[a]).collect(),
+            strides: perm.iter().map(|&a| natural[a] as usize).collect(),
+        })
+    }
+
+    /// Where head `h` (a flat index over the first `nb` axes, in C order) starts.
+    fn head(&self, h: usize, nb: usize) -> usize {
+        let (mut rest, mut at) = (h, 0);
+        for i in (0..nb).rev() {
+            at += rest % self.dims[i] * self.strides[i];
+            rest /= self.dims[i];
+        }
+        at
+    }
+}
+
+impl Attention {
+    fn run(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> TractResult<Tensor> {
+        let nb = self.layout.batch_rank();
+        let shape = self.layout.output_shape(q.shape(), v.shape());
+        let (q, k, v) = (View::new(q, &self.layout.q)?, View::new(k, &self.layout.k)?, View::new(v, &self.layout.v)?);
+        let batch = &q.dims[..nb];
+        ensure!(
+            k.dims[..nb] == *batch && v.dims[..nb] == *batch,
+            "Attention: batch axes {batch:?}, {:?} and {:?} differ",
+            &k.dims[..nb],
+            &v.dims[..nb]
+        );
+        let [d, t] = [q.dims[nb], q.dims[nb + 1]];
+        let [s, kd] = [k.dims[nb], k.dims[nb + 1]];
+        let [dv, vs] = [v.dims[nb], v.dims[nb + 1]];
+        ensure!(kd == d && vs == s, "Attention: queries of depth {d}, keys {s} × {kd}, values {dv} × {vs}");
+        ensure!(gemm::available(), "Attention: this CPU lacks AVX2 and FMA");
+        let mut y = Tensor::zero::<f32>(&shape)?;
+        let heads: usize = batch.iter().product();
+        if heads * t * dv == 0 {
+            return Ok(y);
+        }
+        ensure!(s > 0 && d > 0, "Attention: {s} keys of depth {d}");
+        // Each head's keys (S × d) and values (dv × S) packed once for all its query blocks.
+        let (klen, vlen) = (gemm::packed_len(s, d), gemm::packed_len(dv, s));
+        let mut keys = vec![0f32; heads * klen];
+        let mut values = vec![0f32; heads * vlen];
+        for (h, (kp, vp)) in keys.chunks_exact_mut(klen).zip(values.chunks_exact_mut(vlen)).enumerate() {
+            gemm::pack_strided(&k.data[k.head(h, nb)..], s, d, [k.strides[nb], k.strides[nb + 1]], kp);
+            gemm::pack_strided(&v.data[v.head(h, nb)..], dv, s, [v.strides[nb], v.strides[nb + 1]], vp);
+        }
+        let head = Head { keys: s, depth: d, features: dv };
+        let blocks = t.div_ceil(NR);
+        let ranges = split(heads * blocks, threads());
+        let mut results = vec![0f32; heads * blocks * dv * NR];
+        let pieces = carve(&mut results, ranges.iter().map(|r| r.len() * dv * NR));
+        let kernel = gemm::Kernel::detect();
+        let [q_depth, q_token] = [q.strides[nb], q.strides[nb + 1]];
+        for_each(ranges.into_iter().zip(pieces).collect(), |(items, piece)| {
+            let mut scores = vec![0f32; s * NR];
+            let mut block_q = vec![0f32; d * NR];
+            for (item, out) in items.zip(piece.chunks_exact_mut(dv * NR)) {
+                let (h, t0) = (item / blocks, item % blocks * NR);
+                let at = q.head(h, nb) + t0 * q_token;
+                let width = NR.min(t - t0);
+                // Queries that lie in rows already (openai's channels-first layout) are read in
+                // place; others are gathered into d rows of NR.
+                let (rows, stride) = if width == NR && q_token == 1 {
+                    (&q.data[at..], q_depth)
+                } else {
+                    for (c, row) in block_q.chunks_exact_mut(NR).enumerate() {
+                        for (j, x) in row.iter_mut().enumerate() {
+                            *x = if j < width { q.data[at + c * q_depth + j * q_token] } else { 0.0 };
+                        }
+                    }
+                    (&block_q[..], NR)
+                };
+                let (kp, vp) = (&keys[h * klen..][..klen], &values[h * vlen..][..vlen]);
+                block(kernel, head, kp, vp, rows, stride, self.scale, &mut scores, out);
+            }
+        });
+        // The output's strides in the operator's order [batch…, feature, query].
+        let natural = Tensor::natural_strides(&shape);
+        let mut strides = tvec![0usize; nb + 2];
+        for (axis, &role) in self.layout.out.iter().enumerate() {
+            strides[role] = natural[axis] as usize;
+        }
+        let place = View { data: &[], dims: q.dims[..nb].iter().copied().chain([dv, t]).collect(), strides };
+        let mut plain = y.try_as_plain_ram_mut()?;
+        let dst = plain.as_slice_mut::<f32>()?;
+        let [feature, token] = [place.strides[nb], place.strides[nb + 1]];
+        for (item, out) in results.chunks_exact(dv * NR).enumerate() {
+            let (h, t0) = (item / blocks, item % blocks * NR);
+            let at = place.head(h, nb) + t0 * token;
+            for (f, row) in out.chunks_exact(NR).enumerate() {
+                for (j, &x) in row[..NR.min(t - t0)].iter().enumerate() {
+                    dst[at + f * feature + j * token] = x;
+                }
+            }
+        }
+        drop(plain);
+        Ok(y)
+    }
+}
+
+impl Op for Attention {
+    fn name(&self) -> StaticName {
+        "Attention".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!("scale {}, {} batch axes", self.scale, self.layout.batch_rank())])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for Attention {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let (q, k, v) = args_3!(inputs);
+        Ok(tvec!(self.run(&q, &k, &v)?.into_tvalue()))
+    }
+}
+
+impl TypedOp for Attention {
+    as_op!();
+
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(inputs.len() == 3 && inputs.iter().all(|f| f.datum_type == f32::datum_type()));
+        Ok(tvec!(f32::fact(self.layout.output_shape(&inputs[0].shape, &inputs[2].shape))))
+    }
+}

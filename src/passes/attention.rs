@@ -1,0 +1,402 @@
+//! Attention as one operator (the operator and why: `crate::ops::attention`): finds
+//! product → (scale) → softmax → product in a decluttered graph, whatever the exporter.
+//!
+//! Both products are tract `EinSum`s by then: declutter turns `MatMul` into one, an exported
+//! `Einsum` already is one, and a `Transpose` of the keys is folded into its axes. So the
+//! pattern is read from the axes, not from operator names or tensor ranks: the first product
+//! sums over one axis that its two inputs share (the depth), keeps one axis of each input alone
+//! (the queries, the keys: the last axis of its output, which the softmax runs over) and
+//! carries every other axis through (batch, heads). The second product sums over the keys
+//! against a second input (the values), whose one axis of its own becomes an output axis.
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::array::Slice;
+use tract_onnx::tract_core::ops::einsum::EinSum;
+use tract_onnx::tract_core::ops::math::{Div, Mul};
+use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
+
+use super::bin_by_const;
+use crate::kernels::x86_64::gemm;
+use crate::ops::attention::{Attention, Layout};
+
+/// Replaces every attention pattern (see the module docs) over float32 tensors by an
+/// [`Attention`] node, when this CPU runs the kernel. Returns how many were replaced.
+pub(crate) fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
+    if !gemm::available() {
+        return Ok(0);
+    }
+    let mut replaced = 0;
+    for id in model.eval_order()? {
+        let Some(found) = pattern_at(model, id)? else { continue };
+        let name = model.node(found.branches[0].last).name.clone();
+        let mut patch = TypedModelPatch::default();
+        let inputs =
+            [found.q, found.k, found.v].iter().map(|&o| patch.tap_model(model, o)).collect::<TractResult<TVec<_>>>()?;
+        let queries_out = found.layout.out.iter().position(|&a| a == found.layout.q.len() - 1).context("queries")?;
+        let op = Attention { layout: found.layout, scale: found.scale };
+        let out = patch.wire_node(format!("{name}.attention"), op, &inputs)?[0];
+        for (i, branch) in found.branches.iter().enumerate() {
+            let part = match &branch.slice {
+                None => out,
+                Some((start, end)) => {
+                    let slice = Slice::new(queries_out, start.clone(), end.clone());
+                    patch.wire_node(format!("{name}.attention.slice{i}"), slice, &[out])?[0]
+                }
+            };
+            patch.shunt_outside(model, branch.last.into(), part)?;
+        }
+        patch.apply(model)?;
+        replaced += 1;
+    }
+    Ok(replaced)
+}
+
+struct Found {
+    q: OutletId,
+    k: OutletId,
+    v: OutletId,
+    scale: f32,
+    layout: Layout,
+    branches: Vec<Branch>,
+}
+
+/// One second product. tract's declutter splits it when what follows uses parts of the
+/// queries (SD3's joint attention: image tokens, then text tokens): each part then takes a
+/// `Slice` of the softmax along the queries and has its own product with the same values.
+struct Branch {
+    /// The part of the queries, `None` for all of them.
+    slice: Option<(TDim, TDim)>,
+    /// The second product, whose output the operator's (or the part's) replaces.
+    last: usize,
+}
+
+/// Whether `outlet` feeds exactly one node and is not a model output: the pattern's
+/// intermediates must not be needed elsewhere.
+fn single_use(model: &TypedModel, outlet: OutletId) -> TractResult<bool> {
+    Ok(model.outlet_successors(outlet).len() == 1 && !model.output_outlets()?.contains(&outlet))
+}
+
+/// The positive, finite factor of a node that multiplies `x` by a uniform constant or divides
+/// it by one: `(x, factor)`.
+fn scaling(model: &TypedModel, node: &TypedNode) -> TractResult<Option<(OutletId, f32)>> {
+    let uniform = |k: &Tensor| -> TractResult<Option<f32>> {
+        if k.datum_type() != f32::datum_type() || !k.is_uniform() || k.len() == 0 {
+            return Ok(None);
+        }
+        Ok(Some(k.cast_to_scalar::<f32>()?))
+    };
+    let factor = if let Some((x, k)) = bin_by_const::<Mul>(model, node)? {
+        uniform(&k)?.map(|f| (x, f))
+    } else if let Some((x, k)) = bin_by_const::<Div>(model, node)? {
+        // Only x / k: k / x is not a scaling.
+        if x == node.inputs[0] {
+            uniform(&k)?.map(|f| (x, 1.0 / f))
+        } else {
+            None
+        }
+    } else {
+        None
+    };
+    Ok(factor.filter(|(_, f)| f.is_finite() && *f > 0.0))
+}
+
+/// Which of an `EinSum` axis' three slots (two inputs, the output) hold it, when it appears at
+/// most once in each: `None` for a repeated axis (a diagonal).
+fn presence(axis: &tract_onnx::tract_core::axes::Axis) -> Option<[bool; 3]> {
+    let (a, b, y) = (axis.inputs[0].len(), axis.inputs[1].len(), axis.outputs[0].len());
+    (a <= 1 && b <= 1 && y <= 1).then_some([a == 1, b == 1, y == 1])
+}
+
+/// A two-input float32 `EinSum` without quantization.
+fn plain_einsum(node: &TypedNode) -> Option<&EinSum> {
+    let op = node.op_as::<EinSum>()?;
+    (op.q_params.is_none()
+        && op.operating_dt == f32::datum_type()
+        && node.inputs.len() == 2
+        && op.axes.input_count() == 2
+        && op.axes.output_count() == 1)
+        .then_some(op)
+}
+
+fn pattern_at(model: &TypedModel, id: usize) -> TractResult<Option<Found>> {
+    let softmax_node = model.node(id);
+    let Some(softmax) = softmax_node.op_as::<Softmax>() else { return Ok(None) };
+    let scores = model.outlet_fact(softmax_node.inputs[0])?;
+    let rank = scores.rank();
+    if softmax.kind != SoftmaxKind::Softmax
+        || softmax.quant_output_dt.is_some()
+        || scores.datum_type != f32::datum_type()
+        || rank < 2
+        || *softmax.axes != [rank - 1]
+        || !single_use(model, softmax_node.inputs[0])?
+        || model.output_outlets()?.contains(&id.into())
+    {
+        return Ok(None);
+    }
+    // Up: an optional scaling, then the first product.
+    let mut up = model.node(softmax_node.inputs[0].node);
+    let mut scale = 1.0;
+    if let Some((x, factor)) = scaling(model, up)? {
+        if !single_use(model, x)? {
+            return Ok(None);
+        }
+        scale = factor;
+        up = model.node(x.node);
+    }
+    let Some(first) = plain_einsum(up) else { return Ok(None) };
+    // Down: the second product, or its parts over slices of the queries.
+    let mut branches = Vec::new();
+    let mut second: Option<(&EinSum, usize, OutletId)> = None;
+    let query_at = |first: &EinSum| -> Option<usize> {
+        // The scores' axis that only one input of the first product has and that is not last.
+        first.axes.iter_all_axes().find_map(|a| {
+            let p = presence(a)?;
+            (p[0] != p[1] && p[2] && a.outputs[0][0] != rank - 1).then(|| a.outputs[0][0])
+        })
+    };
+    let Some(queries) = query_at(first) else { return Ok(None) };
+    for down in model.outlet_successors(id.into()).to_vec() {
+        let mut at = down;
+        let mut slice = None;
+        if let Some(s) = model.node(down.node).op_as::<Slice>() {
+            if s.axis != queries || !single_use(model, down.node.into())? {
+                return Ok(None);
+            }
+            slice = Some((s.start.clone(), s.end.clone()));
+            at = model.outlet_successors(down.node.into())[0];
+        } else if model.outlet_successors(id.into()).len() != 1 {
+            return Ok(None);
+        }
+        let last = model.node(at.node);
+        let Some(op) = plain_einsum(last) else { return Ok(None) };
+        let v = last.inputs[1 - at.slot];
+        if v == id.into() || v.node == down.node {
+            return Ok(None);
+        }
+        match second {
+            None => second = Some((op, at.slot, v)),
+            Some((seen, slot, values)) if *seen == *op && slot == at.slot && values == v => (),
+            Some(_) => return Ok(None),
+        }
+        branches.push(Branch { slice, last: last.id });
+    }
+    let Some((second, p, v)) = second else { return Ok(None) };
+    let Some(roles) = roles(first, second, p, rank)? else { return Ok(None) };
+    let (qi, ki) = (roles.q_input, 1 - roles.q_input);
+    let found = Found { q: up.inputs[qi], k: up.inputs[ki], v, scale, layout: roles.layout, branches };
+    // The roles' sizes must agree (no broadcasting between the inputs).
+    let shape = |o: OutletId| -> TractResult<TVec<TDim>> { Ok(model.outlet_fact(o)?.shape.to_tvec()) };
+    let (q, k, v) = (shape(found.q)?, shape(found.k)?, shape(found.v)?);
+    let pick = |s: &[TDim], perm: &[usize]| perm.iter().map(|&a| s[a].clone()).collect::<TVec<_>>();
+    let (q, k, v) = (pick(&q, &found.layout.q), pick(&k, &found.layout.k), pick(&v, &found.layout.v));
+    let nb = rank - 2;
+    let agree = q[..nb] == k[..nb] && q[..nb] == v[..nb] && q[nb] == k[nb + 1] && k[nb] == v[nb + 1];
+    let empty = [&q[nb], &k[nb]].iter().any(|d| d.to_usize().is_ok_and(|n| n == 0));
+    Ok((agree && !empty).then_some(found))
+}
+
+struct Roles {
+    /// Which input of the first product holds the queries.
+    q_input: usize,
+    layout: Layout,
+}
+
+/// Reads the roles from the two products' axes: `first` writes scores of `rank` axes (the keys
+/// last), `second` takes their softmax as input `p`.
+fn roles(first: &EinSum, second: &EinSum, p: usize, rank: usize) -> TractResult<Option<Roles>> {
+    // First product: the depth (both inputs), the batch axes (everywhere), one axis of each
+    // input alone, nothing else.
+    let (mut depth, mut batch, mut alone) = (None, Vec::new(), [None, None]);
+    for axis in first.axes.iter_all_axes() {
+        match presence(axis) {
+            Some([true, true, false]) if depth.is_none() => depth = Some(axis),
+            Some([true, true, true]) => batch.push(axis),
+            Some([true, false, true]) if alone[0].is_none() => alone[0] = Some(axis),
+            Some([false, true, true]) if alone[1].is_none() => alone[1] = Some(axis),
+            _ => return Ok(None),
+        }
+    }
+    let (Some(depth), [Some(a0), Some(a1)]) = (depth, alone) else { return Ok(None) };
+    // The keys are the scores' last axis.
+    let q_input = if a1.outputs[0][0] == rank - 1 {
+        0
+    } else if a0.outputs[0][0] == rank - 1 {
+        1
+    } else {
+        return Ok(None);
+    };
+    let (query, key) = if q_input == 0 { (a0, a1) } else { (a1, a0) };
+    let k_input = 1 - q_input;
+    batch.sort_by_key(|a| a.outputs[0][0]);
+    let query_at = query.outputs[0][0];
+    // Second product: over the scores' axes (input p) and the values' (input 1 − p).
+    let v_input = 1 - p;
+    let (mut feature, mut v_of, mut out_of) = (None, vec![None; rank], vec![None; rank]);
+    for axis in second.axes.iter_all_axes() {
+        let Some(present) = presence(axis) else { return Ok(None) };
+        let (in_p, in_v, out) = (present[p], present[v_input], present[2]);
+        if !in_p {
+            if in_v && out && feature.is_none() {
+                feature = Some(axis);
+                continue;
+            }
+            return Ok(None);
+        }
+        let at = axis.inputs[p][0];
+        let ok = match (in_v, out) {
+            (true, false) => at == rank - 1,
+            (false, true) => at == query_at,
+            (true, true) => at != rank - 1 && at != query_at,
+            (false, false) => false,
+        };
+        if !ok {
+            return Ok(None);
+        }
+        v_of[at] = axis.inputs[v_input].first().copied();
+        out_of[at] = axis.outputs[0].first().copied();
+    }
+    let Some(feature) = feature else { return Ok(None) };
+    let batch_at: Vec<usize> = batch.iter().map(|a| a.outputs[0][0]).collect();
+    let nb = batch.len();
+    let v_pos = |at: usize| v_of[at].context("attention: a batch axis the values lack");
+    let mut layout = Layout {
+        q: batch.iter().map(|a| a.inputs[q_input][0]).chain([depth.inputs[q_input][0], query.inputs[q_input][0]]).collect(),
+        k: batch.iter().map(|a| a.inputs[k_input][0]).chain([key.inputs[k_input][0], depth.inputs[k_input][0]]).collect(),
+        v: batch_at.iter().map(|&at| v_pos(at)).collect::<TractResult<TVec<_>>>()?,
+        out: tvec![0; nb + 2],
+    };
+    layout.v.extend([feature.inputs[v_input][0], v_pos(rank - 1)?]);
+    for (i, &at) in batch_at.iter().enumerate() {
+        layout.out[out_of[at].context("attention: a batch axis the output lacks")?] = i;
+    }
+    layout.out[feature.outputs[0][0]] = nb;
+    layout.out[out_of[query_at].context("attention: the output lacks the queries")?] = nb + 1;
+    Ok(Some(Roles { q_input, layout }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::f32s;
+    use tract_onnx::tract_core::ops::math::mul;
+    use tract_onnx::tract_core::ops::nn::Softmax;
+
+    /// product → scale → softmax → product, with the products' axes written as einsum
+    /// equations over the sources `q`, `k`, `v` of the given shapes.
+    /// `values_first`: the values are the second product's first input.
+    fn graph(first: &str, second: &str, shapes: [&[usize]; 3], scale: Option<f32>, values_first: bool) -> TractResult<TypedModel> {
+        let mut model = TypedModel::default();
+        let q = model.add_source("q", f32::fact(shapes[0]))?;
+        let k = model.add_source("k", f32::fact(shapes[1]))?;
+        let v = model.add_source("v", f32::fact(shapes[2]))?;
+        let mut s = model.wire_node("scores", EinSum::new(first.parse()?, f32::datum_type()), &[q, k])?[0];
+        if let Some(scale) = scale {
+            let rank = model.outlet_fact(s)?.rank();
+            let c = model.add_const("scale", tensor0(scale).broadcast_into_rank(rank)?)?;
+            s = model.wire_node("scaled", mul(), &[s, c])?[0];
+        }
+        let rank = model.outlet_fact(s)?.rank();
+        let p = model.wire_node("softmax", Softmax::new(tvec![rank - 1], None, SoftmaxKind::Softmax), &[s])?[0];
+        let (a, b) = if values_first { (v, p) } else { (p, v) };
+        let y = model.wire_node("out", EinSum::new(second.parse()?, f32::datum_type()), &[a, b])?;
+        model.select_output_outlets(&y)?;
+        Ok(model)
+    }
+
+    fn inputs(shapes: [&[usize]; 3]) -> TVec<TValue> {
+        shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let n: usize = s.iter().product();
+                let x: Vec<f32> = (0..n).map(|j| (((j + 5 * i) * 37 % 29) as f32 - 14.0) / 6.0).collect();
+                Tensor::from_shape(s, &x).expect("shape").into_tvalue()
+            })
+            .collect()
+    }
+
+    /// Runs the graph as tract does and after the rewrite; returns how many were replaced and
+    /// the largest difference.
+    fn compare(model: TypedModel, shapes: [&[usize]; 3]) -> TractResult<(usize, f32)> {
+        let want = model.clone().into_runnable()?.run(inputs(shapes))?;
+        let mut model = model;
+        let n = rewrite(&mut model)?;
+        let got = model.into_runnable()?.run(inputs(shapes))?;
+        let mut worst = 0f32;
+        for (want, got) in want.iter().zip(&got) {
+            assert_eq!(want.shape(), got.shape());
+            let (want, got) = (f32s(want, "want")?, f32s(got, "got")?);
+            worst = want.iter().zip(got).map(|(a, b)| (a - b).abs()).fold(worst, f32::max);
+        }
+        Ok((n, worst))
+    }
+
+    #[test]
+    fn rewrites_attention_in_any_layout_and_matches_tract() -> TractResult<()> {
+        if !gemm::available() {
+            return Ok(());
+        }
+        // openai's QKVAttention ("bct,bcs->bts", then "bts,bcs->bct"); diffusers' scaled
+        // dot-product attention over [b, h, t, d] with the keys transposed in the einsum; the
+        // values first in the second product; 2-D without batch; token counts off the blocks.
+        let cases: [(&str, &str, [&[usize]; 3], Option<f32>); 4] = [
+            ("bct,bcs->bts", "bts,bcs->bct", [&[2, 8, 37], &[2, 8, 37], &[2, 8, 37]], Some(0.35)),
+            ("bhtd,bhsd->bhts", "bhts,bhsd->bhtd", [&[1, 2, 20, 4], &[1, 2, 7, 4], &[1, 2, 7, 5]], None),
+            ("btd,bsd->bts", "bsf,bts->btf", [&[3, 16, 6], &[3, 33, 6], &[3, 33, 9]], Some(2.0)),
+            ("td,sd->ts", "ts,sf->tf", [&[5, 3], &[4, 3], &[4, 2]], None),
+        ];
+        for (first, second, shapes, scale) in cases {
+            let (n, worst) = compare(graph(first, second, shapes, scale, second.starts_with("bsf"))?, shapes)?;
+            assert_eq!(n, 1, "{first} {second}");
+            assert!(worst < 1e-5, "{first} {second}: max abs difference {worst}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn takes_in_second_products_split_over_the_queries() -> TractResult<()> {
+        if !gemm::available() {
+            return Ok(());
+        }
+        // SD3's joint attention after declutter: the softmax sliced along the queries (image
+        // tokens, then text tokens), each part with its own product by the same values.
+        let shapes: [&[usize]; 3] = [&[2, 21, 4], &[2, 21, 4], &[2, 21, 4]];
+        let mut model = TypedModel::default();
+        let [q, k, v] = [("q", 0), ("k", 1), ("v", 2)].map(|(name, i)| model.add_source(name, f32::fact(shapes[i])));
+        let (q, k, v) = (q?, k?, v?);
+        let scores = model.wire_node("scores", EinSum::new("btd,bsd->bts".parse()?, f32::datum_type()), &[q, k])?;
+        let p = model.wire_node("softmax", Softmax::new(tvec![2], None, SoftmaxKind::Softmax), &scores)?[0];
+        let mut outputs = tvec![];
+        for (i, (start, end)) in [(0, 16), (16, 21)].into_iter().enumerate() {
+            let part = model.wire_node(format!("part{i}"), Slice::new(1, start, end), &[p])?;
+            let mapping = "bts,bsf->btf".parse()?;
+            outputs.push(model.wire_node(format!("out{i}"), EinSum::new(mapping, f32::datum_type()), &[part[0], v])?[0]);
+        }
+        model.select_output_outlets(&outputs)?;
+        let (n, worst) = compare(model, shapes)?;
+        assert_eq!(n, 1);
+        assert!(worst < 1e-5, "max abs difference {worst}");
+        Ok(())
+    }
+
+    #[test]
+    fn leaves_other_patterns_alone() -> TractResult<()> {
+        if !gemm::available() {
+            return Ok(());
+        }
+        // Values without an axis of their own; a second product that sums over the queries.
+        let mut model = graph("bct,bcs->bts", "bts,bs->bt", [&[2, 8, 12], &[2, 8, 12], &[2, 12]], None, false)?;
+        assert_eq!(rewrite(&mut model)?, 0);
+        let shapes: [&[usize]; 3] = [&[2, 8, 12], &[2, 8, 12], &[2, 8, 12]];
+        let mut model = graph("bct,bcs->bts", "bts,bct->bcs", shapes, None, false)?;
+        assert_eq!(rewrite(&mut model)?, 0);
+        // Scores needed elsewhere (a second output).
+        let mut model = graph("bct,bcs->bts", "bts,bcs->bct", shapes, None, false)?;
+        let scores = model.node_by_name("scores")?.id;
+        let out = model.output_outlets()?[0];
+        model.select_output_outlets(&[out, scores.into()])?;
+        assert_eq!(rewrite(&mut model)?, 0);
+        Ok(())
+    }
+}
