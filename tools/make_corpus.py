@@ -1,6 +1,12 @@
 """Writes tests/fixtures/corpus/: real-world ONNX exports, random weights, tiny configs.
 
     python3 tools/make_corpus.py [--out tests/fixtures/corpus] [--only NAME ...]
+    python3 tools/make_corpus.py --size bench   # into target/corpus-bench: the benchmarks' sizes
+
+`--size tiny` (the default) writes the committed fixtures that `cargo test` checks; `--size bench`
+writes the same architectures at sizes that do real work per call (32x32 latents and images,
+77 text tokens, realistic widths, up to a few tens of MB each) for tools/bench_corpus.py; those
+are not committed.
 
 Each model gets a folder NAME/ with `model.onnx` (and `model.onnx_data` for the external-data
 export), its reference inputs `input_<i>_<graph input>.npy` in graph-input order, the output
@@ -41,6 +47,32 @@ import torch.nn.functional as F
 
 BATCH = 2  # reference calls run at batch 2, so a batch axis fixed at 1 anywhere would show
 SEED = 22
+
+# The two sizes of every architecture: "tiny" for the test fixtures (whose bytes must not
+# change), "bench" for the benchmarks.
+SIZES = {
+    "tiny": dict(
+        unet=dict(hw=16, channels=(16, 32), layers=1, groups=8, head=8,
+                  down=("DownBlock2D", "AttnDownBlock2D"), up=("AttnUpBlock2D", "UpBlock2D")),
+        cond=dict(hw=8, channels=(16, 32), groups=8, head=8, tokens=7, context=32,
+                  down=("CrossAttnDownBlock2D", "DownBlock2D"), up=("UpBlock2D", "CrossAttnUpBlock2D")),
+        dit=dict(hw=8, heads=2, head_dim=8, layers=2, groups=8),
+        sd3=dict(hw=8, heads=2, head_dim=8, layers=2, context=32, caption=16, pooled=16, tokens=5, pos=16),
+        vae=dict(hw=8, channels=(16, 32), groups=8, layers=1),
+        taesd=dict(hw=8, ch=16)),
+    "bench": dict(
+        unet=dict(hw=32, channels=(64, 128, 128, 128), layers=2, groups=32, head=32,
+                  down=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+                  up=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D")),
+        cond=dict(hw=32, channels=(64, 128, 256), groups=32, head=8, tokens=77, context=768,
+                  down=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                  up=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
+        dit=dict(hw=32, heads=6, head_dim=64, layers=6, groups=32),
+        sd3=dict(hw=32, heads=6, head_dim=64, layers=4, context=768, caption=384, pooled=768, tokens=77, pos=32),
+        vae=dict(hw=16, channels=(64, 128, 256, 256), groups=32, layers=2),
+        taesd=dict(hw=32, ch=64)),
+}
+SIZE = SIZES["tiny"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,39 +231,48 @@ class VaeDecode(nn.Module):
 
 def unet2d():
     from diffusers import UNet2DModel
-    return UNet2DModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
-                       block_out_channels=(16, 32), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8, attention_head_dim=8)
+    c = SIZE["unet"]
+    return UNet2DModel(sample_size=c["hw"], in_channels=3, out_channels=3, layers_per_block=c["layers"],
+                       block_out_channels=c["channels"], down_block_types=c["down"],
+                       up_block_types=c["up"], norm_num_groups=c["groups"], attention_head_dim=c["head"])
 
 
 def unet2d_cond():
     from diffusers import UNet2DConditionModel
-    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(16, 32),
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                                cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
+    c = SIZE["cond"]
+    return UNet2DConditionModel(sample_size=c["hw"], in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=c["channels"],
+                                down_block_types=c["down"],
+                                up_block_types=c["up"],
+                                cross_attention_dim=c["context"], attention_head_dim=c["head"],
+                                norm_num_groups=c["groups"])
 
 
 def dit():
     from diffusers import DiTTransformer2DModel
-    return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
-                                 num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
-                                 norm_num_groups=8)
+    c = SIZE["dit"]
+    return DiTTransformer2DModel(num_attention_heads=c["heads"], attention_head_dim=c["head_dim"], in_channels=4,
+                                 out_channels=4, num_layers=c["layers"], sample_size=c["hw"], patch_size=2,
+                                 num_embeds_ada_norm=10, norm_num_groups=c["groups"])
 
 
 def sd3():
     from diffusers import SD3Transformer2DModel
-    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
-                                 attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
-                                 caption_projection_dim=16, pooled_projection_dim=16, pos_embed_max_size=16)
+    c = SIZE["sd3"]
+    return SD3Transformer2DModel(sample_size=c["hw"], patch_size=2, in_channels=4, out_channels=4,
+                                 num_layers=c["layers"], attention_head_dim=c["head_dim"],
+                                 num_attention_heads=c["heads"], joint_attention_dim=c["context"],
+                                 caption_projection_dim=c["caption"], pooled_projection_dim=c["pooled"],
+                                 pos_embed_max_size=c["pos"])
 
 
 def vae_decoder():
     from diffusers import AutoencoderKL
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        layers_per_block=1, norm_num_groups=8, sample_size=16)
+    c = SIZE["vae"]
+    n = len(c["channels"])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=c["channels"],
+                        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                        layers_per_block=c["layers"], norm_num_groups=c["groups"], sample_size=16)
     return VaeDecode(vae)
 
 
@@ -338,7 +379,8 @@ def build(name: str, out_root: str):
     b = BATCH
     if name in ("unet2d_legacy", "unet2d_dynamo", "unet2d_external"):
         model = Sample(randomize(unet2d(), SEED))
-        x, t = randn(b, 3, 16, 16), np.full([b], 417.0, np.float32)
+        hw = SIZE["unet"]["hw"]
+        x, t = randn(b, 3, hw, hw), np.full([b], 417.0, np.float32)
         inputs = {"sample": x, "timestep": t}
         if name == "unet2d_external":
             legacy = os.path.join(folder, "legacy.onnx")
@@ -350,13 +392,15 @@ def build(name: str, out_root: str):
             export(model, [torch.from_numpy(x), torch.from_numpy(t)], path, ["sample", "timestep"], "out_sample",
                    ["sample", "timestep"], dynamo=name == "unet2d_dynamo", opset=18 if "dynamo" in name else 17)
         exporter = {"unet2d_dynamo": "dynamo exporter, opset 18"}.get(name, "legacy exporter, opset 17")
-        about = f"diffusers UNet2DModel, 16x16 RGB, {exporter}" + (
+        about = f"diffusers UNet2DModel, {hw}x{hw} RGB, {exporter}" + (
             ", weights in model.onnx_data" if name == "unet2d_external" else "")
-        write(folder, "model.toml", card(name, about, ['sample = "sample"', 'timestep = "timestep"'], (3, 16, 16),
+        write(folder, "model.toml", card(name, about, ['sample = "sample"', 'timestep = "timestep"'], (3, hw, hw),
                                          DDPM_SCHED))
     elif name in ("unet2d_cond_legacy", "unet2d_cond_dynamo"):
         model = Sample(randomize(unet2d_cond(), SEED + 1))
-        x, t, ctx = randn(b, 4, 8, 8), np.full([b], 250, np.int64), randn(b, 7, 32)
+        c = SIZE["cond"]
+        hw = c["hw"]
+        x, t, ctx = randn(b, 4, hw, hw), np.full([b], 250, np.int64), randn(b, c["tokens"], c["context"])
         names = ["sample", "timestep", "encoder_hidden_states"]
         inputs = dict(zip(names, [x, t, ctx]))
         dynamo = name.endswith("dynamo")
@@ -364,11 +408,11 @@ def build(name: str, out_root: str):
                dynamo=dynamo, opset=18 if dynamo else 17)
         if dynamo:
             strip_node_metadata(path)
-        about = ("diffusers UNet2DConditionModel, 8x8x4 latent, 7 tokens of 32, int64 timestep, "
+        about = (f"diffusers UNet2DConditionModel, {hw}x{hw}x4 latent, {c['tokens']} tokens of {c['context']}, int64 timestep, "
                  + ("dynamo exporter, opset 18" if dynamo else "legacy exporter, opset 17"))
         write(folder, "model.toml", card(name, about, ['sample = "sample"', 'timestep = "timestep"',
                                                        'encoder_hidden_states = "encoder_hidden_states"'],
-                                         (4, 8, 8), DDPM_SCHED))
+                                         (4, hw, hw), DDPM_SCHED))
     elif name == "consistency_edm":
         model = randomize(EDMDenoiser(), SEED + 2)
         x = 2.0 * randn(b, 1, 128, 128)
@@ -387,20 +431,23 @@ def build(name: str, out_root: str):
                                          "[model.conditioning.difficulty]\ndefault = 0.5  # one per image\n"))
     elif name == "dit_legacy":
         model = Sample(randomize(dit(), SEED + 3))
-        x, t, y = randn(b, 4, 8, 8), np.full([b], 601, np.int64), np.array([3, 10], np.int64)[:b]
+        hw = SIZE["dit"]["hw"]
+        x, t, y = randn(b, 4, hw, hw), np.full([b], 601, np.int64), np.array([3, 10], np.int64)[:b]
         names = ["hidden_states", "timestep", "class_labels"]
         inputs = dict(zip(names, [x, t, y]))
         export(model, [torch.from_numpy(v) for v in inputs.values()], path, names, "out_sample", names,
                dynamo=False, opset=17)
         classes = ", ".join(f'"class{i}"' for i in range(10))
         extra = f'[classes]\nnames = [{classes}]\nnull = 10\n\n' + DDPM_SCHED
-        write(folder, "model.toml", card(name, "diffusers DiTTransformer2DModel, 8x8x4 latent, 10 classes + null, "
+        write(folder, "model.toml", card(name, f"diffusers DiTTransformer2DModel, {hw}x{hw}x4 latent, 10 classes + null, "
                                          "legacy exporter, opset 17",
                                          ['sample = "hidden_states"', 'timestep = "timestep"',
-                                          'class_labels = "class_labels"'], (4, 8, 8), extra))
+                                          'class_labels = "class_labels"'], (4, hw, hw), extra))
     elif name == "sd3_dynamo":
         model = Sample(randomize(sd3(), SEED + 4))
-        x, ctx, pooled = randn(b, 4, 8, 8), randn(b, 5, 32), randn(b, 16)
+        c = SIZE["sd3"]
+        hw = c["hw"]
+        x, ctx, pooled = randn(b, 4, hw, hw), randn(b, c["tokens"], c["context"]), randn(b, c["pooled"])
         t = np.full([b], 750.0, np.float32)
         names = ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"]
         inputs = dict(zip(names, [x, ctx, pooled, t]))
@@ -408,19 +455,21 @@ def build(name: str, out_root: str):
                dynamo=True, opset=18)
         extra = ('[scheduler]\nnum_train_timesteps = 1000\nshift = 3.0\n\n'
                  '[defaults]\nsampler = "flow_euler"\nsteps = 4\n')
-        write(folder, "model.toml", card(name, "diffusers SD3Transformer2DModel (flow matching), 8x8x4 latent, "
-                                         "5 tokens of 32, pooled 16, dynamo exporter, opset 18",
+        write(folder, "model.toml", card(name, f"diffusers SD3Transformer2DModel (flow matching), {hw}x{hw}x4 latent, "
+                                         f"{c['tokens']} tokens of {c['context']}, pooled {c['pooled']}, dynamo exporter, opset 18",
                                          ['sample = "hidden_states"', 'timestep = "timestep"',
-                                          'encoder_hidden_states = "encoder_hidden_states"'], (4, 8, 8), extra,
-                                         "[model.conditioning.pooled_projections]\ndefault = 0.0  # [16] per image\n"))
+                                          'encoder_hidden_states = "encoder_hidden_states"'], (4, hw, hw), extra,
+                                         f"[model.conditioning.pooled_projections]\ndefault = 0.0  # [{c['pooled']}] per image\n"))
     elif name == "vae_decoder_legacy":
         model = randomize(vae_decoder(), SEED + 5)
-        inputs = {"latent": randn(b, 4, 8, 8)}
+        hw = SIZE["vae"]["hw"]
+        inputs = {"latent": randn(b, 4, hw, hw)}
         export(model, [torch.from_numpy(inputs["latent"])], path, ["latent"], "image", ["latent"],
                dynamo=False, opset=17)
     elif name == "taesd_decoder_legacy":
-        model = randomize(TaesdDecoder(), SEED + 6)
-        inputs = {"latent": randn(b, 4, 8, 8)}
+        model = randomize(TaesdDecoder(ch=SIZE["taesd"]["ch"]), SEED + 6)
+        hw = SIZE["taesd"]["hw"]
+        inputs = {"latent": randn(b, 4, hw, hw)}
         export(model, [torch.from_numpy(inputs["latent"])], path, ["latent"], "image", ["latent"],
                dynamo=False, opset=17)
     else:
@@ -444,7 +493,11 @@ if __name__ == "__main__":
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests",
                                                  "fixtures", "corpus"))
     p.add_argument("--only", nargs="*", default=NAMES)
+    p.add_argument("--size", choices=sorted(SIZES), default="tiny")
     a = p.parse_args()
+    SIZE = SIZES[a.size]
+    if a.size != "tiny" and a.out == p.get_default("out"):
+        a.out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "target", "corpus-bench")
     torch.set_num_threads(2)
     for n in a.only:
         build(n, a.out)

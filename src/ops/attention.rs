@@ -44,8 +44,11 @@ impl Layout {
     /// The output's shape from its inputs' (batch and query from `q`, feature from `v`).
     fn output_shape<D: Clone>(&self, q: &[D], v: &[D]) -> TVec<D> {
         let nb = self.batch_rank();
-        let canonical: TVec<D> =
-            self.q[..nb].iter().map(|&a| q[a].clone()).chain([v[self.v[nb]].clone(), q[self.q[nb + 1]].clone()]).collect();
+        let canonical: TVec<D> = self.q[..nb]
+            .iter()
+            .map(|&a| q[a].clone())
+            .chain([v[self.v[nb]].clone(), q[self.q[nb + 1]].clone()])
+            .collect();
         self.out.iter().map(|&a| canonical[a].clone()).collect()
     }
 }

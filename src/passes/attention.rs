@@ -1,13 +1,18 @@
 //! Attention as one operator (the operator and why: `crate::ops::attention`): finds
-//! product → (scale) → softmax → product in a decluttered graph, whatever the exporter.
+//! product → (scale) → softmax → product in a typed graph, whatever the exporter.
 //!
-//! Both products are tract `EinSum`s by then: declutter turns `MatMul` into one, an exported
-//! `Einsum` already is one, and a `Transpose` of the keys is folded into its axes. So the
-//! pattern is read from the axes, not from operator names or tensor ranks: the first product
-//! sums over one axis that its two inputs share (the depth), keeps one axis of each input alone
-//! (the queries, the keys: the last axis of its output, which the softmax runs over) and
-//! carries every other axis through (batch, heads). The second product sums over the keys
-//! against a second input (the values), whose one axis of its own becomes an output axis.
+//! Both products are tract `EinSum`s: the importer turns `MatMul` into one, an exported
+//! `Einsum` already is one. So the pattern is read from the axes, not from operator names or
+//! tensor ranks: the first product sums over one axis that its two inputs share (the depth),
+//! keeps one axis of each input alone (the queries, the keys: the last axis of its output,
+//! which the softmax runs over) and carries every other axis through (batch, heads). The
+//! second product sums over the keys against a second input (the values), whose one axis of
+//! its own becomes an output axis.
+//!
+//! The pass runs on the graph as imported, because declutter cuts the second product apart
+//! where the values are a concatenation (SD3's joint attention: a product per part of the
+//! keys, summed), and again after declutter, which may fold a computed scale into a constant.
+//! It also takes a second product that declutter split over parts of the queries.
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
@@ -261,8 +266,16 @@ fn roles(first: &EinSum, second: &EinSum, p: usize, rank: usize) -> TractResult<
     let nb = batch.len();
     let v_pos = |at: usize| v_of[at].context("attention: a batch axis the values lack");
     let mut layout = Layout {
-        q: batch.iter().map(|a| a.inputs[q_input][0]).chain([depth.inputs[q_input][0], query.inputs[q_input][0]]).collect(),
-        k: batch.iter().map(|a| a.inputs[k_input][0]).chain([key.inputs[k_input][0], depth.inputs[k_input][0]]).collect(),
+        q: batch
+            .iter()
+            .map(|a| a.inputs[q_input][0])
+            .chain([depth.inputs[q_input][0], query.inputs[q_input][0]])
+            .collect(),
+        k: batch
+            .iter()
+            .map(|a| a.inputs[k_input][0])
+            .chain([key.inputs[k_input][0], depth.inputs[k_input][0]])
+            .collect(),
         v: batch_at.iter().map(|&at| v_pos(at)).collect::<TractResult<TVec<_>>>()?,
         out: tvec![0; nb + 2],
     };
@@ -285,7 +298,13 @@ mod tests {
     /// product → scale → softmax → product, with the products' axes written as einsum
     /// equations over the sources `q`, `k`, `v` of the given shapes.
     /// `values_first`: the values are the second product's first input.
-    fn graph(first: &str, second: &str, shapes: [&[usize]; 3], scale: Option<f32>, values_first: bool) -> TractResult<TypedModel> {
+    fn graph(
+        first: &str,
+        second: &str,
+        shapes: [&[usize]; 3],
+        scale: Option<f32>,
+        values_first: bool,
+    ) -> TractResult<TypedModel> {
         let mut model = TypedModel::default();
         let q = model.add_source("q", f32::fact(shapes[0]))?;
         let k = model.add_source("k", f32::fact(shapes[1]))?;
@@ -371,7 +390,8 @@ mod tests {
         for (i, (start, end)) in [(0, 16), (16, 21)].into_iter().enumerate() {
             let part = model.wire_node(format!("part{i}"), Slice::new(1, start, end), &[p])?;
             let mapping = "bts,bsf->btf".parse()?;
-            outputs.push(model.wire_node(format!("out{i}"), EinSum::new(mapping, f32::datum_type()), &[part[0], v])?[0]);
+            outputs
+                .push(model.wire_node(format!("out{i}"), EinSum::new(mapping, f32::datum_type()), &[part[0], v])?[0]);
         }
         model.select_output_outlets(&outputs)?;
         let (n, worst) = compare(model, shapes)?;

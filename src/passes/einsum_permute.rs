@@ -15,12 +15,18 @@ pub(crate) fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
     for id in model.eval_order()? {
         let node = model.node(id);
         let Some(op) = node.op_as::<EinSum>() else { continue };
+        let input = model.outlet_fact(node.inputs[0])?;
         let permutation = op.q_params.is_none()
             && node.inputs.len() == 1
             && op.axes.input_count() == 1
             && op.axes.output_count() == 1
-            && op.axes.iter_all_axes().all(|a| a.inputs[0].len() == 1 && a.outputs[0].len() == 1)
-            && model.outlet_fact(node.inputs[0])?.datum_type == op.operating_dt;
+            && model.outlet_fact(node.inputs[0])?.datum_type == op.operating_dt
+            && op.axes.iter_all_axes().all(|a| match (a.inputs[0].len(), a.outputs[0].len()) {
+                (1, 1) | (0, 1) => true,
+                // An axis summed over is a permutation's only when it has one element.
+                (1, 0) => input.shape[a.inputs[0][0]].is_one(),
+                _ => false,
+            });
         if !permutation {
             continue;
         }

@@ -8,10 +8,10 @@ use tract_onnx::tract_core::ops::binary::{BinMiniOp, TypedBinOp};
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod attention;
 pub(crate) mod contiguous_constants;
-pub(crate) mod einsum_permute;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod conv1x1;
 pub(crate) mod conv_match;
+pub(crate) mod einsum_permute;
 pub(crate) mod group_norm;
 pub(crate) mod pow_const;
 #[cfg(target_arch = "x86_64")]
@@ -24,7 +24,8 @@ pub(crate) mod winograd;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Stage {
     /// On the typed graph as imported, before tract's declutter (which turns a 1×1 convolution
-    /// into an `EinSum` plus a bias `Add` that tract runs slower).
+    /// into an `EinSum` plus a bias `Add` that tract runs slower, and cuts attention's second
+    /// product apart where its values are a concatenation).
     Imported,
     /// On the decluttered graph, before tract optimizes it: these passes need tract's
     /// convolutions as they are before optimization, and declutter has by then folded an
@@ -54,6 +55,8 @@ pub(crate) const GROUP_NORM: &str = "group norm";
 /// The float32 rewrites, in the order they run. The x86-64 ones need AVX2 and FMA and replace
 /// nothing on a CPU without them.
 pub(crate) const PASSES: &[Pass] = &[
+    #[cfg(target_arch = "x86_64")]
+    Pass { name: ATTENTION, stage: Stage::Imported, convolutions: false, run: attention::rewrite },
     #[cfg(target_arch = "x86_64")]
     Pass { name: "1x1 convolution", stage: Stage::Imported, convolutions: true, run: conv1x1::rewrite },
     Pass { name: GROUP_NORM, stage: Stage::Decluttered, convolutions: false, run: group_norm::rewrite },
@@ -104,7 +107,10 @@ pub(crate) fn is_bin<O: BinMiniOp>(node: &TypedNode) -> bool {
 }
 
 /// For a binary node of kind `O` with one constant input: the other input and the constant.
-pub(crate) fn bin_by_const<O: BinMiniOp>(model: &TypedModel, node: &TypedNode) -> TractResult<Option<(OutletId, Arc<Tensor>)>> {
+pub(crate) fn bin_by_const<O: BinMiniOp>(
+    model: &TypedModel,
+    node: &TypedNode,
+) -> TractResult<Option<(OutletId, Arc<Tensor>)>> {
     if !is_bin::<O>(node) || node.inputs.len() != 2 {
         return Ok(None);
     }

@@ -104,8 +104,9 @@ mod tests {
     /// feature.
     fn reference(q: &[f32], k: &[f32], v: &[f32], head: Head, t: usize, tokens: usize, scale: f64) -> Vec<f64> {
         let Head { keys: s, depth: d, features: dv } = head;
-        let scores: Vec<f64> =
-            (0..s).map(|j| (0..d).map(|c| q[c * tokens + t] as f64 * k[j * d + c] as f64).sum::<f64>() * scale).collect();
+        let scores: Vec<f64> = (0..s)
+            .map(|j| (0..d).map(|c| q[c * tokens + t] as f64 * k[j * d + c] as f64).sum::<f64>() * scale)
+            .collect();
         let max = scores.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
         let e: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
         let sum: f64 = e.iter().sum();
@@ -136,7 +137,11 @@ mod tests {
                         let want = reference(&q, &k, &v, head, t0 + lane, tokens, scale as f64);
                         for (f, w) in want.iter().enumerate() {
                             let got = out[f * NR + lane] as f64;
-                            assert!((got - w).abs() < 1e-5 * (1.0 + w.abs()), "{kernel:?} {head:?} t{}: {got} vs {w}", t0 + lane);
+                            assert!(
+                                (got - w).abs() < 1e-5 * (1.0 + w.abs()),
+                                "{kernel:?} {head:?} t{}: {got} vs {w}",
+                                t0 + lane
+                            );
                         }
                     }
                 }
