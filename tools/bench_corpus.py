@@ -3,6 +3,7 @@ call and load time, the same ONNX file and thread count, in one run on this mach
 
     cargo build --release
     python3 tools/bench_corpus.py [--runs 20] [--rounds 3] [--threads 1,2] [--only NAME ...]
+    python3 tools/make_corpus.py --size bench && python3 tools/bench_corpus.py --corpus target/corpus-bench --runs 5
 
 For each model that has a card: edge-diffuse's `profile` gives the mean time of `--runs` untimed
 calls at batch 1 after a warm-up (the plan `sample` runs), and `info` the load time to a runnable
@@ -72,12 +73,15 @@ def theirs(name, threads, runs):
 
 
 def main():
+    global CORPUS
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", default="1,2")
     p.add_argument("--only", nargs="*")
+    p.add_argument("--corpus", default=CORPUS, help="the corpus folder (default: the test fixtures)")
     a = p.parse_args()
+    CORPUS = a.corpus
     threads = [int(t) for t in a.threads.split(",")]
     models = corpus_models(a.only)
     results = {}

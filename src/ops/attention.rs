@@ -167,19 +167,20 @@ impl Attention {
             strides[role] = natural[axis] as usize;
         }
         let place = View { data: &[], dims: q.dims[..nb].iter().copied().chain([dv, t]).collect(), strides };
-        let mut plain = y.try_as_plain_ram_mut()?;
-        let dst = plain.as_slice_mut::<f32>()?;
-        let [feature, token] = [place.strides[nb], place.strides[nb + 1]];
-        for (item, out) in results.chunks_exact(dv * NR).enumerate() {
-            let (h, t0) = (item / blocks, item % blocks * NR);
-            let at = place.head(h, nb) + t0 * token;
-            for (f, row) in out.chunks_exact(NR).enumerate() {
-                for (j, &x) in row[..NR.min(t - t0)].iter().enumerate() {
-                    dst[at + f * feature + j * token] = x;
+        {
+            let mut plain = y.try_as_plain_ram_mut()?;
+            let dst = plain.as_slice_mut::<f32>()?;
+            let [feature, token] = [place.strides[nb], place.strides[nb + 1]];
+            for (item, out) in results.chunks_exact(dv * NR).enumerate() {
+                let (h, t0) = (item / blocks, item % blocks * NR);
+                let at = place.head(h, nb) + t0 * token;
+                for (f, row) in out.chunks_exact(NR).enumerate() {
+                    for (j, &x) in row[..NR.min(t - t0)].iter().enumerate() {
+                        dst[at + f * feature + j * token] = x;
+                    }
                 }
             }
         }
-        drop(plain);
         Ok(y)
     }
 }

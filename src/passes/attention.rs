@@ -351,6 +351,9 @@ mod tests {
         Ok((n, worst))
     }
 
+    /// The two products' equations, the shapes of q, k and v, the scale.
+    type Case<'a> = (&'a str, &'a str, [&'a [usize]; 3], Option<f32>);
+
     #[test]
     fn rewrites_attention_in_any_layout_and_matches_tract() -> TractResult<()> {
         if !gemm::available() {
@@ -359,7 +362,7 @@ mod tests {
         // openai's QKVAttention ("bct,bcs->bts", then "bts,bcs->bct"); diffusers' scaled
         // dot-product attention over [b, h, t, d] with the keys transposed in the einsum; the
         // values first in the second product; 2-D without batch; token counts off the blocks.
-        let cases: [(&str, &str, [&[usize]; 3], Option<f32>); 4] = [
+        let cases: [Case; 4] = [
             ("bct,bcs->bts", "bts,bcs->bct", [&[2, 8, 37], &[2, 8, 37], &[2, 8, 37]], Some(0.35)),
             ("bhtd,bhsd->bhts", "bhts,bhsd->bhtd", [&[1, 2, 20, 4], &[1, 2, 7, 4], &[1, 2, 7, 5]], None),
             ("btd,bsd->bts", "bsf,bts->btf", [&[3, 16, 6], &[3, 33, 6], &[3, 33, 9]], Some(2.0)),

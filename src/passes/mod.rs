@@ -48,6 +48,7 @@ pub(crate) struct Pass {
 /// [`Pass::name`] of the Winograd rewrite.
 pub(crate) const WINOGRAD: &str = "winograd";
 /// [`Pass::name`] of the attention rewrite.
+#[cfg(target_arch = "x86_64")]
 pub(crate) const ATTENTION: &str = "attention";
 /// [`Pass::name`] of the GroupNorm rewrite.
 pub(crate) const GROUP_NORM: &str = "group norm";
