@@ -35,11 +35,6 @@ pub(crate) fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
     Ok(replaced)
 }
 
-/// A constant's elements in C order (tract may hold a broadcast constant with other strides).
-fn in_c_order(t: &Tensor) -> TractResult<Vec<f32>> {
-    Ok(t.to_plain_array_view::<f32>()?.iter().copied().collect())
-}
-
 /// The operator, its input and the node whose output it replaces (the bias `Add` when it takes
 /// one in).
 fn linear_at(model: &TypedModel, id: usize) -> TractResult<Option<(Linear, OutletId, usize)>> {
@@ -93,7 +88,7 @@ fn linear_at(model: &TypedModel, id: usize) -> TractResult<Option<(Linear, Outle
     let axes = LinearAxes { rows: rows.iter().map(|&(a, _)| a).collect(), features: x_c, out };
     let natural = Tensor::natural_strides(w.shape());
     let strides = [natural[w_k] as usize, natural[w_c] as usize];
-    let weights = in_c_order(&w)?;
+    let weights = crate::ops::f32s(&w, "linear weights")?;
     // A bias: the only reader, adding a constant that varies along k at most.
     let successors = model.outlet_successors(id.into());
     let mut last = id;
@@ -104,13 +99,13 @@ fn linear_at(model: &TypedModel, id: usize) -> TractResult<Option<(Linear, Outle
             let along_k = b.rank() <= out_rank
                 && b.shape().iter().rev().enumerate().all(|(i, &n)| n == 1 || (out_rank - 1 - i == out_k && n == kk));
             if from == OutletId::from(id) && b.datum_type() == f32::datum_type() && along_k {
-                let values = in_c_order(&b)?;
+                let values = crate::ops::f32s(&b, "linear bias")?;
                 bias = Some(if values.len() == kk { values.to_vec() } else { vec![values[0]; kk] });
                 last = add.id;
             }
         }
     }
-    let op = Linear::new(&weights, strides, bias.as_deref(), [kk, cc], axes);
+    let op = Linear::new(weights, strides, bias.as_deref(), [kk, cc], axes);
     Ok(Some((op, node.inputs[xi], last)))
 }
 
