@@ -18,7 +18,7 @@
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
-use super::{f32s, for_each, strided_offset, threads};
+use super::{f32s, for_each, threads};
 use crate::kernels::x86_64::attention::{block, Head};
 use crate::kernels::x86_64::gemm::{self, NR};
 use crate::kernels::{carve, split};
@@ -90,7 +90,12 @@ impl<'t> View<'t> {
 
     /// Where head `h` (a flat index over the first `nb` axes, in C order) starts.
     fn head(&self, h: usize, nb: usize) -> usize {
-        strided_offset(h, &self.dims[..nb], &self.strides[..nb])
+        let (mut rest, mut at) = (h, 0);
+        for i in (0..nb).rev() {
+            at += rest % self.dims[i] * self.strides[i];
+            rest /= self.dims[i];
+        }
+        at
     }
 }
 
