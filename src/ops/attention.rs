@@ -90,13 +90,19 @@ impl<'t> View<'t> {
 
     /// Where head `h` (a flat index over the first `nb` axes, in C order) starts.
     fn head(&self, h: usize, nb: usize) -> usize {
-        let (mut rest, mut at) = (h, 0);
-        for i in (0..nb).rev() {
-            at += rest % self.dims[i] * self.strides[i];
-            rest /= self.dims[i];
-        }
-        at
+        head_offset(h, &self.dims[..nb], &self.strides[..nb])
     }
+}
+
+/// Where head `h` (a flat index over batch axes of sizes `dims`, in C order) starts in a tensor
+/// whose batch axes are `strides` elements apart.
+fn head_offset(h: usize, dims: &[usize], strides: &[usize]) -> usize {
+    let (mut rest, mut at) = (h, 0);
+    for (&d, &s) in dims.iter().zip(strides).rev() {
+        at += rest % d * s;
+        rest /= d;
+    }
+    at
 }
 
 impl Attention {
@@ -166,14 +172,13 @@ impl Attention {
         for (axis, &role) in self.layout.out.iter().enumerate() {
             strides[role] = natural[axis] as usize;
         }
-        let place = View { data: &[], dims: q.dims[..nb].iter().copied().chain([dv, t]).collect(), strides };
         {
             let mut plain = y.try_as_plain_ram_mut()?;
             let dst = plain.as_slice_mut::<f32>()?;
-            let [feature, token] = [place.strides[nb], place.strides[nb + 1]];
+            let [feature, token] = [strides[nb], strides[nb + 1]];
             for (item, out) in results.chunks_exact(dv * NR).enumerate() {
                 let (h, t0) = (item / blocks, item % blocks * NR);
-                let at = place.head(h, nb) + t0 * token;
+                let at = head_offset(h, batch, &strides[..nb]) + t0 * token;
                 for (f, row) in out.chunks_exact(NR).enumerate() {
                     for (j, &x) in row[..NR.min(t - t0)].iter().enumerate() {
                         dst[at + f * feature + j * token] = x;

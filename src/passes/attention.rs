@@ -153,21 +153,16 @@ fn pattern_at(model: &TypedModel, id: usize) -> TractResult<Option<Found>> {
     // Down: the second product, or its parts over slices of the queries.
     let mut branches = Vec::new();
     let mut second: Option<(&EinSum, usize, OutletId)> = None;
-    let query_at = |first: &EinSum| -> Option<usize> {
-        // The scores' axis that only one input of the first product has and that is not last.
-        first.axes.iter_all_axes().find_map(|a| {
-            let p = presence(a)?;
-            (p[0] != p[1] && p[2] && a.outputs[0][0] != rank - 1).then(|| a.outputs[0][0])
-        })
-    };
-    let Some(queries) = query_at(first) else { return Ok(None) };
+    // Slices, by axis of the scores: the roles say below whether that axis is the queries'.
+    let mut sliced = Vec::new();
     for down in model.outlet_successors(id.into()).to_vec() {
         let mut at = down;
         let mut slice = None;
         if let Some(s) = model.node(down.node).op_as::<Slice>() {
-            if s.axis != queries || !single_use(model, down.node.into())? {
+            if !single_use(model, down.node.into())? {
                 return Ok(None);
             }
+            sliced.push(s.axis);
             slice = Some((s.start.clone(), s.end.clone()));
             at = model.outlet_successors(down.node.into())[0];
         } else if model.outlet_successors(id.into()).len() != 1 {
@@ -188,6 +183,9 @@ fn pattern_at(model: &TypedModel, id: usize) -> TractResult<Option<Found>> {
     }
     let Some((second, p, v)) = second else { return Ok(None) };
     let Some(roles) = roles(first, second, p, rank)? else { return Ok(None) };
+    if sliced.iter().any(|&axis| axis != roles.queries) {
+        return Ok(None);
+    }
     let (qi, ki) = (roles.q_input, 1 - roles.q_input);
     let found = Found { q: up.inputs[qi], k: up.inputs[ki], v, scale, layout: roles.layout, branches };
     // The roles' sizes must agree (no broadcasting between the inputs).
@@ -204,6 +202,8 @@ fn pattern_at(model: &TypedModel, id: usize) -> TractResult<Option<Found>> {
 struct Roles {
     /// Which input of the first product holds the queries.
     q_input: usize,
+    /// The scores' axis of the queries.
+    queries: usize,
     layout: Layout,
 }
 
@@ -285,7 +285,7 @@ fn roles(first: &EinSum, second: &EinSum, p: usize, rank: usize) -> TractResult<
     }
     layout.out[feature.outputs[0][0]] = nb;
     layout.out[out_of[query_at].context("attention: the output lacks the queries")?] = nb + 1;
-    Ok(Some(Roles { q_input, layout }))
+    Ok(Some(Roles { q_input, queries: query_at, layout }))
 }
 
 #[cfg(test)]
