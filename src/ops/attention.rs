@@ -18,7 +18,7 @@
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
-use super::{f32s, for_each, threads};
+use super::{f32s, for_each, strided_offset, threads};
 use crate::kernels::x86_64::attention::{block, Head};
 use crate::kernels::x86_64::gemm::{self, NR};
 use crate::kernels::{carve, split};
@@ -90,19 +90,8 @@ impl<'t> View<'t> {
 
     /// Where head `h` (a flat index over the first `nb` axes, in C order) starts.
     fn head(&self, h: usize, nb: usize) -> usize {
-        head_offset(h, &self.dims[..nb], &self.strides[..nb])
+        strided_offset(h, &self.dims[..nb], &self.strides[..nb])
     }
-}
-
-/// Where head `h` (a flat index over batch axes of sizes `dims`, in C order) starts in a tensor
-/// whose batch axes are `strides` elements apart.
-fn head_offset(h: usize, dims: &[usize], strides: &[usize]) -> usize {
-    let (mut rest, mut at) = (h, 0);
-    for (&d, &s) in dims.iter().zip(strides).rev() {
-        at += rest % d * s;
-        rest /= d;
-    }
-    at
 }
 
 impl Attention {
@@ -178,7 +167,7 @@ impl Attention {
             let [feature, token] = [strides[nb], strides[nb + 1]];
             for (item, out) in results.chunks_exact(dv * NR).enumerate() {
                 let (h, t0) = (item / blocks, item % blocks * NR);
-                let at = head_offset(h, batch, &strides[..nb]) + t0 * token;
+                let at = strided_offset(h, batch, &strides[..nb]) + t0 * token;
                 for (f, row) in out.chunks_exact(NR).enumerate() {
                     for (j, &x) in row[..NR.min(t - t0)].iter().enumerate() {
                         dst[at + f * feature + j * token] = x;

@@ -21,7 +21,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
 use super::scratch::{with_scratch, Scratch};
-use super::{f32s, for_each, threads};
+use super::{f32s, for_each, threads, Output};
 use crate::kernels::x86_64::direct_conv::{shifted_rows, Phases};
 use crate::kernels::x86_64::gemm::{self, MR, NR};
 use crate::kernels::{carve, split, Window};
@@ -115,25 +115,6 @@ impl Pointwise {
         });
     }
 }
-
-/// The output, written by several threads at once, each only the pixels of its own items.
-#[derive(Clone, Copy)]
-struct Output(*mut f32, usize);
-
-impl Output {
-    /// A method, not a field access, so that closures capture the whole (`Sync`) value.
-    fn at(self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
-    }
-
-    fn len(self) -> usize {
-        self.1
-    }
-}
-
-// Safety: see the type's docs; items do not overlap.
-unsafe impl Send for Output {}
-unsafe impl Sync for Output {}
 
 impl Op for Pointwise {
     fn name(&self) -> StaticName {

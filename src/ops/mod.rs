@@ -14,6 +14,8 @@ pub(crate) mod conv;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod direct_conv;
 pub(crate) mod group_norm;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod linear;
 pub(crate) mod scratch;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod softmax;
@@ -45,3 +47,38 @@ pub(crate) fn for_each<T: Send>(items: Vec<T>, f: impl Fn(T) + Send + Sync) {
         _ => items.into_iter().for_each(f),
     }
 }
+
+/// Where element `flat` (a C-order index over axes of sizes `dims`) lies in a tensor whose
+/// axes are `strides` elements apart.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn strided_offset(flat: usize, dims: &[usize], strides: &[usize]) -> usize {
+    let (mut rest, mut at) = (flat, 0);
+    for (&d, &s) in dims.iter().zip(strides).rev() {
+        at += rest % d * s;
+        rest /= d;
+    }
+    at
+}
+
+/// An output that several threads write at once, each only the elements of its own items.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+pub(crate) struct Output(*mut f32, usize);
+
+#[cfg(target_arch = "x86_64")]
+impl Output {
+    /// A method, not a field access, so that closures capture the whole (`Sync`) value.
+    pub(crate) fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+
+    pub(crate) fn len(self) -> usize {
+        self.1
+    }
+}
+
+// Safety: see the type's docs; items do not overlap.
+#[cfg(target_arch = "x86_64")]
+unsafe impl Send for Output {}
+#[cfg(target_arch = "x86_64")]
+unsafe impl Sync for Output {}

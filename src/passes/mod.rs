@@ -13,6 +13,8 @@ pub(crate) mod conv1x1;
 pub(crate) mod conv_match;
 pub(crate) mod einsum_permute;
 pub(crate) mod group_norm;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod linear;
 pub(crate) mod pow_const;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod softmax;
@@ -67,6 +69,8 @@ pub(crate) const PASSES: &[Pass] = &[
     Pass { name: ATTENTION, stage: Stage::Decluttered, convolutions: false, run: attention::rewrite },
     #[cfg(target_arch = "x86_64")]
     Pass { name: "softmax", stage: Stage::Decluttered, convolutions: false, run: softmax::rewrite },
+    #[cfg(target_arch = "x86_64")]
+    Pass { name: "linear", stage: Stage::Decluttered, convolutions: false, run: linear::rewrite },
     Pass { name: WINOGRAD, stage: Stage::Decluttered, convolutions: true, run: winograd::rewrite },
     #[cfg(target_arch = "x86_64")]
     Pass { name: "strided convolution", stage: Stage::Decluttered, convolutions: true, run: strided_conv::rewrite },

@@ -58,7 +58,7 @@ pub fn available() -> bool {
 }
 
 /// The micro-kernel this process runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kernel {
     Avx2,
     Avx512,

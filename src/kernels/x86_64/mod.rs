@@ -5,5 +5,6 @@ pub(crate) mod attention;
 pub(crate) mod direct_conv;
 pub(crate) mod gemm;
 pub(crate) mod group_norm;
+pub(crate) mod linear;
 pub(crate) mod softmax;
 pub(crate) mod winograd;

@@ -1,0 +1,259 @@
+//! The products of linear layers on x86-64: `Y = X · W + b` with `X` (t rows × c features, the
+//! activations), `W` (c × k, constant) and `Y` (t × k). Transformers are mostly these, with t in
+//! the hundreds or thousands of tokens and c, k in the hundreds.
+//!
+//! Why not `crate::kernels::x86_64::gemm`: that kernel broadcasts each weight and loads 16
+//! columns of the other operand per multiply-add row, so it issues about one load per
+//! multiply-add. Loads, not multiplies, then bound it (about half the machine's peak here). This
+//! kernel turns the product around, as the fast BLAS kernels do: it broadcasts one activation per
+//! row of the block and loads whole vectors of weights, packed at load time into panels of
+//! [`Kernel::width`] output features. With AVX-512 a 12 × 32 block of `Y` lives in 24 registers
+//! and each input feature costs 2 vector loads and 12 broadcasts for 24 multiply-adds.
+//!
+//! The activations of a block are packed per call (c × rows, [`pack_rows`]) so that the kernel
+//! reads one stream whatever the input's strides. Sums run over the input features in order, one
+//! fused multiply-add each, from the bias, so both kernels give the same bits.
+
+use super::gemm::Kernel;
+
+impl Kernel {
+    /// Output features per panel of packed weights.
+    pub(crate) const fn width(self) -> usize {
+        match self {
+            Kernel::Avx2 => 16,
+            Kernel::Avx512 => 32,
+        }
+    }
+
+    /// Rows of `X` per block.
+    pub(crate) const fn height(self) -> usize {
+        match self {
+            Kernel::Avx2 => 6,
+            Kernel::Avx512 => 12,
+        }
+    }
+}
+
+/// Most rows per block of any kernel (the size of a caller's tile).
+pub(crate) const MOST_ROWS: usize = 12;
+/// Most features per panel of any kernel.
+pub(crate) const MOST_WIDTH: usize = 32;
+
+/// Length of [`pack_weights`]' output.
+pub(crate) fn packed_len(kernel: Kernel, k: usize, c: usize) -> usize {
+    k.div_ceil(kernel.width()) * c * kernel.width()
+}
+
+/// `W` in panels of `kernel.width()` output features, zero-padded, each as `c` rows of that many
+/// values; the weight of output feature f for input feature i is at `w[f · strides[0] + i ·
+/// strides[1]]`.
+pub(crate) fn pack_weights(kernel: Kernel, w: &[f32], [k, c]: [usize; 2], strides: [usize; 2]) -> Vec<f32> {
+    let width = kernel.width();
+    let mut packed = vec![0f32; packed_len(kernel, k, c)];
+    for f in 0..k {
+        let panel = &mut packed[(f / width) * c * width..][..c * width];
+        for i in 0..c {
+            panel[i * width + f % width] = w[f * strides[0] + i * strides[1]];
+        }
+    }
+    packed
+}
+
+/// The rows `rows` of `X` as `c` groups of `kernel.height()` values (zero past the last row):
+/// feature i of row r is at `x[offset(r) + i · feature_stride]`.
+pub(crate) fn pack_rows(
+    kernel: Kernel,
+    x: &[f32],
+    rows: std::ops::Range<usize>,
+    offset: impl Fn(usize) -> usize,
+    feature_stride: usize,
+    packed: &mut [f32],
+) {
+    let height = kernel.height();
+    let c = packed.len() / height;
+    debug_assert!(packed.len() == c * height && rows.len() <= height);
+    packed.fill(0.0);
+    let mut at = [0usize; MOST_ROWS];
+    let count = rows.len();
+    for (a, r) in at.iter_mut().zip(rows) {
+        *a = offset(r);
+    }
+    let starts = &at[..count];
+    if feature_stride == 1 {
+        for (j, &at) in starts.iter().enumerate() {
+            for (i, &v) in x[at..at + c].iter().enumerate() {
+                packed[i * height + j] = v;
+            }
+        }
+    } else {
+        // Features far apart (a channels-first input): the rows of one feature are often
+        // neighbours, so read them together.
+        for (i, group) in packed.chunks_exact_mut(height).enumerate() {
+            for (v, &at) in group.iter_mut().zip(starts) {
+                *v = x[at + i * feature_stride];
+            }
+        }
+    }
+}
+
+/// One block: `out[r · ld + f] = bias[f] + Σ_i rows[i][r] · panel[i][f]` for the block's rows r
+/// and the panel's features f, over `c = rows.len() / kernel.height()` input features: all
+/// `kernel.height()` rows of `kernel.width()` values are stored.
+///
+/// Safety: `kernel.runs_here()`; `panel` holds c · width values, `bias` width, and `out` room for
+/// height rows of width values `ld` apart.
+pub(crate) unsafe fn block(kernel: Kernel, rows: &[f32], panel: &[f32], bias: &[f32], out: *mut f32, ld: usize) {
+    let c = rows.len() / kernel.height();
+    debug_assert!(panel.len() >= c * kernel.width() && bias.len() >= kernel.width());
+    // Safety: the caller's.
+    unsafe {
+        match kernel {
+            Kernel::Avx2 => block_avx2(rows.as_ptr(), panel.as_ptr(), c, bias.as_ptr(), out, ld),
+            Kernel::Avx512 => block_avx512(rows.as_ptr(), panel.as_ptr(), c, bias.as_ptr(), out, ld),
+        }
+    }
+}
+
+/// 6 rows × 16 features in 12 registers of 8 lanes.
+///
+/// Safety: AVX2 and FMA; `rows` c · 6 values, `panel` c · 16, `bias` 16, `out` 6 rows of 16.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn block_avx2(rows: *const f32, panel: *const f32, c: usize, bias: *const f32, out: *mut f32, ld: usize) {
+    use std::arch::x86_64::*;
+    const H: usize = 6;
+    // Safety: the caller's bounds.
+    unsafe {
+        let mut acc = [[_mm256_loadu_ps(bias), _mm256_loadu_ps(bias.add(8))]; H];
+        for i in 0..c {
+            let w0 = _mm256_loadu_ps(panel.add(i * 16));
+            let w1 = _mm256_loadu_ps(panel.add(i * 16 + 8));
+            for (r, a) in acc.iter_mut().enumerate() {
+                let x = _mm256_broadcast_ss(&*rows.add(i * H + r));
+                a[0] = _mm256_fmadd_ps(x, w0, a[0]);
+                a[1] = _mm256_fmadd_ps(x, w1, a[1]);
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(out.add(r * ld), a[0]);
+            _mm256_storeu_ps(out.add(r * ld + 8), a[1]);
+        }
+    }
+}
+
+/// 12 rows × 32 features in 24 registers of 16 lanes.
+///
+/// Safety: AVX-512F; `rows` c · 12 values, `panel` c · 32, `bias` 32, `out` 12 rows of 32.
+#[target_feature(enable = "avx512f")]
+unsafe fn block_avx512(rows: *const f32, panel: *const f32, c: usize, bias: *const f32, out: *mut f32, ld: usize) {
+    use std::arch::x86_64::*;
+    const H: usize = 12;
+    // Safety: the caller's bounds.
+    unsafe {
+        let mut acc = [[_mm512_loadu_ps(bias), _mm512_loadu_ps(bias.add(16))]; H];
+        for i in 0..c {
+            let w0 = _mm512_loadu_ps(panel.add(i * 32));
+            let w1 = _mm512_loadu_ps(panel.add(i * 32 + 16));
+            for (r, a) in acc.iter_mut().enumerate() {
+                let x = _mm512_set1_ps(*rows.add(i * H + r));
+                a[0] = _mm512_fmadd_ps(x, w0, a[0]);
+                a[1] = _mm512_fmadd_ps(x, w1, a[1]);
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            _mm512_storeu_ps(out.add(r * ld), a[0]);
+            _mm512_storeu_ps(out.add(r * ld + 16), a[1]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n).map(|i| (((i + seed) * 37 % 101) as f32 - 50.0) / 17.0).collect()
+    }
+
+    /// Every block of `x` (t × c, row-major) times `w` (k × c) plus `bias`, through the kernel,
+    /// into a t × k output.
+    fn product(kernel: Kernel, x: &[f32], w: &[f32], bias: &[f32], [t, c, k]: [usize; 3]) -> Vec<f32> {
+        let (height, width) = (kernel.height(), kernel.width());
+        let packed = pack_weights(kernel, w, [k, c], [c, 1]);
+        let mut padded = vec![0f32; k.div_ceil(width) * width];
+        padded[..k].copy_from_slice(bias);
+        let mut y = vec![f32::NAN; t * k];
+        let mut rows = vec![f32::NAN; c * height];
+        let mut tile = vec![f32::NAN; height * width];
+        for r0 in (0..t).step_by(height) {
+            pack_rows(kernel, x, r0..(r0 + height).min(t), |r| r * c, 1, &mut rows);
+            for p in 0..k.div_ceil(width) {
+                // Safety: `runs_here` (asked by the callers); c groups of rows and of the
+                // panel, a bias of `width`, a tile of `height` rows of `width`.
+                unsafe {
+                    let panel = &packed[p * c * width..][..c * width];
+                    block(kernel, &rows, panel, &padded[p * width..], tile.as_mut_ptr(), width)
+                };
+                for j in 0..height.min(t - r0) {
+                    for f in 0..width.min(k - p * width) {
+                        y[(r0 + j) * k + p * width + f] = tile[j * width + f];
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn matches_a_float64_product_on_both_kernels() {
+        // Rows and features off the block and panel sizes, one row, one feature.
+        for kernel in [Kernel::Avx2, Kernel::Avx512] {
+            if !kernel.runs_here() {
+                eprintln!("{kernel:?} does not run here");
+                continue;
+            }
+            for [t, c, k] in [[12, 32, 32], [25, 7, 45], [1, 19, 3], [13, 1, 64], [40, 64, 1]] {
+                let (x, w, b) = (values(t * c, 1), values(k * c, 2), values(k, 3));
+                let y = product(kernel, &x, &w, &b, [t, c, k]);
+                for r in 0..t {
+                    for f in 0..k {
+                        let want = b[f] as f64 + (0..c).map(|i| x[r * c + i] as f64 * w[f * c + i] as f64).sum::<f64>();
+                        let got = y[r * k + f] as f64;
+                        assert!(
+                            (got - want).abs() < 1e-5 * (1.0 + want.abs()),
+                            "{kernel:?} {t}x{c}x{k} ({r},{f}): {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn both_kernels_give_the_same_bits() {
+        if !Kernel::Avx512.runs_here() {
+            eprintln!("no AVX-512 here: nothing to compare");
+            return;
+        }
+        let [t, c, k] = [30, 50, 70];
+        let (x, w, b) = (values(t * c, 4), values(k * c, 5), values(k, 6));
+        let [a, z] = [Kernel::Avx2, Kernel::Avx512].map(|kernel| product(kernel, &x, &w, &b, [t, c, k]));
+        assert!(a.iter().zip(&z).all(|(p, q)| p.to_bits() == q.to_bits()));
+    }
+
+    #[test]
+    fn rows_pack_alike_from_any_feature_stride() {
+        // The same 5 × 3 rows stored token-major and channels-first.
+        let (t, c) = (5, 3);
+        let x = values(t * c, 7);
+        let xt: Vec<f32> = (0..c * t).map(|i| x[(i % t) * c + i / t]).collect();
+        for kernel in [Kernel::Avx2, Kernel::Avx512] {
+            let height = kernel.height();
+            let [mut a, mut b] = [vec![f32::NAN; c * height], vec![f32::NAN; c * height]];
+            pack_rows(kernel, &x, 1..5, |r| r * c, 1, &mut a);
+            pack_rows(kernel, &xt, 1..5, |r| r, t, &mut b);
+            assert_eq!(a, b);
+            assert_eq!(a[height + 2], x[3 * c + 1], "feature 1 of row 3");
+            assert!(a.chunks_exact(height).all(|g| g[4..].iter().all(|&v| v == 0.0)), "zero past the rows");
+        }
+    }
+}

@@ -1,0 +1,276 @@
+//! Linear layers (a product by constant weights, plus a constant bias) on our linear-layer
+//! kernel (`crate::kernels::x86_64::linear`), on x86-64 with AVX2 and FMA.
+//!
+//! Why: a transformer's call is mostly its linear layers: `[tokens, c] × [c, k]` with constant
+//! weights (the attention projections, the MLPs, the adaLN modulations). tract runs them on its
+//! general product, which packs the activations on every call and keeps one multiply-add per
+//! load, and adds the bias in another node. Here the weights are packed once at load into panels
+//! of output features, each block of rows is packed once per call, and the bias starts the sums.
+//! The rows go in chunks of [`CHUNK`] blocks; a chunk's packed rows stay in L2 while every panel
+//! of weights runs over them, each panel from L1. A token-major output is written by the kernel
+//! itself; other layouts go through a tile.
+//!
+//! `crate::passes::linear` finds the `EinSum`s and the bias `Add`s. Float32; the sums add the
+//! input features in order, one fused multiply-add at a time.
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+
+use super::scratch::{with_scratch, Scratch};
+use super::{f32s, for_each, strided_offset, threads, Output};
+use crate::kernels::x86_64::gemm::Kernel;
+use crate::kernels::x86_64::linear::{block, pack_rows, pack_weights, MOST_ROWS, MOST_WIDTH};
+use crate::kernels::{carve, split};
+
+/// Blocks of rows per chunk: a chunk's packed rows (at most 16 · 12 rows of c features) stay in
+/// L2 while the panels run over them.
+const CHUNK: usize = 16;
+
+/// Where the rows, the input features and the output features are.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct LinearAxes {
+    /// The input's axes that the output keeps, in the input's order: the rows. Its other axes
+    /// than these and `features` have one element.
+    pub rows: TVec<usize>,
+    /// The input's feature axis (c).
+    pub features: usize,
+    /// What each axis of the output is.
+    pub out: TVec<OutAxis>,
+}
+
+/// An axis of a [`Linear`] output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum OutAxis {
+    /// `rows[i]` of the input.
+    Row(usize),
+    /// The output features (k).
+    Features,
+    /// An axis of one element that the input does not have.
+    One,
+}
+
+/// `y = x · W + b` over the feature axis; see the module docs.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct Linear {
+    pub(crate) k: usize,
+    pub(crate) c: usize,
+    pub(crate) axes: LinearAxes,
+    /// The kernel the weights are packed for.
+    pub(crate) kernel: Kernel,
+    /// `W` packed for `kernel`.
+    pub(crate) weights: Arc<Tensor>,
+    /// `k` values, zero-padded to whole panels; zeros when the layer has none.
+    pub(crate) bias: Arc<Tensor>,
+}
+
+impl Linear {
+    /// `weights` holds W with element (output feature f, input feature i) at
+    /// `f · strides[0] + i · strides[1]`.
+    pub(crate) fn new(
+        weights: &[f32],
+        strides: [usize; 2],
+        bias: Option<&[f32]>,
+        [k, c]: [usize; 2],
+        axes: LinearAxes,
+    ) -> Self {
+        let kernel = Kernel::detect();
+        let packed = pack_weights(kernel, weights, [k, c], strides);
+        let mut padded = vec![0f32; k.div_ceil(kernel.width()) * kernel.width()];
+        if let Some(bias) = bias {
+            padded[..k].copy_from_slice(bias);
+        }
+        Linear { k, c, axes, kernel, weights: Arc::new(tensor1(&packed)), bias: Arc::new(tensor1(&padded)) }
+    }
+
+    fn output_shape<D: Clone>(&self, x: &[D], k: D, one: D) -> TVec<D> {
+        self.axes
+            .out
+            .iter()
+            .map(|axis| match axis {
+                OutAxis::Row(i) => x[self.axes.rows[*i]].clone(),
+                OutAxis::Features => k.clone(),
+                OutAxis::One => one.clone(),
+            })
+            .collect()
+    }
+
+    fn run(&self, x: &Tensor, scratch: &mut Scratch) -> TractResult<Tensor> {
+        ensure!(self.kernel.runs_here(), "Linear: this CPU lacks the kernel's instructions");
+        ensure!(
+            x.shape()[self.axes.features] == self.c,
+            "Linear: {} input features, not {}",
+            x.shape()[self.axes.features],
+            self.c
+        );
+        let shape = self.output_shape(x.shape(), self.k, 1);
+        let mut y = unsafe { Tensor::uninitialized::<f32>(&shape)? };
+        let xs = f32s(x, "Linear")?;
+        let natural = Tensor::natural_strides(x.shape());
+        let dims: TVec<usize> = self.axes.rows.iter().map(|&a| x.shape()[a]).collect();
+        let x_strides: TVec<usize> = self.axes.rows.iter().map(|&a| natural[a] as usize).collect();
+        let x_feature = natural[self.axes.features] as usize;
+        let natural_y = Tensor::natural_strides(&shape);
+        let (mut y_strides, mut y_feature) = (tvec![0usize; dims.len()], 0);
+        for (axis, role) in self.axes.out.iter().enumerate() {
+            match role {
+                OutAxis::Row(i) => y_strides[*i] = natural_y[axis] as usize,
+                OutAxis::Features => y_feature = natural_y[axis] as usize,
+                OutAxis::One => (),
+            }
+        }
+        let (k, c, kernel) = (self.k, self.c, self.kernel);
+        let t: usize = dims.iter().product();
+        if t * k == 0 {
+            return Ok(y);
+        }
+        // Row r at r · k, its features in a row: the kernel stores whole blocks in place.
+        let token_major =
+            y_feature == 1 && (0..dims.len()).all(|i| y_strides[i] == k * dims[i + 1..].iter().product::<usize>());
+        let (height, width) = (kernel.height(), kernel.width());
+        let (blocks, panels) = (t.div_ceil(height), k.div_ceil(width));
+        let u = f32s(&self.weights, "Linear")?;
+        let bias = f32s(&self.bias, "Linear")?;
+        let parts = threads();
+        let mut plain = y.try_as_plain_ram_mut()?;
+        let ys = plain.as_slice_mut::<f32>()?;
+        let out = Output(ys.as_mut_ptr(), ys.len());
+        {
+            // Every block of rows packed once, as c groups of `height` (zero past the last row).
+            let packed = scratch.floats(blocks * c * height);
+            let shares = split(blocks, parts);
+            let pieces = carve(packed, shares.iter().map(|r| r.len() * c * height));
+            for_each(shares.into_iter().zip(pieces).collect(), |(share, piece)| {
+                for (b, rows) in share.zip(piece.chunks_exact_mut(c * height)) {
+                    let r0 = b * height;
+                    let offset = |r| strided_offset(r, &dims, &x_strides);
+                    pack_rows(kernel, xs, r0..(r0 + height).min(t), offset, x_feature, rows);
+                }
+            });
+            // Work items: (chunk of blocks, share of the panels); panels are shared out only
+            // when there are fewer chunks than threads.
+            let chunks = split(blocks, blocks.div_ceil(CHUNK).max(parts));
+            let splits = parts.div_ceil(chunks.len()).min(panels);
+            let items: Vec<_> = chunks
+                .iter()
+                .flat_map(|chunk| split(panels, splits).into_iter().map(move |share| (chunk.clone(), share)))
+                .collect();
+            let packed = &*packed;
+            for_each(items, |(chunk, share)| {
+                let mut tile = [0f32; MOST_ROWS * MOST_WIDTH];
+                for p in share {
+                    let panel = &u[p * c * width..][..c * width];
+                    let bias = &bias[p * width..][..width];
+                    let features = width.min(k - p * width);
+                    for b in chunk.clone() {
+                        let rows = &packed[b * c * height..][..c * height];
+                        let r0 = b * height;
+                        let count = height.min(t - r0);
+                        if token_major && count == height && features == width {
+                            let at = r0 * k + p * width;
+                            assert!(at + (height - 1) * k + width <= out.len(), "Linear: short output");
+                            // Safety: `runs_here` above; c groups of rows and of the panel, a
+                            // bias of `width`, and whole rows of the block inside `y`
+                            // (asserted); only this item writes them.
+                            unsafe { block(kernel, rows, panel, bias, out.at(at), k) };
+                            continue;
+                        }
+                        // Safety: as above, into the tile of `height` rows of `width`.
+                        unsafe { block(kernel, rows, panel, bias, tile.as_mut_ptr(), width) };
+                        // Feature by feature: in a channels-first output a feature's rows are
+                        // often neighbours.
+                        let mut at = [0usize; MOST_ROWS];
+                        for (j, a) in at[..count].iter_mut().enumerate() {
+                            *a = strided_offset(r0 + j, &dims, &y_strides) + p * width * y_feature;
+                        }
+                        for f in 0..features {
+                            for (j, &a) in at[..count].iter().enumerate() {
+                                let i = a + f * y_feature;
+                                assert!(i < out.len(), "Linear: short output");
+                                // Safety: inside `y` (asserted); only this item writes it.
+                                unsafe { *out.at(i) = tile[j * width + f] };
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        Ok(y)
+    }
+}
+
+impl Op for Linear {
+    fn name(&self) -> StaticName {
+        "Linear".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!("{} -> {} features", self.c, self.k)])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for Linear {
+    op_out_of_plan!();
+
+    fn eval(&self, ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let x = args_1!(inputs);
+        Ok(tvec!(with_scratch(ctx, |scratch| self.run(&x, scratch))??.into_tvalue()))
+    }
+}
+
+impl TypedOp for Linear {
+    as_op!();
+
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(inputs.len() == 1 && inputs[0].datum_type == f32::datum_type());
+        Ok(tvec!(f32::fact(self.output_shape(&inputs[0].shape, self.k.to_dim(), 1.to_dim()))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n).map(|i| (((i + seed) * 41 % 31) as f32 - 15.0) / 11.0).collect()
+    }
+
+    /// `[rows, c] → [rows, k]`, token-major, from plain loops.
+    fn reference(x: &[f32], w: &[f32], b: &[f32], [t, c, k]: [usize; 3]) -> Vec<f32> {
+        let mut y = vec![0f32; t * k];
+        for (r, row) in y.chunks_exact_mut(k).enumerate() {
+            for (f, v) in row.iter_mut().enumerate() {
+                *v = b[f] + (0..c).map(|i| x[r * c + i] * w[f * c + i]).sum::<f32>();
+            }
+        }
+        y
+    }
+
+    #[cfg(feature = "multithread")]
+    #[test]
+    fn threads_split_the_work_without_changing_a_bit() -> TractResult<()> {
+        use tract_linalg::multithread::{multithread_tract_scope, Executor};
+        if !crate::kernels::x86_64::gemm::available() {
+            return Ok(());
+        }
+        // Many blocks and one group of panels; one block and many groups.
+        for [t, c, k] in [[70, 9, 11], [3, 20, 100]] {
+            let axes = LinearAxes { rows: tvec![0], features: 1, out: tvec![OutAxis::Row(0), OutAxis::Features] };
+            let (w, b) = (values(k * c, 2), values(k, 3));
+            let op = Linear::new(&w, [c, 1], Some(&b), [k, c], axes);
+            let x = Tensor::from_shape(&[t, c], &values(t * c, 4))?;
+            let one = op.run(&x, &mut Scratch::default())?;
+            let want = reference(&values(t * c, 4), &w, &b, [t, c, k]);
+            for (a, b) in f32s(&one, "one")?.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
+            }
+            for threads in [2, 3, 5] {
+                let many =
+                    multithread_tract_scope(Executor::multithread(threads), || op.run(&x, &mut Scratch::default()))?;
+                assert_eq!(f32s(&one, "one")?, f32s(&many, "many")?, "{t}x{c}->{k}: {threads} threads");
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,196 @@
+//! Linear layers on our matrix kernel (the operator and why: `crate::ops::linear`): every
+//! float32 `EinSum` of an input by constant two-axis weights, and the constant bias `Add` that
+//! follows it, whatever the export made of `Linear`, `Gemm` or `MatMul`.
+//!
+//! Read from the axes: the weights hold the summed axis (c) and one axis of their own, which
+//! the output has (k); every other axis of the input is a row, which the output keeps, or has
+//! one element and is dropped; the output may add axes of one element.
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::einsum::EinSum;
+use tract_onnx::tract_core::ops::math::Add;
+
+use super::bin_by_const;
+use crate::kernels::x86_64::gemm;
+use crate::ops::linear::{Linear, LinearAxes, OutAxis};
+
+/// Replaces every linear layer (see the module docs) by a [`Linear`] node, when this CPU runs
+/// the kernel. Returns how many were replaced.
+pub(crate) fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
+    if !gemm::available() {
+        return Ok(0);
+    }
+    let mut replaced = 0;
+    for id in model.eval_order()? {
+        let Some((op, x, last)) = linear_at(model, id)? else { continue };
+        let name = model.node(id).name.clone();
+        let mut patch = TypedModelPatch::default();
+        let x = patch.tap_model(model, x)?;
+        let y = patch.wire_node(format!("{name}.linear"), op, &[x])?[0];
+        patch.shunt_outside(model, last.into(), y)?;
+        patch.apply(model)?;
+        replaced += 1;
+    }
+    Ok(replaced)
+}
+
+/// A constant's elements in C order (tract may hold a broadcast constant with other strides).
+fn in_c_order(t: &Tensor) -> TractResult<Vec<f32>> {
+    Ok(t.to_plain_array_view::<f32>()?.iter().copied().collect())
+}
+
+/// The operator, its input and the node whose output it replaces (the bias `Add` when it takes
+/// one in).
+fn linear_at(model: &TypedModel, id: usize) -> TractResult<Option<(Linear, OutletId, usize)>> {
+    let node = model.node(id);
+    let Some(einsum) = node.op_as::<EinSum>() else { return Ok(None) };
+    if einsum.q_params.is_some()
+        || einsum.operating_dt != f32::datum_type()
+        || node.inputs.len() != 2
+        || einsum.axes.input_count() != 2
+        || einsum.axes.output_count() != 1
+    {
+        return Ok(None);
+    }
+    let facts = [model.outlet_fact(node.inputs[0])?, model.outlet_fact(node.inputs[1])?];
+    let (xi, wi) = match (&facts[0].konst, &facts[1].konst) {
+        (None, Some(_)) => (0, 1),
+        (Some(_), None) => (1, 0),
+        _ => return Ok(None),
+    };
+    let (x, w) = (facts[xi], facts[wi].konst.clone().expect("constant"));
+    if x.datum_type != f32::datum_type() || w.datum_type() != f32::datum_type() || w.rank() != 2 {
+        return Ok(None);
+    }
+    let out_rank = model.outlet_fact(id.into())?.rank();
+    let (mut c, mut k) = (None, None);
+    let mut rows: Vec<(usize, usize)> = Vec::new(); // (input axis, output axis)
+    let mut ones = Vec::new();
+    for axis in einsum.axes.iter_all_axes() {
+        let (inx, inw, out) = (&axis.inputs[xi], &axis.inputs[wi], &axis.outputs[0]);
+        if inx.len() > 1 || inw.len() > 1 || out.len() > 1 {
+            return Ok(None);
+        }
+        match (inx.first(), inw.first(), out.first()) {
+            (Some(&a), Some(&b), None) if c.is_none() => c = Some((a, b)),
+            (None, Some(&b), Some(&o)) if k.is_none() => k = Some((b, o)),
+            (Some(&a), None, Some(&o)) => rows.push((a, o)),
+            (Some(&a), None, None) if x.shape[a].is_one() => (),
+            (None, None, Some(&o)) => ones.push(o),
+            _ => return Ok(None),
+        }
+    }
+    let (Some((x_c, w_c)), Some((w_k, out_k))) = (c, k) else { return Ok(None) };
+    let (Ok(kk), Ok(cc)) = (w.shape()[w_k].to_usize(), w.shape()[w_c].to_usize()) else { return Ok(None) };
+    rows.sort_unstable();
+    let mut out = tvec![OutAxis::One; out_rank];
+    out[out_k] = OutAxis::Features;
+    for (i, &(_, o)) in rows.iter().enumerate() {
+        out[o] = OutAxis::Row(i);
+    }
+    debug_assert!(ones.iter().all(|&o| out[o] == OutAxis::One));
+    let axes = LinearAxes { rows: rows.iter().map(|&(a, _)| a).collect(), features: x_c, out };
+    let natural = Tensor::natural_strides(w.shape());
+    let strides = [natural[w_k] as usize, natural[w_c] as usize];
+    let weights = in_c_order(&w)?;
+    // A bias: the only reader, adding a constant that varies along k at most.
+    let successors = model.outlet_successors(id.into());
+    let mut last = id;
+    let mut bias = None;
+    if successors.len() == 1 && !model.output_outlets()?.contains(&id.into()) {
+        let add = model.node(successors[0].node);
+        if let Some((from, b)) = bin_by_const::<Add>(model, add)? {
+            let along_k = b.rank() <= out_rank
+                && b.shape().iter().rev().enumerate().all(|(i, &n)| n == 1 || (out_rank - 1 - i == out_k && n == kk));
+            if from == OutletId::from(id) && b.datum_type() == f32::datum_type() && along_k {
+                let values = in_c_order(&b)?;
+                bias = Some(if values.len() == kk { values.to_vec() } else { vec![values[0]; kk] });
+                last = add.id;
+            }
+        }
+    }
+    let op = Linear::new(&weights, strides, bias.as_deref(), [kk, cc], axes);
+    Ok(Some((op, node.inputs[xi], last)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::f32s;
+    use tract_onnx::tract_core::ops::math::add;
+
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n).map(|i| (((i + seed) * 37 % 29) as f32 - 14.0) / 9.0).collect()
+    }
+
+    /// `x` of `x_shape` times constant `w` of `w_shape` by `equation` (x first), plus a constant
+    /// bias of `bias_shape` when given.
+    fn graph(
+        equation: &str,
+        x_shape: &[usize],
+        w_shape: &[usize],
+        bias_shape: Option<&[usize]>,
+    ) -> TractResult<TypedModel> {
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact(x_shape))?;
+        let n: usize = w_shape.iter().product();
+        let w = model.add_const("w", Tensor::from_shape(w_shape, &values(n, 3))?)?;
+        let mut y = model.wire_node("product", EinSum::new(equation.parse()?, f32::datum_type()), &[x, w])?;
+        if let Some(shape) = bias_shape {
+            let n: usize = shape.iter().product();
+            let b = model.add_const("b", Tensor::from_shape(shape, &values(n, 7))?)?;
+            y = model.wire_node("bias", add(), &[y[0], b])?;
+        }
+        model.select_output_outlets(&y)?;
+        Ok(model)
+    }
+
+    /// The product's equation, the shapes of x and of the weights, the bias' shape.
+    type Case<'a> = (&'a str, &'a [usize], &'a [usize], Option<&'a [usize]>);
+
+    #[test]
+    fn linear_layers_in_any_layout_match_tract() -> TractResult<()> {
+        if !gemm::available() {
+            return Ok(());
+        }
+        // Token-major with a bias (torch's Linear); weights as [c, k] (MatMul) and [k, c] (Gemm
+        // transB); a dropped axis of one and an added one (SD3's time embedding); channels-first
+        // rows; a single row; more rows and features than one block or panel group.
+        let cases: [Case; 6] = [
+            ("btc,ck->btk", &[2, 21, 10], &[10, 13], Some(&[1, 1, 13])),
+            ("btc,kc->btk", &[1, 40, 7], &[9, 7], Some(&[1, 1, 9])),
+            ("akm,kn->mn", &[1, 16, 5], &[16, 12], None),
+            ("mk,kn->anm", &[3, 8], &[8, 6], Some(&[1, 6, 1])),
+            ("bct,kc->bkt", &[2, 6, 19], &[31, 6], None),
+            ("k,nk->n", &[33], &[70, 33], Some(&[70])),
+        ];
+        for (equation, x_shape, w_shape, bias) in cases {
+            let model = graph(equation, x_shape, w_shape, bias)?;
+            let n: usize = x_shape.iter().product();
+            let input = tvec![Tensor::from_shape(x_shape, &values(n, 1))?.into_tvalue()];
+            let want = model.clone().into_runnable()?.run(input.clone())?;
+            let mut rewritten = model;
+            assert_eq!(rewrite(&mut rewritten)?, 1, "{equation}");
+            let got = rewritten.into_runnable()?.run(input)?;
+            assert_eq!(want[0].shape(), got[0].shape(), "{equation}");
+            for (a, b) in f32s(&want[0], "want")?.iter().zip(f32s(&got[0], "got")?) {
+                assert!((a - b).abs() < 1e-5 * (1.0 + a.abs()), "{equation}: {a} vs {b}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn leaves_products_of_two_inputs_and_batched_weights() -> TractResult<()> {
+        let mut model = TypedModel::default();
+        let a = model.add_source("a", f32::fact([4, 5]))?;
+        let b = model.add_source("b", f32::fact([5, 6]))?;
+        let y = model.wire_node("product", EinSum::new("mk,kn->mn".parse()?, f32::datum_type()), &[a, b])?;
+        model.select_output_outlets(&y)?;
+        assert_eq!(rewrite(&mut model)?, 0);
+        let mut model = graph("bmk,bkn->bmn", &[2, 4, 5], &[2, 5, 6], None)?;
+        assert_eq!(rewrite(&mut model)?, 0);
+        Ok(())
+    }
+}
