@@ -32,8 +32,8 @@ pub(crate) struct LinearAxes {
     /// The input's axes that the output keeps, in the input's order: the rows. Its other axes
     /// than these and `features` have one element.
     pub rows: TVec<usize>,
-    /// The input's feature axis (c).
-    pub features: usize,
+    /// The input's feature axes (c, flattened in this order; most layers have one).
+    pub features: TVec<usize>,
     /// What each axis of the output is.
     pub out: TVec<OutAxis>,
 }
@@ -96,19 +96,17 @@ impl Linear {
 
     fn run(&self, x: &Tensor, scratch: &mut Scratch) -> TractResult<Tensor> {
         ensure!(self.kernel.runs_here(), "Linear: this CPU lacks the kernel's instructions");
-        ensure!(
-            x.shape()[self.axes.features] == self.c,
-            "Linear: {} input features, not {}",
-            x.shape()[self.axes.features],
-            self.c
-        );
+        let c_dims: TVec<usize> = self.axes.features.iter().map(|&a| x.shape()[a]).collect();
+        ensure!(c_dims.iter().product::<usize>() == self.c, "Linear: {c_dims:?} input features, not {}", self.c);
         let shape = self.output_shape(x.shape(), self.k, 1);
         let mut y = unsafe { Tensor::uninitialized::<f32>(&shape)? };
         let xs = f32s(x, "Linear")?;
         let natural = Tensor::natural_strides(x.shape());
         let dims: TVec<usize> = self.axes.rows.iter().map(|&a| x.shape()[a]).collect();
         let x_strides: TVec<usize> = self.axes.rows.iter().map(|&a| natural[a] as usize).collect();
-        let x_feature = natural[self.axes.features] as usize;
+        // Where each input feature lies from its row's start.
+        let c_strides: TVec<usize> = self.axes.features.iter().map(|&a| natural[a] as usize).collect();
+        let features: Vec<usize> = (0..self.c).map(|i| strided_offset(i, &c_dims, &c_strides)).collect();
         let natural_y = Tensor::natural_strides(&shape);
         let (mut y_strides, mut y_feature) = (tvec![0usize; dims.len()], 0);
         for (axis, role) in self.axes.out.iter().enumerate() {
@@ -143,7 +141,7 @@ impl Linear {
                 for (b, rows) in share.zip(piece.chunks_exact_mut(c * height)) {
                     let r0 = b * height;
                     let offset = |r| strided_offset(r, &dims, &x_strides);
-                    pack_rows(kernel, xs, r0..(r0 + height).min(t), offset, x_feature, rows);
+                    pack_rows(kernel, xs, r0..(r0 + height).min(t), offset, &features, rows);
                 }
             });
             // Work items: (chunk of blocks, share of the panels); panels are shared out only
@@ -256,7 +254,8 @@ mod tests {
         }
         // Many blocks and one group of panels; one block and many groups.
         for [t, c, k] in [[70, 9, 11], [3, 20, 100]] {
-            let axes = LinearAxes { rows: tvec![0], features: 1, out: tvec![OutAxis::Row(0), OutAxis::Features] };
+            let axes =
+                LinearAxes { rows: tvec![0], features: tvec![1], out: tvec![OutAxis::Row(0), OutAxis::Features] };
             let (w, b) = (values(k * c, 2), values(k, 3));
             let op = Linear::new(&w, [c, 1], Some(&b), [k, c], axes);
             let x = Tensor::from_shape(&[t, c], &values(t * c, 4))?;

@@ -2,18 +2,18 @@
 //! float32 `EinSum` of an input by constant two-axis weights, and the constant bias `Add` that
 //! follows it, whatever the export made of `Linear`, `Gemm` or `MatMul`.
 //!
-//! Read from the axes: the weights hold the summed axis (c) and one axis of their own, which
-//! the output has (k); every other axis of the input is a row, which the output keeps, or has
+//! Read from the axes: the weights hold the summed axes (c, one or more: an attention's output
+//! projection sums over heads and depth) and one axis of their own, which the output has (k); every other axis of the input is a row, which the output keeps, or has
 //! one element and is dropped; the output may add axes of one element.
 
 use tract_onnx::prelude::*;
-use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::math::Add;
 
 use super::bin_by_const;
 use crate::kernels::x86_64::gemm;
 use crate::ops::linear::{Linear, LinearAxes, OutAxis};
+use crate::ops::strided_offset;
 
 /// Replaces every linear layer (see the module docs) by a [`Linear`] node, when this CPU runs
 /// the kernel. Returns how many were replaced.
@@ -60,11 +60,12 @@ fn linear_at(model: &TypedModel, id: usize) -> TractResult<Option<(Linear, Outle
         _ => return Ok(None),
     };
     let (x, w) = (facts[xi], facts[wi].konst.clone().expect("constant"));
-    if x.datum_type != f32::datum_type() || w.datum_type() != f32::datum_type() || w.rank() != 2 {
+    if x.datum_type != f32::datum_type() || w.datum_type() != f32::datum_type() {
         return Ok(None);
     }
     let out_rank = model.outlet_fact(id.into())?.rank();
-    let (mut c, mut k) = (None, None);
+    let mut k = None;
+    let mut summed: Vec<(usize, usize)> = Vec::new(); // (input axis, weights axis)
     let mut rows: Vec<(usize, usize)> = Vec::new(); // (input axis, output axis)
     let mut ones = Vec::new();
     for axis in einsum.axes.iter_all_axes() {
@@ -73,7 +74,7 @@ fn linear_at(model: &TypedModel, id: usize) -> TractResult<Option<(Linear, Outle
             return Ok(None);
         }
         match (inx.first(), inw.first(), out.first()) {
-            (Some(&a), Some(&b), None) if c.is_none() => c = Some((a, b)),
+            (Some(&a), Some(&b), None) => summed.push((a, b)),
             (None, Some(&b), Some(&o)) if k.is_none() => k = Some((b, o)),
             (Some(&a), None, Some(&o)) => rows.push((a, o)),
             (Some(&a), None, None) if x.shape[a].is_one() => (),
@@ -81,8 +82,14 @@ fn linear_at(model: &TypedModel, id: usize) -> TractResult<Option<(Linear, Outle
             _ => return Ok(None),
         }
     }
-    let (Some((x_c, w_c)), Some((w_k, out_k))) = (c, k) else { return Ok(None) };
-    let (Ok(kk), Ok(cc)) = (w.shape()[w_k].to_usize(), w.shape()[w_c].to_usize()) else { return Ok(None) };
+    // Every weights axis is summed or k.
+    let Some((w_k, out_k)) = k else { return Ok(None) };
+    if summed.is_empty() || summed.len() + 1 != w.rank() {
+        return Ok(None);
+    }
+    let kk = w.shape()[w_k];
+    let c_dims: TVec<usize> = summed.iter().map(|&(_, b)| w.shape()[b]).collect();
+    let cc: usize = c_dims.iter().product();
     rows.sort_unstable();
     let mut out = tvec![OutAxis::One; out_rank];
     out[out_k] = OutAxis::Features;
@@ -90,10 +97,22 @@ fn linear_at(model: &TypedModel, id: usize) -> TractResult<Option<(Linear, Outle
         out[o] = OutAxis::Row(i);
     }
     debug_assert!(ones.iter().all(|&o| out[o] == OutAxis::One));
-    let axes = LinearAxes { rows: rows.iter().map(|&(a, _)| a).collect(), features: x_c, out };
+    let axes = LinearAxes {
+        rows: rows.iter().map(|&(a, _)| a).collect(),
+        features: summed.iter().map(|&(a, _)| a).collect(),
+        out,
+    };
+    // W as k × c, the summed axes flattened in the einsum's order.
     let natural = Tensor::natural_strides(w.shape());
-    let strides = [natural[w_k] as usize, natural[w_c] as usize];
-    let weights = in_c_order(&w)?;
+    let c_strides: TVec<usize> = summed.iter().map(|&(_, b)| natural[b] as usize).collect();
+    let all = in_c_order(&w)?;
+    let mut weights = vec![0f32; kk * cc];
+    for (f, row) in weights.chunks_exact_mut(cc.max(1)).enumerate() {
+        for (i, v) in row.iter_mut().enumerate() {
+            *v = all[f * natural[w_k] as usize + strided_offset(i, &c_dims, &c_strides)];
+        }
+    }
+    let strides = [cc, 1];
     // A bias: the only reader, adding a constant that varies along k at most.
     let successors = model.outlet_successors(id.into());
     let mut last = id;
@@ -157,13 +176,17 @@ mod tests {
         // Token-major with a bias (torch's Linear); weights as [c, k] (MatMul) and [k, c] (Gemm
         // transB); a dropped axis of one and an added one (SD3's time embedding); channels-first
         // rows; a single row; more rows and features than one block or panel group.
-        let cases: [Case; 6] = [
+        let cases: [Case; 8] = [
             ("btc,ck->btk", &[2, 21, 10], &[10, 13], Some(&[1, 1, 13])),
             ("btc,kc->btk", &[1, 40, 7], &[9, 7], Some(&[1, 1, 9])),
             ("akm,kn->mn", &[1, 16, 5], &[16, 12], None),
             ("mk,kn->anm", &[3, 8], &[8, 6], Some(&[1, 6, 1])),
             ("bct,kc->bkt", &[2, 6, 19], &[31, 6], None),
             ("k,nk->n", &[33], &[70, 33], Some(&[70])),
+            // Summed over two axes (an attention's output projection over heads and depth),
+            // in the input's order and in another.
+            ("abmk,bkn->anm", &[1, 3, 14, 5], &[3, 5, 7], None),
+            ("bmhd,dhn->bmn", &[2, 13, 3, 4], &[4, 3, 9], Some(&[1, 1, 9])),
         ];
         for (equation, x_shape, w_shape, bias) in cases {
             let model = graph(equation, x_shape, w_shape, bias)?;

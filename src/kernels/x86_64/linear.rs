@@ -60,39 +60,27 @@ pub(crate) fn pack_weights(kernel: Kernel, w: &[f32], [k, c]: [usize; 2], stride
 }
 
 /// The rows `rows` of `X` as `c` groups of `kernel.height()` values (zero past the last row):
-/// feature i of row r is at `x[offset(r) + i · feature_stride]`.
+/// feature i of row r is at `x[offset(r) + features[i]]`.
 pub(crate) fn pack_rows(
     kernel: Kernel,
     x: &[f32],
     rows: std::ops::Range<usize>,
     offset: impl Fn(usize) -> usize,
-    feature_stride: usize,
+    features: &[usize],
     packed: &mut [f32],
 ) {
     let height = kernel.height();
-    let c = packed.len() / height;
-    debug_assert!(packed.len() == c * height && rows.len() <= height);
-    packed.fill(0.0);
+    debug_assert!(packed.len() == features.len() * height && rows.len() <= height);
     let mut at = [0usize; MOST_ROWS];
     let count = rows.len();
     for (a, r) in at.iter_mut().zip(rows) {
         *a = offset(r);
     }
-    let starts = &at[..count];
-    if feature_stride == 1 {
-        for (j, &at) in starts.iter().enumerate() {
-            for (i, &v) in x[at..at + c].iter().enumerate() {
-                packed[i * height + j] = v;
-            }
+    for (group, &feature) in packed.chunks_exact_mut(height).zip(features) {
+        for (v, &a) in group.iter_mut().zip(&at[..count]) {
+            *v = x[a + feature];
         }
-    } else {
-        // Features far apart (a channels-first input): the rows of one feature are often
-        // neighbours, so read them together.
-        for (i, group) in packed.chunks_exact_mut(height).enumerate() {
-            for (v, &at) in group.iter_mut().zip(starts) {
-                *v = x[at + i * feature_stride];
-            }
-        }
+        group[count..].fill(0.0);
     }
 }
 
@@ -185,7 +173,7 @@ mod tests {
         let mut rows = vec![f32::NAN; c * height];
         let mut tile = vec![f32::NAN; height * width];
         for r0 in (0..t).step_by(height) {
-            pack_rows(kernel, x, r0..(r0 + height).min(t), |r| r * c, 1, &mut rows);
+            pack_rows(kernel, x, r0..(r0 + height).min(t), |r| r * c, &(0..c).collect::<Vec<_>>(), &mut rows);
             for p in 0..k.div_ceil(width) {
                 // Safety: `runs_here` (asked by the callers); c groups of rows and of the
                 // panel, a bias of `width`, a tile of `height` rows of `width`.
@@ -241,7 +229,7 @@ mod tests {
     }
 
     #[test]
-    fn rows_pack_alike_from_any_feature_stride() {
+    fn rows_pack_alike_from_any_feature_layout() {
         // The same 5 × 3 rows stored token-major and channels-first.
         let (t, c) = (5, 3);
         let x = values(t * c, 7);
@@ -249,8 +237,8 @@ mod tests {
         for kernel in [Kernel::Avx2, Kernel::Avx512] {
             let height = kernel.height();
             let [mut a, mut b] = [vec![f32::NAN; c * height], vec![f32::NAN; c * height]];
-            pack_rows(kernel, &x, 1..5, |r| r * c, 1, &mut a);
-            pack_rows(kernel, &xt, 1..5, |r| r, t, &mut b);
+            pack_rows(kernel, &x, 1..5, |r| r * c, &[0, 1, 2], &mut a);
+            pack_rows(kernel, &xt, 1..5, |r| r, &[0, t, 2 * t], &mut b);
             assert_eq!(a, b);
             assert_eq!(a[height + 2], x[3 * c + 1], "feature 1 of row 3");
             assert!(a.chunks_exact(height).all(|g| g[4..].iter().all(|&v| v == 0.0)), "zero past the rows");
