@@ -35,7 +35,7 @@ typedef enum ed_status {
     ED_ERR_INVALID_ARGUMENT = 3, /* not UTF-8, misaligned buffer, wrong sizeof(ed_request) */
     ED_ERR_CANCELLED = 4,        /* the step callback returned nonzero */
     ED_ERR_IO = 5,               /* a file could not be read */
-    ED_ERR_CARD = 6,             /* the model card (model.toml) is not valid */
+    ED_ERR_CARD = 6,             /* the model card (model.toml, or a folder's configs or tokenizer) is not valid */
     ED_ERR_MODEL = 7,            /* the ONNX model could not be loaded or does not fit its card */
     ED_ERR_CONFIG = 8,           /* a request value is out of range (sampler, steps, class, guidance, eta) */
     ED_ERR_TENSOR = 9,           /* a tensor has the wrong shape or values */

@@ -119,7 +119,8 @@ impl From<Error> for Fail {
     fn from(e: Error) -> Self {
         let status = match &e {
             Error::Io { .. } => EdStatus::Io,
-            Error::Card { .. } => EdStatus::Card,
+            // A tokenizer file is part of the model's configuration, as its card is.
+            Error::Card { .. } | Error::Tokenizer { .. } => EdStatus::Card,
             Error::Config { .. } => EdStatus::Config,
             Error::Model { .. } => EdStatus::Model,
             Error::Inference(_) => EdStatus::Inference,

@@ -39,6 +39,15 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// A tokenizer folder (`vocab.json`, `merges.txt`, `tokenizer_config.json`,
+    /// `special_tokens_map.json`) is not valid.
+    #[error("{path}: {message}")]
+    Tokenizer {
+        /// The file at fault.
+        path: PathBuf,
+        /// What is wrong and what was expected.
+        message: String,
+    },
     /// The inference engine failed while running the model.
     #[error("running the denoiser: {0}")]
     Inference(String),

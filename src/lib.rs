@@ -44,6 +44,7 @@ mod passes;
 pub mod pipeline;
 pub mod runtime;
 pub mod sampler;
+pub mod tokenizer;
 
 pub use card::{ModelCard, PredictionType, SchedulerConfig};
 pub use error::{Error, Result};
