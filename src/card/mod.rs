@@ -1,4 +1,5 @@
-//! The model card: `model.toml` beside the ONNX file (format: docs/model-card.md).
+//! The model card: `model.toml` beside the ONNX file (format: docs/model-card.md), or derived
+//! from an ONNX Stable Diffusion folder (`folder`), which a `model.toml` beside it may amend.
 //!
 //! The `[scheduler]` table takes diffusers' `scheduler_config.json` keys with the same names and
 //! meanings; a key left out takes diffusers' default *for the sampler in use*, which is why every
@@ -10,6 +11,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+
+mod folder;
 pub use crate::sampler::config::{BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing};
 
 /// The parsed `model.toml`, with paths resolved against the card's directory.
@@ -29,6 +32,13 @@ pub struct ModelCard {
     pub scheduler: SchedulerConfig,
     /// `[defaults]`.
     pub defaults: DefaultsSection,
+    /// `[text_encoder]`, for models prompted with text.
+    pub text_encoder: Option<TextEncoderSection>,
+    /// `[decoder]`, for latent models: what turns the final latents into pixels.
+    pub decoder: Option<DecoderSection>,
+    /// The card's TOML as derived from an ONNX Stable Diffusion folder (with `model.toml`'s
+    /// amendments merged in), for `info`; `None` for a card read from `model.toml` alone.
+    pub derived: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -40,6 +50,38 @@ struct RawCard {
     scheduler: Option<toml::Table>,
     #[serde(default)]
     defaults: DefaultsSection,
+    text_encoder: Option<TextEncoderSection>,
+    decoder: Option<DecoderSection>,
+}
+
+/// `[text_encoder]`: the graph that turns token ids into the UNet's `encoder_hidden_states`,
+/// and its tokenizer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TextEncoderSection {
+    /// The ONNX file, relative to the card: int32 or int64 `input_ids` `[batch, tokens]` in,
+    /// the hidden states `[batch, tokens, dim]` as its first output.
+    pub onnx: PathBuf,
+    /// The tokenizer folder (`vocab.json`, `merges.txt`, `tokenizer_config.json`), relative to
+    /// the card.
+    pub tokenizer: PathBuf,
+}
+
+/// `[decoder]`: the VAE decoder of a latent model, run on `latents / scaling_factor +
+/// shift_factor` as diffusers runs it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecoderSection {
+    /// The ONNX file, relative to the card: latents `[batch, C, h, w]` in, pixels
+    /// `[batch, 3, h·scale, w·scale]` in `[-1, 1]` out.
+    pub onnx: PathBuf,
+    /// The VAE's `scaling_factor` (SD 1.x/2.x: 0.18215).
+    pub scaling_factor: f32,
+    /// The VAE's `shift_factor` (SD3, FLUX; 0 for SD 1.x/2.x).
+    #[serde(default)]
+    pub shift_factor: f32,
+    /// Pixels per latent along each axis (8 for SD's VAE).
+    pub scale: usize,
 }
 
 /// `[model]`: the ONNX file and how its inputs are named.
@@ -196,6 +238,10 @@ pub struct DefaultsSection {
 
 impl ModelCard {
     /// Reads `<dir>/model.toml` (or the card file itself when `path` is a file).
+    ///
+    /// A directory holding `model_index.json` is an ONNX Stable Diffusion folder (the layout
+    /// Hugging Face optimum writes): the card is derived from its parts, and a `model.toml`
+    /// beside it, if any, overrides any key of the derived card.
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let (dir, file) = if path.is_dir() {
@@ -203,6 +249,9 @@ impl ModelCard {
         } else {
             (path.parent().unwrap_or(Path::new(".")).to_path_buf(), path.to_path_buf())
         };
+        if path.is_dir() && dir.join(folder::INDEX).is_file() {
+            return folder::load(&dir);
+        }
         let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
         Self::parse(&text, &dir, &file)
     }
@@ -236,6 +285,9 @@ impl ModelCard {
             classes: raw.classes,
             scheduler,
             defaults: raw.defaults,
+            text_encoder: raw.text_encoder,
+            decoder: raw.decoder,
+            derived: None,
         };
         card.validate().map_err(card_err)?;
         Ok(card)
@@ -243,8 +295,10 @@ impl ModelCard {
 
     fn validate(&self) -> std::result::Result<(), String> {
         let im = &self.image;
-        if !(1..=4).contains(&im.channels) {
-            return Err(format!("image.channels: expected 1 to 4, got {}", im.channels));
+        // A latent model's channels are its latent space's, which its decoder turns into RGB.
+        let most = if self.decoder.is_some() { 64 } else { 4 };
+        if !(1..=most).contains(&im.channels) {
+            return Err(format!("image.channels: expected 1 to {most}, got {}", im.channels));
         }
         for (name, v) in [("height", im.height), ("width", im.width)] {
             if v == 0 || v > 8192 {
@@ -309,6 +363,20 @@ impl ModelCard {
             if steps == 0 {
                 return Err("defaults.steps: expected at least 1".into());
             }
+        }
+        if let Some(d) = &self.decoder {
+            if !(d.scaling_factor.is_finite() && d.scaling_factor > 0.0) {
+                return Err(format!("decoder.scaling_factor: expected a finite number > 0, got {}", d.scaling_factor));
+            }
+            if !d.shift_factor.is_finite() {
+                return Err(format!("decoder.shift_factor: expected a finite number, got {}", d.shift_factor));
+            }
+            if !(1..=64).contains(&d.scale) {
+                return Err(format!("decoder.scale: expected 1 to 64 pixels per latent, got {}", d.scale));
+            }
+        }
+        if self.text_encoder.is_some() && inputs.encoder_hidden_states.is_none() {
+            return Err("text_encoder: the card has a text encoder but [model.inputs] has no encoder_hidden_states input for its output".into());
         }
         if let Some(g) = self.defaults.guidance {
             if !g.is_finite() || g < 0.0 {

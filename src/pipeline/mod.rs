@@ -19,7 +19,10 @@ pub use crate::runtime::{Convolution, Precision};
 use crate::sampler::{self, NoiseSource, SamplerKind, SamplerOptions};
 
 mod conditioning;
+mod decode;
 mod guidance;
+mod text;
+pub use crate::tokenizer::Tokens;
 pub use guidance::GuidanceBatching;
 
 /// Options fixed when the pipeline is loaded.
@@ -36,6 +39,9 @@ pub struct LoadOptions {
     pub precision: Precision,
     /// How 3×3 convolutions run (Winograd by default).
     pub convolution: Convolution,
+    /// The output's `[width, height]` in pixels, in place of the card's size (a latent model's
+    /// is its latents' times the decoder's scale, so both must be multiples of the scale).
+    pub size: Option<[usize; 2]>,
 }
 
 impl Default for LoadOptions {
@@ -45,6 +51,7 @@ impl Default for LoadOptions {
             guidance_batching: GuidanceBatching::default(),
             precision: Precision::default(),
             convolution: Convolution::default(),
+            size: None,
         }
     }
 }
@@ -74,11 +81,30 @@ pub struct Request {
     pub noise: Option<Array4<f32>>,
     /// Conditioning for cross-attention models (`[1, tokens, dim]`, shared by all images).
     pub context: Option<ArrayD<f32>>,
+    /// The prompt of a model with a text encoder (the card's `[text_encoder]`); `None` is the
+    /// empty prompt. Its embedding becomes `context`.
+    pub prompt: Option<String>,
+    /// What guidance steers away from (the unconditional branch's prompt); `None` is the empty
+    /// prompt, as in diffusers.
+    pub negative_prompt: Option<String>,
     /// Values of the card's conditioning inputs (`[model.conditioning.NAME]`), by name; an
     /// input not given takes the card's `default`. Each is one image's values (the input's
     /// shape after its batch axis, e.g. `[]` for one number per image), or rows of them
     /// (`[rows, ...]`, or a flat list), image `i` taking row `i mod rows` as `classes` cycle.
     pub conditioning: BTreeMap<String, ArrayD<f32>>,
+}
+
+/// One finished image, as [`Pipeline::generate_each`] hands it over.
+#[derive(Debug, Clone, Copy)]
+pub struct Finished<'a> {
+    /// Image index (counting [`Request::first_image`]).
+    pub index: usize,
+    /// The image, `C·H·W` values ([`Pipeline::output_shape`]) in [`Pipeline::value_range`]:
+    /// for a latent model the decoded pixels, else the final sample.
+    pub image: &'a [f32],
+    /// The sampler's final sample, `C·H·W` of the card's `[image]` (for a latent model, the
+    /// latents before decoding).
+    pub sample: &'a [f32],
 }
 
 /// Progress of one model call, for callbacks.
@@ -98,7 +124,8 @@ pub struct StepInfo {
 /// What a request produced.
 #[derive(Debug, Clone)]
 pub struct Generation {
-    /// Final samples, `[images, C, H, W]`, in the model's value range.
+    /// Final images, `[images, C, H, W]` ([`Pipeline::output_shape`]), in
+    /// [`Pipeline::value_range`]: decoded pixels for a latent model, else the samples.
     pub samples: Array4<f32>,
     /// The sampler that ran.
     pub sampler: SamplerKind,
@@ -108,6 +135,19 @@ pub struct Generation {
     pub timesteps: usize,
     /// Guidance scale applied.
     pub guidance: f32,
+    /// Time in the stages around the sampler loop.
+    pub stages: Stages,
+}
+
+/// Time a request spent outside the sampler loop's model calls (which [`StepInfo::elapsed`]
+/// reports one by one).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Stages {
+    /// Encoding the prompts (zero for a prompt encoded by an earlier request: the pipeline keeps
+    /// the last few prompts' embeddings).
+    pub text_encoder: Duration,
+    /// Decoding the final latents into pixels, all images together.
+    pub decoder: Duration,
 }
 
 /// What [`Pipeline::generate_into`] ran: a [`Generation`] without the samples, which went into
@@ -124,6 +164,8 @@ pub struct RunInfo {
     pub timesteps: usize,
     /// Guidance scale applied.
     pub guidance: f32,
+    /// Time in the stages around the sampler loop.
+    pub stages: Stages,
 }
 
 /// Working arrays of the sampler loop, one image each (two for batched guidance), sized from
@@ -172,6 +214,9 @@ struct Resolved {
     /// Each conditioning input's values, and its null values when guided.
     conditioning: Vec<conditioning::Rows>,
     nulls: Vec<conditioning::Rows>,
+    /// The prompt's and the negative prompt's embeddings, and both as one batch of 2.
+    text: Option<[ArrayD<f32>; 3]>,
+    text_time: Duration,
 }
 
 /// A model loaded once, ready to generate.
@@ -190,12 +235,19 @@ pub struct Pipeline {
     options: LoadOptions,
     scratch: Scratch,
     card_values: conditioning::CardValues,
+    text: Option<text::TextEncoder>,
+    decoder: Option<decode::Decoder>,
 }
 
 impl Pipeline {
-    /// Loads the model directory `dir` (its `model.toml` and ONNX file).
+    /// Loads the model directory `dir`: its `model.toml` and ONNX file, or an ONNX Stable
+    /// Diffusion folder (`model_index.json`, `unet/`, `text_encoder/`, `tokenizer/`,
+    /// `vae_decoder/`, `scheduler/`; see [`ModelCard::load`]).
     pub fn load(dir: impl AsRef<Path>, options: LoadOptions) -> Result<Self> {
-        let card = ModelCard::load(dir)?;
+        let mut card = ModelCard::load(dir)?;
+        if let Some(size) = options.size {
+            resize(&mut card, size)?;
+        }
         let denoiser = Denoiser::load(&card, options.threads)?;
         Self::from_parts(card, denoiser, options)
     }
@@ -217,7 +269,10 @@ impl Pipeline {
     /// # Ok(())
     /// # }
     /// ```
-    pub fn from_bytes(card: ModelCard, onnx: &[u8], options: LoadOptions) -> Result<Self> {
+    pub fn from_bytes(mut card: ModelCard, onnx: &[u8], options: LoadOptions) -> Result<Self> {
+        if let Some(size) = options.size {
+            resize(&mut card, size)?;
+        }
         let denoiser = Denoiser::from_bytes(onnx, &card, options.threads, card.onnx_path())?;
         Self::from_parts(card, denoiser, options)
     }
@@ -225,6 +280,12 @@ impl Pipeline {
     fn from_parts(card: ModelCard, mut denoiser: Denoiser, options: LoadOptions) -> Result<Self> {
         denoiser.set_precision(options.precision);
         denoiser.set_convolution(options.convolution);
+        let text = text::TextEncoder::load(&card, options.threads)?;
+        if let Some(t) = &text {
+            let [tokens, dim] = t.shape();
+            denoiser.set_context_shape(tokens, dim)?;
+        }
+        let decoder = decode::Decoder::load(&card, options.threads)?;
         // Build the plans now so load errors surface here, not at the first image: batch 1, and
         // batch 2 when guided steps run as one call. A pipeline runs no other batch size, so the
         // last plan consumes the source graph (on the 35.7M UNet about 130 MB of 3×3 kernels
@@ -232,7 +293,8 @@ impl Pipeline {
         let card_values = conditioning::CardValues::load(&card, denoiser.conditioning_inputs())?;
         let class_null =
             card.model.inputs.class_labels.is_some() && card.classes.as_ref().is_some_and(|c| c.null.is_some());
-        let guidable = (class_null || !denoiser.conditioning_inputs().is_empty()) && card_values.nulls().is_some();
+        let guidable = (text.is_some() || class_null || !denoiser.conditioning_inputs().is_empty())
+            && card_values.nulls().is_some();
         if options.guidance_batching == GuidanceBatching::Batched && guidable {
             denoiser.prepare(1)?;
             denoiser.prepare_final(2)?;
@@ -241,7 +303,7 @@ impl Pipeline {
         }
         let scratch =
             Scratch::new([card.image.channels, card.image.height, card.image.width], denoiser.conditioning_inputs());
-        Ok(Pipeline { card, denoiser, options, scratch, card_values })
+        Ok(Pipeline { card, denoiser, options, scratch, card_values, text, decoder })
     }
 
     /// The model card.
@@ -254,9 +316,40 @@ impl Pipeline {
         &self.denoiser
     }
 
-    /// Values in one image, `C·H·W` (a sample and its pixels hold the same number).
+    /// Values in one output image, `C·H·W` of [`output_shape`](Pipeline::output_shape) (an
+    /// image and its pixels hold the same number).
     pub fn image_len(&self) -> usize {
-        self.card.image.channels * self.card.image.height * self.card.image.width
+        self.output_shape().iter().product()
+    }
+
+    /// `[C, H, W]` of an output image: a latent model's decoded pixels, else the card's
+    /// `[image]`.
+    pub fn output_shape(&self) -> [usize; 3] {
+        match &self.decoder {
+            Some(d) => d.shape(),
+            None => [self.card.image.channels, self.card.image.height, self.card.image.width],
+        }
+    }
+
+    /// The output's value range, mapped to pixels 0..=255: `[-1, 1]` for a decoder's pixels,
+    /// else the card's `image.value_range`.
+    pub fn value_range(&self) -> [f32; 2] {
+        match &self.decoder {
+            Some(_) => [-1.0, 1.0],
+            None => self.card.image.value_range,
+        }
+    }
+
+    /// Whether the model is prompted with text (its card has a `[text_encoder]`).
+    pub fn takes_text(&self) -> bool {
+        self.text.is_some()
+    }
+
+    /// The token ids of `text` as the model's tokenizer gives them (padded or truncated to its
+    /// length; [`Tokens::truncated`] tells whether words were cut), or `None` for a model that
+    /// takes no text.
+    pub fn tokenize(&self, text: &str) -> Option<Tokens> {
+        self.text.as_ref().map(|t| t.tokenize(text))
     }
 
     /// Images `req` generates: the batch of its `noise`, else `num_images` (at least 1).
@@ -284,7 +377,7 @@ impl Pipeline {
         on_step: &mut dyn FnMut(&StepInfo) -> ControlFlow<()>,
     ) -> Result<Generation> {
         let r = self.resolve(req)?;
-        let [c, h, w] = [self.card.image.channels, self.card.image.height, self.card.image.width];
+        let [c, h, w] = self.output_shape();
         let mut samples = Array4::<f32>::zeros((r.images, c, h, w));
         let buf = samples.as_slice_mut().expect("a new array is contiguous");
         let info = self.run_into(req, &r, buf, on_step)?;
@@ -294,6 +387,7 @@ impl Pipeline {
             steps: info.steps,
             timesteps: info.timesteps,
             guidance: info.guidance,
+            stages: info.stages,
         })
     }
 
@@ -334,8 +428,8 @@ impl Pipeline {
         self.run_into(req, &r, samples, on_step)
     }
 
-    /// Generates images and hands each to `on_image` as soon as it is done, with its index
-    /// (counting [`Request::first_image`]) and its `C·H·W` values in the model's value range.
+    /// Generates images and hands each to `on_image` as soon as it is done ([`Finished`]: its
+    /// index, counting [`Request::first_image`], the image, and the final sample it came from).
     /// Memory does not grow with the number of images, so a caller can stream any number of
     /// them to files. `on_step` works as in [`generate`](Pipeline::generate); either callback
     /// may stop the run by returning `ControlFlow::Break(())` (the result is then
@@ -351,8 +445,8 @@ impl Pipeline {
     /// // Images 5 and 6 of seed 3: the same as the last two of a 7-image request.
     /// let request = Request { seed: 3, num_images: 2, first_image: 5, ..Default::default() };
     /// let mut seen = Vec::new();
-    /// pipe.generate_each(&request, &mut |_| ControlFlow::Continue(()), &mut |index, image| {
-    ///     seen.push((index, image.len())); // e.g. write image `index` to its file here
+    /// pipe.generate_each(&request, &mut |_| ControlFlow::Continue(()), &mut |done| {
+    ///     seen.push((done.index, done.image.len())); // e.g. write image `index` to its file here
     ///     ControlFlow::Continue(())
     /// })?;
     /// assert_eq!(seen, [(5, 32 * 32), (6, 32 * 32)]);
@@ -363,7 +457,7 @@ impl Pipeline {
         &mut self,
         req: &Request,
         on_step: &mut dyn FnMut(&StepInfo) -> ControlFlow<()>,
-        on_image: &mut dyn FnMut(usize, &[f32]) -> ControlFlow<()>,
+        on_image: &mut dyn FnMut(&Finished) -> ControlFlow<()>,
     ) -> Result<RunInfo> {
         let r = self.resolve(req)?;
         self.run(req, &r, on_step, on_image)
@@ -375,14 +469,14 @@ impl Pipeline {
     /// `samples.len() / image_len()` whole images; `pixels` must hold as many values, else
     /// [`Error::BufferTooSmall`]. Returns the number of images converted.
     pub fn pixels_into(&self, samples: &[f32], pixels: &mut [u8]) -> Result<usize> {
-        let [c, h, w] = [self.card.image.channels, self.card.image.height, self.card.image.width];
+        let [c, h, w] = self.output_shape();
         let per = c * h * w;
         let images = samples.len() / per;
         let needed = images * per;
         if pixels.len() < needed {
             return Err(Error::BufferTooSmall { what: "pixel buffer", needed, got: pixels.len() });
         }
-        let range = self.card.image.value_range;
+        let range = self.value_range();
         for (src, dst) in samples.chunks_exact(per).zip(pixels.chunks_exact_mut(per)) {
             for (k, plane) in src.chunks_exact(h * w).enumerate() {
                 for (p, &v) in plane.iter().enumerate() {
@@ -393,8 +487,24 @@ impl Pipeline {
         Ok(images)
     }
 
-    /// Checks `req` against the card and fills in the card's defaults, before any work.
-    fn resolve(&self, req: &Request) -> Result<Resolved> {
+    /// Checks `req` against the card and fills in the card's defaults, before any work; encodes
+    /// the prompts.
+    fn resolve(&mut self, req: &Request) -> Result<Resolved> {
+        let mut r = self.check(req)?;
+        let start = Instant::now();
+        if let Some(encoder) = &mut self.text {
+            let cond = encoder.encode(req.prompt.as_deref().unwrap_or(""))?;
+            let null = encoder.encode(req.negative_prompt.as_deref().unwrap_or(""))?;
+            let pair = ndarray::concatenate(ndarray::Axis(0), &[cond.view(), null.view()])
+                .map_err(|e| Error::Inference(e.to_string()))?;
+            r.text = Some([cond, null, pair]);
+        }
+        r.text_time = start.elapsed();
+        Ok(r)
+    }
+
+    /// [`resolve`](Pipeline::resolve) but the prompts.
+    fn check(&self, req: &Request) -> Result<Resolved> {
         let card = &self.card;
         let d = &card.defaults;
         let kind = match req.sampler {
@@ -402,9 +512,25 @@ impl Pipeline {
             None => d.sampler.as_deref().unwrap_or("ddim").parse()?,
         };
         let steps = req.steps.or(d.steps).unwrap_or(4);
-        let guidance = req.guidance.or(d.guidance).unwrap_or(1.0);
+        let mut guidance = req.guidance.or(d.guidance).unwrap_or(1.0);
         if !guidance.is_finite() || guidance < 0.0 {
             return Err(Error::config("guidance", format!("expected a finite scale >= 0, got {guidance}")));
+        }
+        let texts = [("prompt", &req.prompt), ("negative-prompt", &req.negative_prompt)];
+        if let Some((field, _)) = texts.iter().find(|(_, t)| t.is_some()).filter(|_| self.text.is_none()) {
+            return Err(Error::config(
+                *field,
+                "this model takes no text: its card has no [text_encoder] (an ONNX Stable Diffusion folder has text_encoder/ and tokenizer/)",
+            ));
+        }
+        if self.text.is_some() {
+            if req.context.is_some() {
+                return Err(Error::config("context", "this model makes its context from the prompt: give a prompt"));
+            }
+            // diffusers guides a text model only above 1 (SD-Turbo runs with 0).
+            if guidance <= 1.0 {
+                guidance = 1.0;
+            }
         }
         let opts = SamplerOptions { eta: req.eta.or(d.eta).unwrap_or(0.0) };
         let probe = sampler_for(card, kind, steps, &opts).map_err(|e| match e {
@@ -439,7 +565,7 @@ impl Pipeline {
         let inputs = self.denoiser.conditioning_inputs();
         let conditioning = self.card_values.for_request(inputs, &req.conditioning)?;
         let mut nulls = Vec::new();
-        if guidance != 1.0 {
+        if guidance != 1.0 && self.text.is_none() {
             if inputs.is_empty() && (null.is_none() || !conditional) {
                 return Err(Error::config(
                     "guidance",
@@ -460,7 +586,26 @@ impl Pipeline {
             }
             nulls = self.card_values.nulls().expect("checked above");
         }
-        Ok(Resolved { kind, steps, total, guidance, opts, images: self.num_images(req), conditioning, nulls })
+        if guidance != 1.0 && self.text.is_some() && !inputs.is_empty() {
+            nulls = self.card_values.nulls().ok_or_else(|| {
+                Error::config(
+                    "guidance",
+                    "the card's conditioning inputs need null values for the unconditional branch",
+                )
+            })?;
+        }
+        Ok(Resolved {
+            kind,
+            steps,
+            total,
+            guidance,
+            opts,
+            images: self.num_images(req),
+            conditioning,
+            nulls,
+            text: None,
+            text_time: Duration::ZERO,
+        })
     }
 
     /// The sampler loop into `samples`, image `i` at `samples[i·C·H·W..]`.
@@ -477,8 +622,8 @@ impl Pipeline {
             return Err(Error::BufferTooSmall { what: "sample buffer", needed, got: samples.len() });
         }
         let mut images = samples[..needed].chunks_exact_mut(per);
-        self.run(req, r, on_step, &mut |_, image| {
-            images.next().expect("one chunk per image").copy_from_slice(image);
+        self.run(req, r, on_step, &mut |done| {
+            images.next().expect("one chunk per image").copy_from_slice(done.image);
             ControlFlow::Continue(())
         })
     }
@@ -489,7 +634,7 @@ impl Pipeline {
         req: &Request,
         r: &Resolved,
         on_step: &mut dyn FnMut(&StepInfo) -> ControlFlow<()>,
-        on_image: &mut dyn FnMut(usize, &[f32]) -> ControlFlow<()>,
+        on_image: &mut dyn FnMut(&Finished) -> ControlFlow<()>,
     ) -> Result<RunInfo> {
         let n = r.images;
         let guided = r.guidance != 1.0;
@@ -503,7 +648,11 @@ impl Pipeline {
         let sigma_model = matches!(self.card.model.inputs.time(), TimeInput::Sigma(_));
         let Scratch { x, x_in, out, guided: pair, extra, extra_null, extra_pair } = &mut self.scratch;
         let (guidance, total) = (r.guidance, r.total);
-        let ctx = req.context.as_ref();
+        let mut decode_time = Duration::ZERO;
+        let (ctx, ctx_null, ctx_pair) = match &r.text {
+            Some([cond, null, pair]) => (Some(cond), Some(null), Some(pair)),
+            None => (req.context.as_ref(), req.context.as_ref(), req.context.as_ref()),
+        };
         for i in 0..n {
             let index = req.first_image + i;
             let mut sampler = sampler_for(&self.card, r.kind, r.steps, &r.opts)?;
@@ -527,7 +676,8 @@ impl Pipeline {
             };
             // An image drawn as the null class with no other conditioning is its own
             // unconditional branch: guidance would change nothing.
-            let guided_image = guided && (!r.conditioning.is_empty() || (label.is_some() && label != null));
+            let guided_image =
+                guided && (r.text.is_some() || !r.conditioning.is_empty() || (label.is_some() && label != null));
             conditioning::fill(extra, &r.conditioning, index, 0);
             if guided_image {
                 conditioning::fill(extra_null, &r.nulls, index, 0);
@@ -548,13 +698,13 @@ impl Pipeline {
                 if guided_image {
                     let both = Conditions {
                         class_labels: pair_labels.as_ref().map(|l| &l[..]),
-                        context: ctx,
+                        context: ctx_pair,
                         extra: extra_pair,
                     };
                     let call = guidance::Call {
                         x: x_in,
                         t,
-                        branches: [cond, branch(&null_labels, ctx, extra_null)],
+                        branches: [cond, branch(&null_labels, ctx_null, extra_null)],
                         pair: both,
                         scale: guidance,
                     };
@@ -572,11 +722,17 @@ impl Pipeline {
                     return Err(Error::Cancelled { step: k + 1 });
                 }
             }
-            if on_image(index, x.as_slice().expect("scratch arrays are contiguous")).is_break() {
+            let sample = x.as_slice().expect("scratch arrays are contiguous");
+            let start = Instant::now();
+            let decoded = self.decoder.as_mut().map(|d| d.decode(x)).transpose()?;
+            decode_time += start.elapsed();
+            let done = Finished { index, image: decoded.as_deref().unwrap_or(sample), sample };
+            if on_image(&done).is_break() {
                 return Err(Error::Cancelled { step: total });
             }
         }
-        Ok(RunInfo { images: n, sampler: r.kind, steps: r.steps, timesteps: total, guidance })
+        let stages = Stages { text_encoder: r.text_time, decoder: decode_time };
+        Ok(RunInfo { images: n, sampler: r.kind, steps: r.steps, timesteps: total, guidance, stages })
     }
 
     /// Checks the request's class labels against the card.
@@ -603,6 +759,25 @@ impl Pipeline {
             (None, false) => Ok(()),
         }
     }
+}
+
+/// Sets the card's `[image]` size to give outputs of `[width, height]` pixels.
+fn resize(card: &mut ModelCard, [width, height]: [usize; 2]) -> Result<()> {
+    let scale = card.decoder.as_ref().map_or(1, |d| d.scale);
+    for (field, v) in [("width", width), ("height", height)] {
+        if v == 0 || v % scale != 0 || v / scale > 8192 {
+            return Err(Error::config(
+                field,
+                format!(
+                    "expected a multiple of {scale} (the decoder's pixels per latent), 1 to {} pixels, got {v}",
+                    8192 * scale
+                ),
+            ));
+        }
+    }
+    card.image.width = width / scale;
+    card.image.height = height / scale;
+    Ok(())
 }
 
 /// The sampler `kind` for the card's model: on the sampler's timesteps, or on σ for a

@@ -36,7 +36,9 @@ pub(super) struct Bindings {
     pub(super) timestep: usize,
     pub(super) timestep_input: TimestepInput,
     pub(super) class_labels: Option<(usize, DatumType)>,
-    pub(super) context: Option<(usize, Vec<usize>)>,
+    /// The input's index and its `[tokens, dim]`, where the file fixes them (an optimum export
+    /// leaves `tokens` symbolic: [`Denoiser::set_context_shape`] gives it).
+    pub(super) context: Option<(usize, [Option<usize>; 2])>,
     pub(super) conditioning: Vec<ConditioningInput>,
     pub(super) output: usize,
 }
@@ -164,11 +166,14 @@ pub(super) fn bind(model: &InferenceModel, card: &ModelCard) -> std::result::Res
     let context = match context {
         Some(ix) => {
             let f = fact(ix)?;
-            let dims: Option<Vec<usize>> = (1..3)
-                .map(|a| f.shape.dim(a).and_then(|d| d.concretize()).and_then(|d| d.to_i64().ok()).map(|d| d as usize))
-                .collect();
-            let dims = dims.ok_or("encoder_hidden_states must have fixed [tokens, dim] in the ONNX file")?;
-            Some((ix, dims))
+            if f.shape.rank().concretize().is_some_and(|r| r != 3) {
+                return Err(format!(
+                    "encoder_hidden_states has rank {:?}, expected [batch, tokens, dim]",
+                    f.shape.rank()
+                ));
+            }
+            let dim = |a| f.shape.dim(a).and_then(|d| d.concretize()).and_then(|d| d.to_i64().ok()).map(|d| d as usize);
+            Some((ix, [dim(1), dim(2)]))
         }
         None => None,
     };

@@ -34,7 +34,7 @@ mod symbols;
 mod threads;
 
 pub use bind::{ConditioningInput, Conditions, TimestepInput, TimestepShape};
-pub use graph::run_graph;
+pub use graph::{run_graph, Graph};
 pub use load::IoInfo;
 pub use profile::{NodeTime, OpProfile, OpTime};
 pub use settings::{Convolution, Precision};
@@ -109,7 +109,7 @@ impl Denoiser {
             convolution: Convolution::default(),
             winograd_convs: 0,
             group_norms: 0,
-            plans: Plans(HashMap::new()),
+            plans: Plans::new(HashMap::new()),
             params,
             inputs,
             outputs,
@@ -276,6 +276,38 @@ impl Denoiser {
         let res_b = res_b.map_err(|_| Error::Inference("the unconditional branch's thread panicked".into()))?;
         copy_output(res_a, out_a)?;
         copy_output(res_b, out_b)
+    }
+
+    /// Fixes the shape of `encoder_hidden_states` to `[batch, tokens, dim]`, for a graph that
+    /// leaves it open (an optimum export). A size the file fixes must agree: a text encoder of
+    /// another width than the UNet's cross-attention is an error naming both. Plans built so far
+    /// are dropped when the shape changes.
+    pub fn set_context_shape(&mut self, tokens: usize, dim: usize) -> Result<()> {
+        let Some((_, known)) = &mut self.bindings.context else {
+            return Err(Error::Model {
+                path: self.path.clone(),
+                message: "the card binds no encoder_hidden_states input: this model takes no text".into(),
+            });
+        };
+        let fixed = |what: &str, have: Option<usize>, want: usize| match have {
+            Some(h) if h != want => Err(Error::Model {
+                path: self.path.clone(),
+                message: format!("encoder_hidden_states takes {h} {what}, the text encoder gives {want}"),
+            }),
+            _ => Ok(()),
+        };
+        fixed("features per token (the UNet's cross-attention width)", known[1], dim)?;
+        fixed("tokens", known[0], tokens)?;
+        if *known != [Some(tokens), Some(dim)] {
+            *known = [Some(tokens), Some(dim)];
+            self.plans.get_mut().clear();
+        }
+        Ok(())
+    }
+
+    /// The shape of one image's `encoder_hidden_states`, `[tokens, dim]`, where known.
+    pub fn context_shape(&self) -> Option<[Option<usize>; 2]> {
+        self.bindings.context.as_ref().map(|(_, d)| *d)
     }
 
     /// The graph inputs bound by the card's `[model.conditioning.NAME]` tables, in the order

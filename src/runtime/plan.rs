@@ -33,25 +33,32 @@ pub(super) struct Branch {
     pub(super) executor: Executor,
 }
 
-/// The plans, reachable only through `&mut`.
+/// A value reachable only through `&mut`: the plans, and a [`Graph`](super::Graph)'s state.
 ///
 /// tract's run state holds `Box<dyn OpState>`, which is `Send` but not `Sync`, so a `Denoiser`
 /// holding it directly could not be shared between threads even though nothing reads the state
 /// through `&self`. This wrapper makes that guarantee structural: it has no `&self` access at
-/// all, so a shared `&Plans` gives another thread nothing to touch (the pattern of the standard
-/// library's unstable `std::sync::Exclusive`).
-pub(super) struct Plans(pub(super) HashMap<usize, Plan>);
+/// all, so a shared `&Exclusive` gives another thread nothing to touch (the pattern of the
+/// standard library's unstable `std::sync::Exclusive`).
+pub(super) struct Exclusive<T>(T);
 
-// SAFETY: `Plans` exposes its contents only through `&mut self` (`get_mut`), and `&mut` access
-// is exclusive, so no two threads can ever reach the inner state at once. Moving it between
-// threads is left to the auto trait `Send`, which tract's state has.
-unsafe impl Sync for Plans {}
+// SAFETY: `Exclusive` exposes its contents only through `&mut self` (`get_mut`), and `&mut`
+// access is exclusive, so no two threads can ever reach the inner value at once. Moving it
+// between threads is left to the auto trait `Send`, which tract's state has.
+unsafe impl<T> Sync for Exclusive<T> {}
 
-impl Plans {
-    pub(super) fn get_mut(&mut self) -> &mut HashMap<usize, Plan> {
+impl<T> Exclusive<T> {
+    pub(super) fn new(value: T) -> Self {
+        Exclusive(value)
+    }
+
+    pub(super) fn get_mut(&mut self) -> &mut T {
         &mut self.0
     }
 }
+
+/// The plans, by batch size.
+pub(super) type Plans = Exclusive<HashMap<usize, Plan>>;
 
 impl Plan {
     /// The two branch states over this plan's graph, built on first use, each on `threads / 2`
@@ -114,10 +121,10 @@ impl Denoiser {
         if let Some((ix, dt)) = b.class_labels {
             facts.push((ix, InferenceFact::dt_shape(dt, tvec![batch])));
         }
-        if let Some((ix, dims)) = &b.context {
-            let mut shape: TVec<usize> = tvec![batch];
-            shape.extend(dims.iter().copied());
-            facts.push((*ix, f32::fact(shape).into()));
+        if let Some((ix, [Some(tokens), Some(dim)])) = b.context {
+            facts.push((ix, f32::fact([batch, tokens, dim]).into()));
+        } else if b.context.is_some() {
+            return Err("encoder_hidden_states has no fixed [tokens, dim] in the ONNX file: give them (a text encoder's output gives them)".into());
         }
         for c in &b.conditioning {
             let mut shape: TVec<usize> = tvec![batch];

@@ -84,10 +84,12 @@ impl Denoiser {
         let [c, h, w] = self.chw;
         let sample = Array4::from_elem((batch, c, h, w), 0.3f32);
         let labels = vec![1i64; batch];
-        let context = self.bindings.context.as_ref().map(|(_, dims)| {
-            let shape: Vec<usize> = std::iter::once(batch).chain(dims.iter().copied()).collect();
-            ArrayD::<f32>::zeros(IxDyn(&shape))
-        });
+        // prepare() succeeded, so the plan knows both sizes.
+        let context = self
+            .bindings
+            .context
+            .as_ref()
+            .map(|(_, [tokens, dim])| ArrayD::<f32>::zeros(IxDyn(&[batch, tokens.unwrap_or(1), dim.unwrap_or(1)])));
         let extra: Vec<ArrayD<f32>> = self
             .bindings
             .conditioning

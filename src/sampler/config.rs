@@ -63,6 +63,9 @@ pub struct SchedulerConfig {
     pub s_noise: Option<f64>,
     pub rho: Option<f64>,
     pub clip_denoised: Option<bool>,
+    /// PNDM's key, kept in the scheduler configs of SD 1.x/2.x and SD-Turbo whatever their
+    /// class; read and ignored (no sampler here runs PNDM's Runge-Kutta warm-up).
+    pub skip_prk_steps: Option<bool>,
     /// diffusers bookkeeping in `scheduler_config.json`; read and ignored.
     #[serde(rename = "_class_name")]
     pub class_name: Option<String>,

@@ -38,6 +38,10 @@ pub struct BenchArgs {
     /// 3×3 convolutions: winograd or im2col (see `sample --help`).
     #[arg(long, default_value = "winograd")]
     pub convolution: String,
+    /// The prompt, for a model with a text encoder (each run adds its number to it, so that
+    /// every run encodes its prompt).
+    #[arg(long, default_value = "a photo of a red bicycle")]
+    pub prompt: String,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -88,6 +92,8 @@ pub fn run(a: BenchArgs, model: PathBuf) -> Result<()> {
     let mut image_s = Vec::new();
     let mut steps_used = 0;
     let mut used = (String::new(), 1.0);
+    let (mut text_ms, mut decode_ms) = (Vec::new(), Vec::new());
+    let prompted = pipe.takes_text();
     // A class-conditional model is measured on a real class, so guidance runs as it would.
     let classes = pipe.card().classes.as_ref().map(|_| vec![0]);
     for i in 0..=a.runs {
@@ -98,6 +104,7 @@ pub fn run(a: BenchArgs, model: PathBuf) -> Result<()> {
             steps: a.steps,
             guidance: a.guidance,
             classes: classes.clone(),
+            prompt: prompted.then(|| format!("{} {i}", a.prompt)),
             ..Default::default()
         };
         let mut times = Vec::new();
@@ -114,13 +121,17 @@ pub fn run(a: BenchArgs, model: PathBuf) -> Result<()> {
         } else {
             steps_ms.extend(times);
             image_s.push(elapsed);
+            text_ms.push(gen.stages.text_encoder.as_secs_f64() * 1e3);
+            decode_ms.push(gen.stages.decoder.as_secs_f64() * 1e3);
         }
     }
     steps_ms.sort_by(f64::total_cmp);
     image_s.sort_by(f64::total_cmp);
     let per_image = percentile(&image_s, 0.5);
+    text_ms.sort_by(f64::total_cmp);
+    decode_ms.sort_by(f64::total_cmp);
     let card = pipe.card();
-    let report = serde_json::json!({
+    let mut report = serde_json::json!({
         "model": card.model.name,
         "sampler": used.0,
         "steps": steps_used,
@@ -141,6 +152,12 @@ pub fn run(a: BenchArgs, model: PathBuf) -> Result<()> {
         "peak_rss_mib": peak_rss_mib(),
         "runs": a.runs,
     });
+    if prompted {
+        report["text_encoder_ms_median"] = percentile(&text_ms, 0.5).into();
+    }
+    if card.decoder.is_some() {
+        report["decoder_ms_median"] = percentile(&decode_ms, 0.5).into();
+    }
     // Written, not println!: a closed pipe (`bench --json | head`) is an error, not a panic.
     use std::io::Write;
     let mut out = std::io::stdout().lock();

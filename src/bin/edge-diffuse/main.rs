@@ -131,8 +131,33 @@ fn info(model: Option<PathBuf>) -> Result<()> {
         df.guidance.unwrap_or(1.0),
         df.eta.unwrap_or(0.0)
     )?;
+    if let Some(t) = &card.text_encoder {
+        writeln!(
+            out,
+            "text        {} (tokenizer {})",
+            card.dir.join(&t.onnx).display(),
+            card.dir.join(&t.tokenizer).display()
+        )?;
+    }
+    if let Some(dec) = &card.decoder {
+        let [c, h, w] = pipe.output_shape();
+        writeln!(
+            out,
+            "decoder     {} -> {c} x {h} x {w} (latents / {} + {})",
+            card.dir.join(&dec.onnx).display(),
+            dec.scaling_factor,
+            dec.shift_factor
+        )?;
+    }
     writeln!(out, "load        {:.3} s to a runnable plan ({} threads)", load.as_secs_f64(), d.threads())?;
     writeln!(out, "winograd    {} of the 3x3 convolutions", d.winograd_convolutions())?;
     writeln!(out, "group norm  {} fused", d.fused_group_norms())?;
+    if let Some(derived) = &card.derived {
+        writeln!(
+            out,
+            "\nthe card derived from the folder (a model.toml beside model_index.json overrides any key):\n"
+        )?;
+        write!(out, "{derived}")?;
+    }
     Ok(())
 }

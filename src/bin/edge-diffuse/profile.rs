@@ -41,6 +41,12 @@ pub fn run(a: ProfileArgs, model: PathBuf) -> Result<()> {
     let mut denoiser = Denoiser::load(&card, a.threads)?;
     denoiser.set_precision(precision);
     denoiser.set_convolution(convolution);
+    // A text model's UNet may leave its token count open: its tokenizer's length fixes it, as
+    // the pipeline's text encoder does.
+    if let (Some(text), Some([None, Some(dim)])) = (&card.text_encoder, denoiser.context_shape()) {
+        let tokenizer = edge_diffuse::tokenizer::ClipTokenizer::from_folder(card.dir.join(&text.tokenizer))?;
+        denoiser.set_context_shape(tokenizer.max_length(), dim)?;
+    }
     let report = denoiser.profile_ops(a.batch, a.runs)?;
     println!("{} ({}), {} thread(s)", card.model.name, card.onnx_path().display(), denoiser.threads());
     print!("{report}");

@@ -75,14 +75,26 @@ pub struct SampleArgs {
     /// cycled over the images as --class is, or NAME=@FILE.npy (float32); repeat for each input.
     #[arg(long = "cond", value_name = "NAME=VALUES")]
     cond: Vec<String>,
+    /// The prompt, for a model with a text encoder (an ONNX Stable Diffusion folder).
+    #[arg(long)]
+    prompt: Option<String>,
+    /// What guidance steers away from (used when --guidance is above 1).
+    #[arg(long)]
+    negative_prompt: Option<String>,
+    /// Image width in pixels (default: the model's); a latent model's must be a multiple of 8.
+    #[arg(long)]
+    width: Option<usize>,
+    /// Image height in pixels (default: the model's); a latent model's must be a multiple of 8.
+    #[arg(long)]
+    height: Option<usize>,
     /// Cross-attention conditioning (encoder_hidden_states), float32 .npy [1, tokens, dim].
     #[arg(long, value_name = "FILE.npy")]
     context: Option<PathBuf>,
     /// Starting noise, float32 [batch,C,H,W] of unit variance (sets the number of images).
     #[arg(long)]
     noise: Option<PathBuf>,
-    /// Also write the final samples, float32 [batch,C,H,W], before they become pixels ("-":
-    /// standard output).
+    /// Also write the final samples, float32 [batch,C,H,W], before they become pixels (a latent
+    /// model's final latents, before decoding; "-": standard output).
     #[arg(long)]
     save_tensor: Option<PathBuf>,
     /// No progress bar.
@@ -118,6 +130,11 @@ pub fn run(a: SampleArgs) -> Result<()> {
     let precision = parse_flag(&a.precision)?;
     let convolution = parse_flag(&a.convolution)?;
     let mut opts = LoadOptions { guidance_batching, precision, convolution, ..Default::default() };
+    match (a.width, a.height) {
+        (Some(w), Some(h)) => opts.size = Some([w, h]),
+        (None, None) => {}
+        _ => bail!("--width and --height: give both, or neither for the model's size"),
+    }
     if let Some(t) = a.threads {
         if t == 0 {
             bail!("--threads: expected at least 1");
@@ -136,6 +153,20 @@ pub fn run(a: SampleArgs) -> Result<()> {
     let t0 = Instant::now();
     let mut pipe = Pipeline::load(&model, opts)?;
     let load_s = t0.elapsed().as_secs_f64();
+    if !pipe.takes_text() && (a.prompt.is_some() || a.negative_prompt.is_some()) {
+        let flag = if a.prompt.is_some() { "--prompt" } else { "--negative-prompt" };
+        bail!("{flag}: {} takes no text (it has no text encoder; an ONNX Stable Diffusion folder has text_encoder/ and tokenizer/)", model.display());
+    }
+    for (flag, text) in [("--prompt", &a.prompt), ("--negative-prompt", &a.negative_prompt)] {
+        if let Some(tokens) = text.as_deref().and_then(|t| pipe.tokenize(t)) {
+            if tokens.truncated {
+                eprintln!(
+                    "warning: {flag} is longer than the text encoder's {} tokens; the rest is cut off, as diffusers does",
+                    tokens.ids.len()
+                );
+            }
+        }
+    }
     let classes = a.class.as_deref().map(|c| parse_classes(pipe.card(), c)).transpose()?;
     let count = total - a.start_index;
     let req = Request {
@@ -150,10 +181,13 @@ pub fn run(a: SampleArgs) -> Result<()> {
         noise: noise.map(|n| n.slice_move(ndarray::s![a.start_index.., .., .., ..])),
         context,
         conditioning,
+        prompt: a.prompt.clone(),
+        negative_prompt: a.negative_prompt.clone(),
     };
     let card = pipe.card();
-    let shape = [card.image.channels, card.image.height, card.image.width];
-    let range = card.image.value_range;
+    let latent = [card.image.channels, card.image.height, card.image.width];
+    let shape = pipe.output_shape();
+    let range = pipe.value_range();
     let mut grid = match a.separate {
         true => None,
         false => {
@@ -162,7 +196,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
         }
     };
     let mut tensor = match &a.save_tensor {
-        Some(p) => Some(files::NpyWriter::create(p, [count, shape[0], shape[1], shape[2]])?),
+        Some(p) => Some(files::NpyWriter::create(p, [count, latent[0], latent[1], latent[2]])?),
         None => None,
     };
 
@@ -196,10 +230,11 @@ pub fn run(a: SampleArgs) -> Result<()> {
                 None => ControlFlow::Continue(()),
             }
         },
-        &mut |index, image| {
+        &mut |finished| {
+            let (index, image) = (finished.index, finished.image);
             let written = (|| {
                 if let Some(t) = &mut tensor {
-                    t.push(image)?;
+                    t.push(finished.sample)?;
                 }
                 match &mut grid {
                     Some(g) => g.place(index - a.start_index, image),

@@ -1,0 +1,165 @@
+//! A card derived from an ONNX Stable Diffusion folder, the layout Hugging Face optimum writes
+//! (and onnxruntime's examples use): `model_index.json`, `unet/`, `text_encoder/`, `tokenizer/`,
+//! `vae_decoder/` and `scheduler/`. Each part's `config.json` gives what the card needs; a
+//! `model.toml` beside `model_index.json` overrides any key of the derived card.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::ModelCard;
+use crate::error::{Error, Result};
+
+/// The file that marks a folder as an ONNX Stable Diffusion pipeline.
+pub(super) const INDEX: &str = "model_index.json";
+
+/// The parts a folder must hold, and what each is.
+const PARTS: [(&str, &str); 6] = [
+    ("unet/model.onnx", "the denoiser"),
+    ("text_encoder/model.onnx", "the text encoder"),
+    ("tokenizer/vocab.json", "the tokenizer's vocabulary"),
+    ("tokenizer/merges.txt", "the tokenizer's merges"),
+    ("vae_decoder/model.onnx", "the VAE decoder"),
+    ("scheduler/scheduler_config.json", "the scheduler's configuration"),
+];
+
+const LAYOUT: &str = "an ONNX Stable Diffusion folder holds model_index.json, unet/model.onnx, \
+text_encoder/model.onnx, tokenizer/{vocab.json, merges.txt, tokenizer_config.json}, \
+vae_decoder/model.onnx and scheduler/scheduler_config.json";
+
+/// The card of the folder `dir`, amended by `dir/model.toml` when there is one.
+pub(super) fn load(dir: &Path) -> Result<ModelCard> {
+    for (part, what) in PARTS {
+        let path = dir.join(part);
+        if !path.is_file() {
+            return Err(Error::Card { path, message: format!("missing ({what}): {LAYOUT}") });
+        }
+    }
+    let unet = config(dir, "unet/config.json")?;
+    let vae = config(dir, "vae_decoder/config.json")?;
+    let scheduler = config(dir, "scheduler/scheduler_config.json")?;
+    let number = |v: &Value, key: &str, file: &str, default: f64| -> Result<f64> {
+        match v.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(x) => x.as_f64().ok_or_else(|| Error::Card {
+                path: dir.join(file),
+                message: format!("{key}: expected a number, got {x}"),
+            }),
+        }
+    };
+    let channels = number(&unet, "in_channels", "unet/config.json", 4.0)?;
+    let size = match unet.get("sample_size") {
+        Some(Value::Array(hw)) => hw.first().and_then(Value::as_f64).unwrap_or(64.0),
+        _ => number(&unet, "sample_size", "unet/config.json", 64.0)?,
+    };
+    // diffusers' VAE halves the size in every down block but the last.
+    let blocks = vae.get("block_out_channels").and_then(Value::as_array).map_or(4, |b| b.len().max(1));
+    let scale = 1usize << (blocks - 1);
+    let scaling = number(&vae, "scaling_factor", "vae_decoder/config.json", 0.18215)?;
+    let shift = number(&vae, "shift_factor", "vae_decoder/config.json", 0.0)?;
+    let sampler = scheduler.get("_class_name").and_then(Value::as_str).and_then(sampler_of);
+    let name = dir.canonicalize().ok().and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()));
+
+    let mut text = format!(
+        "# Derived from the ONNX Stable Diffusion folder {dir}\n\
+         [model]\n\
+         name = {name:?}\n\
+         onnx = \"unet/model.onnx\"\n\
+         scheduler_config = \"scheduler/scheduler_config.json\"\n\n\
+         [model.inputs]\n\
+         sample = \"sample\"\n\
+         timestep = \"timestep\"\n\
+         encoder_hidden_states = \"encoder_hidden_states\"\n\n\
+         [image]  # the latents\n\
+         channels = {channels}\n\
+         height = {size}\n\
+         width = {size}\n\n\
+         [text_encoder]\n\
+         onnx = \"text_encoder/model.onnx\"\n\
+         tokenizer = \"tokenizer\"\n\n\
+         [decoder]\n\
+         onnx = \"vae_decoder/model.onnx\"\n\
+         scaling_factor = {scaling:?}\n\
+         shift_factor = {shift:?}\n\
+         scale = {scale}\n",
+        dir = dir.display(),
+        name = name.as_deref().unwrap_or("stable-diffusion"),
+        channels = channels as usize,
+        size = size as usize,
+    );
+    if let Some(s) = sampler {
+        text.push_str(&format!("\n[defaults]\nsampler = {s:?}\n"));
+    }
+    let mut table: toml::Table = toml::from_str(&text).expect("the derived card is valid TOML");
+    let amend = dir.join("model.toml");
+    let file = if amend.is_file() {
+        let own = std::fs::read_to_string(&amend).map_err(|e| Error::io(&amend, e))?;
+        let own: toml::Table = toml::from_str(&own)
+            .map_err(|e| Error::Card { path: amend.clone(), message: super::one_line(&e.to_string()) })?;
+        merge(&mut table, own);
+        text = format!("# Derived from {} and amended by {}\n{table}", dir.join(INDEX).display(), amend.display());
+        amend
+    } else {
+        dir.join(INDEX)
+    };
+    let mut card = ModelCard::parse(&table.to_string(), dir, &file)?;
+    card.derived = Some(text);
+    Ok(card)
+}
+
+/// A part's `config.json` as a JSON object (an empty one when the file is absent: optimum
+/// writes them, but the card's defaults fit SD 1.x/2.x without).
+fn config(dir: &Path, file: &str) -> Result<Value> {
+    let path = dir.join(file);
+    if !path.is_file() {
+        return Ok(Value::Object(Default::default()));
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    match serde_json::from_str::<Value>(&text) {
+        Ok(v @ Value::Object(_)) => Ok(v),
+        Ok(_) => Err(Error::Card { path, message: "expected a JSON object".into() }),
+        Err(e) => Err(Error::Card { path, message: format!("not valid JSON: {e}") }),
+    }
+}
+
+/// The sampler that runs diffusers' scheduler class `class`, where edge-diffuse has it.
+fn sampler_of(class: &str) -> Option<&'static str> {
+    Some(match class {
+        "EulerAncestralDiscreteScheduler" => "euler_ancestral",
+        "EulerDiscreteScheduler" => "euler",
+        "DDIMScheduler" => "ddim",
+        "DDPMScheduler" => "ddpm",
+        "LCMScheduler" => "lcm",
+        "HeunDiscreteScheduler" => "heun",
+        "DPMSolverMultistepScheduler" => "dpmpp_2m",
+        "FlowMatchEulerDiscreteScheduler" => "flow_euler",
+        _ => return None,
+    })
+}
+
+/// `own`'s keys over `base`'s, table by table.
+fn merge(base: &mut toml::Table, own: toml::Table) {
+    for (key, value) in own {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn amendments_replace_keys_and_keep_the_rest_of_their_table() {
+        let mut base: toml::Table = toml::from_str("[a]\nx = 1\ny = 2\n[b]\nz = 3\n").unwrap();
+        merge(&mut base, toml::from_str("[a]\ny = 5\n[c]\nw = 1\n").unwrap());
+        assert_eq!(
+            base.to_string(),
+            toml::from_str::<toml::Table>("[a]\nx = 1\ny = 5\n[b]\nz = 3\n[c]\nw = 1\n").unwrap().to_string()
+        );
+    }
+}

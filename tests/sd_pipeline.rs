@@ -1,0 +1,257 @@
+//! Latent text-to-image from an ONNX Stable Diffusion folder (issue 23), against diffusers.
+//!
+//! `tests/fixtures/sd_tiny/` is a Stable-Diffusion-architecture pipeline with random weights in
+//! the folder layout Hugging Face optimum writes (UNet2DConditionModel, CLIPTextModel, the SD VAE
+//! decoder, CLIP's tokenizer with its first 1000 merges, SD-Turbo's scheduler), made by
+//! `tools/make_sd_pipeline.py`. `tests/fixtures/sd_tiny_reference/` holds what diffusers'
+//! `StableDiffusionPipeline` makes of it: for each case of `cases.json`, the starting latents,
+//! the final latents and the pixels; and transformers' text encoder output for one prompt.
+
+mod common;
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use edge_diffuse::pipeline::{LoadOptions, Pipeline, Request};
+use edge_diffuse::runtime::{Denoiser, Graph};
+use edge_diffuse::tokenizer::ClipTokenizer;
+use edge_diffuse::{Error, ModelCard};
+use ndarray::{ArrayD, IxDyn};
+use ndarray_npy::ReadNpyExt;
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn model() -> PathBuf {
+    root().join("sd_tiny")
+}
+
+fn reference(name: &str) -> PathBuf {
+    root().join("sd_tiny_reference").join(name)
+}
+
+fn npy(path: &Path) -> ArrayD<f32> {
+    let f = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    ArrayD::<f32>::read_npy(std::io::BufReader::new(f)).unwrap()
+}
+
+/// max |a − b| / max |b|.
+fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+fn cases() -> Value {
+    let text = std::fs::read_to_string(reference("cases.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn load(threads: usize) -> Pipeline {
+    Pipeline::load(model(), LoadOptions { threads, ..Default::default() }).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn the_folder_gives_a_card_with_its_parts() {
+    let card = ModelCard::load(model()).unwrap();
+    let text = card.text_encoder.as_ref().expect("a text encoder");
+    assert_eq!(text.onnx, Path::new("text_encoder/model.onnx"));
+    let decoder = card.decoder.as_ref().expect("a decoder");
+    assert_eq!((decoder.scale, decoder.scaling_factor, decoder.shift_factor), (8, 0.18215, 0.0));
+    assert_eq!([card.image.channels, card.image.height, card.image.width], [4, 8, 8]);
+    // SD-Turbo's scheduler class picks the sampler; its keys come from the folder's file.
+    assert_eq!(card.defaults.sampler.as_deref(), Some("euler_ancestral"));
+    assert_eq!(card.scheduler.timestep_spacing, Some(edge_diffuse::card::TimestepSpacing::Trailing));
+    assert!(card.derived.as_deref().unwrap().contains("[decoder]"));
+}
+
+#[test]
+fn a_model_toml_beside_the_folder_overrides_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&model(), dir.path());
+    std::fs::write(dir.path().join("model.toml"), "[defaults]\nsteps = 2\n[image]\nheight = 16\n").unwrap();
+    let card = ModelCard::load(dir.path()).unwrap();
+    assert_eq!(card.defaults.steps, Some(2));
+    assert_eq!(card.defaults.sampler.as_deref(), Some("euler_ancestral"), "the derived keys stay");
+    assert_eq!([card.image.height, card.image.width], [16, 8]);
+    assert!(card.file.ends_with("model.toml"));
+}
+
+#[test]
+fn the_text_encoder_matches_transformers() {
+    let cases = cases();
+    let prompt = cases["text_encoder_prompt"].as_str().unwrap();
+    let tokenizer = ClipTokenizer::from_folder(model().join("tokenizer")).unwrap();
+    let ids = tokenizer.encode(prompt).ids;
+    let ids = ArrayD::from_shape_vec(IxDyn(&[1, ids.len()]), ids.iter().map(|&i| i as f32).collect()).unwrap();
+    let mut graph = Graph::load(&model().join("text_encoder/model.onnx"), &[ids.shape().to_vec()], 1).unwrap();
+    let ours = graph.run(&[ids]).unwrap().swap_remove(0);
+    let want = npy(&reference("text_encoder_hidden.npy"));
+    assert_eq!(ours.shape(), want.shape());
+    let err = rel_err(ours.as_slice().unwrap(), want.as_slice().unwrap());
+    assert!(err <= 1e-4, "text encoder vs transformers: relative error {err:e}");
+}
+
+/// Runs case `c` and checks the final latents (≤ 1e-4 relative) and the pixels (≤ 1/255).
+fn check_case(pipe: &mut Pipeline, c: &Value) {
+    let name = c["name"].as_str().unwrap();
+    let noise = npy(&reference(&format!("{name}_noise.npy"))).into_dimensionality::<ndarray::Ix4>().unwrap();
+    let req = Request {
+        noise: Some(noise),
+        prompt: c["prompt"].as_str().map(String::from),
+        negative_prompt: c["negative_prompt"].as_str().map(String::from),
+        sampler: Some(c["sampler"].as_str().unwrap().parse().unwrap()),
+        steps: Some(c["steps"].as_u64().unwrap() as usize),
+        guidance: Some(c["guidance"].as_f64().unwrap() as f32),
+        eta: Some(c["eta"].as_f64().unwrap() as f32),
+        ..Default::default()
+    };
+    let (mut latents, mut image) = (Vec::new(), Vec::new());
+    pipe.generate_each(&req, &mut |_| ControlFlow::Continue(()), &mut |done| {
+        latents = done.sample.to_vec();
+        image = done.image.to_vec();
+        ControlFlow::Continue(())
+    })
+    .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let want = npy(&reference(&format!("{name}_latents.npy")));
+    let err = rel_err(&latents, want.as_slice().unwrap());
+    assert!(err <= 1e-4, "{name}: final latents vs diffusers: relative error {err:e}");
+
+    // diffusers' pixels are [1, H, W, 3] in [0, 1]; ours [3, H, W] in [-1, 1].
+    let want = npy(&reference(&format!("{name}_image.npy")));
+    let [_, h, w, c3] = [want.shape()[0], want.shape()[1], want.shape()[2], want.shape()[3]];
+    assert_eq!(pipe.output_shape(), [c3, h, w], "{name}: image shape");
+    let mut worst = 0f32;
+    for k in 0..c3 {
+        for y in 0..h {
+            for x in 0..w {
+                let ours = (image[(k * h + y) * w + x] / 2.0 + 0.5).clamp(0.0, 1.0);
+                worst = worst.max((ours - want[[0, y, x, k]]).abs());
+            }
+        }
+    }
+    assert!(worst <= 1.0 / 255.0, "{name}: pixels differ from diffusers' by up to {worst}");
+}
+
+#[test]
+fn the_pipeline_matches_diffusers() {
+    let cases = cases();
+    let mut pipe = load(1);
+    for c in cases["cases"].as_array().unwrap() {
+        check_case(&mut pipe, c);
+    }
+}
+
+#[test]
+fn the_pipeline_matches_diffusers_on_two_threads() {
+    // Guided cases then run both branches at once, each on its own thread.
+    let cases = cases();
+    let mut pipe = load(2);
+    for c in cases["cases"].as_array().unwrap().iter().filter(|c| c["guidance"].as_f64().unwrap() > 1.0) {
+        check_case(&mut pipe, c);
+    }
+}
+
+#[test]
+fn a_prompt_changes_the_image_and_the_same_prompt_repeats_it() {
+    let mut pipe = load(1);
+    let mut run = |prompt: &str| {
+        let req = Request { seed: 3, steps: Some(1), prompt: Some(prompt.into()), ..Default::default() };
+        pipe.generate(&req, &mut |_| ControlFlow::Continue(())).unwrap().samples
+    };
+    let (a, b, a2) = (run("a red bicycle"), run("a blue boat"), run("a red bicycle"));
+    assert_eq!(a, a2);
+    assert_ne!(a, b);
+    assert_eq!(a.shape(), &[1, 3, 64, 64]);
+}
+
+#[test]
+fn width_and_height_set_the_latent_size() {
+    let opts = LoadOptions { threads: 1, size: Some([96, 64]), ..Default::default() };
+    let mut pipe = Pipeline::load(model(), opts).unwrap();
+    assert_eq!(pipe.output_shape(), [3, 64, 96]);
+    let req = Request { steps: Some(1), prompt: Some("a cat".into()), ..Default::default() };
+    let out = pipe.generate(&req, &mut |_| ControlFlow::Continue(())).unwrap();
+    assert_eq!(out.samples.shape(), &[1, 3, 64, 96]);
+
+    let opts = LoadOptions { threads: 1, size: Some([100, 64]), ..Default::default() };
+    let err = Pipeline::load(model(), opts).err().expect("100 is not a multiple of 8").to_string();
+    assert!(err.starts_with("width:") && err.contains("multiple of 8") && err.contains("100"), "{err}");
+}
+
+#[test]
+fn a_prompt_to_a_model_without_text_is_refused() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/fmnist-student");
+    let mut pipe = Pipeline::load(dir, LoadOptions { threads: 1, ..Default::default() }).unwrap();
+    let req = Request { prompt: Some("a shoe".into()), ..Default::default() };
+    let err = pipe.generate(&req, &mut |_| ControlFlow::Continue(())).unwrap_err();
+    assert!(matches!(&err, Error::Config { field, .. } if field == "prompt"), "{err}");
+    assert!(err.to_string().contains("no [text_encoder]"), "{err}");
+}
+
+#[test]
+fn a_folder_missing_a_part_names_it_and_the_layout() {
+    for part in ["vae_decoder/model.onnx", "tokenizer/merges.txt", "scheduler/scheduler_config.json"] {
+        let dir = tempfile::tempdir().unwrap();
+        copy_dir(&model(), dir.path());
+        std::fs::remove_file(dir.path().join(part)).unwrap();
+        let err = ModelCard::load(dir.path()).unwrap_err().to_string();
+        assert!(err.contains(part) && err.contains("missing") && err.contains("model_index.json"), "{err}");
+    }
+}
+
+#[test]
+fn a_text_encoder_of_another_width_names_both_widths() {
+    // The corpus UNet's cross-attention takes 32 features per token.
+    let card = ModelCard::load(root().join("corpus/unet2d_cond_legacy")).unwrap();
+    let mut denoiser = Denoiser::load(&card, 1).unwrap();
+    let err = denoiser.set_context_shape(7, 64).unwrap_err().to_string();
+    assert!(err.contains("32") && err.contains("64") && err.contains("cross-attention"), "{err}");
+    denoiser.set_context_shape(7, 32).unwrap();
+}
+
+#[test]
+fn the_cli_writes_a_png_from_a_prompt() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("bike.png");
+    let long = "a red bicycle ".repeat(40);
+    let run = common::edge_diffuse()
+        .args(["sample", "--model"])
+        .arg(model())
+        .args(["--prompt", &long, "--steps", "1", "--quiet", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert_eq!(stderr.matches("warning:").count(), 1, "one warning for the long prompt: {stderr}");
+    let png = image::open(&out).unwrap();
+    assert_eq!((png.width(), png.height()), (64, 64));
+
+    let bad = common::edge_diffuse()
+        .args(["sample", "--model"])
+        .arg(model())
+        .args(["--prompt", "x", "--width", "60", "--height", "64", "--out"])
+        .arg(dir.path().join("no.png"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("width") && stderr.contains("multiple of 8"), "{stderr}");
+    assert!(!dir.path().join("no.png").exists());
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let dest = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            std::fs::create_dir_all(&dest).unwrap();
+            copy_dir(&entry.path(), &dest);
+        } else {
+            std::fs::copy(entry.path(), dest).unwrap();
+        }
+    }
+}

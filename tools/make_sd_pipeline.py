@@ -1,0 +1,268 @@
+"""Builds Stable-Diffusion-architecture pipelines with random weights and exports them in the ONNX
+folder layout that Hugging Face optimum writes (and onnxruntime's examples use):
+
+    model_index.json
+    unet/model.onnx            (+ model.onnx_data when the weights are external) + config.json
+    text_encoder/model.onnx    + config.json
+    tokenizer/                 vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json
+    vae_decoder/model.onnx     + config.json (scaling_factor, shift_factor)
+    scheduler/scheduler_config.json
+
+Every config is written out here: nothing comes from a hub.
+
+  --size tiny   a few hundred KB; the test pipeline (tests/fixtures/sd_tiny). Its tokenizer is the
+                small CLIP vocabulary of tests/fixtures/tokenizer (CLIP's first 1000 merges).
+  --size full   the SD-Turbo architecture (stabilityai/sd-turbo's configs, written out below): the
+                SD 2.1 UNet (865.9 M parameters, 512x512 from 64x64 latents), the OpenCLIP ViT-H
+                text encoder (23 layers of 1024) and the SD VAE decoder, for the benchmarks
+                (about 5 GB; the UNet's and text encoder's weights as external data, one file per
+                tensor, as the legacy exporter writes models over 2 GB). Its tokenizer is CLIP's
+                full vocabulary from tests/fixtures/tokenizer, with SD 2.x's padding ("!").
+                With --reference DIR it also writes diffusers' StableDiffusionPipeline results on
+                it (final latents and pixels for fixed prompts and starting latents), for
+                tests/sd_pipeline.rs.
+
+Usage: python3 tools/make_sd_pipeline.py --size tiny --out tests/fixtures/sd_tiny \
+           --reference tests/fixtures/sd_tiny_reference
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import warnings
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_corpus import randomize  # noqa: E402
+
+SEED = 23
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOKENIZERS = os.path.join(HERE, "..", "tests", "fixtures", "tokenizer")
+SMALL_TOKENIZER = os.path.join(TOKENIZERS, "small")
+
+
+def clip_tokenizer(dst: str):
+    """CLIP's full vocabulary with SD 2.x's config (pads with "!"), from the tokenizer fixtures."""
+    import gzip
+    src = os.path.join(TOKENIZERS, "clip")
+    os.makedirs(dst)
+    for name in ("vocab.json", "merges.txt"):
+        with gzip.open(os.path.join(src, name + ".gz"), "rb") as f, open(os.path.join(dst, name), "wb") as g:
+            shutil.copyfileobj(f, g)
+    shutil.copy(os.path.join(src, "tokenizer_config.sd2.json"), os.path.join(dst, "tokenizer_config.json"))
+
+SIZES = {
+    "tiny": dict(
+        # latent 8x8x4, VAE factor 8 -> 64x64 RGB
+        unet=dict(sample_size=8, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8),
+        text=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2),
+        vae=dict(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=64),
+    ),
+    "full": dict(
+        unet=dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, norm_num_groups=32,
+                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, attention_head_dim=(5, 10, 20, 20),
+                  use_linear_projection=True),
+        text=dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23,
+                  hidden_act="gelu", projection_dim=1024),
+        vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=768),
+    ),
+}
+
+SCHEDULER = {
+    # SD-Turbo's scheduler: Euler ancestral on trailing timesteps.
+    "_class_name": "EulerAncestralDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "timestep_spacing": "trailing",
+    "steps_offset": 1,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+}
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, input_ids):
+        out = self.m(input_ids=input_ids.to(torch.int64), return_dict=True)
+        return out.last_hidden_state, out.pooler_output
+
+
+class Unet(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return self.m(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class VaeDecoder(nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent_sample):
+        return self.vae.decode(latent_sample, return_dict=False)[0]
+
+
+def export(model, args, path, names, outputs, axes):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, tuple(args), path, input_names=names, output_names=outputs,
+                          opset_version=17, dynamo=False, dynamic_axes=axes)
+
+
+def write_json(path, value):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def build(size: str, out: str, tokenizer_dir: str):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    c = SIZES[size]
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    if tokenizer_dir:
+        shutil.copytree(tokenizer_dir, os.path.join(out, "tokenizer"))
+    elif size == "tiny":
+        shutil.copytree(SMALL_TOKENIZER, os.path.join(out, "tokenizer"))
+    else:
+        clip_tokenizer(os.path.join(out, "tokenizer"))
+    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(out, "tokenizer"))
+    torch.manual_seed(SEED)
+
+    text_cfg = CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=77,
+                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id, **c["text"])
+    text = randomize(CLIPTextModel(text_cfg), SEED).eval()
+    unet = randomize(UNet2DConditionModel(in_channels=4, out_channels=4, cross_attention_dim=c["text"]["hidden_size"],
+                                          **c["unet"]), SEED + 1).eval()
+    n = len(c["vae"]["block_out_channels"])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * n,
+                        up_block_types=("UpDecoderBlock2D",) * n, scaling_factor=0.18215, **c["vae"])
+    vae = randomize(vae, SEED + 2).eval()
+    # Random norms and attention make the decoder's output large; scale conv_out so the pixels
+    # land mostly inside [-1, 1], as a trained decoder's do (a clamped-flat image tests little).
+    print(f"parameters: unet {sum(p.numel() for p in unet.parameters())}, text encoder "
+          f"{sum(p.numel() for p in text.parameters())}, vae decoder "
+          f"{sum(p.numel() for n, p in vae.named_parameters() if not n.startswith(('encoder', 'quant_conv')))}")
+    with torch.no_grad():
+        vae.decoder.conv_out.weight.mul_(0.5)
+        vae.decoder.conv_out.bias.zero_()
+
+    ids = torch.zeros(1, 77, dtype=torch.int32)
+    export(TextEncoder(text), [ids], os.path.join(out, "text_encoder", "model.onnx"), ["input_ids"],
+           ["last_hidden_state", "pooler_output"],
+           {"input_ids": {0: "batch_size", 1: "sequence_length"},
+            "last_hidden_state": {0: "batch_size", 1: "sequence_length"}})
+    text_cfg.save_pretrained(os.path.join(out, "text_encoder"))
+
+    hw = c["unet"]["sample_size"]
+    x = torch.randn(1, 4, hw, hw)
+    t = torch.tensor([999], dtype=torch.int64)
+    ctx = torch.randn(1, 77, c["text"]["hidden_size"])
+    export(Unet(unet), [x, t, ctx], os.path.join(out, "unet", "model.onnx"),
+           ["sample", "timestep", "encoder_hidden_states"], ["out_sample"],
+           {"sample": {0: "batch_size", 2: "height", 3: "width"}, "timestep": {0: "steps"},
+            "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
+            "out_sample": {0: "batch_size", 2: "height", 3: "width"}})
+    unet.save_config(os.path.join(out, "unet"))
+
+    export(VaeDecoder(vae), [x], os.path.join(out, "vae_decoder", "model.onnx"), ["latent_sample"], ["sample"],
+           {"latent_sample": {0: "batch_size", 2: "latent_height", 3: "latent_width"},
+            "sample": {0: "batch_size", 2: "height", 3: "width"}})
+    vae.save_config(os.path.join(out, "vae_decoder"))
+
+    write_json(os.path.join(out, "scheduler", "scheduler_config.json"), SCHEDULER)
+    write_json(os.path.join(out, "model_index.json"), {
+        "_class_name": "ORTStableDiffusionPipeline",
+        "_diffusers_version": "0.36.0",
+        "scheduler": ["diffusers", SCHEDULER["_class_name"]],
+        "text_encoder": ["optimum", "ORTModelTextEncoder"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["optimum", "ORTModelUnet"],
+        "vae_decoder": ["optimum", "ORTModelVaeDecoder"],
+    })
+    return text, tokenizer, unet, vae
+
+
+# The reference cases: (name, scheduler class, steps, guidance, prompt, negative prompt, eta).
+CASES = [
+    ("turbo_1step", "EulerAncestralDiscreteScheduler", 1, 0.0, "a red bicycle", None, 0.0),
+    ("ddim_cfg", "DDIMScheduler", 4, 7.5, "a photo of a cat, studio light", "blurry, low quality", 0.0),
+    ("euler_cfg", "EulerDiscreteScheduler", 3, 3.0, "an astronaut riding a horse", None, 0.0),
+]
+
+
+def reference(out: str, ref: str, text, tokenizer, unet, vae):
+    import diffusers
+    from diffusers import StableDiffusionPipeline
+
+    shutil.rmtree(ref, ignore_errors=True)
+    os.makedirs(ref)
+    hw = unet.config.sample_size
+    rng = np.random.default_rng(SEED)
+    cases = []
+    for name, cls, steps, guidance, prompt, negative, eta in CASES:
+        scheduler = getattr(diffusers, cls).from_config(SCHEDULER)
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        latents = rng.standard_normal((1, 4, hw, hw)).astype(np.float32)
+        kwargs = dict(prompt=prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
+                      latents=torch.from_numpy(latents), height=hw * 8, width=hw * 8, eta=eta)
+        with torch.no_grad():
+            final = pipe(**kwargs, output_type="latent").images.numpy()
+            image = pipe(**kwargs, output_type="np").images  # [1, H, W, 3] in [0, 1]
+        np.save(os.path.join(ref, f"{name}_noise.npy"), latents)
+        np.save(os.path.join(ref, f"{name}_latents.npy"), final.astype(np.float32))
+        np.save(os.path.join(ref, f"{name}_image.npy"), image.astype(np.float32))
+        sampler = {"EulerAncestralDiscreteScheduler": "euler_ancestral", "DDIMScheduler": "ddim",
+                   "EulerDiscreteScheduler": "euler"}[cls]
+        cases.append(dict(name=name, sampler=sampler, steps=steps, guidance=guidance, prompt=prompt,
+                          negative_prompt=negative, eta=eta))
+    # The text encoder alone, as transformers runs it.
+    prompt = "a red bicycle"
+    ids = tokenizer(prompt, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = text(input_ids=ids).last_hidden_state.numpy()
+    np.save(os.path.join(ref, "text_encoder_hidden.npy"), hidden.astype(np.float32))
+    write_json(os.path.join(ref, "cases.json"), {"text_encoder_prompt": prompt, "cases": cases})
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    p.add_argument("--out", required=True)
+    p.add_argument("--reference", help="also write diffusers' results on the pipeline into this folder")
+    p.add_argument("--tokenizer", help="the tokenizer folder to copy (default: tiny, the small vocabulary of "
+                                       "the tests; full, CLIP's vocabulary with SD 2.x's padding)")
+    a = p.parse_args()
+    parts = build(a.size, a.out, a.tokenizer)
+    if a.reference:
+        reference(a.out, a.reference, *parts)
+    print(f"wrote {a.out}" + (f" and {a.reference}" if a.reference else ""))
+
+
+if __name__ == "__main__":
+    main()
