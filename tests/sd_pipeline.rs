@@ -139,9 +139,35 @@ fn check_case(pipe: &mut Pipeline, c: &Value) {
 fn the_pipeline_matches_diffusers() {
     let cases = cases();
     let mut pipe = load(1);
-    for c in cases["cases"].as_array().unwrap() {
+    for c in cases["cases"].as_array().unwrap().iter().filter(|c| c["unet"].is_null()) {
         check_case(&mut pipe, c);
     }
+}
+
+#[test]
+fn an_lcm_unet_takes_the_guidance_as_an_embedding() {
+    // The folder with the reference's latent-consistency UNet (`time_cond_proj_dim`) and LCM's
+    // scheduler in place of its own.
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&model(), dir.path());
+    copy_dir(&reference("lcm"), dir.path());
+    let card = ModelCard::load(dir.path()).unwrap();
+    let cond = &card.model.conditioning["timestep_cond"];
+    assert_eq!(cond.from, Some(edge_diffuse::card::ConditioningSource::Guidance));
+    assert_eq!((card.defaults.sampler.as_deref(), card.defaults.guidance), (Some("lcm"), Some(8.5)));
+
+    let mut pipe = Pipeline::load(dir.path(), LoadOptions { threads: 1, ..Default::default() }).unwrap();
+    let cases = cases();
+    let lcm: Vec<&Value> = cases["cases"].as_array().unwrap().iter().filter(|c| c["unet"] == "lcm").collect();
+    assert!(!lcm.is_empty());
+    for c in lcm {
+        check_case(&mut pipe, c);
+    }
+    // Its value is the guidance's: a request cannot give it.
+    let mut req = Request { steps: Some(1), ..Default::default() };
+    req.conditioning.insert("timestep_cond".into(), ArrayD::zeros(IxDyn(&[32])));
+    let err = pipe.generate(&req, &mut |_| ControlFlow::Continue(())).unwrap_err().to_string();
+    assert!(err.contains("timestep_cond") && err.contains("guidance"), "{err}");
 }
 
 #[test]
@@ -149,7 +175,8 @@ fn the_pipeline_matches_diffusers_on_two_threads() {
     // Guided cases then run both branches at once, each on its own thread.
     let cases = cases();
     let mut pipe = load(2);
-    for c in cases["cases"].as_array().unwrap().iter().filter(|c| c["guidance"].as_f64().unwrap() > 1.0) {
+    let guided = |c: &&Value| c["guidance"].as_f64().unwrap() > 1.0 && c["unet"].is_null();
+    for c in cases["cases"].as_array().unwrap().iter().filter(guided) {
         check_case(&mut pipe, c);
     }
 }
@@ -241,6 +268,18 @@ fn the_cli_writes_a_png_from_a_prompt() {
     assert_eq!(bad.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("width") && stderr.contains("multiple of 8"), "{stderr}");
     assert!(!dir.path().join("no.png").exists());
+}
+
+#[test]
+fn the_cli_refuses_a_prompt_for_a_model_without_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("shoe.png");
+    let run = common::edge_diffuse().args(["sample", "--prompt", "a shoe", "--out"]).arg(&out).output().unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "{stderr}");
+    assert!(stderr.starts_with("error: --prompt:") && stderr.contains("takes no text"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(!out.exists());
 }
 
 fn copy_dir(from: &Path, to: &Path) {

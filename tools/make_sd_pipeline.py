@@ -110,6 +110,17 @@ class Unet(nn.Module):
         return self.m(sample, timestep, encoder_hidden_states, return_dict=False)[0]
 
 
+class LcmUnet(nn.Module):
+    """An LCM-distilled UNet: the guidance scale's embedding comes in as `timestep_cond`."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, sample, timestep, encoder_hidden_states, timestep_cond):
+        return self.m(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond, return_dict=False)[0]
+
+
 class VaeDecoder(nn.Module):
     def __init__(self, vae):
         super().__init__()
@@ -247,7 +258,54 @@ def reference(out: str, ref: str, text, tokenizer, unet, vae):
     with torch.no_grad():
         hidden = text(input_ids=ids).last_hidden_state.numpy()
     np.save(os.path.join(ref, "text_encoder_hidden.npy"), hidden.astype(np.float32))
+    cases.append(lcm_reference(ref, text, tokenizer, unet, vae, rng))
     write_json(os.path.join(ref, "cases.json"), {"text_encoder_prompt": prompt, "cases": cases})
+
+
+LCM_SCHEDULER = dict(SCHEDULER, _class_name="LCMScheduler", original_inference_steps=50, timestep_scaling=10.0,
+                     timestep_spacing="leading")
+
+
+def lcm_reference(ref, text, tokenizer, unet, vae, rng):
+    """A latent-consistency UNet with guidance distilled in (`time_cond_proj_dim`), written as a
+    replacement `unet/` and `scheduler/` for the pipeline folder, and diffusers'
+    LatentConsistencyModelPipeline on it (one step: LCM adds no noise after its last step)."""
+    import diffusers
+    from diffusers import LatentConsistencyModelPipeline, UNet2DConditionModel
+
+    # from_config would keep the recorded default (`_use_default_values`) over the new key.
+    cfg = {k: v for k, v in unet.config.items() if not k.startswith("_")}
+    cfg["time_cond_proj_dim"] = 32
+    lcm = UNet2DConditionModel(**cfg)
+    lcm = randomize(lcm, SEED + 3).eval()
+    hw = cfg["sample_size"]
+    folder = os.path.join(ref, "lcm")
+    x, t = torch.randn(1, 4, hw, hw), torch.tensor([999], dtype=torch.int64)
+    ctx, w = torch.randn(1, 77, cfg["cross_attention_dim"]), torch.randn(1, 32)
+    export(LcmUnet(lcm), [x, t, ctx, w], os.path.join(folder, "unet", "model.onnx"),
+           ["sample", "timestep", "encoder_hidden_states", "timestep_cond"], ["out_sample"],
+           {"sample": {0: "batch_size", 2: "height", 3: "width"}, "timestep": {0: "steps"},
+            "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"}, "timestep_cond": {0: "batch_size"},
+            "out_sample": {0: "batch_size", 2: "height", 3: "width"}})
+    lcm.save_config(os.path.join(folder, "unet"))
+    write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), LCM_SCHEDULER)
+    scheduler = diffusers.LCMScheduler.from_config(LCM_SCHEDULER)
+    pipe = LatentConsistencyModelPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=lcm,
+                                          scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                          requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    latents = rng.standard_normal((1, 4, hw, hw)).astype(np.float32)
+    name, prompt, steps, guidance = "lcm_1step", "a watercolor fox in the snow", 1, 8.5
+    kwargs = dict(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance,
+                  latents=torch.from_numpy(latents), height=hw * 8, width=hw * 8)
+    with torch.no_grad():
+        final = pipe(**kwargs, output_type="latent").images.numpy()
+        image = pipe(**kwargs, output_type="np").images
+    np.save(os.path.join(ref, f"{name}_noise.npy"), latents)
+    np.save(os.path.join(ref, f"{name}_latents.npy"), final.astype(np.float32))
+    np.save(os.path.join(ref, f"{name}_image.npy"), image.astype(np.float32))
+    return dict(name=name, sampler="lcm", steps=steps, guidance=guidance, prompt=prompt, negative_prompt=None,
+                eta=0.0, unet="lcm")
 
 
 def main():

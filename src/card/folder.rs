@@ -87,8 +87,20 @@ pub(super) fn load(dir: &Path) -> Result<ModelCard> {
         channels = channels as usize,
         size = size as usize,
     );
+    // A latent-consistency UNet distilled with guidance takes its scale as an embedding
+    // (diffusers' LatentConsistencyModelPipeline, whose default scale is 8.5).
+    let lcm = unet.get("time_cond_proj_dim").is_some_and(|d| !d.is_null());
+    if lcm {
+        text.push_str("\n[model.conditioning.timestep_cond]\nfrom = \"guidance\"\n");
+    }
+    if sampler.is_some() || lcm {
+        text.push_str("\n[defaults]\n");
+    }
     if let Some(s) = sampler {
-        text.push_str(&format!("\n[defaults]\nsampler = {s:?}\n"));
+        text.push_str(&format!("sampler = {s:?}\n"));
+    }
+    if lcm {
+        text.push_str("guidance = 8.5\n");
     }
     let mut table: toml::Table = toml::from_str(&text).expect("the derived card is valid TOML");
     let amend = dir.join("model.toml");

@@ -116,6 +116,20 @@ pub struct ConditioningSection {
     pub default: Option<ConditioningValue>,
     /// The value of the unconditional branch of classifier-free guidance.
     pub null: Option<ConditioningValue>,
+    /// Where the value comes from when not from `default` or the request: `"guidance"` is the
+    /// guidance-scale embedding of a latent-consistency model distilled with guidance (diffusers'
+    /// `timestep_cond`), and such a model runs no classifier-free guidance.
+    pub from: Option<ConditioningSource>,
+}
+
+/// `[model.conditioning.NAME] from`: a value the pipeline computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConditioningSource {
+    /// The sinusoidal embedding of `guidance − 1` (`w`), as diffusers'
+    /// `LatentConsistencyModelPipeline` feeds `timestep_cond`: `[sin(1000·w·f), cos(1000·w·f)]`
+    /// over `f = 10000^(−k/(d/2 − 1))`, `k < d/2`, for an input of `d` values per image.
+    Guidance,
 }
 
 /// A conditioning value in the card: one number, a list of numbers, or a `.npy` file (float32,
@@ -344,6 +358,11 @@ impl ModelCard {
             let field = format!("model.conditioning.{table}");
             if let Some((other, _)) = bound.iter().find(|(_, n)| *n == c.input_name(table)) {
                 return Err(format!("{field}: input {:?} is already bound by {other}", c.input_name(table)));
+            }
+            if c.from.is_some() && (c.default.is_some() || c.null.is_some()) {
+                return Err(format!(
+                    "{field}: a value computed from the guidance (from = \"guidance\") takes no default or null"
+                ));
             }
             for (key, v) in [("default", &c.default), ("null", &c.null)] {
                 let finite = match v {

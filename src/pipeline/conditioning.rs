@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use ndarray::ArrayD;
 
-use crate::card::{ConditioningValue, ModelCard};
+use crate::card::{ConditioningSource, ConditioningValue, ModelCard};
 use crate::error::{Error, Result};
 use crate::runtime::ConditioningInput;
 
@@ -82,6 +82,8 @@ impl Rows {
 pub(super) struct CardValues {
     defaults: Vec<Option<Rows>>,
     nulls: Vec<Option<Rows>>,
+    /// Per input: its value is the guidance-scale embedding (`from = "guidance"`).
+    from_guidance: Vec<bool>,
 }
 
 impl CardValues {
@@ -95,8 +97,27 @@ impl CardValues {
             };
             values.defaults.push(rows("default", &section.default)?);
             values.nulls.push(rows("null", &section.null)?);
+            let from_guidance = section.from == Some(ConditioningSource::Guidance);
+            if from_guidance && input.dims.len() != 1 {
+                return Err(Error::Card {
+                    path: card.file.clone(),
+                    message: format!(
+                        "{}: the guidance embedding is a vector per image, but input {:?} is [batch{}]",
+                        field("from"),
+                        input.input,
+                        input.dims.iter().map(|d| format!(", {d}")).collect::<String>()
+                    ),
+                });
+            }
+            values.from_guidance.push(from_guidance);
         }
         Ok(values)
+    }
+
+    /// Some input takes the guidance scale as an embedding: the model has guidance distilled
+    /// in, and runs no classifier-free guidance.
+    pub(super) fn embeds_guidance(&self) -> bool {
+        self.from_guidance.contains(&true)
     }
 
     /// Every input has a null value (the unconditional branch of guidance can run).
@@ -109,11 +130,13 @@ impl CardValues {
         inputs.iter().zip(&self.nulls).find(|(_, n)| n.is_none()).map(|(i, _)| i.name.as_str())
     }
 
-    /// A request's values for every input: its own, else the card's default.
+    /// A request's values for every input: its own, else the card's default, or the embedding
+    /// of `guidance` for an input whose values come from it.
     pub(super) fn for_request(
         &self,
         inputs: &[ConditioningInput],
         given: &BTreeMap<String, ArrayD<f32>>,
+        guidance: f32,
     ) -> Result<Vec<Rows>> {
         if let Some(unknown) = given.keys().find(|k| !inputs.iter().any(|i| &i.name == *k)) {
             let names: Vec<&str> = inputs.iter().map(|i| i.name.as_str()).collect();
@@ -128,7 +151,20 @@ impl CardValues {
         inputs
             .iter()
             .zip(&self.defaults)
-            .map(|(input, default)| match (given.get(&input.name), default) {
+            .zip(&self.from_guidance)
+            .map(|((input, default), &from_guidance)| match (given.get(&input.name), default) {
+                (Some(_), _) if from_guidance => Err(Error::config(
+                    format!("conditioning {}", input.name),
+                    "its value is the guidance scale's embedding: set the guidance instead",
+                )),
+                (None, _) if from_guidance => {
+                    let values = guidance_embedding(guidance, input.dims[0]);
+                    Rows::new(
+                        &format!("conditioning {}", input.name),
+                        &ArrayD::from_shape_vec(vec![values.len()], values).expect("a vector"),
+                        input,
+                    )
+                }
                 (Some(v), _) => Rows::new(&format!("conditioning {}", input.name), v, input),
                 (None, Some(d)) => Ok(d.clone()),
                 (None, None) => Err(Error::config(
@@ -138,6 +174,20 @@ impl CardValues {
             })
             .collect()
     }
+}
+
+/// diffusers' `get_guidance_scale_embedding` of `w = guidance − 1` for `dim` values: sines then
+/// cosines of `1000·w` at `dim/2` geometric frequencies from 1 down to 1/10000, and a zero
+/// appended when `dim` is odd.
+pub(super) fn guidance_embedding(guidance: f32, dim: usize) -> Vec<f32> {
+    let half = dim / 2;
+    let w = (guidance - 1.0) * 1000.0;
+    // float32 throughout, as diffusers computes it.
+    let step = 10000f32.ln() / (half as f32 - 1.0).max(1.0);
+    let args: Vec<f32> = (0..half).map(|k| w * (k as f32 * -step).exp()).collect();
+    let mut out: Vec<f32> = args.iter().map(|a| a.sin()).chain(args.iter().map(|a| a.cos())).collect();
+    out.resize(dim, 0.0);
+    out
 }
 
 /// Fills `out` (`[batch, ...dims]` arrays, one per input) with image `index`'s rows at batch

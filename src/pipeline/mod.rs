@@ -208,7 +208,10 @@ struct Resolved {
     kind: SamplerKind,
     steps: usize,
     total: usize,
+    /// The scale of classifier-free guidance (1: none).
     guidance: f32,
+    /// The scale the request asked for (or the card's default), for [`RunInfo`].
+    requested: f32,
     opts: SamplerOptions,
     images: usize,
     /// Each conditioning input's values, and its null values when guided.
@@ -512,10 +515,13 @@ impl Pipeline {
             None => d.sampler.as_deref().unwrap_or("ddim").parse()?,
         };
         let steps = req.steps.or(d.steps).unwrap_or(4);
-        let mut guidance = req.guidance.or(d.guidance).unwrap_or(1.0);
-        if !guidance.is_finite() || guidance < 0.0 {
-            return Err(Error::config("guidance", format!("expected a finite scale >= 0, got {guidance}")));
+        let requested = req.guidance.or(d.guidance).unwrap_or(1.0);
+        if !requested.is_finite() || requested < 0.0 {
+            return Err(Error::config("guidance", format!("expected a finite scale >= 0, got {requested}")));
         }
+        // The scale of classifier-free guidance; a model with the scale distilled in takes it
+        // as an input instead.
+        let mut guidance = if self.card_values.embeds_guidance() { 1.0 } else { requested };
         let texts = [("prompt", &req.prompt), ("negative-prompt", &req.negative_prompt)];
         if let Some((field, _)) = texts.iter().find(|(_, t)| t.is_some()).filter(|_| self.text.is_none()) {
             return Err(Error::config(
@@ -563,7 +569,7 @@ impl Pipeline {
         let null = card.classes.as_ref().and_then(|c| c.null);
         let conditional = card.model.inputs.class_labels.is_some();
         let inputs = self.denoiser.conditioning_inputs();
-        let conditioning = self.card_values.for_request(inputs, &req.conditioning)?;
+        let conditioning = self.card_values.for_request(inputs, &req.conditioning, requested)?;
         let mut nulls = Vec::new();
         if guidance != 1.0 && self.text.is_none() {
             if inputs.is_empty() && (null.is_none() || !conditional) {
@@ -599,6 +605,7 @@ impl Pipeline {
             steps,
             total,
             guidance,
+            requested,
             opts,
             images: self.num_images(req),
             conditioning,
@@ -732,7 +739,7 @@ impl Pipeline {
             }
         }
         let stages = Stages { text_encoder: r.text_time, decoder: decode_time };
-        Ok(RunInfo { images: n, sampler: r.kind, steps: r.steps, timesteps: total, guidance, stages })
+        Ok(RunInfo { images: n, sampler: r.kind, steps: r.steps, timesteps: total, guidance: r.requested, stages })
     }
 
     /// Checks the request's class labels against the card.
