@@ -501,8 +501,8 @@ impl Pipeline {
             let pair = ndarray::concatenate(ndarray::Axis(0), &[cond.view(), null.view()])
                 .map_err(|e| Error::Inference(e.to_string()))?;
             r.text = Some([cond, null, pair]);
+            r.text_time = start.elapsed();
         }
-        r.text_time = start.elapsed();
         Ok(r)
     }
 
@@ -730,9 +730,15 @@ impl Pipeline {
                 }
             }
             let sample = x.as_slice().expect("scratch arrays are contiguous");
-            let start = Instant::now();
-            let decoded = self.decoder.as_mut().map(|d| d.decode(x)).transpose()?;
-            decode_time += start.elapsed();
+            let decoded = match self.decoder.as_mut() {
+                Some(d) => {
+                    let start = Instant::now();
+                    let pixels = d.decode(x)?;
+                    decode_time += start.elapsed();
+                    Some(pixels)
+                }
+                None => None,
+            };
             let done = Finished { index, image: decoded.as_deref().unwrap_or(sample), sample };
             if on_image(&done).is_break() {
                 return Err(Error::Cancelled { step: total });

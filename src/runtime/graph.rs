@@ -22,6 +22,8 @@ pub struct Graph {
     /// Each input's element type in the graph and its shape.
     inputs: Vec<(DatumType, Vec<usize>)>,
     outputs: Vec<Vec<usize>>,
+    /// Nodes of the optimized graph, for profiles.
+    nodes: usize,
 }
 
 impl Graph {
@@ -63,7 +65,8 @@ impl Graph {
             .collect::<Result<Vec<_>>>()?;
         let executor = executor_for(threads).1;
         let state = new_state(&model, &executor).map_err(fail)?;
-        Ok(Graph { path: path.to_path_buf(), state: Exclusive::new(state), executor, inputs, outputs })
+        let nodes = model.nodes().len();
+        Ok(Graph { path: path.to_path_buf(), state: Exclusive::new(state), executor, inputs, outputs, nodes })
     }
 
     /// The shape of output `i` (in the graph's order).
@@ -80,6 +83,27 @@ impl Graph {
     /// declares as an integer or float64 tensor is cast to that type, so token ids given as
     /// floats feed an int32 `input_ids`). Returns every output as float32.
     pub fn run(&mut self, inputs: &[ArrayD<f32>]) -> Result<Vec<ArrayD<f32>>> {
+        let (executor, state, _, values) = self.parts(inputs)?;
+        let fail = |e: TractError| Error::Inference(one_line(&format!("{e:#}")));
+        let outputs = run_on(&executor, state, values).map_err(fail)?;
+        outputs
+            .iter()
+            .map(|o| {
+                let o = o.cast_to::<f32>().map_err(fail)?;
+                Ok(o.to_plain_array_view::<f32>().map_err(fail)?.to_owned())
+            })
+            .collect::<Result<Vec<_>>>()
+            .map_err(|e| match e {
+                Error::Inference(m) => Error::Inference(format!("{}: {m}", self.path.display())),
+                other => other,
+            })
+    }
+
+    /// The executor, the run state, the node count and `inputs` as the graph's tensors.
+    pub(super) fn parts(
+        &mut self,
+        inputs: &[ArrayD<f32>],
+    ) -> Result<(Executor, &mut TypedSimpleState, usize, TVec<TValue>)> {
         let shapes: Vec<&[usize]> = inputs.iter().map(|x| x.shape()).collect();
         let want: Vec<&[usize]> = self.inputs.iter().map(|(_, s)| s.as_slice()).collect();
         if shapes != want {
@@ -95,14 +119,7 @@ impl Graph {
             let tensor = Tensor::from(x.clone()).cast_to_dt(*dt).map_err(fail)?.into_owned();
             values.push(tensor.into_tvalue());
         }
-        let outputs = run_on(&self.executor, self.state.get_mut(), values).map_err(fail)?;
-        outputs
-            .iter()
-            .map(|o| {
-                let o = o.cast_to::<f32>().map_err(fail)?;
-                Ok(o.to_plain_array_view::<f32>().map_err(fail)?.to_owned())
-            })
-            .collect()
+        Ok((self.executor.clone(), self.state.get_mut(), self.nodes, values))
     }
 }
 

@@ -100,64 +100,90 @@ impl Denoiser {
         let inputs = self.graph_inputs(&sample, 500.0, &conditions)?;
         let executor = self.executor.clone();
         let plan = self.plans.get_mut().get_mut(&batch).expect("prepared above");
-        let failed = |e: TractError| Error::Inference(one_line(&format!("{e:#}")));
-
-        for _ in 0..WARM_UP {
-            run_on(&executor, &mut plan.state, inputs.clone()).map_err(failed)?;
-        }
-        let start = Instant::now();
-        for _ in 0..runs {
-            run_on(&executor, &mut plan.state, inputs.clone()).map_err(failed)?;
-        }
-        let call = start.elapsed() / runs as u32;
-
-        // Per node: operator, name, total time over the runs; and its input shapes.
-        let state = &mut plan.state;
-        let (per_node, mut shapes) = in_pool(&executor, move || -> TractResult<_> {
-            let mut per_node: HashMap<usize, (String, String, Duration)> = HashMap::new();
-            let mut shapes: HashMap<usize, String> = HashMap::new();
-            for _ in 0..runs {
-                state.run_plan_with_eval(inputs.clone(), |ctx, op_state, node, input| {
-                    shapes.entry(node.id).or_insert_with(|| {
-                        input.iter().map(|t| format!("{:?}", t.shape())).collect::<Vec<_>>().join(" ")
-                    });
-                    let t = Instant::now();
-                    let out = tract_onnx::tract_core::plan::eval(ctx, op_state, node, input);
-                    let e = per_node
-                        .entry(node.id)
-                        .or_insert_with(|| (node.op().name().to_string(), node.name.clone(), Duration::ZERO));
-                    e.2 += t.elapsed();
-                    out
-                })?;
-            }
-            Ok((per_node, shapes))
-        })
-        .map_err(failed)?;
         let nodes = plan.model.nodes().len();
-
-        let mut per_op: HashMap<String, (usize, Duration)> = HashMap::new();
-        for (op, _, d) in per_node.values() {
-            let e = per_op.entry(op.clone()).or_default();
-            e.0 += 1;
-            e.1 += *d / runs as u32;
-        }
-        let timed: Duration = per_op.values().map(|v| v.1).sum();
-        let share = |d: Duration| if timed.is_zero() { 0.0 } else { d.as_secs_f64() / timed.as_secs_f64() };
-        let mut ops: Vec<OpTime> =
-            per_op.into_iter().map(|(op, (nodes, time))| OpTime { op, nodes, time, share: share(time) }).collect();
-        ops.sort_by(|a, b| b.time.cmp(&a.time).then_with(|| a.op.cmp(&b.op)));
-        let mut slowest: Vec<NodeTime> = per_node
-            .into_iter()
-            .map(|(id, (op, name, d))| NodeTime {
-                op,
-                name,
-                inputs: shapes.remove(&id).unwrap_or_default(),
-                time: d / runs as u32,
-            })
-            .collect();
-        slowest.sort_by(|a, b| b.time.cmp(&a.time).then_with(|| a.name.cmp(&b.name)));
-        Ok(OpProfile { batch, runs, nodes, call, timed, ops, slowest })
+        profile_state(&executor, &mut plan.state, nodes, inputs, batch, runs)
     }
+}
+
+impl super::Graph {
+    /// Runs the graph `runs` times on `inputs`, then `runs` times more with every node timed,
+    /// as [`Denoiser::profile_ops`] does (batch: the first input's first axis).
+    pub fn profile_ops(&mut self, inputs: &[ArrayD<f32>], runs: usize) -> Result<OpProfile> {
+        if runs == 0 {
+            return Err(Error::config("profile", "runs must be at least 1"));
+        }
+        let batch = inputs.first().and_then(|x| x.shape().first().copied()).unwrap_or(1);
+        let (executor, state, nodes, values) = self.parts(inputs)?;
+        profile_state(&executor, state, nodes, values, batch, runs)
+    }
+}
+
+/// Times `state`'s plan on `inputs`: whole calls, then node by node.
+fn profile_state(
+    executor: &tract_linalg::multithread::Executor,
+    state: &mut TypedSimpleState,
+    nodes: usize,
+    inputs: TVec<TValue>,
+    batch: usize,
+    runs: usize,
+) -> Result<OpProfile> {
+    let failed = |e: TractError| Error::Inference(one_line(&format!("{e:#}")));
+    let plan_state = state;
+
+    for _ in 0..WARM_UP {
+        run_on(executor, plan_state, inputs.clone()).map_err(failed)?;
+    }
+    let start = Instant::now();
+    for _ in 0..runs {
+        run_on(executor, plan_state, inputs.clone()).map_err(failed)?;
+    }
+    let call = start.elapsed() / runs as u32;
+
+    // Per node: operator, name, total time over the runs; and its input shapes.
+    let state = plan_state;
+    let (per_node, mut shapes) = in_pool(executor, move || -> TractResult<_> {
+        let mut per_node: HashMap<usize, (String, String, Duration)> = HashMap::new();
+        let mut shapes: HashMap<usize, String> = HashMap::new();
+        for _ in 0..runs {
+            state.run_plan_with_eval(inputs.clone(), |ctx, op_state, node, input| {
+                shapes
+                    .entry(node.id)
+                    .or_insert_with(|| input.iter().map(|t| format!("{:?}", t.shape())).collect::<Vec<_>>().join(" "));
+                let t = Instant::now();
+                let out = tract_onnx::tract_core::plan::eval(ctx, op_state, node, input);
+                let e = per_node
+                    .entry(node.id)
+                    .or_insert_with(|| (node.op().name().to_string(), node.name.clone(), Duration::ZERO));
+                e.2 += t.elapsed();
+                out
+            })?;
+        }
+        Ok((per_node, shapes))
+    })
+    .map_err(failed)?;
+
+    let mut per_op: HashMap<String, (usize, Duration)> = HashMap::new();
+    for (op, _, d) in per_node.values() {
+        let e = per_op.entry(op.clone()).or_default();
+        e.0 += 1;
+        e.1 += *d / runs as u32;
+    }
+    let timed: Duration = per_op.values().map(|v| v.1).sum();
+    let share = |d: Duration| if timed.is_zero() { 0.0 } else { d.as_secs_f64() / timed.as_secs_f64() };
+    let mut ops: Vec<OpTime> =
+        per_op.into_iter().map(|(op, (nodes, time))| OpTime { op, nodes, time, share: share(time) }).collect();
+    ops.sort_by(|a, b| b.time.cmp(&a.time).then_with(|| a.op.cmp(&b.op)));
+    let mut slowest: Vec<NodeTime> = per_node
+        .into_iter()
+        .map(|(id, (op, name, d))| NodeTime {
+            op,
+            name,
+            inputs: shapes.remove(&id).unwrap_or_default(),
+            time: d / runs as u32,
+        })
+        .collect();
+    slowest.sort_by(|a, b| b.time.cmp(&a.time).then_with(|| a.name.cmp(&b.name)));
+    Ok(OpProfile { batch, runs, nodes, call, timed, ops, slowest })
 }
 
 fn ms(d: Duration) -> f64 {

@@ -5,8 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use edge_diffuse::runtime::Denoiser;
+use edge_diffuse::runtime::{Denoiser, Graph};
 use edge_diffuse::ModelCard;
+use ndarray::{ArrayD, IxDyn};
 
 #[derive(Args)]
 pub struct ProfileArgs {
@@ -28,6 +29,10 @@ pub struct ProfileArgs {
     /// 3×3 convolutions: winograd or im2col (see `sample --help`).
     #[arg(long, default_value = "winograd")]
     pub convolution: String,
+    /// The graph of a latent text model to profile: unet (the denoiser), text_encoder (on a
+    /// prompt's ids) or decoder (on latents of the card's size).
+    #[arg(long, default_value = "unet")]
+    pub part: String,
 }
 
 /// Runs `profile` and prints its table.
@@ -38,6 +43,11 @@ pub fn run(a: ProfileArgs, model: PathBuf) -> Result<()> {
     let precision = crate::parse_flag(&a.precision)?;
     let convolution = crate::parse_flag(&a.convolution)?;
     let card = ModelCard::load(&model)?;
+    match a.part.as_str() {
+        "unet" => {}
+        "text_encoder" | "decoder" => return other_part(&a, &card),
+        other => anyhow::bail!("--part: expected unet, text_encoder or decoder, got {other:?}"),
+    }
     let mut denoiser = Denoiser::load(&card, a.threads)?;
     denoiser.set_precision(precision);
     denoiser.set_convolution(convolution);
@@ -49,6 +59,25 @@ pub fn run(a: ProfileArgs, model: PathBuf) -> Result<()> {
     }
     let report = denoiser.profile_ops(a.batch, a.runs)?;
     println!("{} ({}), {} thread(s)", card.model.name, card.onnx_path().display(), denoiser.threads());
+    print!("{report}");
+    Ok(())
+}
+
+/// Profiles a latent model's text encoder or decoder, loaded as the pipeline loads it.
+fn other_part(a: &ProfileArgs, card: &ModelCard) -> Result<()> {
+    let (path, inputs) = if a.part == "text_encoder" {
+        let Some(text) = &card.text_encoder else { anyhow::bail!("--part text_encoder: this model has none") };
+        let tokenizer = edge_diffuse::tokenizer::ClipTokenizer::from_folder(card.dir.join(&text.tokenizer))?;
+        let ids: Vec<f32> = tokenizer.encode("a photo of a red bicycle").ids.iter().map(|&i| i as f32).collect();
+        (card.dir.join(&text.onnx), ArrayD::from_shape_vec(IxDyn(&[1, ids.len()]), ids)?)
+    } else {
+        let Some(decoder) = &card.decoder else { anyhow::bail!("--part decoder: this model has none") };
+        let shape = [1, card.image.channels, card.image.height, card.image.width];
+        (card.dir.join(&decoder.onnx), ArrayD::from_elem(IxDyn(&shape), 0.3f32))
+    };
+    let mut graph = Graph::load(&path, &[inputs.shape().to_vec()], a.threads)?;
+    let report = graph.profile_ops(&[inputs], a.runs)?;
+    println!("{} {} ({}), {} thread(s)", card.model.name, a.part, path.display(), a.threads);
     print!("{report}");
     Ok(())
 }
