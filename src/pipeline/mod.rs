@@ -217,9 +217,15 @@ struct Resolved {
     /// Each conditioning input's values, and its null values when guided.
     conditioning: Vec<conditioning::Rows>,
     nulls: Vec<conditioning::Rows>,
-    /// The prompt's and the negative prompt's embeddings, and both as one batch of 2.
-    text: Option<[ArrayD<f32>; 3]>,
+    text: Option<Prompts>,
     text_time: Duration,
+}
+
+/// A request's prompt embeddings.
+struct Prompts {
+    cond: ArrayD<f32>,
+    /// When guided: the negative prompt's, and both as one batch of 2.
+    guided: Option<[ArrayD<f32>; 2]>,
 }
 
 /// A model loaded once, ready to generate.
@@ -497,10 +503,17 @@ impl Pipeline {
         let start = Instant::now();
         if let Some(encoder) = &mut self.text {
             let cond = encoder.encode(req.prompt.as_deref().unwrap_or(""))?;
-            let null = encoder.encode(req.negative_prompt.as_deref().unwrap_or(""))?;
-            let pair = ndarray::concatenate(ndarray::Axis(0), &[cond.view(), null.view()])
-                .map_err(|e| Error::Inference(e.to_string()))?;
-            r.text = Some([cond, null, pair]);
+            // Unguided, as diffusers, the negative prompt is not encoded.
+            let guided = match r.guidance != 1.0 {
+                true => {
+                    let null = encoder.encode(req.negative_prompt.as_deref().unwrap_or(""))?;
+                    let pair = ndarray::concatenate(ndarray::Axis(0), &[cond.view(), null.view()])
+                        .map_err(|e| Error::Inference(e.to_string()))?;
+                    Some([null, pair])
+                }
+                false => None,
+            };
+            r.text = Some(Prompts { cond, guided });
             r.text_time = start.elapsed();
         }
         Ok(r)
@@ -657,7 +670,8 @@ impl Pipeline {
         let (guidance, total) = (r.guidance, r.total);
         let mut decode_time = Duration::ZERO;
         let (ctx, ctx_null, ctx_pair) = match &r.text {
-            Some([cond, null, pair]) => (Some(cond), Some(null), Some(pair)),
+            Some(Prompts { cond, guided: Some([null, pair]) }) => (Some(cond), Some(null), Some(pair)),
+            Some(Prompts { cond, guided: None }) => (Some(cond), Some(cond), Some(cond)),
             None => (req.context.as_ref(), req.context.as_ref(), req.context.as_ref()),
         };
         for i in 0..n {
