@@ -80,6 +80,19 @@ fn a_model_toml_beside_the_folder_overrides_keys() {
 }
 
 #[test]
+fn any_folder_name_gives_a_card() {
+    // A name that Rust's debug quoting would write as TOML cannot read, and a line break that
+    // would end a comment.
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("we\"ird\u{1}\nname");
+    std::fs::create_dir(&dir).unwrap();
+    copy_dir(&model(), &dir);
+    let card = ModelCard::load(&dir).unwrap();
+    assert_eq!(card.model.name, "we\"ird\u{1}\nname");
+    assert!(card.derived.unwrap().starts_with("# Derived from"));
+}
+
+#[test]
 fn the_text_encoder_matches_transformers() {
     let cases = cases();
     let prompt = cases["text_encoder_prompt"].as_str().unwrap();

@@ -60,10 +60,11 @@ pub(super) fn load(dir: &Path) -> Result<ModelCard> {
     let sampler = scheduler.get("_class_name").and_then(Value::as_str).and_then(sampler_of);
     let name = dir.canonicalize().ok().and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()));
 
+    // The name through TOML's own quoting: a folder's name may hold any character.
+    let name = toml::Value::String(name.unwrap_or_else(|| "stable-diffusion".into()));
     let mut text = format!(
-        "# Derived from the ONNX Stable Diffusion folder {dir}\n\
-         [model]\n\
-         name = {name:?}\n\
+        "[model]\n\
+         name = {name}\n\
          onnx = \"unet/model.onnx\"\n\
          scheduler_config = \"scheduler/scheduler_config.json\"\n\n\
          [model.inputs]\n\
@@ -82,8 +83,6 @@ pub(super) fn load(dir: &Path) -> Result<ModelCard> {
          scaling_factor = {scaling:?}\n\
          shift_factor = {shift:?}\n\
          scale = {scale}\n",
-        dir = dir.display(),
-        name = name.as_deref().unwrap_or("stable-diffusion"),
         channels = channels as usize,
         size = size as usize,
     );
@@ -102,20 +101,28 @@ pub(super) fn load(dir: &Path) -> Result<ModelCard> {
     if lcm {
         text.push_str("guidance = 8.5\n");
     }
-    let mut table: toml::Table = toml::from_str(&text).expect("the derived card is valid TOML");
+    let mut table: toml::Table = toml::from_str(&text).map_err(|e| Error::Card {
+        path: dir.join(INDEX),
+        message: format!("the derived card: {}", super::one_line(&e.to_string())),
+    })?;
     let amend = dir.join("model.toml");
     let file = if amend.is_file() {
         let own = std::fs::read_to_string(&amend).map_err(|e| Error::io(&amend, e))?;
         let own: toml::Table = toml::from_str(&own)
             .map_err(|e| Error::Card { path: amend.clone(), message: super::one_line(&e.to_string()) })?;
         merge(&mut table, own);
-        text = format!("# Derived from {} and amended by {}\n{table}", dir.join(INDEX).display(), amend.display());
+        text = table.to_string();
         amend
     } else {
         dir.join(INDEX)
     };
     let mut card = ModelCard::parse(&table.to_string(), dir, &file)?;
-    card.derived = Some(text);
+    // The header is not parsed: a path may hold a line break.
+    let from = match file.ends_with("model.toml") {
+        true => format!("{} and amended by {}", dir.join(INDEX).display(), file.display()),
+        false => format!("the ONNX Stable Diffusion folder {}", dir.display()),
+    };
+    card.derived = Some(format!("# Derived from {}\n{text}", from.replace(['\n', '\r'], " ")));
     Ok(card)
 }
 

@@ -153,10 +153,6 @@ pub fn run(a: SampleArgs) -> Result<()> {
     let t0 = Instant::now();
     let mut pipe = Pipeline::load(&model, opts)?;
     let load_s = t0.elapsed().as_secs_f64();
-    if !pipe.takes_text() && (a.prompt.is_some() || a.negative_prompt.is_some()) {
-        let flag = if a.prompt.is_some() { "--prompt" } else { "--negative-prompt" };
-        bail!("{flag}: {} takes no text (it has no text encoder; an ONNX Stable Diffusion folder has text_encoder/ and tokenizer/)", model.display());
-    }
     for (flag, text) in [("--prompt", &a.prompt), ("--negative-prompt", &a.negative_prompt)] {
         if let Some(tokens) = text.as_deref().and_then(|t| pipe.tokenize(t)) {
             if tokens.truncated {
@@ -279,6 +275,10 @@ pub fn run(a: SampleArgs) -> Result<()> {
         // Name the flag rather than the library's request field.
         Err(edge_diffuse::Error::Tensor { what, message }) if what.starts_with("conditioning ") => {
             bail!("--cond {}: {message}", &what["conditioning ".len()..])
+        }
+        // Name the flag: the library's field is `prompt` or `negative-prompt`.
+        Err(edge_diffuse::Error::Config { field, message }) if field.ends_with("prompt") => {
+            bail!("--{field}: {message}")
         }
         Err(edge_diffuse::Error::Config { field, message }) if field.starts_with("conditioning") => {
             bail!("--cond{}: {message}", &field["conditioning".len()..])
