@@ -12,7 +12,7 @@ mod common;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
-use edge_diffuse::pipeline::{LoadOptions, Pipeline, Request};
+use edge_diffuse::pipeline::{DecoderTiling, LoadOptions, Pipeline, Request};
 use edge_diffuse::runtime::{Denoiser, Graph};
 use edge_diffuse::tokenizer::ClipTokenizer;
 use edge_diffuse::{Error, ModelCard};
@@ -152,8 +152,118 @@ fn check_case(pipe: &mut Pipeline, c: &Value) {
 fn the_pipeline_matches_diffusers() {
     let cases = cases();
     let mut pipe = load(1);
-    for c in cases["cases"].as_array().unwrap().iter().filter(|c| c["unet"].is_null()) {
+    for c in cases["cases"].as_array().unwrap().iter().filter(|c| c["unet"].is_null() && c["decoder"].is_null()) {
         check_case(&mut pipe, c);
+    }
+}
+
+fn taesd() -> PathBuf {
+    root().join("sd_tiny_taesd")
+}
+
+#[test]
+fn a_tiny_decoder_replaces_the_vae_as_diffusers_swaps_it_in() {
+    let card = {
+        let mut card = ModelCard::load(model()).unwrap();
+        card.replace_decoder(taesd()).unwrap();
+        card
+    };
+    let d = card.decoder.as_ref().unwrap();
+    // AutoencoderTiny takes the latents as they are.
+    assert_eq!((d.scaling_factor, d.shift_factor, d.scale), (1.0, 0.0, 8));
+    let opts = LoadOptions { threads: 1, decoder: Some(taesd()), ..Default::default() };
+    let mut pipe = Pipeline::load(model(), opts).unwrap();
+    let cases = cases();
+    let tiny: Vec<&Value> = cases["cases"].as_array().unwrap().iter().filter(|c| c["decoder"] == "taesd").collect();
+    assert!(!tiny.is_empty());
+    for c in tiny {
+        check_case(&mut pipe, c);
+    }
+}
+
+#[test]
+fn a_decoder_folder_must_hold_its_parts_and_fit_the_latents() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = |d: &Path| LoadOptions { threads: 1, decoder: Some(d.to_path_buf()), ..Default::default() };
+    let err = Pipeline::load(model(), opts(dir.path())).err().unwrap().to_string();
+    assert!(err.contains("model.onnx") && err.contains("missing"), "{err}");
+    copy_dir(&taesd(), dir.path());
+    std::fs::write(dir.path().join("config.json"), "{\"_class_name\": \"AutoencoderKL\"}").unwrap();
+    let err = Pipeline::load(model(), opts(dir.path())).err().unwrap().to_string();
+    assert!(err.contains("config.json") && err.contains("scaling_factor"), "{err}");
+    // A decoder that makes another number of pixels per latent: the text encoder's graph is no
+    // decoder at all, and its output is named.
+    std::fs::write(dir.path().join("config.json"), "{\"scaling_factor\": 1.0}").unwrap();
+    std::fs::copy(model().join("unet/model.onnx"), dir.path().join("model.onnx")).unwrap();
+    let err = Pipeline::load(model(), opts(dir.path())).err().unwrap().to_string();
+    assert!(err.contains("model.onnx"), "{err}");
+    // A model without a decoder has none to replace.
+    let bundled = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/fmnist-student");
+    let err = Pipeline::load(bundled, opts(&taesd())).err().unwrap().to_string();
+    assert!(err.starts_with("decoder:"), "{err}");
+}
+
+/// One image at `size` pixels decoded with `tiling` in windows of `tile` pixels.
+fn decode_at(decoder: Option<PathBuf>, size: usize, tiling: DecoderTiling, tile: Option<usize>) -> Vec<f32> {
+    let opts = LoadOptions {
+        threads: 1,
+        size: Some([size, size]),
+        decoder,
+        decoder_tiling: tiling,
+        decoder_tile: tile,
+        ..Default::default()
+    };
+    let mut pipe = Pipeline::load(model(), opts).unwrap();
+    let req = Request { seed: 5, prompt: Some("a tiled harbour".into()), ..Default::default() };
+    let g = pipe.generate(&req, &mut |_| ControlFlow::Continue(())).unwrap();
+    assert_eq!(g.samples.shape(), [1, 3, size, size]);
+    g.samples.into_raw_vec_and_offset().0
+}
+
+#[test]
+fn tiled_decoding_of_a_local_decoder_stays_close_to_the_whole() {
+    // A TAESD-class decoder has no normalization or attention, so only the zero padding at a
+    // window's inner edges makes a window differ from the whole image; the blend leaves out each
+    // window's outer quarter of an overlap. 32×32 latents in windows of 16, overlapping by 4.
+    // (Blending over the whole overlap gives a mean error of 0.033 here.)
+    let whole = decode_at(Some(taesd()), 256, DecoderTiling::Never, None);
+    let tiled = decode_at(Some(taesd()), 256, DecoderTiling::Auto, Some(128));
+    let err = rel_err(&tiled, &whole);
+    let mean = tiled.iter().zip(&whole).map(|(a, b)| (a - b).abs()).sum::<f32>() / whole.len() as f32;
+    assert!(err < 0.08 && mean < 0.015, "tiled vs whole: max relative {err:e}, mean {mean:e}");
+    assert_ne!(tiled, whole, "the windows ran");
+    // A tile that holds the image is the whole decode.
+    assert_eq!(decode_at(Some(taesd()), 256, DecoderTiling::Always, Some(512)), whole);
+}
+
+#[test]
+fn tiled_vae_decoding_is_seamless() {
+    // The SD VAE normalizes over its window, so windows differ from the whole image by a field
+    // of their own; the blend must turn from one field to the next with no edge. D = tiled −
+    // whole changes from column to column inside a window by little; at a hard cut between
+    // windows it would jump.
+    let size = 128;
+    let tiled = decode_at(None, size, DecoderTiling::Always, Some(64));
+    let whole = decode_at(None, size, DecoderTiling::Never, None);
+    assert!(tiled.iter().all(|v| v.is_finite()));
+    let d: Vec<f32> = tiled.iter().zip(&whole).map(|(a, b)| a - b).collect();
+    // Mean |D[x+1] − D[x]| over rows and channels, for each column x, and the same for rows.
+    let cols: Vec<f32> = (0..size - 1)
+        .map(|x| (0..3 * size).map(|r| (d[r * size + x + 1] - d[r * size + x]).abs()).sum::<f32>() / (3 * size) as f32)
+        .collect();
+    let rows: Vec<f32> = (0..size - 1)
+        .map(|y| {
+            let at = |c: usize, y: usize, x: usize| d[(c * size + y) * size + x];
+            (0..3 * size).map(|i| (at(i / size, y + 1, i % size) - at(i / size, y, i % size)).abs()).sum::<f32>()
+                / (3 * size) as f32
+        })
+        .collect();
+    for (axis, steps) in [("column", &cols), ("row", &rows)] {
+        let mut sorted = steps.to_vec();
+        sorted.sort_by(f32::total_cmp);
+        let (median, worst) = (sorted[sorted.len() / 2], sorted[sorted.len() - 1]);
+        // Blended, the worst step is about 1.5 medians here; a hard cut between windows makes 2.
+        assert!(worst < 1.75 * median, "a {axis} step of {worst} in the difference from the whole, median {median}");
     }
 }
 
@@ -188,7 +298,7 @@ fn the_pipeline_matches_diffusers_on_two_threads() {
     // Guided cases then run both branches at once, each on its own thread.
     let cases = cases();
     let mut pipe = load(2);
-    let guided = |c: &&Value| c["guidance"].as_f64().unwrap() > 1.0 && c["unet"].is_null();
+    let guided = |c: &&Value| c["guidance"].as_f64().unwrap() > 1.0 && c["unet"].is_null() && c["decoder"].is_null();
     for c in cases["cases"].as_array().unwrap().iter().filter(guided) {
         check_case(&mut pipe, c);
     }

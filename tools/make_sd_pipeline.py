@@ -21,9 +21,12 @@ Every config is written out here: nothing comes from a hub.
                 With --reference DIR it also writes diffusers' StableDiffusionPipeline results on
                 it (final latents and pixels for fixed prompts and starting latents), for
                 tests/sd_pipeline.rs.
+  --taesd DIR   also a TAESD-class tiny decoder (diffusers' AutoencoderTiny, random weights) in
+                the decoder-folder layout edge-diffuse's --decoder takes (model.onnx +
+                config.json); with --reference, diffusers' pipeline decoding through it.
 
 Usage: python3 tools/make_sd_pipeline.py --size tiny --out tests/fixtures/sd_tiny \
-           --reference tests/fixtures/sd_tiny_reference
+           --reference tests/fixtures/sd_tiny_reference --taesd tests/fixtures/sd_tiny_taesd
 """
 
 import argparse
@@ -119,6 +122,42 @@ class LcmUnet(nn.Module):
 
     def forward(self, sample, timestep, encoder_hidden_states, timestep_cond):
         return self.m(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond, return_dict=False)[0]
+
+
+class TinyDecoder(nn.Module):
+    def __init__(self, taesd):
+        super().__init__()
+        self.taesd = taesd
+
+    def forward(self, latent_sample):
+        return self.taesd.decode(latent_sample, return_dict=False)[0]
+
+
+def taesd(out: str, size: str):
+    """A TAESD-class decoder: no normalization or attention, 3x3 convolutions, ReLU and nearest
+    upsampling. Its real weights are madebyollin/taesd's; these are random, sized by `size`."""
+    from diffusers import AutoencoderTiny
+
+    channels, blocks = ((16,) * 4, (1,) * 4) if size == "tiny" else ((64,) * 4, (3, 3, 3, 1))
+    model = AutoencoderTiny(encoder_block_out_channels=channels, decoder_block_out_channels=channels,
+                            num_encoder_blocks=blocks[::-1], num_decoder_blocks=blocks)
+    model = randomize(model, SEED + 4).eval()
+    # The decoder's last convolution sets the range: keep the pixels mostly inside [-1, 1].
+    with torch.no_grad():
+        last = model.decoder.layers[-1]
+        last.weight.mul_(0.9)
+        last.bias.fill_(0.5)
+    shutil.rmtree(out, ignore_errors=True)
+    x = torch.randn(1, 4, 8, 8)
+    export(TinyDecoder(model), [x], os.path.join(out, "model.onnx"), ["latent_sample"], ["sample"],
+           {"latent_sample": {0: "batch_size", 2: "latent_height", 3: "latent_width"},
+            "sample": {0: "batch_size", 2: "height", 3: "width"}})
+    model.save_config(out)
+    with torch.no_grad():
+        y = model.decode(torch.randn(1, 4, 16, 16)).sample
+    print(f"taesd: {sum(p.numel() for p in model.decoder.parameters())} decoder parameters, "
+          f"pixels mean {y.mean():.3f} std {y.std():.3f}, {(y.abs() > 1).float().mean():.1%} clipped")
+    return model
 
 
 class VaeDecoder(nn.Module):
@@ -224,7 +263,7 @@ CASES = [
 ]
 
 
-def reference(out: str, ref: str, text, tokenizer, unet, vae):
+def reference(out: str, ref: str, text, tokenizer, unet, vae, tiny=None):
     import diffusers
     from diffusers import StableDiffusionPipeline
 
@@ -259,6 +298,8 @@ def reference(out: str, ref: str, text, tokenizer, unet, vae):
         hidden = text(input_ids=ids).last_hidden_state.numpy()
     np.save(os.path.join(ref, "text_encoder_hidden.npy"), hidden.astype(np.float32))
     cases.append(lcm_reference(ref, text, tokenizer, unet, vae, rng))
+    if tiny is not None:
+        cases.append(taesd_reference(ref, text, tokenizer, unet, tiny, rng))
     write_json(os.path.join(ref, "cases.json"), {"text_encoder_prompt": prompt, "cases": cases})
 
 
@@ -308,6 +349,30 @@ def lcm_reference(ref, text, tokenizer, unet, vae, rng):
                 eta=0.0, unet="lcm")
 
 
+def taesd_reference(ref, text, tokenizer, unet, tiny, rng):
+    """SD-Turbo's one step with the tiny decoder in place of the VAE, as diffusers swaps it in."""
+    import diffusers
+    from diffusers import StableDiffusionPipeline
+
+    scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(SCHEDULER)
+    pipe = StableDiffusionPipeline(vae=tiny, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    hw = unet.config.sample_size
+    latents = rng.standard_normal((1, 4, hw, hw)).astype(np.float32)
+    name, prompt = "turbo_taesd", "a lighthouse at dusk"
+    kwargs = dict(prompt=prompt, num_inference_steps=1, guidance_scale=0.0, latents=torch.from_numpy(latents),
+                  height=hw * 8, width=hw * 8)
+    with torch.no_grad():
+        final = pipe(**kwargs, output_type="latent").images.numpy()
+        image = pipe(**kwargs, output_type="np").images
+    np.save(os.path.join(ref, f"{name}_noise.npy"), latents)
+    np.save(os.path.join(ref, f"{name}_latents.npy"), final.astype(np.float32))
+    np.save(os.path.join(ref, f"{name}_image.npy"), image.astype(np.float32))
+    return dict(name=name, sampler="euler_ancestral", steps=1, guidance=0.0, prompt=prompt, negative_prompt=None,
+                eta=0.0, decoder="taesd")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=sorted(SIZES), default="tiny")
@@ -315,10 +380,12 @@ def main():
     p.add_argument("--reference", help="also write diffusers' results on the pipeline into this folder")
     p.add_argument("--tokenizer", help="the tokenizer folder to copy (default: tiny, the small vocabulary of "
                                        "the tests; full, CLIP's vocabulary with SD 2.x's padding)")
+    p.add_argument("--taesd", help="also write a TAESD-class tiny decoder folder here")
     a = p.parse_args()
     parts = build(a.size, a.out, a.tokenizer)
+    tiny = taesd(a.taesd, a.size) if a.taesd else None
     if a.reference:
-        reference(a.out, a.reference, *parts)
+        reference(a.out, a.reference, *parts, tiny=tiny)
     print(f"wrote {a.out}" + (f" and {a.reference}" if a.reference else ""))
 
 

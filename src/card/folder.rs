@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::ModelCard;
+use super::{DecoderSection, ModelCard};
 use crate::error::{Error, Result};
 
 /// The file that marks a folder as an ONNX Stable Diffusion pipeline.
@@ -57,6 +57,12 @@ pub(super) fn load(dir: &Path) -> Result<ModelCard> {
     let scale = 1usize << (blocks - 1);
     let scaling = number(&vae, "scaling_factor", "vae_decoder/config.json", 0.18215)?;
     let shift = number(&vae, "shift_factor", "vae_decoder/config.json", 0.0)?;
+    // The VAE's training size is where its decoding is known good: tile above it.
+    let tile = match vae.get("sample_size") {
+        Some(Value::Array(hw)) => hw.first().and_then(Value::as_f64).unwrap_or(512.0),
+        _ => number(&vae, "sample_size", "vae_decoder/config.json", 512.0)?,
+    };
+    let tile = ((tile as usize / scale).max(1)) * scale;
     let sampler = scheduler.get("_class_name").and_then(Value::as_str).and_then(sampler_of);
     let name = dir.canonicalize().ok().and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()));
 
@@ -82,7 +88,8 @@ pub(super) fn load(dir: &Path) -> Result<ModelCard> {
          onnx = \"vae_decoder/model.onnx\"\n\
          scaling_factor = {scaling:?}\n\
          shift_factor = {shift:?}\n\
-         scale = {scale}\n",
+         scale = {scale}\n\
+         tile_size = {tile}\n",
         channels = channels as usize,
         size = size as usize,
     );
@@ -128,6 +135,48 @@ pub(super) fn load(dir: &Path) -> Result<ModelCard> {
 
 /// A part's `config.json` as a JSON object (an empty one when the file is absent: optimum
 /// writes them, but the card's defaults fit SD 1.x/2.x without).
+/// The decoder folder `dir` (`model.onnx` + `config.json`) in place of `current`: its scaling
+/// from the config (diffusers' `AutoencoderTiny` takes the latents as they are, scaling 1), the
+/// scale and tile size kept.
+pub(super) fn decoder(dir: &Path, current: &DecoderSection) -> Result<DecoderSection> {
+    let onnx = dir.join("model.onnx");
+    let file = dir.join("config.json");
+    for (path, what) in [(&onnx, "the decoder graph"), (&file, "its diffusers config")] {
+        if !path.is_file() {
+            return Err(Error::Card {
+                path: path.clone(),
+                message: format!("missing ({what}): a decoder folder holds model.onnx and config.json"),
+            });
+        }
+    }
+    let cfg = config(dir, "config.json")?;
+    let tiny = cfg.get("_class_name").and_then(Value::as_str) == Some("AutoencoderTiny");
+    let factor = |key: &str, default: Option<f64>| -> Result<f32> {
+        match (cfg.get(key), default) {
+            (None | Some(Value::Null), Some(d)) => Ok(d as f32),
+            (Some(x), _) if x.is_number() => Ok(x.as_f64().unwrap_or_default() as f32),
+            (None | Some(Value::Null), None) => Err(Error::Card {
+                path: file.clone(),
+                message: format!("{key}: missing; expected the VAE's {key} (a number)"),
+            }),
+            (Some(x), _) => Err(Error::Card { path: file.clone(), message: format!("{key}: expected a number, got {x}") }),
+        }
+    };
+    let scaling_factor = factor("scaling_factor", tiny.then_some(1.0))?;
+    let shift_factor = factor("shift_factor", Some(0.0))?;
+    if !(scaling_factor.is_finite() && scaling_factor > 0.0) || !shift_factor.is_finite() {
+        return Err(Error::Card {
+            path: file,
+            message: format!(
+                "scaling_factor {scaling_factor} / shift_factor {shift_factor}: expected a finite scaling > 0 and a finite shift"
+            ),
+        });
+    }
+    // An absolute path: `card.dir.join` leaves it as it is.
+    let onnx = std::path::absolute(&onnx).map_err(|e| Error::io(&onnx, e))?;
+    Ok(DecoderSection { onnx, scaling_factor, shift_factor, ..current.clone() })
+}
+
 fn config(dir: &Path, file: &str) -> Result<Value> {
     let path = dir.join(file);
     if !path.is_file() {

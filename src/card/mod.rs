@@ -82,6 +82,17 @@ pub struct DecoderSection {
     pub shift_factor: f32,
     /// Pixels per latent along each axis (8 for SD's VAE).
     pub scale: usize,
+    /// Side of the square windows, in pixels, that tiled decoding decodes one at a time (the
+    /// VAE's `sample_size`, the size it was trained at); a larger image is tiled unless told
+    /// otherwise. Default 512.
+    pub tile_size: Option<usize>,
+}
+
+impl DecoderSection {
+    /// [`tile_size`](Self::tile_size) or its default.
+    pub fn tile(&self) -> usize {
+        self.tile_size.unwrap_or(512)
+    }
 }
 
 /// `[model]`: the ONNX file and how its inputs are named.
@@ -393,6 +404,14 @@ impl ModelCard {
             if !(1..=64).contains(&d.scale) {
                 return Err(format!("decoder.scale: expected 1 to 64 pixels per latent, got {}", d.scale));
             }
+            if let Some(t) = d.tile_size {
+                if t == 0 || t % d.scale != 0 {
+                    return Err(format!(
+                        "decoder.tile_size: expected a positive multiple of decoder.scale ({}), got {t}",
+                        d.scale
+                    ));
+                }
+            }
         }
         if self.text_encoder.is_some() && inputs.encoder_hidden_states.is_none() {
             return Err("text_encoder: the card has a text encoder but [model.inputs] has no encoder_hidden_states input for its output".into());
@@ -402,6 +421,20 @@ impl ModelCard {
                 return Err(format!("defaults.guidance: expected a finite scale >= 0, got {g}"));
             }
         }
+        Ok(())
+    }
+
+    /// Puts the decoder folder `dir` in place of the card's decoder: `dir/model.onnx` with
+    /// `dir/config.json` (diffusers' `AutoencoderKL` or `AutoencoderTiny` config), e.g. a
+    /// TAESD-class tiny decoder. It must turn the same latents into the same number of pixels.
+    pub fn replace_decoder(&mut self, dir: impl AsRef<Path>) -> Result<()> {
+        let Some(current) = &self.decoder else {
+            return Err(Error::config(
+                "decoder",
+                "this model has no decoder to replace: its samples are the images (no [decoder] in its card)",
+            ));
+        };
+        self.decoder = Some(folder::decoder(dir.as_ref(), current)?);
         Ok(())
     }
 

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ndarray::{s, Array4, ArrayD};
@@ -22,7 +22,9 @@ mod conditioning;
 mod decode;
 mod guidance;
 mod text;
+mod tiles;
 pub use crate::tokenizer::Tokens;
+pub use decode::DecoderTiling;
 pub use guidance::GuidanceBatching;
 
 /// Options fixed when the pipeline is loaded.
@@ -42,6 +44,13 @@ pub struct LoadOptions {
     /// The output's `[width, height]` in pixels, in place of the card's size (a latent model's
     /// is its latents' times the decoder's scale, so both must be multiples of the scale).
     pub size: Option<[usize; 2]>,
+    /// A decoder folder (`model.onnx` + `config.json`) to use in place of the card's, e.g. a
+    /// TAESD-class tiny decoder ([`ModelCard::replace_decoder`]).
+    pub decoder: Option<PathBuf>,
+    /// When a latent model's decoder works in overlapping windows.
+    pub decoder_tiling: DecoderTiling,
+    /// The side of a decoder window in pixels (default: the card's `[decoder] tile_size`).
+    pub decoder_tile: Option<usize>,
 }
 
 impl Default for LoadOptions {
@@ -52,6 +61,9 @@ impl Default for LoadOptions {
             precision: Precision::default(),
             convolution: Convolution::default(),
             size: None,
+            decoder: None,
+            decoder_tiling: DecoderTiling::default(),
+            decoder_tile: None,
         }
     }
 }
@@ -254,9 +266,7 @@ impl Pipeline {
     /// `vae_decoder/`, `scheduler/`; see [`ModelCard::load`]).
     pub fn load(dir: impl AsRef<Path>, options: LoadOptions) -> Result<Self> {
         let mut card = ModelCard::load(dir)?;
-        if let Some(size) = options.size {
-            resize(&mut card, size)?;
-        }
+        amend(&mut card, &options)?;
         let denoiser = Denoiser::load(&card, options.threads)?;
         Self::from_parts(card, denoiser, options)
     }
@@ -265,7 +275,7 @@ impl Pipeline {
     ///
     /// ```
     /// use edge_diffuse::{LoadOptions, ModelCard, Pipeline};
-    /// use std::path::Path;
+    /// use std::path::{Path, PathBuf};
     ///
     /// # fn main() -> edge_diffuse::Result<()> {
     /// // In firmware: include_str!("../models/fmnist-student/model.toml") and include_bytes!(…).
@@ -279,9 +289,7 @@ impl Pipeline {
     /// # }
     /// ```
     pub fn from_bytes(mut card: ModelCard, onnx: &[u8], options: LoadOptions) -> Result<Self> {
-        if let Some(size) = options.size {
-            resize(&mut card, size)?;
-        }
+        amend(&mut card, &options)?;
         let denoiser = Denoiser::from_bytes(onnx, &card, options.threads, card.onnx_path())?;
         Self::from_parts(card, denoiser, options)
     }
@@ -294,7 +302,7 @@ impl Pipeline {
             let [tokens, dim] = t.shape();
             denoiser.set_context_shape(tokens, dim)?;
         }
-        let decoder = decode::Decoder::load(&card, options.threads)?;
+        let decoder = decode::Decoder::load(&card, options.decoder_tiling, options.decoder_tile, options.threads)?;
         // Build the plans now so load errors surface here, not at the first image: batch 1, and
         // batch 2 when guided steps run as one call. A pipeline runs no other batch size, so the
         // last plan consumes the source graph (on the 35.7M UNet about 130 MB of 3×3 kernels
@@ -786,6 +794,17 @@ impl Pipeline {
             (None, false) => Ok(()),
         }
     }
+}
+
+/// The card as the load options change it: the decoder replaced, the size set.
+fn amend(card: &mut ModelCard, options: &LoadOptions) -> Result<()> {
+    if let Some(dir) = &options.decoder {
+        card.replace_decoder(dir)?;
+    }
+    if let Some(size) = options.size {
+        resize(card, size)?;
+    }
+    Ok(())
 }
 
 /// Sets the card's `[image]` size to give outputs of `[width, height]` pixels.

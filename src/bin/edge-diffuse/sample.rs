@@ -87,6 +87,17 @@ pub struct SampleArgs {
     /// Image height in pixels (default: the model's); a latent model's must be a multiple of 8.
     #[arg(long)]
     height: Option<usize>,
+    /// A decoder folder (model.onnx + config.json) in place of the model's VAE decoder, e.g. a
+    /// TAESD-class tiny decoder: faster, in less memory.
+    #[arg(long, value_name = "DIR")]
+    decoder: Option<PathBuf>,
+    /// Decode in overlapping windows, blended, so the decoder's memory is one window's: auto
+    /// (when the image exceeds the tile size), on, or off. "--vae-tiling" alone is on.
+    #[arg(long, value_name = "WHEN", default_value = "auto", num_args = 0..=1, default_missing_value = "on")]
+    vae_tiling: String,
+    /// Side of a decoding window in pixels (default: the VAE's training size, its sample_size).
+    #[arg(long, value_name = "PIXELS")]
+    vae_tile: Option<usize>,
     /// Cross-attention conditioning (encoder_hidden_states), float32 .npy [1, tokens, dim].
     #[arg(long, value_name = "FILE.npy")]
     context: Option<PathBuf>,
@@ -129,7 +140,16 @@ pub fn run(a: SampleArgs) -> Result<()> {
     let context = a.context.as_deref().map(files::read_npy).transpose()?;
     let precision = parse_flag(&a.precision)?;
     let convolution = parse_flag(&a.convolution)?;
-    let mut opts = LoadOptions { guidance_batching, precision, convolution, ..Default::default() };
+    let decoder_tiling = parse_flag(&a.vae_tiling)?;
+    let mut opts = LoadOptions {
+        guidance_batching,
+        precision,
+        convolution,
+        decoder: a.decoder.clone(),
+        decoder_tiling,
+        decoder_tile: a.vae_tile,
+        ..Default::default()
+    };
     match (a.width, a.height) {
         (Some(w), Some(h)) => opts.size = Some([w, h]),
         (None, None) => {}
@@ -151,7 +171,15 @@ pub fn run(a: SampleArgs) -> Result<()> {
     }
     let interrupt = interrupt::install();
     let t0 = Instant::now();
-    let mut pipe = Pipeline::load(&model, opts)?;
+    let mut pipe = Pipeline::load(&model, opts).map_err(|e| match e {
+        // Name the flag that set the field.
+        edge_diffuse::Error::Config { field, message }
+            if matches!(field.as_str(), "width" | "height" | "decoder" | "vae-tile") =>
+        {
+            anyhow::anyhow!("--{field}: {message}")
+        }
+        e => e.into(),
+    })?;
     let load_s = t0.elapsed().as_secs_f64();
     for (flag, text) in [("--prompt", &a.prompt), ("--negative-prompt", &a.negative_prompt)] {
         if let Some(tokens) = text.as_deref().and_then(|t| pipe.tokenize(t)) {
