@@ -417,3 +417,83 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+#[test]
+fn previews_come_every_n_steps_and_the_last_is_the_image() {
+    // Through the tiny decoder, which is also the final decoder here: the last step's x̂₀ is
+    // the final latents (Euler ancestral lands on σ = 0), so its preview is the image.
+    let opts = LoadOptions { threads: 1, decoder: Some(taesd()), ..Default::default() };
+    let mut pipe = Pipeline::load(model(), opts).unwrap();
+    let req = Request {
+        prompt: Some("a preview".into()),
+        steps: Some(3),
+        preview_every: 2,
+        num_images: 2,
+        ..Default::default()
+    };
+    let len = pipe.image_len();
+    let mut previews: Vec<(usize, usize, Vec<f32>)> = Vec::new();
+    let mut images = Vec::new();
+    pipe.generate_each(
+        &req,
+        &mut |s| {
+            if let Some(p) = s.preview {
+                assert_eq!(p.len(), len);
+                previews.push((s.image, s.step, p.to_vec()));
+            }
+            ControlFlow::Continue(())
+        },
+        &mut |done| {
+            images.push(done.image.to_vec());
+            ControlFlow::Continue(())
+        },
+    )
+    .unwrap();
+    let at: Vec<(usize, usize)> = previews.iter().map(|p| (p.0, p.1)).collect();
+    assert_eq!(at, [(0, 2), (0, 3), (1, 2), (1, 3)]);
+    for (image, last) in images.iter().zip([&previews[1].2, &previews[3].2]) {
+        let err = rel_err(last, image);
+        assert!(err < 1e-4, "the last preview against the image: {err:e}");
+    }
+    assert!(rel_err(&previews[0].2, &previews[1].2) > 1e-3, "an earlier step predicts another image");
+    // Without previews the callback gets none.
+    let mut any = false;
+    pipe.generate(&Request { preview_every: 0, ..req }, &mut |s| {
+        any |= s.preview.is_some();
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    assert!(!any);
+}
+
+#[test]
+fn the_cli_writes_previews_through_a_tiny_decoder() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("lake.png");
+    let run = common::edge_diffuse()
+        .args(["sample", "--model"])
+        .arg(model())
+        .args(["--prompt", "a lake", "--steps", "2", "--quiet", "--preview-every", "1", "--preview-decoder"])
+        .arg(taesd())
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let preview = image::open(dir.path().join("lake-preview.png")).unwrap();
+    assert_eq!((preview.width(), preview.height()), (64, 64));
+    // A preview decoder that is not a folder of one: the flag is named, nothing is written.
+    let out = dir.path().join("no.png");
+    let run = common::edge_diffuse()
+        .args(["sample", "--model"])
+        .arg(model())
+        .args(["--prompt", "a lake", "--preview-every", "1", "--preview-decoder"])
+        .arg(dir.path())
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success() && stderr.contains("model.onnx"), "{stderr}");
+    assert!(!out.exists());
+}

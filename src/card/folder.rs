@@ -159,12 +159,14 @@ pub(super) fn decoder(dir: &Path, current: &DecoderSection) -> Result<DecoderSec
                 path: file.clone(),
                 message: format!("{key}: missing; expected the VAE's {key} (a number)"),
             }),
-            (Some(x), _) => Err(Error::Card { path: file.clone(), message: format!("{key}: expected a number, got {x}") }),
+            (Some(x), _) => {
+                Err(Error::Card { path: file.clone(), message: format!("{key}: expected a number, got {x}") })
+            }
         }
     };
     let scaling_factor = factor("scaling_factor", tiny.then_some(1.0))?;
     let shift_factor = factor("shift_factor", Some(0.0))?;
-    if !(scaling_factor.is_finite() && scaling_factor > 0.0) || !shift_factor.is_finite() {
+    if !(scaling_factor.is_finite() && scaling_factor > 0.0 && shift_factor.is_finite()) {
         return Err(Error::Card {
             path: file,
             message: format!(

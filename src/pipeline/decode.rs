@@ -64,7 +64,10 @@ impl Decoder {
         let scale = section.scale;
         let tile = tile.unwrap_or(section.tile());
         if tile < scale {
-            return Err(Error::config("vae-tile", format!("expected at least {scale} pixels (one latent), got {tile}")));
+            return Err(Error::config(
+                "vae-tile",
+                format!("expected at least {scale} pixels (one latent), got {tile}"),
+            ));
         }
         let (h, w, t) = (card.image.height, card.image.width, tile / scale);
         let tiled = match tiling {

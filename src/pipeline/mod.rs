@@ -51,6 +51,9 @@ pub struct LoadOptions {
     pub decoder_tiling: DecoderTiling,
     /// The side of a decoder window in pixels (default: the card's `[decoder] tile_size`).
     pub decoder_tile: Option<usize>,
+    /// A decoder folder for [`Request::preview_every`]'s previews of a latent model, e.g. a
+    /// TAESD-class tiny decoder (default: the model's decoder).
+    pub preview_decoder: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
@@ -64,6 +67,7 @@ impl Default for LoadOptions {
             decoder: None,
             decoder_tiling: DecoderTiling::default(),
             decoder_tile: None,
+            preview_decoder: None,
         }
     }
 }
@@ -104,6 +108,9 @@ pub struct Request {
     /// shape after its batch axis, e.g. `[]` for one number per image), or rows of them
     /// (`[rows, ...]`, or a flat list), image `i` taking row `i mod rows` as `classes` cycle.
     pub conditioning: BTreeMap<String, ArrayD<f32>>,
+    /// Every this many steps, and at the last, the step callback gets a preview
+    /// ([`StepInfo::preview`]): the clean image the model predicts at that step (x̂₀). 0: none.
+    pub preview_every: usize,
 }
 
 /// One finished image, as [`Pipeline::generate_each`] hands it over.
@@ -121,7 +128,7 @@ pub struct Finished<'a> {
 
 /// Progress of one model call, for callbacks.
 #[derive(Debug, Clone, Copy)]
-pub struct StepInfo {
+pub struct StepInfo<'a> {
     /// Image index (0-based, counted from 0 of the seed, i.e. including
     /// [`Request::first_image`]).
     pub image: usize,
@@ -129,8 +136,12 @@ pub struct StepInfo {
     pub step: usize,
     /// Steps per image (model calls in the sampler loop).
     pub total: usize,
-    /// Time spent on this step.
+    /// Time spent on this step (its preview not counted).
     pub elapsed: Duration,
+    /// On the steps [`Request::preview_every`] asks for: x̂₀, the clean image the model predicts
+    /// from this step, as an output image (`C·H·W` of [`Pipeline::output_shape`], in
+    /// [`Pipeline::value_range`]; a latent model's decoded by the preview decoder).
+    pub preview: Option<&'a [f32]>,
 }
 
 /// What a request produced.
@@ -186,6 +197,8 @@ struct Scratch {
     x: Array4<f32>,
     x_in: Array4<f32>,
     out: Array4<f32>,
+    /// x̂₀ for a preview.
+    x0: Array4<f32>,
     guided: guidance::Scratch,
     /// One image's values of each conditioning input, for the conditional and the
     /// unconditional branch, and both as one batch of 2.
@@ -207,6 +220,7 @@ impl Scratch {
             x: one(),
             x_in: one(),
             out: one(),
+            x0: one(),
             guided: guidance::Scratch::new([c, h, w]),
             extra: arrays(1),
             extra_null: arrays(1),
@@ -258,6 +272,8 @@ pub struct Pipeline {
     card_values: conditioning::CardValues,
     text: Option<text::TextEncoder>,
     decoder: Option<decode::Decoder>,
+    /// The decoder of previews, when not the model's.
+    preview: Option<decode::Decoder>,
 }
 
 impl Pipeline {
@@ -303,6 +319,17 @@ impl Pipeline {
             denoiser.set_context_shape(tokens, dim)?;
         }
         let decoder = decode::Decoder::load(&card, options.decoder_tiling, options.decoder_tile, options.threads)?;
+        let preview = match &options.preview_decoder {
+            Some(dir) => {
+                let mut with = card.clone();
+                with.replace_decoder(dir).map_err(|e| match e {
+                    Error::Config { message, .. } => Error::config("preview-decoder", message),
+                    e => e,
+                })?;
+                decode::Decoder::load(&with, options.decoder_tiling, options.decoder_tile, options.threads)?
+            }
+            None => None,
+        };
         // Build the plans now so load errors surface here, not at the first image: batch 1, and
         // batch 2 when guided steps run as one call. A pipeline runs no other batch size, so the
         // last plan consumes the source graph (on the 35.7M UNet about 130 MB of 3×3 kernels
@@ -320,7 +347,7 @@ impl Pipeline {
         }
         let scratch =
             Scratch::new([card.image.channels, card.image.height, card.image.width], denoiser.conditioning_inputs());
-        Ok(Pipeline { card, denoiser, options, scratch, card_values, text, decoder })
+        Ok(Pipeline { card, denoiser, options, scratch, card_values, text, decoder, preview })
     }
 
     /// The model card.
@@ -674,7 +701,7 @@ impl Pipeline {
         let conditional = self.card.model.inputs.class_labels.is_some();
         // A σ-conditioned model takes the noisy sample as it is (its preconditioning is in the graph).
         let sigma_model = matches!(self.card.model.inputs.time(), TimeInput::Sigma(_));
-        let Scratch { x, x_in, out, guided: pair, extra, extra_null, extra_pair } = &mut self.scratch;
+        let Scratch { x, x_in, out, x0, guided: pair, extra, extra_null, extra_pair } = &mut self.scratch;
         let (guidance, total) = (r.guidance, r.total);
         let mut decode_time = Duration::ZERO;
         let (ctx, ctx_null, ctx_pair) = match &r.text {
@@ -745,8 +772,21 @@ impl Pipeline {
                 if bad > 0 {
                     return Err(Error::NonFinite { step: k + 1, total, timestep: t, count: bad });
                 }
+                let preview = req.preview_every > 0 && ((k + 1) % req.preview_every == 0 || k + 1 == total);
+                if preview {
+                    sampler.predict_x0(out, k, x, x0);
+                }
                 sampler.step(out, k, x, &mut noise);
-                let info = StepInfo { image: index, step: k + 1, total, elapsed: start.elapsed() };
+                let elapsed = start.elapsed();
+                let pixels = match (preview, self.preview.as_mut().or(self.decoder.as_mut())) {
+                    (true, Some(d)) => Some(d.decode(x0)?),
+                    _ => None,
+                };
+                let shown = match preview {
+                    true => Some(pixels.as_deref().unwrap_or(x0.as_slice().expect("scratch arrays are contiguous"))),
+                    false => None,
+                };
+                let info = StepInfo { image: index, step: k + 1, total, elapsed, preview: shown };
                 if on_step(&info).is_break() {
                     return Err(Error::Cancelled { step: k + 1 });
                 }

@@ -160,15 +160,17 @@ mod tests {
     fn windows_that_agree_blend_to_the_whole() {
         let (h, w, scale) = (13usize, 21usize, 2usize);
         let latent = |y: usize, x: usize| (y as f32 * 0.37).sin() + (x as f32 * 0.21).cos();
-        let whole: Vec<f32> = (0..h * scale * w * scale).map(|i| latent(i / (w * scale) / scale, i % (w * scale) / scale)).collect();
+        let whole: Vec<f32> =
+            (0..h * scale * w * scale).map(|i| latent(i / (w * scale) / scale, i % (w * scale) / scale)).collect();
         let (sy, sx) = (Spans::new(h, 5, 2), Spans::new(w, 6, 1));
         let mut blend = Blend::new([1, h * scale, w * scale]);
         for (ky, &top) in sy.starts().iter().enumerate() {
             for (kx, &left) in sx.starts().iter().enumerate() {
                 let wy: Vec<f32> = (0..sy.size() * scale).map(|u| sy.weight(ky, u, scale)).collect();
                 let wx: Vec<f32> = (0..sx.size() * scale).map(|u| sx.weight(kx, u, scale)).collect();
-                let window: Vec<f32> =
-                    (0..wy.len() * wx.len()).map(|i| latent(top + i / wx.len() / scale, left + i % wx.len() / scale)).collect();
+                let window: Vec<f32> = (0..wy.len() * wx.len())
+                    .map(|i| latent(top + i / wx.len() / scale, left + i % wx.len() / scale))
+                    .collect();
                 blend.add(&window, [top * scale, left * scale], &wy, &wx);
             }
         }

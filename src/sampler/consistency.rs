@@ -84,6 +84,19 @@ impl Consistency {
 
     /// Consistency sampling of a σ-conditioned denoiser D(x; σ) with its preconditioning in the
     /// graph: the same σ schedule, with σ itself as each call's timestep. A model that outputs
+    /// c_skip and c_out at σ: the boundary-condition scalings, c_skip = 1 and c_out = 0 at
+    /// σ = σ_min so that the model is the identity there.
+    fn scalings(&self, sigma: f64) -> (f64, f64) {
+        let (sd, smin) = (self.sigma_data, self.sigma_min);
+        match self.outputs_x0 {
+            true => (0.0, 1.0),
+            false => (
+                sd * sd / ((sigma - smin) * (sigma - smin) + sd * sd),
+                (sigma - smin) * sd / (sigma * sigma + sd * sd).sqrt(),
+            ),
+        }
+    }
+
     /// x̂₀ (`prediction_type = "sample"`) is taken as the denoised sample.
     pub fn for_sigma_model(cfg: &SchedulerConfig, steps: usize) -> Result<Self> {
         if matches!(cfg.prediction_type, Some(PredictionType::Epsilon | PredictionType::VPrediction)) {
@@ -115,6 +128,15 @@ impl Sampler for Consistency {
         sample.mapv_inplace(|x| (x as f64 / scale) as f32);
     }
 
+    fn predict_x0(&self, model_output: &Array4<f32>, index: usize, sample: &Array4<f32>, x0: &mut Array4<f32>) {
+        let (c_skip, c_out) = self.scalings(self.sigmas[index] as f64);
+        let clip = self.clip_denoised;
+        Zip::from(x0).and(model_output).and(sample).for_each(|d, &m, &x| {
+            let v = c_out * m as f64 + c_skip * x as f64;
+            *d = if clip { v.clamp(-1.0, 1.0) } else { v } as f32;
+        });
+    }
+
     fn step(
         &mut self,
         model_output: &Array4<f32>,
@@ -124,16 +146,10 @@ impl Sampler for Consistency {
     ) {
         let sigma = self.sigmas[index] as f64;
         let sigma_next = self.sigmas[index + 1] as f64;
-        let (sd, smin) = (self.sigma_data, self.sigma_min);
+        let smin = self.sigma_min;
         // The boundary-condition scalings: c_skip = 1 and c_out = 0 at σ = σ_min, so the model
         // is the identity there.
-        let (c_skip, c_out) = match self.outputs_x0 {
-            true => (0.0, 1.0),
-            false => (
-                sd * sd / ((sigma - smin) * (sigma - smin) + sd * sd),
-                (sigma - smin) * sd / (sigma * sigma + sd * sd).sqrt(),
-            ),
-        };
+        let (c_skip, c_out) = self.scalings(sigma);
         let sigma_hat = sigma_next.clamp(smin, self.sigma_max);
         let noise_scale = self.s_noise * (sigma_hat * sigma_hat - smin * smin).max(0.0).sqrt();
         let clip = self.clip_denoised;

@@ -58,6 +58,11 @@ impl Sampler for Ddim {
         &self.timesteps
     }
 
+    fn predict_x0(&self, model_output: &Array4<f32>, index: usize, sample: &Array4<f32>, x0: &mut Array4<f32>) {
+        let a_t = self.schedule.alpha_prod(self.int_timesteps[index]);
+        self.clip.predict_x0(self.prediction, model_output, sample, a_t, x0);
+    }
+
     fn step(
         &mut self,
         model_output: &Array4<f32>,

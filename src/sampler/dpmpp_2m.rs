@@ -268,6 +268,25 @@ impl Sampler for DpmPP2M {
         }
     }
 
+    fn predict_x0(&self, model_output: &Array4<f32>, index: usize, sample: &Array4<f32>, x0: &mut Array4<f32>) {
+        if self.sigma_model {
+            let to_x0 = SigmaSpaceX0::new(self.prediction, self.sigmas[index]);
+            Zip::from(x0).and(model_output).and(sample).for_each(|d, &m, &x| *d = to_x0.of(m, x));
+            return;
+        }
+        let (alpha, sigma, _) = alpha_sigma_lambda(self.sigmas[index]);
+        let prediction = self.prediction;
+        Zip::from(&mut *x0).and(model_output).and(sample).for_each(|d, &m, &x| {
+            let (m, x) = (m as f64, x as f64);
+            *d = match prediction {
+                PredictionType::Epsilon => (x - sigma * m) / alpha,
+                PredictionType::Sample => m,
+                PredictionType::VPrediction => alpha * x - sigma * m,
+            } as f32;
+        });
+        self.thresholding.apply(x0);
+    }
+
     fn step(
         &mut self,
         model_output: &Array4<f32>,

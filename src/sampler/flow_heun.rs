@@ -75,6 +75,11 @@ impl Sampler for FlowHeun {
         &self.timesteps
     }
 
+    fn predict_x0(&self, model_output: &Array4<f32>, index: usize, sample: &Array4<f32>, x0: &mut Array4<f32>) {
+        let sigma = self.sigmas[index];
+        Zip::from(x0).and(model_output).and(sample).for_each(|d, &v, &x| *d = x - sigma * v);
+    }
+
     fn step(
         &mut self,
         model_output: &Array4<f32>,

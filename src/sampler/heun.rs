@@ -145,6 +145,15 @@ impl Sampler for Heun {
         scale_by_sigma(sample, self.sigmas[index]);
     }
 
+    fn predict_x0(&self, model_output: &Array4<f32>, index: usize, sample: &Array4<f32>, x0: &mut Array4<f32>) {
+        let to_x0 = SigmaSpaceX0::new(self.prediction, self.sigmas[index]);
+        let clip = self.clip.map(|r| r as f32);
+        Zip::from(x0).and(model_output).and(sample).for_each(|d, &m, &x| {
+            let v = to_x0.of(m, x);
+            *d = clip.map_or(v, |r| v.clamp(-r, r));
+        });
+    }
+
     fn step(
         &mut self,
         model_output: &Array4<f32>,

@@ -88,6 +88,15 @@ impl Sampler for Lcm {
         &self.timesteps
     }
 
+    fn predict_x0(&self, model_output: &Array4<f32>, index: usize, sample: &Array4<f32>, x0: &mut Array4<f32>) {
+        let t = self.int_timesteps[index];
+        let a_t = self.schedule.alpha_prod(t);
+        self.clip.predict_x0(self.prediction, model_output, sample, a_t, x0);
+        // LCM's estimate is the boundary-conditioned one it re-noises.
+        let (c_skip, c_out) = self.boundary_scalings(t);
+        Zip::from(x0).and(sample).for_each(|d, &x| *d = (c_out * *d as f64 + c_skip * x as f64) as f32);
+    }
+
     fn step(
         &mut self,
         model_output: &Array4<f32>,

@@ -53,6 +53,12 @@ pub trait Sampler: Send {
     /// Scales the model input in place (`scale_model_input`); most samplers leave it as is.
     fn scale_model_input(&self, _sample: &mut Array4<f32>, _index: usize) {}
 
+    /// Writes x̂₀, the clean sample that the model's output at `timesteps()[index]` predicts from
+    /// `sample` (as [`step`](Sampler::step) gets it, before the step), into `x0`, as the step
+    /// itself would compute it (clipped where the step clips). For previews: it does not change
+    /// the sampler's state.
+    fn predict_x0(&self, model_output: &Array4<f32>, index: usize, sample: &Array4<f32>, x0: &mut Array4<f32>);
+
     /// Advances `sample` by one model call (`step`), given the model's output at `timesteps()[index]`.
     fn step(&mut self, model_output: &Array4<f32>, index: usize, sample: &mut Array4<f32>, noise: &mut dyn NoiseSource);
 }
@@ -197,4 +203,47 @@ pub fn build_for_sigma_model(
             ))
         }
     })
+}
+
+#[cfg(test)]
+mod predict_x0_tests {
+    use super::*;
+    use crate::card::PredictionType;
+
+    struct Zeros;
+    impl NoiseSource for Zeros {
+        fn fill(&mut self, out: &mut Array4<f32>) {
+            out.fill(0.0);
+        }
+    }
+
+    /// A run whose one step lands on σ = 0 (or ᾱ = 1) ends at the x̂₀ of that step, so
+    /// `predict_x0` before the step must equal the step's result, for every sampler.
+    #[test]
+    fn the_last_step_lands_on_the_predicted_x0() {
+        let shape = (1, 2, 3, 4);
+        let wave = |k: f32| Array4::from_shape_fn(shape, |(_, c, y, x)| ((c * 12 + y * 4 + x) as f32 * k).sin());
+        let mut ran = Vec::new();
+        for kind in SamplerKind::ALL {
+            for prediction in [PredictionType::Epsilon, PredictionType::VPrediction, PredictionType::Sample] {
+                let cfg = config::SchedulerConfig { prediction_type: Some(prediction), ..Default::default() };
+                // Some samplers take one prediction type only.
+                let Ok(mut s) = build(kind, &cfg, 1, &SamplerOptions::default()) else { continue };
+                ran.push(kind);
+                let calls = s.timesteps().len();
+                let (out, mut x) = (wave(0.7), wave(1.3).mapv(|v| v * s.init_noise_sigma() as f32));
+                for k in 0..calls {
+                    let mut x0 = Array4::zeros(shape);
+                    s.predict_x0(&out, k, &x, &mut x0);
+                    s.step(&out, k, &mut x, &mut Zeros);
+                    if k + 1 == calls {
+                        let err = x.iter().zip(&x0).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                        assert!(err < 1e-4, "{kind} {prediction:?}: step {x:?} against x̂₀ {x0:?}");
+                    }
+                }
+            }
+        }
+        ran.dedup();
+        assert_eq!(ran, SamplerKind::ALL, "every sampler takes some prediction type");
+    }
 }

@@ -98,6 +98,18 @@ pub struct SampleArgs {
     /// Side of a decoding window in pixels (default: the VAE's training size, its sample_size).
     #[arg(long, value_name = "PIXELS")]
     vae_tile: Option<usize>,
+    /// Every N steps, and at the last, write the image the model predicts at that step (x̂₀) to
+    /// --preview: a live view of a slow run, to cancel a bad seed early.
+    #[arg(long, value_name = "N")]
+    preview_every: Option<usize>,
+    /// The preview PNG, replaced at every preview (default: --out with "-preview" before
+    /// ".png").
+    #[arg(long, value_name = "FILE.png")]
+    preview: Option<PathBuf>,
+    /// A decoder folder for a latent model's previews, e.g. a TAESD-class tiny decoder
+    /// (default: --decoder, else the model's VAE).
+    #[arg(long, value_name = "DIR")]
+    preview_decoder: Option<PathBuf>,
     /// Cross-attention conditioning (encoder_hidden_states), float32 .npy [1, tokens, dim].
     #[arg(long, value_name = "FILE.npy")]
     context: Option<PathBuf>,
@@ -135,6 +147,24 @@ pub fn run(a: SampleArgs) -> Result<()> {
     if let Some(p) = &a.save_tensor {
         files::check_output(p)?;
     }
+    if a.preview_every == Some(0) {
+        bail!("--preview-every: expected at least 1 step");
+    }
+    if a.preview_every.is_none() && (a.preview.is_some() || a.preview_decoder.is_some()) {
+        bail!("--preview and --preview-decoder: give --preview-every N to write previews");
+    }
+    let preview_path = match (&a.preview, a.preview_every) {
+        (_, None) => None,
+        (Some(p), _) => Some(p.clone()),
+        (None, _) if a.out == stdout => bail!("--preview-every: with --out -, name the preview file with --preview"),
+        (None, _) => Some(PathBuf::from(format!("{}-preview.png", a.out.with_extension("").display()))),
+    };
+    if let Some(p) = &preview_path {
+        if p == stdout {
+            bail!("--preview -: previews are replaced file by file, which standard output cannot do");
+        }
+        files::check_output(p)?;
+    }
     let noise = a.noise.as_deref().map(files::read_npy4).transpose()?;
     let conditioning = parse_conditioning(&a.cond)?;
     let context = a.context.as_deref().map(files::read_npy).transpose()?;
@@ -148,6 +178,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
         decoder: a.decoder.clone(),
         decoder_tiling,
         decoder_tile: a.vae_tile,
+        preview_decoder: a.preview_decoder.clone(),
         ..Default::default()
     };
     match (a.width, a.height) {
@@ -174,7 +205,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
     let mut pipe = Pipeline::load(&model, opts).map_err(|e| match e {
         // Name the flag that set the field.
         edge_diffuse::Error::Config { field, message }
-            if matches!(field.as_str(), "width" | "height" | "decoder" | "vae-tile") =>
+            if matches!(field.as_str(), "width" | "height" | "decoder" | "vae-tile" | "preview-decoder") =>
         {
             anyhow::anyhow!("--{field}: {message}")
         }
@@ -207,6 +238,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
         conditioning,
         prompt: a.prompt.clone(),
         negative_prompt: a.negative_prompt.clone(),
+        preview_every: a.preview_every.unwrap_or(0),
     };
     let card = pipe.card();
     let latent = [card.image.channels, card.image.height, card.image.width];
@@ -235,9 +267,22 @@ pub fn run(a: SampleArgs) -> Result<()> {
     let t1 = Instant::now();
     let mut done = 0;
     let mut write_error = None;
+    let mut preview_failed = false;
     let run = pipe.generate_each(
         &req,
         &mut |s| {
+            if let (Some(image), Some(path), false) = (s.preview, &preview_path, preview_failed) {
+                // A preview that cannot be written is no reason to lose the run: say so once.
+                let written = files::Grid::new(1, shape, 1, range).and_then(|mut one| {
+                    one.place(0, image);
+                    files::write_png(path, &one.image())
+                });
+                if let Err(e) = written {
+                    if !std::mem::replace(&mut preview_failed, true) {
+                        eprintln!("warning: --preview: {e}; no more previews are written");
+                    }
+                }
+            }
             if let Some(b) = &bar {
                 b.set_length((s.total * count) as u64);
                 b.inc(1);
