@@ -11,7 +11,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
 use edge_diffuse::card::SchedulerConfig;
-use edge_diffuse::sampler::{build, NoiseSource, Sampler, SamplerKind, SamplerOptions};
+use edge_diffuse::sampler::lcm::Lcm;
+use edge_diffuse::sampler::{build, img2img_start, NoiseSource, Sampler, SamplerKind, SamplerOptions};
 use ndarray::Array4;
 use serde::Deserialize;
 
@@ -40,6 +41,17 @@ struct Fixture {
     trajectory: Vec<Vec<f32>>,
     #[serde(rename = "final")]
     final_sample: Vec<f32>,
+    /// An image-to-image run: the schedule starts at `start`, from `init` noised by `noise`.
+    #[serde(default)]
+    img2img: Option<Img2Img>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Img2Img {
+    strength: f64,
+    start: usize,
+    init: Vec<f32>,
 }
 
 fn fixture_dir() -> PathBuf {
@@ -167,8 +179,14 @@ fn dummy_model(x_in: &Array4<f32>, t: f64) -> Array4<f32> {
 fn check_fixture(fx: &Fixture) -> Result<f64, String> {
     let kind: SamplerKind = fx.sampler.parse().map_err(|e| format!("{e}"))?;
     let cfg = scheduler_config(fx)?;
-    let mut sampler: Box<dyn Sampler> = build(kind, &cfg, fx.steps, &SamplerOptions { eta: fx.eta })
-        .map_err(|e| format!("build({kind}, steps {}, eta {}) failed: {e}", fx.steps, fx.eta))?;
+    let opts = SamplerOptions { eta: fx.eta };
+    let mut sampler: Box<dyn Sampler> = match (&fx.img2img, kind) {
+        (Some(i), SamplerKind::Lcm) => {
+            Lcm::with_strength(&cfg, fx.steps, i.strength).map(|s| Box::new(s) as Box<dyn Sampler>)
+        }
+        _ => build(kind, &cfg, fx.steps, &opts),
+    }
+    .map_err(|e| format!("build({kind}, steps {}, eta {}) failed: {e}", fx.steps, fx.eta))?;
 
     let ts = sampler.timesteps().to_vec();
     let ts_ok =
@@ -182,17 +200,39 @@ fn check_fixture(fx: &Fixture) -> Result<f64, String> {
     if !sigma_ok {
         return Err(format!("init_noise_sigma: rust {sigma} vs diffusers {}", fx.init_noise_sigma));
     }
-    if fx.trajectory.len() != ts.len() {
-        return Err(format!("bad fixture: {} trajectory entries for {} timesteps", fx.trajectory.len(), ts.len()));
-    }
-
     let mut x = Array4::from_shape_vec(fx.shape, fx.noise.clone()).map_err(|e| format!("bad fixture noise: {e}"))?;
-    let s = sigma as f32;
-    x.mapv_inplace(|v| v * s);
+    let start = match &fx.img2img {
+        None => {
+            let s = sigma as f32;
+            x.mapv_inplace(|v| v * s);
+            0
+        }
+        Some(i) => {
+            let start = match kind {
+                SamplerKind::Lcm => 0,
+                _ => img2img_start(sampler.order(), fx.steps, i.strength).map_err(|e| e.to_string())?,
+            };
+            if start != i.start {
+                return Err(format!("img2img starts at timestep {start}, diffusers at {}", i.start));
+            }
+            let init =
+                Array4::from_shape_vec(fx.shape, i.init.clone()).map_err(|e| format!("bad fixture init: {e}"))?;
+            let noise = x.clone();
+            sampler.add_noise(&init, &noise, start, &mut x);
+            start
+        }
+    };
+    if fx.trajectory.len() + start != ts.len() {
+        return Err(format!(
+            "bad fixture: {} trajectory entries for {} timesteps from {start}",
+            fx.trajectory.len(),
+            ts.len()
+        ));
+    }
     let mut noise = Replay::new(&fx.step_noises);
     let n = ts.len();
     let mut max_err = 0.0f64;
-    for (i, want) in fx.trajectory.iter().enumerate() {
+    for (i, want) in (start..).zip(&fx.trajectory) {
         let mut x_in = x.clone();
         sampler.scale_model_input(&mut x_in, i);
         let out = dummy_model(&x_in, ts[i]);
@@ -342,7 +382,12 @@ fn fixtures_are_well_formed() {
             assert_eq!(d.len(), len, "{name}: step_noises[{i}]");
         }
         assert!(!fx.timesteps.is_empty(), "{name}: no timesteps");
-        assert_eq!(fx.trajectory.len(), fx.timesteps.len(), "{name}: one trajectory entry per timestep");
+        let start = fx.img2img.as_ref().map_or(0, |i| i.start);
+        assert_eq!(fx.trajectory.len() + start, fx.timesteps.len(), "{name}: one trajectory entry per timestep run");
+        if let Some(i) = &fx.img2img {
+            assert_eq!(i.init.len(), len, "{name}: img2img init");
+            assert!(i.strength > 0.0 && i.strength <= 1.0, "{name}: strength");
+        }
         for (i, x) in fx.trajectory.iter().enumerate() {
             assert_eq!(x.len(), len, "{name}: trajectory[{i}]");
         }

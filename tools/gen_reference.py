@@ -205,6 +205,50 @@ CASES = [
 ]
 
 
+# Image-to-image: (sampler, short name, steps, eta, config, strength). The run starts from an
+# "image" noised to the first timestep diffusers' img2img pipelines keep: the schedule truncated
+# to its last int(steps * strength) steps (LCM instead sets its timesteps with the strength), the
+# scheduler's begin index set there, the image noised by add_noise (scale_noise for flow).
+IMG2IMG = [
+    ("ddim", "img2img_linear_eps_leading_s10_st06", 10, 0.0,
+     {"beta_schedule": "linear", "prediction_type": "epsilon", "timestep_spacing": "leading"}, 0.6),
+    ("ddim", "img2img_scaled_v_trailing_s4_st1", 4, 0.0,
+     {**SD, "beta_schedule": "scaled_linear", "prediction_type": "v_prediction", "timestep_spacing": "trailing"}, 1.0),
+    ("ddpm", "img2img_scaled_v_trailing_s4_st05", 4, 0.0,
+     {**SD, "beta_schedule": "scaled_linear", "prediction_type": "v_prediction", "timestep_spacing": "trailing"}, 0.5),
+    ("ddpm", "img2img_linear_eps_leading_s10_st07", 10, 0.0,
+     {"beta_schedule": "linear", "prediction_type": "epsilon", "timestep_spacing": "leading"}, 0.7),
+    ("euler", "img2img_scaled_eps_linspace_s10_st03", 10, 0.0,
+     {**SD, "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "timestep_spacing": "linspace"}, 0.3),
+    ("euler", "img2img_linear_v_trailing_karras_s5_st08", 5, 0.0,
+     {"beta_schedule": "linear", "prediction_type": "v_prediction", "timestep_spacing": "trailing",
+      "use_karras_sigmas": True}, 0.8),
+    ("euler_ancestral", "img2img_linear_v_trailing_s4_st075", 4, 0.0,
+     {"beta_schedule": "linear", "prediction_type": "v_prediction", "timestep_spacing": "trailing"}, 0.75),
+    ("euler_ancestral", "img2img_scaled_eps_trailing_s2_st05", 2, 0.0,
+     {**SD, "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "timestep_spacing": "trailing"}, 0.5),
+    ("heun", "img2img_linear_eps_linspace_s5_st06", 5, 0.0,
+     {"beta_schedule": "linear", "prediction_type": "epsilon", "timestep_spacing": "linspace"}, 0.6),
+    ("heun", "img2img_scaled_v_trailing_s4_st05", 4, 0.0,
+     {**SD, "beta_schedule": "scaled_linear", "prediction_type": "v_prediction", "timestep_spacing": "trailing"}, 0.5),
+    ("dpmpp_2m", "img2img_scaled_v_trailing_karras_s6_st05", 6, 0.0,
+     {**SD, **DPMPP, "beta_schedule": "scaled_linear", "prediction_type": "v_prediction",
+      "timestep_spacing": "trailing", "use_karras_sigmas": True}, 0.5),
+    ("dpmpp_2m", "img2img_linear_eps_linspace_s10_st07", 10, 0.0,
+     {**DPMPP, "beta_schedule": "linear", "prediction_type": "epsilon", "timestep_spacing": "linspace"}, 0.7),
+    ("lcm", "img2img_scaled_eps_orig50_s4_st05", 4, 0.0,
+     {**SD, "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "original_inference_steps": 50}, 0.5),
+    ("lcm", "img2img_scaled_v_orig20_s2_st08", 2, 0.0,
+     {**SD, "beta_schedule": "scaled_linear", "prediction_type": "v_prediction", "original_inference_steps": 20}, 0.8),
+    ("consistency", "img2img_default_s4_st05", 4, 0.0, {"num_train_timesteps": 40}, 0.5),
+    ("consistency", "img2img_noclip_s3_st07", 3, 0.0, {"clip_denoised": False}, 0.7),
+    ("flow_euler", "img2img_shift3_s6_st05", 6, 0.0, {"shift": 3.0}, 0.5),
+    ("flow_euler", "img2img_default_s4_st075", 4, 0.0, {}, 0.75),
+    ("flow_heun", "img2img_default_s4_st05", 4, 0.0, {}, 0.5),
+    ("flow_heun", "img2img_shift3_s5_st08", 5, 0.0, {"shift": 3.0}, 0.8),
+]
+
+
 def dummy_model(x_in, t, dtype=torch.float32):
     """diffusers' test model: out = x_in * t / (t + 1), all in float32 (float64 for `wide` runs)."""
     t = torch.tensor(float(t), dtype=dtype)
@@ -300,22 +344,24 @@ def maybe_float64(module, wide):
         module.torch, module.np = saved
 
 
-def run_case(sampler, steps, eta, config, seed, replay=None, perturb=None, wide=False):
+def run_case(sampler, steps, eta, config, seed, replay=None, perturb=None, wide=False, strength=None):
     """Runs one case. `replay` feeds recorded step noise back in. Two ways to measure how far a
     correct port that rounds differently may land from the float32 reference: `perturb` (a
     torch.Generator) adds a float32 rounding error's worth of noise to the model input, the model
     output and each step's result; `wide` runs the whole case in float64 instead."""
     with maybe_float64(sys.modules[CLASSES[sampler].__module__], wide):
-        return _run_case(sampler, steps, eta, config, seed, replay, perturb, wide)
+        return _run_case(sampler, steps, eta, config, seed, replay, perturb, wide, strength)
 
 
-def _run_case(sampler, steps, eta, config, seed, replay, perturb, wide):
+def _run_case(sampler, steps, eta, config, seed, replay, perturb, wide, strength):
     dtype = torch.float64 if wide else torch.float32
     cls = CLASSES[sampler]
     config = dict(config)
     mu = config.pop("mu", None)
     sched = cls(**config)
-    if sampler == "consistency":
+    if sampler == "lcm" and strength is not None:
+        sched.set_timesteps(steps, strength=strength)
+    elif sampler == "consistency":
         sched.set_timesteps(num_inference_steps=steps)
     elif mu is not None:
         sched.set_timesteps(steps, mu=mu)
@@ -336,11 +382,27 @@ def _run_case(sampler, steps, eta, config, seed, replay, perturb, wide):
         init_noise_sigma = float(sched.init_noise_sigma)
     x = noise.to(dtype) * init_noise_sigma
     assert x.dtype == dtype
+    timesteps_run, start, init = sched.timesteps, 0, None
+    if strength is not None:
+        # The img2img pipelines' get_timesteps (LCM's set_timesteps took the strength above).
+        init = (torch.randn(SHAPE, generator=gen, dtype=torch.float32) * 0.5).to(dtype)
+        if sampler != "lcm":
+            init_timestep = min(int(steps * strength), steps)
+            start = max(steps - init_timestep, 0) * sched.order
+        timesteps_run = sched.timesteps[start:]
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(start)
+        first = timesteps_run[:1]
+        if sampler in FLOW:
+            x = sched.scale_noise(init, first, noise.to(dtype))
+        else:
+            x = sched.add_noise(init, noise.to(dtype), first)
+        assert x.dtype == dtype
 
     trajectory = []
     module = sys.modules[cls.__module__]
     with NoiseTape(module, replay, step_gen) as tape:
-        for t in sched.timesteps:
+        for t in timesteps_run:
             x_in = jitter(x if sampler in FLOW else sched.scale_model_input(x, t), perturb)
             out = jitter(dummy_model(x_in, t, dtype), perturb)
             kwargs = {}
@@ -361,6 +423,7 @@ def _run_case(sampler, steps, eta, config, seed, replay, perturb, wide):
         "step_noises": tape.draws,
         "trajectory": trajectory,
         "final": x,
+        "img2img": None if strength is None else {"strength": strength, "start": start, "init": init},
     }
 
 
@@ -383,6 +446,10 @@ def f32_list(tensor):
 def fixture(sampler, steps, eta, config, result):
     for v in config.values():
         assert v is not None
+    extra = {}
+    if result["img2img"] is not None:
+        i = result["img2img"]
+        extra["img2img"] = {"strength": i["strength"], "start": i["start"], "init": f32_list(i["init"])}
     return {
         "sampler": sampler,
         "steps": steps,
@@ -395,6 +462,7 @@ def fixture(sampler, steps, eta, config, result):
         "step_noises": [f32_list(n) for n in result["step_noises"]],
         "trajectory": [f32_list(x) for x in result["trajectory"]],
         "final": f32_list(result["final"]),
+        **extra,
     }
 
 
@@ -431,28 +499,29 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     names = set()
     stale = 0
-    for sampler, short, steps, eta, config in CASES:
+    for sampler, short, steps, eta, config, strength in [(*c, None) for c in CASES] + IMG2IMG:
         name = f"{sampler}__{short}"
         assert name not in names, name
         names.add(name)
         if not name.startswith(args.only):
             continue
         seed = zlib.crc32(name.encode()) % 2**31  # per case, stable when cases are added
-        result = run_case(sampler, steps, eta, config, seed)
+        result = run_case(sampler, steps, eta, config, seed, strength=strength)
         # Replay the recorded draws through a fresh scheduler: the result must not change, which
         # shows the recording holds every draw, in the order the scheduler used them.
-        again = run_case(sampler, steps, eta, config, seed, replay=result["step_noises"])
+        again = run_case(sampler, steps, eta, config, seed, replay=result["step_noises"], strength=strength)
         for a, b in zip(result["trajectory"], again["trajectory"]):
             assert torch.equal(a, b), f"{name}: replayed noise gives a different trajectory"
         # Conditioning, in the parity test's measure: how far is this float32 run from the same run
         # in float64, and how far does it move under rounding-sized perturbations? Both must stay
         # well below the test's tolerance (1e-4), or a correct port could fail on rounding alone.
-        wide = run_case(sampler, steps, eta, config, seed, replay=result["step_noises"], wide=True)
+        wide = run_case(sampler, steps, eta, config, seed, replay=result["step_noises"], wide=True, strength=strength)
         assert wide["trajectory"][-1].dtype == torch.float64
         drift = max(rel_err(a, b) for a, b in zip(result["trajectory"], wide["trajectory"]))
         for trial in range(4):
             pgen = torch.Generator().manual_seed(seed * 31 + trial)
-            pert = run_case(sampler, steps, eta, config, seed, replay=result["step_noises"], perturb=pgen)
+            pert = run_case(sampler, steps, eta, config, seed, replay=result["step_noises"], perturb=pgen,
+                            strength=strength)
             for a, b in zip(pert["trajectory"], result["trajectory"]):
                 drift = max(drift, rel_err(a, b))
         assert drift < TOLERANCE / 10, f"{name}: ill-conditioned for the parity test (drift {drift:.3g})"

@@ -128,6 +128,11 @@ impl Sampler for Consistency {
         sample.mapv_inplace(|x| (x as f64 / scale) as f32);
     }
 
+    fn add_noise(&self, init: &Array4<f32>, noise: &Array4<f32>, index: usize, out: &mut Array4<f32>) {
+        let sigma = self.sigmas[index];
+        Zip::from(out).and(init).and(noise).for_each(|o, &x, &n| *o = x + n * sigma);
+    }
+
     fn predict_x0(&self, model_output: &Array4<f32>, index: usize, sample: &Array4<f32>, x0: &mut Array4<f32>) {
         let (c_skip, c_out) = self.scalings(self.sigmas[index] as f64);
         let clip = self.clip_denoised;

@@ -70,6 +70,10 @@ impl Sampler for Ddpm {
         &self.timesteps
     }
 
+    fn add_noise(&self, init: &Array4<f32>, noise: &Array4<f32>, index: usize, out: &mut Array4<f32>) {
+        super::schedule::add_noise(&self.schedule, self.int_timesteps[index], init, noise, out);
+    }
+
     fn predict_x0(&self, model_output: &Array4<f32>, index: usize, sample: &Array4<f32>, x0: &mut Array4<f32>) {
         let a_t = self.schedule.alpha_prod(self.int_timesteps[index]);
         self.clip.predict_x0(self.prediction, model_output, sample, a_t, x0);

@@ -268,6 +268,18 @@ impl Sampler for DpmPP2M {
         }
     }
 
+    fn add_noise(&self, init: &Array4<f32>, noise: &Array4<f32>, index: usize, out: &mut Array4<f32>) {
+        let sigma = self.sigmas[index];
+        if self.sigma_model {
+            Zip::from(out).and(init).and(noise).for_each(|o, &x, &n| *o = x + n * sigma);
+            return;
+        }
+        // diffusers' _sigma_to_alpha_sigma_t, on float32 σ.
+        let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
+        let sigma_t = sigma * alpha;
+        Zip::from(out).and(init).and(noise).for_each(|o, &x, &n| *o = alpha * x + sigma_t * n);
+    }
+
     fn predict_x0(&self, model_output: &Array4<f32>, index: usize, sample: &Array4<f32>, x0: &mut Array4<f32>) {
         if self.sigma_model {
             let to_x0 = SigmaSpaceX0::new(self.prediction, self.sigmas[index]);

@@ -39,6 +39,13 @@ pub struct Lcm {
 impl Lcm {
     /// Sets up LCM sampling for `steps` steps.
     pub fn new(cfg: &SchedulerConfig, steps: usize) -> Result<Self> {
+        Self::with_strength(cfg, steps, 1.0)
+    }
+
+    /// For image-to-image at `strength` in (0, 1], as diffusers' LCM img2img pipeline sets the
+    /// scheduler (`set_timesteps(steps, strength=…)`): the `steps` timesteps are taken from the
+    /// lowest `strength` part of the distillation grid, and every one of them runs.
+    pub fn with_strength(cfg: &SchedulerConfig, steps: usize, strength: f64) -> Result<Self> {
         let schedule = Schedule::from_config(cfg, &DEFAULTS)?;
         let n = schedule.len();
         schedule::check_steps(steps, n)?;
@@ -55,11 +62,22 @@ impl Lcm {
                 format!("the lcm sampler takes at most original_inference_steps = {original} steps, got {steps}"),
             ));
         }
+        // int(original_steps * strength), in Python's float64.
+        let grid = (original as f64 * strength) as usize;
+        if grid < steps {
+            return Err(Error::config(
+                "strength",
+                format!(
+                    "the lcm sampler takes its {steps} steps from the lowest strength × original_inference_steps = {grid}                      of its {original} timesteps: give --strength of at least {} or fewer --steps",
+                    steps as f64 / original as f64
+                ),
+            ));
+        }
         let k = (n / original) as i64;
-        // The distillation grid k-1, 2k-1, ..., original·k-1, walked from the top.
-        let origin: Vec<i64> = (1..=original as i64).rev().map(|i| i * k - 1).collect();
-        // np.floor(np.linspace(0, original, steps, endpoint=False)), float rounding included.
-        let stride = original as f64 / steps as f64;
+        // The distillation grid k-1, 2k-1, ..., grid·k-1, walked from the top.
+        let origin: Vec<i64> = (1..=grid as i64).rev().map(|i| i * k - 1).collect();
+        // np.floor(np.linspace(0, grid, steps, endpoint=False)), float rounding included.
+        let stride = grid as f64 / steps as f64;
         let int_timesteps: Vec<i64> = (0..steps).map(|i| origin[(i as f64 * stride).floor() as usize]).collect();
         let final_alpha_cumprod =
             if cfg.set_alpha_to_one.unwrap_or(true) { 1.0 } else { schedule.alphas_cumprod[0] as f64 };
@@ -86,6 +104,10 @@ impl Lcm {
 impl Sampler for Lcm {
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
+    }
+
+    fn add_noise(&self, init: &Array4<f32>, noise: &Array4<f32>, index: usize, out: &mut Array4<f32>) {
+        super::schedule::add_noise(&self.schedule, self.int_timesteps[index], init, noise, out);
     }
 
     fn predict_x0(&self, model_output: &Array4<f32>, index: usize, sample: &Array4<f32>, x0: &mut Array4<f32>) {

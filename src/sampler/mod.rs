@@ -53,6 +53,17 @@ pub trait Sampler: Send {
     /// Scales the model input in place (`scale_model_input`); most samplers leave it as is.
     fn scale_model_input(&self, _sample: &mut Array4<f32>, _index: usize) {}
 
+    /// Model calls per step: 2 for the Heun samplers, whose `timesteps()` list each inner
+    /// timestep twice (diffusers' `scheduler.order`).
+    fn order(&self) -> usize {
+        1
+    }
+
+    /// Writes `init` noised by `noise` (unit variance) to the level of `timesteps()[index]` into
+    /// `out`: diffusers' `add_noise` (`scale_noise` for flow matching), where image-to-image
+    /// starts.
+    fn add_noise(&self, init: &Array4<f32>, noise: &Array4<f32>, index: usize, out: &mut Array4<f32>);
+
     /// Writes x̂₀, the clean sample that the model's output at `timesteps()[index]` predicts from
     /// `sample` (as [`step`](Sampler::step) gets it, before the step), into `x0`, as the step
     /// itself would compute it (clipped where the step clips). For previews: it does not change
@@ -171,6 +182,36 @@ pub fn build(
         SamplerKind::FlowEuler => Box::new(flow_euler::FlowEuler::new(cfg, steps)?),
         SamplerKind::FlowHeun => Box::new(flow_heun::FlowHeun::new(cfg, steps)?),
     })
+}
+
+/// Image-to-image at `strength` in (0, 1]: the index of the first timestep of a sampler built
+/// for `steps` steps whose [`order`](Sampler::order) is `order`, as diffusers' img2img
+/// pipelines truncate the schedule: `init_timestep = min(int(steps · strength), steps)`, start
+/// at `(steps − init_timestep) · order`. (LCM instead takes all its steps from the lower part of
+/// its grid: [`lcm::Lcm::with_strength`].)
+pub fn img2img_start(order: usize, steps: usize, strength: f64) -> Result<usize> {
+    check_strength(strength)?;
+    let noised = ((steps as f64 * strength) as usize).min(steps);
+    if noised == 0 {
+        return Err(Error::config(
+            "strength",
+            format!(
+                "{strength} of {steps} steps runs none (steps × strength must be at least 1): \
+                 give --strength {} or more, or --steps {} or more",
+                1.0 / steps as f64,
+                (1.0 / strength).ceil()
+            ),
+        ));
+    }
+    Ok((steps - noised) * order)
+}
+
+/// `strength` is in (0, 1].
+pub fn check_strength(strength: f64) -> Result<()> {
+    match strength > 0.0 && strength <= 1.0 {
+        true => Ok(()),
+        false => Err(Error::config("strength", format!("expected a value in (0, 1], got {strength}"))),
+    }
 }
 
 /// Builds `kind` to drive a σ-conditioned denoiser D(x; σ) (k-diffusion's convention; the card's

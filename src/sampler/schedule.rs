@@ -331,3 +331,17 @@ mod tests {
         assert!(err.contains("scheduler.betas"), "{err}");
     }
 }
+
+/// `init` noised to timestep `t` of a discrete schedule, `√ᾱ·init + √(1−ᾱ)·noise`, into `out`:
+/// diffusers' `add_noise` of DDPM, DDIM and LCM, in float32 as there.
+pub(crate) fn add_noise(
+    schedule: &Schedule,
+    t: i64,
+    init: &ndarray::Array4<f32>,
+    noise: &ndarray::Array4<f32>,
+    out: &mut ndarray::Array4<f32>,
+) {
+    let a = schedule.alphas_cumprod[t as usize];
+    let (keep, mix) = (a.sqrt(), (1.0 - a).sqrt());
+    ndarray::Zip::from(out).and(init).and(noise).for_each(|o, &x, &n| *o = keep * x + mix * n);
+}
