@@ -455,6 +455,37 @@ pub fn to_u8(v: f32, range: [f32; 2]) -> u8 {
     (y + 0.5).floor() as u8
 }
 
+/// Reads a PNG (or any image the `image` crate decodes) as one image `[1, C, H, W]` of `shape`
+/// (`[C, H, W]`), mapping 0–255 onto `range` as [`to_u8`] maps back: 1 channel is grey, 3 RGB, 4
+/// RGBA. Its size must be the shape's.
+pub fn read_image(path: &Path, shape: [usize; 3], range: [f32; 2]) -> Result<Array4<f32>> {
+    let [c, h, w] = shape;
+    let what = || path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let img = image::load_from_memory(&bytes)
+        .map_err(|e| Error::Tensor { what: what(), message: format!("not a readable image: {e}") })?;
+    if (img.width() as usize, img.height() as usize) != (w, h) {
+        return Err(Error::Tensor {
+            what: what(),
+            message: format!("is {}×{} pixels, expected {w}×{h} (the model's image size)", img.width(), img.height()),
+        });
+    }
+    let values: Vec<u8> = match c {
+        1 => img.to_luma8().into_raw(),
+        3 => img.to_rgb8().into_raw(),
+        4 => img.to_rgba8().into_raw(),
+        _ => {
+            return Err(Error::Tensor {
+                what: what(),
+                message: format!("the model's images have {c} channels; an image file gives 1, 3 or 4"),
+            })
+        }
+    };
+    let [lo, hi] = range;
+    // Interleaved pixels to planes.
+    Ok(Array4::from_shape_fn((1, c, h, w), |(_, k, y, x)| lo + (hi - lo) * values[(y * w + x) * c + k] as f32 / 255.0))
+}
+
 /// Images laid out on a grid, one pixel of gap, as 8-bit pixels, filled one image at a time.
 /// Channels 1 → grey, 3 → RGB, 4 → RGBA, 2 → grey of the first channel.
 pub struct Grid {

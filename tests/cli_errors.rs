@@ -658,3 +658,60 @@ fn info_garbage_onnx() {
     let fx = Fx::with_onnx(b"this is not an onnx model, just some text\n");
     fx.fails(&["info", "--model", MODEL], &["denoiser.onnx"]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Image-to-image.
+
+#[test]
+fn strength_without_an_init_image() {
+    Fx::new().sample_fails(&["--strength", "0.5"], &["--strength", "--init"]);
+}
+
+#[test]
+fn strength_out_of_range() {
+    let fx = Fx::new();
+    fx.npy("init.npy", &ndarray::Array4::<f32>::zeros((1, 1, 32, 32)));
+    fx.sample_fails(&["--init", "init.npy", "--strength", "1.5"], &["--strength", "(0, 1]", "1.5"]);
+    fx.sample_fails(&["--init", "init.npy", "--strength", "0"], &["--strength", "(0, 1]"]);
+}
+
+#[test]
+fn strength_that_runs_no_step_names_what_would() {
+    let fx = Fx::new();
+    fx.npy("init.npy", &ndarray::Array4::<f32>::zeros((1, 1, 32, 32)));
+    fx.sample_fails(
+        &["--init", "init.npy", "--sampler", "ddim", "--steps", "4", "--strength", "0.2"],
+        &["--strength", "0.25", "--steps 5"],
+    );
+}
+
+#[test]
+fn init_image_of_another_size() {
+    let fx = Fx::new();
+    let img = image::GrayImage::new(28, 28);
+    img.save(fx.path().join("small.png")).unwrap();
+    fx.sample_fails(&["--init", "small.png"], &["small.png", "28×28", "32×32"]);
+}
+
+#[test]
+fn init_that_is_not_an_image() {
+    let fx = Fx::new();
+    fx.file("init.png", b"not a png");
+    fx.sample_fails(&["--init", "init.png"], &["init.png", "image"]);
+}
+
+#[test]
+fn init_tensor_of_another_shape() {
+    let fx = Fx::new();
+    fx.npy("init.npy", &ndarray::Array4::<f32>::zeros((1, 3, 32, 32)));
+    fx.sample_fails(&["--init", "init.npy"], &["init.npy", "expected shape [1, 1, 32, 32]", "[1, 3, 32, 32]"]);
+}
+
+#[test]
+fn init_tensor_with_nan() {
+    let fx = Fx::new();
+    let mut init = ndarray::Array4::<f32>::zeros((1, 1, 32, 32));
+    init[[0, 0, 3, 4]] = f32::NAN;
+    fx.npy("init.npy", &init);
+    fx.sample_fails(&["--init", "init.npy"], &["init.npy", "non-finite"]);
+}

@@ -92,6 +92,17 @@ CASES = [
     ("student_lcm_s1", "student", "lcm", 1, 1.0, {}),
 ]
 
+# Image-to-image, as diffusers' img2img pipelines run it: the init (`img2img_init.npy`, the
+# images of teacher_ddim_s4_g2) noised by `pipeline_noise.npy` with the scheduler's add_noise at
+# the first timestep kept (the last int(steps * strength) steps; LCM sets its timesteps with the
+# strength), then the loop from there. (case name, model, sampler, steps, guidance, overrides,
+# strength).
+IMG2IMG_CASES = [
+    ("teacher_ddim_img2img_s8_st05_g2", "teacher", "ddim", 8, 2.0, {}, 0.5),
+    ("teacher_euler_img2img_s6_st07_g2", "teacher", "euler", 6, 2.0, {}, 0.7),
+    ("student_lcm_img2img_s1_st06", "student", "lcm", 1, 1.0, {}, 0.6),
+]
+
 
 def versions() -> dict:
     return {"torch": torch.__version__.split("+")[0], "onnxruntime": ort.__version__,
@@ -156,13 +167,28 @@ def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
 
 
 def sample_loop(model_fn, sched_name: str, config: dict, steps: int, guidance: float, noise: np.ndarray,
-                labels: list[int], null: int, per_image: bool = False):
+                labels: list[int], null: int, per_image: bool = False, init=None, strength=None):
     """diffusers' standard loop in float32. `per_image`: one batch-1 call per image and branch
-    (what the Rust pipeline does) instead of one batch of 2N."""
+    (what the Rust pipeline does) instead of one batch of 2N. With `init`: image-to-image at
+    `strength`, as the img2img pipelines truncate the schedule and noise the init."""
     sched, _ = make_scheduler(sched_name, config)
-    sched.set_timesteps(steps)
+    timesteps = None
+    if init is None:
+        sched.set_timesteps(steps)
+        x = torch.from_numpy(noise.copy()) * sched.init_noise_sigma
+        timesteps = sched.timesteps
+    else:
+        start = 0
+        if sched_name == "lcm":
+            sched.set_timesteps(steps, strength=strength)
+        else:
+            sched.set_timesteps(steps)
+            start = max(steps - min(int(steps * strength), steps), 0) * sched.order
+        timesteps = sched.timesteps[start:]
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(start)
+        x = sched.add_noise(torch.from_numpy(init.copy()), torch.from_numpy(noise.copy()), timesteps[:1])
     n = noise.shape[0]
-    x = torch.from_numpy(noise.copy()) * sched.init_noise_sigma
     y = np.array([labels[i % len(labels)] for i in range(n)], np.int64)
     guided = guidance != 1.0
     gen = torch.Generator().manual_seed(0)  # never drawn from in the cases here; see main()
@@ -173,7 +199,7 @@ def sample_loop(model_fn, sched_name: str, config: dict, steps: int, guidance: f
                                    for i in range(x_in.shape[0])])
         return model_fn(x_in, np.full(x_in.shape[0], t, np.float32), labels)
 
-    for t in sched.timesteps:
+    for t in timesteps:
         x_in = sched.scale_model_input(x, t).numpy()
         tf = float(t)
         if guided:
@@ -223,15 +249,17 @@ def build() -> dict[str, bytes]:
     files["pipeline_noise.npy"] = npy_bytes(noise)
     sessions = {m: ort_model(ort_session(m)) for m in MODELS}
     torches = {m: torch_model(m) for m in MODELS}
-    for name, model, sched_name, steps, guidance, overrides in CASES:
+    runs = [(*c, None) for c in CASES] + IMG2IMG_CASES
+    for name, model, sched_name, steps, guidance, overrides, strength in runs:
         card = read_card(model)
         null = card["classes"]["null"]
         config = scheduler_config(model, overrides)
         _, ignored = make_scheduler(sched_name, config)
         args = (sched_name, config, steps, guidance, noise, PIPELINE_LABELS, null)
-        ref, timesteps, sigma0 = sample_loop(sessions[model], *args)
-        per_image, _, _ = sample_loop(sessions[model], *args, per_image=True)
-        via_torch, _, _ = sample_loop(torches[model], *args)
+        extra = {} if strength is None else {"init": init, "strength": strength}
+        ref, timesteps, sigma0 = sample_loop(sessions[model], *args, **extra)
+        per_image, _, _ = sample_loop(sessions[model], *args, per_image=True, **extra)
+        via_torch, _, _ = sample_loop(torches[model], *args, **extra)
         e_split, e_torch = rel_err(per_image, ref), rel_err(via_torch, ref)
         print(f"{name}: timesteps {[round(t, 3) for t in timesteps]}, init_noise_sigma {sigma0:.4g}, "
               f"|x| max {np.abs(ref).max():.3f}; batch-1 calls rel {e_split:.1e}, PyTorch model rel {e_torch:.1e}"
@@ -241,12 +269,16 @@ def build() -> dict[str, bytes]:
         if max(e_split, e_torch) > SENSITIVITY_LIMIT:
             sys.exit(f"{name}: too sensitive to rounding ({max(e_split, e_torch):.2e} > {SENSITIVITY_LIMIT})")
         files[f"{name}.npy"] = npy_bytes(ref)
+        if name == "teacher_ddim_s4_g2":
+            init = ref
+            files["img2img_init.npy"] = npy_bytes(init)
         meta["cases"].append({
             "name": name, "model": MODELS[model][0], "sampler": sched_name, "steps": steps,
             "guidance": guidance, "labels": PIPELINE_LABELS, "null": null,
             "scheduler_class": SCHEDULERS[sched_name].__name__, "scheduler_overrides": overrides,
             "ignored_keys": ignored, "timesteps": timesteps, "init_noise_sigma": sigma0,
             "sensitivity": {"batch1_calls_rel": e_split, "pytorch_model_rel": e_torch},
+            **({} if strength is None else {"strength": strength, "init": "img2img_init.npy"}),
         })
     meta["noise_seed"], meta["denoiser_seed"] = NOISE_SEED, DENOISER_SEED
     files["meta.json"] = (json.dumps(meta, indent=1) + "\n").encode()

@@ -77,7 +77,8 @@ impl Default for LoadOptions {
 pub struct Request {
     /// Seed of the noise streams.
     pub seed: u64,
-    /// Number of images (ignored when `noise` is given: its batch sets it).
+    /// Number of images (ignored when `noise` is given, or an `init` of several images: their
+    /// batch sets it).
     pub num_images: usize,
     /// Index of the request's first image: image `i` of the request is image `first_image + i`
     /// of the seed (its noise stream, and its label when `classes` cycle), so a run split in
@@ -108,6 +109,16 @@ pub struct Request {
     /// shape after its batch axis, e.g. `[]` for one number per image), or rows of them
     /// (`[rows, ...]`, or a flat list), image `i` taking row `i mod rows` as `classes` cycle.
     pub conditioning: BTreeMap<String, ArrayD<f32>>,
+    /// Image-to-image: the image to start from, `[batch, C, H, W]` in the model's space (the
+    /// card's `[image]`, a latent model's latents), one for all images or one per image. It is
+    /// noised to where [`strength`](Request::strength) starts the schedule (the noise is
+    /// [`noise`](Request::noise) when given), then sampled from there, as diffusers' img2img
+    /// pipelines do.
+    pub init: Option<Array4<f32>>,
+    /// How much of the schedule image-to-image runs, in (0, 1] (default 0.8, as diffusers): the
+    /// last `int(steps · strength)` steps (LCM takes its steps from the lowest `strength` of its
+    /// grid). 1 noises the image completely.
+    pub strength: Option<f64>,
     /// Every this many steps, and at the last, the step callback gets a preview
     /// ([`StepInfo::preview`]): the clean image the model predicts at that step (x̂₀). 0: none.
     pub preview_every: usize,
@@ -233,7 +244,10 @@ impl Scratch {
 struct Resolved {
     kind: SamplerKind,
     steps: usize,
+    /// Model calls per image: the sampler's timesteps from `start`.
     total: usize,
+    /// Image-to-image: the strength, and the index of the first timestep run.
+    img2img: Option<(f64, usize)>,
     /// The scale of classifier-free guidance (1: none).
     guidance: f32,
     /// The scale the request asked for (or the card's default), for [`RunInfo`].
@@ -396,11 +410,13 @@ impl Pipeline {
         self.text.as_ref().map(|t| t.tokenize(text))
     }
 
-    /// Images `req` generates: the batch of its `noise`, else `num_images` (at least 1).
+    /// Images `req` generates: the batch of its `noise`, else of its `init` when that holds more
+    /// than one image, else `num_images` (at least 1).
     pub fn num_images(&self, req: &Request) -> usize {
-        match &req.noise {
-            Some(noise) => noise.shape()[0],
-            None => req.num_images.max(1),
+        match (&req.noise, &req.init) {
+            (Some(noise), _) => noise.shape()[0],
+            (None, Some(init)) if init.shape()[0] > 1 => init.shape()[0],
+            _ => req.num_images.max(1),
         }
     }
 
@@ -587,16 +603,42 @@ impl Pipeline {
             }
         }
         let opts = SamplerOptions { eta: req.eta.or(d.eta).unwrap_or(0.0) };
-        let probe = sampler_for(card, kind, steps, &opts).map_err(|e| match e {
+        let strength = match (&req.init, req.strength) {
+            (Some(_), s) => Some(s.unwrap_or(0.8)),
+            (None, Some(_)) => return Err(Error::config("strength", "applies to image-to-image: give an init image")),
+            (None, None) => None,
+        };
+        let (probe, start) = sampler_for(card, kind, steps, &opts, strength).map_err(|e| match e {
             Error::Config { field, message } if field.starts_with("scheduler.") => {
                 Error::Card { path: card.file.clone(), message: format!("{field}: {message}") }
             }
             other => other,
         })?;
-        let total = probe.timesteps().len();
+        let total = probe.timesteps().len() - start;
         drop(probe);
 
         let [c, h, w] = [card.image.channels, card.image.height, card.image.width];
+        if let Some(init) = &req.init {
+            let images = self.num_images(req);
+            let batch = init.shape()[0];
+            if init.shape()[1..] != [c, h, w] || !(batch == 1 || batch == images) {
+                return Err(Error::Tensor {
+                    what: "init".into(),
+                    message: format!(
+                        "expected shape [{}, {c}, {h}, {w}] (the model's [image] space), found {:?}",
+                        if images == 1 { "1".to_string() } else { format!("1 or {images}") },
+                        init.shape()
+                    ),
+                });
+            }
+            let bad = init.iter().filter(|v| !v.is_finite()).count();
+            if bad > 0 {
+                return Err(Error::Tensor {
+                    what: "init".into(),
+                    message: format!("holds {bad} non-finite values (NaN or Inf)"),
+                });
+            }
+        }
         if let Some(noise) = &req.noise {
             let want = [c, h, w];
             if noise.shape()[1..] != want || noise.shape()[0] == 0 {
@@ -652,6 +694,7 @@ impl Pipeline {
             kind,
             steps,
             total,
+            img2img: strength.map(|s| (s, start)),
             guidance,
             requested,
             opts,
@@ -709,9 +752,10 @@ impl Pipeline {
             Some(Prompts { cond, guided: None }) => (Some(cond), Some(cond), Some(cond)),
             None => (req.context.as_ref(), req.context.as_ref(), req.context.as_ref()),
         };
+        let first = r.img2img.map_or(0, |(_, start)| start);
         for i in 0..n {
             let index = req.first_image + i;
-            let mut sampler = sampler_for(&self.card, r.kind, r.steps, &r.opts)?;
+            let (mut sampler, _) = sampler_for(&self.card, r.kind, r.steps, &r.opts, r.img2img.map(|(s, _)| s))?;
             let mut noise = SeededNoise::new(req.seed, index as u64, 1);
             match &req.noise {
                 Some(given) => x.assign(&given.slice(s![i..i + 1, .., .., ..])),
@@ -722,8 +766,20 @@ impl Pipeline {
                 // repeat the user's noise.
                 noise = SeededNoise::new(req.seed ^ 0x9e37_79b9_7f4a_7c15, index as u64, 1);
             }
-            let sigma0 = sampler.init_noise_sigma() as f32;
-            x.mapv_inplace(|v| v * sigma0);
+            match &req.init {
+                // The noise goes onto the image at the first timestep run.
+                Some(init) => {
+                    let one = init.shape()[0] == 1;
+                    let image = init.slice(s![if one { 0..1 } else { i..i + 1 }, .., .., ..]);
+                    x_in.assign(&image);
+                    x0.assign(x);
+                    sampler.add_noise(x_in, x0, first, x);
+                }
+                None => {
+                    let sigma0 = sampler.init_noise_sigma() as f32;
+                    x.mapv_inplace(|v| v * sigma0);
+                }
+            }
             // Labels were checked in `resolve`: one per image (cycled), else the null class.
             let label = match &req.classes {
                 Some(l) => Some(l[index % l.len()]),
@@ -743,7 +799,7 @@ impl Pipeline {
             let labels = label.map(|l| [l]);
             let null_labels = label.and(null).map(|n| [n]);
             let pair_labels = label.zip(null).map(|(l, n)| [l, n]);
-            for k in 0..sampler.timesteps().len() {
+            for k in first..sampler.timesteps().len() {
                 let t = sampler.timesteps()[k];
                 let start = Instant::now();
                 x_in.assign(x);
@@ -770,9 +826,10 @@ impl Pipeline {
                 }
                 let bad = out.iter().filter(|v| !v.is_finite()).count();
                 if bad > 0 {
-                    return Err(Error::NonFinite { step: k + 1, total, timestep: t, count: bad });
+                    return Err(Error::NonFinite { step: k + 1 - first, total, timestep: t, count: bad });
                 }
-                let preview = req.preview_every > 0 && ((k + 1) % req.preview_every == 0 || k + 1 == total);
+                let step = k + 1 - first;
+                let preview = req.preview_every > 0 && (step % req.preview_every == 0 || step == total);
                 if preview {
                     sampler.predict_x0(out, k, x, x0);
                 }
@@ -786,9 +843,9 @@ impl Pipeline {
                     true => Some(pixels.as_deref().unwrap_or(x0.as_slice().expect("scratch arrays are contiguous"))),
                     false => None,
                 };
-                let info = StepInfo { image: index, step: k + 1, total, elapsed, preview: shown };
+                let info = StepInfo { image: index, step, total, elapsed, preview: shown };
                 if on_step(&info).is_break() {
-                    return Err(Error::Cancelled { step: k + 1 });
+                    return Err(Error::Cancelled { step });
                 }
             }
             let sample = x.as_slice().expect("scratch arrays are contiguous");
@@ -866,18 +923,30 @@ fn resize(card: &mut ModelCard, [width, height]: [usize; 2]) -> Result<()> {
     Ok(())
 }
 
-/// The sampler `kind` for the card's model: on the sampler's timesteps, or on σ for a
-/// σ-conditioned model.
+/// The sampler `kind` for the card's model (on the sampler's timesteps, or on σ for a
+/// σ-conditioned model), and the index of its first timestep to run: 0, or where image-to-image
+/// at `strength` starts.
 fn sampler_for(
     card: &ModelCard,
     kind: SamplerKind,
     steps: usize,
     opts: &SamplerOptions,
-) -> Result<Box<dyn sampler::Sampler>> {
-    match card.model.inputs.time() {
-        TimeInput::Timestep(_) => sampler::build(kind, &card.scheduler, steps, opts),
-        TimeInput::Sigma(_) => sampler::build_for_sigma_model(kind, &card.scheduler, steps, opts),
+    strength: Option<f64>,
+) -> Result<(Box<dyn sampler::Sampler>, usize)> {
+    let sigma_model = matches!(card.model.inputs.time(), TimeInput::Sigma(_));
+    if let (Some(s), SamplerKind::Lcm, false) = (strength, kind, sigma_model) {
+        sampler::check_strength(s)?;
+        return Ok((Box::new(sampler::lcm::Lcm::with_strength(&card.scheduler, steps, s)?), 0));
     }
+    let built = match sigma_model {
+        false => sampler::build(kind, &card.scheduler, steps, opts)?,
+        true => sampler::build_for_sigma_model(kind, &card.scheduler, steps, opts)?,
+    };
+    let start = match strength {
+        Some(s) => sampler::img2img_start(built.order(), steps, s)?,
+        None => 0,
+    };
+    Ok((built, start))
 }
 
 /// One image's call inputs: its label (if any), the shared context and its conditioning values.

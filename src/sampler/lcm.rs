@@ -68,7 +68,8 @@ impl Lcm {
             return Err(Error::config(
                 "strength",
                 format!(
-                    "the lcm sampler takes its {steps} steps from the lowest strength × original_inference_steps = {grid}                      of its {original} timesteps: give --strength of at least {} or fewer --steps",
+                    "the lcm sampler takes its {steps} steps from the lowest strength × original_inference_steps = {grid} \
+                     of its {original} timesteps: give --strength of at least {} or fewer --steps",
                     steps as f64 / original as f64
                 ),
             ));

@@ -98,6 +98,15 @@ pub struct SampleArgs {
     /// Side of a decoding window in pixels (default: the VAE's training size, its sample_size).
     #[arg(long, value_name = "PIXELS")]
     vae_tile: Option<usize>,
+    /// Image-to-image: the image to start from, a PNG of the model's size (its values mapped
+    /// through the card's value_range) or a float32 .npy [batch, C, H, W] in the model's space
+    /// (a latent model's latents; one for all images or one per image).
+    #[arg(long, value_name = "FILE")]
+    init: Option<PathBuf>,
+    /// How much of the schedule image-to-image runs, in (0, 1] (default 0.8): the last
+    /// int(steps × strength) steps, from the image noised to that level.
+    #[arg(long)]
+    strength: Option<f64>,
     /// Every N steps, and at the last, write the image the model predicts at that step (x̂₀) to
     /// --preview: a live view of a slow run, to cancel a bad seed early.
     #[arg(long, value_name = "N")]
@@ -166,6 +175,13 @@ pub fn run(a: SampleArgs) -> Result<()> {
         files::check_output(p)?;
     }
     let noise = a.noise.as_deref().map(files::read_npy4).transpose()?;
+    if a.strength.is_some() && a.init.is_none() {
+        bail!("--strength: applies to image-to-image: give --init FILE");
+    }
+    let init_npy = match &a.init {
+        Some(p) if p.extension().is_some_and(|e| e.eq_ignore_ascii_case("npy")) => Some(files::read_npy4(p)?),
+        _ => None,
+    };
     let conditioning = parse_conditioning(&a.cond)?;
     let context = a.context.as_deref().map(files::read_npy).transpose()?;
     let precision = parse_flag(&a.precision)?;
@@ -196,7 +212,8 @@ pub fn run(a: SampleArgs) -> Result<()> {
         }
         opts.threads = t;
     }
-    let total = noise.as_ref().map_or(a.num_images, |n| n.shape()[0]);
+    let several = init_npy.as_ref().map(|i| i.shape()[0]).filter(|&b| b > 1);
+    let total = noise.as_ref().map(|n| n.shape()[0]).or(several).unwrap_or(a.num_images);
     if a.start_index >= total {
         bail!("--start-index {}: expected less than the number of images, {total}", a.start_index);
     }
@@ -223,6 +240,20 @@ pub fn run(a: SampleArgs) -> Result<()> {
         }
     }
     let classes = a.class.as_deref().map(|c| parse_classes(pipe.card(), c)).transpose()?;
+    let init = match (&a.init, init_npy) {
+        (_, Some(npy)) => Some(npy),
+        (Some(p), None) => {
+            if pipe.card().decoder.is_some() {
+                bail!(
+                    "--init {}: a latent model starts from latents: give them as a float32 .npy [batch, C, H, W] \
+                     (edge-diffuse does not run the VAE encoder yet)",
+                    p.display()
+                );
+            }
+            Some(files::read_image(p, pipe.output_shape(), pipe.value_range())?)
+        }
+        (None, None) => None,
+    };
     let count = total - a.start_index;
     let req = Request {
         seed: a.seed,
@@ -239,6 +270,12 @@ pub fn run(a: SampleArgs) -> Result<()> {
         prompt: a.prompt.clone(),
         negative_prompt: a.negative_prompt.clone(),
         preview_every: a.preview_every.unwrap_or(0),
+        init: init.map(|i| match i.shape()[0] {
+            // One per image: this run's part of them.
+            1 => i,
+            _ => i.slice_move(ndarray::s![a.start_index.., .., .., ..]),
+        }),
+        strength: a.strength,
     };
     let card = pipe.card();
     let latent = [card.image.channels, card.image.height, card.image.width];
@@ -345,12 +382,15 @@ pub fn run(a: SampleArgs) -> Result<()> {
         Err(edge_diffuse::Error::Tensor { what, message }) if what == "noise" && a.noise.is_some() => {
             bail!("{}: {message}", a.noise.as_ref().expect("checked").display())
         }
+        Err(edge_diffuse::Error::Tensor { what, message }) if what == "init" && a.init.is_some() => {
+            bail!("{}: {message}", a.init.as_ref().expect("checked").display())
+        }
         // Name the flag rather than the library's request field.
         Err(edge_diffuse::Error::Tensor { what, message }) if what.starts_with("conditioning ") => {
             bail!("--cond {}: {message}", &what["conditioning ".len()..])
         }
-        // Name the flag: the library's field is `prompt` or `negative-prompt`.
-        Err(edge_diffuse::Error::Config { field, message }) if field.ends_with("prompt") => {
+        // Name the flag: the library's field is `prompt`, `negative-prompt` or `strength`.
+        Err(edge_diffuse::Error::Config { field, message }) if field.ends_with("prompt") || field == "strength" => {
             bail!("--{field}: {message}")
         }
         Err(edge_diffuse::Error::Config { field, message }) if field.starts_with("conditioning") => {
