@@ -829,7 +829,7 @@ impl Pipeline {
                     return Err(Error::NonFinite { step: k + 1 - first, total, timestep: t, count: bad });
                 }
                 let step = k + 1 - first;
-                let preview = req.preview_every > 0 && (step % req.preview_every == 0 || step == total);
+                let preview = req.preview_every > 0 && (step.is_multiple_of(req.preview_every) || step == total);
                 if preview {
                     sampler.predict_x0(out, k, x, x0);
                 }

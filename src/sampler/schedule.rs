@@ -299,6 +299,20 @@ pub fn interp(x: f64, xp: &[f64], fp: &[f64]) -> f64 {
     y0 + (x - x0) * (y1 - y0) / (x1 - x0)
 }
 
+/// `init` noised to timestep `t` of a discrete schedule, `√ᾱ·init + √(1−ᾱ)·noise`, into `out`:
+/// diffusers' `add_noise` of DDPM, DDIM and LCM, in float32 as there.
+pub(crate) fn add_noise(
+    schedule: &Schedule,
+    t: i64,
+    init: &ndarray::Array4<f32>,
+    noise: &ndarray::Array4<f32>,
+    out: &mut ndarray::Array4<f32>,
+) {
+    let a = schedule.alphas_cumprod[t as usize];
+    let (keep, mix) = (a.sqrt(), (1.0 - a).sqrt());
+    ndarray::Zip::from(out).and(init).and(noise).for_each(|o, &x, &n| *o = keep * x + mix * n);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -330,18 +344,4 @@ mod tests {
         let err = Schedule::from_config(&bad, &DEFAULTS_SD1).unwrap_err().to_string();
         assert!(err.contains("scheduler.betas"), "{err}");
     }
-}
-
-/// `init` noised to timestep `t` of a discrete schedule, `√ᾱ·init + √(1−ᾱ)·noise`, into `out`:
-/// diffusers' `add_noise` of DDPM, DDIM and LCM, in float32 as there.
-pub(crate) fn add_noise(
-    schedule: &Schedule,
-    t: i64,
-    init: &ndarray::Array4<f32>,
-    noise: &ndarray::Array4<f32>,
-    out: &mut ndarray::Array4<f32>,
-) {
-    let a = schedule.alphas_cumprod[t as usize];
-    let (keep, mix) = (a.sqrt(), (1.0 - a).sqrt());
-    ndarray::Zip::from(out).and(init).and(noise).for_each(|o, &x, &n| *o = keep * x + mix * n);
 }
