@@ -111,7 +111,15 @@ fn the_text_encoder_matches_transformers() {
 fn check_case(pipe: &mut Pipeline, c: &Value) {
     let name = c["name"].as_str().unwrap();
     let noise = npy(&reference(&format!("{name}_noise.npy"))).into_dimensionality::<ndarray::Ix4>().unwrap();
+    // Image-to-image: the init PNG through the VAE encoder.
+    let init = c["init"].as_str().map(|file| {
+        let pixels =
+            edge_diffuse::files::read_image(&reference(file), pipe.output_shape(), pipe.value_range()).unwrap();
+        pipe.encode(&pixels).unwrap_or_else(|e| panic!("{name}: encode: {e}"))
+    });
     let req = Request {
+        init,
+        strength: c["strength"].as_f64(),
         noise: Some(noise),
         prompt: c["prompt"].as_str().map(String::from),
         negative_prompt: c["negative_prompt"].as_str().map(String::from),
@@ -152,9 +160,54 @@ fn check_case(pipe: &mut Pipeline, c: &Value) {
 fn the_pipeline_matches_diffusers() {
     let cases = cases();
     let mut pipe = load(1);
-    for c in cases["cases"].as_array().unwrap().iter().filter(|c| c["unet"].is_null() && c["decoder"].is_null()) {
+    let text_to_image = |c: &&Value| c["unet"].is_null() && c["decoder"].is_null() && c["strength"].is_null();
+    for c in cases["cases"].as_array().unwrap().iter().filter(text_to_image) {
         check_case(&mut pipe, c);
     }
+}
+
+#[test]
+fn image_to_image_through_the_vae_encoder_matches_diffusers() {
+    let card = ModelCard::load(model()).unwrap();
+    assert_eq!(card.encoder.as_ref().unwrap().onnx, Path::new("vae_encoder/model.onnx"));
+    let mut pipe = load(1);
+    assert!(pipe.encodes_images());
+    let cases = cases();
+    let img2img: Vec<&Value> =
+        cases["cases"].as_array().unwrap().iter().filter(|c| c["strength"].is_number()).collect();
+    assert_eq!(img2img.len(), 2);
+    for c in img2img {
+        check_case(&mut pipe, c);
+    }
+}
+
+#[test]
+fn the_cli_starts_a_latent_model_from_a_png() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |folder: &Path, out: &Path| {
+        common::edge_diffuse()
+            .args(["sample", "--model"])
+            .arg(folder)
+            .args(["--prompt", "a red bicycle at night", "--steps", "2", "--strength", "0.5", "--quiet", "--init"])
+            .arg(reference("img2img_init.png"))
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let out = dir.path().join("bike.png");
+    let done = run(&model(), &out);
+    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    assert_eq!(image::open(&out).unwrap().width(), 64);
+    // Without vae_encoder/ a PNG cannot become latents: the error says what to give instead.
+    let bare = dir.path().join("no-encoder");
+    std::fs::create_dir(&bare).unwrap();
+    copy_dir(&model(), &bare);
+    std::fs::remove_dir_all(bare.join("vae_encoder")).unwrap();
+    let failed = run(&bare, &dir.path().join("no.png"));
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(!failed.status.success() && stderr.contains("VAE encoder") && stderr.contains(".npy"), "{stderr}");
+    assert!(!dir.path().join("no.png").exists());
 }
 
 fn taesd() -> PathBuf {

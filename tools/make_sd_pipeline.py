@@ -6,6 +6,7 @@ folder layout that Hugging Face optimum writes (and onnxruntime's examples use):
     text_encoder/model.onnx    + config.json
     tokenizer/                 vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json
     vae_decoder/model.onnx     + config.json (scaling_factor, shift_factor)
+    vae_encoder/model.onnx     + config.json (pixels -> latent_parameters, the mean and log-variance)
     scheduler/scheduler_config.json
 
 Every config is written out here: nothing comes from a hub.
@@ -160,6 +161,18 @@ def taesd(out: str, size: str):
     return model
 
 
+class VaeEncoder(nn.Module):
+    """optimum's current VAE encoder export: the latent distribution's parameters (mean and
+    log-variance, 2 x latent channels), which the pipeline samples or takes the mean of."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample):
+        return self.vae.encode(sample).latent_dist.parameters
+
+
 class VaeDecoder(nn.Module):
     def __init__(self, vae):
         super().__init__()
@@ -242,6 +255,13 @@ def build(size: str, out: str, tokenizer_dir: str):
             "sample": {0: "batch_size", 2: "height", 3: "width"}})
     vae.save_config(os.path.join(out, "vae_decoder"))
 
+    pixels = torch.rand(1, 3, hw * 8, hw * 8) * 2 - 1
+    export(VaeEncoder(vae), [pixels], os.path.join(out, "vae_encoder", "model.onnx"), ["sample"],
+           ["latent_parameters"],
+           {"sample": {0: "batch_size", 2: "height", 3: "width"},
+            "latent_parameters": {0: "batch_size", 2: "height_latent", 3: "width_latent"}})
+    vae.save_config(os.path.join(out, "vae_encoder"))
+
     write_json(os.path.join(out, "scheduler", "scheduler_config.json"), SCHEDULER)
     write_json(os.path.join(out, "model_index.json"), {
         "_class_name": "ORTStableDiffusionPipeline",
@@ -251,6 +271,7 @@ def build(size: str, out: str, tokenizer_dir: str):
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["optimum", "ORTModelUnet"],
         "vae_decoder": ["optimum", "ORTModelVaeDecoder"],
+        "vae_encoder": ["optimum", "ORTModelVaeEncoder"],
     })
     return text, tokenizer, unet, vae
 
@@ -298,6 +319,7 @@ def reference(out: str, ref: str, text, tokenizer, unet, vae, tiny=None):
         hidden = text(input_ids=ids).last_hidden_state.numpy()
     np.save(os.path.join(ref, "text_encoder_hidden.npy"), hidden.astype(np.float32))
     cases.append(lcm_reference(ref, text, tokenizer, unet, vae, rng))
+    cases.extend(img2img_reference(ref, text, tokenizer, unet, vae, rng))
     if tiny is not None:
         cases.append(taesd_reference(ref, text, tokenizer, unet, tiny, rng))
     write_json(os.path.join(ref, "cases.json"), {"text_encoder_prompt": prompt, "cases": cases})
@@ -347,6 +369,58 @@ def lcm_reference(ref, text, tokenizer, unet, vae, rng):
     np.save(os.path.join(ref, f"{name}_image.npy"), image.astype(np.float32))
     return dict(name=name, sampler="lcm", steps=steps, guidance=guidance, prompt=prompt, negative_prompt=None,
                 eta=0.0, unet="lcm")
+
+
+# Image-to-image cases: (name, scheduler class, steps, strength, guidance, prompt, negative prompt).
+IMG2IMG_CASES = [
+    ("img2img_turbo", "EulerAncestralDiscreteScheduler", 2, 0.5, 0.0, "a red bicycle at night", None),
+    ("img2img_ddim_cfg", "DDIMScheduler", 4, 0.75, 5.0, "a watercolor harbour", "grey, dull"),
+]
+
+
+def img2img_reference(ref, text, tokenizer, unet, vae, rng):
+    """diffusers' StableDiffusionImg2ImgPipeline from `img2img_init.png` (8-bit, as a PNG reader
+    sees it), its encoder output taken at the mean (edge-diffuse's choice; the pipeline samples
+    it) and its noise given, as a port that cannot share torch's generator needs."""
+    import diffusers
+    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as img2img
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from PIL import Image
+
+    hw = unet.config.sample_size
+    size = hw * 8
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    rgb = np.stack([np.sin(6 * xx + 2 * yy), np.cos(5 * yy - 3 * xx), np.sin(4 * (xx + yy))], -1)
+    png = np.clip((rgb * 0.45 + 0.5) * 255 + rng.standard_normal(rgb.shape) * 6, 0, 255).round().astype(np.uint8)
+    Image.fromarray(png).save(os.path.join(ref, "img2img_init.png"))
+    image = (png.astype(np.float32) / 255.0)[None]
+    saved = img2img.retrieve_latents, img2img.randn_tensor
+    cases = []
+    try:
+        img2img.retrieve_latents = lambda encoded, generator=None, sample_mode="sample": encoded.latent_dist.mode()
+        for name, cls, steps, strength, guidance, prompt, negative in IMG2IMG_CASES:
+            noise = rng.standard_normal((1, 4, hw, hw)).astype(np.float32)
+            img2img.randn_tensor = lambda shape, generator=None, device=None, dtype=None, layout=None: \
+                torch.from_numpy(noise).to(dtype)
+            scheduler = getattr(diffusers, cls).from_config(SCHEDULER)
+            pipe = StableDiffusionImg2ImgPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+                                                  scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                                  requires_safety_checker=False)
+            pipe.set_progress_bar_config(disable=True)
+            kwargs = dict(prompt=prompt, negative_prompt=negative, image=image, strength=strength,
+                          num_inference_steps=steps, guidance_scale=guidance)
+            with torch.no_grad():
+                final = pipe(**kwargs, output_type="latent").images.numpy()
+                out = pipe(**kwargs, output_type="np").images
+            np.save(os.path.join(ref, f"{name}_noise.npy"), noise)
+            np.save(os.path.join(ref, f"{name}_latents.npy"), final.astype(np.float32))
+            np.save(os.path.join(ref, f"{name}_image.npy"), out.astype(np.float32))
+            sampler = {"EulerAncestralDiscreteScheduler": "euler_ancestral", "DDIMScheduler": "ddim"}[cls]
+            cases.append(dict(name=name, sampler=sampler, steps=steps, guidance=guidance, prompt=prompt,
+                              negative_prompt=negative, eta=0.0, strength=strength, init="img2img_init.png"))
+    finally:
+        img2img.retrieve_latents, img2img.randn_tensor = saved
+    return cases
 
 
 def taesd_reference(ref, text, tokenizer, unet, tiny, rng):

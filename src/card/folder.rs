@@ -99,6 +99,10 @@ pub(super) fn load(dir: &Path) -> Result<ModelCard> {
     if lcm {
         text.push_str("\n[model.conditioning.timestep_cond]\nfrom = \"guidance\"\n");
     }
+    // The VAE encoder is optional: image-to-image from pixels needs it.
+    if dir.join("vae_encoder/model.onnx").is_file() {
+        text.push_str("\n[encoder]\nonnx = \"vae_encoder/model.onnx\"\n");
+    }
     if sampler.is_some() || lcm {
         text.push_str("\n[defaults]\n");
     }

@@ -36,6 +36,8 @@ pub struct ModelCard {
     pub text_encoder: Option<TextEncoderSection>,
     /// `[decoder]`, for latent models: what turns the final latents into pixels.
     pub decoder: Option<DecoderSection>,
+    /// `[encoder]`, for latent models: what turns an image into latents (image-to-image).
+    pub encoder: Option<EncoderSection>,
     /// The card's TOML as derived from an ONNX Stable Diffusion folder (with `model.toml`'s
     /// amendments merged in), for `info`; `None` for a card read from `model.toml` alone.
     pub derived: Option<String>,
@@ -52,6 +54,7 @@ struct RawCard {
     defaults: DefaultsSection,
     text_encoder: Option<TextEncoderSection>,
     decoder: Option<DecoderSection>,
+    encoder: Option<EncoderSection>,
 }
 
 /// `[text_encoder]`: the graph that turns token ids into the UNet's `encoder_hidden_states`,
@@ -93,6 +96,18 @@ impl DecoderSection {
     pub fn tile(&self) -> usize {
         self.tile_size.unwrap_or(512)
     }
+}
+
+/// `[encoder]`: the VAE encoder of a latent model, for image-to-image from pixels. Its latents
+/// are `(mean − shift_factor) · scaling_factor` with the `[decoder]`'s factors, as diffusers
+/// encodes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncoderSection {
+    /// The ONNX file, relative to the card: pixels `[batch, 3, H, W]` in `[-1, 1]` in; out the
+    /// latent distribution's parameters `[batch, 2·C, H/scale, W/scale]` (mean, then
+    /// log-variance: optimum's `latent_parameters`) or the latents themselves `[batch, C, …]`.
+    pub onnx: PathBuf,
 }
 
 /// `[model]`: the ONNX file and how its inputs are named.
@@ -312,6 +327,7 @@ impl ModelCard {
             defaults: raw.defaults,
             text_encoder: raw.text_encoder,
             decoder: raw.decoder,
+            encoder: raw.encoder,
             derived: None,
         };
         card.validate().map_err(card_err)?;
@@ -412,6 +428,9 @@ impl ModelCard {
                     ));
                 }
             }
+        }
+        if self.encoder.is_some() && self.decoder.is_none() {
+            return Err("encoder: an [encoder] needs the [decoder] whose latent space it encodes into".into());
         }
         if self.text_encoder.is_some() && inputs.encoder_hidden_states.is_none() {
             return Err("text_encoder: the card has a text encoder but [model.inputs] has no encoder_hidden_states input for its output".into());

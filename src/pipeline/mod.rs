@@ -20,6 +20,7 @@ use crate::sampler::{self, NoiseSource, SamplerKind, SamplerOptions};
 
 mod conditioning;
 mod decode;
+mod encode;
 mod guidance;
 mod text;
 mod tiles;
@@ -288,6 +289,8 @@ pub struct Pipeline {
     decoder: Option<decode::Decoder>,
     /// The decoder of previews, when not the model's.
     preview: Option<decode::Decoder>,
+    /// The VAE encoder, loaded at its first use (only image-to-image from pixels needs it).
+    encoder: Option<encode::Encoder>,
 }
 
 impl Pipeline {
@@ -361,7 +364,7 @@ impl Pipeline {
         }
         let scratch =
             Scratch::new([card.image.channels, card.image.height, card.image.width], denoiser.conditioning_inputs());
-        Ok(Pipeline { card, denoiser, options, scratch, card_values, text, decoder, preview })
+        Ok(Pipeline { card, denoiser, options, scratch, card_values, text, decoder, preview, encoder: None })
     }
 
     /// The model card.
@@ -396,6 +399,51 @@ impl Pipeline {
             Some(_) => [-1.0, 1.0],
             None => self.card.image.value_range,
         }
+    }
+
+    /// Whether [`encode`](Pipeline::encode) can turn images into this model's space: a latent
+    /// model with a VAE encoder (the card's `[encoder]`; `vae_encoder/` in an ONNX folder).
+    pub fn encodes_images(&self) -> bool {
+        self.card.encoder.is_some() && self.decoder.is_some()
+    }
+
+    /// Images `[batch, C, H, W]` of [`output_shape`](Pipeline::output_shape), in
+    /// [`value_range`](Pipeline::value_range), to the model's space, for [`Request::init`]: a
+    /// latent model's VAE encoder (loaded at the first call), else the images as they are.
+    pub fn encode(&mut self, images: &Array4<f32>) -> Result<Array4<f32>> {
+        let shape = self.output_shape();
+        if images.shape()[1..] != shape || images.shape()[0] == 0 {
+            return Err(Error::Tensor {
+                what: "init".into(),
+                message: format!(
+                    "expected images [batch, {}, {}, {}], found {:?}",
+                    shape[0],
+                    shape[1],
+                    shape[2],
+                    images.shape()
+                ),
+            });
+        }
+        if self.decoder.is_none() {
+            return Ok(images.clone());
+        }
+        if self.encoder.is_none() {
+            self.encoder = encode::Encoder::load(&self.card, shape, self.options.threads)?;
+        }
+        let Some(encoder) = self.encoder.as_mut() else {
+            return Err(Error::config(
+                "init",
+                "this latent model has no VAE encoder (an [encoder] in its card, vae_encoder/ in its folder): \
+                 give the init as latents",
+            ));
+        };
+        let [c, h, w] = [self.card.image.channels, self.card.image.height, self.card.image.width];
+        let mut out = Array4::zeros((images.shape()[0], c, h, w));
+        for (i, image) in images.outer_iter().enumerate() {
+            let one = image.insert_axis(ndarray::Axis(0));
+            out.slice_mut(s![i..i + 1, .., .., ..]).assign(&encoder.encode(one)?);
+        }
+        Ok(out)
     }
 
     /// Whether the model is prompted with text (its card has a `[text_encoder]`).

@@ -243,14 +243,15 @@ pub fn run(a: SampleArgs) -> Result<()> {
     let init = match (&a.init, init_npy) {
         (_, Some(npy)) => Some(npy),
         (Some(p), None) => {
-            if pipe.card().decoder.is_some() {
+            if pipe.card().decoder.is_some() && !pipe.encodes_images() {
                 bail!(
-                    "--init {}: a latent model starts from latents: give them as a float32 .npy [batch, C, H, W] \
-                     (edge-diffuse does not run the VAE encoder yet)",
+                    "--init {}: this latent model has no VAE encoder (vae_encoder/ in its folder, or an [encoder] \
+                     in its card): give the init as latents, a float32 .npy [batch, C, H, W]",
                     p.display()
                 );
             }
-            Some(files::read_image(p, pipe.output_shape(), pipe.value_range())?)
+            let pixels = files::read_image(p, pipe.output_shape(), pipe.value_range())?;
+            Some(pipe.encode(&pixels)?)
         }
         (None, None) => None,
     };
