@@ -539,6 +539,11 @@ impl Grid {
         (grid, gw.saturating_mul(gh).saturating_mul(out_c as u128))
     }
 
+    /// `(images, columns)` of the grid.
+    pub fn size_in_images(&self) -> (usize, usize) {
+        (self.images, self.cols)
+    }
+
     /// Size in pixels, width × height.
     pub fn size(&self) -> (u32, u32) {
         self.size

@@ -480,3 +480,25 @@ fn cli_img2img_with_init_and_noise_files_matches_diffusers() {
     let (near, far) = (distance("0.2"), distance("1.0"));
     assert!(near < far / 2.0, "strength 0.2 moved the image by {near} on average, strength 1 by {far}");
 }
+
+#[test]
+fn cli_trajectory_strip_ends_in_the_result() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (png, strip) = (tmp.path().join("out.png"), tmp.path().join("strip.png"));
+    #[rustfmt::skip]
+    cli(&[
+        "sample", "--model", "models/fmnist-student", "--num-images", "2", "--steps", "3", "--threads", "1",
+        "--separate", "--trajectory", path_str(&strip), "--quiet", "--out", path_str(&png),
+    ]);
+    // Two rows of 3 predictions and the result, 32×32 each with one pixel between.
+    let strip = image::open(&strip).unwrap().into_luma8();
+    assert_eq!(strip.dimensions(), (4 * 33 - 1, 2 * 33 - 1));
+    let cell = |row: u32, col: u32| image::imageops::crop_imm(&strip, col * 33, row * 33, 32, 32).to_image();
+    for row in 0..2 {
+        let result = image::open(tmp.path().join(format!("out-{row}.png"))).unwrap().into_luma8();
+        assert_eq!(cell(row, 3), result, "row {row}: the last column is the image written");
+        // LCM's last step lands on its prediction, so the last prediction is the result.
+        assert_eq!(cell(row, 2), result, "row {row}: the last prediction");
+        assert_ne!(cell(row, 0), result, "row {row}: the first prediction is rougher");
+    }
+}

@@ -115,6 +115,10 @@ pub struct SampleArgs {
     /// ".png").
     #[arg(long, value_name = "FILE.png")]
     preview: Option<PathBuf>,
+    /// Write a strip of the image the model predicts at every step (x̂₀): one row per image, one
+    /// column per step, the last column the result.
+    #[arg(long, value_name = "FILE.png")]
+    trajectory: Option<PathBuf>,
     /// A decoder folder for a latent model's previews, e.g. a TAESD-class tiny decoder
     /// (default: --decoder, else the model's VAE).
     #[arg(long, value_name = "DIR")]
@@ -159,8 +163,17 @@ pub fn run(a: SampleArgs) -> Result<()> {
     if a.preview_every == Some(0) {
         bail!("--preview-every: expected at least 1 step");
     }
-    if a.preview_every.is_none() && (a.preview.is_some() || a.preview_decoder.is_some()) {
-        bail!("--preview and --preview-decoder: give --preview-every N to write previews");
+    if a.preview_every.is_none() && a.preview.is_some() {
+        bail!("--preview: give --preview-every N to write previews");
+    }
+    if a.preview_every.is_none() && a.trajectory.is_none() && a.preview_decoder.is_some() {
+        bail!("--preview-decoder: give --preview-every N or --trajectory FILE to decode previews");
+    }
+    if let Some(p) = &a.trajectory {
+        if p == stdout && a.out == stdout {
+            bail!("--trajectory -: --out already writes to standard output");
+        }
+        files::check_output(p)?;
     }
     let preview_path = match (&a.preview, a.preview_every) {
         (_, None) => None,
@@ -270,7 +283,8 @@ pub fn run(a: SampleArgs) -> Result<()> {
         conditioning,
         prompt: a.prompt.clone(),
         negative_prompt: a.negative_prompt.clone(),
-        preview_every: a.preview_every.unwrap_or(0),
+        // The trajectory needs every step's prediction; the preview file takes every N-th.
+        preview_every: if a.trajectory.is_some() { 1 } else { a.preview_every.unwrap_or(0) },
         init: init.map(|i| match i.shape()[0] {
             // One per image: this run's part of them.
             1 => i,
@@ -306,10 +320,29 @@ pub fn run(a: SampleArgs) -> Result<()> {
     let mut done = 0;
     let mut write_error = None;
     let mut preview_failed = false;
+    // The trajectory strip, made at the first step (when the number of steps is known).
+    let strip: std::cell::RefCell<Option<files::Grid>> = Default::default();
+    let strip_error = std::cell::RefCell::new(None);
     let run = pipe.generate_each(
         &req,
         &mut |s| {
-            if let (Some(image), Some(path), false) = (s.preview, &preview_path, preview_failed) {
+            if let (Some(image), Some(_)) = (s.preview, &a.trajectory) {
+                let mut strip = strip.borrow_mut();
+                if strip.is_none() {
+                    match files::Grid::new(count * (s.total + 1), shape, s.total + 1, range) {
+                        Ok(g) => *strip = Some(g),
+                        Err(e) => {
+                            *strip_error.borrow_mut() = Some(e);
+                            return ControlFlow::Break(());
+                        }
+                    }
+                }
+                let row = s.image - a.start_index;
+                strip.as_mut().expect("made above").place(row * (s.total + 1) + s.step - 1, image);
+            }
+            let every = a.preview_every.unwrap_or(usize::MAX);
+            let due = s.step.is_multiple_of(every) || s.step == s.total;
+            if let (Some(image), Some(path), false, true) = (s.preview, &preview_path, preview_failed, due) {
                 // A preview that cannot be written is no reason to lose the run: say so once.
                 let written = files::Grid::new(1, shape, 1, range).and_then(|mut one| {
                     one.place(0, image);
@@ -339,6 +372,10 @@ pub fn run(a: SampleArgs) -> Result<()> {
         },
         &mut |finished| {
             let (index, image) = (finished.index, finished.image);
+            if let Some(strip) = strip.borrow_mut().as_mut() {
+                let cols = strip.size_in_images().1;
+                strip.place((index - a.start_index) * cols + cols - 1, image);
+            }
             let written = (|| {
                 if let Some(t) = &mut tensor {
                     t.push(finished.sample)?;
@@ -367,6 +404,9 @@ pub fn run(a: SampleArgs) -> Result<()> {
     );
     if let Some(b) = &bar {
         b.finish_and_clear();
+    }
+    if let Some(e) = strip_error.into_inner() {
+        return Err(anyhow::anyhow!("--trajectory: {e}"));
     }
     if let Some(e) = write_error {
         // Dropping `tensor` removes its temporary file: an earlier file of that name stays.
@@ -413,6 +453,9 @@ pub fn run(a: SampleArgs) -> Result<()> {
         }
         None => files_range(&a.out, a.start_index, total),
     };
+    if let (Some(path), Some(g)) = (&a.trajectory, strip.into_inner()) {
+        files::write_png(path, &g.image())?;
+    }
     if !a.quiet {
         let calls = count * info.timesteps;
         eprintln!(
