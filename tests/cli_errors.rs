@@ -715,3 +715,18 @@ fn init_tensor_with_nan() {
     fx.npy("init.npy", &init);
     fx.sample_fails(&["--init", "init.npy"], &["init.npy", "non-finite"]);
 }
+
+#[test]
+fn mask_without_an_init_image() {
+    let fx = Fx::new();
+    image::GrayImage::new(32, 32).save(fx.path().join("mask.png")).unwrap();
+    fx.sample_fails(&["--mask", "mask.png"], &["--mask", "--init"]);
+}
+
+#[test]
+fn mask_of_another_size() {
+    let fx = Fx::new();
+    fx.npy("init.npy", &ndarray::Array4::<f32>::zeros((1, 1, 32, 32)));
+    image::GrayImage::new(16, 32).save(fx.path().join("mask.png")).unwrap();
+    fx.sample_fails(&["--init", "init.npy", "--mask", "mask.png"], &["mask.png", "16×32", "32×32"]);
+}

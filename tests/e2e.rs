@@ -502,3 +502,30 @@ fn cli_trajectory_strip_ends_in_the_result() {
         assert_ne!(cell(row, 0), result, "row {row}: the first prediction is rougher");
     }
 }
+
+#[test]
+fn cli_inpainting_keeps_the_unmasked_part_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (first, mask, out) = (tmp.path().join("first.png"), tmp.path().join("mask.png"), tmp.path().join("out.png"));
+    cli(&["sample", "--model", "models/fmnist-student", "--class", "7", "--quiet", "--out", path_str(&first)]);
+    // Regenerate the left half.
+    let m = image::GrayImage::from_fn(32, 32, |x, _| image::Luma([if x < 16 { 255 } else { 0 }]));
+    m.save(&mask).unwrap();
+    #[rustfmt::skip]
+    cli(&[
+        "sample", "--model", "models/fmnist-student", "--class", "1", "--seed", "9", "--init", path_str(&first),
+        "--mask", path_str(&mask), "--steps", "3", "--quiet", "--out", path_str(&out),
+    ]);
+    let (a, b) = (image::open(&first).unwrap().into_luma8(), image::open(&out).unwrap().into_luma8());
+    let (mut kept, mut changed) = (0, 0);
+    for (x, y, p) in b.enumerate_pixels() {
+        if x >= 16 {
+            assert_eq!(p, a.get_pixel(x, y), "pixel ({x}, {y}) outside the mask changed");
+            kept += 1;
+        } else {
+            changed += (p != a.get_pixel(x, y)) as usize;
+        }
+    }
+    assert_eq!(kept, 512);
+    assert!(changed > 100, "only {changed} of 512 pixels inside the mask were redrawn");
+}

@@ -117,8 +117,14 @@ fn check_case(pipe: &mut Pipeline, c: &Value) {
             edge_diffuse::files::read_image(&reference(file), pipe.output_shape(), pipe.value_range()).unwrap();
         pipe.encode(&pixels).unwrap_or_else(|e| panic!("{name}: encode: {e}"))
     });
+    let mask = c["mask"].as_str().map(|file| {
+        let [_, h, w] = pipe.output_shape();
+        let image = edge_diffuse::files::read_image(&reference(file), [1, h, w], [0.0, 1.0]).unwrap();
+        pipe.mask_from_image(&image).unwrap()
+    });
     let req = Request {
         init,
+        mask,
         strength: c["strength"].as_f64(),
         noise: Some(noise),
         prompt: c["prompt"].as_str().map(String::from),
@@ -175,7 +181,7 @@ fn image_to_image_through_the_vae_encoder_matches_diffusers() {
     let cases = cases();
     let img2img: Vec<&Value> =
         cases["cases"].as_array().unwrap().iter().filter(|c| c["strength"].is_number()).collect();
-    assert_eq!(img2img.len(), 2);
+    assert_eq!(img2img.len(), 4, "two image-to-image and two inpainting cases");
     for c in img2img {
         check_case(&mut pipe, c);
     }

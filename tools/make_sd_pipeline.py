@@ -320,6 +320,7 @@ def reference(out: str, ref: str, text, tokenizer, unet, vae, tiny=None):
     np.save(os.path.join(ref, "text_encoder_hidden.npy"), hidden.astype(np.float32))
     cases.append(lcm_reference(ref, text, tokenizer, unet, vae, rng))
     cases.extend(img2img_reference(ref, text, tokenizer, unet, vae, rng))
+    cases.extend(inpaint_reference(ref, text, tokenizer, unet, vae, rng))
     if tiny is not None:
         cases.append(taesd_reference(ref, text, tokenizer, unet, tiny, rng))
     write_json(os.path.join(ref, "cases.json"), {"text_encoder_prompt": prompt, "cases": cases})
@@ -420,6 +421,60 @@ def img2img_reference(ref, text, tokenizer, unet, vae, rng):
                               negative_prompt=negative, eta=0.0, strength=strength, init="img2img_init.png"))
     finally:
         img2img.retrieve_latents, img2img.randn_tensor = saved
+    return cases
+
+
+# Inpainting cases: (name, scheduler class, steps, strength, guidance, prompt).
+INPAINT_CASES = [
+    ("inpaint_euler_cfg", "EulerDiscreteScheduler", 3, 1.0, 3.0, "a red door"),
+    ("inpaint_ddim", "DDIMScheduler", 4, 0.75, 0.0, "a lighthouse"),
+]
+
+
+def inpaint_reference(ref, text, tokenizer, unet, vae, rng):
+    """diffusers' StableDiffusionInpaintPipeline on a 4-channel UNet (mask blending after every
+    step) from `img2img_init.png` and `inpaint_mask.png` (white: regenerate), the encoder's mean
+    and the noise given as for image-to-image."""
+    import diffusers
+    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint as inpaint
+    from diffusers import StableDiffusionInpaintPipeline
+    from PIL import Image
+
+    hw = unet.config.sample_size
+    size = hw * 8
+    yy, xx = np.mgrid[0:size, 0:size]
+    # A disc, off-centre, with a ragged edge that the latent grid cuts through.
+    mask = ((yy - 0.45 * size) ** 2 + (xx - 0.6 * size) ** 2 < (0.3 * size) ** 2 + rng.normal(0, 40, yy.shape))
+    Image.fromarray((mask * 255).astype(np.uint8)).save(os.path.join(ref, "inpaint_mask.png"))
+    image = Image.open(os.path.join(ref, "img2img_init.png")).convert("RGB")
+    mask_image = Image.open(os.path.join(ref, "inpaint_mask.png")).convert("L")
+    saved = inpaint.retrieve_latents, inpaint.randn_tensor
+    cases = []
+    try:
+        inpaint.retrieve_latents = lambda encoded, generator=None, sample_mode="sample": encoded.latent_dist.mode()
+        for name, cls, steps, strength, guidance, prompt in INPAINT_CASES:
+            noise = rng.standard_normal((1, 4, hw, hw)).astype(np.float32)
+            inpaint.randn_tensor = lambda shape, generator=None, device=None, dtype=None, layout=None: \
+                torch.from_numpy(noise).to(dtype)
+            scheduler = getattr(diffusers, cls).from_config(SCHEDULER)
+            pipe = StableDiffusionInpaintPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+                                                  scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                                  requires_safety_checker=False)
+            pipe.set_progress_bar_config(disable=True)
+            kwargs = dict(prompt=prompt, image=image, mask_image=mask_image, strength=strength, height=size,
+                          width=size, num_inference_steps=steps, guidance_scale=guidance)
+            with torch.no_grad():
+                final = pipe(**kwargs, output_type="latent").images.numpy()
+                out = pipe(**kwargs, output_type="np").images
+            np.save(os.path.join(ref, f"{name}_noise.npy"), noise)
+            np.save(os.path.join(ref, f"{name}_latents.npy"), final.astype(np.float32))
+            np.save(os.path.join(ref, f"{name}_image.npy"), out.astype(np.float32))
+            sampler = {"EulerDiscreteScheduler": "euler", "DDIMScheduler": "ddim"}[cls]
+            cases.append(dict(name=name, sampler=sampler, steps=steps, guidance=guidance, prompt=prompt,
+                              negative_prompt=None, eta=0.0, strength=strength, init="img2img_init.png",
+                              mask="inpaint_mask.png"))
+    finally:
+        inpaint.retrieve_latents, inpaint.randn_tensor = saved
     return cases
 
 

@@ -116,10 +116,18 @@ pub struct Request {
     /// [`noise`](Request::noise) when given), then sampled from there, as diffusers' img2img
     /// pipelines do.
     pub init: Option<Array4<f32>>,
-    /// How much of the schedule image-to-image runs, in (0, 1] (default 0.8, as diffusers): the
+    /// How much of the schedule image-to-image runs, in (0, 1] (default 0.8, or 1 with a
+    /// [`mask`](Request::mask), as diffusers): the
     /// last `int(steps · strength)` steps (LCM takes its steps from the lowest `strength` of its
     /// grid). 1 noises the image completely.
     pub strength: Option<f64>,
+    /// Inpainting, with `init`: where to draw anew, `[batch, 1, H, W]` in the model's space (a
+    /// latent model's latent size: [`Pipeline::mask_from_image`]), 1 to regenerate and 0 to keep,
+    /// one for all images or one per image. After every step the kept part is put back as the
+    /// init noised to the next step (at the last, the init itself), as diffusers'
+    /// `StableDiffusionInpaintPipeline` does for a UNet that takes no mask; at strength 1 the run
+    /// starts from pure noise.
+    pub mask: Option<Array4<f32>>,
     /// Every this many steps, and at the last, the step callback gets a preview
     /// ([`StepInfo::preview`]): the clean image the model predicts at that step (x̂₀). 0: none.
     pub preview_every: usize,
@@ -211,6 +219,9 @@ struct Scratch {
     out: Array4<f32>,
     /// x̂₀ for a preview.
     x0: Array4<f32>,
+    /// Image-to-image: this image's init and the unit noise put on it.
+    init: Array4<f32>,
+    noise: Array4<f32>,
     guided: guidance::Scratch,
     /// One image's values of each conditioning input, for the conditional and the
     /// unconditional branch, and both as one batch of 2.
@@ -233,6 +244,8 @@ impl Scratch {
             x_in: one(),
             out: one(),
             x0: one(),
+            init: one(),
+            noise: one(),
             guided: guidance::Scratch::new([c, h, w]),
             extra: arrays(1),
             extra_null: arrays(1),
@@ -446,6 +459,29 @@ impl Pipeline {
         Ok(out)
     }
 
+    /// An inpainting mask for [`Request::mask`] from a mask image `[batch, 1, H, W]` of
+    /// [`output_shape`](Pipeline::output_shape)'s size, values in `[0, 1]` (white, 1: regenerate):
+    /// made 0 or 1 at 0.5, then for a latent model cut to the latent size by nearest neighbours,
+    /// as diffusers prepares it.
+    pub fn mask_from_image(&self, mask: &Array4<f32>) -> Result<Array4<f32>> {
+        let [_, big_h, big_w] = self.output_shape();
+        if mask.shape()[1..] != [1, big_h, big_w] || mask.shape()[0] == 0 {
+            return Err(Error::Tensor {
+                what: "mask".into(),
+                message: format!("expected a mask [batch, 1, {big_h}, {big_w}], found {:?}", mask.shape()),
+            });
+        }
+        let [h, w] = [self.card.image.height, self.card.image.width];
+        let (sy, sx) = (big_h / h, big_w / w);
+        Ok(Array4::from_shape_fn((mask.shape()[0], 1, h, w), |(b, _, y, x)| {
+            if mask[[b, 0, y * sy, x * sx]] >= 0.5 {
+                1.0
+            } else {
+                0.0
+            }
+        }))
+    }
+
     /// Whether the model is prompted with text (its card has a `[text_encoder]`).
     pub fn takes_text(&self) -> bool {
         self.text.is_some()
@@ -652,7 +688,8 @@ impl Pipeline {
         }
         let opts = SamplerOptions { eta: req.eta.or(d.eta).unwrap_or(0.0) };
         let strength = match (&req.init, req.strength) {
-            (Some(_), s) => Some(s.unwrap_or(0.8)),
+            // diffusers' defaults: img2img 0.8, inpainting 1.
+            (Some(_), s) => Some(s.unwrap_or(if req.mask.is_some() { 1.0 } else { 0.8 })),
             (None, Some(_)) => return Err(Error::config("strength", "applies to image-to-image: give an init image")),
             (None, None) => None,
         };
@@ -684,6 +721,29 @@ impl Pipeline {
                 return Err(Error::Tensor {
                     what: "init".into(),
                     message: format!("holds {bad} non-finite values (NaN or Inf)"),
+                });
+            }
+        }
+        if let Some(mask) = &req.mask {
+            let images = self.num_images(req);
+            let batch = mask.shape()[0];
+            if req.init.is_none() {
+                return Err(Error::config("mask", "inpainting needs the image to keep parts of: give an init"));
+            }
+            if mask.shape()[1..] != [1, h, w] || !(batch == 1 || batch == images) {
+                return Err(Error::Tensor {
+                    what: "mask".into(),
+                    message: format!(
+                        "expected shape [{}, 1, {h}, {w}] (the model's [image] size), found {:?}",
+                        if images == 1 { "1".to_string() } else { format!("1 or {images}") },
+                        mask.shape()
+                    ),
+                });
+            }
+            if let Some(bad) = mask.iter().find(|v| !(0.0..=1.0).contains(*v)) {
+                return Err(Error::Tensor {
+                    what: "mask".into(),
+                    message: format!("holds {bad}; expected values in [0, 1] (1: regenerate, 0: keep)"),
                 });
             }
         }
@@ -792,7 +852,9 @@ impl Pipeline {
         let conditional = self.card.model.inputs.class_labels.is_some();
         // A σ-conditioned model takes the noisy sample as it is (its preconditioning is in the graph).
         let sigma_model = matches!(self.card.model.inputs.time(), TimeInput::Sigma(_));
-        let Scratch { x, x_in, out, x0, guided: pair, extra, extra_null, extra_pair } = &mut self.scratch;
+        let Scratch { x, x_in, out, x0, init, noise: unit, guided: pair, extra, extra_null, extra_pair } =
+            &mut self.scratch;
+        let strength = r.img2img.map(|(s, _)| s);
         let (guidance, total) = (r.guidance, r.total);
         let mut decode_time = Duration::ZERO;
         let (ctx, ctx_null, ctx_pair) = match &r.text {
@@ -816,12 +878,16 @@ impl Pipeline {
             }
             match &req.init {
                 // The noise goes onto the image at the first timestep run.
-                Some(init) => {
-                    let one = init.shape()[0] == 1;
-                    let image = init.slice(s![if one { 0..1 } else { i..i + 1 }, .., .., ..]);
-                    x_in.assign(&image);
-                    x0.assign(x);
-                    sampler.add_noise(x_in, x0, first, x);
+                Some(given) => {
+                    init.assign(&one_of(given, i));
+                    unit.assign(x);
+                    // diffusers' inpainting starts from pure noise at strength 1.
+                    if req.mask.is_some() && strength == Some(1.0) {
+                        let sigma0 = sampler.init_noise_sigma() as f32;
+                        x.mapv_inplace(|v| v * sigma0);
+                    } else {
+                        sampler.add_noise(init, unit, first, x);
+                    }
                 }
                 None => {
                     let sigma0 = sampler.init_noise_sigma() as f32;
@@ -882,6 +948,27 @@ impl Pipeline {
                     sampler.predict_x0(out, k, x, x0);
                 }
                 sampler.step(out, k, x, &mut noise);
+                if let Some(mask) = &req.mask {
+                    // The kept part: the init at the next step's noise level, or itself at the end.
+                    let kept: &Array4<f32> = match k + 1 < sampler.timesteps().len() {
+                        true => {
+                            sampler.add_noise(init, unit, k + 1, x_in);
+                            x_in
+                        }
+                        false => init,
+                    };
+                    let m = one_of(mask, i);
+                    let plane = m.index_axis(ndarray::Axis(0), 0);
+                    let plane = plane.index_axis(ndarray::Axis(0), 0);
+                    let mut channels = x.index_axis_mut(ndarray::Axis(0), 0);
+                    for (mut xc, pc) in channels.outer_iter_mut().zip(kept.index_axis(ndarray::Axis(0), 0).outer_iter())
+                    {
+                        ndarray::Zip::from(&mut xc)
+                            .and(&pc)
+                            .and(&plane)
+                            .for_each(|x, &p, &w| *x = (1.0 - w) * p + w * *x);
+                    }
+                }
                 let elapsed = start.elapsed();
                 let pixels = match (preview, self.preview.as_mut().or(self.decoder.as_mut())) {
                     (true, Some(d)) => Some(d.decode(x0)?),
@@ -995,6 +1082,12 @@ fn sampler_for(
         None => 0,
     };
     Ok((built, start))
+}
+
+/// Image `i` of `batch` (`[1 or n, …]`): the only one, or the `i`-th.
+fn one_of(batch: &Array4<f32>, i: usize) -> ndarray::ArrayView4<'_, f32> {
+    let at = if batch.shape()[0] == 1 { 0 } else { i };
+    batch.slice(s![at..at + 1, .., .., ..])
 }
 
 /// One image's call inputs: its label (if any), the shared context and its conditioning values.

@@ -103,10 +103,14 @@ pub struct SampleArgs {
     /// (a latent model's latents; one for all images or one per image).
     #[arg(long, value_name = "FILE")]
     init: Option<PathBuf>,
-    /// How much of the schedule image-to-image runs, in (0, 1] (default 0.8): the last
+    /// How much of the schedule image-to-image runs, in (0, 1] (default 0.8; 1 with --mask): the last
     /// int(steps × strength) steps, from the image noised to that level.
     #[arg(long)]
     strength: Option<f64>,
+    /// Inpainting, with --init: a mask image of the output's size, white where to draw anew and
+    /// black where to keep the init (grey values split at the middle).
+    #[arg(long, value_name = "FILE.png")]
+    mask: Option<PathBuf>,
     /// Every N steps, and at the last, write the image the model predicts at that step (x̂₀) to
     /// --preview: a live view of a slow run, to cancel a bad seed early.
     #[arg(long, value_name = "N")]
@@ -191,6 +195,9 @@ pub fn run(a: SampleArgs) -> Result<()> {
     if a.strength.is_some() && a.init.is_none() {
         bail!("--strength: applies to image-to-image: give --init FILE");
     }
+    if a.mask.is_some() && a.init.is_none() {
+        bail!("--mask: inpainting needs the image to keep parts of: give --init FILE");
+    }
     let init_npy = match &a.init {
         Some(p) if p.extension().is_some_and(|e| e.eq_ignore_ascii_case("npy")) => Some(files::read_npy4(p)?),
         _ => None,
@@ -268,6 +275,13 @@ pub fn run(a: SampleArgs) -> Result<()> {
         }
         (None, None) => None,
     };
+    let mask = match &a.mask {
+        Some(p) => {
+            let [_, h, w] = pipe.output_shape();
+            Some(pipe.mask_from_image(&files::read_image(p, [1, h, w], [0.0, 1.0])?)?)
+        }
+        None => None,
+    };
     let count = total - a.start_index;
     let req = Request {
         seed: a.seed,
@@ -291,6 +305,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
             _ => i.slice_move(ndarray::s![a.start_index.., .., .., ..]),
         }),
         strength: a.strength,
+        mask,
     };
     let card = pipe.card();
     let latent = [card.image.channels, card.image.height, card.image.width];
