@@ -529,3 +529,43 @@ fn cli_inpainting_keeps_the_unmasked_part_exactly() {
     assert_eq!(kept, 512);
     assert!(changed > 100, "only {changed} of 512 pixels inside the mask were redrawn");
 }
+
+/// `sample` through the library with the student at `size` pixels, tiled or run whole.
+fn student_canvas(size: [usize; 2], tile_overlap: Option<usize>, seed: u64) -> Array4<f32> {
+    let opts = LoadOptions { threads: 1, size: Some(size), tile_overlap, ..Default::default() };
+    let mut pipe = Pipeline::load(root().join("models/fmnist-student"), opts).unwrap();
+    let req = Request { seed, classes: Some(vec![7]), steps: Some(2), ..Default::default() };
+    pipe.generate(&req, &mut |_| ControlFlow::Continue(())).unwrap().samples
+}
+
+#[test]
+fn multidiffusion_over_the_model_size_is_the_plain_run() {
+    // One window covers the canvas: the blend is the window itself.
+    assert_eq!(student_canvas([32, 32], Some(8), 4), student_canvas([32, 32], None, 4));
+}
+
+#[test]
+fn multidiffusion_draws_a_larger_canvas_deterministically() {
+    let a = student_canvas([64, 48], Some(8), 4);
+    assert_eq!(a.shape(), [1, 1, 48, 64]);
+    assert!(a.iter().all(|v| v.is_finite() && v.abs() < 4.0));
+    assert_eq!(a, student_canvas([64, 48], Some(8), 4), "same seed, same canvas");
+    assert_ne!(a, student_canvas([64, 48], Some(8), 5));
+    // The student's graph is fixed at 32×32: only windows can draw a larger canvas.
+    let opts = LoadOptions { threads: 1, size: Some([64, 48]), ..Default::default() };
+    let err = Pipeline::load(root().join("models/fmnist-student"), opts).err().unwrap().to_string();
+    assert!(err.contains("image.height is 48"), "{err}");
+    // The canvas is not one window repeated: its halves differ.
+    let (left, right) = (a.slice(ndarray::s![0, 0, .., ..32]), a.slice(ndarray::s![0, 0, .., 32..]));
+    assert_ne!(left, right);
+}
+
+#[test]
+fn multidiffusion_refuses_a_canvas_smaller_than_the_model() {
+    let opts = LoadOptions { threads: 1, size: Some([16, 64]), tile_overlap: Some(8), ..Default::default() };
+    let err = Pipeline::load(root().join("models/fmnist-student"), opts).err().unwrap().to_string();
+    assert!(err.starts_with("tile-overlap:") && err.contains("at least the model's size"), "{err}");
+    let opts = LoadOptions { threads: 1, size: Some([64, 64]), tile_overlap: Some(32), ..Default::default() };
+    let err = Pipeline::load(root().join("models/fmnist-student"), opts).err().unwrap().to_string();
+    assert!(err.starts_with("tile-overlap:") && err.contains("less than"), "{err}");
+}

@@ -52,6 +52,11 @@ pub struct LoadOptions {
     pub decoder_tiling: DecoderTiling,
     /// The side of a decoder window in pixels (default: the card's `[decoder] tile_size`).
     pub decoder_tile: Option<usize>,
+    /// With [`size`](LoadOptions::size) above the model's own: denoise the larger canvas in
+    /// windows of the model's size overlapping by at least this many pixels, their predictions
+    /// blended at every step (MultiDiffusion, Bar-Tal et al. 2023), instead of running the model
+    /// at the canvas size. Memory stays that of one window's call.
+    pub tile_overlap: Option<usize>,
     /// A decoder folder for [`Request::preview_every`]'s previews of a latent model, e.g. a
     /// TAESD-class tiny decoder (default: the model's decoder).
     pub preview_decoder: Option<PathBuf>,
@@ -69,6 +74,7 @@ impl Default for LoadOptions {
             decoder_tiling: DecoderTiling::default(),
             decoder_tile: None,
             preview_decoder: None,
+            tile_overlap: None,
         }
     }
 }
@@ -231,7 +237,7 @@ struct Scratch {
 }
 
 impl Scratch {
-    fn new([c, h, w]: [usize; 3], conditioning: &[crate::runtime::ConditioningInput]) -> Self {
+    fn new([c, h, w]: [usize; 3], window: [usize; 3], conditioning: &[crate::runtime::ConditioningInput]) -> Self {
         let one = || Array4::<f32>::zeros((1, c, h, w));
         let arrays = |batch: usize| -> Vec<ArrayD<f32>> {
             conditioning
@@ -246,7 +252,7 @@ impl Scratch {
             x0: one(),
             init: one(),
             noise: one(),
-            guided: guidance::Scratch::new([c, h, w]),
+            guided: guidance::Scratch::new(window),
             extra: arrays(1),
             extra_null: arrays(1),
             extra_pair: arrays(2),
@@ -304,6 +310,49 @@ pub struct Pipeline {
     preview: Option<decode::Decoder>,
     /// The VAE encoder, loaded at its first use (only image-to-image from pixels needs it).
     encoder: Option<encode::Encoder>,
+    /// MultiDiffusion's windows over a canvas larger than the model.
+    canvas: Option<Canvas>,
+}
+
+/// The windows of the model's size over a larger canvas, and their blend weights.
+struct Canvas {
+    spans: [tiles::Spans; 2],
+    weights: [Vec<Vec<f32>>; 2],
+    /// One window's model input and output.
+    input: Array4<f32>,
+    output: Array4<f32>,
+}
+
+impl Canvas {
+    /// Windows `[h, w]` over the canvas `[C, H, W]`, overlapping by at least `overlap` pixels
+    /// (`scale` pixels per canvas position).
+    fn new([c, big_h, big_w]: [usize; 3], [h, w]: [usize; 2], overlap: usize, scale: usize) -> Result<Self> {
+        if big_h < h || big_w < w {
+            return Err(Error::config(
+                "tile-overlap",
+                format!(
+                    "the canvas ({}x{} pixels) must be at least the model's size ({}x{}) in both directions",
+                    big_w * scale,
+                    big_h * scale,
+                    w * scale,
+                    h * scale
+                ),
+            ));
+        }
+        let o = overlap.div_ceil(scale);
+        if o >= h.min(w) {
+            return Err(Error::config(
+                "tile-overlap",
+                format!("expected less than the model's size, {} pixels, got {overlap}", h.min(w) * scale),
+            ));
+        }
+        let spans = [tiles::Spans::new(big_h, h, o), tiles::Spans::new(big_w, w, o)];
+        let weights = [0, 1].map(|a| {
+            let s = &spans[a];
+            (0..s.starts().len()).map(|k| (0..s.size()).map(|u| s.weight(k, u, 1)).collect()).collect()
+        });
+        Ok(Canvas { spans, weights, input: Array4::zeros((1, c, h, w)), output: Array4::zeros((1, c, h, w)) })
+    }
 }
 
 impl Pipeline {
@@ -312,9 +361,10 @@ impl Pipeline {
     /// `vae_decoder/`, `scheduler/`; see [`ModelCard::load`]).
     pub fn load(dir: impl AsRef<Path>, options: LoadOptions) -> Result<Self> {
         let mut card = ModelCard::load(dir)?;
-        amend(&mut card, &options)?;
-        let denoiser = Denoiser::load(&card, options.threads)?;
-        Self::from_parts(card, denoiser, options)
+        let window = amend(&mut card, &options)?;
+        let denoiser = Denoiser::load(&window, options.threads)?;
+        let size = [window.image.height, window.image.width];
+        Self::from_parts(card, denoiser, options, size)
     }
 
     /// Loads from a parsed card and ONNX bytes held in memory (e.g. `include_bytes!`).
@@ -335,12 +385,14 @@ impl Pipeline {
     /// # }
     /// ```
     pub fn from_bytes(mut card: ModelCard, onnx: &[u8], options: LoadOptions) -> Result<Self> {
-        amend(&mut card, &options)?;
-        let denoiser = Denoiser::from_bytes(onnx, &card, options.threads, card.onnx_path())?;
-        Self::from_parts(card, denoiser, options)
+        let window = amend(&mut card, &options)?;
+        let denoiser = Denoiser::from_bytes(onnx, &window, options.threads, card.onnx_path())?;
+        let size = [window.image.height, window.image.width];
+        Self::from_parts(card, denoiser, options, size)
     }
 
-    fn from_parts(card: ModelCard, mut denoiser: Denoiser, options: LoadOptions) -> Result<Self> {
+    /// `window`: `[height, width]` the denoiser runs at (the card's own size, unless tiled).
+    fn from_parts(card: ModelCard, mut denoiser: Denoiser, options: LoadOptions, window: [usize; 2]) -> Result<Self> {
         denoiser.set_precision(options.precision);
         denoiser.set_convolution(options.convolution);
         let text = text::TextEncoder::load(&card, options.threads)?;
@@ -375,9 +427,15 @@ impl Pipeline {
         } else {
             denoiser.prepare_final(1)?;
         }
-        let scratch =
-            Scratch::new([card.image.channels, card.image.height, card.image.width], denoiser.conditioning_inputs());
-        Ok(Pipeline { card, denoiser, options, scratch, card_values, text, decoder, preview, encoder: None })
+        let chw = [card.image.channels, card.image.height, card.image.width];
+        let canvas = match options.tile_overlap {
+            Some(px) => {
+                Some(Canvas::new(chw, [window[0], window[1]], px, card.decoder.as_ref().map_or(1, |d| d.scale))?)
+            }
+            None => None,
+        };
+        let scratch = Scratch::new(chw, [chw[0], window[0], window[1]], denoiser.conditioning_inputs());
+        Ok(Pipeline { card, denoiser, options, scratch, card_values, text, decoder, preview, encoder: None, canvas })
     }
 
     /// The model card.
@@ -921,22 +979,43 @@ impl Pipeline {
                     sampler.scale_model_input(x_in, k);
                 }
                 let cond = branch(&labels, ctx, extra);
-                if guided_image {
-                    let both = Conditions {
-                        class_labels: pair_labels.as_ref().map(|l| &l[..]),
-                        context: ctx_pair,
-                        extra: extra_pair,
-                    };
-                    let call = guidance::Call {
-                        x: x_in,
-                        t,
-                        branches: [cond, branch(&null_labels, ctx_null, extra_null)],
-                        pair: both,
-                        scale: guidance,
-                    };
-                    pair.predict(&mut self.denoiser, batching, &call, out)?;
-                } else {
-                    self.denoiser.predict_with(x_in, t, &cond, out)?;
+                let null = branch(&null_labels, ctx_null, extra_null);
+                let both = Conditions {
+                    class_labels: pair_labels.as_ref().map(|l| &l[..]),
+                    context: ctx_pair,
+                    extra: extra_pair,
+                };
+                let predict = |denoiser: &mut Denoiser,
+                               pair: &mut guidance::Scratch,
+                               x: &Array4<f32>,
+                               out: &mut Array4<f32>|
+                 -> Result<()> {
+                    match guided_image {
+                        true => {
+                            let call = guidance::Call { x, t, branches: [cond, null], pair: both, scale: guidance };
+                            pair.predict(denoiser, batching, &call, out)
+                        }
+                        false => denoiser.predict_with(x, t, &cond, out),
+                    }
+                };
+                match self.canvas.as_mut() {
+                    None => predict(&mut self.denoiser, pair, x_in, out)?,
+                    // MultiDiffusion: every window of the canvas, their predictions blended.
+                    Some(cv) => {
+                        let [_, c, big_h, big_w] = [out.shape()[0], out.shape()[1], out.shape()[2], out.shape()[3]];
+                        let [h, w] = [cv.input.shape()[2], cv.input.shape()[3]];
+                        let mut blend = tiles::Blend::new([c, big_h, big_w]);
+                        for (ky, &top) in cv.spans[0].starts().iter().enumerate() {
+                            for (kx, &left) in cv.spans[1].starts().iter().enumerate() {
+                                cv.input.assign(&x_in.slice(s![.., .., top..top + h, left..left + w]));
+                                predict(&mut self.denoiser, pair, &cv.input, &mut cv.output)?;
+                                let window = cv.output.as_slice().expect("scratch arrays are contiguous");
+                                blend.add(window, [top, left], &cv.weights[0][ky], &cv.weights[1][kx]);
+                            }
+                        }
+                        let blended = blend.finish();
+                        out.as_slice_mut().expect("scratch arrays are contiguous").copy_from_slice(&blended);
+                    }
                 }
                 let bad = out.iter().filter(|v| !v.is_finite()).count();
                 if bad > 0 {
@@ -1028,15 +1107,20 @@ impl Pipeline {
     }
 }
 
-/// The card as the load options change it: the decoder replaced, the size set.
-fn amend(card: &mut ModelCard, options: &LoadOptions) -> Result<()> {
+/// The card as the load options change it: the decoder replaced, the size set. Returns the card
+/// the denoiser runs at: the same, or with the model's own size when the canvas is tiled.
+fn amend(card: &mut ModelCard, options: &LoadOptions) -> Result<ModelCard> {
     if let Some(dir) = &options.decoder {
         card.replace_decoder(dir)?;
     }
+    let own = card.clone();
     if let Some(size) = options.size {
         resize(card, size)?;
     }
-    Ok(())
+    Ok(match options.tile_overlap {
+        Some(_) => own,
+        None => card.clone(),
+    })
 }
 
 /// Sets the card's `[image]` size to give outputs of `[width, height]` pixels.

@@ -98,6 +98,11 @@ pub struct SampleArgs {
     /// Side of a decoding window in pixels (default: the VAE's training size, its sample_size).
     #[arg(long, value_name = "PIXELS")]
     vae_tile: Option<usize>,
+    /// With --width/--height above the model's size: denoise the canvas in windows of the
+    /// model's size overlapping by at least this many pixels, blended at every step
+    /// (MultiDiffusion), instead of running the model at the canvas size.
+    #[arg(long, value_name = "PIXELS")]
+    tile_overlap: Option<usize>,
     /// Image-to-image: the image to start from, a PNG of the model's size (its values mapped
     /// through the card's value_range) or a float32 .npy [batch, C, H, W] in the model's space
     /// (a latent model's latents; one for all images or one per image).
@@ -215,6 +220,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
         decoder_tiling,
         decoder_tile: a.vae_tile,
         preview_decoder: a.preview_decoder.clone(),
+        tile_overlap: a.tile_overlap,
         ..Default::default()
     };
     match (a.width, a.height) {
@@ -242,7 +248,10 @@ pub fn run(a: SampleArgs) -> Result<()> {
     let mut pipe = Pipeline::load(&model, opts).map_err(|e| match e {
         // Name the flag that set the field.
         edge_diffuse::Error::Config { field, message }
-            if matches!(field.as_str(), "width" | "height" | "decoder" | "vae-tile" | "preview-decoder") =>
+            if matches!(
+                field.as_str(),
+                "width" | "height" | "decoder" | "vae-tile" | "preview-decoder" | "tile-overlap"
+            ) =>
         {
             anyhow::anyhow!("--{field}: {message}")
         }
