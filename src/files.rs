@@ -457,26 +457,32 @@ pub fn to_u8(v: f32, range: [f32; 2]) -> u8 {
 
 /// Reads a PNG (or any image the `image` crate decodes) as one image `[1, C, H, W]` of `shape`
 /// (`[C, H, W]`), mapping 0–255 onto `range` as [`to_u8`] maps back: 1 channel is grey, 3 RGB, 4
-/// RGBA. Its size must be the shape's.
-pub fn read_image(path: &Path, shape: [usize; 3], range: [f32; 2]) -> Result<Array4<f32>> {
+/// RGBA. Its size must be the shape's, unless `resize`: then it is resized to it (Lanczos, as
+/// diffusers' image processor resizes).
+pub fn read_image(path: &Path, shape: [usize; 3], range: [f32; 2], resize: bool) -> Result<Array4<f32>> {
     let [c, h, w] = shape;
-    let what = || path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let img = image::load_from_memory(&bytes)
-        .map_err(|e| Error::Tensor { what: what(), message: format!("not a readable image: {e}") })?;
-    if (img.width() as usize, img.height() as usize) != (w, h) {
-        return Err(Error::Tensor {
-            what: what(),
-            message: format!("is {}×{} pixels, expected {w}×{h} (the model's image size)", img.width(), img.height()),
-        });
-    }
+    let img = decode_image(path)?;
+    let img = match (img.width() as usize, img.height() as usize) == (w, h) {
+        true => img,
+        false if resize => img.resize_exact(w as u32, h as u32, image::imageops::FilterType::Lanczos3),
+        false => {
+            return Err(Error::Tensor {
+                what: path.display().to_string(),
+                message: format!(
+                    "is {}×{} pixels, expected {w}×{h} (the model's image size)",
+                    img.width(),
+                    img.height()
+                ),
+            })
+        }
+    };
     let values: Vec<u8> = match c {
         1 => img.to_luma8().into_raw(),
         3 => img.to_rgb8().into_raw(),
         4 => img.to_rgba8().into_raw(),
         _ => {
             return Err(Error::Tensor {
-                what: what(),
+                what: path.display().to_string(),
                 message: format!("the model's images have {c} channels; an image file gives 1, 3 or 4"),
             })
         }
@@ -484,6 +490,33 @@ pub fn read_image(path: &Path, shape: [usize; 3], range: [f32; 2]) -> Result<Arr
     let [lo, hi] = range;
     // Interleaved pixels to planes.
     Ok(Array4::from_shape_fn((1, c, h, w), |(_, k, y, x)| lo + (hi - lo) * values[(y * w + x) * c + k] as f32 / 255.0))
+}
+
+/// Reads a greyscale mask image of `[height, width]` as `[1, 1, H, W]` in `[0, 1]` (white 1). An
+/// image in colour is refused: which channel would say where to draw is not clear.
+pub fn read_mask(path: &Path, [h, w]: [usize; 2]) -> Result<Array4<f32>> {
+    let img = decode_image(path)?;
+    let what = || path.display().to_string();
+    if (img.width() as usize, img.height() as usize) != (w, h) {
+        return Err(Error::Tensor {
+            what: what(),
+            message: format!("is {}×{} pixels, expected {w}×{h} (the output's size)", img.width(), img.height()),
+        });
+    }
+    if img.color().has_color() && img.to_rgb8().pixels().any(|p| p.0[0] != p.0[1] || p.0[1] != p.0[2]) {
+        return Err(Error::Tensor {
+            what: what(),
+            message: "is in colour; a mask is greyscale (white: draw anew, black: keep)".into(),
+        });
+    }
+    let grey = img.to_luma8();
+    Ok(Array4::from_shape_fn((1, 1, h, w), |(_, _, y, x)| grey.get_pixel(x as u32, y as u32).0[0] as f32 / 255.0))
+}
+
+fn decode_image(path: &Path) -> Result<image::DynamicImage> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    image::load_from_memory(&bytes)
+        .map_err(|e| Error::Tensor { what: path.display().to_string(), message: format!("not a readable image: {e}") })
 }
 
 /// Images laid out on a grid, one pixel of gap, as 8-bit pixels, filled one image at a time.

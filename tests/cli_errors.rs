@@ -730,3 +730,26 @@ fn mask_of_another_size() {
     image::GrayImage::new(16, 32).save(fx.path().join("mask.png")).unwrap();
     fx.sample_fails(&["--init", "init.npy", "--mask", "mask.png"], &["mask.png", "16×32", "32×32"]);
 }
+
+#[test]
+fn mask_in_colour() {
+    let fx = Fx::new();
+    fx.npy("init.npy", &ndarray::Array4::<f32>::zeros((1, 1, 32, 32)));
+    image::RgbImage::from_fn(32, 32, |x, _| image::Rgb([if x < 16 { 255 } else { 0 }, 0, 0]))
+        .save(fx.path().join("mask.png"))
+        .unwrap();
+    fx.sample_fails(&["--init", "init.npy", "--mask", "mask.png"], &["mask.png", "colour", "greyscale"]);
+}
+
+#[test]
+fn trajectory_to_an_unwritable_path() {
+    Fx::new().sample_fails(&["--trajectory", "no/such/dir/strip.png"], &["no/such/dir"]);
+}
+
+#[test]
+fn tile_overlap_as_large_as_the_window() {
+    Fx::new().sample_fails(
+        &["--width", "64", "--height", "64", "--tile-overlap", "32"],
+        &["--tile-overlap", "less than", "32"],
+    );
+}

@@ -569,3 +569,16 @@ fn multidiffusion_refuses_a_canvas_smaller_than_the_model() {
     let err = Pipeline::load(root().join("models/fmnist-student"), opts).err().unwrap().to_string();
     assert!(err.starts_with("tile-overlap:") && err.contains("less than"), "{err}");
 }
+
+#[test]
+fn cli_resize_init_takes_an_image_of_another_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (init, out) = (tmp.path().join("big.png"), tmp.path().join("out.png"));
+    image::GrayImage::from_fn(100, 60, |x, y| image::Luma([((x * 2 + y) % 256) as u8])).save(&init).unwrap();
+    #[rustfmt::skip]
+    cli(&[
+        "sample", "--model", "models/fmnist-student", "--init", path_str(&init), "--resize-init",
+        "--strength", "0.5", "--quiet", "--out", path_str(&out),
+    ]);
+    assert_eq!(image::open(&out).unwrap().into_luma8().dimensions(), (32, 32));
+}

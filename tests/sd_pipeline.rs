@@ -114,12 +114,12 @@ fn check_case(pipe: &mut Pipeline, c: &Value) {
     // Image-to-image: the init PNG through the VAE encoder.
     let init = c["init"].as_str().map(|file| {
         let pixels =
-            edge_diffuse::files::read_image(&reference(file), pipe.output_shape(), pipe.value_range()).unwrap();
+            edge_diffuse::files::read_image(&reference(file), pipe.output_shape(), pipe.value_range(), false).unwrap();
         pipe.encode(&pixels).unwrap_or_else(|e| panic!("{name}: encode: {e}"))
     });
     let mask = c["mask"].as_str().map(|file| {
         let [_, h, w] = pipe.output_shape();
-        let image = edge_diffuse::files::read_image(&reference(file), [1, h, w], [0.0, 1.0]).unwrap();
+        let image = edge_diffuse::files::read_mask(&reference(file), [h, w]).unwrap();
         pipe.mask_from_image(&image).unwrap()
     });
     let req = Request {

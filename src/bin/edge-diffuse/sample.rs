@@ -108,6 +108,9 @@ pub struct SampleArgs {
     /// (a latent model's latents; one for all images or one per image).
     #[arg(long, value_name = "FILE")]
     init: Option<PathBuf>,
+    /// Resize a --init image of another size to the model's (Lanczos), instead of refusing it.
+    #[arg(long)]
+    resize_init: bool,
     /// How much of the schedule image-to-image runs, in (0, 1] (default 0.8; 1 with --mask): the last
     /// int(steps × strength) steps, from the image noised to that level.
     #[arg(long)]
@@ -279,7 +282,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
                     p.display()
                 );
             }
-            let pixels = files::read_image(p, pipe.output_shape(), pipe.value_range())?;
+            let pixels = files::read_image(p, pipe.output_shape(), pipe.value_range(), a.resize_init)?;
             Some(pipe.encode(&pixels)?)
         }
         (None, None) => None,
@@ -287,7 +290,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
     let mask = match &a.mask {
         Some(p) => {
             let [_, h, w] = pipe.output_shape();
-            Some(pipe.mask_from_image(&files::read_image(p, [1, h, w], [0.0, 1.0])?)?)
+            Some(pipe.mask_from_image(&files::read_mask(p, [h, w])?)?)
         }
         None => None,
     };
