@@ -24,6 +24,24 @@ fn bench_json_reports_latency_and_memory() {
 }
 
 #[test]
+fn bench_times_an_img2img_request_with_previews() {
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/models/fmnist-teacher");
+    #[rustfmt::skip]
+    let out = common::edge_diffuse()
+        .args([
+            "bench", "--model", model, "--runs", "1", "--threads", "1", "--steps", "6", "--strength", "0.5",
+            "--sampler", "ddim", "--preview-every", "1", "--json",
+        ])
+        .output()
+        .expect("runs");
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    // int(6 × 0.5) steps of the 6 run.
+    assert_eq!((v["steps"].as_u64(), v["timesteps"].as_u64()), (Some(6), Some(3)), "{v}");
+    assert_eq!((v["strength"].as_f64(), v["preview_every"].as_u64()), (Some(0.5), Some(1)));
+}
+
+#[test]
 fn bench_rejects_zero_runs() {
     let out = common::edge_diffuse().args(["bench", "--runs", "0"]).output().expect("runs");
     assert_eq!(out.status.code(), Some(1));

@@ -42,6 +42,14 @@ pub struct BenchArgs {
     /// every run encodes its prompt).
     #[arg(long, default_value = "a photo of a red bicycle")]
     pub prompt: String,
+    /// Time image-to-image: each run starts from a mid-grey image (through the VAE encoder for a
+    /// latent model) at this strength, so it runs int(steps × strength) steps.
+    #[arg(long)]
+    pub strength: Option<f64>,
+    /// Ask for a preview (the step's x̂₀, decoded for a latent model) every N steps: its cost
+    /// shows in image_s_median.
+    #[arg(long, value_name = "N")]
+    pub preview_every: Option<usize>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -96,6 +104,14 @@ pub fn run(a: BenchArgs, model: PathBuf) -> Result<()> {
     let prompted = pipe.takes_text();
     // A class-conditional model is measured on a real class, so guidance runs as it would.
     let classes = pipe.card().classes.as_ref().map(|_| vec![0]);
+    let init = match a.strength {
+        Some(_) => {
+            let [c, h, w] = pipe.output_shape();
+            let [lo, hi] = pipe.value_range();
+            Some(pipe.encode(&ndarray::Array4::from_elem((1, c, h, w), (lo + hi) / 2.0))?)
+        }
+        None => None,
+    };
     for i in 0..=a.runs {
         let req = Request {
             seed: i as u64,
@@ -105,6 +121,9 @@ pub fn run(a: BenchArgs, model: PathBuf) -> Result<()> {
             guidance: a.guidance,
             classes: classes.clone(),
             prompt: prompted.then(|| format!("{} {i}", a.prompt)),
+            init: init.clone(),
+            strength: a.strength,
+            preview_every: a.preview_every.unwrap_or(0),
             ..Default::default()
         };
         let mut times = Vec::new();
@@ -152,6 +171,13 @@ pub fn run(a: BenchArgs, model: PathBuf) -> Result<()> {
         "peak_rss_mib": peak_rss_mib(),
         "runs": a.runs,
     });
+    if let Some(s) = a.strength {
+        report["strength"] = s.into();
+        report["timesteps"] = (steps_ms.len() / a.runs).into();
+    }
+    if let Some(n) = a.preview_every {
+        report["preview_every"] = n.into();
+    }
     if prompted {
         report["text_encoder_ms_median"] = percentile(&text_ms, 0.5).into();
     }
