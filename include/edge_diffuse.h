@@ -57,6 +57,21 @@ typedef struct ed_request {
     float guidance;         /* classifier-free guidance scale; negative: the card's default */
     float eta;              /* DDIM's eta; negative: the card's default */
     const char *sampler;    /* "lcm", "ddim", ...; NULL: the card's default */
+    /* Image-to-image: images to start from, float [init_images][channels][height][width] in the
+     * output's value range (a latent model encodes them with its VAE encoder); NULL: none. */
+    const float *init;
+    uint32_t init_images;   /* 1 (for every image) or num_images */
+    float strength;         /* (0, 1]: the last int(steps * strength) steps run; negative: 0.8,
+                             * or 1 with a mask */
+    /* Inpainting, with init: float [mask_images][height][width] in [0, 1], 1 = draw anew. */
+    const float *mask;
+    uint32_t mask_images;   /* 1 (for every image) or num_images */
+    uint32_t preview_every; /* every this many steps and at the last, on_preview gets x0; 0: never */
+    /* The image the model predicts at that step (x0), len floats as one output image
+     * ([channels][height][width], value range), valid during the call. Nonzero cancels. */
+    int (*on_preview)(void *user_data, uint32_t image, uint32_t step, uint32_t total,
+                      const float *preview, size_t len);
+    void *preview_user_data;
 } ed_request;
 
 /* Runs after every model call: image index, 1-based step, steps per image, the step's time.

@@ -77,7 +77,39 @@ pub struct EdRequest {
     pub eta: f32,
     /// Sampler name (`"lcm"`, `"ddim"`, …), NUL-terminated; NULL takes the card's default.
     pub sampler: *const c_char,
+    /// Image-to-image: the images to start from, `[init_images][channels][height][width]` in
+    /// the output's value range (a latent model encodes them with its VAE encoder); NULL: none.
+    pub init: *const f32,
+    /// Images in `init`: 1 (for every image) or `num_images`.
+    pub init_images: u32,
+    /// How much of the schedule image-to-image runs, in (0, 1]; negative: 0.8, or 1 with a mask.
+    pub strength: f32,
+    /// Inpainting, with `init`: `[mask_images][height][width]` in `[0, 1]` (1: draw anew); NULL:
+    /// none.
+    pub mask: *const f32,
+    /// Masks in `mask`: 1 (for every image) or `num_images`.
+    pub mask_images: u32,
+    /// Every this many steps, and at the last, `on_preview` gets the image the model predicts
+    /// (x̂₀); 0: never.
+    pub preview_every: u32,
+    /// Receives the previews; NULL: none.
+    pub on_preview: Option<EdPreviewFn>,
+    /// Passed to `on_preview`.
+    pub preview_user_data: *mut c_void,
 }
+
+/// The preview callback (`ed_preview_fn` in C): the image index, the 1-based step, the steps
+/// per image, and the clean image the model predicts at that step, `len` floats laid out as one
+/// output image (`[channels][height][width]`, the output's value range), valid during the call.
+/// A nonzero return cancels the run.
+pub type EdPreviewFn = unsafe extern "C" fn(
+    user_data: *mut c_void,
+    image: u32,
+    step: u32,
+    total: u32,
+    preview: *const f32,
+    len: usize,
+) -> c_int;
 
 /// The per-step callback (`ed_step_fn` in C): runs after every model call with the image
 /// index, the 1-based step, the steps per image and the step's time in milliseconds. A nonzero
@@ -332,6 +364,14 @@ pub unsafe extern "C" fn ed_request_init(req: *mut EdRequest, req_size: usize) -
             guidance: -1.0,
             eta: -1.0,
             sampler: std::ptr::null(),
+            init: std::ptr::null(),
+            init_images: 1,
+            strength: -1.0,
+            mask: std::ptr::null(),
+            mask_images: 1,
+            preview_every: 0,
+            on_preview: None,
+            preview_user_data: std::ptr::null_mut(),
         });
         Ok(())
     })
@@ -424,6 +464,33 @@ unsafe fn fill_request(h: &mut EdPipeline, src: &EdRequest) -> Result<(), Fail> 
     dst.eta = if src.eta < 0.0 { None } else { Some(src.eta) };
     dst.noise = None;
     dst.context = None;
+    // The decimal the caller wrote, not the float32 nearest it: int(steps × 0.7) is 7 of 10
+    // steps in diffusers, where 0.7 as a float32 would give 6.
+    dst.strength = (src.strength >= 0.0 || src.strength.is_nan())
+        .then(|| (src.strength as f64 * 1e6).round() / 1e6)
+        .map(|s| if s.is_nan() { f64::NAN } else { s });
+    dst.preview_every = src.preview_every as usize;
+    let [c, height, width] = h.pipe.output_shape();
+    dst.init = match src.init.is_null() {
+        true => None,
+        false => {
+            let n = src.init_images.max(1) as usize;
+            let values = std::slice::from_raw_parts(src.init, n * c * height * width);
+            let images = ndarray::Array4::from_shape_vec((n, c, height, width), values.to_vec())
+                .map_err(|e| Fail::new(EdStatus::InvalidArgument, format!("init: {e}")))?;
+            Some(h.pipe.encode(&images)?)
+        }
+    };
+    dst.mask = match src.mask.is_null() {
+        true => None,
+        false => {
+            let n = src.mask_images.max(1) as usize;
+            let values = std::slice::from_raw_parts(src.mask, n * height * width);
+            let masks = ndarray::Array4::from_shape_vec((n, 1, height, width), values.to_vec())
+                .map_err(|e| Fail::new(EdStatus::InvalidArgument, format!("mask: {e}")))?;
+            Some(h.pipe.mask_from_image(&masks)?)
+        }
+    };
     if src.num_classes == 0 {
         if let Some(v) = dst.classes.take() {
             h.spare_classes = v;
@@ -492,18 +559,21 @@ pub unsafe extern "C" fn ed_generate(
                 ));
             }
         }
-        let mut callback = |s: &StepInfo| match on_step {
-            Some(f) => {
-                let ms = s.elapsed.as_secs_f64() * 1e3;
-                // Counts fit: images are bounded by the u32 request field, steps by the sampler.
-                let stop = f(user_data, s.image as u32, s.step as u32, s.total as u32, ms);
-                if stop != 0 {
-                    ControlFlow::Break(())
-                } else {
-                    ControlFlow::Continue(())
+        let (on_preview, preview_data) = (req.on_preview, req.preview_user_data);
+        let mut callback = |s: &StepInfo| {
+            // Counts fit: images are bounded by the u32 request field, steps by the sampler.
+            let (image, step, total) = (s.image as u32, s.step as u32, s.total as u32);
+            if let (Some(f), Some(p)) = (on_preview, s.preview) {
+                if f(preview_data, image, step, total, p.as_ptr(), p.len()) != 0 {
+                    return ControlFlow::Break(());
                 }
             }
-            None => ControlFlow::Continue(()),
+            match on_step {
+                Some(f) if f(user_data, image, step, total, s.elapsed.as_secs_f64() * 1e3) != 0 => {
+                    ControlFlow::Break(())
+                }
+                _ => ControlFlow::Continue(()),
+            }
         };
         let out: &mut [f32] = if samples.is_null() {
             if h.samples.len() < needed {

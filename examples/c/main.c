@@ -121,6 +121,20 @@ static int on_step(void *user_data, uint32_t image, uint32_t step, uint32_t tota
     return c->cancel_at != 0 && (int)step >= c->cancel_at;
 }
 
+/* Counts previews; each must be one whole image of finite values. */
+static int on_preview(void *user_data, uint32_t image, uint32_t step, uint32_t total,
+                      const float *preview, size_t len) {
+    struct counter *c = user_data;
+    (void)image;
+    (void)step;
+    c->calls++;
+    c->last_total = total;
+    if (len != 32 * 32) return 1;
+    for (size_t i = 0; i < len; i++)
+        if (!isfinite(preview[i])) return 1;
+    return 0;
+}
+
 static void *read_file(const char *dir, const char *name, size_t *len, int nul) {
     char path[4096];
     snprintf(path, sizeof path, "%s/%s", dir, name);
@@ -244,6 +258,38 @@ static int selftest(const char *dir) {
     req.classes = &label;
     req.num_classes = 1;
     req.num_images = 1;
+
+    /* Image-to-image from the image above, with previews: strength 0.5 of 4 DDIM steps runs 2,
+     * each previewed; 0.1 runs none and says which strength would. */
+    struct counter pv = {0, 0, 0};
+    float *init = malloc(len * sizeof *init);
+    memcpy(init, samples, len * sizeof *init);
+    req.init = init;
+    req.strength = 0.5f;
+    req.steps = 4;
+    req.sampler = "ddim";
+    req.preview_every = 1;
+    req.on_preview = on_preview;
+    req.preview_user_data = &pv;
+    EXPECT(ed_generate(pipe, &req, NULL, 0, b, len, NULL, NULL) == ED_OK);
+    EXPECT(pv.calls == 2 && pv.last_total == 2);
+    EXPECT(memcmp(a, b, len) != 0);
+    req.strength = 0.1f;
+    EXPECT_ERR(ed_generate(pipe, &req, NULL, 0, b, len, NULL, NULL), ED_ERR_CONFIG, "strength");
+    /* Inpainting: a mask that keeps everything gives back the init's pixels. */
+    float *keep = calloc(len, sizeof *keep);
+    req.strength = -1;
+    req.mask = keep;
+    req.on_preview = NULL;
+    EXPECT(ed_generate(pipe, &req, NULL, 0, b, len, NULL, NULL) == ED_OK);
+    EXPECT(memcmp(a, b, len) == 0);
+    free(keep);
+    free(init);
+    req.init = NULL;
+    req.mask = NULL;
+    req.preview_every = 0;
+    req.steps = 0;
+    req.sampler = NULL;
 
     /* The in-memory route gives the same image. */
     size_t card_len = 0, onnx_len = 0;
