@@ -129,8 +129,7 @@ impl Sampler for Consistency {
     }
 
     fn add_noise(&self, init: &Array4<f32>, noise: &Array4<f32>, index: usize, out: &mut Array4<f32>) {
-        let sigma = self.sigmas[index];
-        Zip::from(out).and(init).and(noise).for_each(|o, &x, &n| *o = x + n * sigma);
+        super::sigmas::add_noise(self.sigmas[index], init, noise, out);
     }
 
     fn predict_x0(&self, model_output: &Array4<f32>, index: usize, sample: &Array4<f32>, x0: &mut Array4<f32>) {

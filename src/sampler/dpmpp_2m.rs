@@ -271,8 +271,7 @@ impl Sampler for DpmPP2M {
     fn add_noise(&self, init: &Array4<f32>, noise: &Array4<f32>, index: usize, out: &mut Array4<f32>) {
         let sigma = self.sigmas[index];
         if self.sigma_model {
-            Zip::from(out).and(init).and(noise).for_each(|o, &x, &n| *o = x + n * sigma);
-            return;
+            return super::sigmas::add_noise(sigma, init, noise, out);
         }
         // diffusers' _sigma_to_alpha_sigma_t, on float32 σ.
         let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
@@ -282,9 +281,7 @@ impl Sampler for DpmPP2M {
 
     fn predict_x0(&self, model_output: &Array4<f32>, index: usize, sample: &Array4<f32>, x0: &mut Array4<f32>) {
         if self.sigma_model {
-            let to_x0 = SigmaSpaceX0::new(self.prediction, self.sigmas[index]);
-            Zip::from(x0).and(model_output).and(sample).for_each(|d, &m, &x| *d = to_x0.of(m, x));
-            return;
+            return SigmaSpaceX0::new(self.prediction, self.sigmas[index]).fill(model_output, sample, x0);
         }
         let (alpha, sigma, _) = alpha_sigma_lambda(self.sigmas[index]);
         let prediction = self.prediction;

@@ -123,13 +123,11 @@ impl Sampler for Euler {
     }
 
     fn add_noise(&self, init: &Array4<f32>, noise: &Array4<f32>, index: usize, out: &mut Array4<f32>) {
-        let sigma = self.sigmas[index];
-        Zip::from(out).and(init).and(noise).for_each(|o, &x, &n| *o = x + n * sigma);
+        super::sigmas::add_noise(self.sigmas[index], init, noise, out);
     }
 
     fn predict_x0(&self, model_output: &Array4<f32>, index: usize, sample: &Array4<f32>, x0: &mut Array4<f32>) {
-        let to_x0 = SigmaSpaceX0::new(self.prediction, self.sigmas[index]);
-        Zip::from(x0).and(model_output).and(sample).for_each(|d, &m, &x| *d = to_x0.of(m, x));
+        SigmaSpaceX0::new(self.prediction, self.sigmas[index]).fill(model_output, sample, x0);
     }
 
     fn step(

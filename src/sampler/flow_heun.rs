@@ -80,13 +80,11 @@ impl Sampler for FlowHeun {
     }
 
     fn add_noise(&self, init: &Array4<f32>, noise: &Array4<f32>, index: usize, out: &mut Array4<f32>) {
-        let sigma = self.sigmas[index];
-        Zip::from(out).and(init).and(noise).for_each(|o, &x, &n| *o = sigma * n + (1.0 - sigma) * x);
+        super::flow_sigmas::scale_noise(self.sigmas[index], init, noise, out);
     }
 
     fn predict_x0(&self, model_output: &Array4<f32>, index: usize, sample: &Array4<f32>, x0: &mut Array4<f32>) {
-        let sigma = self.sigmas[index];
-        Zip::from(x0).and(model_output).and(sample).for_each(|d, &v, &x| *d = x - sigma * v);
+        super::flow_sigmas::predict_x0(self.sigmas[index], model_output, sample, x0);
     }
 
     fn step(

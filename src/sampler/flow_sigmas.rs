@@ -7,6 +7,8 @@
 //! therefore shifted twice. [`FlowSchedule::sigmas`] repeats that, with the grid's ends in float32
 //! (torch) and the inference σ in f64 (numpy), as diffusers computes them.
 
+use ndarray::{Array4, Zip};
+
 use super::config::SchedulerConfig;
 use super::schedule;
 use crate::error::{Error, Result};
@@ -190,6 +192,16 @@ fn missing_mu(cfg: &SchedulerConfig) -> String {
          mu = {base_shift} + ({max_shift} - {base_shift}) * (L - {base_len}) / ({max_len} - {base_len}), \
          L = (latent height / patch size) * (latent width / patch size)"
     )
+}
+
+/// `(1 − σ)·init + σ·noise` into `out`: diffusers' `scale_noise`.
+pub(crate) fn scale_noise(sigma: f32, init: &Array4<f32>, noise: &Array4<f32>, out: &mut Array4<f32>) {
+    Zip::from(out).and(init).and(noise).for_each(|o, &x, &n| *o = sigma * n + (1.0 - sigma) * x);
+}
+
+/// x̂₀ = x − σ·v of a velocity `model_output` at the sample `sample`, into `x0`.
+pub(crate) fn predict_x0(sigma: f32, model_output: &Array4<f32>, sample: &Array4<f32>, x0: &mut Array4<f32>) {
+    Zip::from(x0).and(model_output).and(sample).for_each(|d, &v, &x| *d = x - sigma * v);
 }
 
 #[cfg(test)]

@@ -102,3 +102,8 @@ pub(crate) fn sigma_model_sigmas(cfg: &SchedulerConfig, steps: usize) -> Result<
     sigmas.push(0.0);
     Ok(sigmas)
 }
+/// `init + σ·noise` into `out`: `add_noise` of the σ-space schedulers (the Euler family, Heun,
+/// consistency, and DPM-Solver on a σ-conditioned model).
+pub(crate) fn add_noise(sigma: f32, init: &Array4<f32>, noise: &Array4<f32>, out: &mut Array4<f32>) {
+    ndarray::Zip::from(out).and(init).and(noise).for_each(|o, &x, &n| *o = x + n * sigma);
+}

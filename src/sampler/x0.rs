@@ -84,6 +84,11 @@ impl SigmaSpaceX0 {
         SigmaSpaceX0 { prediction, sigma, v_out: -sigma / v_in.sqrt(), v_in }
     }
 
+    /// x̂₀ of every value of `model_output` at the sample `sample`, into `x0`.
+    pub(crate) fn fill(&self, model_output: &Array4<f32>, sample: &Array4<f32>, x0: &mut Array4<f32>) {
+        ndarray::Zip::from(x0).and(model_output).and(sample).for_each(|d, &m, &x| *d = self.of(m, x));
+    }
+
     #[inline]
     pub(crate) fn of(&self, m: f32, x: f32) -> f32 {
         match self.prediction {
