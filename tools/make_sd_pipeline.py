@@ -379,13 +379,40 @@ IMG2IMG_CASES = [
 ]
 
 
+SAMPLERS = {"EulerAncestralDiscreteScheduler": "euler_ancestral", "EulerDiscreteScheduler": "euler",
+            "DDIMScheduler": "ddim"}
+
+
+def run_with_given_noise(module, pipeline_cls, parts, ref, name, cls, noise, kwargs):
+    """One case of an editing pipeline whose module is `module`: its VAE encoder output taken at
+    the mean (edge-diffuse's choice; the pipelines sample it) and its noise `noise`, as a port
+    that cannot share torch's generator needs. Writes the noise, the final latents and the
+    pixels."""
+    import diffusers
+
+    saved = module.retrieve_latents, module.randn_tensor
+    try:
+        module.retrieve_latents = lambda encoded, generator=None, sample_mode="sample": encoded.latent_dist.mode()
+        module.randn_tensor = lambda shape, generator=None, device=None, dtype=None, layout=None: \
+            torch.from_numpy(noise).to(dtype)
+        scheduler = getattr(diffusers, cls).from_config(SCHEDULER)
+        pipe = pipeline_cls(**parts, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            final = pipe(**kwargs, output_type="latent").images.numpy()
+            out = pipe(**kwargs, output_type="np").images
+    finally:
+        module.retrieve_latents, module.randn_tensor = saved
+    np.save(os.path.join(ref, f"{name}_noise.npy"), noise)
+    np.save(os.path.join(ref, f"{name}_latents.npy"), final.astype(np.float32))
+    np.save(os.path.join(ref, f"{name}_image.npy"), out.astype(np.float32))
+
+
 def img2img_reference(ref, text, tokenizer, unet, vae, rng):
     """diffusers' StableDiffusionImg2ImgPipeline from `img2img_init.png` (8-bit, as a PNG reader
-    sees it), its encoder output taken at the mean (edge-diffuse's choice; the pipeline samples
-    it) and its noise given, as a port that cannot share torch's generator needs."""
-    import diffusers
+    sees it)."""
     import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as img2img
-    from diffusers import StableDiffusionImg2ImgPipeline
     from PIL import Image
 
     hw = unet.config.sample_size
@@ -395,32 +422,15 @@ def img2img_reference(ref, text, tokenizer, unet, vae, rng):
     png = np.clip((rgb * 0.45 + 0.5) * 255 + rng.standard_normal(rgb.shape) * 6, 0, 255).round().astype(np.uint8)
     Image.fromarray(png).save(os.path.join(ref, "img2img_init.png"))
     image = (png.astype(np.float32) / 255.0)[None]
-    saved = img2img.retrieve_latents, img2img.randn_tensor
+    parts = dict(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet)
     cases = []
-    try:
-        img2img.retrieve_latents = lambda encoded, generator=None, sample_mode="sample": encoded.latent_dist.mode()
-        for name, cls, steps, strength, guidance, prompt, negative in IMG2IMG_CASES:
-            noise = rng.standard_normal((1, 4, hw, hw)).astype(np.float32)
-            img2img.randn_tensor = lambda shape, generator=None, device=None, dtype=None, layout=None: \
-                torch.from_numpy(noise).to(dtype)
-            scheduler = getattr(diffusers, cls).from_config(SCHEDULER)
-            pipe = StableDiffusionImg2ImgPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-                                                  scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                                  requires_safety_checker=False)
-            pipe.set_progress_bar_config(disable=True)
-            kwargs = dict(prompt=prompt, negative_prompt=negative, image=image, strength=strength,
-                          num_inference_steps=steps, guidance_scale=guidance)
-            with torch.no_grad():
-                final = pipe(**kwargs, output_type="latent").images.numpy()
-                out = pipe(**kwargs, output_type="np").images
-            np.save(os.path.join(ref, f"{name}_noise.npy"), noise)
-            np.save(os.path.join(ref, f"{name}_latents.npy"), final.astype(np.float32))
-            np.save(os.path.join(ref, f"{name}_image.npy"), out.astype(np.float32))
-            sampler = {"EulerAncestralDiscreteScheduler": "euler_ancestral", "DDIMScheduler": "ddim"}[cls]
-            cases.append(dict(name=name, sampler=sampler, steps=steps, guidance=guidance, prompt=prompt,
-                              negative_prompt=negative, eta=0.0, strength=strength, init="img2img_init.png"))
-    finally:
-        img2img.retrieve_latents, img2img.randn_tensor = saved
+    for name, cls, steps, strength, guidance, prompt, negative in IMG2IMG_CASES:
+        noise = rng.standard_normal((1, 4, hw, hw)).astype(np.float32)
+        kwargs = dict(prompt=prompt, negative_prompt=negative, image=image, strength=strength,
+                      num_inference_steps=steps, guidance_scale=guidance)
+        run_with_given_noise(img2img, img2img.StableDiffusionImg2ImgPipeline, parts, ref, name, cls, noise, kwargs)
+        cases.append(dict(name=name, sampler=SAMPLERS[cls], steps=steps, guidance=guidance, prompt=prompt,
+                          negative_prompt=negative, eta=0.0, strength=strength, init="img2img_init.png"))
     return cases
 
 
@@ -433,11 +443,8 @@ INPAINT_CASES = [
 
 def inpaint_reference(ref, text, tokenizer, unet, vae, rng):
     """diffusers' StableDiffusionInpaintPipeline on a 4-channel UNet (mask blending after every
-    step) from `img2img_init.png` and `inpaint_mask.png` (white: regenerate), the encoder's mean
-    and the noise given as for image-to-image."""
-    import diffusers
+    step) from `img2img_init.png` and `inpaint_mask.png` (white: regenerate)."""
     import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint as inpaint
-    from diffusers import StableDiffusionInpaintPipeline
     from PIL import Image
 
     hw = unet.config.sample_size
@@ -448,33 +455,16 @@ def inpaint_reference(ref, text, tokenizer, unet, vae, rng):
     Image.fromarray((mask * 255).astype(np.uint8)).save(os.path.join(ref, "inpaint_mask.png"))
     image = Image.open(os.path.join(ref, "img2img_init.png")).convert("RGB")
     mask_image = Image.open(os.path.join(ref, "inpaint_mask.png")).convert("L")
-    saved = inpaint.retrieve_latents, inpaint.randn_tensor
+    parts = dict(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet)
     cases = []
-    try:
-        inpaint.retrieve_latents = lambda encoded, generator=None, sample_mode="sample": encoded.latent_dist.mode()
-        for name, cls, steps, strength, guidance, prompt in INPAINT_CASES:
-            noise = rng.standard_normal((1, 4, hw, hw)).astype(np.float32)
-            inpaint.randn_tensor = lambda shape, generator=None, device=None, dtype=None, layout=None: \
-                torch.from_numpy(noise).to(dtype)
-            scheduler = getattr(diffusers, cls).from_config(SCHEDULER)
-            pipe = StableDiffusionInpaintPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-                                                  scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                                  requires_safety_checker=False)
-            pipe.set_progress_bar_config(disable=True)
-            kwargs = dict(prompt=prompt, image=image, mask_image=mask_image, strength=strength, height=size,
-                          width=size, num_inference_steps=steps, guidance_scale=guidance)
-            with torch.no_grad():
-                final = pipe(**kwargs, output_type="latent").images.numpy()
-                out = pipe(**kwargs, output_type="np").images
-            np.save(os.path.join(ref, f"{name}_noise.npy"), noise)
-            np.save(os.path.join(ref, f"{name}_latents.npy"), final.astype(np.float32))
-            np.save(os.path.join(ref, f"{name}_image.npy"), out.astype(np.float32))
-            sampler = {"EulerDiscreteScheduler": "euler", "DDIMScheduler": "ddim"}[cls]
-            cases.append(dict(name=name, sampler=sampler, steps=steps, guidance=guidance, prompt=prompt,
-                              negative_prompt=None, eta=0.0, strength=strength, init="img2img_init.png",
-                              mask="inpaint_mask.png"))
-    finally:
-        inpaint.retrieve_latents, inpaint.randn_tensor = saved
+    for name, cls, steps, strength, guidance, prompt in INPAINT_CASES:
+        noise = rng.standard_normal((1, 4, hw, hw)).astype(np.float32)
+        kwargs = dict(prompt=prompt, image=image, mask_image=mask_image, strength=strength, height=size,
+                      width=size, num_inference_steps=steps, guidance_scale=guidance)
+        run_with_given_noise(inpaint, inpaint.StableDiffusionInpaintPipeline, parts, ref, name, cls, noise, kwargs)
+        cases.append(dict(name=name, sampler=SAMPLERS[cls], steps=steps, guidance=guidance, prompt=prompt,
+                          negative_prompt=None, eta=0.0, strength=strength, init="img2img_init.png",
+                          mask="inpaint_mask.png"))
     return cases
 
 
