@@ -125,15 +125,6 @@ class LcmUnet(nn.Module):
         return self.m(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond, return_dict=False)[0]
 
 
-class TinyDecoder(nn.Module):
-    def __init__(self, taesd):
-        super().__init__()
-        self.taesd = taesd
-
-    def forward(self, latent_sample):
-        return self.taesd.decode(latent_sample, return_dict=False)[0]
-
-
 def taesd(out: str, size: str):
     """A TAESD-class decoder: no normalization or attention, 3x3 convolutions, ReLU and nearest
     upsampling. Its real weights are madebyollin/taesd's; these are random, sized by `size`."""
@@ -150,7 +141,7 @@ def taesd(out: str, size: str):
         last.bias.fill_(0.5)
     shutil.rmtree(out, ignore_errors=True)
     x = torch.randn(1, 4, 8, 8)
-    export(TinyDecoder(model), [x], os.path.join(out, "model.onnx"), ["latent_sample"], ["sample"],
+    export(VaeDecoder(model), [x], os.path.join(out, "model.onnx"), ["latent_sample"], ["sample"],
            {"latent_sample": {0: "batch_size", 2: "latent_height", 3: "latent_width"},
             "sample": {0: "batch_size", 2: "height", 3: "width"}})
     model.save_config(out)
@@ -174,6 +165,8 @@ class VaeEncoder(nn.Module):
 
 
 class VaeDecoder(nn.Module):
+    """A VAE's decode, AutoencoderKL's or AutoencoderTiny's."""
+
     def __init__(self, vae):
         super().__init__()
         self.vae = vae

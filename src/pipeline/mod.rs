@@ -762,18 +762,7 @@ impl Pipeline {
 
         let [c, h, w] = [card.image.channels, card.image.height, card.image.width];
         if let Some(init) = &req.init {
-            let images = self.num_images(req);
-            let batch = init.shape()[0];
-            if init.shape()[1..] != [c, h, w] || !(batch == 1 || batch == images) {
-                return Err(Error::Tensor {
-                    what: "init".into(),
-                    message: format!(
-                        "expected shape [{}, {c}, {h}, {w}] (the model's [image] space), found {:?}",
-                        if images == 1 { "1".to_string() } else { format!("1 or {images}") },
-                        init.shape()
-                    ),
-                });
-            }
+            check_batch("init", init, [c, h, w], self.num_images(req), "the model's [image] space")?;
             let bad = init.iter().filter(|v| !v.is_finite()).count();
             if bad > 0 {
                 return Err(Error::Tensor {
@@ -783,21 +772,10 @@ impl Pipeline {
             }
         }
         if let Some(mask) = &req.mask {
-            let images = self.num_images(req);
-            let batch = mask.shape()[0];
             if req.init.is_none() {
                 return Err(Error::config("mask", "inpainting needs the image to keep parts of: give an init"));
             }
-            if mask.shape()[1..] != [1, h, w] || !(batch == 1 || batch == images) {
-                return Err(Error::Tensor {
-                    what: "mask".into(),
-                    message: format!(
-                        "expected shape [{}, 1, {h}, {w}] (the model's [image] size), found {:?}",
-                        if images == 1 { "1".to_string() } else { format!("1 or {images}") },
-                        mask.shape()
-                    ),
-                });
-            }
+            check_batch("mask", mask, [1, h, w], self.num_images(req), "the model's [image] size")?;
             if let Some(bad) = mask.iter().find(|v| !(0.0..=1.0).contains(*v)) {
                 return Err(Error::Tensor {
                     what: "mask".into(),
@@ -1166,6 +1144,21 @@ fn sampler_for(
         None => 0,
     };
     Ok((built, start))
+}
+
+/// `given` is `[1 or images, dims…]` (one for every image, or one each), else an error naming
+/// `what` and the shape expected (`space` says whose shape that is).
+fn check_batch(what: &str, given: &Array4<f32>, dims: [usize; 3], images: usize, space: &str) -> Result<()> {
+    let batch = given.shape()[0];
+    if given.shape()[1..] == dims && (batch == 1 || batch == images) {
+        return Ok(());
+    }
+    let [c, h, w] = dims;
+    let batches = if images == 1 { "1".to_string() } else { format!("1 or {images}") };
+    Err(Error::Tensor {
+        what: what.into(),
+        message: format!("expected shape [{batches}, {c}, {h}, {w}] ({space}), found {:?}", given.shape()),
+    })
 }
 
 /// Image `i` of `batch` (`[1 or n, …]`): the only one, or the `i`-th.
