@@ -63,6 +63,8 @@ typedef struct ed_request {
     uint32_t init_images;   /* 1 (for every image) or num_images */
     float strength;         /* (0, 1]: the last int(steps * strength) steps run; negative: 0.8,
                              * or 1 with a mask */
+    float init_sigma;       /* image-to-image from this sigma instead of a strength (the
+                             * sigma-space samplers); 0: none */
     /* Inpainting, with init: float [mask_images][height][width] in [0, 1], 1 = draw anew. */
     const float *mask;
     uint32_t mask_images;   /* 1 (for every image) or num_images */

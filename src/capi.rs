@@ -84,6 +84,9 @@ pub struct EdRequest {
     pub init_images: u32,
     /// How much of the schedule image-to-image runs, in (0, 1]; negative: 0.8, or 1 with a mask.
     pub strength: f32,
+    /// Image-to-image from this σ instead of a strength (the σ-space samplers and σ-conditioned
+    /// models); 0: none.
+    pub init_sigma: f32,
     /// Inpainting, with `init`: `[mask_images][height][width]` in `[0, 1]` (1: draw anew); NULL:
     /// none.
     pub mask: *const f32,
@@ -367,6 +370,7 @@ pub unsafe extern "C" fn ed_request_init(req: *mut EdRequest, req_size: usize) -
             init: std::ptr::null(),
             init_images: 1,
             strength: -1.0,
+            init_sigma: 0.0,
             mask: std::ptr::null(),
             mask_images: 1,
             preview_every: 0,
@@ -469,6 +473,8 @@ unsafe fn fill_request(h: &mut EdPipeline, src: &EdRequest) -> Result<(), Fail> 
     dst.strength = (src.strength >= 0.0 || src.strength.is_nan())
         .then(|| (src.strength as f64 * 1e6).round() / 1e6)
         .map(|s| if s.is_nan() { f64::NAN } else { s });
+    // 0 is none; a negative σ goes through for the library to refuse by name.
+    dst.init_sigma = (src.init_sigma != 0.0).then_some(src.init_sigma as f64);
     dst.preview_every = src.preview_every as usize;
     let [c, height, width] = h.pipe.output_shape();
     dst.init = match src.init.is_null() {

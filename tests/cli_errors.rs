@@ -686,6 +686,24 @@ fn strength_that_runs_no_step_names_what_would() {
 }
 
 #[test]
+fn init_sigma_out_of_range_or_on_a_timestep_sampler() {
+    let fx = Fx::new();
+    fx.npy("init.npy", &ndarray::Array4::<f32>::zeros((1, 1, 32, 32)));
+    let euler = ["--init", "init.npy", "--sampler", "euler"];
+    let with = |extra: &[&'static str]| euler.iter().copied().chain(extra.iter().copied()).collect::<Vec<_>>();
+    fx.sample_fails(&with(&["--init-sigma", "0"]), &["--init-sigma", "> 0"]);
+    fx.sample_fails(&with(&["--init-sigma=-1"]), &["--init-sigma", "> 0"]);
+    fx.sample_fails(&with(&["--init-sigma", "1e6"]), &["--init-sigma", "above", "largest σ"]);
+    fx.sample_fails(&with(&["--init-sigma", "1e-6"]), &["--init-sigma", "below", "smallest σ"]);
+    fx.sample_fails(&with(&["--init-sigma", "2", "--strength", "0.5"]), &["--init-sigma", "not both"]);
+    fx.sample_fails(
+        &["--init", "init.npy", "--sampler", "ddim", "--init-sigma", "2"],
+        &["--init-sigma", "ddim", "--strength"],
+    );
+    Fx::new().sample_fails(&["--init-sigma", "2"], &["--init-sigma", "--init"]);
+}
+
+#[test]
 fn init_image_of_another_size() {
     let fx = Fx::new();
     let img = image::GrayImage::new(28, 28);

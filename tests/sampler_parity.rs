@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 
 use edge_diffuse::card::SchedulerConfig;
 use edge_diffuse::sampler::lcm::Lcm;
-use edge_diffuse::sampler::{build, img2img_start, NoiseSource, Sampler, SamplerKind, SamplerOptions};
+use edge_diffuse::sampler::{
+    build, build_from_sigma, img2img_start, NoiseSource, Sampler, SamplerKind, SamplerOptions,
+};
 use ndarray::Array4;
 use serde::Deserialize;
 
@@ -49,7 +51,12 @@ struct Fixture {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Img2Img {
-    strength: f64,
+    /// diffusers' truncated schedule at this strength, or (`init_sigma`) the Karras schedule
+    /// from this σ.
+    #[serde(default)]
+    strength: Option<f64>,
+    #[serde(default)]
+    init_sigma: Option<f64>,
     start: usize,
     init: Vec<f32>,
 }
@@ -181,8 +188,11 @@ fn check_fixture(fx: &Fixture) -> Result<f64, String> {
     let cfg = scheduler_config(fx)?;
     let opts = SamplerOptions { eta: fx.eta };
     let mut sampler: Box<dyn Sampler> = match (&fx.img2img, kind) {
-        (Some(i), SamplerKind::Lcm) => {
-            Lcm::with_strength(&cfg, fx.steps, i.strength).map(|s| Box::new(s) as Box<dyn Sampler>)
+        (Some(Img2Img { init_sigma: Some(sigma), .. }), _) => {
+            build_from_sigma(kind, &cfg, fx.steps, &opts, *sigma, false)
+        }
+        (Some(Img2Img { strength: Some(s), .. }), SamplerKind::Lcm) => {
+            Lcm::with_strength(&cfg, fx.steps, *s).map(|s| Box::new(s) as Box<dyn Sampler>)
         }
         _ => build(kind, &cfg, fx.steps, &opts),
     }
@@ -208,9 +218,9 @@ fn check_fixture(fx: &Fixture) -> Result<f64, String> {
             0
         }
         Some(i) => {
-            let start = match kind {
-                SamplerKind::Lcm => 0,
-                _ => img2img_start(sampler.order(), fx.steps, i.strength).map_err(|e| e.to_string())?,
+            let start = match (kind, i.strength) {
+                (SamplerKind::Lcm, _) | (_, None) => 0,
+                (_, Some(s)) => img2img_start(sampler.order(), fx.steps, s).map_err(|e| e.to_string())?,
             };
             if start != i.start {
                 return Err(format!("img2img starts at timestep {start}, diffusers at {}", i.start));
@@ -386,7 +396,11 @@ fn fixtures_are_well_formed() {
         assert_eq!(fx.trajectory.len() + start, fx.timesteps.len(), "{name}: one trajectory entry per timestep run");
         if let Some(i) = &fx.img2img {
             assert_eq!(i.init.len(), len, "{name}: img2img init");
-            assert!(i.strength > 0.0 && i.strength <= 1.0, "{name}: strength");
+            match (i.strength, i.init_sigma) {
+                (Some(s), None) => assert!(s > 0.0 && s <= 1.0, "{name}: strength"),
+                (None, Some(sigma)) => assert!(sigma > 0.0 && i.start == 0, "{name}: init_sigma"),
+                _ => panic!("{name}: expected a strength or an init_sigma"),
+            }
         }
         for (i, x) in fx.trajectory.iter().enumerate() {
             assert_eq!(x.len(), len, "{name}: trajectory[{i}]");

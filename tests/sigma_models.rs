@@ -168,6 +168,75 @@ fn pipeline_runs_a_sigma_model_as_k_diffusion_and_diffusers_do() {
     }
 }
 
+#[derive(Deserialize)]
+struct InitCase {
+    name: String,
+    sampler: String,
+    steps: usize,
+    difficulty: Vec<f32>,
+    init_sigma: f64,
+}
+
+/// Image-to-image from a given σ: `init + σ·noise`, then the steps down from σ, as k-diffusion's
+/// samplers on Karras sigmas from σ and diffusers' consistency loop with `sigma_max = σ` run it.
+#[test]
+fn init_sigma_starts_at_that_sigma_as_k_diffusion_and_diffusers_do() {
+    let noise = read_npy(&fixtures().join("model/noise.npy"));
+    let init = read_npy(&fixtures().join("model/init.npy"));
+    let cases: Vec<InitCase> =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("model/init_cases.json")).unwrap()).unwrap();
+    assert!(cases.iter().any(|c| c.sampler == "consistency" && c.steps == 1));
+    let dir = model_dir("", |c| c);
+    let mut pipe = Pipeline::load(dir.path(), LoadOptions { threads: 1, ..Default::default() }).unwrap();
+    for case in cases {
+        let want = read_npy(&fixtures().join(format!("model/{}.npy", case.name)));
+        let mut run = |sigma: f64| {
+            let mut calls = Vec::new();
+            let req = Request {
+                noise: Some(noise.clone()),
+                init: Some(init.clone()),
+                init_sigma: Some(sigma),
+                sampler: Some(case.sampler.parse().unwrap()),
+                steps: Some(case.steps),
+                conditioning: [(
+                    "difficulty".to_string(),
+                    ArrayD::from_shape_vec(vec![case.difficulty.len()], case.difficulty.clone()).unwrap(),
+                )]
+                .into(),
+                ..Default::default()
+            };
+            let got = pipe
+                .generate(&req, &mut |s| {
+                    calls.push(s.step);
+                    std::ops::ControlFlow::Continue(())
+                })
+                .unwrap()
+                .samples;
+            (rel_err(got.as_slice().unwrap(), want.as_slice().unwrap()), calls.len())
+        };
+        let (err, calls) = run(case.init_sigma);
+        assert!(err <= TOLERANCE, "{}: relative error {err:e}", case.name);
+        let per_image = if case.sampler == "heun" { 2 * case.steps - 1 } else { case.steps };
+        assert_eq!(calls, 2 * per_image, "{}: every step from σ runs", case.name);
+        // Started at another σ, the same run misses.
+        let (off, _) = run(case.init_sigma * 1.25);
+        assert!(off > 10.0 * TOLERANCE, "{}: σ × 1.25 is still within {off:e}", case.name);
+    }
+    // Outside the card's σ range, or on a sampler that steps on timesteps: refused by name.
+    for (sampler, sigma, want) in
+        [("euler", 81.0, "above"), ("euler", 0.001, "below"), ("euler", 0.0, "> 0"), ("heun", f64::NAN, "> 0")]
+    {
+        let req = Request {
+            init: Some(init.clone()),
+            init_sigma: Some(sigma),
+            sampler: Some(sampler.parse().unwrap()),
+            ..Default::default()
+        };
+        let err = pipe.generate(&req, &mut |_| std::ops::ControlFlow::Continue(())).unwrap_err().to_string();
+        assert!(err.contains("init-sigma") && err.contains(want), "σ {sigma}: {err}");
+    }
+}
+
 #[test]
 fn conditioning_takes_the_card_default_and_changes_the_image() {
     let noise = read_npy(&fixtures().join("model/noise.npy"));

@@ -249,6 +249,26 @@ IMG2IMG = [
 ]
 
 
+# Image-to-image from a given σ (`--init-sigma`): (sampler, short name, steps, eta, config, σ). The
+# schedule is diffusers' Karras sigmas (`use_karras_sigmas`) from σ down to the smallest training
+# σ: Euler takes them as its sigma_min / sigma_max keys; Heun and DPM-Solver++ read the same keys
+# when they are registered in their config; Euler ancestral, which has no Karras option, runs on
+# the sigmas and timesteps of that Euler schedule. The run starts at add_noise(init, noise, σ).
+INIT_SIGMA = [
+    ("euler", "init_sigma_scaled_eps_linspace_s4_sigma3", 4, 0.0,
+     {**SD, "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "timestep_spacing": "linspace"}, 3.0),
+    ("euler", "init_sigma_linear_v_trailing_s2_sigma05", 2, 0.0,
+     {"beta_schedule": "linear", "prediction_type": "v_prediction", "timestep_spacing": "trailing"}, 0.5),
+    ("euler_ancestral", "init_sigma_scaled_eps_trailing_s3_sigma2", 3, 0.0,
+     {**SD, "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "timestep_spacing": "trailing"}, 2.0),
+    ("heun", "init_sigma_scaled_eps_linspace_s3_sigma4", 3, 0.0,
+     {**SD, "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "timestep_spacing": "linspace"}, 4.0),
+    ("dpmpp_2m", "init_sigma_scaled_eps_linspace_s5_sigma6", 5, 0.0,
+     {**SD, **DPMPP, "beta_schedule": "scaled_linear", "prediction_type": "epsilon",
+      "timestep_spacing": "linspace"}, 6.0),
+]
+
+
 def dummy_model(x_in, t, dtype=torch.float32):
     """diffusers' test model: out = x_in * t / (t + 1), all in float32 (float64 for `wide` runs)."""
     t = torch.tensor(float(t), dtype=dtype)
@@ -344,22 +364,44 @@ def maybe_float64(module, wide):
         module.torch, module.np = saved
 
 
-def run_case(sampler, steps, eta, config, seed, replay=None, perturb=None, wide=False, strength=None):
+def run_case(sampler, steps, eta, config, seed, replay=None, perturb=None, wide=False, strength=None,
+             init_sigma=None):
     """Runs one case. `replay` feeds recorded step noise back in. Two ways to measure how far a
     correct port that rounds differently may land from the float32 reference: `perturb` (a
     torch.Generator) adds a float32 rounding error's worth of noise to the model input, the model
     output and each step's result; `wide` runs the whole case in float64 instead."""
     with maybe_float64(sys.modules[CLASSES[sampler].__module__], wide):
-        return _run_case(sampler, steps, eta, config, seed, replay, perturb, wide, strength)
+        return _run_case(sampler, steps, eta, config, seed, replay, perturb, wide, strength, init_sigma)
 
 
-def _run_case(sampler, steps, eta, config, seed, replay, perturb, wide, strength):
+def karras_from(sched, sampler, config, steps, sigma):
+    """Sets `sched` (made from `config`) to the `--init-sigma` schedule from `sigma`: see
+    INIT_SIGMA."""
+    ac = sched.alphas_cumprod
+    lowest = float(((1 - ac[0]) / ac[0]) ** 0.5)
+    keys = {"sigma_min": lowest, "sigma_max": sigma}
+    if sampler in ("heun", "dpmpp_2m"):
+        sched.register_to_config(use_karras_sigmas=True, **keys)
+        sched.set_timesteps(steps)
+        return sched
+    euler = EulerDiscreteScheduler(**config, use_karras_sigmas=True, **keys)
+    euler.set_timesteps(steps)
+    if sampler == "euler":
+        return euler
+    sched.set_timesteps(steps)
+    sched.sigmas, sched.timesteps = euler.sigmas.clone(), euler.timesteps.clone()
+    return sched
+
+
+def _run_case(sampler, steps, eta, config, seed, replay, perturb, wide, strength, init_sigma):
     dtype = torch.float64 if wide else torch.float32
     cls = CLASSES[sampler]
     config = dict(config)
     mu = config.pop("mu", None)
     sched = cls(**config)
-    if sampler == "lcm" and strength is not None:
+    if init_sigma is not None:
+        sched = karras_from(sched, sampler, config, steps, init_sigma)
+    elif sampler == "lcm" and strength is not None:
         sched.set_timesteps(steps, strength=strength)
     elif sampler == "consistency":
         sched.set_timesteps(num_inference_steps=steps)
@@ -383,7 +425,12 @@ def _run_case(sampler, steps, eta, config, seed, replay, perturb, wide, strength
     x = noise.to(dtype) * init_noise_sigma
     assert x.dtype == dtype
     timesteps_run, start, init = sched.timesteps, 0, None
-    if strength is not None:
+    if init_sigma is not None:
+        init = (torch.randn(SHAPE, generator=gen, dtype=torch.float32) * 0.5).to(dtype)
+        sched.set_begin_index(0)
+        x = sched.add_noise(init, noise.to(dtype), sched.timesteps[:1])
+        assert abs(float(sched.sigmas[0]) - init_sigma) <= 1e-6 * init_sigma
+    elif strength is not None:
         # The img2img pipelines' get_timesteps (LCM's set_timesteps took the strength above).
         init = (torch.randn(SHAPE, generator=gen, dtype=torch.float32) * 0.5).to(dtype)
         if sampler != "lcm":
@@ -423,7 +470,8 @@ def _run_case(sampler, steps, eta, config, seed, replay, perturb, wide, strength
         "step_noises": tape.draws,
         "trajectory": trajectory,
         "final": x,
-        "img2img": None if strength is None else {"strength": strength, "start": start, "init": init},
+        "img2img": None if init is None else {"strength": strength, "init_sigma": init_sigma, "start": start,
+                                              "init": init},
     }
 
 
@@ -449,7 +497,10 @@ def fixture(sampler, steps, eta, config, result):
     extra = {}
     if result["img2img"] is not None:
         i = result["img2img"]
-        extra["img2img"] = {"strength": i["strength"], "start": i["start"], "init": f32_list(i["init"])}
+        extra["img2img"] = {"start": i["start"], "init": f32_list(i["init"])}
+        for key in ("strength", "init_sigma"):
+            if i[key] is not None:
+                extra["img2img"][key] = i[key]
     return {
         "sampler": sampler,
         "steps": steps,
@@ -499,29 +550,31 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     names = set()
     stale = 0
-    for sampler, short, steps, eta, config, strength in [(*c, None) for c in CASES] + IMG2IMG:
+    cases = [(*c, None, None) for c in CASES] + [(*c, None) for c in IMG2IMG] + [(*c[:5], None, c[5]) for c in INIT_SIGMA]
+    for sampler, short, steps, eta, config, strength, init_sigma in cases:
         name = f"{sampler}__{short}"
         assert name not in names, name
         names.add(name)
         if not name.startswith(args.only):
             continue
         seed = zlib.crc32(name.encode()) % 2**31  # per case, stable when cases are added
-        result = run_case(sampler, steps, eta, config, seed, strength=strength)
+        start = {"strength": strength, "init_sigma": init_sigma}
+        result = run_case(sampler, steps, eta, config, seed, **start)
         # Replay the recorded draws through a fresh scheduler: the result must not change, which
         # shows the recording holds every draw, in the order the scheduler used them.
-        again = run_case(sampler, steps, eta, config, seed, replay=result["step_noises"], strength=strength)
+        again = run_case(sampler, steps, eta, config, seed, replay=result["step_noises"], **start)
         for a, b in zip(result["trajectory"], again["trajectory"]):
             assert torch.equal(a, b), f"{name}: replayed noise gives a different trajectory"
         # Conditioning, in the parity test's measure: how far is this float32 run from the same run
         # in float64, and how far does it move under rounding-sized perturbations? Both must stay
         # well below the test's tolerance (1e-4), or a correct port could fail on rounding alone.
-        wide = run_case(sampler, steps, eta, config, seed, replay=result["step_noises"], wide=True, strength=strength)
+        wide = run_case(sampler, steps, eta, config, seed, replay=result["step_noises"], wide=True, **start)
         assert wide["trajectory"][-1].dtype == torch.float64
         drift = max(rel_err(a, b) for a, b in zip(result["trajectory"], wide["trajectory"]))
         for trial in range(4):
             pgen = torch.Generator().manual_seed(seed * 31 + trial)
             pert = run_case(sampler, steps, eta, config, seed, replay=result["step_noises"], perturb=pgen,
-                            strength=strength)
+                            **start)
             for a, b in zip(pert["trajectory"], result["trajectory"]):
                 drift = max(drift, rel_err(a, b))
         assert drift < TOLERANCE / 10, f"{name}: ill-conditioned for the parity test (drift {drift:.3g})"

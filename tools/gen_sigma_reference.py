@@ -6,6 +6,9 @@ Writes, under tests/fixtures/sigma/:
   `sample_heun` and `sample_dpmpp_2m` on Karras sigmas, with a closed-form test denoiser
   (`test_denoiser` below, which tests/sigma_parity.rs computes the same way): the starting noise,
   the sigmas, every noise draw and the final sample.
+- `model/init_cases.json`: image-to-image runs of that model from an init at a given σ
+  (`--init-sigma`), k-diffusion's samplers on Karras sigmas from that σ and diffusers' consistency
+  loop with `sigma_max` at that σ.
 - `model/`: a tiny EDM-preconditioned consistency-style UNet-like network exported to ONNX as
   D(x; σ, difficulty) with the card of issue 22 (the `sigma` input, a `difficulty` conditioning
   input), and whole pipeline runs through onnxruntime: k-diffusion's Euler, Heun and DPM++ 2M, and
@@ -222,13 +225,16 @@ def model_fixtures():
         f.write("\n")
 
 
-def run_consistency(x, steps, denoise, s_noise):
+def run_consistency(x, steps, denoise, s_noise, sigma_max=80.0, start=None):
     """diffusers' consistency loop with a model that outputs the denoised sample: its
     `step` applies c_skip and c_out, so it gets the model output as (denoised − c_skip·x)/c_out;
-    with one step, or `s_noise = 0`, no noise enters."""
-    sched = CMStochasticIterativeScheduler(sigma_min=0.002, sigma_max=80.0, sigma_data=SIGMA_DATA, s_noise=s_noise)
+    with one step, or `s_noise = 0`, no noise enters. `start`: the sample to start from, in place
+    of the noise `x` scaled to σ_max."""
+    sched = CMStochasticIterativeScheduler(
+        sigma_min=0.002, sigma_max=sigma_max, sigma_data=SIGMA_DATA, s_noise=s_noise
+    )
     sched.set_timesteps(steps)
-    x = x * sched.init_noise_sigma
+    x = x * sched.init_noise_sigma if start is None else start
     for t in sched.timesteps:
         sigma = sched.sigmas[sched.step_index if sched.step_index is not None else 0]
         denoised = denoise(x, float(sigma))
@@ -238,6 +244,56 @@ def run_consistency(x, steps, denoise, s_noise):
     return x
 
 
+# Image-to-image from a given σ (`--init-sigma`): (name, sampler, steps, difficulty, σ). The run
+# starts at init + σ·noise and steps down Karras sigmas from σ (consistency: its schedule with
+# sigma_max = σ; with one step that is one call at σ).
+INIT_SIGMA_CASES = [
+    ("init_euler_s3_sigma2", "euler", 3, [0.5], 2.0),
+    ("init_dpmpp_2m_s4_sigma5", "dpmpp_2m", 4, [0.25, 0.9], 5.0),
+    ("init_heun_s2_sigma08", "heun", 2, [0.5], 0.8),
+    ("init_consistency_s1_sigma3", "consistency", 1, [0.5], 3.0),
+]
+
+
+def init_sigma_fixtures():
+    """Runs of the committed test model from an init at a given σ: `init_cases.json`,
+    `init.npy` and one result per case."""
+    out_dir = os.path.join(ROOT, "model")
+    session = ort.InferenceSession(os.path.join(out_dir, "denoiser.onnx"), providers=["CPUExecutionProvider"])
+    noise = torch.from_numpy(np.load(os.path.join(out_dir, "noise.npy")))
+    gen = torch.Generator().manual_seed(12)
+    init = torch.tanh(torch.randn((2, 1, 8, 8), generator=gen, dtype=torch.float32))
+    np.save(os.path.join(out_dir, "init.npy"), init.numpy())
+
+    def onnx_denoiser(difficulty):
+        def denoise(x, sigma):
+            s = np.broadcast_to(np.asarray(sigma, dtype=np.float32).reshape(-1), (x.shape[0],)).copy()
+            d = np.full((x.shape[0],), difficulty, dtype=np.float32)
+            out = session.run(None, {"noisy": x.numpy().astype(np.float32), "sigma": s, "difficulty": d})[0]
+            return torch.from_numpy(out)
+
+        return denoise
+
+    cases = []
+    for name, sampler, steps, difficulty, sigma in INIT_SIGMA_CASES:
+        finals = []
+        for i in range(noise.shape[0]):
+            denoise = onnx_denoiser(difficulty[i % len(difficulty)])
+            x = init[i : i + 1] + sigma * noise[i : i + 1]
+            with torch.no_grad():
+                if sampler == "consistency":
+                    finals.append(run_consistency(x, steps, denoise, s_noise=1.0, sigma_max=sigma, start=x))
+                else:
+                    sigmas = karras(steps, {"sigma_min": 0.002, "sigma_max": sigma})
+                    finals.append(run_kdiff(sampler, x, sigmas, denoise, None))
+        np.save(os.path.join(out_dir, f"{name}.npy"), torch.cat(finals).numpy())
+        cases.append({"name": name, "sampler": sampler, "steps": steps, "difficulty": difficulty, "init_sigma": sigma})
+    with open(os.path.join(out_dir, "init_cases.json"), "w") as f:
+        json.dump(cases, f, indent=1)
+        f.write("\n")
+
+
 if __name__ == "__main__":
     sampler_fixtures()
     model_fixtures()
+    init_sigma_fixtures()

@@ -276,6 +276,16 @@ static int selftest(const char *dir) {
     EXPECT(memcmp(a, b, len) != 0);
     req.strength = 0.1f;
     EXPECT_ERR(ed_generate(pipe, &req, NULL, 0, b, len, NULL, NULL), ED_ERR_CONFIG, "strength");
+    /* From a given noise level instead: Euler runs all 4 steps down from it; DDIM cannot. */
+    req.strength = -1;
+    req.init_sigma = 2.0f;
+    EXPECT_ERR(ed_generate(pipe, &req, NULL, 0, b, len, NULL, NULL), ED_ERR_CONFIG, "init-sigma");
+    req.sampler = "euler";
+    pv.calls = 0;
+    EXPECT(ed_generate(pipe, &req, NULL, 0, b, len, NULL, NULL) == ED_OK);
+    EXPECT(pv.calls == 4 && pv.last_total == 4);
+    req.init_sigma = 0;
+    req.sampler = "ddim";
     /* Inpainting: a mask that keeps everything gives back the init's pixels. */
     float *keep = calloc(len, sizeof *keep);
     req.strength = -1;

@@ -127,6 +127,12 @@ pub struct Request {
     /// last `int(steps · strength)` steps (LCM takes its steps from the lowest `strength` of its
     /// grid). 1 noises the image completely.
     pub strength: Option<f64>,
+    /// Image-to-image from a given noise level, instead of a
+    /// [`strength`](Request::strength): the init plus this σ times the noise, then `steps` steps of
+    /// the sampler from this σ down ([`sampler::build_from_sigma`] says which schedule). For the
+    /// σ-space samplers (euler, euler_ancestral, heun, dpmpp_2m, consistency) and σ-conditioned
+    /// models; it must lie within the schedule's σ range.
+    pub init_sigma: Option<f64>,
     /// Inpainting, with `init`: where to draw anew, `[batch, 1, H, W]` in the model's space (a
     /// latent model's latent size: [`Pipeline::mask_from_image`]), 1 to regenerate and 0 to keep,
     /// one for all images or one per image. After every step the kept part is put back as the
@@ -266,8 +272,10 @@ struct Resolved {
     steps: usize,
     /// Model calls per image: the sampler's timesteps from `start`.
     total: usize,
-    /// Image-to-image: the strength, and the index of the first timestep run.
-    img2img: Option<(f64, usize)>,
+    /// Where the schedule starts.
+    start: Start,
+    /// The index of the first timestep run (image-to-image at a strength skips the first ones).
+    first: usize,
     /// The scale of classifier-free guidance (1: none).
     guidance: f32,
     /// The scale the request asked for (or the card's default), for [`RunInfo`].
@@ -279,6 +287,17 @@ struct Resolved {
     nulls: Vec<conditioning::Rows>,
     text: Option<Prompts>,
     text_time: Duration,
+}
+
+/// Where a request's schedule starts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Start {
+    /// From pure noise.
+    Noise,
+    /// Image-to-image at a strength: diffusers' truncated schedule.
+    Strength(f64),
+    /// Image-to-image from a given σ.
+    Sigma(f64),
 }
 
 /// A request's prompt embeddings.
@@ -745,19 +764,28 @@ impl Pipeline {
             }
         }
         let opts = SamplerOptions { eta: req.eta.or(d.eta).unwrap_or(0.0) };
-        let strength = match (&req.init, req.strength) {
+        let start = match (&req.init, req.strength, req.init_sigma) {
+            (Some(_), Some(_), Some(_)) => {
+                return Err(Error::config("init-sigma", "give a strength or an init σ, not both"))
+            }
+            (Some(_), None, Some(sigma)) => Start::Sigma(sigma),
             // diffusers' defaults: img2img 0.8, inpainting 1.
-            (Some(_), s) => Some(s.unwrap_or(if req.mask.is_some() { 1.0 } else { 0.8 })),
-            (None, Some(_)) => return Err(Error::config("strength", "applies to image-to-image: give an init image")),
-            (None, None) => None,
+            (Some(_), s, None) => Start::Strength(s.unwrap_or(if req.mask.is_some() { 1.0 } else { 0.8 })),
+            (None, Some(_), _) => {
+                return Err(Error::config("strength", "applies to image-to-image: give an init image"))
+            }
+            (None, None, Some(_)) => {
+                return Err(Error::config("init-sigma", "applies to image-to-image: give an init image"))
+            }
+            (None, None, None) => Start::Noise,
         };
-        let (probe, start) = sampler_for(card, kind, steps, &opts, strength).map_err(|e| match e {
+        let (probe, first) = sampler_for(card, kind, steps, &opts, start).map_err(|e| match e {
             Error::Config { field, message } if field.starts_with("scheduler.") => {
                 Error::Card { path: card.file.clone(), message: format!("{field}: {message}") }
             }
             other => other,
         })?;
-        let total = probe.timesteps().len() - start;
+        let total = probe.timesteps().len() - first;
         drop(probe);
 
         let [c, h, w] = [card.image.channels, card.image.height, card.image.width];
@@ -838,7 +866,8 @@ impl Pipeline {
             kind,
             steps,
             total,
-            img2img: strength.map(|s| (s, start)),
+            start,
+            first,
             guidance,
             requested,
             opts,
@@ -890,7 +919,6 @@ impl Pipeline {
         let sigma_model = matches!(self.card.model.inputs.time(), TimeInput::Sigma(_));
         let Scratch { x, x_in, out, x0, init, noise: unit, guided: pair, extra, extra_null, extra_pair } =
             &mut self.scratch;
-        let strength = r.img2img.map(|(s, _)| s);
         let (guidance, total) = (r.guidance, r.total);
         let mut decode_time = Duration::ZERO;
         let (ctx, ctx_null, ctx_pair) = match &r.text {
@@ -898,10 +926,10 @@ impl Pipeline {
             Some(Prompts { cond, guided: None }) => (Some(cond), Some(cond), Some(cond)),
             None => (req.context.as_ref(), req.context.as_ref(), req.context.as_ref()),
         };
-        let first = r.img2img.map_or(0, |(_, start)| start);
+        let first = r.first;
         for i in 0..n {
             let index = req.first_image + i;
-            let (mut sampler, _) = sampler_for(&self.card, r.kind, r.steps, &r.opts, r.img2img.map(|(s, _)| s))?;
+            let (mut sampler, _) = sampler_for(&self.card, r.kind, r.steps, &r.opts, r.start)?;
             let mut noise = SeededNoise::new(req.seed, index as u64, 1);
             match &req.noise {
                 Some(given) => x.assign(&given.slice(s![i..i + 1, .., .., ..])),
@@ -918,7 +946,7 @@ impl Pipeline {
                     init.assign(&one_of(given, i));
                     unit.assign(x);
                     // diffusers' inpainting starts from pure noise at strength 1.
-                    if req.mask.is_some() && strength == Some(1.0) {
+                    if req.mask.is_some() && r.start == Start::Strength(1.0) {
                         let sigma0 = sampler.init_noise_sigma() as f32;
                         x.mapv_inplace(|v| v * sigma0);
                     } else {
@@ -1122,16 +1150,19 @@ fn resize(card: &mut ModelCard, [width, height]: [usize; 2]) -> Result<()> {
 
 /// The sampler `kind` for the card's model (on the sampler's timesteps, or on σ for a
 /// σ-conditioned model), and the index of its first timestep to run: 0, or where image-to-image
-/// at `strength` starts.
+/// at a strength starts.
 fn sampler_for(
     card: &ModelCard,
     kind: SamplerKind,
     steps: usize,
     opts: &SamplerOptions,
-    strength: Option<f64>,
+    start: Start,
 ) -> Result<(Box<dyn sampler::Sampler>, usize)> {
     let sigma_model = matches!(card.model.inputs.time(), TimeInput::Sigma(_));
-    if let (Some(s), SamplerKind::Lcm, false) = (strength, kind, sigma_model) {
+    if let Start::Sigma(sigma) = start {
+        return Ok((sampler::build_from_sigma(kind, &card.scheduler, steps, opts, sigma, sigma_model)?, 0));
+    }
+    if let (Start::Strength(s), SamplerKind::Lcm, false) = (start, kind, sigma_model) {
         sampler::check_strength(s)?;
         return Ok((Box::new(sampler::lcm::Lcm::with_strength(&card.scheduler, steps, s)?), 0));
     }
@@ -1139,11 +1170,11 @@ fn sampler_for(
         false => sampler::build(kind, &card.scheduler, steps, opts)?,
         true => sampler::build_for_sigma_model(kind, &card.scheduler, steps, opts)?,
     };
-    let start = match strength {
-        Some(s) => sampler::img2img_start(built.order(), steps, s)?,
-        None => 0,
+    let first = match start {
+        Start::Strength(s) => sampler::img2img_start(built.order(), steps, s)?,
+        _ => 0,
     };
-    Ok((built, start))
+    Ok((built, first))
 }
 
 /// `given` is `[1 or images, dims…]` (one for every image, or one each), else an error naming

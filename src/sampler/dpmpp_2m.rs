@@ -11,7 +11,7 @@ use ndarray::{Array4, Zip};
 use super::config::{unsupported, BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing};
 use super::schedule::{self, ScheduleDefaults};
 use super::sigmas::{
-    check_karras_range, final_sigma_is_zero, interp_sigmas, log_sigmas, sigma_model_sigmas, sigma_schedule,
+    check_karras_range, final_sigma_is_zero, interp_sigmas, log_sigmas, sigma_model_sigmas, sigma_schedule, start_range,
 };
 use super::x0::SigmaSpaceX0;
 use super::x0::X0Clip;
@@ -53,6 +53,17 @@ pub struct DpmPP2M {
 impl DpmPP2M {
     /// Sets up DPM-Solver++ for `steps` steps.
     pub fn new(cfg: &SchedulerConfig, steps: usize) -> Result<Self> {
+        DpmPP2M::build(cfg, steps, None)
+    }
+
+    /// DPM-Solver++ from σ = `top` (`--init-sigma`): Karras sigmas from `top` down to the
+    /// smallest training σ, as diffusers' `use_karras_sigmas` with that `sigma_min` and
+    /// `sigma_max` in its config.
+    pub fn starting_at(cfg: &SchedulerConfig, steps: usize, top: f64) -> Result<Self> {
+        DpmPP2M::build(cfg, steps, Some(top))
+    }
+
+    fn build(cfg: &SchedulerConfig, steps: usize, top: Option<f64>) -> Result<Self> {
         check_keys(cfg)?;
         let order = cfg.solver_order.unwrap_or(2);
         if !(1..=2).contains(&order) {
@@ -98,10 +109,13 @@ impl DpmPP2M {
                 schedule::arange(last as f64, 0.0, -ratio).iter().map(|v| v.round_ties_even() as i64 - 1).collect()
             }
         };
-        let mut sigmas: Vec<f64> = if cfg.use_karras_sigmas.unwrap_or(false) {
+        let mut sigmas: Vec<f64> = if cfg.use_karras_sigmas.unwrap_or(false) || top.is_some() {
             // DPMSolverMultistepScheduler has no sigma_min / sigma_max keys: the Karras range is
-            // the whole training range.
-            let (sigma_min, sigma_max) = (train_sigmas[0], train_sigmas[n - 1]);
+            // the whole training range, unless the run starts at a given σ.
+            let (sigma_min, sigma_max) = match top {
+                Some(top) => start_range(&train_sigmas, top)?,
+                None => (train_sigmas[0], train_sigmas[n - 1]),
+            };
             check_karras_range(sigma_min, sigma_max)?;
             let sigmas = schedule::karras_sigmas(sigma_min, sigma_max, steps, 7.0);
             let log_sigmas = log_sigmas(&train_sigmas);

@@ -18,7 +18,7 @@ use super::config::{unsupported, BetaSchedule, PredictionType, SchedulerConfig, 
 use super::schedule::{self, ScheduleDefaults};
 use super::sigmas::{
     check_karras_range, final_sigma_is_zero, init_noise_sigma, interp_sigmas, log_sigmas, scale_by_sigma,
-    sigma_model_sigmas, sigma_schedule,
+    sigma_model_sigmas, sigma_schedule, start_range,
 };
 use super::x0::SigmaSpaceX0;
 use super::{NoiseSource, Sampler};
@@ -96,6 +96,16 @@ impl Euler {
 }
 
 impl Euler {
+    /// Euler sampling from σ = `top` (`--init-sigma`): `steps` Karras sigmas from `top` down to
+    /// the smallest training σ, as diffusers' `use_karras_sigmas` with `sigma_max = top`.
+    pub fn starting_at(cfg: &SchedulerConfig, steps: usize, top: f64) -> Result<Self> {
+        let (_, train_sigmas) = sigma_schedule(cfg, &DEFAULTS)?;
+        let (lo, hi) = start_range(&train_sigmas, top)?;
+        let karras =
+            SchedulerConfig { use_karras_sigmas: Some(true), sigma_min: Some(lo), sigma_max: Some(hi), ..cfg.clone() };
+        Euler::new(&karras, steps)
+    }
+
     /// Euler sampling of a σ-conditioned denoiser, as k-diffusion's `sample_euler`: the
     /// timesteps are the σ of each call, Karras sigmas from the card's `sigma_max` to `sigma_min`.
     pub fn for_sigma_model(cfg: &SchedulerConfig, steps: usize) -> Result<Self> {

@@ -12,7 +12,9 @@ use ndarray::{Array4, Zip};
 
 use super::config::{BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing};
 use super::schedule::{self, ScheduleDefaults};
-use super::sigmas::{init_noise_sigma, interp_sigmas, scale_by_sigma, sigma_model_sigmas, sigma_schedule};
+use super::sigmas::{
+    init_noise_sigma, interp_sigmas, log_sigmas, scale_by_sigma, sigma_model_sigmas, sigma_schedule, start_range,
+};
 use super::x0::SigmaSpaceX0;
 use super::{NoiseSource, Sampler};
 use crate::error::{Error, Result};
@@ -61,6 +63,21 @@ impl EulerAncestral {
         let sigmas: Vec<f32> = sigmas.iter().map(|&s| s as f32).collect();
         let init_noise_sigma = init_noise_sigma(&sigmas, spacing);
         Ok(EulerAncestral { prediction, sigmas, timesteps, init_noise_sigma, noise: None, sigma_model: false })
+    }
+
+    /// Ancestral Euler sampling from σ = `top` (`--init-sigma`): Karras sigmas from `top` down
+    /// to the smallest training σ, each call's timestep from its σ as diffusers' Euler schedulers
+    /// map them (`_sigma_to_t`).
+    pub fn starting_at(cfg: &SchedulerConfig, steps: usize, top: f64) -> Result<Self> {
+        let mut s = EulerAncestral::new(cfg, steps)?;
+        let (_, train_sigmas) = sigma_schedule(cfg, &DEFAULTS)?;
+        let (lo, hi) = start_range(&train_sigmas, top)?;
+        let karras = schedule::karras_sigmas(lo, hi, steps, 7.0);
+        let log_sigmas = log_sigmas(&train_sigmas);
+        s.timesteps = karras.iter().map(|&v| schedule::sigma_to_t(v, &log_sigmas) as f32 as f64).collect();
+        s.sigmas = karras.iter().map(|&v| v as f32).chain([0.0]).collect();
+        s.init_noise_sigma = top;
+        Ok(s)
     }
 
     /// Ancestral Euler sampling of a σ-conditioned denoiser, as k-diffusion's

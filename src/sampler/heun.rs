@@ -13,7 +13,8 @@ use ndarray::{Array4, Zip};
 use super::config::{unsupported, BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing};
 use super::schedule::{self, ScheduleDefaults};
 use super::sigmas::{
-    check_karras_range, init_noise_sigma, interp_sigmas, log_sigmas, scale_by_sigma, sigma_model_sigmas, sigma_schedule,
+    check_karras_range, init_noise_sigma, interp_sigmas, log_sigmas, scale_by_sigma, sigma_model_sigmas,
+    sigma_schedule, start_range,
 };
 use super::x0::SigmaSpaceX0;
 use super::{NoiseSource, Sampler};
@@ -50,6 +51,17 @@ struct FirstOrder {
 impl Heun {
     /// Sets up Heun sampling for `steps` steps (2·steps − 1 model calls).
     pub fn new(cfg: &SchedulerConfig, steps: usize) -> Result<Self> {
+        Heun::build(cfg, steps, None)
+    }
+
+    /// Heun sampling from σ = `top` (`--init-sigma`): Karras sigmas from `top` down to the
+    /// smallest training σ, as diffusers' `use_karras_sigmas` with that `sigma_min` and
+    /// `sigma_max` in its config.
+    pub fn starting_at(cfg: &SchedulerConfig, steps: usize, top: f64) -> Result<Self> {
+        Heun::build(cfg, steps, Some(top))
+    }
+
+    fn build(cfg: &SchedulerConfig, steps: usize, top: Option<f64>) -> Result<Self> {
         unsupported(NAME, "use_exponential_sigmas", &cfg.use_exponential_sigmas, false)?;
         unsupported(NAME, "use_beta_sigmas", &cfg.use_beta_sigmas, false)?;
         // HeunDiscreteScheduler has no `rescale_betas_zero_snr` key; diffusers ignores it, and so
@@ -78,10 +90,13 @@ impl Heun {
             .map(|&t| t as f64)
             .collect();
         let mut sigmas = interp_sigmas(&timesteps, &train_sigmas);
-        if cfg.use_karras_sigmas.unwrap_or(false) {
-            // HeunDiscreteScheduler has no sigma_min / sigma_max keys: the range is always that of
-            // the spaced sigmas.
-            let (sigma_min, sigma_max) = (sigmas[sigmas.len() - 1], sigmas[0]);
+        if cfg.use_karras_sigmas.unwrap_or(false) || top.is_some() {
+            // HeunDiscreteScheduler has no sigma_min / sigma_max keys: the range is that of the
+            // spaced sigmas, unless the run starts at a given σ.
+            let (sigma_min, sigma_max) = match top {
+                Some(top) => start_range(&train_sigmas, top)?,
+                None => (sigmas[sigmas.len() - 1], sigmas[0]),
+            };
             check_karras_range(sigma_min, sigma_max)?;
             sigmas = schedule::karras_sigmas(sigma_min, sigma_max, steps, 7.0);
             let log_sigmas = log_sigmas(&train_sigmas);

@@ -206,6 +206,57 @@ pub fn img2img_start(order: usize, steps: usize, strength: f64) -> Result<usize>
     Ok((steps - noised) * order)
 }
 
+/// Builds `kind` to start at σ = `sigma` (`--init-sigma`): image-to-image from `init + σ·noise`
+/// ([`Sampler::add_noise`] at index 0), then `steps` steps down from `sigma`. Only the σ-space
+/// samplers take a start σ:
+///
+/// - on a timestep model, Euler, Euler ancestral, Heun and DPM-Solver++ run Karras sigmas
+///   (ρ = 7) from `sigma` down to the smallest training σ, each call's timestep mapped from its
+///   σ as diffusers does for `use_karras_sigmas` (DPM-Solver++ keeps its variance-preserving
+///   sample, `α_σ·(init + σ·noise)`);
+/// - `consistency` runs its own Karras schedule with `sigma_max = sigma` (one step is one
+///   denoiser call at `sigma`);
+/// - a σ-conditioned model (`sigma_model`) runs the card's Karras schedule with `sigma_max =
+///   sigma`.
+///
+/// `sigma` must lie within the schedule's σ range.
+pub fn build_from_sigma(
+    kind: SamplerKind,
+    cfg: &config::SchedulerConfig,
+    steps: usize,
+    opts: &SamplerOptions,
+    sigma: f64,
+    sigma_model: bool,
+) -> Result<Box<dyn Sampler>> {
+    use SamplerKind::*;
+    if !matches!(kind, Euler | EulerAncestral | Heun | DpmPP2M | Consistency) {
+        return Err(Error::config(
+            "init-sigma",
+            format!(
+                "{kind} steps on its own timestep schedule and cannot start at a given σ: \
+                 use --strength, or one of euler, euler_ancestral, heun, dpmpp_2m, consistency"
+            ),
+        ));
+    }
+    if sigma_model || kind == Consistency {
+        sigmas::check_start(sigma, cfg.sigma_min.unwrap_or(0.002), cfg.sigma_max.unwrap_or(80.0))?;
+        let from = config::SchedulerConfig { sigma_max: Some(sigma), ..cfg.clone() };
+        return match sigma_model {
+            true => build_for_sigma_model(kind, &from, steps, opts),
+            false => build(kind, &from, steps, opts),
+        };
+    }
+    if opts.eta != 0.0 {
+        return Err(Error::config("eta", "applies to ddim only"));
+    }
+    Ok(match kind {
+        Euler => Box::new(euler::Euler::starting_at(cfg, steps, sigma)?),
+        EulerAncestral => Box::new(euler_ancestral::EulerAncestral::starting_at(cfg, steps, sigma)?),
+        Heun => Box::new(heun::Heun::starting_at(cfg, steps, sigma)?),
+        _ => Box::new(dpmpp_2m::DpmPP2M::starting_at(cfg, steps, sigma)?),
+    })
+}
+
 /// `strength` is in (0, 1].
 pub fn check_strength(strength: f64) -> Result<()> {
     match strength > 0.0 && strength <= 1.0 {

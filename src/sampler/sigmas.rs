@@ -107,3 +107,25 @@ pub(crate) fn sigma_model_sigmas(cfg: &SchedulerConfig, steps: usize) -> Result<
 pub(crate) fn add_noise(sigma: f32, init: &Array4<f32>, noise: &Array4<f32>, out: &mut Array4<f32>) {
     ndarray::Zip::from(out).and(init).and(noise).for_each(|o, &x, &n| *o = x + n * sigma);
 }
+
+/// `--init-sigma`: the Karras range `(σ_min, top)` of a run that starts at σ = `top` on a
+/// timestep model, whose smallest and largest σ are the first and last training sigmas.
+pub(crate) fn start_range(train_sigmas: &[f64], top: f64) -> Result<(f64, f64)> {
+    let (lo, hi) = (train_sigmas[0], train_sigmas[train_sigmas.len() - 1]);
+    check_start(top, lo, hi)?;
+    Ok((lo, top))
+}
+
+/// `top` lies in `[lo, hi]`, the σ range of the sampler's schedule.
+pub(crate) fn check_start(top: f64, lo: f64, hi: f64) -> Result<()> {
+    if !(top.is_finite() && top > 0.0) {
+        return Err(Error::config("init-sigma", format!("expected a σ > 0, got {top}")));
+    }
+    if top > hi as f32 as f64 {
+        return Err(Error::config("init-sigma", format!("{top} is above the schedule's largest σ, {}", hi as f32)));
+    }
+    if top < lo {
+        return Err(Error::config("init-sigma", format!("{top} is below the schedule's smallest σ, {}", lo as f32)));
+    }
+    Ok(())
+}

@@ -115,6 +115,12 @@ pub struct SampleArgs {
     /// int(steps × strength) steps, from the image noised to that level.
     #[arg(long)]
     strength: Option<f64>,
+    /// Image-to-image from this noise level instead of a --strength, for the σ-space samplers
+    /// (euler, euler_ancestral, heun, dpmpp_2m, consistency) and σ-conditioned models: the init
+    /// plus SIGMA × the noise, then --steps steps of Karras sigmas from SIGMA down (a 1-step
+    /// consistency run is one call at SIGMA).
+    #[arg(long, value_name = "SIGMA")]
+    init_sigma: Option<f64>,
     /// Inpainting, with --init: a mask image of the output's size, white where to draw anew and
     /// black where to keep the init (grey values split at the middle).
     #[arg(long, value_name = "FILE.png")]
@@ -202,6 +208,12 @@ pub fn run(a: SampleArgs) -> Result<()> {
     let noise = a.noise.as_deref().map(files::read_npy4).transpose()?;
     if a.strength.is_some() && a.init.is_none() {
         bail!("--strength: applies to image-to-image: give --init FILE");
+    }
+    if a.init_sigma.is_some() && a.init.is_none() {
+        bail!("--init-sigma: applies to image-to-image: give --init FILE");
+    }
+    if a.init_sigma.is_some() && a.strength.is_some() {
+        bail!("--init-sigma: give --strength or --init-sigma, not both");
     }
     if a.mask.is_some() && a.init.is_none() {
         bail!("--mask: inpainting needs the image to keep parts of: give --init FILE");
@@ -317,6 +329,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
             _ => i.slice_move(ndarray::s![a.start_index.., .., .., ..]),
         }),
         strength: a.strength,
+        init_sigma: a.init_sigma,
         mask,
     };
     let card = pipe.card();
@@ -457,8 +470,11 @@ pub fn run(a: SampleArgs) -> Result<()> {
         Err(edge_diffuse::Error::Tensor { what, message }) if what.starts_with("conditioning ") => {
             bail!("--cond {}: {message}", &what["conditioning ".len()..])
         }
-        // Name the flag: the library's field is `prompt`, `negative-prompt` or `strength`.
-        Err(edge_diffuse::Error::Config { field, message }) if field.ends_with("prompt") || field == "strength" => {
+        // Name the flag: the library's field is `prompt`, `negative-prompt`, `strength` or
+        // `init-sigma`.
+        Err(edge_diffuse::Error::Config { field, message })
+            if field.ends_with("prompt") || field == "strength" || field == "init-sigma" =>
+        {
             bail!("--{field}: {message}")
         }
         Err(edge_diffuse::Error::Config { field, message }) if field.starts_with("conditioning") => {
