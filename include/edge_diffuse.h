@@ -65,7 +65,8 @@ typedef struct ed_request {
                              * or 1 with a mask */
     float init_sigma;       /* image-to-image from this sigma instead of a strength (the
                              * sigma-space samplers); 0: none */
-    /* Inpainting, with init: float [mask_images][height][width] in [0, 1], 1 = draw anew. */
+    /* Inpainting, with init: float [mask_images][height][width] in [0, 1], 1 = draw anew. An
+     * inpainting model's masked image is made from init and mask (and encoded). */
     const float *mask;
     uint32_t mask_images;   /* 1 (for every image) or num_images */
     uint32_t preview_every; /* every this many steps and at the last, on_preview gets x0; 0: never */

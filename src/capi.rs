@@ -477,25 +477,34 @@ unsafe fn fill_request(h: &mut EdPipeline, src: &EdRequest) -> Result<(), Fail> 
     dst.init_sigma = (src.init_sigma != 0.0).then_some(src.init_sigma as f64);
     dst.preview_every = src.preview_every as usize;
     let [c, height, width] = h.pipe.output_shape();
-    dst.init = match src.init.is_null() {
+    let images = match src.init.is_null() {
         true => None,
         false => {
             let n = src.init_images.max(1) as usize;
             let values = std::slice::from_raw_parts(src.init, n * c * height * width);
-            let images = ndarray::Array4::from_shape_vec((n, c, height, width), values.to_vec())
-                .map_err(|e| Fail::new(EdStatus::InvalidArgument, format!("init: {e}")))?;
-            Some(h.pipe.encode(&images)?)
+            Some(
+                ndarray::Array4::from_shape_vec((n, c, height, width), values.to_vec())
+                    .map_err(|e| Fail::new(EdStatus::InvalidArgument, format!("init: {e}")))?,
+            )
         }
     };
-    dst.mask = match src.mask.is_null() {
+    dst.init = images.as_ref().map(|i| h.pipe.encode(i)).transpose()?;
+    let masks = match src.mask.is_null() {
         true => None,
         false => {
             let n = src.mask_images.max(1) as usize;
             let values = std::slice::from_raw_parts(src.mask, n * height * width);
-            let masks = ndarray::Array4::from_shape_vec((n, 1, height, width), values.to_vec())
-                .map_err(|e| Fail::new(EdStatus::InvalidArgument, format!("mask: {e}")))?;
-            Some(h.pipe.mask_from_image(&masks)?)
+            Some(
+                ndarray::Array4::from_shape_vec((n, 1, height, width), values.to_vec())
+                    .map_err(|e| Fail::new(EdStatus::InvalidArgument, format!("mask: {e}")))?,
+            )
         }
+    };
+    dst.mask = masks.as_ref().map(|m| h.pipe.mask_from_image(m)).transpose()?;
+    // An inpainting model takes the masked image too (encoded, for a latent model).
+    dst.masked_init = match (&images, &masks) {
+        (Some(i), Some(m)) if h.pipe.card().model.inpainting => Some(h.pipe.masked_init(i, m)?),
+        _ => None,
     };
     if src.num_classes == 0 {
         if let Some(v) = dst.classes.take() {

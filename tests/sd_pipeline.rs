@@ -117,14 +117,25 @@ fn check_case(pipe: &mut Pipeline, c: &Value) {
             edge_diffuse::files::read_image(&reference(file), pipe.output_shape(), pipe.value_range(), false).unwrap();
         pipe.encode(&pixels).unwrap_or_else(|e| panic!("{name}: encode: {e}"))
     });
-    let mask = c["mask"].as_str().map(|file| {
+    let mask_image = c["mask"].as_str().map(|file| {
         let [_, h, w] = pipe.output_shape();
-        let image = edge_diffuse::files::read_mask(&reference(file), [h, w]).unwrap();
-        pipe.mask_from_image(&image).unwrap()
+        edge_diffuse::files::read_mask(&reference(file), [h, w]).unwrap()
     });
+    let mask = mask_image.as_ref().map(|m| pipe.mask_from_image(m).unwrap());
+    // An inpainting UNet takes the masked image's latents too.
+    let masked_init = match (pipe.card().model.inpainting, c["init"].as_str(), &mask_image) {
+        (true, Some(file), Some(m)) => {
+            let pixels =
+                edge_diffuse::files::read_image(&reference(file), pipe.output_shape(), pipe.value_range(), false)
+                    .unwrap();
+            Some(pipe.masked_init(&pixels, m).unwrap())
+        }
+        _ => None,
+    };
     let req = Request {
         init,
         mask,
+        masked_init,
         strength: c["strength"].as_f64(),
         noise: Some(noise),
         prompt: c["prompt"].as_str().map(String::from),
@@ -179,8 +190,12 @@ fn image_to_image_through_the_vae_encoder_matches_diffusers() {
     let mut pipe = load(1);
     assert!(pipe.encodes_images());
     let cases = cases();
-    let img2img: Vec<&Value> =
-        cases["cases"].as_array().unwrap().iter().filter(|c| c["strength"].is_number()).collect();
+    let img2img: Vec<&Value> = cases["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["strength"].is_number() && c["unet"].is_null())
+        .collect();
     assert_eq!(img2img.len(), 4, "two image-to-image and two inpainting cases");
     for c in img2img {
         check_case(&mut pipe, c);
@@ -350,6 +365,68 @@ fn an_lcm_unet_takes_the_guidance_as_an_embedding() {
     req.conditioning.insert("timestep_cond".into(), ArrayD::zeros(IxDyn(&[32])));
     let err = pipe.generate(&req, &mut |_| ControlFlow::Continue(())).unwrap_err().to_string();
     assert!(err.contains("timestep_cond") && err.contains("guidance"), "{err}");
+}
+
+/// diffusers' 9-channel inpainting UNet: the mask and the masked image's latents go in as input
+/// channels at every step, and no blending runs.
+#[test]
+fn an_inpainting_unet_takes_the_mask_and_the_masked_image_as_channels() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&model(), dir.path());
+    copy_dir(&reference("inpaint_unet"), dir.path());
+    let card = ModelCard::load(dir.path()).unwrap();
+    assert!(card.model.inpainting);
+    assert_eq!((card.image.channels, card.sample_channels()), (4, 9));
+    let mut pipe = Pipeline::load(dir.path(), LoadOptions { threads: 1, ..Default::default() }).unwrap();
+    let cases = cases();
+    let inpaint: Vec<&Value> =
+        cases["cases"].as_array().unwrap().iter().filter(|c| c["unet"] == "inpaint_unet").collect();
+    assert_eq!(inpaint.len(), 2);
+    for c in &inpaint {
+        check_case(&mut pipe, c);
+    }
+    // Without its mask, or without the masked image's latents, it cannot run.
+    let init = Some(ndarray::Array4::zeros((1, 4, 8, 8)));
+    let err = pipe.generate(&Request { init: init.clone(), ..Default::default() }, &mut |_| ControlFlow::Continue(()));
+    let err = err.unwrap_err().to_string();
+    assert!(err.contains("inpainting") && err.contains("mask"), "{err}");
+    let mask = Some(ndarray::Array4::ones((1, 1, 8, 8)));
+    let req = Request { init, mask, ..Default::default() };
+    let err = pipe.generate(&req, &mut |_| ControlFlow::Continue(())).unwrap_err().to_string();
+    assert!(err.contains("masked_init"), "{err}");
+
+    // The CLI encodes the masked image itself, and the result is the library's.
+    let out = dir.path().join("door.png");
+    let cli = |init: &Path, out: &Path| {
+        common::edge_diffuse()
+            .args(["sample", "--quiet", "--threads", "1", "--model"])
+            .arg(dir.path())
+            .args(["--prompt", "a blue window", "--sampler", "euler", "--steps", "3", "--guidance", "3", "--init"])
+            .arg(init)
+            .arg("--mask")
+            .arg(reference("inpaint_mask.png"))
+            .arg("--noise")
+            .arg(reference("inpaint9_euler_cfg_noise.npy"))
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let done = cli(&reference("img2img_init.png"), &out);
+    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    let want = npy(&reference("inpaint9_euler_cfg_image.npy"));
+    let png = image::open(&out).unwrap().to_rgb8();
+    let worst = png.enumerate_pixels().fold(0f32, |m, (x, y, p)| {
+        (0..3).fold(m, |m, k| m.max((p[k] as f32 / 255.0 - want[[0, y as usize, x as usize, k]]).abs()))
+    });
+    assert!(worst <= 1.0 / 255.0 + 0.5 / 255.0, "the CLI's pixels differ from diffusers' by {worst}");
+    // Latents as the init leave nothing to encode the masked image from.
+    let npy_init = dir.path().join("init.npy");
+    ndarray_npy::write_npy(&npy_init, &ndarray::Array4::<f32>::zeros((1, 4, 8, 8))).unwrap();
+    let failed = cli(&npy_init, &dir.path().join("no.png"));
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(!failed.status.success() && stderr.contains("init.npy") && stderr.contains("as an image"), "{stderr}");
+    assert!(!dir.path().join("no.png").exists());
 }
 
 #[test]

@@ -316,6 +316,7 @@ def reference(out: str, ref: str, text, tokenizer, unet, vae, tiny=None):
     cases.extend(inpaint_reference(ref, text, tokenizer, unet, vae, rng))
     if tiny is not None:
         cases.append(taesd_reference(ref, text, tokenizer, unet, tiny, rng))
+    cases.extend(inpaint_unet_reference(ref, text, tokenizer, unet, vae))
     write_json(os.path.join(ref, "cases.json"), {"text_encoder_prompt": prompt, "cases": cases})
 
 
@@ -458,6 +459,53 @@ def inpaint_reference(ref, text, tokenizer, unet, vae, rng):
         cases.append(dict(name=name, sampler=SAMPLERS[cls], steps=steps, guidance=guidance, prompt=prompt,
                           negative_prompt=None, eta=0.0, strength=strength, init="img2img_init.png",
                           mask="inpaint_mask.png"))
+    return cases
+
+
+# Cases of an inpainting UNet (9 input channels): (name, scheduler class, steps, strength, guidance,
+# prompt).
+INPAINT_UNET_CASES = [
+    ("inpaint9_euler_cfg", "EulerDiscreteScheduler", 3, 1.0, 3.0, "a blue window"),
+    ("inpaint9_ddim", "DDIMScheduler", 4, 0.75, 0.0, "a stone wall"),
+]
+
+
+def inpaint_unet_reference(ref, text, tokenizer, unet, vae):
+    """An inpainting UNet (`in_channels` 9: the latents, the mask and the masked image's latents),
+    written as a replacement `unet/` for the pipeline folder (`inpaint_unet/`), and diffusers'
+    StableDiffusionInpaintPipeline on it, which then blends nothing. Its own random stream, so the
+    cases before it keep their inputs."""
+    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint as inpaint
+    from diffusers import UNet2DConditionModel
+    from PIL import Image
+
+    rng = np.random.default_rng(SEED + 4)
+    cfg = {k: v for k, v in unet.config.items() if not k.startswith("_")}
+    cfg["in_channels"] = 9
+    net = randomize(UNet2DConditionModel(**cfg), SEED + 4).eval()
+    hw = cfg["sample_size"]
+    folder = os.path.join(ref, "inpaint_unet")
+    x, t = torch.randn(1, 9, hw, hw), torch.tensor([999], dtype=torch.int64)
+    ctx = torch.randn(1, 77, cfg["cross_attention_dim"])
+    export(Unet(net), [x, t, ctx], os.path.join(folder, "unet", "model.onnx"),
+           ["sample", "timestep", "encoder_hidden_states"], ["out_sample"],
+           {"sample": {0: "batch_size", 2: "height", 3: "width"}, "timestep": {0: "steps"},
+            "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
+            "out_sample": {0: "batch_size", 2: "height", 3: "width"}})
+    net.save_config(os.path.join(folder, "unet"))
+    size = hw * 8
+    image = Image.open(os.path.join(ref, "img2img_init.png")).convert("RGB")
+    mask_image = Image.open(os.path.join(ref, "inpaint_mask.png")).convert("L")
+    parts = dict(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=net)
+    cases = []
+    for name, cls, steps, strength, guidance, prompt in INPAINT_UNET_CASES:
+        noise = rng.standard_normal((1, 4, hw, hw)).astype(np.float32)
+        kwargs = dict(prompt=prompt, image=image, mask_image=mask_image, strength=strength, height=size,
+                      width=size, num_inference_steps=steps, guidance_scale=guidance)
+        run_with_given_noise(inpaint, inpaint.StableDiffusionInpaintPipeline, parts, ref, name, cls, noise, kwargs)
+        cases.append(dict(name=name, sampler=SAMPLERS[cls], steps=steps, guidance=guidance, prompt=prompt,
+                          negative_prompt=None, eta=0.0, strength=strength, init="img2img_init.png",
+                          mask="inpaint_mask.png", unet="inpaint_unet"))
     return cases
 
 

@@ -47,7 +47,10 @@ pub(super) fn load(dir: &Path) -> Result<ModelCard> {
             }),
         }
     };
-    let channels = number(&unet, "in_channels", "unet/config.json", 4.0)?;
+    let in_channels = number(&unet, "in_channels", "unet/config.json", 4.0)?;
+    let channels = number(&unet, "out_channels", "unet/config.json", in_channels)?;
+    // diffusers' inpainting UNets take the latents, the mask and the masked image's latents.
+    let inpainting = in_channels == 2.0 * channels + 1.0;
     let size = match unet.get("sample_size") {
         Some(Value::Array(hw)) => hw.first().and_then(Value::as_f64).unwrap_or(64.0),
         _ => number(&unet, "sample_size", "unet/config.json", 64.0)?,
@@ -72,7 +75,8 @@ pub(super) fn load(dir: &Path) -> Result<ModelCard> {
         "[model]\n\
          name = {name}\n\
          onnx = \"unet/model.onnx\"\n\
-         scheduler_config = \"scheduler/scheduler_config.json\"\n\n\
+         scheduler_config = \"scheduler/scheduler_config.json\"\n\
+         inpainting = {inpainting}\n\n\
          [model.inputs]\n\
          sample = \"sample\"\n\
          timestep = \"timestep\"\n\

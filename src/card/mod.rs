@@ -128,6 +128,11 @@ pub struct ModelSection {
     /// `[model.conditioning.NAME]`: further graph inputs and their values, by name.
     #[serde(default)]
     pub conditioning: BTreeMap<String, ConditioningSection>,
+    /// An inpainting model (diffusers' 9-channel inpainting UNets): its sample input is the
+    /// sample, the mask and the masked init concatenated on channels, `C + 1 + C` of them for
+    /// the card's `image.channels` C.
+    #[serde(default)]
+    pub inpainting: bool,
 }
 
 /// `[model.conditioning.NAME]`: a graph input beyond the sample, the time and the class labels
@@ -455,6 +460,15 @@ impl ModelCard {
         };
         self.decoder = Some(folder::decoder(dir.as_ref(), current)?);
         Ok(())
+    }
+
+    /// Channels of the model's sample input: `image.channels`, or `2·C + 1` for an inpainting
+    /// model (`[model] inpainting`).
+    pub fn sample_channels(&self) -> usize {
+        match self.model.inpainting {
+            true => 2 * self.image.channels + 1,
+            false => self.image.channels,
+        }
     }
 
     /// The ONNX file's full path.

@@ -71,9 +71,14 @@ pub(super) struct Scratch {
 }
 
 impl Scratch {
-    pub(super) fn new([c, h, w]: [usize; 3]) -> Self {
-        let two = || Array4::<f32>::zeros((2, c, h, w));
-        Scratch { uncond: Array4::zeros((1, c, h, w)), pair_in: two(), pair_out: two() }
+    /// `input_channels` of the model's input (more than its output's `c` for an inpainting
+    /// model).
+    pub(super) fn new(input_channels: usize, [c, h, w]: [usize; 3]) -> Self {
+        Scratch {
+            uncond: Array4::zeros((1, c, h, w)),
+            pair_in: Array4::zeros((2, input_channels, h, w)),
+            pair_out: Array4::zeros((2, c, h, w)),
+        }
     }
 
     /// Runs both branches as `batching` says and writes the guided prediction into `out`.

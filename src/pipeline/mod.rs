@@ -140,6 +140,12 @@ pub struct Request {
     /// `StableDiffusionInpaintPipeline` does for a UNet that takes no mask; at strength 1 the run
     /// starts from pure noise.
     pub mask: Option<Array4<f32>>,
+    /// An inpainting model's (`[model] inpainting`) third input: the init with the part to
+    /// regenerate blanked, `[batch, C, H, W]` in the model's space, one for all images or one per
+    /// image. A latent model's is the VAE encoding of the masked pixels
+    /// ([`Pipeline::masked_init`]); `None` for a pixel model: the init, zero where the mask is
+    /// at least 0.5. Such a model sees the mask and this at every step, so no blending runs.
+    pub masked_init: Option<Array4<f32>>,
     /// Every this many steps, and at the last, the step callback gets a preview
     /// ([`StepInfo::preview`]): the clean image the model predicts at that step (x̂₀). 0: none.
     pub preview_every: usize,
@@ -234,6 +240,8 @@ struct Scratch {
     /// Image-to-image: this image's init and the unit noise put on it.
     init: Array4<f32>,
     noise: Array4<f32>,
+    /// An inpainting model's input: the scaled sample, the mask and the masked init.
+    inpaint_in: Option<Array4<f32>>,
     guided: guidance::Scratch,
     /// One image's values of each conditioning input, for the conditional and the
     /// unconditional branch, and both as one batch of 2.
@@ -243,7 +251,13 @@ struct Scratch {
 }
 
 impl Scratch {
-    fn new([c, h, w]: [usize; 3], window: [usize; 3], conditioning: &[crate::runtime::ConditioningInput]) -> Self {
+    /// `in_channels`: of the model's input (`2·c + 1` for an inpainting model).
+    fn new(
+        [c, h, w]: [usize; 3],
+        in_channels: usize,
+        window: [usize; 3],
+        conditioning: &[crate::runtime::ConditioningInput],
+    ) -> Self {
         let one = || Array4::<f32>::zeros((1, c, h, w));
         let arrays = |batch: usize| -> Vec<ArrayD<f32>> {
             conditioning
@@ -258,7 +272,8 @@ impl Scratch {
             x0: one(),
             init: one(),
             noise: one(),
-            guided: guidance::Scratch::new(window),
+            inpaint_in: (in_channels != c).then(|| Array4::zeros((1, in_channels, h, w))),
+            guided: guidance::Scratch::new(in_channels, window),
             extra: arrays(1),
             extra_null: arrays(1),
             extra_pair: arrays(2),
@@ -345,7 +360,14 @@ struct Canvas {
 impl Canvas {
     /// Windows `[h, w]` over the canvas `[C, H, W]`, overlapping by at least `overlap` pixels
     /// (`scale` pixels per canvas position).
-    fn new([c, big_h, big_w]: [usize; 3], [h, w]: [usize; 2], overlap: usize, scale: usize) -> Result<Self> {
+    /// The model's input has `in_channels` (its output `c`).
+    fn new(
+        [c, big_h, big_w]: [usize; 3],
+        in_channels: usize,
+        [h, w]: [usize; 2],
+        overlap: usize,
+        scale: usize,
+    ) -> Result<Self> {
         if big_h < h || big_w < w {
             return Err(Error::config(
                 "tile-overlap",
@@ -370,7 +392,7 @@ impl Canvas {
             let s = &spans[a];
             (0..s.starts().len()).map(|k| (0..s.size()).map(|u| s.weight(k, u, 1)).collect()).collect()
         });
-        Ok(Canvas { spans, weights, input: Array4::zeros((1, c, h, w)), output: Array4::zeros((1, c, h, w)) })
+        Ok(Canvas { spans, weights, input: Array4::zeros((1, in_channels, h, w)), output: Array4::zeros((1, c, h, w)) })
     }
 }
 
@@ -447,13 +469,13 @@ impl Pipeline {
             denoiser.prepare_final(1)?;
         }
         let chw = [card.image.channels, card.image.height, card.image.width];
+        let inputs = card.sample_channels();
+        let scale = card.decoder.as_ref().map_or(1, |d| d.scale);
         let canvas = match options.tile_overlap {
-            Some(px) => {
-                Some(Canvas::new(chw, [window[0], window[1]], px, card.decoder.as_ref().map_or(1, |d| d.scale))?)
-            }
+            Some(px) => Some(Canvas::new(chw, inputs, [window[0], window[1]], px, scale)?),
             None => None,
         };
-        let scratch = Scratch::new(chw, [chw[0], window[0], window[1]], denoiser.conditioning_inputs());
+        let scratch = Scratch::new(chw, inputs, [chw[0], window[0], window[1]], denoiser.conditioning_inputs());
         Ok(Pipeline { card, denoiser, options, scratch, card_values, text, decoder, preview, encoder: None, canvas })
     }
 
@@ -557,6 +579,38 @@ impl Pipeline {
                 0.0
             }
         }))
+    }
+
+    /// An inpainting model's [`Request::masked_init`] from images and mask images as
+    /// [`encode`](Pipeline::encode) and [`mask_from_image`](Pipeline::mask_from_image) take them:
+    /// the images, zero (mid-grey for pixels in `[-1, 1]`) where the mask is at least 0.5, then
+    /// encoded, as diffusers' inpainting pipeline prepares its masked image.
+    pub fn masked_init(&mut self, images: &Array4<f32>, masks: &Array4<f32>) -> Result<Array4<f32>> {
+        let [_, h, w] = self.output_shape();
+        let n = images.shape()[0];
+        if masks.shape()[1..] != [1, h, w] || !(masks.shape()[0] == 1 || masks.shape()[0] == n) {
+            return Err(Error::Tensor {
+                what: "mask".into(),
+                message: format!("expected a mask [1 or {n}, 1, {h}, {w}], found {:?}", masks.shape()),
+            });
+        }
+        let mut masked = images.clone();
+        for (i, mut image) in masked.outer_iter_mut().enumerate() {
+            let m = one_of(masks, i);
+            let plane = m.index_axis(ndarray::Axis(0), 0);
+            let plane = plane.index_axis(ndarray::Axis(0), 0);
+            for mut channel in image.outer_iter_mut() {
+                ndarray::Zip::from(&mut channel).and(&plane).for_each(|v, &k| {
+                    if k >= 0.5 {
+                        *v = 0.0;
+                    }
+                });
+            }
+        }
+        self.encode(&masked).map_err(|e| match e {
+            Error::Tensor { message, .. } => Error::Tensor { what: "init".into(), message },
+            e => e,
+        })
     }
 
     /// Whether the model is prompted with text (its card has a `[text_encoder]`).
@@ -811,6 +865,30 @@ impl Pipeline {
                 });
             }
         }
+        match (card.model.inpainting, &req.masked_init) {
+            (true, _) if req.mask.is_none() => {
+                return Err(Error::config(
+                    "mask",
+                    "this is an inpainting model ([model] inpainting): give an init and a mask",
+                ))
+            }
+            (true, None) if self.decoder.is_some() => {
+                return Err(Error::config(
+                    "masked_init",
+                    "a latent inpainting model needs the masked init's latents (Pipeline::masked_init)",
+                ))
+            }
+            (true, Some(m)) => {
+                check_batch("masked_init", m, [c, h, w], self.num_images(req), "the model's [image] space")?
+            }
+            (false, Some(_)) => {
+                return Err(Error::config(
+                    "masked_init",
+                    "applies to inpainting models ([model] inpainting), which take the masked init as input channels",
+                ))
+            }
+            _ => {}
+        }
         if let Some(noise) = &req.noise {
             let want = [c, h, w];
             if noise.shape()[1..] != want || noise.shape()[0] == 0 {
@@ -917,8 +995,9 @@ impl Pipeline {
         let conditional = self.card.model.inputs.class_labels.is_some();
         // A σ-conditioned model takes the noisy sample as it is (its preconditioning is in the graph).
         let sigma_model = matches!(self.card.model.inputs.time(), TimeInput::Sigma(_));
-        let Scratch { x, x_in, out, x0, init, noise: unit, guided: pair, extra, extra_null, extra_pair } =
+        let Scratch { x, x_in, out, x0, init, noise: unit, inpaint_in, guided: pair, extra, extra_null, extra_pair } =
             &mut self.scratch;
+        let c = x.shape()[1];
         let (guidance, total) = (r.guidance, r.total);
         let mut decode_time = Duration::ZERO;
         let (ctx, ctx_null, ctx_pair) = match &r.text {
@@ -958,6 +1037,25 @@ impl Pipeline {
                     x.mapv_inplace(|v| v * sigma0);
                 }
             }
+            // An inpainting model's mask and masked init stay in its input for the whole run.
+            if let (Some(input), Some(mask)) = (inpaint_in.as_mut(), &req.mask) {
+                input.slice_mut(s![.., c..c + 1, .., ..]).assign(&one_of(mask, i));
+                let mut masked = input.slice_mut(s![.., c + 1.., .., ..]);
+                match &req.masked_init {
+                    Some(m) => masked.assign(&one_of(m, i)),
+                    None => {
+                        let m = one_of(mask, i);
+                        let plane = m.slice(s![0, 0, .., ..]);
+                        for (mut out, from) in masked.outer_iter_mut().zip(init.outer_iter()) {
+                            for (mut oc, fc) in out.outer_iter_mut().zip(from.outer_iter()) {
+                                ndarray::Zip::from(&mut oc).and(&fc).and(&plane).for_each(|o, &v, &k| {
+                                    *o = if k >= 0.5 { 0.0 } else { v };
+                                });
+                            }
+                        }
+                    }
+                }
+            }
             // Labels were checked in `resolve`: one per image (cycled), else the null class.
             let label = match &req.classes {
                 Some(l) => Some(l[index % l.len()]),
@@ -984,6 +1082,13 @@ impl Pipeline {
                 if !sigma_model {
                     sampler.scale_model_input(x_in, k);
                 }
+                let model_in: &Array4<f32> = match inpaint_in.as_mut() {
+                    Some(input) => {
+                        input.slice_mut(s![.., ..c, .., ..]).assign(x_in);
+                        input
+                    }
+                    None => x_in,
+                };
                 let cond = branch(&labels, ctx, extra);
                 let null = branch(&null_labels, ctx_null, extra_null);
                 let both = Conditions {
@@ -1005,15 +1110,15 @@ impl Pipeline {
                     }
                 };
                 match self.canvas.as_mut() {
-                    None => predict(&mut self.denoiser, pair, x_in, out)?,
+                    None => predict(&mut self.denoiser, pair, model_in, out)?,
                     // MultiDiffusion: every window of the canvas, their predictions blended.
                     Some(cv) => {
-                        let [_, c, big_h, big_w] = [out.shape()[0], out.shape()[1], out.shape()[2], out.shape()[3]];
+                        let [big_h, big_w] = [out.shape()[2], out.shape()[3]];
                         let [h, w] = [cv.input.shape()[2], cv.input.shape()[3]];
                         let mut blend = tiles::Blend::new([c, big_h, big_w]);
                         for (ky, &top) in cv.spans[0].starts().iter().enumerate() {
                             for (kx, &left) in cv.spans[1].starts().iter().enumerate() {
-                                cv.input.assign(&x_in.slice(s![.., .., top..top + h, left..left + w]));
+                                cv.input.assign(&model_in.slice(s![.., .., top..top + h, left..left + w]));
                                 predict(&mut self.denoiser, pair, &cv.input, &mut cv.output)?;
                                 let window = cv.output.as_slice().expect("scratch arrays are contiguous");
                                 blend.add(window, [top, left], &cv.weights[0][ky], &cv.weights[1][kx]);
@@ -1033,7 +1138,9 @@ impl Pipeline {
                     sampler.predict_x0(out, k, x, x0);
                 }
                 sampler.step(out, k, x, &mut noise);
-                if let Some(mask) = &req.mask {
+                // An inpainting model keeps the init itself; a model without a mask input gets it
+                // put back after every step.
+                if let (Some(mask), None) = (&req.mask, inpaint_in.as_ref()) {
                     // The kept part: the init at the next step's noise level, or itself at the end.
                     let kept: &Array4<f32> = match k + 1 < sampler.timesteps().len() {
                         true => {

@@ -116,12 +116,16 @@ pub(super) fn bind(model: &InferenceModel, card: &ModelCard) -> std::result::Res
             return Err(format!("input {:?} is {dt:?}, expected float32", cn.sample));
         }
     }
-    let [c, h, w] = [card.image.channels, card.image.height, card.image.width];
+    let [c, h, w] = [card.sample_channels(), card.image.height, card.image.width];
+    let channels = match card.model.inpainting {
+        true => "image.channels × 2 + 1 (an inpainting model's sample, mask and masked init)",
+        false => "image.channels",
+    };
     if let Some(rank) = sf.shape.rank().concretize() {
         if rank != 4 {
             return Err(format!("input {:?} has rank {rank}, expected 4 ([batch, C, H, W])", cn.sample));
         }
-        for (axis, (want, what)) in [(1, (c, "image.channels")), (2, (h, "image.height")), (3, (w, "image.width"))] {
+        for (axis, (want, what)) in [(1, (c, channels)), (2, (h, "image.height")), (3, (w, "image.width"))] {
             if let Some(d) = sf.shape.dim(axis).and_then(|d| d.concretize()).and_then(|d| d.to_i64().ok()) {
                 if d != want as i64 {
                     return Err(format!(

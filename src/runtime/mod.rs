@@ -52,7 +52,10 @@ pub struct Denoiser {
     /// ([`Denoiser::release_graph`]).
     source: Option<InferenceModel>,
     bindings: Bindings,
+    /// The output's `[C, H, W]` (the card's `[image]`).
     chw: [usize; 3],
+    /// Channels of the sample input: C, or `2·C + 1` for an inpainting model.
+    in_channels: usize,
     threads: usize,
     executor: Executor,
     precision: Precision,
@@ -103,6 +106,7 @@ impl Denoiser {
             source: Some(model),
             bindings,
             chw: [card.image.channels, card.image.height, card.image.width],
+            in_channels: card.sample_channels(),
             threads,
             executor,
             precision: Precision::F32,

@@ -111,7 +111,7 @@ impl Denoiser {
         let [c, h, w] = self.chw;
         let b = &self.bindings;
         let err = |e: TractError| one_line(&format!("{e:#}"));
-        let mut facts = vec![(b.sample, f32::fact([batch, c, h, w]).into())];
+        let mut facts = vec![(b.sample, f32::fact([batch, self.in_channels, h, w]).into())];
         let ts_shape: TVec<usize> = match b.timestep_input.shape {
             TimestepShape::Scalar => tvec![],
             TimestepShape::One => tvec![1],

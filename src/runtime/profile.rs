@@ -81,8 +81,8 @@ impl Denoiser {
             return Err(Error::config("profile", format!("batch and runs must be at least 1, got {batch} and {runs}")));
         }
         self.prepare(batch)?;
-        let [c, h, w] = self.chw;
-        let sample = Array4::from_elem((batch, c, h, w), 0.3f32);
+        let [_, h, w] = self.chw;
+        let sample = Array4::from_elem((batch, self.in_channels, h, w), 0.3f32);
         let labels = vec![1i64; batch];
         // prepare() succeeded, so the plan knows both sizes.
         let context = self

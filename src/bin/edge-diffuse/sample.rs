@@ -284,6 +284,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
         }
     }
     let classes = a.class.as_deref().map(|c| parse_classes(pipe.card(), c)).transpose()?;
+    let mut init_pixels = None;
     let init = match (&a.init, init_npy) {
         (_, Some(npy)) => Some(npy),
         (Some(p), None) => {
@@ -295,14 +296,28 @@ pub fn run(a: SampleArgs) -> Result<()> {
                 );
             }
             let pixels = files::read_image(p, pipe.output_shape(), pipe.value_range(), a.resize_init)?;
-            Some(pipe.encode(&pixels)?)
+            let latents = pipe.encode(&pixels)?;
+            init_pixels = Some(pixels);
+            Some(latents)
         }
         (None, None) => None,
     };
+    let mut masked_init = None;
     let mask = match &a.mask {
         Some(p) => {
             let [_, h, w] = pipe.output_shape();
-            Some(pipe.mask_from_image(&files::read_mask(p, [h, w])?)?)
+            let pixels = files::read_mask(p, [h, w])?;
+            // An inpainting latent model takes the masked image's own encoding.
+            if pipe.card().model.inpainting && pipe.card().decoder.is_some() {
+                let Some(image) = &init_pixels else {
+                    bail!(
+                        "--init {}: this inpainting model encodes the masked image: give the init as an image",
+                        a.init.as_ref().expect("--mask needs --init").display()
+                    );
+                };
+                masked_init = Some(pipe.masked_init(image, &pixels)?);
+            }
+            Some(pipe.mask_from_image(&pixels)?)
         }
         None => None,
     };
@@ -331,6 +346,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
         strength: a.strength,
         init_sigma: a.init_sigma,
         mask,
+        masked_init,
     };
     let card = pipe.card();
     let latent = [card.image.channels, card.image.height, card.image.width];
