@@ -12,7 +12,7 @@ mod common;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
-use edge_diffuse::pipeline::{DecoderTiling, LoadOptions, Pipeline, Request};
+use edge_diffuse::pipeline::{DecoderTiling, LoadOptions, Pipeline, PreviewDecoder, Request};
 use edge_diffuse::runtime::{Denoiser, Graph};
 use edge_diffuse::tokenizer::ClipTokenizer;
 use edge_diffuse::{Error, ModelCard};
@@ -600,6 +600,50 @@ fn previews_come_every_n_steps_and_the_last_is_the_image() {
     })
     .unwrap();
     assert!(!any);
+}
+
+/// Linear previews: each latent of x̂₀ is one colour by the card's factors (an SD VAE's, from its
+/// scaling factor), filling its 8×8 pixels; the last is the final latents' map.
+#[test]
+fn linear_previews_colour_each_latent_by_the_cards_factors() {
+    let card = ModelCard::load(model()).unwrap();
+    let factors = card.decoder.as_ref().unwrap().latent_rgb.clone().expect("an SD VAE's latent_rgb");
+    assert_eq!(factors.len(), 4);
+    let opts = LoadOptions { threads: 1, preview_decoder: PreviewDecoder::Linear, ..Default::default() };
+    let mut pipe = Pipeline::load(model(), opts).unwrap();
+    let req = Request { prompt: Some("a preview".into()), steps: Some(2), preview_every: 1, ..Default::default() };
+    let mut last = Vec::new();
+    let mut latents = Vec::new();
+    let run = pipe.generate_each(
+        &req,
+        &mut |s| {
+            last = s.preview.expect("every step").to_vec();
+            ControlFlow::Continue(())
+        },
+        &mut |done| {
+            latents = done.sample.to_vec();
+            ControlFlow::Continue(())
+        },
+    );
+    let stages = run.unwrap().stages;
+    assert!(stages.previews > std::time::Duration::ZERO);
+    let [_, h, w] = pipe.output_shape();
+    assert_eq!(last.len(), 3 * h * w);
+    let (lh, lw) = (h / 8, w / 8);
+    for k in 0..3 {
+        for (y, x) in [(0, 0), (13, 37), (h - 1, w - 1)] {
+            let want: f32 = (0..4).map(|c| latents[(c * lh + y / 8) * lw + x / 8] * factors[c][k]).sum();
+            let got = last[(k * h + y) * w + x];
+            assert!((got - want.clamp(-1.0, 1.0)).abs() < 1e-5, "channel {k} at {y},{x}: {got} vs {want}");
+        }
+    }
+    // A card without the factors cannot make linear previews: the error says what is missing.
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&model(), dir.path());
+    std::fs::write(dir.path().join("vae_decoder/config.json"), r#"{"scaling_factor": 0.5}"#).unwrap();
+    let opts = LoadOptions { threads: 1, preview_decoder: PreviewDecoder::Linear, ..Default::default() };
+    let err = Pipeline::load(dir.path(), opts).err().expect("refused").to_string();
+    assert!(err.contains("preview-decoder") && err.contains("latent_rgb"), "{err}");
 }
 
 #[test]

@@ -100,6 +100,11 @@ pub(super) fn load(dir: &Path) -> Result<ModelCard> {
     // A latent-consistency UNet distilled with guidance takes its scale as an embedding
     // (diffusers' LatentConsistencyModelPipeline, whose default scale is 8.5).
     let lcm = unet.get("time_cond_proj_dim").is_some_and(|d| !d.is_null());
+    if let Some(rows) = latent_rgb(channels as usize, scaling) {
+        let rows: Vec<String> = rows.iter().map(|r| format!("[{:?}, {:?}, {:?}]", r[0], r[1], r[2])).collect();
+        // Inside [decoder], the last table written above.
+        text.push_str(&format!("latent_rgb = [{}]\n", rows.join(", ")));
+    }
     if lcm {
         text.push_str("\n[model.conditioning.timestep_cond]\nfrom = \"guidance\"\n");
     }
@@ -185,6 +190,27 @@ pub(super) fn decoder(dir: &Path, current: &DecoderSection) -> Result<DecoderSec
     // An absolute path: `card.dir.join` leaves it as it is.
     let onnx = std::path::absolute(&onnx).map_err(|e| Error::io(&onnx, e))?;
     Ok(DecoderSection { onnx, scaling_factor, shift_factor, ..current.clone() })
+}
+
+/// The latent-to-RGB factors of the known 4-channel latent spaces, told apart by their VAE's
+/// `scaling_factor`: SD 1.x/2.x (0.18215) and SDXL (0.13025). The numbers are ComfyUI's
+/// (`comfy/latent_formats.py`, `latent_rgb_factors`), fitted on those VAEs.
+fn latent_rgb(channels: usize, scaling: f64) -> Option<[[f32; 3]; 4]> {
+    match (channels, scaling) {
+        (4, s) if (s - 0.18215).abs() < 1e-6 => Some([
+            [0.3512, 0.2297, 0.3227],
+            [0.3250, 0.4974, 0.2350],
+            [-0.2829, 0.1762, 0.2721],
+            [-0.2120, -0.2616, -0.7177],
+        ]),
+        (4, s) if (s - 0.13025).abs() < 1e-6 => Some([
+            [0.3920, 0.4054, 0.4549],
+            [-0.2634, -0.0196, 0.0653],
+            [0.0568, 0.1687, -0.0755],
+            [-0.3112, -0.2359, -0.2076],
+        ]),
+        _ => None,
+    }
 }
 
 fn config(dir: &Path, file: &str) -> Result<Value> {

@@ -89,6 +89,11 @@ pub struct DecoderSection {
     /// VAE's `sample_size`, the size it was trained at); a larger image is tiled unless told
     /// otherwise. Default 512.
     pub tile_size: Option<usize>,
+    /// A linear map from the latents (as the denoiser sees them) to RGB in `[-1, 1]`: one row
+    /// of 3 factors per latent channel. It makes rough previews at almost no cost
+    /// ([`PreviewDecoder::Linear`](crate::pipeline::PreviewDecoder::Linear)); an ONNX folder
+    /// with an SD 1.x/2.x or SDXL VAE gets the factors of those latent spaces.
+    pub latent_rgb: Option<Vec<[f32; 3]>>,
 }
 
 impl DecoderSection {
@@ -424,6 +429,15 @@ impl ModelCard {
             }
             if !(1..=64).contains(&d.scale) {
                 return Err(format!("decoder.scale: expected 1 to 64 pixels per latent, got {}", d.scale));
+            }
+            if let Some(f) = &d.latent_rgb {
+                if f.len() != self.image.channels || f.iter().flatten().any(|v| !v.is_finite()) {
+                    return Err(format!(
+                        "decoder.latent_rgb: expected {} rows (one per latent channel) of 3 finite numbers, got {} rows",
+                        self.image.channels,
+                        f.len()
+                    ));
+                }
             }
             if let Some(t) = d.tile_size {
                 if t == 0 || t % d.scale != 0 {

@@ -152,3 +152,68 @@ impl Decoder {
         Ok(out.into_raw_vec_and_offset().0)
     }
 }
+
+/// Rough previews of a latent model at almost no cost: the card's `[decoder] latent_rgb` map
+/// from each latent to one RGB colour, each latent's colour filling its `scale × scale` pixels.
+pub(super) struct LatentRgb {
+    factors: Vec<[f32; 3]>,
+    scale: usize,
+}
+
+impl LatentRgb {
+    /// The card's map, or an error naming the flag that asked for it.
+    pub(super) fn load(card: &ModelCard) -> Result<Self> {
+        let Some(section) = &card.decoder else {
+            return Err(Error::config("preview-decoder", "this model has no decoder: its previews are its samples"));
+        };
+        let Some(factors) = &section.latent_rgb else {
+            return Err(Error::config(
+                "preview-decoder",
+                "linear previews need the card's [decoder] latent_rgb (one row of 3 factors per latent channel; \
+                 an ONNX folder with an SD 1.x/2.x or SDXL VAE has them)",
+            ));
+        };
+        Ok(LatentRgb { factors: factors.clone(), scale: section.scale })
+    }
+
+    /// `[3, h·scale, w·scale]` pixels in `[-1, 1]` (clamped) from latents `[1, C, h, w]`.
+    pub(super) fn decode(&self, latents: &Array4<f32>) -> Vec<f32> {
+        let [h, w] = [latents.shape()[2], latents.shape()[3]];
+        let s = self.scale;
+        let mut out = vec![0f32; 3 * h * s * w * s];
+        for (k, plane) in out.chunks_exact_mut(h * s * w * s).enumerate() {
+            for y in 0..h {
+                let row: Vec<f32> = (0..w)
+                    .map(|x| {
+                        let v: f32 = self.factors.iter().enumerate().map(|(c, f)| latents[[0, c, y, x]] * f[k]).sum();
+                        v.clamp(-1.0, 1.0)
+                    })
+                    .collect();
+                for line in plane[y * s * w * s..(y + 1) * s * w * s].chunks_exact_mut(w * s) {
+                    for (x, &v) in row.iter().enumerate() {
+                        line[x * s..(x + 1) * s].fill(v);
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod latent_rgb_tests {
+    use super::*;
+
+    #[test]
+    fn each_latent_colours_its_pixels_by_the_factors() {
+        let map = LatentRgb { factors: vec![[1.0, 0.0, 0.5], [0.0, 1.0, -0.5]], scale: 2 };
+        let latents = Array4::from_shape_vec((1, 2, 1, 2), vec![0.2, 0.8, 0.4, -0.6]).unwrap();
+        let px = map.decode(&latents);
+        assert_eq!(px.len(), 3 * 2 * 4);
+        // R: channel 0; G: channel 1; B: (c0 − c1)/2, clamped.
+        assert_eq!(&px[..8], &[0.2, 0.2, 0.8, 0.8, 0.2, 0.2, 0.8, 0.8]);
+        assert_eq!(&px[8..12], &[0.4, 0.4, -0.6, -0.6]);
+        let b: Vec<f32> = px[16..20].to_vec();
+        assert!((b[0] - -0.1).abs() < 1e-6 && (b[2] - 0.7).abs() < 1e-6, "{b:?}");
+    }
+}

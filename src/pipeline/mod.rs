@@ -17,9 +17,11 @@ use crate::noise::SeededNoise;
 use crate::runtime::{Conditions, Denoiser};
 pub use crate::runtime::{Convolution, Precision};
 use crate::sampler::{self, NoiseSource, SamplerKind, SamplerOptions};
+use edit::{check_batch, one_of, Canvas};
 
 mod conditioning;
 mod decode;
+mod edit;
 mod encode;
 mod guidance;
 mod text;
@@ -57,9 +59,22 @@ pub struct LoadOptions {
     /// blended at every step (MultiDiffusion, Bar-Tal et al. 2023), instead of running the model
     /// at the canvas size. Memory stays that of one window's call.
     pub tile_overlap: Option<usize>,
-    /// A decoder folder for [`Request::preview_every`]'s previews of a latent model, e.g. a
+    /// What decodes [`Request::preview_every`]'s previews of a latent model.
     /// TAESD-class tiny decoder (default: the model's decoder).
-    pub preview_decoder: Option<PathBuf>,
+    pub preview_decoder: PreviewDecoder,
+}
+
+/// What turns a latent model's previews into pixels.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum PreviewDecoder {
+    /// The model's decoder ([`LoadOptions::decoder`] when given).
+    #[default]
+    Model,
+    /// A decoder folder (`model.onnx` + `config.json`), e.g. a TAESD-class tiny decoder.
+    Folder(PathBuf),
+    /// The card's `[decoder] latent_rgb` map, each latent one colour: a rough preview at almost
+    /// no cost.
+    Linear,
 }
 
 impl Default for LoadOptions {
@@ -73,7 +88,7 @@ impl Default for LoadOptions {
             decoder: None,
             decoder_tiling: DecoderTiling::default(),
             decoder_tile: None,
-            preview_decoder: None,
+            preview_decoder: PreviewDecoder::Model,
             tile_overlap: None,
         }
     }
@@ -209,6 +224,9 @@ pub struct Stages {
     pub text_encoder: Duration,
     /// Decoding the final latents into pixels, all images together.
     pub decoder: Duration,
+    /// Making the previews [`Request::preview_every`] asks for (x̂₀, and a latent model's
+    /// decoding of it), all steps together; zero without previews.
+    pub previews: Duration,
 }
 
 /// What [`Pipeline::generate_into`] ran: a [`Generation`] without the samples, which went into
@@ -342,58 +360,12 @@ pub struct Pipeline {
     decoder: Option<decode::Decoder>,
     /// The decoder of previews, when not the model's.
     preview: Option<decode::Decoder>,
+    /// The latent-to-RGB map of linear previews.
+    linear: Option<decode::LatentRgb>,
     /// The VAE encoder, loaded at its first use (only image-to-image from pixels needs it).
     encoder: Option<encode::Encoder>,
     /// MultiDiffusion's windows over a canvas larger than the model.
     canvas: Option<Canvas>,
-}
-
-/// The windows of the model's size over a larger canvas, and their blend weights.
-struct Canvas {
-    spans: [tiles::Spans; 2],
-    weights: [Vec<Vec<f32>>; 2],
-    /// One window's model input and output.
-    input: Array4<f32>,
-    output: Array4<f32>,
-}
-
-impl Canvas {
-    /// Windows `[h, w]` over the canvas `[C, H, W]`, overlapping by at least `overlap` pixels
-    /// (`scale` pixels per canvas position).
-    /// The model's input has `in_channels` (its output `c`).
-    fn new(
-        [c, big_h, big_w]: [usize; 3],
-        in_channels: usize,
-        [h, w]: [usize; 2],
-        overlap: usize,
-        scale: usize,
-    ) -> Result<Self> {
-        if big_h < h || big_w < w {
-            return Err(Error::config(
-                "tile-overlap",
-                format!(
-                    "the canvas ({}x{} pixels) must be at least the model's size ({}x{}) in both directions",
-                    big_w * scale,
-                    big_h * scale,
-                    w * scale,
-                    h * scale
-                ),
-            ));
-        }
-        let o = overlap.div_ceil(scale);
-        if o >= h.min(w) {
-            return Err(Error::config(
-                "tile-overlap",
-                format!("expected less than the model's size, {} pixels, got {overlap}", h.min(w) * scale),
-            ));
-        }
-        let spans = [tiles::Spans::new(big_h, h, o), tiles::Spans::new(big_w, w, o)];
-        let weights = [0, 1].map(|a| {
-            let s = &spans[a];
-            (0..s.starts().len()).map(|k| (0..s.size()).map(|u| s.weight(k, u, 1)).collect()).collect()
-        });
-        Ok(Canvas { spans, weights, input: Array4::zeros((1, in_channels, h, w)), output: Array4::zeros((1, c, h, w)) })
-    }
 }
 
 impl Pipeline {
@@ -442,8 +414,12 @@ impl Pipeline {
             denoiser.set_context_shape(tokens, dim)?;
         }
         let decoder = decode::Decoder::load(&card, options.decoder_tiling, options.decoder_tile, options.threads)?;
+        let linear = match options.preview_decoder {
+            PreviewDecoder::Linear => Some(decode::LatentRgb::load(&card)?),
+            _ => None,
+        };
         let preview = match &options.preview_decoder {
-            Some(dir) => {
+            PreviewDecoder::Folder(dir) => {
                 let mut with = card.clone();
                 with.replace_decoder(dir).map_err(|e| match e {
                     Error::Config { message, .. } => Error::config("preview-decoder", message),
@@ -451,7 +427,7 @@ impl Pipeline {
                 })?;
                 decode::Decoder::load(&with, options.decoder_tiling, options.decoder_tile, options.threads)?
             }
-            None => None,
+            _ => None,
         };
         // Build the plans now so load errors surface here, not at the first image: batch 1, and
         // batch 2 when guided steps run as one call. A pipeline runs no other batch size, so the
@@ -476,7 +452,19 @@ impl Pipeline {
             None => None,
         };
         let scratch = Scratch::new(chw, inputs, [chw[0], window[0], window[1]], denoiser.conditioning_inputs());
-        Ok(Pipeline { card, denoiser, options, scratch, card_values, text, decoder, preview, encoder: None, canvas })
+        Ok(Pipeline {
+            card,
+            denoiser,
+            options,
+            scratch,
+            card_values,
+            text,
+            decoder,
+            preview,
+            linear,
+            encoder: None,
+            canvas,
+        })
     }
 
     /// The model card.
@@ -595,17 +583,8 @@ impl Pipeline {
             });
         }
         let mut masked = images.clone();
-        for (i, mut image) in masked.outer_iter_mut().enumerate() {
-            let m = one_of(masks, i);
-            let plane = m.index_axis(ndarray::Axis(0), 0);
-            let plane = plane.index_axis(ndarray::Axis(0), 0);
-            for mut channel in image.outer_iter_mut() {
-                ndarray::Zip::from(&mut channel).and(&plane).for_each(|v, &k| {
-                    if k >= 0.5 {
-                        *v = 0.0;
-                    }
-                });
-            }
+        for i in 0..n {
+            edit::blank_masked(masked.slice_mut(s![i..i + 1, .., .., ..]), one_of(images, i), one_of(masks, i));
         }
         self.encode(&masked).map_err(|e| match e {
             Error::Tensor { message, .. } => Error::Tensor { what: "init".into(), message },
@@ -999,7 +978,7 @@ impl Pipeline {
             &mut self.scratch;
         let c = x.shape()[1];
         let (guidance, total) = (r.guidance, r.total);
-        let mut decode_time = Duration::ZERO;
+        let (mut decode_time, mut previews_time) = (Duration::ZERO, Duration::ZERO);
         let (ctx, ctx_null, ctx_pair) = match &r.text {
             Some(Prompts { cond, guided: Some([null, pair]) }) => (Some(cond), Some(null), Some(pair)),
             Some(Prompts { cond, guided: None }) => (Some(cond), Some(cond), Some(cond)),
@@ -1039,22 +1018,8 @@ impl Pipeline {
             }
             // An inpainting model's mask and masked init stay in its input for the whole run.
             if let (Some(input), Some(mask)) = (inpaint_in.as_mut(), &req.mask) {
-                input.slice_mut(s![.., c..c + 1, .., ..]).assign(&one_of(mask, i));
-                let mut masked = input.slice_mut(s![.., c + 1.., .., ..]);
-                match &req.masked_init {
-                    Some(m) => masked.assign(&one_of(m, i)),
-                    None => {
-                        let m = one_of(mask, i);
-                        let plane = m.slice(s![0, 0, .., ..]);
-                        for (mut out, from) in masked.outer_iter_mut().zip(init.outer_iter()) {
-                            for (mut oc, fc) in out.outer_iter_mut().zip(from.outer_iter()) {
-                                ndarray::Zip::from(&mut oc).and(&fc).and(&plane).for_each(|o, &v, &k| {
-                                    *o = if k >= 0.5 { 0.0 } else { v };
-                                });
-                            }
-                        }
-                    }
-                }
+                let masked = req.masked_init.as_ref().map(|m| one_of(m, i));
+                edit::fill_inpaint_input(input, c, one_of(mask, i), masked, init);
             }
             // Labels were checked in `resolve`: one per image (cycled), else the null class.
             let label = match &req.classes {
@@ -1112,21 +1077,7 @@ impl Pipeline {
                 match self.canvas.as_mut() {
                     None => predict(&mut self.denoiser, pair, model_in, out)?,
                     // MultiDiffusion: every window of the canvas, their predictions blended.
-                    Some(cv) => {
-                        let [big_h, big_w] = [out.shape()[2], out.shape()[3]];
-                        let [h, w] = [cv.input.shape()[2], cv.input.shape()[3]];
-                        let mut blend = tiles::Blend::new([c, big_h, big_w]);
-                        for (ky, &top) in cv.spans[0].starts().iter().enumerate() {
-                            for (kx, &left) in cv.spans[1].starts().iter().enumerate() {
-                                cv.input.assign(&model_in.slice(s![.., .., top..top + h, left..left + w]));
-                                predict(&mut self.denoiser, pair, &cv.input, &mut cv.output)?;
-                                let window = cv.output.as_slice().expect("scratch arrays are contiguous");
-                                blend.add(window, [top, left], &cv.weights[0][ky], &cv.weights[1][kx]);
-                            }
-                        }
-                        let blended = blend.finish();
-                        out.as_slice_mut().expect("scratch arrays are contiguous").copy_from_slice(&blended);
-                    }
+                    Some(cv) => cv.predict(model_in, out, |x, o| predict(&mut self.denoiser, pair, x, o))?,
                 }
                 let bad = out.iter().filter(|v| !v.is_finite()).count();
                 if bad > 0 {
@@ -1134,8 +1085,11 @@ impl Pipeline {
                 }
                 let step = k + 1 - first;
                 let preview = req.preview_every > 0 && (step.is_multiple_of(req.preview_every) || step == total);
+                let mut preview_time = Duration::ZERO;
                 if preview {
+                    let started = Instant::now();
                     sampler.predict_x0(out, k, x, x0);
+                    preview_time = started.elapsed();
                 }
                 sampler.step(out, k, x, &mut noise);
                 // An inpainting model keeps the init itself; a model without a mask input gets it
@@ -1149,23 +1103,16 @@ impl Pipeline {
                         }
                         false => init,
                     };
-                    let m = one_of(mask, i);
-                    let plane = m.index_axis(ndarray::Axis(0), 0);
-                    let plane = plane.index_axis(ndarray::Axis(0), 0);
-                    let mut channels = x.index_axis_mut(ndarray::Axis(0), 0);
-                    for (mut xc, pc) in channels.outer_iter_mut().zip(kept.index_axis(ndarray::Axis(0), 0).outer_iter())
-                    {
-                        ndarray::Zip::from(&mut xc)
-                            .and(&pc)
-                            .and(&plane)
-                            .for_each(|x, &p, &w| *x = (1.0 - w) * p + w * *x);
-                    }
+                    edit::keep_unmasked(x, kept, one_of(mask, i));
                 }
-                let elapsed = start.elapsed();
-                let pixels = match (preview, self.preview.as_mut().or(self.decoder.as_mut())) {
-                    (true, Some(d)) => Some(d.decode(x0)?),
+                let elapsed = start.elapsed().saturating_sub(preview_time);
+                let started = Instant::now();
+                let pixels = match (preview, &self.linear, self.preview.as_mut().or(self.decoder.as_mut())) {
+                    (true, Some(map), _) => Some(map.decode(x0)),
+                    (true, None, Some(d)) => Some(d.decode(x0)?),
                     _ => None,
                 };
+                previews_time += preview_time + started.elapsed();
                 let shown = match preview {
                     true => Some(pixels.as_deref().unwrap_or(x0.as_slice().expect("scratch arrays are contiguous"))),
                     false => None,
@@ -1190,7 +1137,7 @@ impl Pipeline {
                 return Err(Error::Cancelled { step: total });
             }
         }
-        let stages = Stages { text_encoder: r.text_time, decoder: decode_time };
+        let stages = Stages { text_encoder: r.text_time, decoder: decode_time, previews: previews_time };
         Ok(RunInfo { images: n, sampler: r.kind, steps: r.steps, timesteps: total, guidance: r.requested, stages })
     }
 
@@ -1282,27 +1229,6 @@ fn sampler_for(
         _ => 0,
     };
     Ok((built, first))
-}
-
-/// `given` is `[1 or images, dims…]` (one for every image, or one each), else an error naming
-/// `what` and the shape expected (`space` says whose shape that is).
-fn check_batch(what: &str, given: &Array4<f32>, dims: [usize; 3], images: usize, space: &str) -> Result<()> {
-    let batch = given.shape()[0];
-    if given.shape()[1..] == dims && (batch == 1 || batch == images) {
-        return Ok(());
-    }
-    let [c, h, w] = dims;
-    let batches = if images == 1 { "1".to_string() } else { format!("1 or {images}") };
-    Err(Error::Tensor {
-        what: what.into(),
-        message: format!("expected shape [{batches}, {c}, {h}, {w}] ({space}), found {:?}", given.shape()),
-    })
-}
-
-/// Image `i` of `batch` (`[1 or n, …]`): the only one, or the `i`-th.
-fn one_of(batch: &Array4<f32>, i: usize) -> ndarray::ArrayView4<'_, f32> {
-    let at = if batch.shape()[0] == 1 { 0 } else { i };
-    batch.slice(s![at..at + 1, .., .., ..])
 }
 
 /// One image's call inputs: its label (if any), the shared context and its conditioning values.

@@ -46,10 +46,14 @@ pub struct BenchArgs {
     /// latent model) at this strength, so it runs int(steps × strength) steps.
     #[arg(long)]
     pub strength: Option<f64>,
-    /// Ask for a preview (the step's x̂₀, decoded for a latent model) every N steps: its cost
-    /// shows in image_s_median.
+    /// Ask for a preview (the step's x̂₀, decoded for a latent model) every N steps: the report
+    /// gives its cost per preview, also as a share of the median step (which excludes it).
     #[arg(long, value_name = "N")]
     pub preview_every: Option<usize>,
+    /// What decodes a latent model's previews: a decoder folder or `linear` (see `sample
+    /// --help`).
+    #[arg(long, value_name = "DIR|linear")]
+    pub preview_decoder: Option<PathBuf>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -86,7 +90,8 @@ pub fn run(a: BenchArgs, model: PathBuf) -> Result<()> {
     let guidance_batching = crate::parse_flag(&a.guidance_batching)?;
     let batching_label = a.guidance_batching.clone();
     let convolution = crate::parse_flag(&a.convolution)?;
-    let mut opts = LoadOptions { precision, guidance_batching, convolution, ..Default::default() };
+    let preview_decoder = crate::sample::preview_decoder(a.preview_decoder.as_deref());
+    let mut opts = LoadOptions { precision, guidance_batching, convolution, preview_decoder, ..Default::default() };
     if let Some(t) = a.threads {
         anyhow::ensure!(t >= 1, "--threads: expected at least 1");
         opts.threads = t;
@@ -100,7 +105,8 @@ pub fn run(a: BenchArgs, model: PathBuf) -> Result<()> {
     let mut image_s = Vec::new();
     let mut steps_used = 0;
     let mut used = (String::new(), 1.0);
-    let (mut text_ms, mut decode_ms) = (Vec::new(), Vec::new());
+    let (mut text_ms, mut decode_ms, mut preview_ms) = (Vec::new(), Vec::new(), Vec::new());
+    let mut previews = 0usize;
     let prompted = pipe.takes_text();
     // A class-conditional model is measured on a real class, so guidance runs as it would.
     let classes = pipe.card().classes.as_ref().map(|_| vec![0]);
@@ -128,8 +134,10 @@ pub fn run(a: BenchArgs, model: PathBuf) -> Result<()> {
         };
         let mut times = Vec::new();
         let t = Instant::now();
+        let mut shown = 0usize;
         let gen = pipe.generate(&req, &mut |s| {
             times.push(s.elapsed.as_secs_f64() * 1e3);
+            shown += usize::from(s.preview.is_some());
             ControlFlow::Continue(())
         })?;
         let elapsed = t.elapsed().as_secs_f64();
@@ -142,6 +150,10 @@ pub fn run(a: BenchArgs, model: PathBuf) -> Result<()> {
             image_s.push(elapsed);
             text_ms.push(gen.stages.text_encoder.as_secs_f64() * 1e3);
             decode_ms.push(gen.stages.decoder.as_secs_f64() * 1e3);
+            if shown > 0 {
+                preview_ms.push(gen.stages.previews.as_secs_f64() * 1e3 / shown as f64);
+                previews += shown;
+            }
         }
     }
     steps_ms.sort_by(f64::total_cmp);
@@ -176,7 +188,12 @@ pub fn run(a: BenchArgs, model: PathBuf) -> Result<()> {
         report["timesteps"] = (steps_ms.len() / a.runs).into();
     }
     if let Some(n) = a.preview_every {
+        preview_ms.sort_by(f64::total_cmp);
+        let per_preview = percentile(&preview_ms, 0.5);
         report["preview_every"] = n.into();
+        report["previews"] = previews.into();
+        report["preview_ms_median"] = per_preview.into();
+        report["preview_share_of_step"] = (per_preview / percentile(&steps_ms, 0.5)).into();
     }
     if prompted {
         report["text_encoder_ms_median"] = percentile(&text_ms, 0.5).into();

@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use clap::Args;
 use edge_diffuse::files;
-use edge_diffuse::pipeline::{GuidanceBatching, LoadOptions, Pipeline, Request};
+use edge_diffuse::pipeline::{GuidanceBatching, LoadOptions, Pipeline, PreviewDecoder, Request};
 use edge_diffuse::{ModelCard, SamplerKind};
 use ndarray::ArrayD;
 
@@ -137,9 +137,10 @@ pub struct SampleArgs {
     /// column per step, the last column the result.
     #[arg(long, value_name = "FILE.png")]
     trajectory: Option<PathBuf>,
-    /// A decoder folder for a latent model's previews, e.g. a TAESD-class tiny decoder
-    /// (default: --decoder, else the model's VAE).
-    #[arg(long, value_name = "DIR")]
+    /// What decodes a latent model's previews: a decoder folder, e.g. a TAESD-class tiny
+    /// decoder, or `linear`, the card's latent-to-RGB map (rough, and nearly free; ./linear for a
+    /// folder of that name). Default: --decoder, else the model's VAE.
+    #[arg(long, value_name = "DIR|linear")]
     preview_decoder: Option<PathBuf>,
     /// Cross-attention conditioning (encoder_hidden_states), float32 .npy [1, tokens, dim].
     #[arg(long, value_name = "FILE.npy")]
@@ -234,7 +235,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
         decoder: a.decoder.clone(),
         decoder_tiling,
         decoder_tile: a.vae_tile,
-        preview_decoder: a.preview_decoder.clone(),
+        preview_decoder: preview_decoder(a.preview_decoder.as_deref()),
         tile_overlap: a.tile_overlap,
         ..Default::default()
     };
@@ -606,4 +607,13 @@ fn parse_conditioning(flags: &[String]) -> Result<BTreeMap<String, ArrayD<f32>>>
         }
     }
     Ok(values)
+}
+
+/// `--preview-decoder DIR|linear`.
+pub(crate) fn preview_decoder(flag: Option<&std::path::Path>) -> PreviewDecoder {
+    match flag {
+        None => PreviewDecoder::Model,
+        Some(p) if p.as_os_str() == "linear" => PreviewDecoder::Linear,
+        Some(p) => PreviewDecoder::Folder(p.to_path_buf()),
+    }
 }
