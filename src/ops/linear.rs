@@ -124,7 +124,7 @@ impl Linear {
         // Row r at r · k, its features in a row: the kernel stores whole blocks in place.
         let token_major =
             y_feature == 1 && (0..dims.len()).all(|i| y_strides[i] == k * dims[i + 1..].iter().product::<usize>());
-        let (height, width) = (kernel.height(), kernel.width());
+        let (height, width) = (kernel.height_for(t), kernel.width());
         let (blocks, panels) = (t.div_ceil(height), k.div_ceil(width));
         let u = f32s(&self.weights, "Linear")?;
         let bias = f32s(&self.bias, "Linear")?;
@@ -141,12 +141,16 @@ impl Linear {
                 for (b, rows) in share.zip(piece.chunks_exact_mut(c * height)) {
                     let r0 = b * height;
                     let offset = |r| strided_offset(r, &dims, &x_strides);
-                    pack_rows(kernel, xs, r0..(r0 + height).min(t), offset, &features, rows);
+                    pack_rows(height, xs, r0..(r0 + height).min(t), offset, &features, rows);
                 }
             });
-            // Work items: (chunk of blocks, share of the panels); panels are shared out only
-            // when there are fewer chunks than threads.
-            let chunks = split(blocks, blocks.div_ceil(CHUNK).max(parts));
+            // Work items: (chunk of blocks, share of the panels). Panels are shared out when
+            // there are fewer chunks than threads, so that each weight comes from memory once
+            // (a few hundred rows make one chunk); blocks are, when there are fewer panels.
+            let chunks = match panels >= parts {
+                true => split(blocks, blocks.div_ceil(CHUNK)),
+                false => split(blocks, blocks.div_ceil(CHUNK).max(parts)),
+            };
             let splits = parts.div_ceil(chunks.len()).min(panels);
             let items: Vec<_> = chunks
                 .iter()
@@ -169,11 +173,11 @@ impl Linear {
                             // Safety: `runs_here` above; c groups of rows and of the panel, a
                             // bias of `width`, and whole rows of the block inside `y`
                             // (asserted); only this item writes them.
-                            unsafe { block(kernel, rows, panel, bias, out.at(at), k) };
+                            unsafe { block(kernel, height, rows, panel, bias, out.at(at), k) };
                             continue;
                         }
                         // Safety: as above, into the tile of `height` rows of `width`.
-                        unsafe { block(kernel, rows, panel, bias, tile.as_mut_ptr(), width) };
+                        unsafe { block(kernel, height, rows, panel, bias, tile.as_mut_ptr(), width) };
                         // Feature by feature: in a channels-first output a feature's rows are
                         // often neighbours.
                         let mut at = [0usize; MOST_ROWS];

@@ -25,17 +25,25 @@ impl Kernel {
         }
     }
 
-    /// Rows of `X` per block.
-    pub(crate) const fn height(self) -> usize {
+    /// The block heights (rows of `X`) the kernel has: as many rows as leave registers for
+    /// the weights, down to half that.
+    pub(crate) const fn heights(self) -> std::ops::RangeInclusive<usize> {
         match self {
-            Kernel::Avx2 => 6,
-            Kernel::Avx512 => 12,
+            Kernel::Avx2 => 4..=6,
+            Kernel::Avx512 => 8..=14,
         }
+    }
+
+    /// The block height for `t` rows: the fewest rows computed in all (padding the last block
+    /// wastes its multiply-adds; a block also costs about a row more for its bias and stores),
+    /// the tallest of equals. CLIP's 77 tokens take 6 blocks of 13 instead of 7 of 12.
+    pub(crate) fn height_for(self, t: usize) -> usize {
+        self.heights().rev().min_by_key(|&h| t.div_ceil(h) * (h + 1)).expect("a kernel has heights")
     }
 }
 
 /// Most rows per block of any kernel (the size of a caller's tile).
-pub(crate) const MOST_ROWS: usize = 12;
+pub(crate) const MOST_ROWS: usize = 14;
 /// Most features per panel of any kernel.
 pub(crate) const MOST_WIDTH: usize = 32;
 
@@ -59,18 +67,17 @@ pub(crate) fn pack_weights(kernel: Kernel, w: &[f32], [k, c]: [usize; 2], stride
     packed
 }
 
-/// The rows `rows` of `X` as `c` groups of `kernel.height()` values (zero past the last row):
-/// feature i of row r is at `x[offset(r) + features[i]]`.
+/// The rows `rows` of `X` as `c` groups of `height` values (zero past the last row): feature i
+/// of row r is at `x[offset(r) + features[i]]`.
 pub(crate) fn pack_rows(
-    kernel: Kernel,
+    height: usize,
     x: &[f32],
     rows: std::ops::Range<usize>,
     offset: impl Fn(usize) -> usize,
     features: &[usize],
     packed: &mut [f32],
 ) {
-    let height = kernel.height();
-    debug_assert!(packed.len() == features.len() * height && rows.len() <= height);
+    debug_assert!(packed.len() == features.len() * height && rows.len() <= height && height <= MOST_ROWS);
     let mut at = [0usize; MOST_ROWS];
     let count = rows.len();
     for (a, r) in at.iter_mut().zip(rows) {
@@ -84,31 +91,55 @@ pub(crate) fn pack_rows(
     }
 }
 
-/// One block: `out[r · ld + f] = bias[f] + Σ_i rows[i][r] · panel[i][f]` for the block's rows r
-/// and the panel's features f, over `c = rows.len() / kernel.height()` input features: all
-/// `kernel.height()` rows of `kernel.width()` values are stored.
+/// One block: `out[r · ld + f] = bias[f] + Σ_i rows[i][r] · panel[i][f]` for the block's
+/// `height` rows r and the panel's features f, over `c = rows.len() / height` input features:
+/// all `height` rows of `kernel.width()` values are stored.
 ///
-/// Safety: `kernel.runs_here()`; `panel` holds c · width values, `bias` width, and `out` room for
-/// height rows of width values `ld` apart.
-pub(crate) unsafe fn block(kernel: Kernel, rows: &[f32], panel: &[f32], bias: &[f32], out: *mut f32, ld: usize) {
-    let c = rows.len() / kernel.height();
+/// Safety: `kernel.runs_here()`, `height` one of `kernel.heights()`; `panel` holds c · width
+/// values, `bias` width, and `out` room for height rows of width values `ld` apart.
+pub(crate) unsafe fn block(
+    kernel: Kernel,
+    height: usize,
+    rows: &[f32],
+    panel: &[f32],
+    bias: &[f32],
+    out: *mut f32,
+    ld: usize,
+) {
+    let c = rows.len() / height;
     debug_assert!(panel.len() >= c * kernel.width() && bias.len() >= kernel.width());
+    debug_assert!(kernel.heights().contains(&height));
+    let (x, w, b) = (rows.as_ptr(), panel.as_ptr(), bias.as_ptr());
     // Safety: the caller's.
     unsafe {
-        match kernel {
-            Kernel::Avx2 => block_avx2(rows.as_ptr(), panel.as_ptr(), c, bias.as_ptr(), out, ld),
-            Kernel::Avx512 => block_avx512(rows.as_ptr(), panel.as_ptr(), c, bias.as_ptr(), out, ld),
+        match (kernel, height) {
+            (Kernel::Avx2, 4) => block_avx2::<4>(x, w, c, b, out, ld),
+            (Kernel::Avx2, 5) => block_avx2::<5>(x, w, c, b, out, ld),
+            (Kernel::Avx2, _) => block_avx2::<6>(x, w, c, b, out, ld),
+            (Kernel::Avx512, 8) => block_avx512::<8>(x, w, c, b, out, ld),
+            (Kernel::Avx512, 9) => block_avx512::<9>(x, w, c, b, out, ld),
+            (Kernel::Avx512, 10) => block_avx512::<10>(x, w, c, b, out, ld),
+            (Kernel::Avx512, 11) => block_avx512::<11>(x, w, c, b, out, ld),
+            (Kernel::Avx512, 12) => block_avx512::<12>(x, w, c, b, out, ld),
+            (Kernel::Avx512, 13) => block_avx512::<13>(x, w, c, b, out, ld),
+            (Kernel::Avx512, _) => block_avx512::<14>(x, w, c, b, out, ld),
         }
     }
 }
 
-/// 6 rows × 16 features in 12 registers of 8 lanes.
+/// H rows × 16 features in 2·H registers of 8 lanes.
 ///
-/// Safety: AVX2 and FMA; `rows` c · 6 values, `panel` c · 16, `bias` 16, `out` 6 rows of 16.
+/// Safety: AVX2 and FMA; `rows` c · H values, `panel` c · 16, `bias` 16, `out` H rows of 16.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn block_avx2(rows: *const f32, panel: *const f32, c: usize, bias: *const f32, out: *mut f32, ld: usize) {
+unsafe fn block_avx2<const H: usize>(
+    rows: *const f32,
+    panel: *const f32,
+    c: usize,
+    bias: *const f32,
+    out: *mut f32,
+    ld: usize,
+) {
     use std::arch::x86_64::*;
-    const H: usize = 6;
     // Safety: the caller's bounds.
     unsafe {
         let mut acc = [[_mm256_loadu_ps(bias), _mm256_loadu_ps(bias.add(8))]; H];
@@ -128,13 +159,19 @@ unsafe fn block_avx2(rows: *const f32, panel: *const f32, c: usize, bias: *const
     }
 }
 
-/// 12 rows × 32 features in 24 registers of 16 lanes.
+/// H rows × 32 features in 2·H registers of 16 lanes.
 ///
-/// Safety: AVX-512F; `rows` c · 12 values, `panel` c · 32, `bias` 32, `out` 12 rows of 32.
+/// Safety: AVX-512F; `rows` c · H values, `panel` c · 32, `bias` 32, `out` H rows of 32.
 #[target_feature(enable = "avx512f")]
-unsafe fn block_avx512(rows: *const f32, panel: *const f32, c: usize, bias: *const f32, out: *mut f32, ld: usize) {
+unsafe fn block_avx512<const H: usize>(
+    rows: *const f32,
+    panel: *const f32,
+    c: usize,
+    bias: *const f32,
+    out: *mut f32,
+    ld: usize,
+) {
     use std::arch::x86_64::*;
-    const H: usize = 12;
     // Safety: the caller's bounds.
     unsafe {
         let mut acc = [[_mm512_loadu_ps(bias), _mm512_loadu_ps(bias.add(16))]; H];
@@ -164,8 +201,8 @@ mod tests {
 
     /// Every block of `x` (t × c, row-major) times `w` (k × c) plus `bias`, through the kernel,
     /// into a t × k output.
-    fn product(kernel: Kernel, x: &[f32], w: &[f32], bias: &[f32], [t, c, k]: [usize; 3]) -> Vec<f32> {
-        let (height, width) = (kernel.height(), kernel.width());
+    fn product(kernel: Kernel, height: usize, x: &[f32], w: &[f32], bias: &[f32], [t, c, k]: [usize; 3]) -> Vec<f32> {
+        let width = kernel.width();
         let packed = pack_weights(kernel, w, [k, c], [c, 1]);
         let mut padded = vec![0f32; k.div_ceil(width) * width];
         padded[..k].copy_from_slice(bias);
@@ -173,13 +210,13 @@ mod tests {
         let mut rows = vec![f32::NAN; c * height];
         let mut tile = vec![f32::NAN; height * width];
         for r0 in (0..t).step_by(height) {
-            pack_rows(kernel, x, r0..(r0 + height).min(t), |r| r * c, &(0..c).collect::<Vec<_>>(), &mut rows);
+            pack_rows(height, x, r0..(r0 + height).min(t), |r| r * c, &(0..c).collect::<Vec<_>>(), &mut rows);
             for p in 0..k.div_ceil(width) {
                 // Safety: `runs_here` (asked by the callers); c groups of rows and of the
                 // panel, a bias of `width`, a tile of `height` rows of `width`.
                 unsafe {
                     let panel = &packed[p * c * width..][..c * width];
-                    block(kernel, &rows, panel, &padded[p * width..], tile.as_mut_ptr(), width)
+                    block(kernel, height, &rows, panel, &padded[p * width..], tile.as_mut_ptr(), width)
                 };
                 for j in 0..height.min(t - r0) {
                     for f in 0..width.min(k - p * width) {
@@ -199,20 +236,35 @@ mod tests {
                 eprintln!("{kernel:?} does not run here");
                 continue;
             }
-            for [t, c, k] in [[12, 32, 32], [25, 7, 45], [1, 19, 3], [13, 1, 64], [40, 64, 1]] {
+            for ([t, c, k], height) in [[12, 32, 32], [25, 7, 45], [1, 19, 3], [13, 1, 64], [40, 64, 1], [77, 9, 33]]
+                .into_iter()
+                .flat_map(|shape| kernel.heights().map(move |h| (shape, h)))
+            {
                 let (x, w, b) = (values(t * c, 1), values(k * c, 2), values(k, 3));
-                let y = product(kernel, &x, &w, &b, [t, c, k]);
+                let y = product(kernel, height, &x, &w, &b, [t, c, k]);
                 for r in 0..t {
                     for f in 0..k {
                         let want = b[f] as f64 + (0..c).map(|i| x[r * c + i] as f64 * w[f * c + i] as f64).sum::<f64>();
                         let got = y[r * k + f] as f64;
                         assert!(
                             (got - want).abs() < 1e-5 * (1.0 + want.abs()),
-                            "{kernel:?} {t}x{c}x{k} ({r},{f}): {got} vs {want}"
+                            "{kernel:?} height {height}, {t}x{c}x{k} ({r},{f}): {got} vs {want}"
                         );
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn the_height_leaves_the_least_padding() {
+        assert_eq!(Kernel::Avx512.height_for(77), 13);
+        assert_eq!(Kernel::Avx512.height_for(14), 14);
+        assert_eq!(Kernel::Avx512.height_for(256), 13);
+        assert_eq!(Kernel::Avx2.height_for(77), 6);
+        assert_eq!(Kernel::Avx2.height_for(8), 4);
+        for t in 1..300 {
+            assert!(Kernel::Avx512.heights().contains(&Kernel::Avx512.height_for(t)));
         }
     }
 
@@ -224,8 +276,13 @@ mod tests {
         }
         let [t, c, k] = [30, 50, 70];
         let (x, w, b) = (values(t * c, 4), values(k * c, 5), values(k, 6));
-        let [a, z] = [Kernel::Avx2, Kernel::Avx512].map(|kernel| product(kernel, &x, &w, &b, [t, c, k]));
+        let [a, z] = [Kernel::Avx2, Kernel::Avx512]
+            .map(|kernel| product(kernel, *kernel.heights().end(), &x, &w, &b, [t, c, k]));
         assert!(a.iter().zip(&z).all(|(p, q)| p.to_bits() == q.to_bits()));
+        for height in Kernel::Avx512.heights() {
+            let y = product(Kernel::Avx512, height, &x, &w, &b, [t, c, k]);
+            assert!(y.iter().zip(&z).all(|(p, q)| p.to_bits() == q.to_bits()), "height {height}");
+        }
     }
 
     #[test]
@@ -235,10 +292,10 @@ mod tests {
         let x = values(t * c, 7);
         let xt: Vec<f32> = (0..c * t).map(|i| x[(i % t) * c + i / t]).collect();
         for kernel in [Kernel::Avx2, Kernel::Avx512] {
-            let height = kernel.height();
+            let height = *kernel.heights().end();
             let [mut a, mut b] = [vec![f32::NAN; c * height], vec![f32::NAN; c * height]];
-            pack_rows(kernel, &x, 1..5, |r| r * c, &[0, 1, 2], &mut a);
-            pack_rows(kernel, &xt, 1..5, |r| r, &[0, t, 2 * t], &mut b);
+            pack_rows(height, &x, 1..5, |r| r * c, &[0, 1, 2], &mut a);
+            pack_rows(height, &xt, 1..5, |r| r, &[0, t, 2 * t], &mut b);
             assert_eq!(a, b);
             assert_eq!(a[height + 2], x[3 * c + 1], "feature 1 of row 3");
             assert!(a.chunks_exact(height).all(|g| g[4..].iter().all(|&v| v == 0.0)), "zero past the rows");
