@@ -7,8 +7,9 @@
 //! load, and adds the bias in another node. Here the weights are packed once at load into panels
 //! of output features, each block of rows is packed once per call, and the bias starts the sums.
 //! The rows go in chunks of [`CHUNK`] blocks; a chunk's packed rows stay in L2 while every panel
-//! of weights runs over them, each panel from L1. A token-major output is written by the kernel
-//! itself; other layouts go through a tile.
+//! of weights runs over them, a [`SLICE`] of input features at a time, so that the slice of the
+//! panel stays in L1 while every block of the chunk uses it (the sums go on from one slice to the
+//! next in order). The block height is chosen per call for the least padding.
 //!
 //! `crate::passes::linear` finds the `EinSum`s and the bias `Add`s. Float32; the sums add the
 //! input features in order, one fused multiply-add at a time.
@@ -22,9 +23,13 @@ use crate::kernels::x86_64::gemm::Kernel;
 use crate::kernels::x86_64::linear::{block, pack_rows, pack_weights, MOST_ROWS, MOST_WIDTH};
 use crate::kernels::{carve, split};
 
-/// Blocks of rows per chunk: a chunk's packed rows (at most 16 · 12 rows of c features) stay in
+/// Blocks of rows per chunk: a chunk's packed rows (at most 16 · 14 rows of c features) stay in
 /// L2 while the panels run over them.
 const CHUNK: usize = 16;
+
+/// Input features per slice: a slice of a panel (`SLICE` · 32 floats, 24 KiB) and of a block's
+/// rows (`SLICE` · 14 floats at most) fit in L1 together.
+const SLICE: usize = 192;
 
 /// Where the rows, the input features and the output features are.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -158,26 +163,41 @@ impl Linear {
                 .collect();
             let packed = &*packed;
             for_each(items, |(chunk, share)| {
-                let mut tile = [0f32; MOST_ROWS * MOST_WIDTH];
+                // The chunk's partial sums, block by block: `height` rows of `width` each.
+                let mut sums = [0f32; CHUNK * MOST_ROWS * MOST_WIDTH];
                 for p in share {
                     let panel = &u[p * c * width..][..c * width];
                     let bias = &bias[p * width..][..width];
                     let features = width.min(k - p * width);
-                    for b in chunk.clone() {
-                        let rows = &packed[b * c * height..][..c * height];
+                    // A slice of the input features at a time: its part of the panel stays in
+                    // L1 while every block of the chunk runs over it.
+                    for i0 in (0..c).step_by(SLICE) {
+                        let n = SLICE.min(c - i0);
+                        let part = &panel[i0 * width..][..n * width];
+                        for (j, b) in chunk.clone().enumerate() {
+                            let rows = &packed[(b * c + i0) * height..][..n * height];
+                            let tile = &mut sums[j * height * width..][..height * width];
+                            // Safety: `runs_here` above, `height` is the kernel's; n groups of
+                            // rows and of the panel, a bias of `width`, a tile of `height` rows
+                            // of `width`.
+                            unsafe {
+                                block(kernel, height, rows, part, (i0 == 0).then_some(bias), tile.as_mut_ptr(), width)
+                            };
+                        }
+                    }
+                    for (j, b) in chunk.clone().enumerate() {
+                        let tile = &sums[j * height * width..][..height * width];
                         let r0 = b * height;
                         let count = height.min(t - r0);
-                        if token_major && count == height && features == width {
-                            let at = r0 * k + p * width;
-                            assert!(at + (height - 1) * k + width <= out.len(), "Linear: short output");
-                            // Safety: `runs_here` above; c groups of rows and of the panel, a
-                            // bias of `width`, and whole rows of the block inside `y`
-                            // (asserted); only this item writes them.
-                            unsafe { block(kernel, height, rows, panel, bias, out.at(at), k) };
+                        if token_major {
+                            for (r, row) in tile.chunks_exact(width).take(count).enumerate() {
+                                let at = (r0 + r) * k + p * width;
+                                assert!(at + features <= out.len(), "Linear: short output");
+                                // Safety: inside `y` (asserted); only this item writes it.
+                                unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), out.at(at), features) };
+                            }
                             continue;
                         }
-                        // Safety: as above, into the tile of `height` rows of `width`.
-                        unsafe { block(kernel, height, rows, panel, bias, tile.as_mut_ptr(), width) };
                         // Feature by feature: in a channels-first output a feature's rows are
                         // often neighbours.
                         let mut at = [0usize; MOST_ROWS];

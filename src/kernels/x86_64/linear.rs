@@ -91,25 +91,27 @@ pub(crate) fn pack_rows(
     }
 }
 
-/// One block: `out[r · ld + f] = bias[f] + Σ_i rows[i][r] · panel[i][f]` for the block's
-/// `height` rows r and the panel's features f, over `c = rows.len() / height` input features:
-/// all `height` rows of `kernel.width()` values are stored.
+/// One block: `out[r · ld + f] = s[r][f] + Σ_i rows[i][r] · panel[i][f]` for the block's
+/// `height` rows r and the panel's features f, over `c = rows.len() / height` input features,
+/// where the sums start `s` from `bias[f]`, or (`bias` None) from `out` itself, so that a product
+/// over many features can run a slice of them at a time with the same sums: all `height` rows
+/// of `kernel.width()` values are stored.
 ///
 /// Safety: `kernel.runs_here()`, `height` one of `kernel.heights()`; `panel` holds c · width
-/// values, `bias` width, and `out` room for height rows of width values `ld` apart.
+/// values, `bias` width, and `out` height rows of width values `ld` apart.
 pub(crate) unsafe fn block(
     kernel: Kernel,
     height: usize,
     rows: &[f32],
     panel: &[f32],
-    bias: &[f32],
+    bias: Option<&[f32]>,
     out: *mut f32,
     ld: usize,
 ) {
     let c = rows.len() / height;
-    debug_assert!(panel.len() >= c * kernel.width() && bias.len() >= kernel.width());
+    debug_assert!(panel.len() >= c * kernel.width() && bias.is_none_or(|b| b.len() >= kernel.width()));
     debug_assert!(kernel.heights().contains(&height));
-    let (x, w, b) = (rows.as_ptr(), panel.as_ptr(), bias.as_ptr());
+    let (x, w, b) = (rows.as_ptr(), panel.as_ptr(), bias.map_or(std::ptr::null(), |b| b.as_ptr()));
     // Safety: the caller's.
     unsafe {
         match (kernel, height) {
@@ -129,7 +131,8 @@ pub(crate) unsafe fn block(
 
 /// H rows × 16 features in 2·H registers of 8 lanes.
 ///
-/// Safety: AVX2 and FMA; `rows` c · H values, `panel` c · 16, `bias` 16, `out` H rows of 16.
+/// Safety: AVX2 and FMA; `rows` c · H values, `panel` c · 16, `bias` 16 or null (start from
+/// `out`), `out` H rows of 16.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn block_avx2<const H: usize>(
     rows: *const f32,
@@ -142,7 +145,11 @@ unsafe fn block_avx2<const H: usize>(
     use std::arch::x86_64::*;
     // Safety: the caller's bounds.
     unsafe {
-        let mut acc = [[_mm256_loadu_ps(bias), _mm256_loadu_ps(bias.add(8))]; H];
+        let mut acc = [[_mm256_setzero_ps(); 2]; H];
+        for (r, a) in acc.iter_mut().enumerate() {
+            let from = if bias.is_null() { out.add(r * ld).cast_const() } else { bias };
+            *a = [_mm256_loadu_ps(from), _mm256_loadu_ps(from.add(8))];
+        }
         for i in 0..c {
             let w0 = _mm256_loadu_ps(panel.add(i * 16));
             let w1 = _mm256_loadu_ps(panel.add(i * 16 + 8));
@@ -161,7 +168,8 @@ unsafe fn block_avx2<const H: usize>(
 
 /// H rows × 32 features in 2·H registers of 16 lanes.
 ///
-/// Safety: AVX-512F; `rows` c · H values, `panel` c · 32, `bias` 32, `out` H rows of 32.
+/// Safety: AVX-512F; `rows` c · H values, `panel` c · 32, `bias` 32 or null (start from
+/// `out`), `out` H rows of 32.
 #[target_feature(enable = "avx512f")]
 unsafe fn block_avx512<const H: usize>(
     rows: *const f32,
@@ -174,7 +182,11 @@ unsafe fn block_avx512<const H: usize>(
     use std::arch::x86_64::*;
     // Safety: the caller's bounds.
     unsafe {
-        let mut acc = [[_mm512_loadu_ps(bias), _mm512_loadu_ps(bias.add(16))]; H];
+        let mut acc = [[_mm512_setzero_ps(); 2]; H];
+        for (r, a) in acc.iter_mut().enumerate() {
+            let from = if bias.is_null() { out.add(r * ld).cast_const() } else { bias };
+            *a = [_mm512_loadu_ps(from), _mm512_loadu_ps(from.add(16))];
+        }
         for i in 0..c {
             let w0 = _mm512_loadu_ps(panel.add(i * 32));
             let w1 = _mm512_loadu_ps(panel.add(i * 32 + 16));
@@ -216,7 +228,7 @@ mod tests {
                 // panel, a bias of `width`, a tile of `height` rows of `width`.
                 unsafe {
                     let panel = &packed[p * c * width..][..c * width];
-                    block(kernel, height, &rows, panel, &padded[p * width..], tile.as_mut_ptr(), width)
+                    block(kernel, height, &rows, panel, Some(&padded[p * width..]), tile.as_mut_ptr(), width)
                 };
                 for j in 0..height.min(t - r0) {
                     for f in 0..width.min(k - p * width) {
@@ -253,6 +265,31 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn a_product_in_slices_of_features_gives_the_same_bits() {
+        for kernel in [Kernel::Avx2, Kernel::Avx512] {
+            if !kernel.runs_here() {
+                continue;
+            }
+            let (height, width, c) = (*kernel.heights().start(), kernel.width(), 37);
+            let (x, w, b) = (values(height * c, 8), values(width * c, 9), values(width, 10));
+            let packed = pack_weights(kernel, &w, [width, c], [c, 1]);
+            let mut rows = vec![0f32; c * height];
+            pack_rows(height, &x, 0..height, |r| r * c, &(0..c).collect::<Vec<_>>(), &mut rows);
+            let [mut whole, mut sliced] = [vec![f32::NAN; height * width], vec![f32::NAN; height * width]];
+            // Safety: runs here; c groups of rows and of the panel, a tile of height × width.
+            unsafe {
+                block(kernel, height, &rows, &packed, Some(&b), whole.as_mut_ptr(), width);
+                for (i, s) in [(0, 10), (10, 30), (30, c)].into_iter().enumerate() {
+                    let bias = (i == 0).then_some(&b[..]);
+                    let part = (&rows[s.0 * height..s.1 * height], &packed[s.0 * width..s.1 * width]);
+                    block(kernel, height, part.0, part.1, bias, sliced.as_mut_ptr(), width);
+                }
+            }
+            assert!(whole.iter().zip(&sliced).all(|(p, q)| p.to_bits() == q.to_bits()), "{kernel:?}");
         }
     }
 
