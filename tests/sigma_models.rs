@@ -237,6 +237,38 @@ fn init_sigma_starts_at_that_sigma_as_k_diffusion_and_diffusers_do() {
     }
 }
 
+/// MultiDiffusion with a 1-step consistency model: one call per window at σ_max, blended.
+#[test]
+fn a_one_step_consistency_model_draws_a_larger_canvas_in_windows() {
+    let dir = model_dir("", |c| c);
+    let draw = |size: [usize; 2], seed: u64| {
+        let opts = LoadOptions { threads: 1, size: Some(size), tile_overlap: Some(4), ..Default::default() };
+        let mut pipe = Pipeline::load(dir.path(), opts).unwrap();
+        let mut calls = 0;
+        let req = Request { seed, steps: Some(1), ..Default::default() };
+        let out = pipe
+            .generate(&req, &mut |_| {
+                calls += 1;
+                std::ops::ControlFlow::Continue(())
+            })
+            .unwrap();
+        assert_eq!((out.sampler.name(), calls), ("consistency", 1));
+        out.samples
+    };
+    let a = draw([20, 12], 3);
+    assert_eq!(a.shape(), [1, 1, 12, 20]);
+    assert!(a.iter().all(|v| v.is_finite()));
+    assert_eq!(a, draw([20, 12], 3), "same seed, same canvas");
+    assert_ne!(a, draw([20, 12], 4));
+    // One window over the model's own size is the plain run.
+    let plain = {
+        let mut pipe = Pipeline::load(dir.path(), LoadOptions { threads: 1, ..Default::default() }).unwrap();
+        let req = Request { seed: 3, steps: Some(1), ..Default::default() };
+        pipe.generate(&req, &mut |_| std::ops::ControlFlow::Continue(())).unwrap().samples
+    };
+    assert_eq!(draw([8, 8], 3), plain);
+}
+
 #[test]
 fn conditioning_takes_the_card_default_and_changes_the_image() {
     let noise = read_npy(&fixtures().join("model/noise.npy"));

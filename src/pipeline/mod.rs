@@ -1112,7 +1112,9 @@ impl Pipeline {
                     (true, None, Some(d)) => Some(d.decode(x0)?),
                     _ => None,
                 };
-                previews_time += preview_time + started.elapsed();
+                if preview {
+                    previews_time += preview_time + started.elapsed();
+                }
                 let shown = match preview {
                     true => Some(pixels.as_deref().unwrap_or(x0.as_slice().expect("scratch arrays are contiguous"))),
                     false => None,
