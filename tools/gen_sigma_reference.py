@@ -193,15 +193,6 @@ def model_fixtures():
         f.write(CARD.format(extra=""))
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
 
-    def onnx_denoiser(difficulty):
-        def denoise(x, sigma):
-            s = np.broadcast_to(np.asarray(sigma, dtype=np.float32).reshape(-1), (x.shape[0],)).copy()
-            d = np.full((x.shape[0],), difficulty, dtype=np.float32)
-            out = session.run(None, {"noisy": x.numpy().astype(np.float32), "sigma": s, "difficulty": d})[0]
-            return torch.from_numpy(out)
-
-        return denoise
-
     gen = torch.Generator().manual_seed(11)
     noise = torch.randn((2, 1, 8, 8), generator=gen, dtype=torch.float32)
     np.save(os.path.join(out_dir, "noise.npy"), noise.numpy())
@@ -211,7 +202,7 @@ def model_fixtures():
         finals = []
         for i in range(noise.shape[0]):
             x = noise[i : i + 1]
-            denoise = onnx_denoiser(difficulty[i % len(difficulty)])
+            denoise = onnx_denoiser(session, difficulty[i % len(difficulty)])
             with torch.no_grad():
                 if sampler == "consistency":
                     finals.append(run_consistency(x, steps, denoise, s_noise=0.0 if "s_noise" in extra else 1.0))
@@ -223,6 +214,18 @@ def model_fixtures():
     with open(os.path.join(out_dir, "cases.json"), "w") as f:
         json.dump(cases, f, indent=1)
         f.write("\n")
+
+
+def onnx_denoiser(session, difficulty):
+    """The test model in `session` as a k-diffusion denoiser D(x; σ), at one difficulty."""
+
+    def denoise(x, sigma):
+        s = np.broadcast_to(np.asarray(sigma, dtype=np.float32).reshape(-1), (x.shape[0],)).copy()
+        d = np.full((x.shape[0],), difficulty, dtype=np.float32)
+        out = session.run(None, {"noisy": x.numpy().astype(np.float32), "sigma": s, "difficulty": d})[0]
+        return torch.from_numpy(out)
+
+    return denoise
 
 
 def run_consistency(x, steps, denoise, s_noise, sigma_max=80.0, start=None):
@@ -265,20 +268,11 @@ def init_sigma_fixtures():
     init = torch.tanh(torch.randn((2, 1, 8, 8), generator=gen, dtype=torch.float32))
     np.save(os.path.join(out_dir, "init.npy"), init.numpy())
 
-    def onnx_denoiser(difficulty):
-        def denoise(x, sigma):
-            s = np.broadcast_to(np.asarray(sigma, dtype=np.float32).reshape(-1), (x.shape[0],)).copy()
-            d = np.full((x.shape[0],), difficulty, dtype=np.float32)
-            out = session.run(None, {"noisy": x.numpy().astype(np.float32), "sigma": s, "difficulty": d})[0]
-            return torch.from_numpy(out)
-
-        return denoise
-
     cases = []
     for name, sampler, steps, difficulty, sigma in INIT_SIGMA_CASES:
         finals = []
         for i in range(noise.shape[0]):
-            denoise = onnx_denoiser(difficulty[i % len(difficulty)])
+            denoise = onnx_denoiser(session, difficulty[i % len(difficulty)])
             x = init[i : i + 1] + sigma * noise[i : i + 1]
             with torch.no_grad():
                 if sampler == "consistency":

@@ -438,7 +438,6 @@ INPAINT_CASES = [
 def inpaint_reference(ref, text, tokenizer, unet, vae, rng):
     """diffusers' StableDiffusionInpaintPipeline on a 4-channel UNet (mask blending after every
     step) from `img2img_init.png` and `inpaint_mask.png` (white: regenerate)."""
-    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint as inpaint
     from PIL import Image
 
     hw = unet.config.sample_size
@@ -447,18 +446,30 @@ def inpaint_reference(ref, text, tokenizer, unet, vae, rng):
     # A disc, off-centre, with a ragged edge that the latent grid cuts through.
     mask = ((yy - 0.45 * size) ** 2 + (xx - 0.6 * size) ** 2 < (0.3 * size) ** 2 + rng.normal(0, 40, yy.shape))
     Image.fromarray((mask * 255).astype(np.uint8)).save(os.path.join(ref, "inpaint_mask.png"))
+    parts = dict(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet)
+    return run_inpaint_cases(ref, parts, INPAINT_CASES, rng, {})
+
+
+def run_inpaint_cases(ref, parts, table, rng, extra):
+    """diffusers' StableDiffusionInpaintPipeline on `parts` for each case of `table` (as
+    INPAINT_CASES), from `img2img_init.png` and `inpaint_mask.png`, its noise drawn from `rng`;
+    the cases for cases.json, each with `extra`'s keys."""
+    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint as inpaint
+    from PIL import Image
+
+    hw = parts["unet"].config.sample_size
+    size = hw * 8
     image = Image.open(os.path.join(ref, "img2img_init.png")).convert("RGB")
     mask_image = Image.open(os.path.join(ref, "inpaint_mask.png")).convert("L")
-    parts = dict(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet)
     cases = []
-    for name, cls, steps, strength, guidance, prompt in INPAINT_CASES:
+    for name, cls, steps, strength, guidance, prompt in table:
         noise = rng.standard_normal((1, 4, hw, hw)).astype(np.float32)
         kwargs = dict(prompt=prompt, image=image, mask_image=mask_image, strength=strength, height=size,
                       width=size, num_inference_steps=steps, guidance_scale=guidance)
         run_with_given_noise(inpaint, inpaint.StableDiffusionInpaintPipeline, parts, ref, name, cls, noise, kwargs)
         cases.append(dict(name=name, sampler=SAMPLERS[cls], steps=steps, guidance=guidance, prompt=prompt,
                           negative_prompt=None, eta=0.0, strength=strength, init="img2img_init.png",
-                          mask="inpaint_mask.png"))
+                          mask="inpaint_mask.png", **extra))
     return cases
 
 
@@ -475,9 +486,7 @@ def inpaint_unet_reference(ref, text, tokenizer, unet, vae):
     written as a replacement `unet/` for the pipeline folder (`inpaint_unet/`), and diffusers'
     StableDiffusionInpaintPipeline on it, which then blends nothing. Its own random stream, so the
     cases before it keep their inputs."""
-    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint as inpaint
     from diffusers import UNet2DConditionModel
-    from PIL import Image
 
     rng = np.random.default_rng(SEED + 4)
     cfg = {k: v for k, v in unet.config.items() if not k.startswith("_")}
@@ -493,20 +502,8 @@ def inpaint_unet_reference(ref, text, tokenizer, unet, vae):
             "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
             "out_sample": {0: "batch_size", 2: "height", 3: "width"}})
     net.save_config(os.path.join(folder, "unet"))
-    size = hw * 8
-    image = Image.open(os.path.join(ref, "img2img_init.png")).convert("RGB")
-    mask_image = Image.open(os.path.join(ref, "inpaint_mask.png")).convert("L")
     parts = dict(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=net)
-    cases = []
-    for name, cls, steps, strength, guidance, prompt in INPAINT_UNET_CASES:
-        noise = rng.standard_normal((1, 4, hw, hw)).astype(np.float32)
-        kwargs = dict(prompt=prompt, image=image, mask_image=mask_image, strength=strength, height=size,
-                      width=size, num_inference_steps=steps, guidance_scale=guidance)
-        run_with_given_noise(inpaint, inpaint.StableDiffusionInpaintPipeline, parts, ref, name, cls, noise, kwargs)
-        cases.append(dict(name=name, sampler=SAMPLERS[cls], steps=steps, guidance=guidance, prompt=prompt,
-                          negative_prompt=None, eta=0.0, strength=strength, init="img2img_init.png",
-                          mask="inpaint_mask.png", unet="inpaint_unet"))
-    return cases
+    return run_inpaint_cases(ref, parts, INPAINT_UNET_CASES, rng, {"unet": "inpaint_unet"})
 
 
 def taesd_reference(ref, text, tokenizer, unet, tiny, rng):
