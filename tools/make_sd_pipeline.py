@@ -175,6 +175,13 @@ class VaeDecoder(nn.Module):
         return self.vae.decode(latent_sample, return_dict=False)[0]
 
 
+# The UNet's inputs and dynamic axes, as optimum exports them.
+UNET_INPUTS = ["sample", "timestep", "encoder_hidden_states"]
+UNET_AXES = {"sample": {0: "batch_size", 2: "height", 3: "width"}, "timestep": {0: "steps"},
+             "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
+             "out_sample": {0: "batch_size", 2: "height", 3: "width"}}
+
+
 def export(model, args, path, names, outputs, axes):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with warnings.catch_warnings():
@@ -237,10 +244,7 @@ def build(size: str, out: str, tokenizer_dir: str):
     t = torch.tensor([999], dtype=torch.int64)
     ctx = torch.randn(1, 77, c["text"]["hidden_size"])
     export(Unet(unet), [x, t, ctx], os.path.join(out, "unet", "model.onnx"),
-           ["sample", "timestep", "encoder_hidden_states"], ["out_sample"],
-           {"sample": {0: "batch_size", 2: "height", 3: "width"}, "timestep": {0: "steps"},
-            "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
-            "out_sample": {0: "batch_size", 2: "height", 3: "width"}})
+           UNET_INPUTS, ["out_sample"], UNET_AXES)
     unet.save_config(os.path.join(out, "unet"))
 
     export(VaeDecoder(vae), [x], os.path.join(out, "vae_decoder", "model.onnx"), ["latent_sample"], ["sample"],
@@ -341,10 +345,7 @@ def lcm_reference(ref, text, tokenizer, unet, vae, rng):
     x, t = torch.randn(1, 4, hw, hw), torch.tensor([999], dtype=torch.int64)
     ctx, w = torch.randn(1, 77, cfg["cross_attention_dim"]), torch.randn(1, 32)
     export(LcmUnet(lcm), [x, t, ctx, w], os.path.join(folder, "unet", "model.onnx"),
-           ["sample", "timestep", "encoder_hidden_states", "timestep_cond"], ["out_sample"],
-           {"sample": {0: "batch_size", 2: "height", 3: "width"}, "timestep": {0: "steps"},
-            "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"}, "timestep_cond": {0: "batch_size"},
-            "out_sample": {0: "batch_size", 2: "height", 3: "width"}})
+           UNET_INPUTS + ["timestep_cond"], ["out_sample"], {**UNET_AXES, "timestep_cond": {0: "batch_size"}})
     lcm.save_config(os.path.join(folder, "unet"))
     write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), LCM_SCHEDULER)
     scheduler = diffusers.LCMScheduler.from_config(LCM_SCHEDULER)
@@ -497,10 +498,7 @@ def inpaint_unet_reference(ref, text, tokenizer, unet, vae):
     x, t = torch.randn(1, 9, hw, hw), torch.tensor([999], dtype=torch.int64)
     ctx = torch.randn(1, 77, cfg["cross_attention_dim"])
     export(Unet(net), [x, t, ctx], os.path.join(folder, "unet", "model.onnx"),
-           ["sample", "timestep", "encoder_hidden_states"], ["out_sample"],
-           {"sample": {0: "batch_size", 2: "height", 3: "width"}, "timestep": {0: "steps"},
-            "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
-            "out_sample": {0: "batch_size", 2: "height", 3: "width"}})
+           UNET_INPUTS, ["out_sample"], UNET_AXES)
     net.save_config(os.path.join(folder, "unet"))
     parts = dict(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=net)
     return run_inpaint_cases(ref, parts, INPAINT_UNET_CASES, rng, {"unet": "inpaint_unet"})

@@ -126,7 +126,7 @@ impl Linear {
         if t * k == 0 {
             return Ok(y);
         }
-        // Row r at r · k, its features in a row: the kernel stores whole blocks in place.
+        // Row r at r · k, its features in a row: a block's rows are copied out whole.
         let token_major =
             y_feature == 1 && (0..dims.len()).all(|i| y_strides[i] == k * dims[i + 1..].iter().product::<usize>());
         let (height, width) = (kernel.height_for(t), kernel.width());

@@ -576,12 +576,7 @@ impl Pipeline {
     pub fn masked_init(&mut self, images: &Array4<f32>, masks: &Array4<f32>) -> Result<Array4<f32>> {
         let [_, h, w] = self.output_shape();
         let n = images.shape()[0];
-        if masks.shape()[1..] != [1, h, w] || !(masks.shape()[0] == 1 || masks.shape()[0] == n) {
-            return Err(Error::Tensor {
-                what: "mask".into(),
-                message: format!("expected a mask [1 or {n}, 1, {h}, {w}], found {:?}", masks.shape()),
-            });
-        }
+        check_batch("mask", masks, [1, h, w], n, "the output's size")?;
         let mut masked = images.clone();
         for i in 0..n {
             edit::blank_masked(masked.slice_mut(s![i..i + 1, .., .., ..]), one_of(images, i), one_of(masks, i));
