@@ -93,6 +93,13 @@ const char *ed_last_error(void);
  * *out is the new pipeline, or NULL on failure. */
 ed_status ed_pipeline_open(const char *model_dir, uint32_t threads, ed_pipeline **out);
 
+/* ed_pipeline_open, with the plan file of packed weights where plan_cache says: NULL or "auto"
+ * (beside the ONNX file when its folder is writable, else $XDG_CACHE_HOME/edge-diffuse), "off"
+ * (weights packed on the heap at every load) or a folder. Later loads map the file: the
+ * weights cost no anonymous memory. */
+ed_status ed_pipeline_open_with(const char *model_dir, uint32_t threads, const char *plan_cache,
+                                ed_pipeline **out);
+
 /* Loads a model held in memory: the text of its model.toml and the ONNX bytes (read during
  * the call only, e.g. linked into the firmware). */
 ed_status ed_pipeline_open_bytes(const char *card_toml, const uint8_t *onnx, size_t onnx_len,

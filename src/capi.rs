@@ -267,6 +267,37 @@ pub unsafe extern "C" fn ed_pipeline_open(
     })
 }
 
+/// [`ed_pipeline_open`], with the plan file of packed weights where `plan_cache` says: NULL or
+/// `"auto"` (beside the ONNX file when its folder is writable, else the cache folder), `"off"`
+/// (packed on the heap at every load), or a folder. The first load writes the file; later
+/// loads map it and the kernels read their weights through the map.
+///
+/// # Safety
+/// `model_dir` and `plan_cache` must be NULL or NUL-terminated strings; `out` must be NULL or
+/// valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn ed_pipeline_open_with(
+    model_dir: *const c_char,
+    threads: u32,
+    plan_cache: *const c_char,
+    out: *mut *mut EdPipeline,
+) -> EdStatus {
+    guard(|| {
+        if out.is_null() {
+            return Err(Fail::null("out"));
+        }
+        *out = std::ptr::null_mut();
+        let dir = c_path(c_str(model_dir, "model_dir")?)?;
+        let mut options = load_options(threads);
+        if !plan_cache.is_null() {
+            options.plan_cache = utf8(c_str(plan_cache, "plan_cache")?, "plan_cache")?.parse()?;
+        }
+        let pipe = Pipeline::load(dir, options)?;
+        *out = boxed(pipe);
+        Ok(())
+    })
+}
+
 /// Loads a model held in memory (e.g. linked into the firmware image): `card_toml` is the
 /// text of its `model.toml`, `onnx`/`onnx_len` the ONNX file's bytes (read during this call
 /// only). Stores the new pipeline in `*out` (NULL on failure).

@@ -121,3 +121,13 @@ pub(crate) mod testing {
         (0..len).map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0).collect()
     }
 }
+
+/// Names the kernels this process packs weights for, e.g. `x86_64-avx512`: a plan file written
+/// for other kernels (another CPU, `EDGE_DIFFUSE_X86_KERNEL`) is never read.
+pub(crate) fn tag() -> String {
+    #[cfg(target_arch = "x86_64")]
+    if x86_64::gemm::available() {
+        return format!("x86_64-{:?}", x86_64::gemm::Kernel::detect()).to_lowercase();
+    }
+    format!("{}-plain", std::env::consts::ARCH)
+}

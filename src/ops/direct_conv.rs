@@ -20,8 +20,9 @@
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
+use super::packed::{Packed, Packer};
 use super::scratch::{with_scratch, Scratch};
-use super::{f32s, for_each, threads, Output};
+use super::{for_each, threads, Output};
 use crate::kernels::x86_64::direct_conv::{shifted_rows, Phases};
 use crate::kernels::x86_64::gemm::{self, MR, NR};
 use crate::kernels::{carve, split, Window};
@@ -34,21 +35,31 @@ pub struct Pointwise {
     c: usize,
     window: Window,
     /// The `[k, c·size²]` weights packed for the kernel (`gemm::pack_weights`), float32.
-    weights: Arc<Tensor>,
+    weights: Packed,
     /// One bias per output channel, float32 `[k]`; `None`: the node's second input, `k` values.
     bias: Option<Arc<Tensor>>,
 }
 
 impl Pointwise {
+    #[cfg(test)]
     pub(crate) fn new(weights: &[f32], bias: Option<&[f32]>, k: usize, c: usize) -> Self {
-        Self::direct(weights, bias, k, c, Window::square(1, 0))
+        Self::direct(&Packer::default(), "", weights, bias, [k, c], Window::square(1, 0))
     }
 
     /// A convolution with OIHW `[k, c, size, size]` weights over `window`, computed directly:
-    /// the product of the weights, as k × c·size², by c·size² shifted copies of the input.
-    pub(crate) fn direct(weights: &[f32], bias: Option<&[f32]>, k: usize, c: usize, window: Window) -> Self {
-        let packed = gemm::pack_weights(weights, k, c * window.size * window.size);
-        Pointwise { k, c, window, weights: Arc::new(tensor1(&packed)), bias: bias.map(|b| Arc::new(tensor1(b))) }
+    /// the product of the weights, as k × c·size², by c·size² shifted copies of the input. The
+    /// packed weights come from `packer`, for the node named `node`.
+    pub(crate) fn direct(
+        packer: &Packer,
+        node: &str,
+        weights: &[f32],
+        bias: Option<&[f32]>,
+        [k, c]: [usize; 2],
+        window: Window,
+    ) -> Self {
+        let key = format!("direct{}x{}/{node}", window.size, window.size);
+        let packed = packer.get(&key, weights, || gemm::pack_weights(weights, k, c * window.size * window.size));
+        Pointwise { k, c, window, weights: packed, bias: bias.map(|b| Arc::new(tensor1(b))) }
     }
 
     /// `x`: `[n, c, h, w]`, `y`: `[n, k, oh, ow]` (the window's output map), both C order;
@@ -58,7 +69,7 @@ impl Pointwise {
         let (k, t) = (self.k, oh * ow);
         // Rows of a block: one per input channel and kernel tap.
         let c = self.c * self.window.size * self.window.size;
-        let u = f32s(&self.weights, "Pointwise").expect("f32 weights");
+        let u = self.weights.as_slice();
         let (blocks, panels) = (t.div_ceil(NR), k.div_ceil(MR));
         // Work items: (image, block of pixels, group of panels); with fewer blocks than
         // threads, the threads also split the output channels.
@@ -174,7 +185,18 @@ mod tests {
         let (c, bias1, bias3) = (9, values(20, 6), values(31, 35));
         let cases = [
             (Pointwise::new(&values(20 * c, 7), Some(&bias1), 20, c), &bias1, [2, 30, 1]),
-            (Pointwise::direct(&values(31 * c * 9, 36), Some(&bias3), 31, c, Window::square(3, 1)), &bias3, [1, 4, 4]),
+            (
+                Pointwise::direct(
+                    &Packer::default(),
+                    "",
+                    &values(31 * c * 9, 36),
+                    Some(&bias3),
+                    [31, c],
+                    Window::square(3, 1),
+                ),
+                &bias3,
+                [1, 4, 4],
+            ),
         ];
         for (op, bias, [n, h, w]) in cases {
             let (k, s) = (op.k, op.window.size);
@@ -209,7 +231,7 @@ mod tests {
         model.select_output_outlets(&[with_input, with_const])?;
         let b = Tensor::from_shape(&[1, k, 1, 1], &bias)?;
         let out = model.into_runnable()?.run(tvec![x.into_tvalue(), b.into_tvalue()])?;
-        assert_eq!(f32s(&out[0], "input")?, f32s(&out[1], "const")?);
+        assert_eq!(crate::ops::f32s(&out[0], "input")?, crate::ops::f32s(&out[1], "const")?);
         // A wrong number of biases is an error, not a panic.
         let mut model = TypedModel::default();
         let xs = model.add_source("x", f32::fact([1, c, 2, 2]))?;
@@ -256,7 +278,7 @@ mod tests {
             let s = g.size;
             let (x, kernel, bias) = (random(n * c * h * w, 41), random(k * c * s * s, 42), random(k, 43));
             let want = direct_window(&x, &kernel, &bias, [n, c, h, w], k, g);
-            let op = Pointwise::direct(&kernel, Some(&bias), k, c, g);
+            let op = Pointwise::direct(&Packer::default(), "", &kernel, Some(&bias), [k, c], g);
             let mut y = vec![f32::NAN; n * k * oh * ow];
             op.run(&x, &bias, [n, h, w], &mut y, &mut Default::default());
             let worst = y.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);

@@ -17,6 +17,7 @@
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
+use super::packed::{Packed, Packer};
 use super::scratch::{with_scratch, Scratch};
 use super::{f32s, for_each, strided_offset, threads, Output};
 use crate::kernels::x86_64::gemm::Kernel;
@@ -63,7 +64,7 @@ pub(crate) struct Linear {
     /// The kernel the weights are packed for.
     pub(crate) kernel: Kernel,
     /// `W` packed for `kernel`.
-    pub(crate) weights: Arc<Tensor>,
+    pub(crate) weights: Packed,
     /// `k` values, zero-padded to whole panels; zeros when the layer has none.
     pub(crate) bias: Arc<Tensor>,
 }
@@ -71,6 +72,7 @@ pub(crate) struct Linear {
 impl Linear {
     /// `weights` holds W with element (output feature f, input feature i) at
     /// `f · strides[0] + i · strides[1]`.
+    #[cfg(test)]
     pub(crate) fn new(
         weights: &[f32],
         strides: [usize; 2],
@@ -78,13 +80,27 @@ impl Linear {
         [k, c]: [usize; 2],
         axes: LinearAxes,
     ) -> Self {
+        Self::new_in(&Packer::default(), "", weights, strides, bias, [k, c], axes)
+    }
+
+    /// [`Self::new`] with the packed weights from `packer`, for the node named `node`.
+    pub(crate) fn new_in(
+        packer: &Packer,
+        node: &str,
+        weights: &[f32],
+        strides: [usize; 2],
+        bias: Option<&[f32]>,
+        [k, c]: [usize; 2],
+        axes: LinearAxes,
+    ) -> Self {
         let kernel = Kernel::detect();
-        let packed = pack_weights(kernel, weights, [k, c], strides);
+        let key = format!("linear/{node}");
+        let packed = packer.get(&key, weights, || pack_weights(kernel, weights, [k, c], strides));
         let mut padded = vec![0f32; k.div_ceil(kernel.width()) * kernel.width()];
         if let Some(bias) = bias {
             padded[..k].copy_from_slice(bias);
         }
-        Linear { k, c, axes, kernel, weights: Arc::new(tensor1(&packed)), bias: Arc::new(tensor1(&padded)) }
+        Linear { k, c, axes, kernel, weights: packed, bias: Arc::new(tensor1(&padded)) }
     }
 
     fn output_shape<D: Clone>(&self, x: &[D], k: D, one: D) -> TVec<D> {
@@ -131,7 +147,7 @@ impl Linear {
             y_feature == 1 && (0..dims.len()).all(|i| y_strides[i] == k * dims[i + 1..].iter().product::<usize>());
         let (height, width) = (kernel.height_for(t), kernel.width());
         let (blocks, panels) = (t.div_ceil(height), k.div_ceil(width));
-        let u = f32s(&self.weights, "Linear")?;
+        let u = self.weights.as_slice();
         let bias = f32s(&self.bias, "Linear")?;
         let parts = threads();
         let mut plain = y.try_as_plain_ram_mut()?;

@@ -16,6 +16,7 @@ pub(crate) mod direct_conv;
 pub(crate) mod group_norm;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod linear;
+pub(crate) mod packed;
 pub(crate) mod scratch;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod softmax;

@@ -33,8 +33,9 @@ use ndarray::{ArrayView2, ArrayViewMut2};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
+use super::packed::{Packed, Packer};
 use super::scratch::{with_scratch, Scratch};
-use super::{f32s, for_each, threads};
+use super::{for_each, threads};
 use crate::kernels::portable::winograd::{input_transform, output_transform, transform_kernel};
 #[cfg(target_arch = "x86_64")]
 use crate::kernels::x86_64::{gemm, winograd as fused};
@@ -47,7 +48,7 @@ pub struct Winograd3x3 {
     c: usize,
     /// `U[ξ]` for each ξ: packed for our kernel (`gemm::pack_weights`) where the CPU runs it,
     /// else plain `[k][c]` for `matrixmultiply`; float32 `[16, …]`.
-    weights: Arc<Tensor>,
+    weights: Packed,
     /// Which of the two.
     own_kernel: bool,
     /// One bias per output channel, float32 `[k]`; `None`: the node's second input, `k` values.
@@ -56,31 +57,48 @@ pub struct Winograd3x3 {
 
 impl Winograd3x3 {
     /// The operator for an OIHW `[k, c, 3, 3]` kernel and `k` biases (`None`: given at run time).
+    #[cfg(test)]
     pub(crate) fn new(kernel: &[f32], bias: Option<&[f32]>, k: usize, c: usize) -> Self {
+        Self::new_in(&Packer::default(), "", kernel, bias, k, c)
+    }
+
+    /// [`Self::new`] with the transformed weights from `packer`, for the node named `node`.
+    pub(crate) fn new_in(
+        packer: &Packer,
+        node: &str,
+        kernel: &[f32],
+        bias: Option<&[f32]>,
+        k: usize,
+        c: usize,
+    ) -> Self {
         #[cfg(target_arch = "x86_64")]
         let own_kernel = gemm::available();
         #[cfg(not(target_arch = "x86_64"))]
         let own_kernel = false;
-        Self::with_products(kernel, bias, k, c, own_kernel)
+        Self::with_products(packer, node, kernel, bias, [k, c], own_kernel)
     }
 
-    /// [`Self::new`], with the products on our kernel (only where it is available) or on
+    /// [`Self::new_in`], with the products on our kernel (only where it is available) or on
     /// `matrixmultiply`.
-    fn with_products(kernel: &[f32], bias: Option<&[f32]>, k: usize, c: usize, own_kernel: bool) -> Self {
-        #[allow(unused_mut)] // only x86-64 repacks
-        let mut u = transform_kernel(kernel, k, c);
-        #[cfg(target_arch = "x86_64")]
-        if own_kernel {
-            u = u.chunks_exact(k * c).flat_map(|ui| gemm::pack_weights(ui, k, c)).collect();
-        }
-        let len = u.len();
-        Winograd3x3 {
-            k,
-            c,
-            weights: Arc::new(Tensor::from_shape(&[16, len / 16], &u).expect("16 matrices")),
-            own_kernel,
-            bias: bias.map(|b| Arc::new(tensor1(b))),
-        }
+    fn with_products(
+        packer: &Packer,
+        node: &str,
+        kernel: &[f32],
+        bias: Option<&[f32]>,
+        [k, c]: [usize; 2],
+        own_kernel: bool,
+    ) -> Self {
+        let key = format!("winograd3x3{}/{node}", if own_kernel { "" } else { "-plain" });
+        let weights = packer.get(&key, kernel, || {
+            #[allow(unused_mut)] // only x86-64 repacks
+            let mut u = transform_kernel(kernel, k, c);
+            #[cfg(target_arch = "x86_64")]
+            if own_kernel {
+                u = u.chunks_exact(k * c).flat_map(|ui| gemm::pack_weights(ui, k, c)).collect();
+            }
+            u
+        });
+        Winograd3x3 { k, c, weights, own_kernel, bias: bias.map(|b| Arc::new(tensor1(b))) }
     }
 }
 
@@ -123,7 +141,7 @@ impl Winograd3x3 {
         let (k, c) = (self.k, self.c);
         let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
         let t = n * th * tw;
-        let u = f32s(&self.weights, "Winograd3x3").expect("f32 weights");
+        let u = self.weights.as_slice();
         let parts = threads();
         #[cfg(target_arch = "x86_64")]
         if self.own_kernel && runs_in_blocks(gemm::Kernel::detect(), k, c) {
@@ -228,10 +246,10 @@ mod tests {
     /// Both ways of running the products, where this CPU has both.
     fn ops_for(kernel: &[f32], bias: &[f32], k: usize, c: usize) -> Vec<Winograd3x3> {
         #[allow(unused_mut)] // only x86-64 adds the second
-        let mut ops = vec![Winograd3x3::with_products(kernel, Some(bias), k, c, false)];
+        let mut ops = vec![Winograd3x3::with_products(&Packer::default(), "", kernel, Some(bias), [k, c], false)];
         #[cfg(target_arch = "x86_64")]
         if gemm::available() {
-            ops.push(Winograd3x3::with_products(kernel, Some(bias), k, c, true));
+            ops.push(Winograd3x3::with_products(&Packer::default(), "", kernel, Some(bias), [k, c], true));
         }
         ops
     }

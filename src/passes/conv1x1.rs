@@ -7,16 +7,20 @@ use tract_onnx::prelude::*;
 use crate::kernels::x86_64::gemm;
 use crate::kernels::Window;
 use crate::ops::direct_conv::Pointwise;
+use crate::ops::packed::Packer;
 
 /// Replaces every float32, 1×1, stride-1, unpadded, ungrouped NCHW convolution with constant
 /// weights by a [`Pointwise`] node, when this CPU runs our kernel. Returns how many were
 /// replaced. The bias may be a computed input of `k` values.
-pub(crate) fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
+pub(crate) fn rewrite(model: &mut TypedModel, packer: &Packer) -> TractResult<usize> {
     if !gemm::available() {
         return Ok(0);
     }
     super::conv_match::rewrite(model, "Pointwise", |f| {
-        let op = || Box::new(Pointwise::new(f.kernel, f.bias.as_deref(), f.k, f.c)) as Box<dyn TypedOp>;
+        let op = || {
+            Box::new(Pointwise::direct(packer, f.name, f.kernel, f.bias.as_deref(), [f.k, f.c], f.window))
+                as Box<dyn TypedOp>
+        };
         (f.window == Window::square(1, 0)).then(op)
     })
 }
@@ -46,7 +50,7 @@ mod tests {
         let want = model.clone().into_optimized()?.into_runnable()?.run(inputs.clone())?;
 
         let mut ours = model;
-        assert_eq!(rewrite(&mut ours)?, 1, "not rewritten: n{n} c{c} k{k} {h}x{w}");
+        assert_eq!(rewrite(&mut ours, &Packer::default())?, 1, "not rewritten: n{n} c{c} k{k} {h}x{w}");
         let got = ours.into_optimized()?.into_runnable()?.run(inputs)?;
         let (want, got) = (f32s(&want[0], "want")?, f32s(&got[0], "got")?);
         assert_eq!(want.len(), got.len());
@@ -77,7 +81,7 @@ mod tests {
         let y = model.wire_node("strided", conv(4, 4, Some(tvec![2, 2])), &[x, w, b])?;
         model.select_output_outlets(&y)?;
         let mut model = model;
-        assert_eq!(rewrite(&mut model)?, 0);
+        assert_eq!(rewrite(&mut model, &Packer::default())?, 0);
         Ok(())
     }
 }

@@ -24,6 +24,8 @@ pub(crate) struct Found<'m> {
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub map: [usize; 2],
     pub window: Window,
+    /// The node's name: with the operator's kind, it keys the packed weights in a plan file.
+    pub name: &'m str,
     pub kernel: &'m [f32],
     pub bias: Option<Vec<f32>>,
 }
@@ -92,7 +94,7 @@ fn find<'m>(model: &'m TypedModel, node: &'m TypedNode, op: &str) -> TractResult
         None if bias.shape.as_concrete().is_some_and(|s| s.iter().product::<usize>() == k) => None,
         _ => return Ok(None),
     };
-    Ok(Some(Found { n, k, c, map, window, kernel: f32s(kernel, op)?, bias }))
+    Ok(Some(Found { n, k, c, map, window, name: &node.name, kernel: f32s(kernel, op)?, bias }))
 }
 
 /// Replaces every convolution [`find`] accepts by the operator `make` returns for it, if any,

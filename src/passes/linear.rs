@@ -13,17 +13,18 @@ use tract_onnx::tract_core::ops::math::Add;
 use super::bin_by_const;
 use crate::kernels::x86_64::gemm;
 use crate::ops::linear::{Linear, LinearAxes, OutAxis};
+use crate::ops::packed::Packer;
 use crate::ops::strided_offset;
 
 /// Replaces every linear layer (see the module docs) by a [`Linear`] node, when this CPU runs
 /// the kernel. Returns how many were replaced.
-pub(crate) fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
+pub(crate) fn rewrite(model: &mut TypedModel, packer: &Packer) -> TractResult<usize> {
     if !gemm::available() {
         return Ok(0);
     }
     let mut replaced = 0;
     for id in model.eval_order()? {
-        let Some((op, x, last)) = linear_at(model, id)? else { continue };
+        let Some((op, x, last)) = linear_at(model, id, packer)? else { continue };
         let name = model.node(id).name.clone();
         let mut patch = TypedModelPatch::default();
         let x = patch.tap_model(model, x)?;
@@ -42,7 +43,7 @@ fn in_c_order(t: &Tensor) -> TractResult<Vec<f32>> {
 
 /// The operator, its input and the node whose output it replaces (the bias `Add` when it takes
 /// one in).
-fn linear_at(model: &TypedModel, id: usize) -> TractResult<Option<(Linear, OutletId, usize)>> {
+fn linear_at(model: &TypedModel, id: usize, packer: &Packer) -> TractResult<Option<(Linear, OutletId, usize)>> {
     let node = model.node(id);
     let Some(einsum) = node.op_as::<EinSum>() else { return Ok(None) };
     if einsum.q_params.is_some()
@@ -129,7 +130,7 @@ fn linear_at(model: &TypedModel, id: usize) -> TractResult<Option<(Linear, Outle
             }
         }
     }
-    let op = Linear::new(&weights, strides, bias.as_deref(), [kk, cc], axes);
+    let op = Linear::new_in(packer, &node.name, &weights, strides, bias.as_deref(), [kk, cc], axes);
     Ok(Some((op, node.inputs[xi], last)))
 }
 
@@ -194,7 +195,7 @@ mod tests {
             let input = tvec![Tensor::from_shape(x_shape, &values(n, 1))?.into_tvalue()];
             let want = model.clone().into_runnable()?.run(input.clone())?;
             let mut rewritten = model;
-            assert_eq!(rewrite(&mut rewritten)?, 1, "{equation}");
+            assert_eq!(rewrite(&mut rewritten, &Packer::default())?, 1, "{equation}");
             let got = rewritten.into_runnable()?.run(input)?;
             assert_eq!(want[0].shape(), got[0].shape(), "{equation}");
             for (a, b) in f32s(&want[0], "want")?.iter().zip(f32s(&got[0], "got")?) {
@@ -211,9 +212,9 @@ mod tests {
         let b = model.add_source("b", f32::fact([5, 6]))?;
         let y = model.wire_node("product", EinSum::new("mk,kn->mn".parse()?, f32::datum_type()), &[a, b])?;
         model.select_output_outlets(&y)?;
-        assert_eq!(rewrite(&mut model)?, 0);
+        assert_eq!(rewrite(&mut model, &Packer::default())?, 0);
         let mut model = graph("bmk,bkn->bmn", &[2, 4, 5], &[2, 5, 6], None)?;
-        assert_eq!(rewrite(&mut model)?, 0);
+        assert_eq!(rewrite(&mut model, &Packer::default())?, 0);
         Ok(())
     }
 }

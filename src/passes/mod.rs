@@ -5,6 +5,8 @@
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::binary::{BinMiniOp, TypedBinOp};
 
+use crate::ops::packed::Packer;
+
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod attention;
 pub(crate) mod contiguous_constants;
@@ -44,7 +46,24 @@ pub(crate) struct Pass {
     /// Whether the pass swaps convolutions, which `Convolution::Im2col` leaves to tract.
     pub convolutions: bool,
     /// Rewrites the graph in place; returns how many nodes (or patterns) it replaced.
-    pub run: fn(&mut TypedModel) -> TractResult<usize>,
+    pub run: Run,
+}
+
+/// A pass's rewrite: one that swaps in operators with packed weights takes them from the
+/// [`Packer`].
+#[derive(Clone, Copy)]
+pub(crate) enum Run {
+    Plain(fn(&mut TypedModel) -> TractResult<usize>),
+    Packing(fn(&mut TypedModel, &Packer) -> TractResult<usize>),
+}
+
+impl Run {
+    fn on(self, model: &mut TypedModel, packer: &Packer) -> TractResult<usize> {
+        match self {
+            Run::Plain(f) => f(model),
+            Run::Packing(f) => f(model, packer),
+        }
+    }
 }
 
 /// [`Pass::name`] of the Winograd rewrite.
@@ -59,21 +78,36 @@ pub(crate) const GROUP_NORM: &str = "group norm";
 /// nothing on a CPU without them.
 pub(crate) const PASSES: &[Pass] = &[
     #[cfg(target_arch = "x86_64")]
-    Pass { name: ATTENTION, stage: Stage::Imported, convolutions: false, run: attention::rewrite },
+    Pass { name: ATTENTION, stage: Stage::Imported, convolutions: false, run: Run::Plain(attention::rewrite) },
     #[cfg(target_arch = "x86_64")]
-    Pass { name: "1x1 convolution", stage: Stage::Imported, convolutions: true, run: conv1x1::rewrite },
-    Pass { name: GROUP_NORM, stage: Stage::Decluttered, convolutions: false, run: group_norm::rewrite },
-    Pass { name: "einsum permutation", stage: Stage::Decluttered, convolutions: false, run: einsum_permute::rewrite },
-    Pass { name: "constant power", stage: Stage::Decluttered, convolutions: false, run: pow_const::rewrite },
+    Pass { name: "1x1 convolution", stage: Stage::Imported, convolutions: true, run: Run::Packing(conv1x1::rewrite) },
+    Pass { name: GROUP_NORM, stage: Stage::Decluttered, convolutions: false, run: Run::Plain(group_norm::rewrite) },
+    Pass {
+        name: "einsum permutation",
+        stage: Stage::Decluttered,
+        convolutions: false,
+        run: Run::Plain(einsum_permute::rewrite),
+    },
+    Pass {
+        name: "constant power",
+        stage: Stage::Decluttered,
+        convolutions: false,
+        run: Run::Plain(pow_const::rewrite),
+    },
     #[cfg(target_arch = "x86_64")]
-    Pass { name: ATTENTION, stage: Stage::Decluttered, convolutions: false, run: attention::rewrite },
+    Pass { name: ATTENTION, stage: Stage::Decluttered, convolutions: false, run: Run::Plain(attention::rewrite) },
     #[cfg(target_arch = "x86_64")]
-    Pass { name: "softmax", stage: Stage::Decluttered, convolutions: false, run: softmax::rewrite },
+    Pass { name: "softmax", stage: Stage::Decluttered, convolutions: false, run: Run::Plain(softmax::rewrite) },
     #[cfg(target_arch = "x86_64")]
-    Pass { name: "linear", stage: Stage::Decluttered, convolutions: false, run: linear::rewrite },
-    Pass { name: WINOGRAD, stage: Stage::Decluttered, convolutions: true, run: winograd::rewrite },
+    Pass { name: "linear", stage: Stage::Decluttered, convolutions: false, run: Run::Packing(linear::rewrite) },
+    Pass { name: WINOGRAD, stage: Stage::Decluttered, convolutions: true, run: Run::Packing(winograd::rewrite) },
     #[cfg(target_arch = "x86_64")]
-    Pass { name: "strided convolution", stage: Stage::Decluttered, convolutions: true, run: strided_conv::rewrite },
+    Pass {
+        name: "strided convolution",
+        stage: Stage::Decluttered,
+        convolutions: true,
+        run: Run::Packing(strided_conv::rewrite),
+    },
 ];
 
 /// A float32 graph after [`f32_rewrites`], decluttered, not yet optimized.
@@ -90,18 +124,18 @@ impl Rewritten {
     }
 }
 
-/// Runs [`PASSES`] on a float32 graph and declutters it between the two stages;
+/// Runs [`PASSES`] on a float32 graph, with packed weights from `packer`, and declutters it between the two stages;
 /// `convolutions: false` skips the passes that swap convolutions (`Convolution::Im2col`).
-pub(crate) fn f32_rewrites(model: TypedModel, convolutions: bool) -> TractResult<Rewritten> {
+pub(crate) fn f32_rewrites(model: TypedModel, convolutions: bool, packer: &Packer) -> TractResult<Rewritten> {
     let mut replaced = Vec::new();
     let wanted = |stage| PASSES.iter().filter(move |p| p.stage == stage && (convolutions || !p.convolutions));
     let mut model = model;
     for pass in wanted(Stage::Imported) {
-        replaced.push((pass.name, (pass.run)(&mut model).map_err(|e| e.context(pass.name))?));
+        replaced.push((pass.name, pass.run.on(&mut model, packer).map_err(|e| e.context(pass.name))?));
     }
     let mut model = model.into_decluttered()?;
     for pass in wanted(Stage::Decluttered) {
-        replaced.push((pass.name, (pass.run)(&mut model).map_err(|e| e.context(pass.name))?));
+        replaced.push((pass.name, pass.run.on(&mut model, packer).map_err(|e| e.context(pass.name))?));
     }
     Ok(Rewritten { model, replaced })
 }

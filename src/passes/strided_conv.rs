@@ -5,6 +5,7 @@ use tract_onnx::prelude::*;
 
 use crate::kernels::x86_64::gemm;
 use crate::ops::direct_conv::Pointwise;
+use crate::ops::packed::Packer;
 
 /// Replaces every float32 strided convolution (stride 2 or more) over a batch of 2 or more that
 /// [`super::conv_match`] can take by a direct [`Pointwise`] one, when this CPU runs our kernel.
@@ -15,12 +16,15 @@ use crate::ops::direct_conv::Pointwise;
 /// is split once by phase of the stride ([`Phases`]) and each block of 16 output pixels copies
 /// its 9c rows from there. That is faster than tract at batch 2; at batch 1 there was no gain,
 /// so batch 1 stays with tract.
-pub(crate) fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
+pub(crate) fn rewrite(model: &mut TypedModel, packer: &Packer) -> TractResult<usize> {
     if !gemm::available() {
         return Ok(0);
     }
     super::conv_match::rewrite(model, "Pointwise", |f| {
-        let op = || Box::new(Pointwise::direct(f.kernel, f.bias.as_deref(), f.k, f.c, f.window)) as Box<dyn TypedOp>;
+        let op = || {
+            Box::new(Pointwise::direct(packer, f.name, f.kernel, f.bias.as_deref(), [f.k, f.c], f.window))
+                as Box<dyn TypedOp>
+        };
         (f.window.stride > 1 && f.n > 1).then(op)
     })
 }
@@ -60,7 +64,7 @@ mod tests {
 
             let mut ours = model;
             // Batch 1 stays with tract (no gain there).
-            let rewritten = rewrite(&mut ours)?;
+            let rewritten = rewrite(&mut ours, &Packer::default())?;
             assert_eq!(rewritten, (n > 1) as usize, "n{n} {h}x{w}");
             let got = ours.into_optimized()?.into_runnable()?.run(inputs)?;
             assert_eq!(want[0].shape(), got[0].shape());

@@ -9,6 +9,7 @@ use crate::kernels::x86_64::gemm;
 use crate::kernels::Window;
 #[cfg(target_arch = "x86_64")]
 use crate::ops::direct_conv::Pointwise;
+use crate::ops::packed::Packer;
 use crate::ops::winograd3x3::Winograd3x3;
 #[cfg(target_arch = "x86_64")]
 use crate::ops::winograd3x3::LARGE;
@@ -27,7 +28,7 @@ pub(crate) const PAYS_OFF: bool = cfg!(any(target_arch = "x86_64", target_arch =
 ///
 /// On x86-64, large layers on small maps go to [`Pointwise`] instead, as direct convolutions:
 /// see [`direct_pays`]. Nothing where the build has no fast product ([`PAYS_OFF`]).
-pub(crate) fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
+pub(crate) fn rewrite(model: &mut TypedModel, packer: &Packer) -> TractResult<usize> {
     if !PAYS_OFF {
         return Ok(0);
     }
@@ -37,9 +38,16 @@ pub(crate) fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
         }
         #[cfg(target_arch = "x86_64")]
         if direct_pays(f.k, f.c, f.map) {
-            return Some(Box::new(Pointwise::direct(f.kernel, f.bias.as_deref(), f.k, f.c, f.window)));
+            return Some(Box::new(Pointwise::direct(
+                packer,
+                f.name,
+                f.kernel,
+                f.bias.as_deref(),
+                [f.k, f.c],
+                f.window,
+            )));
         }
-        Some(Box::new(Winograd3x3::new(f.kernel, f.bias.as_deref(), f.k, f.c)))
+        Some(Box::new(Winograd3x3::new_in(packer, f.name, f.kernel, f.bias.as_deref(), f.k, f.c)))
     })
 }
 
@@ -91,7 +99,7 @@ mod tests {
         let want = model.clone().into_runnable()?.run(inputs.clone())?;
 
         let mut ours = model.into_decluttered()?;
-        assert_eq!(rewrite(&mut ours)?, 1);
+        assert_eq!(rewrite(&mut ours, &Packer::default())?, 1);
         let node = ours.nodes().iter().find(|n| n.op_is::<Winograd3x3>()).expect("a Winograd node");
         assert_eq!(node.inputs.len(), 2, "the bias should be an input: {node}");
         let got = ours.into_optimized()?.into_runnable()?.run(inputs)?;
@@ -123,7 +131,7 @@ mod tests {
                 tvec![Tensor::from_shape(&[2, c, side, side], &random(2 * c * side * side, 23))?.into_tvalue()];
             let want = model.clone().into_runnable()?.run(inputs.clone())?;
             let mut ours = model.into_decluttered()?;
-            assert_eq!(rewrite(&mut ours)?, 1);
+            assert_eq!(rewrite(&mut ours, &Packer::default())?, 1);
             let pointwise = ours.nodes().iter().any(|n| n.op_is::<Pointwise>());
             assert_eq!(pointwise, direct, "{side}x{side} map");
             let got = ours.into_optimized()?.into_runnable()?.run(inputs)?;

@@ -6,7 +6,7 @@ use ndarray::{s, Array4, ArrayD, IxDyn};
 use super::tiles::{Blend, Spans};
 use crate::card::ModelCard;
 use crate::error::{Error, Result};
-use crate::runtime::Graph;
+use crate::runtime::{Graph, PlanCache, PlanFile};
 
 /// When the decoder works in windows of its tile size, blended where they overlap. Memory is
 /// then that of one window whatever the image's size; the price is a little more work in the
@@ -52,6 +52,11 @@ pub(super) struct Decoder {
 }
 
 impl Decoder {
+    /// What became of the plan file of the graph's packed weights.
+    pub(super) fn plan_file(&self) -> &PlanFile {
+        self.graph.plan_file()
+    }
+
     /// The card's decoder, its plan made for one window (`tile` pixels a side, default the
     /// card's `tile_size`) when tiled.
     pub(super) fn load(
@@ -59,6 +64,7 @@ impl Decoder {
         tiling: DecoderTiling,
         tile: Option<usize>,
         threads: usize,
+        plan_cache: &PlanCache,
     ) -> Result<Option<Self>> {
         let Some(section) = &card.decoder else { return Ok(None) };
         let scale = section.scale;
@@ -86,7 +92,7 @@ impl Decoder {
         });
         let path = card.dir.join(&section.onnx);
         let latent = vec![1, card.image.channels, spans[0].size(), spans[1].size()];
-        let graph = Graph::load(&path, std::slice::from_ref(&latent), threads)?;
+        let graph = Graph::load_with(&path, std::slice::from_ref(&latent), threads, plan_cache.clone())?;
         let want = [latent[2] * scale, latent[3] * scale];
         let c = match graph.output_shape(0) {
             &[1, c @ (1 | 3 | 4), h, w] if [h, w] == want => c,

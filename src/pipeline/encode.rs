@@ -9,7 +9,7 @@ use ndarray::{s, Array4, ArrayD, ArrayView4, IxDyn};
 
 use crate::card::ModelCard;
 use crate::error::{Error, Result};
-use crate::runtime::Graph;
+use crate::runtime::{Graph, PlanCache, PlanFile};
 
 pub(super) struct Encoder {
     graph: Graph,
@@ -21,12 +21,22 @@ pub(super) struct Encoder {
 }
 
 impl Encoder {
+    /// What became of the plan file of the graph's packed weights.
+    pub(super) fn plan_file(&self) -> &PlanFile {
+        self.graph.plan_file()
+    }
+
     /// The card's `[encoder]` for images of `pixels` (`[3, H, W]`), or `None` without one.
-    pub(super) fn load(card: &ModelCard, pixels: [usize; 3], threads: usize) -> Result<Option<Self>> {
+    pub(super) fn load(
+        card: &ModelCard,
+        pixels: [usize; 3],
+        threads: usize,
+        plan_cache: &PlanCache,
+    ) -> Result<Option<Self>> {
         let (Some(section), Some(decoder)) = (&card.encoder, &card.decoder) else { return Ok(None) };
         let path = card.dir.join(&section.onnx);
         let shape = vec![1, pixels[0], pixels[1], pixels[2]];
-        let graph = Graph::load(&path, std::slice::from_ref(&shape), threads)?;
+        let graph = Graph::load_with(&path, std::slice::from_ref(&shape), threads, plan_cache.clone())?;
         let latent = [card.image.channels, card.image.height, card.image.width];
         let [c, h, w] = latent;
         match graph.output_shape(0) {

@@ -14,7 +14,7 @@ use ndarray::{s, Array4, ArrayD};
 use crate::card::{ModelCard, TimeInput};
 use crate::error::{Error, Result};
 use crate::noise::SeededNoise;
-use crate::runtime::{Conditions, Denoiser};
+use crate::runtime::{Conditions, Denoiser, PlanCache, PlanFile};
 pub use crate::runtime::{Convolution, Precision};
 use crate::sampler::{self, NoiseSource, SamplerKind, SamplerOptions};
 use edit::{check_batch, one_of, Canvas};
@@ -62,6 +62,11 @@ pub struct LoadOptions {
     /// What decodes [`Request::preview_every`]'s previews of a latent model.
     /// TAESD-class tiny decoder (default: the model's decoder).
     pub preview_decoder: PreviewDecoder,
+    /// Where the plan file of each graph's packed weights goes (default: beside the ONNX file,
+    /// else in the cache folder): later loads map it and the kernels read their weights
+    /// through the map, so they cost no anonymous memory. [`Pipeline::plan_files`] tells what
+    /// became of each.
+    pub plan_cache: PlanCache,
 }
 
 /// What turns a latent model's previews into pixels.
@@ -90,6 +95,7 @@ impl Default for LoadOptions {
             decoder_tile: None,
             preview_decoder: PreviewDecoder::Model,
             tile_overlap: None,
+            plan_cache: PlanCache::Auto,
         }
     }
 }
@@ -369,13 +375,25 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
+    /// What became of the plan file of each graph with packed weights, by part: `denoiser`,
+    /// `text_encoder`, `decoder`, `preview_decoder`, `encoder` (once loaded).
+    pub fn plan_files(&self) -> Vec<(&'static str, &PlanFile)> {
+        let mut out = vec![("denoiser", self.denoiser.plan_file())];
+        out.extend(self.text.as_ref().map(|t| ("text_encoder", t.plan_file())));
+        out.extend(self.decoder.as_ref().map(|d| ("decoder", d.plan_file())));
+        out.extend(self.preview.as_ref().map(|d| ("preview_decoder", d.plan_file())));
+        out.extend(self.encoder.as_ref().map(|e| ("encoder", e.plan_file())));
+        out
+    }
+
     /// Loads the model directory `dir`: its `model.toml` and ONNX file, or an ONNX Stable
     /// Diffusion folder (`model_index.json`, `unet/`, `text_encoder/`, `tokenizer/`,
     /// `vae_decoder/`, `scheduler/`; see [`ModelCard::load`]).
     pub fn load(dir: impl AsRef<Path>, options: LoadOptions) -> Result<Self> {
         let mut card = ModelCard::load(dir)?;
         let window = amend(&mut card, &options)?;
-        let denoiser = Denoiser::load(&window, options.threads)?;
+        let mut denoiser = Denoiser::load(&window, options.threads)?;
+        denoiser.set_plan_cache(options.plan_cache.clone());
         let size = [window.image.height, window.image.width];
         Self::from_parts(card, denoiser, options, size)
     }
@@ -399,7 +417,8 @@ impl Pipeline {
     /// ```
     pub fn from_bytes(mut card: ModelCard, onnx: &[u8], options: LoadOptions) -> Result<Self> {
         let window = amend(&mut card, &options)?;
-        let denoiser = Denoiser::from_bytes(onnx, &window, options.threads, card.onnx_path())?;
+        let mut denoiser = Denoiser::from_bytes(onnx, &window, options.threads, card.onnx_path())?;
+        denoiser.set_plan_cache(options.plan_cache.clone());
         let size = [window.image.height, window.image.width];
         Self::from_parts(card, denoiser, options, size)
     }
@@ -408,12 +427,18 @@ impl Pipeline {
     fn from_parts(card: ModelCard, mut denoiser: Denoiser, options: LoadOptions, window: [usize; 2]) -> Result<Self> {
         denoiser.set_precision(options.precision);
         denoiser.set_convolution(options.convolution);
-        let text = text::TextEncoder::load(&card, options.threads)?;
+        let text = text::TextEncoder::load(&card, options.threads, &options.plan_cache)?;
         if let Some(t) = &text {
             let [tokens, dim] = t.shape();
             denoiser.set_context_shape(tokens, dim)?;
         }
-        let decoder = decode::Decoder::load(&card, options.decoder_tiling, options.decoder_tile, options.threads)?;
+        let decoder = decode::Decoder::load(
+            &card,
+            options.decoder_tiling,
+            options.decoder_tile,
+            options.threads,
+            &options.plan_cache,
+        )?;
         let linear = match options.preview_decoder {
             PreviewDecoder::Linear => Some(decode::LatentRgb::load(&card)?),
             _ => None,
@@ -425,7 +450,13 @@ impl Pipeline {
                     Error::Config { message, .. } => Error::config("preview-decoder", message),
                     e => e,
                 })?;
-                decode::Decoder::load(&with, options.decoder_tiling, options.decoder_tile, options.threads)?
+                decode::Decoder::load(
+                    &with,
+                    options.decoder_tiling,
+                    options.decoder_tile,
+                    options.threads,
+                    &options.plan_cache,
+                )?
             }
             _ => None,
         };
@@ -528,7 +559,7 @@ impl Pipeline {
             return Ok(images.clone());
         }
         if self.encoder.is_none() {
-            self.encoder = encode::Encoder::load(&self.card, shape, self.options.threads)?;
+            self.encoder = encode::Encoder::load(&self.card, shape, self.options.threads, &self.options.plan_cache)?;
         }
         let Some(encoder) = self.encoder.as_mut() else {
             return Err(Error::config(

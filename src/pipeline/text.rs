@@ -7,7 +7,7 @@ use ndarray::{ArrayD, IxDyn};
 
 use crate::card::ModelCard;
 use crate::error::{Error, Result};
-use crate::runtime::Graph;
+use crate::runtime::{Graph, PlanCache, PlanFile};
 use crate::tokenizer::{ClipTokenizer, Tokens};
 
 /// Distinct prompts whose embeddings are kept: a run's prompt and negative prompt, and a few
@@ -24,11 +24,16 @@ pub(super) struct TextEncoder {
 }
 
 impl TextEncoder {
-    pub(super) fn load(card: &ModelCard, threads: usize) -> Result<Option<Self>> {
+    /// What became of the plan file of the graph's packed weights.
+    pub(super) fn plan_file(&self) -> &PlanFile {
+        self.graph.plan_file()
+    }
+
+    pub(super) fn load(card: &ModelCard, threads: usize, plan_cache: &PlanCache) -> Result<Option<Self>> {
         let Some(section) = &card.text_encoder else { return Ok(None) };
         let tokenizer = ClipTokenizer::from_folder(card.dir.join(&section.tokenizer))?;
         let path = card.dir.join(&section.onnx);
-        let graph = Graph::load(&path, &[vec![1, tokenizer.max_length()]], threads)?;
+        let graph = Graph::load_with(&path, &[vec![1, tokenizer.max_length()]], threads, plan_cache.clone())?;
         let shape = match graph.output_shape(0) {
             &[1, tokens, dim] => [tokens, dim],
             other => return Err(bad_output(&path, other)),

@@ -10,6 +10,8 @@ use tract_onnx::tract_hir::infer::Factoid;
 
 use super::load::{input_names, one_line, parse, read_proto};
 use super::plan::{f32_rewrites, new_state, optimize, Exclusive};
+use super::plan_file::{PlanFile, PlanStore};
+use super::settings::PlanCache;
 use super::symbols::set_inputs;
 use super::threads::{executor_for, run_on};
 use crate::error::{Error, Result};
@@ -24,6 +26,7 @@ pub struct Graph {
     outputs: Vec<Vec<usize>>,
     /// Nodes of the optimized graph, for profiles.
     nodes: usize,
+    plan_file: PlanFile,
 }
 
 impl Graph {
@@ -31,8 +34,15 @@ impl Graph {
     /// (one per graph input, in the graph's order), applies edge-diffuse's float32 rewrites and
     /// tract's optimization, and makes a run state on `threads` threads.
     pub fn load(path: &Path, shapes: &[Vec<usize>], threads: usize) -> Result<Self> {
+        Self::load_with(path, shapes, threads, PlanCache::Off)
+    }
+
+    /// [`Graph::load`], with the packed weights of its operators in a plan file as `plan_cache`
+    /// says ([`Graph::plan_file`] tells what became of it).
+    pub fn load_with(path: &Path, shapes: &[Vec<usize>], threads: usize, plan_cache: PlanCache) -> Result<Self> {
         let fail = |e: TractError| Error::Model { path: path.to_path_buf(), message: one_line(&format!("{e:#}")) };
-        let proto = read_proto(path)?;
+        let (proto, source) = read_proto(path)?;
+        let mut plan_file = PlanStore::new(plan_cache, path, true, source);
         let mut model = parse(&proto, path.parent()).map_err(fail)?;
         drop(proto);
         let names = input_names(&model);
@@ -52,7 +62,8 @@ impl Graph {
         }
         set_inputs(&mut model, facts).map_err(fail)?;
         let typed = model.into_typed().map_err(fail)?;
-        let (typed, _, _) = f32_rewrites(typed, true).map_err(fail)?;
+        let (typed, _, _) = f32_rewrites(typed, true, &plan_file.packer()).map_err(fail)?;
+        plan_file.after_build();
         let model = Arc::new(optimize(typed).map_err(fail)?);
         let outputs = (0..model.output_outlets().map_err(fail)?.len())
             .map(|i| {
@@ -66,7 +77,21 @@ impl Graph {
         let executor = executor_for(threads).1;
         let state = new_state(&model, &executor).map_err(fail)?;
         let nodes = model.nodes().len();
-        Ok(Graph { path: path.to_path_buf(), state: Exclusive::new(state), executor, inputs, outputs, nodes })
+        let plan_file = plan_file.status;
+        Ok(Graph {
+            path: path.to_path_buf(),
+            state: Exclusive::new(state),
+            executor,
+            inputs,
+            outputs,
+            nodes,
+            plan_file,
+        })
+    }
+
+    /// What became of the plan file of this graph's packed weights.
+    pub fn plan_file(&self) -> &PlanFile {
+        &self.plan_file
     }
 
     /// The shape of output `i` (in the graph's order).

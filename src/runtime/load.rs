@@ -6,6 +6,7 @@ use tract_onnx::tract_hir::infer::InferenceModel;
 
 use std::path::Path;
 
+use super::plan_file::SourceId;
 use crate::error::{Error, Result};
 
 /// Description of one graph input or output, for `info`.
@@ -17,8 +18,9 @@ pub struct IoInfo {
     pub fact: String,
 }
 
-/// The ONNX protobuf of the file at `path`, decoded from a memory map.
-pub(super) fn read_proto(path: &Path) -> Result<ModelProto> {
+/// The ONNX protobuf of the file at `path`, decoded from a memory map, and the file's identity
+/// for its plan file.
+pub(super) fn read_proto(path: &Path) -> Result<(ModelProto, SourceId)> {
     if path.is_dir() {
         return Err(Error::Model { path: path.to_path_buf(), message: "is a directory, expected an ONNX file".into() });
     }
@@ -34,7 +36,24 @@ pub(super) fn read_proto(path: &Path) -> Result<ModelProto> {
     // The decoded protobuf holds its own copy of the weights: unmapping the file on return
     // keeps its pages out of the resident set while tract converts them (the load's peak was
     // file + protobuf + tract's tensors, 3× the weights).
-    decode(&map, path)
+    let proto = decode(&map, path)?;
+    let source = SourceId::of(&map, &external_files(&proto, path.parent()));
+    Ok((proto, source))
+}
+
+/// The files of external data that `proto`'s tensors name, resolved against `dir`.
+fn external_files(proto: &ModelProto, dir: Option<&Path>) -> Vec<std::path::PathBuf> {
+    let Some(g) = &proto.graph else { return vec![] };
+    let mut files: Vec<std::path::PathBuf> = g
+        .initializer
+        .iter()
+        .flat_map(|t| t.external_data.iter())
+        .filter(|kv| kv.key == "location")
+        .map(|kv| dir.unwrap_or(Path::new("")).join(&kv.value))
+        .collect();
+    files.sort();
+    files.dedup();
+    files
 }
 
 /// The ONNX protobuf in `bytes`; `path` labels the error.

@@ -28,6 +28,7 @@ mod graph;
 mod load;
 mod memory;
 mod plan;
+mod plan_file;
 mod profile;
 mod settings;
 mod symbols;
@@ -36,13 +37,15 @@ mod threads;
 pub use bind::{ConditioningInput, Conditions, TimestepInput, TimestepShape};
 pub use graph::{run_graph, Graph};
 pub use load::IoInfo;
+pub use plan_file::PlanFile;
 pub use profile::{NodeTime, OpProfile, OpTime};
-pub use settings::{Convolution, Precision};
+pub use settings::{Convolution, PlanCache, Precision};
 
 use bind::{bind, copy_output, Bindings};
 use load::{count_params, decode, describe, one_line, parse, read_proto};
 use memory::return_freed_memory;
 use plan::Plans;
+use plan_file::{PlanStore, SourceId};
 use threads::{executor_for, run_on};
 
 /// A denoiser: ONNX model + input bindings + optimized plans (one per batch size).
@@ -64,6 +67,8 @@ pub struct Denoiser {
     winograd_convs: usize,
     group_norms: usize,
     plans: Plans,
+    /// The plan file of the packed weights, and the packer the builds take them from.
+    plan_file: PlanStore,
     params: usize,
     inputs: Vec<IoInfo>,
     outputs: Vec<IoInfo>,
@@ -74,8 +79,8 @@ impl Denoiser {
     /// and at most the cores the process may use ([`threads`](Denoiser::threads) tells how many).
     pub fn load(card: &ModelCard, threads: usize) -> Result<Self> {
         let path = card.onnx_path();
-        let proto = read_proto(&path)?;
-        Self::from_proto(proto, card, threads, path.parent(), path.clone())
+        let (proto, source) = read_proto(&path)?;
+        Self::from_proto(proto, source, card, threads, path.parent(), path.clone())
     }
 
     /// Loads an ONNX model held in memory (for models compiled into the program).
@@ -83,12 +88,13 @@ impl Denoiser {
     pub fn from_bytes(bytes: &[u8], card: &ModelCard, threads: usize, name: impl Into<PathBuf>) -> Result<Self> {
         let path: PathBuf = name.into();
         let proto = decode(bytes, &path)?;
-        Self::from_proto(proto, card, threads, None, path)
+        Self::from_proto(proto, SourceId::of(bytes, &[]), card, threads, None, path)
     }
 
     /// `dir`: where external data lives (the ONNX file's folder), `None` for a model in memory.
     fn from_proto(
         proto: ModelProto,
+        source: SourceId,
         card: &ModelCard,
         threads: usize,
         dir: Option<&Path>,
@@ -102,7 +108,7 @@ impl Denoiser {
         let bindings = bind(&model, card).map_err(|m| Error::Model { path: path.clone(), message: m })?;
         let (threads, executor) = executor_for(threads);
         Ok(Denoiser {
-            path,
+            path: path.clone(),
             source: Some(model),
             bindings,
             chw: [card.image.channels, card.image.height, card.image.width],
@@ -114,6 +120,7 @@ impl Denoiser {
             winograd_convs: 0,
             group_norms: 0,
             plans: Plans::new(HashMap::new()),
+            plan_file: PlanStore::new(PlanCache::Off, &path, dir.is_some(), source),
             params,
             inputs,
             outputs,
@@ -125,6 +132,7 @@ impl Denoiser {
         if precision != self.precision {
             self.precision = precision;
             self.plans.get_mut().clear();
+            self.plan_file.reset();
         }
     }
 
@@ -133,6 +141,7 @@ impl Denoiser {
         if convolution != self.convolution {
             self.convolution = convolution;
             self.plans.get_mut().clear();
+            self.plan_file.reset();
         }
     }
 
@@ -162,8 +171,11 @@ impl Denoiser {
     }
 
     fn insert_plan(&mut self, batch: usize, source: InferenceModel) -> Result<()> {
-        let (plan, winograd_convs, group_norms) =
-            self.build_plan(batch, source).map_err(|m| Error::Model { path: self.path.clone(), message: m })?;
+        let packer = self.plan_file.packer();
+        let (plan, winograd_convs, group_norms) = self
+            .build_plan(batch, source, &packer)
+            .map_err(|m| Error::Model { path: self.path.clone(), message: m })?;
+        self.plan_file.after_build();
         self.winograd_convs = winograd_convs;
         self.group_norms = group_norms;
         self.plans.get_mut().insert(batch, plan);
@@ -193,6 +205,18 @@ impl Denoiser {
         if self.source.take().is_some() {
             return_freed_memory();
         }
+    }
+
+    /// Where the plans' packed weights come from and go ([`PlanCache::Off`] unless set; a
+    /// [`Pipeline`](crate::Pipeline) sets its [`LoadOptions::plan_cache`](crate::LoadOptions)).
+    /// Takes effect at the next plan build: call it before the first call or `prepare`.
+    pub fn set_plan_cache(&mut self, setting: PlanCache) {
+        self.plan_file.set(setting);
+    }
+
+    /// What became of the plan file at the last plan build.
+    pub fn plan_file(&self) -> &PlanFile {
+        &self.plan_file.status
     }
 
     /// Whether the source graph is still held (see [`release_graph`](Denoiser::release_graph)).

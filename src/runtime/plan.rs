@@ -14,6 +14,7 @@ use super::load::one_line;
 use super::symbols::set_inputs;
 use super::threads::executor_for;
 use super::{Convolution, Denoiser, Precision};
+use crate::ops::packed::Packer;
 use crate::ops::scratch::install_scratch;
 use crate::passes;
 
@@ -88,8 +89,12 @@ pub(super) fn new_state(model: &Arc<TypedModel>, executor: &Executor) -> TractRe
 
 /// Our float32 rewrites on a typed graph (`convolutions`: also the ones that swap convolutions);
 /// with how many convolutions became Winograd and how many GroupNorms were fused.
-pub(super) fn f32_rewrites(typed: TypedModel, convolutions: bool) -> TractResult<(TypedModel, usize, usize)> {
-    let rewritten = passes::f32_rewrites(typed, convolutions)?;
+pub(super) fn f32_rewrites(
+    typed: TypedModel,
+    convolutions: bool,
+    packer: &Packer,
+) -> TractResult<(TypedModel, usize, usize)> {
+    let rewritten = passes::f32_rewrites(typed, convolutions, packer)?;
     let (winograd, group_norms) = (rewritten.replaced(passes::WINOGRAD), rewritten.replaced(passes::GROUP_NORM));
     Ok((rewritten.model, winograd, group_norms))
 }
@@ -107,6 +112,7 @@ impl Denoiser {
         &self,
         batch: usize,
         mut model: InferenceModel,
+        packer: &Packer,
     ) -> std::result::Result<(Plan, usize, usize), String> {
         let [c, h, w] = self.chw;
         let b = &self.bindings;
@@ -140,7 +146,7 @@ impl Denoiser {
         let (typed, winograd_convs, group_norms) = match self.precision {
             Precision::F32 => {
                 let ours = self.convolution == Convolution::Winograd;
-                f32_rewrites(typed, ours).map_err(optimizing)?
+                f32_rewrites(typed, ours, packer).map_err(optimizing)?
             }
             Precision::F16 => {
                 let mut typed = typed.into_decluttered().map_err(optimizing)?;

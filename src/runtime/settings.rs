@@ -79,3 +79,40 @@ impl std::fmt::Display for Convolution {
         })
     }
 }
+
+/// Where the plan file of a graph's packed weights goes (see `docs/memory.md`): the first load
+/// writes the weights in the layout the kernels read, later loads map that file read-only and
+/// the kernels read their weights through the map.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum PlanCache {
+    /// Beside the ONNX file when its folder is writable, else in `$XDG_CACHE_HOME/edge-diffuse`
+    /// (`~/.cache/edge-diffuse`); the heap, as [`PlanCache::Off`], when neither is writable.
+    #[default]
+    Auto,
+    /// In this folder.
+    Dir(std::path::PathBuf),
+    /// No plan file: the weights are packed on the heap at every load.
+    Off,
+}
+
+impl std::str::FromStr for PlanCache {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(PlanCache::Auto),
+            "off" => Ok(PlanCache::Off),
+            "" => Err(Error::config("plan-cache", "expected auto, off or a folder, got an empty string")),
+            dir => Ok(PlanCache::Dir(dir.into())),
+        }
+    }
+}
+
+impl std::fmt::Display for PlanCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PlanCache::Auto => f.write_str("auto"),
+            PlanCache::Off => f.write_str("off"),
+            PlanCache::Dir(d) => write!(f, "{}", d.display()),
+        }
+    }
+}

@@ -5,9 +5,11 @@ use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use crate::memory::{major_faults, status_mib, PeakAnon};
 use anyhow::Result;
 use clap::Args;
 use edge_diffuse::pipeline::{LoadOptions, Pipeline, Request};
+use edge_diffuse::runtime::PlanFile;
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -54,6 +56,10 @@ pub struct BenchArgs {
     /// --help`).
     #[arg(long, value_name = "DIR|linear")]
     pub preview_decoder: Option<PathBuf>,
+    /// The plan file of packed weights: auto (beside the model, else the cache folder), off,
+    /// or a folder (see `sample --help`).
+    #[arg(long, default_value = "auto", value_name = "auto|off|DIR")]
+    pub plan_cache: String,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -68,12 +74,20 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
 }
 
-/// Peak resident memory of this process (Linux: VmHWM), in MiB.
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kib: f64 =
-        status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
-    Some(kib / 1024.0)
+/// The denoiser's plan file: what became of it, its path, and the milliseconds it took to write
+/// when this load wrote it (`plan_build_ms`; the packing itself is part of `load_s`).
+fn plan_file_report(pipe: &Pipeline) -> serde_json::Value {
+    let files = pipe.plan_files();
+    let (_, file) = files[0];
+    match file {
+        PlanFile::Off => serde_json::json!({ "status": "off" }),
+        PlanFile::Unneeded => serde_json::json!({ "status": "unneeded" }),
+        PlanFile::Mapped(path) => serde_json::json!({ "status": "mapped", "path": path }),
+        PlanFile::Written { path, ms, stale } => {
+            serde_json::json!({ "status": "written", "path": path, "plan_build_ms": ms, "stale": stale })
+        }
+        PlanFile::Unwritten(why) => serde_json::json!({ "status": "unwritten", "reason": why }),
+    }
 }
 
 fn cpu_model() -> String {
@@ -91,15 +105,20 @@ pub fn run(a: BenchArgs, model: PathBuf) -> Result<()> {
     let batching_label = a.guidance_batching.clone();
     let convolution = crate::parse_flag(&a.convolution)?;
     let preview_decoder = crate::sample::preview_decoder(a.preview_decoder.as_deref());
-    let mut opts = LoadOptions { precision, guidance_batching, convolution, preview_decoder, ..Default::default() };
+    let plan_cache = crate::parse_flag(&a.plan_cache)?;
+    let mut opts =
+        LoadOptions { precision, guidance_batching, convolution, preview_decoder, plan_cache, ..Default::default() };
     if let Some(t) = a.threads {
         anyhow::ensure!(t >= 1, "--threads: expected at least 1");
         opts.threads = t;
     }
     let sampler = a.sampler.as_deref().map(str::parse::<edge_diffuse::sampler::SamplerKind>).transpose()?;
+    let peak_anon = PeakAnon::start();
     let t0 = Instant::now();
     let mut pipe = Pipeline::load(&model, opts)?;
     let load_s = t0.elapsed().as_secs_f64();
+    let after_load = (status_mib("RssAnon"), status_mib("RssFile"), major_faults());
+    crate::sample::plan_notices(&pipe);
     let mut steps_ms: Vec<f64> = Vec::new();
     let mut first_step_ms = None;
     let mut image_s = Vec::new();
@@ -180,7 +199,13 @@ pub fn run(a: BenchArgs, model: PathBuf) -> Result<()> {
         "step_ms_p90": percentile(&steps_ms, 0.9),
         "image_s_median": per_image,
         "images_per_s": 1.0 / per_image,
-        "peak_rss_mib": peak_rss_mib(),
+        "peak_rss_mib": status_mib("VmHWM"),
+        "rss_anon_after_load_mib": after_load.0,
+        "rss_file_after_load_mib": after_load.1,
+        "peak_rss_anon_mib": peak_anon.peak_mib(),
+        "major_faults_at_load": after_load.2,
+        "major_faults": major_faults(),
+        "plan_file": plan_file_report(&pipe),
         "runs": a.runs,
     });
     if let Some(s) = a.strength {

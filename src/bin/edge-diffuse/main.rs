@@ -11,6 +11,7 @@ use edge_diffuse::ModelCard;
 
 mod bench;
 mod interrupt;
+mod memory;
 mod profile;
 mod sample;
 

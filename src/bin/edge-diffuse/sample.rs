@@ -142,6 +142,12 @@ pub struct SampleArgs {
     /// folder of that name). Default: --decoder, else the model's VAE.
     #[arg(long, value_name = "DIR|linear")]
     preview_decoder: Option<PathBuf>,
+    /// Where the plan file of packed weights goes: `auto` (beside the ONNX file when its folder
+    /// is writable, else $XDG_CACHE_HOME/edge-diffuse), `off` (pack on the heap at every load),
+    /// or a folder. The first load writes it; later loads map it, and the kernels read their
+    /// weights through the map (file-backed memory that the OS can drop and read again).
+    #[arg(long, default_value = "auto", value_name = "auto|off|DIR")]
+    plan_cache: String,
     /// Cross-attention conditioning (encoder_hidden_states), float32 .npy [1, tokens, dim].
     #[arg(long, value_name = "FILE.npy")]
     context: Option<PathBuf>,
@@ -237,6 +243,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
         decoder_tile: a.vae_tile,
         preview_decoder: preview_decoder(a.preview_decoder.as_deref()),
         tile_overlap: a.tile_overlap,
+        plan_cache: parse_flag(&a.plan_cache)?,
         ..Default::default()
     };
     match (a.width, a.height) {
@@ -274,6 +281,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
         e => e.into(),
     })?;
     let load_s = t0.elapsed().as_secs_f64();
+    plan_notices(&pipe);
     for (flag, text) in [("--prompt", &a.prompt), ("--negative-prompt", &a.negative_prompt)] {
         if let Some(tokens) = text.as_deref().and_then(|t| pipe.tokenize(t)) {
             if tokens.truncated {
@@ -610,6 +618,15 @@ fn parse_conditioning(flags: &[String]) -> Result<BTreeMap<String, ArrayD<f32>>>
 }
 
 /// `--preview-decoder DIR|linear`.
+/// One `note:` line per plan file that was rebuilt or could not be written.
+pub(crate) fn plan_notices(pipe: &Pipeline) {
+    for (part, file) in pipe.plan_files() {
+        if let Some(notice) = file.notice() {
+            eprintln!("note: {part}: {notice}");
+        }
+    }
+}
+
 pub(crate) fn preview_decoder(flag: Option<&std::path::Path>) -> PreviewDecoder {
     match flag {
         None => PreviewDecoder::Model,

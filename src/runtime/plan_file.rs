@@ -1,0 +1,503 @@
+//! Plan files: a graph's packed weights (`crate::ops::packed`) in one file, written after the
+//! first build and memory-mapped read-only by later loads.
+//!
+//! Layout (little-endian, native floats; the header names the architecture):
+//! - 8 bytes of magic, a u32 format version, a u32 header length, a u64 XXH3 of the header;
+//! - the header, JSON: crate version, architecture, kernels, the ONNX file's identity, and one
+//!   entry per weight (key, offset from the data start, floats, fingerprint of the source);
+//! - the data, from the first 4 KiB boundary after the header, each weight on a 4 KiB boundary.
+//!
+//! Anything that does not match (magic, version, crate, architecture, kernels, the ONNX file's
+//! length and hash, a checksum, offsets out of bounds or unaligned) makes the file stale: the
+//! build packs on the heap and writes it again. Written to a temporary file in the same folder,
+//! synced, then renamed over the old one: a reader maps either the old file or the new one,
+//! and two processes building at once each rename a whole file.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use super::settings::PlanCache;
+use crate::ops::packed::{Entry, Held, Packer};
+
+const MAGIC: &[u8; 8] = b"EDPLAN\0\0";
+const FORMAT: u32 = 1;
+const PREFIX: usize = 24;
+const ALIGN: usize = 4096;
+
+/// What identifies the ONNX model a plan file was built from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct SourceId {
+    /// Bytes of the ONNX file.
+    pub len: u64,
+    /// XXH3 of the ONNX file's bytes, and of the length and modification time of each file of
+    /// external data it names.
+    pub hash: u64,
+}
+
+impl SourceId {
+    pub(super) fn of(bytes: &[u8], external: &[PathBuf]) -> Self {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        h.update(bytes);
+        for path in external {
+            let meta = std::fs::metadata(path).ok();
+            let len = meta.as_ref().map_or(0, |m| m.len());
+            let modified = meta
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos() as u64);
+            h.update(path.to_string_lossy().as_bytes());
+            h.update(&len.to_le_bytes());
+            h.update(&modified.to_le_bytes());
+        }
+        SourceId { len: bytes.len() as u64, hash: h.digest() }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct Header {
+    crate_version: String,
+    arch: String,
+    kernels: String,
+    source: SourceId,
+    entries: Vec<HeaderEntry>,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct HeaderEntry {
+    key: String,
+    /// Bytes from the data start.
+    offset: u64,
+    floats: u64,
+    fingerprint: u64,
+}
+
+/// What became of a graph's plan file at its last build.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PlanFile {
+    /// No plan file ([`PlanCache::Off`]), or no build yet.
+    Off,
+    /// The graph has no packed weights (no operator of ours with constant weights).
+    Unneeded,
+    /// The weights are read through the map of this file.
+    Mapped(PathBuf),
+    /// Written by this load (the weights stay on the heap for this process), in this many
+    /// milliseconds; `stale`: why the file that was there could not be used.
+    Written {
+        /// The plan file.
+        path: PathBuf,
+        /// Milliseconds to write it.
+        ms: f64,
+        /// Why the file that was there could not be used, if one was.
+        stale: Option<String>,
+    },
+    /// Not written: why (a read-only folder, a full disk); the weights stay on the heap.
+    Unwritten(String),
+}
+
+impl PlanFile {
+    /// A line for the user when something went other than planned: a stale file rebuilt, a
+    /// file that could not be written.
+    pub fn notice(&self) -> Option<String> {
+        match self {
+            PlanFile::Written { path, stale: Some(why), .. } => {
+                Some(format!("rebuilt the plan file {} ({why})", path.display()))
+            }
+            PlanFile::Unwritten(why) => Some(format!("no plan file, the weights stay on the heap: {why}")),
+            _ => None,
+        }
+    }
+}
+
+/// A graph's plan file: where it goes, the packer over it, and what became of it.
+pub(super) struct PlanStore {
+    setting: PlanCache,
+    /// The ONNX file (for the plan file's name and folder).
+    onnx: PathBuf,
+    /// Whether [`PlanCache::Auto`] may put the file beside the ONNX file (not for a model
+    /// given as bytes, whose path only labels it).
+    beside: bool,
+    source: SourceId,
+    packer: Option<Arc<Packer>>,
+    /// The plan file the packer maps.
+    mapped: Option<PathBuf>,
+    /// Why the file found was not used.
+    stale: Option<String>,
+    /// [`Packer::packed_here`] when the file was last written (or found).
+    covered: usize,
+    pub(super) status: PlanFile,
+}
+
+impl PlanStore {
+    pub(super) fn new(setting: PlanCache, onnx: &Path, beside: bool, source: SourceId) -> Self {
+        PlanStore {
+            setting,
+            onnx: onnx.to_path_buf(),
+            beside,
+            source,
+            packer: None,
+            mapped: None,
+            stale: None,
+            covered: 0,
+            status: PlanFile::Off,
+        }
+    }
+
+    /// Another setting; the next build starts over.
+    pub(super) fn set(&mut self, setting: PlanCache) {
+        self.setting = setting;
+        self.reset();
+    }
+
+    /// Forgets the weights held: the plans they served are gone.
+    pub(super) fn reset(&mut self) {
+        self.packer = None;
+        self.mapped = None;
+        self.stale = None;
+        self.covered = 0;
+        self.status = PlanFile::Off;
+    }
+
+    /// The packer for a build: over the plan file when there is a valid one.
+    pub(super) fn packer(&mut self) -> Arc<Packer> {
+        if self.packer.is_none() {
+            let mut packer = Packer::default();
+            if self.setting != PlanCache::Off {
+                for path in candidates(&self.setting, &self.onnx, self.beside, &self.source) {
+                    match open(&path, &self.source) {
+                        Ok(Some(p)) => {
+                            packer = p;
+                            self.mapped = Some(path);
+                            break;
+                        }
+                        Ok(None) => {}
+                        Err(why) => {
+                            self.stale = Some(why);
+                            break;
+                        }
+                    }
+                }
+            }
+            self.packer = Some(Arc::new(packer));
+        }
+        self.packer.clone().expect("set above")
+    }
+
+    /// After a build: writes the plan file when the build packed weights that it lacked.
+    pub(super) fn after_build(&mut self) {
+        let Some(packer) = &self.packer else { return };
+        let held = packer.held();
+        if self.setting == PlanCache::Off {
+            return;
+        }
+        if held.is_empty() {
+            self.status = PlanFile::Unneeded;
+            return;
+        }
+        let packed_here = packer.packed_here();
+        if packed_here == self.covered {
+            if let (PlanFile::Off, Some(path)) = (&self.status, &self.mapped) {
+                self.status = PlanFile::Mapped(path.clone());
+            }
+            return;
+        }
+        self.covered = packed_here;
+        let started = Instant::now();
+        let mut last_error = String::from("no folder to write to");
+        for path in candidates(&self.setting, &self.onnx, self.beside, &self.source) {
+            match write(&path, &self.source, &held) {
+                Ok(()) => {
+                    let ms = started.elapsed().as_secs_f64() * 1e3;
+                    self.status = PlanFile::Written { path, ms, stale: self.stale.take() };
+                    return;
+                }
+                Err(e) => last_error = format!("{}: {e}", path.display()),
+            }
+        }
+        self.status = PlanFile::Unwritten(last_error);
+    }
+}
+
+/// Where the plan file of the ONNX file `onnx` may be, in the order tried: beside it, then in
+/// the cache folder ([`PlanCache::Auto`]); in the folder given ([`PlanCache::Dir`]).
+pub(super) fn candidates(setting: &PlanCache, onnx: &Path, beside: bool, source: &SourceId) -> Vec<PathBuf> {
+    let kernels = crate::kernels::tag();
+    let file = onnx.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+    // In a shared folder the name also carries the source's identity: two models of the same
+    // file name do not take turns overwriting one plan file.
+    let shared = format!("{file}.{:016x}.{kernels}.edplan", source.hash);
+    match setting {
+        PlanCache::Off => vec![],
+        PlanCache::Dir(dir) => vec![dir.join(shared)],
+        PlanCache::Auto => {
+            let mut out = vec![];
+            if let Some(dir) = onnx.parent().filter(|d| beside && (d.is_dir() || d.as_os_str().is_empty())) {
+                out.push(dir.join(format!("{file}.{kernels}.edplan")));
+            }
+            if let Some(cache) = cache_dir() {
+                out.push(cache.join(shared));
+            }
+            out
+        }
+    }
+}
+
+/// `$XDG_CACHE_HOME/edge-diffuse`, else `$HOME/.cache/edge-diffuse`.
+fn cache_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").filter(|v| !v.is_empty()).map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("edge-diffuse"))
+}
+
+fn align(n: usize) -> usize {
+    n.div_ceil(ALIGN) * ALIGN
+}
+
+/// A packer over the plan file at `path`: `Ok(None)` when there is none, `Err(why)` when it is
+/// there but stale or damaged.
+pub(super) fn open(path: &Path, source: &SourceId) -> Result<Option<Packer>, String> {
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot open it: {e}")),
+    };
+    // SAFETY: the map is read-only and shared. Files are only ever replaced by rename, which
+    // leaves a mapped inode alone; truncating or rewriting the file in place while a process
+    // maps it is unsupported (SIGBUS, as for any map: docs/memory.md).
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| format!("cannot map it: {e}"))?;
+    let map = Arc::new(map);
+    let index = validate(&map, source)?;
+    Ok(Some(Packer::over_map(map, index)))
+}
+
+/// The index of the plan file `bytes`, with absolute offsets, when every check passes.
+fn validate(bytes: &[u8], source: &SourceId) -> Result<HashMap<String, Entry>, String> {
+    if bytes.len() < PREFIX {
+        return Err(format!("{} bytes, shorter than its prefix", bytes.len()));
+    }
+    if &bytes[..8] != MAGIC {
+        return Err("not a plan file (bad magic)".into());
+    }
+    let word = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
+    let format = word(8);
+    if format != FORMAT {
+        return Err(format!("format version {format}, this build reads {FORMAT}"));
+    }
+    let header_len = word(12) as usize;
+    let sum = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
+    let header = bytes.get(PREFIX..PREFIX + header_len).ok_or("its header runs past the end")?;
+    if xxhash_rust::xxh3::xxh3_64(header) != sum {
+        return Err("its header's checksum does not match".into());
+    }
+    let header: Header = serde_json::from_slice(header).map_err(|e| format!("unreadable header: {e}"))?;
+    let want = |what: &str, have: &str, need: &str| {
+        if have == need {
+            Ok(())
+        } else {
+            Err(format!("built for {what} {have}, this is {need}"))
+        }
+    };
+    want("edge-diffuse", &header.crate_version, env!("CARGO_PKG_VERSION"))?;
+    want("architecture", &header.arch, std::env::consts::ARCH)?;
+    want("kernels", &header.kernels, &crate::kernels::tag())?;
+    if header.source != *source {
+        return Err("the ONNX file changed since it was built".into());
+    }
+    let data = align(PREFIX + header_len);
+    let mut index = HashMap::new();
+    for e in header.entries {
+        let (offset, floats) = (e.offset as usize, e.floats as usize);
+        let end = floats.checked_mul(4).and_then(|b| b.checked_add(data)?.checked_add(offset));
+        if offset % ALIGN != 0 || end.is_none_or(|end| end > bytes.len()) {
+            return Err(format!("weight {:?} lies out of bounds or unaligned", e.key));
+        }
+        index.insert(e.key, Entry { offset: data + offset, len: floats, fingerprint: e.fingerprint });
+    }
+    Ok(index)
+}
+
+/// Writes `held` as the plan file `path`: a temporary file beside it, synced, then renamed.
+pub(super) fn write(path: &Path, source: &SourceId, held: &[Held]) -> std::io::Result<()> {
+    let mut entries = vec![];
+    let mut offset = 0usize;
+    for h in held {
+        let floats = h.packed.len();
+        entries.push(HeaderEntry {
+            key: h.key.clone(),
+            offset: offset as u64,
+            floats: floats as u64,
+            fingerprint: h.fingerprint,
+        });
+        offset += align(floats * 4);
+    }
+    let header = Header {
+        crate_version: env!("CARGO_PKG_VERSION").into(),
+        arch: std::env::consts::ARCH.into(),
+        kernels: crate::kernels::tag(),
+        source: source.clone(),
+        entries,
+    };
+    let header = serde_json::to_vec(&header).map_err(std::io::Error::other)?;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let name = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}.{nanos}.tmp", std::process::id()));
+    let result = (|| {
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create_new(&tmp)?);
+        out.write_all(MAGIC)?;
+        out.write_all(&FORMAT.to_le_bytes())?;
+        out.write_all(&(header.len() as u32).to_le_bytes())?;
+        out.write_all(&xxhash_rust::xxh3::xxh3_64(&header).to_le_bytes())?;
+        out.write_all(&header)?;
+        let zeros = vec![0u8; ALIGN];
+        let mut at = PREFIX + header.len();
+        out.write_all(&zeros[..align(at) - at])?;
+        for h in held {
+            let floats = h.packed.as_slice();
+            // SAFETY: any f32 is 4 plain bytes; the slice lives through the write.
+            let bytes = unsafe { std::slice::from_raw_parts(floats.as_ptr() as *const u8, floats.len() * 4) };
+            out.write_all(bytes)?;
+            at = bytes.len();
+            out.write_all(&zeros[..align(at) - at])?;
+        }
+        let file = out.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::packed::fingerprint;
+
+    fn source() -> SourceId {
+        SourceId::of(b"an onnx file", &[])
+    }
+
+    fn held(packer: &Packer) -> Vec<Held> {
+        packer.get("linear/a", &[1.0, 2.0, 3.0], || vec![1.0, 2.0, 3.0]);
+        packer.get("winograd3x3/b", &[4.0; 1500], || (0..1500).map(|i| i as f32).collect());
+        packer.held()
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ed-plan-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_written_plan_file_maps_back_the_same_weights() {
+        let dir = scratch("roundtrip");
+        let path = dir.join("m.edplan");
+        write(&path, &source(), &held(&Packer::default())).unwrap();
+        let packer = open(&path, &source()).unwrap().expect("a plan file");
+        let mut calls = 0;
+        let a = packer.get("linear/a", &[1.0, 2.0, 3.0], || {
+            calls += 1;
+            vec![]
+        });
+        let b = packer.get("winograd3x3/b", &[4.0; 1500], || {
+            calls += 1;
+            vec![]
+        });
+        assert_eq!(calls, 0);
+        assert!(a.is_mapped() && b.is_mapped());
+        assert_eq!(a.as_slice(), &[1.0, 2.0, 3.0]);
+        assert_eq!(b.as_slice(), &(0..1500).map(|i| i as f32).collect::<Vec<_>>()[..]);
+        // Another source weight under the same key is packed again, not read from the map.
+        let c = packer.get("linear/a", &[9.0, 2.0, 3.0], || vec![7.0]);
+        assert_eq!((c.as_slice(), c.is_mapped()), (&[7.0][..], false));
+        assert_ne!(fingerprint(&[9.0, 2.0, 3.0]), fingerprint(&[1.0, 2.0, 3.0]));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_damaged_or_stale_plan_file_is_refused_with_a_reason() {
+        let dir = scratch("damaged");
+        let path = dir.join("m.edplan");
+        write(&path, &source(), &held(&Packer::default())).unwrap();
+        let good = std::fs::read(&path).unwrap();
+        let check = |bytes: &[u8], source: &SourceId, needle: &str| {
+            std::fs::write(&path, bytes).unwrap();
+            let why = open(&path, source).err().unwrap_or_else(|| panic!("accepted; expected {needle}"));
+            assert!(why.contains(needle), "{why:?} should say {needle:?}");
+        };
+        check(&good[..10], &source(), "shorter");
+        let mut bad = good.clone();
+        bad[0] = b'X';
+        check(&bad, &source(), "magic");
+        let mut bad = good.clone();
+        bad[8] = 99;
+        check(&bad, &source(), "format version");
+        let mut bad = good.clone();
+        bad[PREFIX + 5] ^= 1;
+        check(&bad, &source(), "checksum");
+        check(&good[..good.len() - ALIGN], &source(), "out of bounds");
+        check(&good, &SourceId::of(b"another onnx file", &[]), "changed");
+        // An entry pointing past the end, with a valid checksum: out of bounds.
+        let header_len = u32::from_le_bytes(good[12..16].try_into().unwrap()) as usize;
+        let mut header: Header = serde_json::from_slice(&good[PREFIX..PREFIX + header_len]).unwrap();
+        header.entries[1].offset = 1 << 40;
+        let text = serde_json::to_vec(&header).unwrap();
+        let mut bad = good[..PREFIX].to_vec();
+        bad[12..16].copy_from_slice(&(text.len() as u32).to_le_bytes());
+        bad[16..24].copy_from_slice(&xxhash_rust::xxh3::xxh3_64(&text).to_le_bytes());
+        bad.extend_from_slice(&text);
+        bad.resize(good.len(), 0);
+        check(&bad, &source(), "out of bounds");
+        std::fs::remove_file(&path).unwrap();
+        assert!(open(&path, &source()).unwrap().is_none());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_mapped_plan_file_outlives_its_deletion_and_replacement() {
+        let dir = scratch("deleted");
+        let path = dir.join("m.edplan");
+        write(&path, &source(), &held(&Packer::default())).unwrap();
+        let packer = open(&path, &source()).unwrap().unwrap();
+        let before = packer.get("winograd3x3/b", &[4.0; 1500], Vec::new);
+        std::fs::rename(&path, dir.join("moved")).unwrap();
+        std::fs::remove_file(dir.join("moved")).unwrap();
+        // A new file written under the same name (a rename) does not reach the old map.
+        let other = Packer::default();
+        other.get("winograd3x3/b", &[4.0; 1500], || vec![-1.0; 1500]);
+        write(&path, &source(), &other.held()).unwrap();
+        assert_eq!(before.as_slice()[1499], 1499.0);
+        assert_eq!(
+            open(&path, &source()).unwrap().unwrap().get("winograd3x3/b", &[4.0; 1500], Vec::new).as_slice()[0],
+            -1.0
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn candidates_go_beside_the_model_then_to_the_cache() {
+        let onnx = Path::new("/models/m/unet.onnx");
+        let auto = candidates(&PlanCache::Auto, onnx, true, &source());
+        let tag = crate::kernels::tag();
+        if Path::new("/models/m").is_dir() {
+            assert_eq!(auto[0], Path::new(&format!("/models/m/unet.onnx.{tag}.edplan")));
+        }
+        assert!(auto.last().unwrap().to_string_lossy().contains("edge-diffuse"));
+        let in_memory = candidates(&PlanCache::Auto, onnx, false, &source());
+        assert!(in_memory.iter().all(|p| p.to_string_lossy().contains("edge-diffuse")));
+        let dir = candidates(&PlanCache::Dir("/c".into()), onnx, true, &source());
+        assert_eq!(dir, vec![PathBuf::from(format!("/c/unet.onnx.{:016x}.{tag}.edplan", source().hash))]);
+        assert!(candidates(&PlanCache::Off, onnx, true, &source()).is_empty());
+    }
+}

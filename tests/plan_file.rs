@@ -1,0 +1,185 @@
+//! Plan files of packed weights (`LoadOptions::plan_cache`): the first load writes one, later
+//! loads map it, and the samples stay bit-identical to the heap path's. A damaged or stale file
+//! is rebuilt, a file deleted while mapped keeps serving the running pipeline, an unwritable
+//! place leaves the weights on the heap, and two processes building at once leave one whole
+//! file.
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use edge_diffuse::pipeline::{LoadOptions, Pipeline, Request, StepInfo};
+use edge_diffuse::runtime::{PlanCache, PlanFile};
+use ndarray::Array4;
+
+fn model(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models").join(name)
+}
+
+/// A copy of a shipped model in a fresh folder of its own.
+fn copy_of(name: &str, tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ed-plan-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(model(name)).unwrap() {
+        let path = entry.unwrap().path();
+        let file = path.file_name().unwrap().to_string_lossy().into_owned();
+        if !file.ends_with(".edplan") {
+            std::fs::copy(&path, dir.join(file)).unwrap();
+        }
+    }
+    dir
+}
+
+fn plan_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(".edplan"))
+        .collect();
+    out.sort();
+    out
+}
+
+fn load(dir: &Path, plan_cache: PlanCache) -> Pipeline {
+    Pipeline::load(dir, LoadOptions { threads: 1, plan_cache, ..Default::default() }).expect("load")
+}
+
+fn sample(pipe: &mut Pipeline) -> Array4<f32> {
+    let req = Request { seed: 7, num_images: 2, ..Default::default() };
+    pipe.generate(&req, &mut |_: &StepInfo| ControlFlow::Continue(())).expect("generate").samples
+}
+
+fn assert_bit_identical(a: &Array4<f32>, b: &Array4<f32>, what: &str) {
+    assert_eq!(a.shape(), b.shape(), "{what}");
+    let differing = a.iter().zip(b.iter()).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+    assert_eq!(differing, 0, "{what}: {differing} of {} values differ", a.len());
+}
+
+fn denoiser_file(pipe: &Pipeline) -> PlanFile {
+    pipe.plan_files()[0].1.clone()
+}
+
+#[test]
+fn the_first_load_writes_the_plan_file_and_later_loads_map_it_with_identical_samples() {
+    for name in ["fmnist-student", "fmnist-teacher"] {
+        let dir = copy_of(name, &format!("roundtrip-{name}"));
+        let heap = sample(&mut load(&dir, PlanCache::Off));
+        assert!(plan_files(&dir).is_empty(), "{name}: Off wrote a plan file");
+
+        let mut first = load(&dir, PlanCache::Auto);
+        let written = match denoiser_file(&first) {
+            PlanFile::Written { path, stale: None, .. } => path,
+            other => panic!("{name}: the first load should write the plan file, got {other:?}"),
+        };
+        assert_eq!(plan_files(&dir), vec![written.clone()], "{name}");
+        assert_bit_identical(&sample(&mut first), &heap, &format!("{name}: building load against the heap"));
+
+        let mut second = load(&dir, PlanCache::Auto);
+        assert_eq!(denoiser_file(&second), PlanFile::Mapped(written.clone()), "{name}");
+        assert_bit_identical(&sample(&mut second), &heap, &format!("{name}: mapped against the heap"));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
+
+#[test]
+fn a_damaged_plan_file_is_rebuilt_with_a_notice_and_the_same_samples() {
+    let dir = copy_of("fmnist-student", "damaged");
+    let heap = sample(&mut load(&dir, PlanCache::Off));
+    drop(load(&dir, PlanCache::Auto));
+    let path = plan_files(&dir).pop().expect("a plan file");
+    let good = std::fs::read(&path).unwrap();
+    let damages: [(&str, Vec<u8>); 3] = [
+        ("bad magic", [b"XXXXXXXX".as_slice(), &good[8..]].concat()),
+        ("short", good[..good.len() / 2].to_vec()),
+        ("empty", vec![]),
+    ];
+    for (what, bytes) in damages {
+        std::fs::write(&path, &bytes).unwrap();
+        let mut pipe = load(&dir, PlanCache::Auto);
+        let file = denoiser_file(&pipe);
+        assert!(matches!(&file, PlanFile::Written { stale: Some(_), .. }), "{what}: {file:?}");
+        assert!(file.notice().is_some_and(|n| n.contains("rebuilt")), "{what}: {:?}", file.notice());
+        assert_bit_identical(&sample(&mut pipe), &heap, what);
+        assert_eq!(std::fs::read(&path).unwrap(), good, "{what}: the rebuilt file differs from the first");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_plan_file_deleted_while_mapped_keeps_serving_the_pipeline() {
+    let dir = copy_of("fmnist-student", "deleted");
+    let heap = sample(&mut load(&dir, PlanCache::Off));
+    drop(load(&dir, PlanCache::Auto));
+    let mut pipe = load(&dir, PlanCache::Auto);
+    assert!(matches!(denoiser_file(&pipe), PlanFile::Mapped(_)));
+    for path in plan_files(&dir) {
+        std::fs::remove_file(path).unwrap();
+    }
+    assert_bit_identical(&sample(&mut pipe), &heap, "after the deletion");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn an_unwritable_place_leaves_the_weights_on_the_heap_with_a_notice() {
+    let dir = copy_of("fmnist-student", "unwritable");
+    let heap = sample(&mut load(&dir, PlanCache::Off));
+    // Below a regular file no folder can be made, whoever runs the test (root included).
+    let blocked = dir.join("model.toml").join("plans");
+    let mut pipe = load(&dir, PlanCache::Dir(blocked));
+    let file = denoiser_file(&pipe);
+    assert!(matches!(file, PlanFile::Unwritten(_)), "{file:?}");
+    assert!(file.notice().is_some_and(|n| n.contains("heap")));
+    assert_bit_identical(&sample(&mut pipe), &heap, "heap fallback");
+    assert!(plan_files(&dir).is_empty());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_plan_cache_folder_holds_the_file_and_serves_a_second_load() {
+    let dir = copy_of("fmnist-student", "folder");
+    let cache = dir.join("cache");
+    let first = load(&dir, PlanCache::Dir(cache.clone()));
+    assert!(matches!(denoiser_file(&first), PlanFile::Written { .. }));
+    assert_eq!(plan_files(&cache).len(), 1);
+    assert!(plan_files(&dir).is_empty(), "Dir(…) wrote beside the model");
+    let second = load(&dir, PlanCache::Dir(cache.clone()));
+    assert!(matches!(denoiser_file(&second), PlanFile::Mapped(p) if p.starts_with(&cache)));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn two_processes_building_at_once_leave_one_whole_plan_file() {
+    let dir = copy_of("fmnist-student", "race");
+    let out = dir.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let run = |i: usize| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_edge-diffuse"))
+            .args(["sample", "--threads", "1", "--seed", "3", "--model"])
+            .arg(&dir)
+            .arg("--out")
+            .arg(out.join(format!("{i}.png")))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn")
+    };
+    let children: Vec<_> = (0..4).map(run).collect();
+    for child in children {
+        let done = child.wait_with_output().unwrap();
+        assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+        let stderr = String::from_utf8_lossy(&done.stderr);
+        assert!(!stderr.contains("rebuilt"), "a racing process saw a damaged file: {stderr}");
+    }
+    assert_eq!(plan_files(&dir).len(), 1, "one plan file, no temporary files left");
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|f| f.ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let pipe = load(&dir, PlanCache::Auto);
+    assert!(matches!(denoiser_file(&pipe), PlanFile::Mapped(_)));
+    let pngs: Vec<Vec<u8>> = (0..4).map(|i| std::fs::read(out.join(format!("{i}.png"))).unwrap()).collect();
+    assert!(pngs.windows(2).all(|w| w[0] == w[1]), "the four runs' images differ");
+    std::fs::remove_dir_all(dir).unwrap();
+}
