@@ -69,6 +69,16 @@ pub(crate) fn group_norm(x: &[f32], y: &mut [f32], plane: usize, [recip, eps]: [
 }
 
 /// Test data and float64 references shared by the kernel and operator tests.
+/// Names the kernels this process packs weights for, e.g. `x86_64-avx512`: a plan file written
+/// for other kernels (another CPU, `EDGE_DIFFUSE_X86_KERNEL`) is never read.
+pub(crate) fn tag() -> String {
+    #[cfg(target_arch = "x86_64")]
+    if x86_64::gemm::available() {
+        return format!("x86_64-{:?}", x86_64::gemm::Kernel::detect()).to_lowercase();
+    }
+    format!("{}-plain", std::env::consts::ARCH)
+}
+
 #[cfg(test)]
 pub(crate) mod testing {
     use super::Window;
@@ -120,14 +130,4 @@ pub(crate) mod testing {
     pub(crate) fn values(len: usize, seed: u32) -> Vec<f32> {
         (0..len).map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0).collect()
     }
-}
-
-/// Names the kernels this process packs weights for, e.g. `x86_64-avx512`: a plan file written
-/// for other kernels (another CPU, `EDGE_DIFFUSE_X86_KERNEL`) is never read.
-pub(crate) fn tag() -> String {
-    #[cfg(target_arch = "x86_64")]
-    if x86_64::gemm::available() {
-        return format!("x86_64-{:?}", x86_64::gemm::Kernel::detect()).to_lowercase();
-    }
-    format!("{}-plain", std::env::consts::ARCH)
 }

@@ -20,7 +20,9 @@
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
-use super::packed::{Packed, Packer};
+#[cfg(test)]
+use super::packed::Packer;
+use super::packed::{Packed, Site};
 use super::scratch::{with_scratch, Scratch};
 use super::{for_each, threads, Output};
 use crate::kernels::x86_64::direct_conv::{shifted_rows, Phases};
@@ -43,22 +45,27 @@ pub struct Pointwise {
 impl Pointwise {
     #[cfg(test)]
     pub(crate) fn new(weights: &[f32], bias: Option<&[f32]>, k: usize, c: usize) -> Self {
-        Self::direct(&Packer::default(), "", weights, bias, [k, c], Window::square(1, 0))
+        Self::direct(
+            Site { packer: &Packer::default(), node: "", origin: None },
+            weights,
+            bias,
+            [k, c],
+            Window::square(1, 0),
+        )
     }
 
     /// A convolution with OIHW `[k, c, size, size]` weights over `window`, computed directly:
     /// the product of the weights, as k × c·size², by c·size² shifted copies of the input. The
-    /// packed weights come from `packer`, for the node named `node`.
+    /// packed weights come from the packer, for the node `site` names.
     pub(crate) fn direct(
-        packer: &Packer,
-        node: &str,
+        site: Site,
         weights: &[f32],
         bias: Option<&[f32]>,
         [k, c]: [usize; 2],
         window: Window,
     ) -> Self {
-        let key = format!("direct{}x{}/{node}", window.size, window.size);
-        let packed = packer.get(&key, weights, || gemm::pack_weights(weights, k, c * window.size * window.size));
+        let kind = format!("direct{}x{}", window.size, window.size);
+        let packed = site.get(&kind, weights, || gemm::pack_weights(weights, k, c * window.size * window.size));
         Pointwise { k, c, window, weights: packed, bias: bias.map(|b| Arc::new(tensor1(b))) }
     }
 
@@ -187,8 +194,7 @@ mod tests {
             (Pointwise::new(&values(20 * c, 7), Some(&bias1), 20, c), &bias1, [2, 30, 1]),
             (
                 Pointwise::direct(
-                    &Packer::default(),
-                    "",
+                    Site { packer: &Packer::default(), node: "", origin: None },
                     &values(31 * c * 9, 36),
                     Some(&bias3),
                     [31, c],
@@ -278,7 +284,13 @@ mod tests {
             let s = g.size;
             let (x, kernel, bias) = (random(n * c * h * w, 41), random(k * c * s * s, 42), random(k, 43));
             let want = direct_window(&x, &kernel, &bias, [n, c, h, w], k, g);
-            let op = Pointwise::direct(&Packer::default(), "", &kernel, Some(&bias), [k, c], g);
+            let op = Pointwise::direct(
+                Site { packer: &Packer::default(), node: "", origin: None },
+                &kernel,
+                Some(&bias),
+                [k, c],
+                g,
+            );
             let mut y = vec![f32::NAN; n * k * oh * ow];
             op.run(&x, &bias, [n, h, w], &mut y, &mut Default::default());
             let worst = y.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);

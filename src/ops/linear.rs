@@ -17,7 +17,9 @@
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
-use super::packed::{Packed, Packer};
+#[cfg(test)]
+use super::packed::Packer;
+use super::packed::{Packed, Site};
 use super::scratch::{with_scratch, Scratch};
 use super::{f32s, for_each, strided_offset, threads, Output};
 use crate::kernels::x86_64::gemm::Kernel;
@@ -80,13 +82,12 @@ impl Linear {
         [k, c]: [usize; 2],
         axes: LinearAxes,
     ) -> Self {
-        Self::new_in(&Packer::default(), "", weights, strides, bias, [k, c], axes)
+        Self::new_in(Site { packer: &Packer::default(), node: "", origin: None }, weights, strides, bias, [k, c], axes)
     }
 
-    /// [`Self::new`] with the packed weights from `packer`, for the node named `node`.
+    /// [`Self::new`] with the packed weights from the packer, for the node `site` names.
     pub(crate) fn new_in(
-        packer: &Packer,
-        node: &str,
+        site: Site,
         weights: &[f32],
         strides: [usize; 2],
         bias: Option<&[f32]>,
@@ -94,8 +95,7 @@ impl Linear {
         axes: LinearAxes,
     ) -> Self {
         let kernel = Kernel::detect();
-        let key = format!("linear/{node}");
-        let packed = packer.get(&key, weights, || pack_weights(kernel, weights, [k, c], strides));
+        let packed = site.get("linear", weights, || pack_weights(kernel, weights, [k, c], strides));
         let mut padded = vec![0f32; k.div_ceil(kernel.width()) * kernel.width()];
         if let Some(bias) = bias {
             padded[..k].copy_from_slice(bias);

@@ -35,7 +35,7 @@ impl Packed {
     /// `offset` is not a multiple of 4.
     pub(crate) fn mapped(map: &Arc<memmap2::Mmap>, offset: usize, len: usize) -> Option<Self> {
         let end = len.checked_mul(4)?.checked_add(offset)?;
-        if offset % 4 != 0 || end > map.len() || (map.as_ptr() as usize) % 4 != 0 {
+        if !offset.is_multiple_of(4) || end > map.len() || !(map.as_ptr() as usize).is_multiple_of(4) {
             return None;
         }
         Some(Packed(Backing::Map(map.clone(), offset / 4..end / 4)))
@@ -112,6 +112,22 @@ pub(crate) struct Entry {
     pub fingerprint: u64,
 }
 
+/// The weight an operator asks the [`Packer`] for: the graph node it replaces, and the constant
+/// its weights come from when nothing else reads that constant (its origin).
+#[derive(Clone, Copy)]
+pub(crate) struct Site<'a> {
+    pub packer: &'a Packer,
+    pub node: &'a str,
+    pub origin: Option<&'a str>,
+}
+
+impl Site<'_> {
+    /// The packed weights of kind `kind` (an operator's layout) from `source`.
+    pub(crate) fn get(&self, kind: &str, source: &[f32], pack: impl FnOnce() -> Vec<f32>) -> Packed {
+        self.packer.get(&format!("{kind}/{}", self.node), source, self.origin, pack)
+    }
+}
+
 /// A weight the [`Packer`] holds: packed this load, or read from the map.
 #[derive(Clone)]
 pub(crate) struct Held {
@@ -120,14 +136,33 @@ pub(crate) struct Held {
     pub packed: Packed,
 }
 
+/// Where a [`Packer`] looks before packing.
+#[derive(Default)]
+enum Store {
+    #[default]
+    Nothing,
+    /// A validated plan file's map and index.
+    Map(Arc<memmap2::Mmap>, HashMap<String, Entry>),
+    /// Weights packed by an earlier build of this load.
+    Held(HashMap<String, Held>),
+}
+
 #[derive(Default)]
 struct State {
-    map: Option<(Arc<memmap2::Mmap>, HashMap<String, Entry>)>,
+    store: Store,
+    /// Take a weight by its key alone, without the source's fingerprint: the graph was loaded
+    /// with stand-ins for the weights (`crate::runtime`), which have no values to fingerprint.
+    /// A weight the store lacks is then a failure ([`Packer::failed`]).
+    by_key_alone: bool,
+    failed: bool,
     /// Every weight handed out, in the order first asked for.
     held: Vec<Held>,
     by_key: HashMap<String, usize>,
-    /// How many were packed on the heap because the map lacked them (or has none).
+    /// How many were packed on the heap because the store lacked them.
     packed_here: usize,
+    /// The constants the weights handed out since the last [`Packer::take_origins`] were packed
+    /// from, when each was read by nothing else.
+    origins: Vec<String>,
 }
 
 /// Hands out packed weights during plan builds; see the module docs.
@@ -137,28 +172,60 @@ pub(crate) struct Packer(Mutex<State>);
 impl Packer {
     /// A packer over a validated plan file's map and index.
     pub(crate) fn over_map(map: Arc<memmap2::Mmap>, index: HashMap<String, Entry>) -> Self {
-        Packer(Mutex::new(State { map: Some((map, index)), ..Default::default() }))
+        Packer(Mutex::new(State { store: Store::Map(map, index), ..Default::default() }))
+    }
+
+    /// A packer that hands out `held` by key alone (the proof build of `crate::runtime`).
+    pub(crate) fn over_held(held: Vec<Held>) -> Self {
+        let store = Store::Held(held.into_iter().map(|h| (h.key.clone(), h)).collect());
+        Packer(Mutex::new(State { store, by_key_alone: true, ..Default::default() }))
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// From now on, take weights by key alone (see [`State::by_key_alone`]).
+    pub(crate) fn by_key_alone(&self, on: bool) {
+        self.state().by_key_alone = on;
     }
 
     /// The weights for `key` (an operator kind and a node name) packed from `source`: held
-    /// ones, else the map's, else `pack()`'s on the heap.
-    pub(crate) fn get(&self, key: &str, source: &[f32], pack: impl FnOnce() -> Vec<f32>) -> Packed {
-        let fp = fingerprint(source);
-        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+    /// ones, else the store's, else `pack()`'s on the heap. `origin`: the constant `source`
+    /// is, when nothing else reads it.
+    pub(crate) fn get(
+        &self,
+        key: &str,
+        source: &[f32],
+        origin: Option<&str>,
+        pack: impl FnOnce() -> Vec<f32>,
+    ) -> Packed {
+        let mut s = self.state();
+        let alone = s.by_key_alone;
+        s.origins.extend(origin.map(str::to_string));
+        let fp = if alone { None } else { Some(fingerprint(source)) };
+        let fits = |stored: u64| fp.is_none_or(|f| f == stored);
         if let Some(&i) = s.by_key.get(key) {
-            if s.held[i].fingerprint == fp {
+            if fits(s.held[i].fingerprint) {
                 return s.held[i].packed.clone();
             }
         }
-        let from_map = s.map.as_ref().and_then(|(map, index)| {
-            let e = index.get(key).filter(|e| e.fingerprint == fp)?;
-            Packed::mapped(map, e.offset, e.len)
-        });
-        let packed = match from_map {
-            Some(p) => p,
+        let found = match &s.store {
+            Store::Nothing => None,
+            Store::Map(map, index) => index
+                .get(key)
+                .filter(|e| fits(e.fingerprint))
+                .and_then(|e| Some((Packed::mapped(map, e.offset, e.len)?, e.fingerprint))),
+            Store::Held(held) => {
+                held.get(key).filter(|h| fits(h.fingerprint)).map(|h| (h.packed.clone(), h.fingerprint))
+            }
+        };
+        let (packed, fp) = match found {
+            Some(found) => found,
             None => {
                 s.packed_here += 1;
-                Packed::heap(pack())
+                s.failed |= alone;
+                (Packed::heap(pack()), fp.unwrap_or_else(|| fingerprint(source)))
             }
         };
         // A second node of the same name with other weights is served, not held: the plan file
@@ -171,14 +238,24 @@ impl Packer {
         packed
     }
 
-    /// How many weights were packed on the heap (not found in the map) so far.
+    /// How many weights were packed on the heap (not found in the store) so far.
     pub(crate) fn packed_here(&self) -> usize {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).packed_here
+        self.state().packed_here
+    }
+
+    /// Whether a weight taken by key alone was missing: the build read a stand-in's values.
+    pub(crate) fn failed(&self) -> bool {
+        self.state().failed
     }
 
     /// Every weight handed out so far.
     pub(crate) fn held(&self) -> Vec<Held> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).held.clone()
+        self.state().held.clone()
+    }
+
+    /// The origins of the weights handed out since the last call.
+    pub(crate) fn take_origins(&self) -> Vec<String> {
+        std::mem::take(&mut self.state().origins)
     }
 }
 
@@ -194,12 +271,12 @@ mod tests {
             calls.set(calls.get() + 1);
             v.iter().map(|x| x * 2.0).collect::<Vec<_>>()
         };
-        let a = packer.get("w/a", &[1.0, 2.0], || pack(&[1.0, 2.0]));
-        let again = packer.get("w/a", &[1.0, 2.0], || pack(&[1.0, 2.0]));
+        let a = packer.get("w/a", &[1.0, 2.0], None, || pack(&[1.0, 2.0]));
+        let again = packer.get("w/a", &[1.0, 2.0], None, || pack(&[1.0, 2.0]));
         assert_eq!(calls.get(), 1);
         assert_eq!(a, again);
         assert_eq!(a.as_slice(), &[2.0, 4.0]);
-        let other = packer.get("w/a", &[3.0, 2.0], || pack(&[3.0, 2.0]));
+        let other = packer.get("w/a", &[3.0, 2.0], None, || pack(&[3.0, 2.0]));
         assert_eq!(other.as_slice(), &[6.0, 4.0]);
         assert_eq!(packer.packed_here(), 2);
         assert_eq!(packer.held().len(), 1);

@@ -33,7 +33,9 @@ use ndarray::{ArrayView2, ArrayViewMut2};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
-use super::packed::{Packed, Packer};
+#[cfg(test)]
+use super::packed::Packer;
+use super::packed::{Packed, Site};
 use super::scratch::{with_scratch, Scratch};
 use super::{for_each, threads};
 use crate::kernels::portable::winograd::{input_transform, output_transform, transform_kernel};
@@ -59,37 +61,23 @@ impl Winograd3x3 {
     /// The operator for an OIHW `[k, c, 3, 3]` kernel and `k` biases (`None`: given at run time).
     #[cfg(test)]
     pub(crate) fn new(kernel: &[f32], bias: Option<&[f32]>, k: usize, c: usize) -> Self {
-        Self::new_in(&Packer::default(), "", kernel, bias, k, c)
+        Self::new_in(Site { packer: &Packer::default(), node: "", origin: None }, kernel, bias, k, c)
     }
 
-    /// [`Self::new`] with the transformed weights from `packer`, for the node named `node`.
-    pub(crate) fn new_in(
-        packer: &Packer,
-        node: &str,
-        kernel: &[f32],
-        bias: Option<&[f32]>,
-        k: usize,
-        c: usize,
-    ) -> Self {
+    /// [`Self::new`] with the transformed weights from the packer, for the node `site` names.
+    pub(crate) fn new_in(site: Site, kernel: &[f32], bias: Option<&[f32]>, k: usize, c: usize) -> Self {
         #[cfg(target_arch = "x86_64")]
         let own_kernel = gemm::available();
         #[cfg(not(target_arch = "x86_64"))]
         let own_kernel = false;
-        Self::with_products(packer, node, kernel, bias, [k, c], own_kernel)
+        Self::with_products(site, kernel, bias, [k, c], own_kernel)
     }
 
     /// [`Self::new_in`], with the products on our kernel (only where it is available) or on
     /// `matrixmultiply`.
-    fn with_products(
-        packer: &Packer,
-        node: &str,
-        kernel: &[f32],
-        bias: Option<&[f32]>,
-        [k, c]: [usize; 2],
-        own_kernel: bool,
-    ) -> Self {
-        let key = format!("winograd3x3{}/{node}", if own_kernel { "" } else { "-plain" });
-        let weights = packer.get(&key, kernel, || {
+    fn with_products(site: Site, kernel: &[f32], bias: Option<&[f32]>, [k, c]: [usize; 2], own_kernel: bool) -> Self {
+        let kind = if own_kernel { "winograd3x3" } else { "winograd3x3-plain" };
+        let weights = site.get(kind, kernel, || {
             #[allow(unused_mut)] // only x86-64 repacks
             let mut u = transform_kernel(kernel, k, c);
             #[cfg(target_arch = "x86_64")]
@@ -246,10 +234,22 @@ mod tests {
     /// Both ways of running the products, where this CPU has both.
     fn ops_for(kernel: &[f32], bias: &[f32], k: usize, c: usize) -> Vec<Winograd3x3> {
         #[allow(unused_mut)] // only x86-64 adds the second
-        let mut ops = vec![Winograd3x3::with_products(&Packer::default(), "", kernel, Some(bias), [k, c], false)];
+        let mut ops = vec![Winograd3x3::with_products(
+            Site { packer: &Packer::default(), node: "", origin: None },
+            kernel,
+            Some(bias),
+            [k, c],
+            false,
+        )];
         #[cfg(target_arch = "x86_64")]
         if gemm::available() {
-            ops.push(Winograd3x3::with_products(&Packer::default(), "", kernel, Some(bias), [k, c], true));
+            ops.push(Winograd3x3::with_products(
+                Site { packer: &Packer::default(), node: "", origin: None },
+                kernel,
+                Some(bias),
+                [k, c],
+                true,
+            ));
         }
         ops
     }

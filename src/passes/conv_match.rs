@@ -9,6 +9,7 @@ use tract_onnx::tract_core::ops::nn::DataFormat;
 
 use crate::kernels::Window;
 use crate::ops::f32s;
+use crate::ops::packed::{Packer, Site};
 
 /// A convolution one of our operators can run: `k` × `c` channels over an `h` × `w` map with
 /// `window`, its OIHW weights, and its `k` biases, or `None` when the bias is computed (tract
@@ -26,6 +27,8 @@ pub(crate) struct Found<'m> {
     pub window: Window,
     /// The node's name: with the operator's kind, it keys the packed weights in a plan file.
     pub name: &'m str,
+    /// The constant the weights are, when nothing else reads it ([`super::origin`]).
+    pub origin: Option<&'m str>,
     pub kernel: &'m [f32],
     pub bias: Option<Vec<f32>>,
 }
@@ -94,7 +97,15 @@ fn find<'m>(model: &'m TypedModel, node: &'m TypedNode, op: &str) -> TractResult
         None if bias.shape.as_concrete().is_some_and(|s| s.iter().product::<usize>() == k) => None,
         _ => return Ok(None),
     };
-    Ok(Some(Found { n, k, c, map, window, name: &node.name, kernel: f32s(kernel, op)?, bias }))
+    let origin = super::origin(model, node.inputs[1]);
+    Ok(Some(Found { n, k, c, map, window, name: &node.name, origin, kernel: f32s(kernel, op)?, bias }))
+}
+
+impl<'m> Found<'m> {
+    /// The packed weights' site: this node, from `packer`.
+    pub(crate) fn site<'p>(&'p self, packer: &'p Packer) -> Site<'p> {
+        Site { packer, node: self.name, origin: self.origin }
+    }
 }
 
 /// Replaces every convolution [`find`] accepts by the operator `make` returns for it, if any,

@@ -13,7 +13,7 @@ use tract_onnx::tract_core::ops::math::Add;
 use super::bin_by_const;
 use crate::kernels::x86_64::gemm;
 use crate::ops::linear::{Linear, LinearAxes, OutAxis};
-use crate::ops::packed::Packer;
+use crate::ops::packed::{Packer, Site};
 use crate::ops::strided_offset;
 
 /// Replaces every linear layer (see the module docs) by a [`Linear`] node, when this CPU runs
@@ -130,7 +130,8 @@ fn linear_at(model: &TypedModel, id: usize, packer: &Packer) -> TractResult<Opti
             }
         }
     }
-    let op = Linear::new_in(packer, &node.name, &weights, strides, bias.as_deref(), [kk, cc], axes);
+    let site = Site { packer, node: &node.name, origin: super::origin(model, node.inputs[wi]) };
+    let op = Linear::new_in(site, &weights, strides, bias.as_deref(), [kk, cc], axes);
     Ok(Some((op, node.inputs[xi], last)))
 }
 

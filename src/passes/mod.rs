@@ -140,6 +140,14 @@ pub(crate) fn f32_rewrites(model: TypedModel, convolutions: bool, packer: &Packe
     Ok(Rewritten { model, replaced })
 }
 
+/// The name of the constant at `outlet` when nothing but one node reads it: the initializer a
+/// packed weight comes from, which a later load may leave out of the graph (`crate::runtime`).
+pub(crate) fn origin(model: &TypedModel, outlet: OutletId) -> Option<&str> {
+    let node = model.node(outlet.node);
+    let only_reader = model.outlet_successors(outlet).len() == 1 && node.outputs.len() == 1;
+    (node.op_is::<tract_onnx::tract_core::ops::konst::Const>() && only_reader).then_some(&*node.name)
+}
+
 /// Whether `node` is a binary operator of kind `O`.
 pub(crate) fn is_bin<O: BinMiniOp>(node: &TypedNode) -> bool {
     node.op_as::<TypedBinOp>().is_some_and(|b| b.0.is::<O>())

@@ -22,7 +22,7 @@ pub(crate) fn rewrite(model: &mut TypedModel, packer: &Packer) -> TractResult<us
     }
     super::conv_match::rewrite(model, "Pointwise", |f| {
         let op = || {
-            Box::new(Pointwise::direct(packer, f.name, f.kernel, f.bias.as_deref(), [f.k, f.c], f.window))
+            Box::new(Pointwise::direct(f.site(packer), f.kernel, f.bias.as_deref(), [f.k, f.c], f.window))
                 as Box<dyn TypedOp>
         };
         (f.window.stride > 1 && f.n > 1).then(op)

@@ -39,15 +39,14 @@ pub(crate) fn rewrite(model: &mut TypedModel, packer: &Packer) -> TractResult<us
         #[cfg(target_arch = "x86_64")]
         if direct_pays(f.k, f.c, f.map) {
             return Some(Box::new(Pointwise::direct(
-                packer,
-                f.name,
+                f.site(packer),
                 f.kernel,
                 f.bias.as_deref(),
                 [f.k, f.c],
                 f.window,
             )));
         }
-        Some(Box::new(Winograd3x3::new_in(packer, f.name, f.kernel, f.bias.as_deref(), f.k, f.c)))
+        Some(Box::new(Winograd3x3::new_in(f.site(packer), f.kernel, f.bias.as_deref(), f.k, f.c)))
     })
 }
 

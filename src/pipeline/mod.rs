@@ -392,8 +392,7 @@ impl Pipeline {
     pub fn load(dir: impl AsRef<Path>, options: LoadOptions) -> Result<Self> {
         let mut card = ModelCard::load(dir)?;
         let window = amend(&mut card, &options)?;
-        let mut denoiser = Denoiser::load(&window, options.threads)?;
-        denoiser.set_plan_cache(options.plan_cache.clone());
+        let denoiser = Denoiser::load_with(&window, options.threads, options.plan_cache.clone())?;
         let size = [window.image.height, window.image.width];
         Self::from_parts(card, denoiser, options, size)
     }

@@ -63,7 +63,7 @@ impl Graph {
         set_inputs(&mut model, facts).map_err(fail)?;
         let typed = model.into_typed().map_err(fail)?;
         let (typed, _, _) = f32_rewrites(typed, true, &plan_file.packer()).map_err(fail)?;
-        plan_file.after_build();
+        plan_file.after_build(format!("{shapes:?}"));
         let model = Arc::new(optimize(typed).map_err(fail)?);
         let outputs = (0..model.output_outlets().map_err(fail)?.len())
             .map(|i| {

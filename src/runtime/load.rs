@@ -18,9 +18,8 @@ pub struct IoInfo {
     pub fact: String,
 }
 
-/// The ONNX protobuf of the file at `path`, decoded from a memory map, and the file's identity
-/// for its plan file.
-pub(super) fn read_proto(path: &Path) -> Result<(ModelProto, SourceId)> {
+/// The ONNX file at `path`, memory-mapped.
+pub(super) fn map_onnx(path: &Path) -> Result<memmap2::Mmap> {
     if path.is_dir() {
         return Err(Error::Model { path: path.to_path_buf(), message: "is a directory, expected an ONNX file".into() });
     }
@@ -29,28 +28,33 @@ pub(super) fn read_proto(path: &Path) -> Result<(ModelProto, SourceId)> {
     if len == 0 {
         return Err(Error::Model { path: path.to_path_buf(), message: "the ONNX file is empty".into() });
     }
-    // SAFETY: the map is read during decoding only and dropped before this function returns,
-    // so a later change to the file cannot reach memory tract holds. A file truncated by
-    // another process *during* decoding would raise SIGBUS (see docs/model-card.md).
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    // SAFETY: the callers read the map while they decode the file and drop it before they
+    // return, so a later change to the file cannot reach memory tract holds. A file truncated
+    // by another process *during* decoding would raise SIGBUS (see docs/model-card.md).
+    unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))
+}
+
+/// The ONNX protobuf of the file at `path`, decoded from a memory map, and the file's identity
+/// for its plan file.
+pub(super) fn read_proto(path: &Path) -> Result<(ModelProto, SourceId)> {
+    let map = map_onnx(path)?;
     // The decoded protobuf holds its own copy of the weights: unmapping the file on return
     // keeps its pages out of the resident set while tract converts them (the load's peak was
     // file + protobuf + tract's tensors, 3× the weights).
     let proto = decode(&map, path)?;
-    let source = SourceId::of(&map, &external_files(&proto, path.parent()));
+    let locations = proto.graph.iter().flat_map(|g| &g.initializer).flat_map(|t| &t.external_data);
+    let locations = locations.filter(|kv| kv.key == "location").map(|kv| kv.value.as_str());
+    let source = SourceId::of(&map, &external_paths(locations, path.parent()));
     Ok((proto, source))
 }
 
-/// The files of external data that `proto`'s tensors name, resolved against `dir`.
-fn external_files(proto: &ModelProto, dir: Option<&Path>) -> Vec<std::path::PathBuf> {
-    let Some(g) = &proto.graph else { return vec![] };
-    let mut files: Vec<std::path::PathBuf> = g
-        .initializer
-        .iter()
-        .flat_map(|t| t.external_data.iter())
-        .filter(|kv| kv.key == "location")
-        .map(|kv| dir.unwrap_or(Path::new("")).join(&kv.value))
-        .collect();
+/// The files of external data named by `locations`, resolved against `dir` (the ONNX file's
+/// folder), sorted, each once.
+pub(super) fn external_paths<'a>(
+    locations: impl Iterator<Item = &'a str>,
+    dir: Option<&Path>,
+) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<std::path::PathBuf> = locations.map(|l| dir.unwrap_or(Path::new("")).join(l)).collect();
     files.sort();
     files.dedup();
     files
@@ -68,6 +72,16 @@ pub(super) fn decode(bytes: &[u8], path: &std::path::Path) -> Result<ModelProto>
 /// ONNX file; ONNX resolves `location` against it). `None` for a model held in memory: one with
 /// external data then fails to load.
 pub(super) fn parse(proto: &ModelProto, dir: Option<&std::path::Path>) -> TractResult<InferenceModel> {
+    parse_leaving_out(proto, dir, &Default::default())
+}
+
+/// [`parse`], where the values named in `left_out` (initializers left out of the file,
+/// `super::skeleton`) may be undefined: tract makes a source of each.
+pub(super) fn parse_leaving_out(
+    proto: &ModelProto,
+    dir: Option<&std::path::Path>,
+    left_out: &std::collections::HashSet<String>,
+) -> TractResult<InferenceModel> {
     // tract takes the folder as `&str`; an empty parent (a bare file name) means the working
     // directory to tract as to the OS.
     let dir = match dir {
@@ -75,8 +89,9 @@ pub(super) fn parse(proto: &ModelProto, dir: Option<&std::path::Path>) -> TractR
         None => None,
     };
     let parsed = tract_onnx::onnx().parse(proto, dir)?;
-    if !parsed.unresolved_inputs.is_empty() {
-        anyhow::bail!("the graph uses values it never defines: {:?}", parsed.unresolved_inputs);
+    let undefined: Vec<&String> = parsed.unresolved_inputs.iter().filter(|n| !left_out.contains(*n)).collect();
+    if !undefined.is_empty() {
+        anyhow::bail!("the graph uses values it never defines: {undefined:?}");
     }
     Ok(parsed.model)
 }

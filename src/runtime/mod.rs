@@ -11,7 +11,7 @@
 //! handing memory back once the source graph is dropped (`memory`), and timing a plan's nodes
 //! ([`Denoiser::profile_ops`]). [`Precision`] and [`Convolution`] pick how plans compute.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use ndarray::Array4;
@@ -22,6 +22,7 @@ use tract_onnx::tract_hir::infer::InferenceModel;
 
 use crate::card::ModelCard;
 use crate::error::{Error, Result};
+use crate::ops;
 
 mod bind;
 mod graph;
@@ -31,6 +32,7 @@ mod plan;
 mod plan_file;
 mod profile;
 mod settings;
+mod skeleton;
 mod symbols;
 mod threads;
 
@@ -42,7 +44,7 @@ pub use profile::{NodeTime, OpProfile, OpTime};
 pub use settings::{Convolution, PlanCache, Precision};
 
 use bind::{bind, copy_output, Bindings};
-use load::{count_params, decode, describe, one_line, parse, read_proto};
+use load::{count_params, decode, describe, external_paths, map_onnx, one_line, parse, parse_leaving_out, read_proto};
 use memory::return_freed_memory;
 use plan::Plans;
 use plan_file::{PlanStore, SourceId};
@@ -69,6 +71,9 @@ pub struct Denoiser {
     plans: Plans,
     /// The plan file of the packed weights, and the packer the builds take them from.
     plan_file: PlanStore,
+    /// The builds a plan file proved when `source` has stand-ins for the weights it covers
+    /// (`skeleton`); `None` when `source` holds every weight.
+    skeleton: Option<Vec<String>>,
     params: usize,
     inputs: Vec<IoInfo>,
     outputs: Vec<IoInfo>,
@@ -81,6 +86,51 @@ impl Denoiser {
         let path = card.onnx_path();
         let (proto, source) = read_proto(&path)?;
         Self::from_proto(proto, source, card, threads, path.parent(), path.clone())
+    }
+
+    /// [`load`](Denoiser::load) with a plan file as `plan_cache` says
+    /// ([`set_plan_cache`](Denoiser::set_plan_cache)). When the plan file holds a proof
+    /// for the weights it covers, they are not read from the ONNX file at all: the graph gets
+    /// untouched stand-ins for them, and the plans read the packed weights from the plan file.
+    /// A plan the proof does not cover (another batch size or setting) reads the ONNX file
+    /// again first.
+    pub fn load_with(card: &ModelCard, threads: usize, plan_cache: PlanCache) -> Result<Self> {
+        if plan_cache != PlanCache::Off {
+            if let Some(denoiser) = Self::load_leaving_out(card, threads, &plan_cache)? {
+                return Ok(denoiser);
+            }
+        }
+        let mut denoiser = Self::load(card, threads)?;
+        denoiser.set_plan_cache(plan_cache);
+        Ok(denoiser)
+    }
+
+    /// The load of [`load_with`](Denoiser::load_with) without the weights a valid plan file
+    /// proves covered; `None` when there is no such file (or the file cannot be walked).
+    fn load_leaving_out(card: &ModelCard, threads: usize, plan_cache: &PlanCache) -> Result<Option<Self>> {
+        let path = card.onnx_path();
+        let map = map_onnx(&path)?;
+        let Some(heads) = skeleton::scan(&map) else { return Ok(None) };
+        let dir = path.parent();
+        let source = SourceId::of(&map, &external_paths(heads.iter().filter_map(|h| h.location.as_deref()), dir));
+        let mut plan_file = PlanStore::new(plan_cache.clone(), &path, true, source);
+        let Some(proof) = plan_file.proof() else { return Ok(None) };
+        let names: HashSet<String> = proof.stand_ins.iter().cloned().collect();
+        let Some((bytes, stand_ins)) = skeleton::strip(&map, &names) else { return Ok(None) };
+        drop(map);
+        let proto = decode(&bytes, &path)?;
+        let params = count_params(&proto) + stand_ins.iter().map(|s| s.dims.iter().product::<usize>()).sum::<usize>();
+        let parsed = parse_leaving_out(&proto, dir, &names).and_then(|mut model| {
+            skeleton::install(&mut model, &stand_ins, false)?;
+            Ok(model)
+        });
+        // A graph the proof does not fit (it names initializers this file lacks) loads whole.
+        let Ok(model) = parsed else { return Ok(None) };
+        drop(proto);
+        plan_file.left_out = stand_ins.len();
+        let mut denoiser = Self::from_model(model, params, plan_file, card, threads, path.clone())?;
+        denoiser.skeleton = Some(proof.builds);
+        Ok(Some(denoiser))
     }
 
     /// Loads an ONNX model held in memory (for models compiled into the program).
@@ -104,6 +154,19 @@ impl Denoiser {
         let params = count_params(&proto);
         let model = parse(&proto, dir).map_err(|e| fail(&format!("{e:#}")))?;
         drop(proto);
+        let plan_file = PlanStore::new(PlanCache::Off, &path, dir.is_some(), source);
+        Self::from_model(model, params, plan_file, card, threads, path)
+    }
+
+    /// A denoiser over the parsed `model`.
+    fn from_model(
+        model: InferenceModel,
+        params: usize,
+        plan_file: PlanStore,
+        card: &ModelCard,
+        threads: usize,
+        path: PathBuf,
+    ) -> Result<Self> {
         let (inputs, outputs) = describe(&model);
         let bindings = bind(&model, card).map_err(|m| Error::Model { path: path.clone(), message: m })?;
         let (threads, executor) = executor_for(threads);
@@ -120,7 +183,8 @@ impl Denoiser {
             winograd_convs: 0,
             group_norms: 0,
             plans: Plans::new(HashMap::new()),
-            plan_file: PlanStore::new(PlanCache::Off, &path, dir.is_some(), source),
+            plan_file,
+            skeleton: None,
             params,
             inputs,
             outputs,
@@ -150,8 +214,7 @@ impl Denoiser {
         if self.plans.get_mut().contains_key(&batch) {
             return Ok(());
         }
-        let source = self.source.as_ref().ok_or_else(|| self.released(batch))?.clone();
-        self.insert_plan(batch, source)
+        self.insert_plan(batch, false)
     }
 
     /// [`prepare`](Denoiser::prepare) for the last plan this denoiser will need, then
@@ -162,24 +225,107 @@ impl Denoiser {
     /// The source is gone afterwards even if the build fails.
     pub fn prepare_final(&mut self, batch: usize) -> Result<()> {
         if !self.plans.get_mut().contains_key(&batch) {
-            let source = self.source.take().ok_or_else(|| self.released(batch))?;
-            self.insert_plan(batch, source)?;
+            self.insert_plan(batch, true)?;
         }
         self.source = None;
+        self.skeleton = None;
+        self.prove_stand_ins();
         return_freed_memory();
         Ok(())
     }
 
-    fn insert_plan(&mut self, batch: usize, source: InferenceModel) -> Result<()> {
+    /// Builds the plan for `batch` from the source graph (`take`: consuming it).
+    fn insert_plan(&mut self, batch: usize, take: bool) -> Result<()> {
+        let model_error = |path: &Path, m: String| Error::Model { path: path.to_path_buf(), message: m };
+        let signature = self.signature(batch).map_err(|m| model_error(&self.path, m))?;
+        if self.skeleton.as_ref().is_some_and(|proven| !proven.contains(&signature)) {
+            self.load_whole()?;
+        }
+        let source = if take { self.source.take() } else { self.source.clone() };
+        let source = source.ok_or_else(|| self.released(batch))?;
         let packer = self.plan_file.packer();
-        let (plan, winograd_convs, group_norms) = self
-            .build_plan(batch, source, &packer)
-            .map_err(|m| Error::Model { path: self.path.clone(), message: m })?;
-        self.plan_file.after_build();
+        packer.by_key_alone(self.skeleton.is_some());
+        let built = self.build_plan(batch, source, &packer);
+        if self.skeleton.is_some() && (packer.failed() || built.is_err()) {
+            // The build wanted a weight the plan file lacks: only the whole file has it.
+            self.load_whole()?;
+            return self.insert_plan(batch, take);
+        }
+        let (plan, winograd_convs, group_norms) = built.map_err(|m| model_error(&self.path, m))?;
+        self.plan_file.after_build(signature);
         self.winograd_convs = winograd_convs;
         self.group_norms = group_norms;
         self.plans.get_mut().insert(batch, plan);
         Ok(())
+    }
+
+    /// Reads the ONNX file again, every weight included, in place of a source graph with
+    /// stand-ins.
+    fn load_whole(&mut self) -> Result<()> {
+        let (proto, _) = read_proto(&self.path)?;
+        let model = parse(&proto, self.path.parent())
+            .map_err(|e| Error::Model { path: self.path.clone(), message: one_line(&format!("{e:#}")) })?;
+        self.source = Some(model);
+        self.skeleton = None;
+        self.plan_file.reset();
+        Ok(())
+    }
+
+    /// After the load that wrote the plan file: proves which initializers a later load may
+    /// leave out (`skeleton`), and records them in the file. A proof that fails is not
+    /// recorded, and later loads read the whole file.
+    fn prove_stand_ins(&mut self) {
+        if self.precision != Precision::F32 || !self.plan_file.beside_allowed() {
+            return;
+        }
+        let Some((held, origins, builds)) = self.plan_file.to_prove() else { return };
+        if let Ok(Some(stand_ins)) = self.prove(held, &origins) {
+            self.plan_file.record(plan_file::Proof { stand_ins, builds });
+        }
+    }
+
+    /// Builds every plan again from a graph whose initializers in `origins` are stand-ins full
+    /// of NaN, with the weights packed this load, and runs one call on both: the names of the
+    /// stand-ins when every output agrees bit for bit.
+    fn prove(&mut self, held: Vec<ops::packed::Held>, origins: &HashSet<String>) -> TractResult<Option<Vec<String>>> {
+        // tract names the typed constant of initializer `w` `w.0`.
+        let names: HashSet<String> = origins
+            .iter()
+            .map(|o| o.strip_suffix(".0").unwrap_or(o).to_string())
+            .chain(origins.iter().cloned())
+            .collect();
+        let origins = &names;
+        let map = map_onnx(&self.path)?;
+        let Some((bytes, stand_ins)) = skeleton::strip(&map, origins) else { return Ok(None) };
+        drop(map);
+        if stand_ins.is_empty() {
+            return Ok(None);
+        }
+        let proto = decode(&bytes, &self.path)?;
+        let mut model = parse_leaving_out(&proto, self.path.parent(), origins)?;
+        drop(proto);
+        skeleton::install(&mut model, &stand_ins, true)?;
+        let packer = ops::packed::Packer::over_held(held);
+        let batches: Vec<usize> = self.plans.get_mut().keys().copied().collect();
+        for batch in batches {
+            let (mut proof, ..) = self.build_plan(batch, model.clone(), &packer).map_err(|m| anyhow::anyhow!(m))?;
+            if packer.failed() {
+                return Ok(None);
+            }
+            let inputs = skeleton::probe_inputs(&proof.model)?;
+            let theirs = run_on(&self.executor, &mut proof.state, inputs.clone())?;
+            let plan = self.plans.get_mut().get_mut(&batch).expect("listed above");
+            let ours = run_on(&self.executor, &mut plan.state, inputs)?;
+            for (a, b) in ours.iter().zip(theirs.iter()) {
+                let same = a.datum_type() == b.datum_type() && a.shape() == b.shape() && a.as_bytes() == b.as_bytes();
+                if !same {
+                    return Ok(None);
+                }
+            }
+        }
+        let mut names: Vec<String> = stand_ins.into_iter().map(|s| s.name).collect();
+        names.sort();
+        Ok(Some(names))
     }
 
     fn released(&self, batch: usize) -> Error {

@@ -107,16 +107,10 @@ pub(super) fn optimize(typed: TypedModel) -> TractResult<TypedModel> {
 }
 
 impl Denoiser {
-    /// The plan, and how many convolutions in it run as Winograd.
-    pub(super) fn build_plan(
-        &self,
-        batch: usize,
-        mut model: InferenceModel,
-        packer: &Packer,
-    ) -> std::result::Result<(Plan, usize, usize), String> {
-        let [c, h, w] = self.chw;
+    /// The facts of the graph's inputs for a plan of `batch` images.
+    fn input_facts(&self, batch: usize) -> std::result::Result<Vec<(usize, InferenceFact)>, String> {
+        let [_, h, w] = self.chw;
         let b = &self.bindings;
-        let err = |e: TractError| one_line(&format!("{e:#}"));
         let mut facts = vec![(b.sample, f32::fact([batch, self.in_channels, h, w]).into())];
         let ts_shape: TVec<usize> = match b.timestep_input.shape {
             TimestepShape::Scalar => tvec![],
@@ -137,6 +131,26 @@ impl Denoiser {
             shape.extend(c.dims.iter().copied());
             facts.push((c.index, InferenceFact::dt_shape(c.datum_type, shape)));
         }
+        Ok(facts)
+    }
+
+    /// What a plan of `batch` images is built from: its input facts and the settings. Two
+    /// builds of one graph with the same signature are the same plan.
+    pub(super) fn signature(&self, batch: usize) -> std::result::Result<String, String> {
+        Ok(format!("{} {} {:?}", self.precision, self.convolution, self.input_facts(batch)?))
+    }
+
+    /// The plan, and how many convolutions in it run as Winograd.
+    pub(super) fn build_plan(
+        &self,
+        batch: usize,
+        mut model: InferenceModel,
+        packer: &Packer,
+    ) -> std::result::Result<(Plan, usize, usize), String> {
+        let [c, h, w] = self.chw;
+        let b = &self.bindings;
+        let err = |e: TractError| one_line(&format!("{e:#}"));
+        let facts = self.input_facts(batch)?;
         set_inputs(&mut model, facts).map_err(err)?;
         let out_outlet = model.output_outlets().map_err(err)?[b.output];
         model.select_output_outlets(&[out_outlet]).map_err(err)?;

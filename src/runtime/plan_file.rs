@@ -13,7 +13,7 @@
 //! synced, then renamed over the old one: a reader maps either the old file or the new one,
 //! and two processes building at once each rename a whole file.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -65,6 +65,17 @@ struct Header {
     kernels: String,
     source: SourceId,
     entries: Vec<HeaderEntry>,
+    /// What the load that wrote the file proved (`super::skeleton`).
+    #[serde(default)]
+    proof: Proof,
+}
+
+/// Initializers a later load may leave out of the graph, and the builds (their input facts and
+/// settings) for which that was proven: see `super::skeleton`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Proof {
+    pub stand_ins: Vec<String>,
+    pub builds: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -84,7 +95,13 @@ pub enum PlanFile {
     /// The graph has no packed weights (no operator of ours with constant weights).
     Unneeded,
     /// The weights are read through the map of this file.
-    Mapped(PathBuf),
+    Mapped {
+        /// The plan file.
+        path: PathBuf,
+        /// How many initializers the load left out of the ONNX file, which the plan file's
+        /// proof covers (0: the whole file was read).
+        left_out: usize,
+    },
     /// Written by this load (the weights stay on the heap for this process), in this many
     /// milliseconds; `stale`: why the file that was there could not be used.
     Written {
@@ -123,12 +140,20 @@ pub(super) struct PlanStore {
     beside: bool,
     source: SourceId,
     packer: Option<Arc<Packer>>,
-    /// The plan file the packer maps.
-    mapped: Option<PathBuf>,
+    /// The plan file the packer maps, and the proof it records.
+    mapped: Option<(PathBuf, Proof)>,
     /// Why the file found was not used.
     stale: Option<String>,
     /// [`Packer::packed_here`] when the file was last written (or found).
     covered: usize,
+    /// The origins ([`Packer::take_origins`]) every build of this load shared, and the
+    /// builds' signatures.
+    origins: Option<HashSet<String>>,
+    builds: Vec<String>,
+    /// The file this load wrote.
+    written: Option<PathBuf>,
+    /// How many initializers the load left out of the ONNX file (`super::skeleton`).
+    pub(super) left_out: usize,
     pub(super) status: PlanFile,
 }
 
@@ -143,6 +168,10 @@ impl PlanStore {
             mapped: None,
             stale: None,
             covered: 0,
+            origins: None,
+            builds: vec![],
+            written: None,
+            left_out: 0,
             status: PlanFile::Off,
         }
     }
@@ -159,6 +188,10 @@ impl PlanStore {
         self.mapped = None;
         self.stale = None;
         self.covered = 0;
+        self.origins = None;
+        self.builds.clear();
+        self.written = None;
+        self.left_out = 0;
         self.status = PlanFile::Off;
     }
 
@@ -169,9 +202,9 @@ impl PlanStore {
             if self.setting != PlanCache::Off {
                 for path in candidates(&self.setting, &self.onnx, self.beside, &self.source) {
                     match open(&path, &self.source) {
-                        Ok(Some(p)) => {
+                        Ok(Some((p, proof))) => {
                             packer = p;
-                            self.mapped = Some(path);
+                            self.mapped = Some((path, proof));
                             break;
                         }
                         Ok(None) => {}
@@ -187,9 +220,27 @@ impl PlanStore {
         self.packer.clone().expect("set above")
     }
 
-    /// After a build: writes the plan file when the build packed weights that it lacked.
-    pub(super) fn after_build(&mut self) {
+    /// Whether the ONNX file is a file of its own (not bytes held in memory).
+    pub(super) fn beside_allowed(&self) -> bool {
+        self.beside
+    }
+
+    /// What the plan file found proves ([`Proof`]), opening it first.
+    pub(super) fn proof(&mut self) -> Option<Proof> {
+        self.packer();
+        self.mapped.as_ref().map(|(_, proof)| proof.clone()).filter(|p| !p.stand_ins.is_empty())
+    }
+
+    /// After the build `signature`: writes the plan file when the build packed weights that it
+    /// lacked.
+    pub(super) fn after_build(&mut self, signature: String) {
         let Some(packer) = &self.packer else { return };
+        let origins: HashSet<String> = packer.take_origins().into_iter().collect();
+        self.origins = Some(match self.origins.take() {
+            None => origins,
+            Some(before) => before.intersection(&origins).cloned().collect(),
+        });
+        self.builds.push(signature);
         let held = packer.held();
         if self.setting == PlanCache::Off {
             return;
@@ -200,25 +251,50 @@ impl PlanStore {
         }
         let packed_here = packer.packed_here();
         if packed_here == self.covered {
-            if let (PlanFile::Off, Some(path)) = (&self.status, &self.mapped) {
-                self.status = PlanFile::Mapped(path.clone());
+            if let (PlanFile::Off, Some((path, _))) = (&self.status, &self.mapped) {
+                self.status = PlanFile::Mapped { path: path.clone(), left_out: self.left_out };
             }
             return;
         }
         self.covered = packed_here;
+        self.write(&held, &Proof::default());
+    }
+
+    fn write(&mut self, held: &[Held], proof: &Proof) {
         let started = Instant::now();
         let mut last_error = String::from("no folder to write to");
         for path in candidates(&self.setting, &self.onnx, self.beside, &self.source) {
-            match write(&path, &self.source, &held) {
+            match write(&path, &self.source, held, proof) {
                 Ok(()) => {
                     let ms = started.elapsed().as_secs_f64() * 1e3;
-                    self.status = PlanFile::Written { path, ms, stale: self.stale.take() };
+                    let stale = match &self.status {
+                        PlanFile::Written { stale, .. } => stale.clone(),
+                        _ => self.stale.take(),
+                    };
+                    self.written = Some(path.clone());
+                    self.status = PlanFile::Written { path, ms, stale };
                     return;
                 }
                 Err(e) => last_error = format!("{}: {e}", path.display()),
             }
         }
+        self.written = None;
         self.status = PlanFile::Unwritten(last_error);
+    }
+
+    /// The weights packed so far and the origins every build shared, when this load wrote the
+    /// plan file: what a proof starts from.
+    pub(super) fn to_prove(&self) -> Option<(Vec<Held>, HashSet<String>, Vec<String>)> {
+        self.written.as_ref()?;
+        let origins = self.origins.clone().filter(|o| !o.is_empty())?;
+        Some((self.packer.as_ref()?.held(), origins, self.builds.clone()))
+    }
+
+    /// Writes the plan file again with `proof`, which this load established.
+    pub(super) fn record(&mut self, proof: Proof) {
+        let Some(packer) = &self.packer else { return };
+        let held = packer.held();
+        self.write(&held, &proof);
     }
 }
 
@@ -261,7 +337,7 @@ fn align(n: usize) -> usize {
 
 /// A packer over the plan file at `path`: `Ok(None)` when there is none, `Err(why)` when it is
 /// there but stale or damaged.
-pub(super) fn open(path: &Path, source: &SourceId) -> Result<Option<Packer>, String> {
+pub(super) fn open(path: &Path, source: &SourceId) -> Result<Option<(Packer, Proof)>, String> {
     let file = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -272,12 +348,12 @@ pub(super) fn open(path: &Path, source: &SourceId) -> Result<Option<Packer>, Str
     // maps it is unsupported (SIGBUS, as for any map: docs/memory.md).
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| format!("cannot map it: {e}"))?;
     let map = Arc::new(map);
-    let index = validate(&map, source)?;
-    Ok(Some(Packer::over_map(map, index)))
+    let (index, proof) = validate(&map, source)?;
+    Ok(Some((Packer::over_map(map, index), proof)))
 }
 
 /// The index of the plan file `bytes`, with absolute offsets, when every check passes.
-fn validate(bytes: &[u8], source: &SourceId) -> Result<HashMap<String, Entry>, String> {
+fn validate(bytes: &[u8], source: &SourceId) -> Result<(HashMap<String, Entry>, Proof), String> {
     if bytes.len() < PREFIX {
         return Err(format!("{} bytes, shorter than its prefix", bytes.len()));
     }
@@ -319,11 +395,11 @@ fn validate(bytes: &[u8], source: &SourceId) -> Result<HashMap<String, Entry>, S
         }
         index.insert(e.key, Entry { offset: data + offset, len: floats, fingerprint: e.fingerprint });
     }
-    Ok(index)
+    Ok((index, header.proof))
 }
 
 /// Writes `held` as the plan file `path`: a temporary file beside it, synced, then renamed.
-pub(super) fn write(path: &Path, source: &SourceId, held: &[Held]) -> std::io::Result<()> {
+pub(super) fn write(path: &Path, source: &SourceId, held: &[Held], proof: &Proof) -> std::io::Result<()> {
     let mut entries = vec![];
     let mut offset = 0usize;
     for h in held {
@@ -342,6 +418,7 @@ pub(super) fn write(path: &Path, source: &SourceId, held: &[Held]) -> std::io::R
         kernels: crate::kernels::tag(),
         source: source.clone(),
         entries,
+        proof: proof.clone(),
     };
     let header = serde_json::to_vec(&header).map_err(std::io::Error::other)?;
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -387,8 +464,8 @@ mod tests {
     }
 
     fn held(packer: &Packer) -> Vec<Held> {
-        packer.get("linear/a", &[1.0, 2.0, 3.0], || vec![1.0, 2.0, 3.0]);
-        packer.get("winograd3x3/b", &[4.0; 1500], || (0..1500).map(|i| i as f32).collect());
+        packer.get("linear/a", &[1.0, 2.0, 3.0], None, || vec![1.0, 2.0, 3.0]);
+        packer.get("winograd3x3/b", &[4.0; 1500], None, || (0..1500).map(|i| i as f32).collect());
         packer.held()
     }
 
@@ -403,14 +480,14 @@ mod tests {
     fn a_written_plan_file_maps_back_the_same_weights() {
         let dir = scratch("roundtrip");
         let path = dir.join("m.edplan");
-        write(&path, &source(), &held(&Packer::default())).unwrap();
-        let packer = open(&path, &source()).unwrap().expect("a plan file");
+        write(&path, &source(), &held(&Packer::default()), &Proof::default()).unwrap();
+        let (packer, _) = open(&path, &source()).unwrap().expect("a plan file");
         let mut calls = 0;
-        let a = packer.get("linear/a", &[1.0, 2.0, 3.0], || {
+        let a = packer.get("linear/a", &[1.0, 2.0, 3.0], None, || {
             calls += 1;
             vec![]
         });
-        let b = packer.get("winograd3x3/b", &[4.0; 1500], || {
+        let b = packer.get("winograd3x3/b", &[4.0; 1500], None, || {
             calls += 1;
             vec![]
         });
@@ -419,7 +496,7 @@ mod tests {
         assert_eq!(a.as_slice(), &[1.0, 2.0, 3.0]);
         assert_eq!(b.as_slice(), &(0..1500).map(|i| i as f32).collect::<Vec<_>>()[..]);
         // Another source weight under the same key is packed again, not read from the map.
-        let c = packer.get("linear/a", &[9.0, 2.0, 3.0], || vec![7.0]);
+        let c = packer.get("linear/a", &[9.0, 2.0, 3.0], None, || vec![7.0]);
         assert_eq!((c.as_slice(), c.is_mapped()), (&[7.0][..], false));
         assert_ne!(fingerprint(&[9.0, 2.0, 3.0]), fingerprint(&[1.0, 2.0, 3.0]));
         std::fs::remove_dir_all(dir).unwrap();
@@ -429,7 +506,7 @@ mod tests {
     fn a_damaged_or_stale_plan_file_is_refused_with_a_reason() {
         let dir = scratch("damaged");
         let path = dir.join("m.edplan");
-        write(&path, &source(), &held(&Packer::default())).unwrap();
+        write(&path, &source(), &held(&Packer::default()), &Proof::default()).unwrap();
         let good = std::fs::read(&path).unwrap();
         let check = |bytes: &[u8], source: &SourceId, needle: &str| {
             std::fs::write(&path, bytes).unwrap();
@@ -468,18 +545,18 @@ mod tests {
     fn a_mapped_plan_file_outlives_its_deletion_and_replacement() {
         let dir = scratch("deleted");
         let path = dir.join("m.edplan");
-        write(&path, &source(), &held(&Packer::default())).unwrap();
-        let packer = open(&path, &source()).unwrap().unwrap();
-        let before = packer.get("winograd3x3/b", &[4.0; 1500], Vec::new);
+        write(&path, &source(), &held(&Packer::default()), &Proof::default()).unwrap();
+        let (packer, _) = open(&path, &source()).unwrap().unwrap();
+        let before = packer.get("winograd3x3/b", &[4.0; 1500], None, Vec::new);
         std::fs::rename(&path, dir.join("moved")).unwrap();
         std::fs::remove_file(dir.join("moved")).unwrap();
         // A new file written under the same name (a rename) does not reach the old map.
         let other = Packer::default();
-        other.get("winograd3x3/b", &[4.0; 1500], || vec![-1.0; 1500]);
-        write(&path, &source(), &other.held()).unwrap();
+        other.get("winograd3x3/b", &[4.0; 1500], None, || vec![-1.0; 1500]);
+        write(&path, &source(), &other.held(), &Proof::default()).unwrap();
         assert_eq!(before.as_slice()[1499], 1499.0);
         assert_eq!(
-            open(&path, &source()).unwrap().unwrap().get("winograd3x3/b", &[4.0; 1500], Vec::new).as_slice()[0],
+            open(&path, &source()).unwrap().unwrap().0.get("winograd3x3/b", &[4.0; 1500], None, Vec::new).as_slice()[0],
             -1.0
         );
         std::fs::remove_dir_all(dir).unwrap();
