@@ -216,6 +216,9 @@ fn a_plan_the_proof_does_not_cover_reads_the_whole_onnx_file_first() {
     let heap = predict(&mut Denoiser::load(&card, 1).unwrap());
     let mut mapped = Denoiser::load_with(&card, 1, PlanCache::Auto).unwrap();
     assert_bit_identical(&predict(&mut mapped), &heap, "batch 3 from a load that left weights out");
-    assert!(matches!(mapped.plan_file(), PlanFile::Mapped { left_out: 0, .. }), "{:?}", mapped.plan_file());
+    // Read whole: mapped with nothing left out, or written again when batch 3 packs weights
+    // that batch 1 did not (the strided convolutions run on our kernel from batch 2 on).
+    let whole = matches!(mapped.plan_file(), PlanFile::Mapped { left_out: 0, .. } | PlanFile::Written { .. });
+    assert!(whole, "{:?}", mapped.plan_file());
     std::fs::remove_dir_all(dir).unwrap();
 }
