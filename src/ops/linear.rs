@@ -82,20 +82,25 @@ impl Linear {
         [k, c]: [usize; 2],
         axes: LinearAxes,
     ) -> Self {
-        Self::new_in(Site { packer: &Packer::default(), node: "", origin: None }, weights, strides, bias, [k, c], axes)
+        let site = Site { packer: &Packer::default(), node: "", origin: None };
+        Self::new_in(site, weights, || weights.to_vec(), strides, bias, [k, c], axes)
     }
 
-    /// [`Self::new`] with the packed weights from the packer, for the node `site` names.
+    /// [`Self::new`] with the packed weights from the packer, for the node `site` names:
+    /// `source` is the constant they come from, `weights()` gives them as `new` takes them,
+    /// called only when the packer has to pack (a load from a plan file never does, so the
+    /// weights are not copied).
     pub(crate) fn new_in(
         site: Site,
-        weights: &[f32],
+        source: &[f32],
+        weights: impl FnOnce() -> Vec<f32>,
         strides: [usize; 2],
         bias: Option<&[f32]>,
         [k, c]: [usize; 2],
         axes: LinearAxes,
     ) -> Self {
         let kernel = Kernel::detect();
-        let packed = site.get("linear", weights, || pack_weights(kernel, weights, [k, c], strides));
+        let packed = site.get("linear", source, || pack_weights(kernel, &weights(), [k, c], strides));
         let mut padded = vec![0f32; k.div_ceil(kernel.width()) * kernel.width()];
         if let Some(bias) = bias {
             padded[..k].copy_from_slice(bias);

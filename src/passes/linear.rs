@@ -106,13 +106,21 @@ fn linear_at(model: &TypedModel, id: usize, packer: &Packer) -> TractResult<Opti
     // W as k × c, the summed axes flattened in the einsum's order.
     let natural = Tensor::natural_strides(w.shape());
     let c_strides: TVec<usize> = summed.iter().map(|&(_, b)| natural[b] as usize).collect();
-    let all = in_c_order(&w)?;
-    let mut weights = vec![0f32; kk * cc];
-    for (f, row) in weights.chunks_exact_mut(cc.max(1)).enumerate() {
-        for (i, v) in row.iter_mut().enumerate() {
-            *v = all[f * natural[w_k] as usize + strided_offset(i, &c_dims, &c_strides)];
+    // The constant's own elements where tract holds them in C order (a plan file then serves
+    // the packed weights without a copy of them), else a copy.
+    let all: std::borrow::Cow<[f32]> = match crate::ops::f32s(&w, "linear") {
+        Ok(values) => values.into(),
+        Err(_) => in_c_order(&w)?.into(),
+    };
+    let gather = || {
+        let mut weights = vec![0f32; kk * cc];
+        for (f, row) in weights.chunks_exact_mut(cc.max(1)).enumerate() {
+            for (i, v) in row.iter_mut().enumerate() {
+                *v = all[f * natural[w_k] as usize + strided_offset(i, &c_dims, &c_strides)];
+            }
         }
-    }
+        weights
+    };
     let strides = [cc, 1];
     // A bias: the only reader, adding a constant that varies along k at most.
     let successors = model.outlet_successors(id.into());
@@ -131,7 +139,7 @@ fn linear_at(model: &TypedModel, id: usize, packer: &Packer) -> TractResult<Opti
         }
     }
     let site = Site { packer, node: &node.name, origin: super::origin(model, node.inputs[wi]) };
-    let op = Linear::new_in(site, &weights, strides, bias.as_deref(), [kk, cc], axes);
+    let op = Linear::new_in(site, &all, gather, strides, bias.as_deref(), [kk, cc], axes);
     Ok(Some((op, node.inputs[xi], last)))
 }
 
