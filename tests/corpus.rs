@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 
 use edge_diffuse::card::TimeInput;
-use edge_diffuse::runtime::{run_graph, Conditions, Denoiser};
+use edge_diffuse::runtime::{run_graph, Conditions, Denoiser, PlanCache, PlanFile};
 use edge_diffuse::ModelCard;
 use ndarray::{s, ArrayD, Axis, Ix4};
 use ndarray_npy::ReadNpyExt;
@@ -82,6 +82,62 @@ fn check_against(name: &str, got: &ArrayD<f32>, want: &ArrayD<f32>) {
     let rel = diff / scale;
     eprintln!("{name}: max |ours - onnxruntime| / max |onnxruntime| = {rel:.2e} (max abs {diff:.2e})");
     assert!(rel <= REL_TOL, "{name}: relative error {rel:e} > {REL_TOL:e}");
+}
+
+/// One call of `d` (the fixture `name`'s card) on the fixture's batch-2 inputs; `last`: the
+/// plan is built by `prepare_final` (which proves a plan file's stand-ins) rather than `prepare`.
+fn call(name: &str, card: &ModelCard, d: &mut Denoiser, last: bool) -> ndarray::Array4<f32> {
+    let ins = inputs(name);
+    let get = |n: &str| &ins.iter().find(|(i, _)| i == n).unwrap_or_else(|| panic!("{name}: no input {n}")).1;
+    let names = &card.model.inputs;
+    let sample = get(&names.sample).as_f32().into_dimensionality::<Ix4>().unwrap();
+    let batch = sample.shape()[0];
+    if last { d.prepare_final(batch) } else { d.prepare(batch) }.unwrap_or_else(|e| panic!("{name}: {e}"));
+    let (TimeInput::Timestep(time) | TimeInput::Sigma(time)) = names.time();
+    let timestep = get(time).as_f32().iter().next().copied().unwrap() as f64;
+    let labels: Option<Vec<i64>> = names.class_labels.as_deref().map(|n| match get(n) {
+        Input::I64(a) => a.iter().copied().collect(),
+        Input::F32(_) => panic!("{name}: class labels stored as float"),
+    });
+    let context = names.encoder_hidden_states.as_deref().map(|n| get(n).as_f32());
+    let extra: Vec<ArrayD<f32>> = d.conditioning_inputs().iter().map(|c| get(&c.input).as_f32()).collect();
+    let conditions = Conditions { class_labels: labels.as_deref(), context: context.as_ref(), extra: &extra };
+    let mut out = ndarray::Array4::<f32>::from_elem(sample.raw_dim(), f32::NAN);
+    d.predict_with(&sample, timestep, &conditions, &mut out).unwrap_or_else(|e| panic!("{name}: {e}"));
+    out
+}
+
+/// A denoiser through a plan file (`Denoiser::load_with`), in a copy of its folder: the load
+/// that writes the file, then one that leaves the covered initializers out of the ONNX file,
+/// both bit-identical to the heap path.
+fn through_plan_file(name: &str) {
+    let dir = std::env::temp_dir().join(format!("ed-corpus-plan-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(folder(name)).unwrap() {
+        let path = entry.unwrap().path();
+        let file = path.file_name().unwrap().to_owned();
+        if !file.to_string_lossy().ends_with(".edplan") {
+            std::fs::copy(&path, dir.join(file)).unwrap();
+        }
+    }
+    let card = ModelCard::load(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let heap = call(name, &card, &mut Denoiser::load(&card, 1).unwrap(), false);
+    let plans = PlanCache::Dir(dir.join("plans"));
+    for round in ["writing", "leaving weights out"] {
+        let mut d = Denoiser::load_with(&card, 1, plans.clone()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let out = call(name, &card, &mut d, true);
+        let differing = out.iter().zip(heap.iter()).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        assert_eq!(differing, 0, "{name}, {round} load: {differing} values differ from the heap path");
+        let file = d.plan_file().clone();
+        eprintln!("{name}, {round} load: {file:?}");
+        match (round, file) {
+            ("writing", PlanFile::Written { .. }) => {}
+            (_, PlanFile::Mapped { left_out, .. }) => assert!(left_out > 0, "{name}: nothing left out"),
+            (_, other) => panic!("{name}, {round} load: {other:?}"),
+        }
+    }
+    std::fs::remove_dir_all(dir).unwrap();
 }
 
 /// A denoiser through its card: `Denoiser::load` + `prepare` + `predict`.
@@ -176,6 +232,25 @@ fn dit_legacy() {
 #[test]
 fn sd3_dynamo() {
     denoiser("sd3_dynamo");
+}
+
+/// The plan file's load that leaves weights out, on every corpus denoiser: 3×3, 1×1 and strided
+/// convolutions, external data, Einsum attention, and transformers made of linear layers.
+#[test]
+fn denoisers_through_a_plan_file() {
+    let names = [
+        "unet2d_legacy",
+        "unet2d_dynamo",
+        "unet2d_cond_legacy",
+        "unet2d_cond_dynamo",
+        "unet2d_external",
+        "consistency_edm",
+        "dit_legacy",
+        "sd3_dynamo",
+    ];
+    for name in names {
+        through_plan_file(name);
+    }
 }
 
 #[test]
