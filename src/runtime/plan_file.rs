@@ -34,8 +34,9 @@ const ALIGN: usize = 4096;
 pub(super) struct SourceId {
     /// Bytes of the ONNX file.
     pub len: u64,
-    /// XXH3 of the ONNX file's bytes, and of the length and modification time of each file of
-    /// external data it names.
+    /// XXH3 of the ONNX file's bytes, and of the name, length and modification time of each
+    /// file of external data it names (the name only, not the folder: a model folder copied
+    /// with its times keeps its plan file).
     pub hash: u64,
 }
 
@@ -50,7 +51,7 @@ impl SourceId {
                 .and_then(|m| m.modified().ok())
                 .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                 .map_or(0, |d| d.as_nanos() as u64);
-            h.update(path.to_string_lossy().as_bytes());
+            h.update(path.file_name().map(|f| f.to_string_lossy()).unwrap_or_default().as_bytes());
             h.update(&len.to_le_bytes());
             h.update(&modified.to_le_bytes());
         }
