@@ -95,42 +95,49 @@ impl Denoiser {
     /// A plan the proof does not cover (another batch size or setting) reads the ONNX file
     /// again first.
     pub fn load_with(card: &ModelCard, threads: usize, plan_cache: PlanCache) -> Result<Self> {
-        if plan_cache != PlanCache::Off {
-            if let Some(denoiser) = Self::load_leaving_out(card, threads, &plan_cache)? {
+        if plan_cache == PlanCache::Off {
+            return Self::load(card, threads);
+        }
+        let path = card.onnx_path();
+        let dir = path.parent();
+        let map = map_onnx(&path)?;
+        let Some(heads) = skeleton::scan(&map) else {
+            // Not a protobuf the walk understands: decoding says why.
+            drop(map);
+            let mut denoiser = Self::load(card, threads)?;
+            denoiser.set_plan_cache(plan_cache);
+            return Ok(denoiser);
+        };
+        let source = SourceId::of(&map, &external_paths(heads.iter().filter_map(|h| h.location.as_deref()), dir));
+        let mut plan_file = PlanStore::new(plan_cache, &path, true, source);
+        if let Some(proof) = plan_file.proof() {
+            if let Some((model, params, left_out)) = Self::leave_out(&map, &path, &proof) {
+                plan_file.left_out = left_out;
+                let mut denoiser = Self::from_model(model, params, plan_file, card, threads, path)?;
+                denoiser.skeleton = Some(proof.builds);
                 return Ok(denoiser);
             }
         }
-        let mut denoiser = Self::load(card, threads)?;
-        denoiser.set_plan_cache(plan_cache);
-        Ok(denoiser)
+        let proto = decode(&map, &path)?;
+        drop(map);
+        let params = count_params(&proto);
+        let model = parse(&proto, dir)
+            .map_err(|e| Error::Model { path: path.clone(), message: one_line(&format!("{e:#}")) })?;
+        drop(proto);
+        Self::from_model(model, params, plan_file, card, threads, path)
     }
 
-    /// The load of [`load_with`](Denoiser::load_with) without the weights a valid plan file
-    /// proves covered; `None` when there is no such file (or the file cannot be walked).
-    fn load_leaving_out(card: &ModelCard, threads: usize, plan_cache: &PlanCache) -> Result<Option<Self>> {
-        let path = card.onnx_path();
-        let map = map_onnx(&path)?;
-        let Some(heads) = skeleton::scan(&map) else { return Ok(None) };
-        let dir = path.parent();
-        let source = SourceId::of(&map, &external_paths(heads.iter().filter_map(|h| h.location.as_deref()), dir));
-        let mut plan_file = PlanStore::new(plan_cache.clone(), &path, true, source);
-        let Some(proof) = plan_file.proof() else { return Ok(None) };
+    /// The graph of the ONNX file `bytes` (at `path`) without the initializers `proof` covers,
+    /// each replaced by a stand-in; its parameter count, and how many were left out. `None`
+    /// when the proof does not fit the file (it names initializers the file lacks).
+    fn leave_out(bytes: &[u8], path: &Path, proof: &plan_file::Proof) -> Option<(InferenceModel, usize, usize)> {
         let names: HashSet<String> = proof.stand_ins.iter().cloned().collect();
-        let Some((bytes, stand_ins)) = skeleton::strip(&map, &names) else { return Ok(None) };
-        drop(map);
-        let proto = decode(&bytes, &path)?;
-        let params = count_params(&proto) + stand_ins.iter().map(|s| s.dims.iter().product::<usize>()).sum::<usize>();
-        let parsed = parse_leaving_out(&proto, dir, &names).and_then(|mut model| {
-            skeleton::install(&mut model, &stand_ins, false)?;
-            Ok(model)
-        });
-        // A graph the proof does not fit (it names initializers this file lacks) loads whole.
-        let Ok(model) = parsed else { return Ok(None) };
-        drop(proto);
-        plan_file.left_out = stand_ins.len();
-        let mut denoiser = Self::from_model(model, params, plan_file, card, threads, path.clone())?;
-        denoiser.skeleton = Some(proof.builds);
-        Ok(Some(denoiser))
+        let (stripped, stand_ins) = skeleton::strip(bytes, &names)?;
+        let proto = decode(&stripped, path).ok()?;
+        let left_out: usize = stand_ins.iter().map(|s| s.dims.iter().product::<usize>()).sum();
+        let mut model = parse_leaving_out(&proto, path.parent(), &names).ok()?;
+        skeleton::install(&mut model, &stand_ins, false).ok()?;
+        Some((model, count_params(&proto) + left_out, stand_ins.len()))
     }
 
     /// Loads an ONNX model held in memory (for models compiled into the program).
