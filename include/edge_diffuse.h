@@ -96,9 +96,10 @@ ed_status ed_pipeline_open(const char *model_dir, uint32_t threads, ed_pipeline 
 /* ed_pipeline_open, with the plan file of packed weights where plan_cache says: NULL or "auto"
  * (beside the ONNX file when its folder is writable, else $XDG_CACHE_HOME/edge-diffuse), "off"
  * (weights packed on the heap at every load) or a folder. Later loads map the file: the
- * weights cost no anonymous memory. */
+ * weights cost no anonymous memory. weights: NULL or "f32", or "f16" (packed weights in half
+ * the bytes, widened to f32 as the kernels read them). */
 ed_status ed_pipeline_open_with(const char *model_dir, uint32_t threads, const char *plan_cache,
-                                ed_pipeline **out);
+                                const char *weights, ed_pipeline **out);
 
 /* Loads a model held in memory: the text of its model.toml and the ONNX bytes (read during
  * the call only, e.g. linked into the firmware). */

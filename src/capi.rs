@@ -270,16 +270,19 @@ pub unsafe extern "C" fn ed_pipeline_open(
 /// [`ed_pipeline_open`], with the plan file of packed weights where `plan_cache` says: NULL or
 /// `"auto"` (beside the ONNX file when its folder is writable, else the cache folder), `"off"`
 /// (packed on the heap at every load), or a folder. The first load writes the file; later
-/// loads map it and the kernels read their weights through the map.
+/// loads map it and the kernels read their weights through the map. `weights`: NULL or
+/// `"f32"`, or `"f16"` to keep the packed weights in half the bytes
+/// ([`LoadOptions::weights`](crate::LoadOptions)).
 ///
 /// # Safety
-/// `model_dir` and `plan_cache` must be NULL or NUL-terminated strings; `out` must be NULL or
-/// valid for a write.
+/// `model_dir`, `plan_cache` and `weights` must be NULL or NUL-terminated strings; `out` must
+/// be NULL or valid for a write.
 #[no_mangle]
 pub unsafe extern "C" fn ed_pipeline_open_with(
     model_dir: *const c_char,
     threads: u32,
     plan_cache: *const c_char,
+    weights: *const c_char,
     out: *mut *mut EdPipeline,
 ) -> EdStatus {
     guard(|| {
@@ -291,6 +294,9 @@ pub unsafe extern "C" fn ed_pipeline_open_with(
         let mut options = load_options(threads);
         if !plan_cache.is_null() {
             options.plan_cache = utf8(c_str(plan_cache, "plan_cache")?, "plan_cache")?.parse()?;
+        }
+        if !weights.is_null() {
+            options.weights = utf8(c_str(weights, "weights")?, "weights")?.parse()?;
         }
         let pipe = Pipeline::load(dir, options)?;
         *out = boxed(pipe);

@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 
 use edge_diffuse::card::TimeInput;
-use edge_diffuse::runtime::{run_graph, Conditions, Denoiser, PlanCache, PlanFile};
+use edge_diffuse::runtime::{run_graph, Conditions, Denoiser, PlanCache, PlanFile, WeightPrecision};
 use edge_diffuse::ModelCard;
 use ndarray::{s, ArrayD, Axis, Ix4};
 use ndarray_npy::ReadNpyExt;
@@ -125,7 +125,8 @@ fn through_plan_file(name: &str) {
     let heap = call(name, &card, &mut Denoiser::load(&card, 1).unwrap(), false);
     let plans = PlanCache::Dir(dir.join("plans"));
     for round in ["writing", "leaving weights out"] {
-        let mut d = Denoiser::load_with(&card, 1, plans.clone()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let mut d = Denoiser::load_with(&card, 1, plans.clone(), WeightPrecision::F32)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
         let out = call(name, &card, &mut d, true);
         let differing = out.iter().zip(heap.iter()).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
         assert_eq!(differing, 0, "{name}, {round} load: {differing} values differ from the heap path");

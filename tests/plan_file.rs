@@ -8,7 +8,7 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use edge_diffuse::pipeline::{LoadOptions, Pipeline, Request, StepInfo};
-use edge_diffuse::runtime::{PlanCache, PlanFile};
+use edge_diffuse::runtime::{PlanCache, PlanFile, WeightPrecision};
 use ndarray::Array4;
 
 fn model(name: &str) -> PathBuf {
@@ -214,11 +214,46 @@ fn a_plan_the_proof_does_not_cover_reads_the_whole_onnx_file_first() {
         out
     };
     let heap = predict(&mut Denoiser::load(&card, 1).unwrap());
-    let mut mapped = Denoiser::load_with(&card, 1, PlanCache::Auto).unwrap();
+    let mut mapped = Denoiser::load_with(&card, 1, PlanCache::Auto, WeightPrecision::F32).unwrap();
     assert_bit_identical(&predict(&mut mapped), &heap, "batch 3 from a load that left weights out");
     // Read whole: mapped with nothing left out, or written again when batch 3 packs weights
     // that batch 1 did not (the strided convolutions run on our kernel from batch 2 on).
     let whole = matches!(mapped.plan_file(), PlanFile::Mapped { left_out: 0, .. } | PlanFile::Written { .. });
     assert!(whole, "{:?}", mapped.plan_file());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn float16_weights_get_a_plan_file_of_their_own_and_stay_near_float32() {
+    let dir = copy_of("fmnist-teacher", "half");
+    let half = |plan_cache| {
+        let options = LoadOptions { threads: 1, plan_cache, weights: WeightPrecision::F16, ..Default::default() };
+        Pipeline::load(&dir, options).expect("load")
+    };
+    let f32_heap = sample(&mut load(&dir, PlanCache::Off));
+    let f16_heap = sample(&mut half(PlanCache::Off));
+    let worst = f32_heap.iter().zip(f16_heap.iter()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(worst > 0.0, "float16 weights changed nothing");
+    assert!(worst < 2e-2, "float16 weights moved a value by {worst}");
+
+    let mut first = half(PlanCache::Auto);
+    assert!(matches!(denoiser_file(&first), PlanFile::Written { .. }), "{:?}", denoiser_file(&first));
+    assert_bit_identical(&sample(&mut first), &f16_heap, "f16, the writing load");
+    drop(first);
+    let mut later = half(PlanCache::Auto);
+    let PlanFile::Mapped { path, left_out } = denoiser_file(&later) else {
+        panic!("not mapped: {:?}", denoiser_file(&later))
+    };
+    assert!(left_out > 0 && path.to_string_lossy().ends_with(".f16.edplan"), "{path:?}, {left_out} left out");
+    assert_bit_identical(&sample(&mut later), &f16_heap, "f16, mapped");
+
+    // The float32 file sits beside it; each load takes its own.
+    drop(load(&dir, PlanCache::Auto));
+    let files = plan_files(&dir);
+    assert_eq!(files.len(), 2, "{files:?}");
+    let size = |p: &PathBuf| std::fs::metadata(p).unwrap().len() as f64;
+    let (f16_file, f32_file) = if files[0] == path { (&files[0], &files[1]) } else { (&files[1], &files[0]) };
+    assert!(size(f16_file) < 0.6 * size(f32_file), "{} against {} bytes", size(f16_file), size(f32_file));
+    assert!(matches!(denoiser_file(&half(PlanCache::Auto)), PlanFile::Mapped { .. }));
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -163,6 +163,8 @@ static int selftest(const char *dir) {
     EXPECT_ERR(ed_pipeline_open(dir, 1, NULL), ED_ERR_NULL, "out");
     EXPECT_ERR(ed_pipeline_open("/nonexistent/model", 1, &pipe), ED_ERR_IO, "/nonexistent/model");
     EXPECT(pipe == NULL);
+    EXPECT_ERR(ed_pipeline_open_with(dir, 1, "off", "f8", &pipe), ED_ERR_CONFIG, "weights");
+    EXPECT(pipe == NULL);
     EXPECT(ed_pipeline_open(dir, 1, &pipe) == ED_OK && pipe != NULL);
     if (!pipe) return 1;
 

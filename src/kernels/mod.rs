@@ -13,6 +13,42 @@ pub(crate) mod portable;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_64;
 
+/// An operator's constant weights as a kernel reads them: float32, or float16 that the caller
+/// widens block by block ([`Floats::widen`]) just before the float32 kernel runs over it, so
+/// that only a block of them is ever held as float32.
+#[derive(Clone, Copy)]
+pub(crate) enum Floats<'a> {
+    F32(&'a [f32]),
+    F16(&'a [half::f16]),
+}
+
+impl<'a> Floats<'a> {
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Floats::F32(v) => v.len(),
+            Floats::F16(v) => v.len(),
+        }
+    }
+
+    /// The values in `range` as float32: borrowed, or widened into `buf` (F16C on x86-64,
+    /// FCVTL on aarch64, where the CPU has them).
+    pub(crate) fn widen<'b>(&self, range: std::ops::Range<usize>, buf: &'b mut Vec<f32>) -> &'b [f32]
+    where
+        'a: 'b,
+    {
+        use half::slice::HalfFloatSliceExt;
+        match self {
+            Floats::F32(v) => &v[range],
+            Floats::F16(v) => {
+                let src = &v[range];
+                buf.resize(src.len(), 0.0);
+                src.convert_to_f32_slice(buf);
+                buf
+            }
+        }
+    }
+}
+
 /// Where a square convolution window goes over the map: its side, its stride (the same along
 /// both axes), and the zeros padded before (top, left) and after (bottom, right) the map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -27,7 +27,7 @@ use super::scratch::{with_scratch, Scratch};
 use super::{for_each, threads, Output};
 use crate::kernels::x86_64::direct_conv::{shifted_rows, Phases};
 use crate::kernels::x86_64::gemm::{self, MR, NR};
-use crate::kernels::{carve, split, Window};
+use crate::kernels::{carve, split, Floats, Window};
 
 /// A 1×1, stride-1 convolution on our kernel, or another one computed directly; see the module
 /// docs.
@@ -76,7 +76,7 @@ impl Pointwise {
         let (k, t) = (self.k, oh * ow);
         // Rows of a block: one per input channel and kernel tap.
         let c = self.c * self.window.size * self.window.size;
-        let u = self.weights.as_slice();
+        let u = self.weights.floats();
         let (blocks, panels) = (t.div_ceil(NR), k.div_ceil(MR));
         // Work items: (image, block of pixels, group of panels); with fewer blocks than
         // threads, the threads also split the output channels.
@@ -106,6 +106,8 @@ impl Pointwise {
         let kernel = gemm::Kernel::detect();
         let work: Vec<_> = ranges.into_iter().zip(buffers.chunks_mut(need)).collect();
         for_each(work, |(items, buf)| {
+            // Float16 weights: the panels of the last group, widened.
+            let (mut wide, mut widened) = (Vec::new(), None);
             for item in items {
                 let (image, q, g) = (item / (blocks * groups), item / groups % blocks, item % groups);
                 let (t0, width) = (q * NR, NR.min(t - q * NR));
@@ -125,10 +127,33 @@ impl Pointwise {
                 let first = (image * k + lo * MR) * t + t0;
                 let rows = (hi * MR).min(k) - lo * MR;
                 assert!(first + (rows - 1) * t + width <= out.len(), "Pointwise: short output");
-                // Safety: `available()` (checked by `rewrite`) and the detected kernel; the
-                // panels of `u`, c rows of NR in `buf`, `bias` of k, and `rows` rows of `width`
-                // inside `y` from `first` (asserted); only this item writes them.
-                unsafe { gemm::block_cols(kernel, u, [k, c], lo..hi, buf, NR, width, out.at(first), t, Some(bias)) };
+                let span = lo * c * MR..hi * c * MR;
+                if widened != Some(g) {
+                    u.widen(span.clone(), &mut wide);
+                    widened = Some(g);
+                }
+                let up = match u {
+                    Floats::F32(u) => &u[span],
+                    Floats::F16(_) => &wide[..],
+                };
+                // Safety: `available()` (checked by `rewrite`) and the detected kernel; `up`
+                // holds the panels from lo (the rows below k − lo·MR), `buf` c rows of NR, the
+                // bias from lo, and `rows` rows of `width` inside `y` from `first` (asserted);
+                // only this item writes them.
+                unsafe {
+                    gemm::block_cols(
+                        kernel,
+                        up,
+                        [k - lo * MR, c],
+                        0..hi - lo,
+                        buf,
+                        NR,
+                        width,
+                        out.at(first),
+                        t,
+                        Some(&bias[lo * MR..]),
+                    )
+                };
             }
         });
     }
@@ -151,6 +176,7 @@ impl EvalOp for Pointwise {
     op_out_of_plan!();
 
     fn eval(&self, ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        self.weights.prefetch_next();
         let (xs, bias, [n, _, h, w]) = super::conv::call_inputs("Pointwise", &self.bias, &inputs, [self.c, self.k])?;
         ensure!(gemm::available(), "Pointwise: this CPU lacks AVX2 and FMA");
         let Some([oh, ow]) = self.window.output([h, w]) else {

@@ -152,7 +152,7 @@ impl Linear {
             y_feature == 1 && (0..dims.len()).all(|i| y_strides[i] == k * dims[i + 1..].iter().product::<usize>());
         let (height, width) = (kernel.height_for(t), kernel.width());
         let (blocks, panels) = (t.div_ceil(height), k.div_ceil(width));
-        let u = self.weights.as_slice();
+        let u = self.weights.floats();
         let bias = f32s(&self.bias, "Linear")?;
         let parts = threads();
         let mut plain = y.try_as_plain_ram_mut()?;
@@ -186,8 +186,9 @@ impl Linear {
             for_each(items, |(chunk, share)| {
                 // The chunk's partial sums, block by block: `height` rows of `width` each.
                 let mut sums = [0f32; CHUNK * MOST_ROWS * MOST_WIDTH];
+                let mut wide = Vec::new();
                 for p in share {
-                    let panel = &u[p * c * width..][..c * width];
+                    let panel = u.widen(p * c * width..(p + 1) * c * width, &mut wide);
                     let bias = &bias[p * width..][..width];
                     let features = width.min(k - p * width);
                     // A slice of the input features at a time: its part of the panel stays in
@@ -257,6 +258,7 @@ impl EvalOp for Linear {
     op_out_of_plan!();
 
     fn eval(&self, ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        self.weights.prefetch_next();
         let x = args_1!(inputs);
         Ok(tvec!(with_scratch(ctx, |scratch| self.run(&x, scratch))??.into_tvalue()))
     }

@@ -12,16 +12,22 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 
+use half::f16;
+
+use crate::kernels::Floats;
+
 /// Where a [`Packed`]'s floats are.
 #[derive(Clone)]
 enum Backing {
     Heap(Arc<[f32]>),
-    /// A read-only map and the float range in it (its start 4-byte aligned: the map is
-    /// page-aligned and the runtime checks every offset).
-    Map(Arc<memmap2::Mmap>, std::ops::Range<usize>),
+    HeapHalf(Arc<[f16]>),
+    /// A read-only map, the element range in it (its start aligned to the element: the map is
+    /// page-aligned and the runtime checks every offset), whether the elements are f16, and
+    /// the bytes of the weight that follows in the file.
+    Map(Arc<memmap2::Mmap>, std::ops::Range<usize>, bool, Option<std::ops::Range<usize>>),
 }
 
-/// Read-only float32 weights in a kernel's layout; cheap to clone.
+/// Read-only weights in a kernel's layout, float32 or float16; cheap to clone.
 #[derive(Clone)]
 pub(crate) struct Packed(Backing);
 
@@ -31,51 +37,119 @@ impl Packed {
         Packed(Backing::Heap(values.into()))
     }
 
-    /// `len` floats of `map` from byte `offset`; `None` when they are out of its bounds or
-    /// `offset` is not a multiple of 4.
-    pub(crate) fn mapped(map: &Arc<memmap2::Mmap>, offset: usize, len: usize) -> Option<Self> {
-        let end = len.checked_mul(4)?.checked_add(offset)?;
-        if !offset.is_multiple_of(4) || end > map.len() || !(map.as_ptr() as usize).is_multiple_of(4) {
+    /// Weights packed on the heap, rounded to float16 (to nearest even).
+    pub(crate) fn heap_half(values: &[f32]) -> Self {
+        Packed(Backing::HeapHalf(values.iter().map(|&v| f16::from_f32(v)).collect()))
+    }
+
+    /// `len` elements (f16 when `half`, else f32) of `map` from byte `offset`; `None` when
+    /// they are out of its bounds or `offset` is not a multiple of the element's size.
+    pub(crate) fn mapped(map: &Arc<memmap2::Mmap>, offset: usize, len: usize, half: bool) -> Option<Self> {
+        let size = if half { 2 } else { 4 };
+        let end = len.checked_mul(size)?.checked_add(offset)?;
+        if !offset.is_multiple_of(size) || end > map.len() || !(map.as_ptr() as usize).is_multiple_of(size) {
             return None;
         }
-        Some(Packed(Backing::Map(map.clone(), offset / 4..end / 4)))
+        Some(Packed(Backing::Map(map.clone(), offset / size..end / size, half, None)))
     }
 
-    pub(crate) fn as_slice(&self) -> &[f32] {
-        match &self.0 {
-            Backing::Heap(v) => v,
-            Backing::Map(map, range) => {
-                // SAFETY: `mapped` checked that the range is inside the map and that the map
-                // starts 4-byte aligned; any bit pattern is a valid f32; the map is read-only
-                // and lives as long as `self` holds its Arc.
-                let all = unsafe { std::slice::from_raw_parts(map.as_ptr() as *const f32, map.len() / 4) };
-                &all[range.clone()]
+    /// The same weights, with the bytes `next` of the map (the weight after them in the file,
+    /// which the next layer reads) to ask for ahead of use ([`Packed::prefetch_next`]).
+    fn followed_by(self, next: Option<std::ops::Range<usize>>) -> Self {
+        match self.0 {
+            Backing::Map(map, range, half, _) => {
+                let next = next.filter(|r| r.end <= map.len());
+                Packed(Backing::Map(map, range, half, next))
             }
+            other => Packed(other),
         }
     }
 
+    /// Asks the OS to start reading the next layer's weights from the plan file
+    /// (`madvise(MADV_WILLNEED)`), so that when memory is short and its pages were dropped,
+    /// their read overlaps this layer's arithmetic. Nothing for heap weights; pages already
+    /// resident cost the system call only.
+    pub(crate) fn prefetch_next(&self) {
+        #[cfg(unix)]
+        if let Backing::Map(map, _, _, Some(next)) = &self.0 {
+            // Only advice: a failure changes nothing but the timing.
+            let _ = map.advise_range(memmap2::Advice::WillNeed, next.start, next.len());
+        }
+    }
+
+    /// The weights as the kernels read them.
+    pub(crate) fn floats(&self) -> Floats<'_> {
+        match &self.0 {
+            Backing::Heap(v) => Floats::F32(v),
+            Backing::HeapHalf(v) => Floats::F16(v),
+            // SAFETY: `mapped` checked that the range is inside the map and that the map starts
+            // aligned to the element; any bit pattern is a valid f32 or f16; the map is
+            // read-only and lives as long as `self` holds its Arc.
+            Backing::Map(map, range, false, _) => Floats::F32(unsafe {
+                &std::slice::from_raw_parts(map.as_ptr() as *const f32, map.len() / 4)[range.clone()]
+            }),
+            Backing::Map(map, range, true, _) => Floats::F16(unsafe {
+                &std::slice::from_raw_parts(map.as_ptr() as *const f16, map.len() / 2)[range.clone()]
+            }),
+        }
+    }
+
+    /// The raw bytes (native endianness), as a plan file stores them.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        // SAFETY: f32 and f16 are plain bytes; the slice borrows `self`.
+        match self.floats() {
+            Floats::F32(v) => unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, v.len() * 4) },
+            Floats::F16(v) => unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, v.len() * 2) },
+        }
+    }
+
+    /// Elements.
     pub(crate) fn len(&self) -> usize {
-        self.as_slice().len()
+        self.floats().len()
+    }
+
+    /// Whether the elements are float16.
+    pub(crate) fn is_half(&self) -> bool {
+        matches!(self.floats(), Floats::F16(_))
     }
 
     /// Whether the floats come from a plan file's map.
     pub(crate) fn is_mapped(&self) -> bool {
         matches!(self.0, Backing::Map(..))
     }
+
+    /// The bytes [`Packed::prefetch_next`] asks for, and where its own start in the map.
+    #[cfg(test)]
+    pub(crate) fn next_bytes(&self) -> Option<(usize, std::ops::Range<usize>)> {
+        match &self.0 {
+            Backing::Map(map, _, _, next) => {
+                Some((self.bytes().as_ptr() as usize - map.as_ptr() as usize, next.clone()?))
+            }
+            _ => None,
+        }
+    }
+
+    /// Every value as float32 (tests and small weights).
+    #[cfg(test)]
+    pub(crate) fn to_vec(&self) -> Vec<f32> {
+        let mut buf = vec![];
+        self.floats().widen(0..self.len(), &mut buf).to_vec()
+    }
 }
 
 impl std::fmt::Debug for Packed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let at = if self.is_mapped() { "mapped" } else { "heap" };
-        write!(f, "Packed({} floats, {at})", self.len())
+        let kind = if self.is_half() { "f16" } else { "f32" };
+        write!(f, "Packed({} {kind}, {at})", self.len())
     }
 }
 
-/// The same floats at the same address: two operators built from one entry.
+/// The same bytes at the same address: two operators built from one entry.
 impl PartialEq for Packed {
     fn eq(&self, other: &Self) -> bool {
-        let (a, b) = (self.as_slice(), other.as_slice());
-        std::ptr::eq(a.as_ptr(), b.as_ptr()) && a.len() == b.len()
+        let (a, b) = (self.bytes(), other.bytes());
+        std::ptr::eq(a.as_ptr(), b.as_ptr()) && a.len() == b.len() && self.is_half() == other.is_half()
     }
 }
 
@@ -83,7 +157,7 @@ impl Eq for Packed {}
 
 impl Hash for Packed {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        let s = self.as_slice();
+        let s = self.bytes();
         (s.as_ptr() as usize, s.len()).hash(state);
     }
 }
@@ -106,8 +180,12 @@ pub(crate) fn fingerprint(source: &[f32]) -> u64 {
 pub(crate) struct Entry {
     /// Byte offset in the map.
     pub offset: usize,
-    /// Floats.
+    /// Elements.
     pub len: usize,
+    /// Whether they are float16.
+    pub half: bool,
+    /// The bytes of the weight that follows in the file, if any.
+    pub next: Option<std::ops::Range<usize>>,
     /// [`fingerprint`] of the source weights it was packed from.
     pub fingerprint: u64,
 }
@@ -154,6 +232,8 @@ struct State {
     /// with stand-ins for the weights (`crate::runtime`), which have no values to fingerprint.
     /// A weight the store lacks is then a failure ([`Packer::failed`]).
     by_key_alone: bool,
+    /// Round the weights packed here to float16.
+    half: bool,
     failed: bool,
     /// Every weight handed out, in the order first asked for.
     held: Vec<Held>,
@@ -171,7 +251,14 @@ pub(crate) struct Packer(Mutex<State>);
 
 impl Packer {
     /// A packer over a validated plan file's map and index.
-    pub(crate) fn over_map(map: Arc<memmap2::Mmap>, index: HashMap<String, Entry>) -> Self {
+    pub(crate) fn over_map(map: Arc<memmap2::Mmap>, mut index: HashMap<String, Entry>) -> Self {
+        let size = |e: &Entry| e.len * if e.half { 2 } else { 4 };
+        let mut spans: Vec<std::ops::Range<usize>> = index.values().map(|e| e.offset..e.offset + size(e)).collect();
+        spans.sort_by_key(|r| r.start);
+        for e in index.values_mut() {
+            let after = spans.partition_point(|r| r.start <= e.offset);
+            e.next = spans.get(after).cloned();
+        }
         Packer(Mutex::new(State { store: Store::Map(map, index), ..Default::default() }))
     }
 
@@ -179,6 +266,11 @@ impl Packer {
     pub(crate) fn over_held(held: Vec<Held>) -> Self {
         let store = Store::Held(held.into_iter().map(|h| (h.key.clone(), h)).collect());
         Packer(Mutex::new(State { store, by_key_alone: true, ..Default::default() }))
+    }
+
+    /// From now on, round the weights packed here to float16 (`half`), or keep float32.
+    pub(crate) fn set_half(&self, half: bool) {
+        self.state().half = half;
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -212,10 +304,9 @@ impl Packer {
         }
         let found = match &s.store {
             Store::Nothing => None,
-            Store::Map(map, index) => index
-                .get(key)
-                .filter(|e| fits(e.fingerprint))
-                .and_then(|e| Some((Packed::mapped(map, e.offset, e.len)?, e.fingerprint))),
+            Store::Map(map, index) => index.get(key).filter(|e| fits(e.fingerprint)).and_then(|e| {
+                Some((Packed::mapped(map, e.offset, e.len, e.half)?.followed_by(e.next.clone()), e.fingerprint))
+            }),
             Store::Held(held) => {
                 held.get(key).filter(|h| fits(h.fingerprint)).map(|h| (h.packed.clone(), h.fingerprint))
             }
@@ -225,7 +316,8 @@ impl Packer {
             None => {
                 s.packed_here += 1;
                 s.failed |= alone;
-                (Packed::heap(pack()), fp.unwrap_or_else(|| fingerprint(source)))
+                let packed = if s.half { Packed::heap_half(&pack()) } else { Packed::heap(pack()) };
+                (packed, fp.unwrap_or_else(|| fingerprint(source)))
             }
         };
         // A second node of the same name with other weights is served, not held: the plan file
@@ -275,11 +367,32 @@ mod tests {
         let again = packer.get("w/a", &[1.0, 2.0], None, || pack(&[1.0, 2.0]));
         assert_eq!(calls.get(), 1);
         assert_eq!(a, again);
-        assert_eq!(a.as_slice(), &[2.0, 4.0]);
+        assert_eq!(a.to_vec(), &[2.0, 4.0]);
         let other = packer.get("w/a", &[3.0, 2.0], None, || pack(&[3.0, 2.0]));
-        assert_eq!(other.as_slice(), &[6.0, 4.0]);
+        assert_eq!(other.to_vec(), &[6.0, 4.0]);
         assert_eq!(packer.packed_here(), 2);
         assert_eq!(packer.held().len(), 1);
+    }
+
+    #[test]
+    fn a_half_packer_rounds_to_float16_and_widens_any_range_back() {
+        let packer = Packer::default();
+        packer.set_half(true);
+        let source: Vec<f32> = (0..40).map(|i| 1.0 + i as f32 / 3.0).collect();
+        let packed = packer.get("w/h", &source, None, || source.clone());
+        assert!(packed.is_half());
+        assert_eq!(packed.bytes().len(), 80);
+        let rounded: Vec<f32> = source.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
+        assert_ne!(rounded, source, "some values are not exact in f16");
+        let mut buf = vec![];
+        for range in [0..40, 3..11, 17..18, 9..9] {
+            assert_eq!(packed.floats().widen(range.clone(), &mut buf), &rounded[range]);
+        }
+        // A float32 packer hands its own slice out, unwidened.
+        let plain = Packer::default().get("w/h", &source, None, || source.clone());
+        let mut unused = vec![];
+        assert_eq!(plain.floats().widen(5..9, &mut unused), &source[5..9]);
+        assert!(unused.is_empty());
     }
 
     #[test]
@@ -288,10 +401,13 @@ mod tests {
         std::fs::write(&path, [0u8; 64]).unwrap();
         let map = Arc::new(unsafe { memmap2::Mmap::map(&std::fs::File::open(&path).unwrap()) }.unwrap());
         std::fs::remove_file(&path).unwrap();
-        assert!(Packed::mapped(&map, 0, 16).is_some());
-        assert!(Packed::mapped(&map, 4, 16).is_none());
-        assert!(Packed::mapped(&map, 2, 1).is_none());
-        assert!(Packed::mapped(&map, usize::MAX - 3, 1).is_none());
-        assert_eq!(Packed::mapped(&map, 8, 2).unwrap().as_slice(), &[0.0, 0.0]);
+        assert!(Packed::mapped(&map, 0, 16, false).is_some());
+        assert!(Packed::mapped(&map, 4, 16, false).is_none());
+        assert!(Packed::mapped(&map, 2, 1, false).is_none());
+        assert!(Packed::mapped(&map, 2, 1, true).is_some());
+        assert!(Packed::mapped(&map, 1, 1, true).is_none());
+        assert!(Packed::mapped(&map, 0, 33, true).is_none());
+        assert!(Packed::mapped(&map, usize::MAX - 3, 1, false).is_none());
+        assert_eq!(Packed::mapped(&map, 8, 2, false).unwrap().to_vec(), &[0.0, 0.0]);
     }
 }

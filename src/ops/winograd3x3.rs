@@ -106,6 +106,7 @@ impl EvalOp for Winograd3x3 {
     op_out_of_plan!();
 
     fn eval(&self, ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        self.weights.prefetch_next();
         let (xs, bias, [n, _, h, w]) = super::conv::call_inputs("Winograd3x3", &self.bias, &inputs, [self.c, self.k])?;
         let mut y = unsafe { Tensor::uninitialized::<f32>(&[n, self.k, h, w])? };
         let mut out = y.try_as_plain_ram_mut()?;
@@ -129,10 +130,12 @@ impl Winograd3x3 {
         let (k, c) = (self.k, self.c);
         let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
         let t = n * th * tw;
-        let u = self.weights.as_slice();
+        let u = self.weights.floats();
         let parts = threads();
+        // Float16 weights always run in blocks, which widen a few panels at a time: the
+        // whole-map layout would widen a whole matrix per product.
         #[cfg(target_arch = "x86_64")]
-        if self.own_kernel && runs_in_blocks(gemm::Kernel::detect(), k, c) {
+        if self.own_kernel && (runs_in_blocks(gemm::Kernel::detect(), k, c) || self.weights.is_half()) {
             // Blocks of 16 tiles through all three stages at once (`fused`), split between
             // the threads; each thread has its own part of the scratch.
             let large = 16 * k * c > LARGE;
@@ -180,7 +183,8 @@ impl Winograd3x3 {
             let v = &*v;
             let len = u.len() / 16;
             for_each(m.chunks_mut(k * t).enumerate().collect(), |(xi, p)| {
-                let (u, v) = (&u[xi * len..][..len], &v[xi * c * t..][..c * t]);
+                let mut wide = Vec::new();
+                let (u, v) = (u.widen(xi * len..(xi + 1) * len, &mut wide), &v[xi * c * t..][..c * t]);
                 if self.own_kernel {
                     #[cfg(target_arch = "x86_64")]
                     return gemm::product(gemm::Kernel::detect(), u, v, p, [k, c, t]);
@@ -306,6 +310,61 @@ mod tests {
                     op.run(&x, &bias, [n, h, w], &mut many, &mut Scratch::default())
                 });
                 assert_eq!(one, many, "c{c} k{k}: {threads} threads");
+            }
+        }
+    }
+
+    /// Float16 weights give the bits of float32 weights rounded to float16, on every way of
+    /// running the products (blocks and the whole-map layout), and stay near the f64 result.
+    #[test]
+    fn half_weights_give_the_bits_of_their_rounding() {
+        for (n, c, k, h, w) in [(1, 13, 19, 14, 18), (2, 5, 7, 6, 40), (1, 130, 131, 6, 5)] {
+            let x = random(n * c * h * w, 1);
+            let kernel = random(k * c * 9, 2);
+            let bias = random(k, 3);
+            let want = direct(&x, &kernel, &bias, [n, c, h, w], k);
+            for own_kernel in [false, true] {
+                #[cfg(target_arch = "x86_64")]
+                if own_kernel && !gemm::available() {
+                    continue;
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                if own_kernel {
+                    continue;
+                }
+                let half = Packer::default();
+                half.set_half(true);
+                let site = Site { packer: &half, node: "", origin: None };
+                let op = Winograd3x3::with_products(site, &kernel, Some(&bias), [k, c], own_kernel);
+                assert!(op.weights.is_half());
+                let mut rounded = Winograd3x3::with_products(
+                    Site { packer: &Packer::default(), node: "", origin: None },
+                    &kernel,
+                    Some(&bias),
+                    [k, c],
+                    own_kernel,
+                );
+                rounded.weights = Packed::heap(op.weights.to_vec());
+                let run = |op: &Winograd3x3| {
+                    let mut y = vec![f32::NAN; n * k * h * w];
+                    op.run(&x, &bias, [n, h, w], &mut y, &mut Scratch::default());
+                    y
+                };
+                let (a, b) = (run(&op), run(&rounded));
+                let same = a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits());
+                // Taken in blocks when half; the whole-map layout for the large f32 layer on
+                // AVX2, whose sums run in another order.
+                #[cfg(target_arch = "x86_64")]
+                let blocks_both = !own_kernel || runs_in_blocks(gemm::Kernel::detect(), k, c);
+                #[cfg(not(target_arch = "x86_64"))]
+                let blocks_both = true;
+                if blocks_both {
+                    assert!(same, "n{n} c{c} k{k} {h}x{w} own kernel {own_kernel}");
+                }
+                let worst = a.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
+                // Each weight off by up to 2^-11 of itself.
+                assert!(worst < 3e-3 * (c as f64).sqrt(), "n{n} c{c} k{k}: max abs error {worst}");
+                assert!(worst > 1e-6, "the weights were not rounded: max abs error {worst}");
             }
         }
     }

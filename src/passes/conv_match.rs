@@ -16,9 +16,6 @@ use crate::ops::packed::{Packer, Site};
 /// folds a per-channel add after a convolution into its bias: diffusers' ResNet blocks add the
 /// time embedding after `conv1`).
 pub(crate) struct Found<'m> {
-    // Only x86-64 picks an operator by batch (`strided_conv`).
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    pub n: usize,
     pub k: usize,
     pub c: usize,
     // Only x86-64 picks an operator by map size (`winograd::direct_pays`).
@@ -98,7 +95,7 @@ fn find<'m>(model: &'m TypedModel, node: &'m TypedNode, op: &str) -> TractResult
         _ => return Ok(None),
     };
     let origin = super::origin(model, node.inputs[1]);
-    Ok(Some(Found { n, k, c, map, window, name: &node.name, origin, kernel: f32s(kernel, op)?, bias }))
+    Ok(Some(Found { k, c, map, window, name: &node.name, origin, kernel: f32s(kernel, op)?, bias }))
 }
 
 impl<'m> Found<'m> {

@@ -6,7 +6,7 @@ use ndarray::{s, Array4, ArrayD, IxDyn};
 use super::tiles::{Blend, Spans};
 use crate::card::ModelCard;
 use crate::error::{Error, Result};
-use crate::runtime::{Graph, PlanCache, PlanFile};
+use crate::runtime::{Graph, PlanCache, PlanFile, WeightPrecision};
 
 /// When the decoder works in windows of its tile size, blended where they overlap. Memory is
 /// then that of one window whatever the image's size; the price is a little more work in the
@@ -65,6 +65,7 @@ impl Decoder {
         tile: Option<usize>,
         threads: usize,
         plan_cache: &PlanCache,
+        packed: WeightPrecision,
     ) -> Result<Option<Self>> {
         let Some(section) = &card.decoder else { return Ok(None) };
         let scale = section.scale;
@@ -92,7 +93,7 @@ impl Decoder {
         });
         let path = card.dir.join(&section.onnx);
         let latent = vec![1, card.image.channels, spans[0].size(), spans[1].size()];
-        let graph = Graph::load_with(&path, std::slice::from_ref(&latent), threads, plan_cache.clone())?;
+        let graph = Graph::load_with(&path, std::slice::from_ref(&latent), threads, plan_cache.clone(), packed)?;
         let want = [latent[2] * scale, latent[3] * scale];
         let c = match graph.output_shape(0) {
             &[1, c @ (1 | 3 | 4), h, w] if [h, w] == want => c,

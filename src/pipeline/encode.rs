@@ -9,7 +9,7 @@ use ndarray::{s, Array4, ArrayD, ArrayView4, IxDyn};
 
 use crate::card::ModelCard;
 use crate::error::{Error, Result};
-use crate::runtime::{Graph, PlanCache, PlanFile};
+use crate::runtime::{Graph, PlanCache, PlanFile, WeightPrecision};
 
 pub(super) struct Encoder {
     graph: Graph,
@@ -32,11 +32,12 @@ impl Encoder {
         pixels: [usize; 3],
         threads: usize,
         plan_cache: &PlanCache,
+        weights: WeightPrecision,
     ) -> Result<Option<Self>> {
         let (Some(section), Some(decoder)) = (&card.encoder, &card.decoder) else { return Ok(None) };
         let path = card.dir.join(&section.onnx);
         let shape = vec![1, pixels[0], pixels[1], pixels[2]];
-        let graph = Graph::load_with(&path, std::slice::from_ref(&shape), threads, plan_cache.clone())?;
+        let graph = Graph::load_with(&path, std::slice::from_ref(&shape), threads, plan_cache.clone(), weights)?;
         let latent = [card.image.channels, card.image.height, card.image.width];
         let [c, h, w] = latent;
         match graph.output_shape(0) {

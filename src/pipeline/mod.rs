@@ -14,7 +14,7 @@ use ndarray::{s, Array4, ArrayD};
 use crate::card::{ModelCard, TimeInput};
 use crate::error::{Error, Result};
 use crate::noise::SeededNoise;
-use crate::runtime::{Conditions, Denoiser, PlanCache, PlanFile};
+use crate::runtime::{Conditions, Denoiser, PlanCache, PlanFile, WeightPrecision};
 pub use crate::runtime::{Convolution, Precision};
 use crate::sampler::{self, NoiseSource, SamplerKind, SamplerOptions};
 use edit::{check_batch, one_of, Canvas};
@@ -67,6 +67,9 @@ pub struct LoadOptions {
     /// through the map, so they cost no anonymous memory. [`Pipeline::plan_files`] tells what
     /// became of each.
     pub plan_cache: PlanCache,
+    /// The precision our operators' packed weights are kept in, on the heap and in the plan
+    /// file: float16 halves their bytes; the arithmetic stays float32 (see `docs/memory.md`).
+    pub weights: WeightPrecision,
 }
 
 /// What turns a latent model's previews into pixels.
@@ -96,6 +99,7 @@ impl Default for LoadOptions {
             preview_decoder: PreviewDecoder::Model,
             tile_overlap: None,
             plan_cache: PlanCache::Auto,
+            weights: WeightPrecision::F32,
         }
     }
 }
@@ -392,7 +396,7 @@ impl Pipeline {
     pub fn load(dir: impl AsRef<Path>, options: LoadOptions) -> Result<Self> {
         let mut card = ModelCard::load(dir)?;
         let window = amend(&mut card, &options)?;
-        let denoiser = Denoiser::load_with(&window, options.threads, options.plan_cache.clone())?;
+        let denoiser = Denoiser::load_with(&window, options.threads, options.plan_cache.clone(), options.weights)?;
         let size = [window.image.height, window.image.width];
         Self::from_parts(card, denoiser, options, size)
     }
@@ -418,6 +422,7 @@ impl Pipeline {
         let window = amend(&mut card, &options)?;
         let mut denoiser = Denoiser::from_bytes(onnx, &window, options.threads, card.onnx_path())?;
         denoiser.set_plan_cache(options.plan_cache.clone());
+        denoiser.set_weight_precision(options.weights);
         let size = [window.image.height, window.image.width];
         Self::from_parts(card, denoiser, options, size)
     }
@@ -426,7 +431,7 @@ impl Pipeline {
     fn from_parts(card: ModelCard, mut denoiser: Denoiser, options: LoadOptions, window: [usize; 2]) -> Result<Self> {
         denoiser.set_precision(options.precision);
         denoiser.set_convolution(options.convolution);
-        let text = text::TextEncoder::load(&card, options.threads, &options.plan_cache)?;
+        let text = text::TextEncoder::load(&card, options.threads, &options.plan_cache, options.weights)?;
         if let Some(t) = &text {
             let [tokens, dim] = t.shape();
             denoiser.set_context_shape(tokens, dim)?;
@@ -437,6 +442,7 @@ impl Pipeline {
             options.decoder_tile,
             options.threads,
             &options.plan_cache,
+            options.weights,
         )?;
         let linear = match options.preview_decoder {
             PreviewDecoder::Linear => Some(decode::LatentRgb::load(&card)?),
@@ -455,6 +461,7 @@ impl Pipeline {
                     options.decoder_tile,
                     options.threads,
                     &options.plan_cache,
+                    options.weights,
                 )?
             }
             _ => None,
@@ -558,7 +565,8 @@ impl Pipeline {
             return Ok(images.clone());
         }
         if self.encoder.is_none() {
-            self.encoder = encode::Encoder::load(&self.card, shape, self.options.threads, &self.options.plan_cache)?;
+            let o = &self.options;
+            self.encoder = encode::Encoder::load(&self.card, shape, o.threads, &o.plan_cache, o.weights)?;
         }
         let Some(encoder) = self.encoder.as_mut() else {
             return Err(Error::config(

@@ -7,7 +7,7 @@ use ndarray::{ArrayD, IxDyn};
 
 use crate::card::ModelCard;
 use crate::error::{Error, Result};
-use crate::runtime::{Graph, PlanCache, PlanFile};
+use crate::runtime::{Graph, PlanCache, PlanFile, WeightPrecision};
 use crate::tokenizer::{ClipTokenizer, Tokens};
 
 /// Distinct prompts whose embeddings are kept: a run's prompt and negative prompt, and a few
@@ -29,11 +29,16 @@ impl TextEncoder {
         self.graph.plan_file()
     }
 
-    pub(super) fn load(card: &ModelCard, threads: usize, plan_cache: &PlanCache) -> Result<Option<Self>> {
+    pub(super) fn load(
+        card: &ModelCard,
+        threads: usize,
+        plan_cache: &PlanCache,
+        weights: WeightPrecision,
+    ) -> Result<Option<Self>> {
         let Some(section) = &card.text_encoder else { return Ok(None) };
         let tokenizer = ClipTokenizer::from_folder(card.dir.join(&section.tokenizer))?;
         let path = card.dir.join(&section.onnx);
-        let graph = Graph::load_with(&path, &[vec![1, tokenizer.max_length()]], threads, plan_cache.clone())?;
+        let graph = Graph::load_with(&path, &[vec![1, tokenizer.max_length()]], threads, plan_cache.clone(), weights)?;
         let shape = match graph.output_shape(0) {
             &[1, tokens, dim] => [tokens, dim],
             other => return Err(bad_output(&path, other)),

@@ -1,6 +1,7 @@
 //! Graphs that are not denoisers (a text encoder, a VAE or TAESD decoder): loaded and rewritten
 //! as a denoiser plan is, for fixed input shapes, then run as often as needed.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use ndarray::ArrayD;
@@ -8,13 +9,77 @@ use tract_linalg::multithread::Executor;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
-use super::load::{input_names, one_line, parse, read_proto};
+use super::load::{decode, external_paths, input_names, map_onnx, one_line, parse};
 use super::plan::{f32_rewrites, new_state, optimize, Exclusive};
-use super::plan_file::{PlanFile, PlanStore};
-use super::settings::PlanCache;
+use super::plan_file::{PlanFile, PlanStore, Proof, SourceId};
+use super::settings::{PlanCache, WeightPrecision};
+use super::skeleton;
 use super::symbols::set_inputs;
 use super::threads::{executor_for, run_on};
 use crate::error::{Error, Result};
+use crate::ops::packed::{Held, Packer};
+
+/// A graph built for one set of input shapes: optimized, with each input's element type and
+/// shape.
+struct Built {
+    model: Arc<TypedModel>,
+    inputs: Vec<(DatumType, Vec<usize>)>,
+}
+
+/// `model` typed for inputs of `shapes`, rewritten with weights from `packer`, and optimized.
+fn build(mut model: InferenceModel, shapes: &[Vec<usize>], packer: &Packer, path: &Path) -> Result<Built> {
+    let fail = |e: TractError| Error::Model { path: path.to_path_buf(), message: one_line(&format!("{e:#}")) };
+    let names = input_names(&model);
+    if names.len() != shapes.len() {
+        return Err(Error::Model {
+            path: path.to_path_buf(),
+            message: format!("the graph takes {} inputs {names:?}, expected {}", names.len(), shapes.len()),
+        });
+    }
+    let outlets = model.input_outlets().map_err(fail)?.to_vec();
+    let mut inputs = vec![];
+    let mut facts = vec![];
+    for (ix, (shape, outlet)) in shapes.iter().zip(outlets).enumerate() {
+        let dt = model.outlet_fact(outlet).map_err(fail)?.datum_type.concretize().unwrap_or(DatumType::F32);
+        facts.push((ix, InferenceFact::dt_shape(dt, shape)));
+        inputs.push((dt, shape.clone()));
+    }
+    set_inputs(&mut model, facts).map_err(fail)?;
+    let typed = model.into_typed().map_err(fail)?;
+    let (typed, _, _) = f32_rewrites(typed, true, packer).map_err(fail)?;
+    let model = Arc::new(optimize(typed).map_err(fail)?);
+    Ok(Built { model, inputs })
+}
+
+/// After the load that wrote the plan file: builds the graph again with the initializers of
+/// `origins` as stand-ins full of NaN and the weights packed this load, and runs one call on
+/// both. The names of the stand-ins when the outputs agree bit for bit (`super::skeleton`).
+fn prove(
+    path: &Path,
+    shapes: &[Vec<usize>],
+    built: &Built,
+    held: Vec<Held>,
+    origins: &HashSet<String>,
+    executor: &Executor,
+) -> Result<Option<Vec<String>>> {
+    let fail = |e: TractError| Error::Model { path: path.to_path_buf(), message: one_line(&format!("{e:#}")) };
+    let map = map_onnx(path)?;
+    let Some((model, _, stand_ins)) = skeleton::without(&map, path, &skeleton::initializer_names(origins), true) else {
+        return Ok(None);
+    };
+    drop(map);
+    let packer = Packer::over_held(held);
+    let proof = build(model, shapes, &packer, path)?;
+    if packer.failed() {
+        return Ok(None);
+    }
+    let inputs = skeleton::probe_inputs(&built.model).map_err(fail)?;
+    let mut ours = new_state(&built.model, executor).map_err(fail)?;
+    let ours = run_on(executor, &mut ours, inputs.clone()).map_err(fail)?;
+    let mut theirs = new_state(&proof.model, executor).map_err(fail)?;
+    let theirs = run_on(executor, &mut theirs, inputs).map_err(fail)?;
+    Ok(skeleton::same_outputs(&ours, &theirs).then_some(stand_ins))
+}
 
 /// An ONNX graph optimized for one set of input shapes, with its run state.
 pub struct Graph {
@@ -34,50 +99,82 @@ impl Graph {
     /// (one per graph input, in the graph's order), applies edge-diffuse's float32 rewrites and
     /// tract's optimization, and makes a run state on `threads` threads.
     pub fn load(path: &Path, shapes: &[Vec<usize>], threads: usize) -> Result<Self> {
-        Self::load_with(path, shapes, threads, PlanCache::Off)
+        Self::load_with(path, shapes, threads, PlanCache::Off, WeightPrecision::F32)
     }
 
     /// [`Graph::load`], with the packed weights of its operators in a plan file as `plan_cache`
-    /// says ([`Graph::plan_file`] tells what became of it).
-    pub fn load_with(path: &Path, shapes: &[Vec<usize>], threads: usize, plan_cache: PlanCache) -> Result<Self> {
+    /// says ([`Graph::plan_file`] tells what became of it), packed in `weights`' precision.
+    /// As for a denoiser ([`Denoiser::load_with`](super::Denoiser::load_with)), the load that
+    /// writes the plan file proves which initializers it covers, and later loads for the same
+    /// shapes leave those out of the ONNX file.
+    pub fn load_with(
+        path: &Path,
+        shapes: &[Vec<usize>],
+        threads: usize,
+        plan_cache: PlanCache,
+        weights: WeightPrecision,
+    ) -> Result<Self> {
         let fail = |e: TractError| Error::Model { path: path.to_path_buf(), message: one_line(&format!("{e:#}")) };
-        let (proto, source) = read_proto(path)?;
+        let signature = format!("{shapes:?}");
+        let map = map_onnx(path)?;
+        let source = match skeleton::scan(&map) {
+            Some(heads) => {
+                SourceId::of(&map, &external_paths(heads.iter().filter_map(|h| h.location.as_deref()), path.parent()))
+            }
+            None => SourceId::of(&map, &[]),
+        };
         let mut plan_file = PlanStore::new(plan_cache, path, true, source);
-        let mut model = parse(&proto, path.parent()).map_err(fail)?;
+        plan_file.set_weights(weights);
+        let executor = executor_for(threads).1;
+        let proof = plan_file.proof().filter(|p| p.builds.contains(&signature));
+        if let Some(proof) = proof {
+            let names: HashSet<String> = proof.stand_ins.iter().cloned().collect();
+            if let Some((model, _, left_out)) = skeleton::without(&map, path, &names, false) {
+                let packer = plan_file.packer();
+                packer.by_key_alone(true);
+                if let Ok(built) = build(model, shapes, &packer, path) {
+                    if !packer.failed() {
+                        drop(map);
+                        plan_file.left_out = left_out.len();
+                        plan_file.after_build(signature);
+                        return Self::finish(path, built, executor, plan_file.status);
+                    }
+                }
+            }
+            // A weight the plan file lacks: read the whole file.
+            plan_file.reset();
+        }
+        let proto = decode(&map, path)?;
+        drop(map);
+        let model = parse(&proto, path.parent()).map_err(fail)?;
         drop(proto);
-        let names = input_names(&model);
-        if names.len() != shapes.len() {
-            return Err(Error::Model {
-                path: path.to_path_buf(),
-                message: format!("the graph takes {} inputs {names:?}, expected {}", names.len(), shapes.len()),
-            });
+        let built = build(model, shapes, &plan_file.packer(), path)?;
+        plan_file.after_build(signature.clone());
+        if let Some((held, origins, _)) = plan_file.to_prove() {
+            if let Ok(Some(stand_ins)) = prove(path, shapes, &built, held, &origins, &executor) {
+                plan_file.record(Proof { stand_ins, builds: vec![signature] });
+            }
         }
-        let outlets = model.input_outlets().map_err(fail)?.to_vec();
-        let mut inputs = vec![];
-        let mut facts = vec![];
-        for (ix, (shape, outlet)) in shapes.iter().zip(outlets).enumerate() {
-            let dt = model.outlet_fact(outlet).map_err(fail)?.datum_type.concretize().unwrap_or(DatumType::F32);
-            facts.push((ix, InferenceFact::dt_shape(dt, shape)));
-            inputs.push((dt, shape.clone()));
-        }
-        set_inputs(&mut model, facts).map_err(fail)?;
-        let typed = model.into_typed().map_err(fail)?;
-        let (typed, _, _) = f32_rewrites(typed, true, &plan_file.packer()).map_err(fail)?;
-        plan_file.after_build(format!("{shapes:?}"));
-        let model = Arc::new(optimize(typed).map_err(fail)?);
+        Self::finish(path, built, executor, plan_file.status)
+    }
+
+    fn finish(path: &Path, built: Built, executor: Executor, plan_file: PlanFile) -> Result<Self> {
+        let fail = |e: TractError| Error::Model { path: path.to_path_buf(), message: one_line(&format!("{e:#}")) };
+        let Built { model, inputs } = built;
         let outputs = (0..model.output_outlets().map_err(fail)?.len())
             .map(|i| {
                 let fact = model.output_fact(i).map_err(fail)?;
                 fact.shape.as_concrete().map(|s| s.to_vec()).ok_or_else(|| Error::Model {
                     path: path.to_path_buf(),
-                    message: format!("output {i} has no fixed shape for inputs {shapes:?}"),
+                    message: format!(
+                        "output {i} has no fixed shape for inputs {:?}",
+                        inputs.iter().map(|i| &i.1).collect::<Vec<_>>()
+                    ),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let executor = executor_for(threads).1;
         let state = new_state(&model, &executor).map_err(fail)?;
         let nodes = model.nodes().len();
-        let plan_file = plan_file.status;
         Ok(Graph {
             path: path.to_path_buf(),
             state: Exclusive::new(state),

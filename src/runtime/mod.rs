@@ -41,10 +41,10 @@ pub use graph::{run_graph, Graph};
 pub use load::IoInfo;
 pub use plan_file::PlanFile;
 pub use profile::{NodeTime, OpProfile, OpTime};
-pub use settings::{Convolution, PlanCache, Precision};
+pub use settings::{Convolution, PlanCache, Precision, WeightPrecision};
 
 use bind::{bind, copy_output, Bindings};
-use load::{count_params, decode, describe, external_paths, map_onnx, one_line, parse, parse_leaving_out, read_proto};
+use load::{count_params, decode, describe, external_paths, map_onnx, one_line, parse, read_proto};
 use memory::return_freed_memory;
 use plan::Plans;
 use plan_file::{PlanStore, SourceId};
@@ -94,9 +94,18 @@ impl Denoiser {
     /// untouched stand-ins for them, and the plans read the packed weights from the plan file.
     /// A plan the proof does not cover (another batch size or setting) reads the ONNX file
     /// again first.
-    pub fn load_with(card: &ModelCard, threads: usize, plan_cache: PlanCache) -> Result<Self> {
+    ///
+    /// `weights`: the precision of the packed weights ([`set_weight_precision`](Denoiser::set_weight_precision)).
+    pub fn load_with(
+        card: &ModelCard,
+        threads: usize,
+        plan_cache: PlanCache,
+        weights: WeightPrecision,
+    ) -> Result<Self> {
         if plan_cache == PlanCache::Off {
-            return Self::load(card, threads);
+            let mut denoiser = Self::load(card, threads)?;
+            denoiser.set_weight_precision(weights);
+            return Ok(denoiser);
         }
         let path = card.onnx_path();
         let dir = path.parent();
@@ -106,10 +115,12 @@ impl Denoiser {
             drop(map);
             let mut denoiser = Self::load(card, threads)?;
             denoiser.set_plan_cache(plan_cache);
+            denoiser.set_weight_precision(weights);
             return Ok(denoiser);
         };
         let source = SourceId::of(&map, &external_paths(heads.iter().filter_map(|h| h.location.as_deref()), dir));
         let mut plan_file = PlanStore::new(plan_cache, &path, true, source);
+        plan_file.set_weights(weights);
         if let Some(proof) = plan_file.proof() {
             if let Some((model, params, left_out)) = Self::leave_out(&map, &path, &proof) {
                 plan_file.left_out = left_out;
@@ -132,12 +143,8 @@ impl Denoiser {
     /// when the proof does not fit the file (it names initializers the file lacks).
     fn leave_out(bytes: &[u8], path: &Path, proof: &plan_file::Proof) -> Option<(InferenceModel, usize, usize)> {
         let names: HashSet<String> = proof.stand_ins.iter().cloned().collect();
-        let (stripped, stand_ins) = skeleton::strip(bytes, &names)?;
-        let proto = decode(&stripped, path).ok()?;
-        let left_out: usize = stand_ins.iter().map(|s| s.dims.iter().product::<usize>()).sum();
-        let mut model = parse_leaving_out(&proto, path.parent(), &names).ok()?;
-        skeleton::install(&mut model, &stand_ins, false).ok()?;
-        Some((model, count_params(&proto) + left_out, stand_ins.len()))
+        let (model, params, left_out) = skeleton::without(bytes, path, &names, false)?;
+        Some((model, params, left_out.len()))
     }
 
     /// Loads an ONNX model held in memory (for models compiled into the program).
@@ -295,23 +302,13 @@ impl Denoiser {
     /// of NaN, with the weights packed this load, and runs one call on both: the names of the
     /// stand-ins when every output agrees bit for bit.
     fn prove(&mut self, held: Vec<ops::packed::Held>, origins: &HashSet<String>) -> TractResult<Option<Vec<String>>> {
-        // tract names the typed constant of initializer `w` `w.0`.
-        let names: HashSet<String> = origins
-            .iter()
-            .map(|o| o.strip_suffix(".0").unwrap_or(o).to_string())
-            .chain(origins.iter().cloned())
-            .collect();
-        let origins = &names;
         let map = map_onnx(&self.path)?;
-        let Some((bytes, stand_ins)) = skeleton::strip(&map, origins) else { return Ok(None) };
-        drop(map);
-        if stand_ins.is_empty() {
+        let Some((model, _, stand_ins)) =
+            skeleton::without(&map, &self.path, &skeleton::initializer_names(origins), true)
+        else {
             return Ok(None);
-        }
-        let proto = decode(&bytes, &self.path)?;
-        let mut model = parse_leaving_out(&proto, self.path.parent(), origins)?;
-        drop(proto);
-        skeleton::install(&mut model, &stand_ins, true)?;
+        };
+        drop(map);
         let packer = ops::packed::Packer::over_held(held);
         let batches: Vec<usize> = self.plans.get_mut().keys().copied().collect();
         for batch in batches {
@@ -323,16 +320,11 @@ impl Denoiser {
             let theirs = run_on(&self.executor, &mut proof.state, inputs.clone())?;
             let plan = self.plans.get_mut().get_mut(&batch).expect("listed above");
             let ours = run_on(&self.executor, &mut plan.state, inputs)?;
-            for (a, b) in ours.iter().zip(theirs.iter()) {
-                let same = a.datum_type() == b.datum_type() && a.shape() == b.shape() && a.as_bytes() == b.as_bytes();
-                if !same {
-                    return Ok(None);
-                }
+            if !skeleton::same_outputs(&ours, &theirs) {
+                return Ok(None);
             }
         }
-        let mut names: Vec<String> = stand_ins.into_iter().map(|s| s.name).collect();
-        names.sort();
-        Ok(Some(names))
+        Ok(Some(stand_ins))
     }
 
     fn released(&self, batch: usize) -> Error {
@@ -365,6 +357,16 @@ impl Denoiser {
     /// Takes effect at the next plan build: call it before the first call or `prepare`.
     pub fn set_plan_cache(&mut self, setting: PlanCache) {
         self.plan_file.set(setting);
+    }
+
+    /// The precision our operators' packed weights are kept in ([`WeightPrecision::F32`]
+    /// unless set; a [`Pipeline`](crate::Pipeline) sets its
+    /// [`LoadOptions::weights`](crate::LoadOptions)). Takes effect at the next plan build: call
+    /// it before the first call or `prepare`.
+    pub fn set_weight_precision(&mut self, weights: WeightPrecision) {
+        if self.plan_file.weights() != weights {
+            self.plan_file.set_weights(weights);
+        }
     }
 
     /// What became of the plan file at the last plan build.

@@ -21,11 +21,11 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use super::settings::PlanCache;
+use super::settings::{PlanCache, WeightPrecision};
 use crate::ops::packed::{Entry, Held, Packer};
 
 const MAGIC: &[u8; 8] = b"EDPLAN\0\0";
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
 const PREFIX: usize = 24;
 const ALIGN: usize = 4096;
 
@@ -65,6 +65,8 @@ struct Header {
     arch: String,
     kernels: String,
     source: SourceId,
+    /// The weights' precision: `f32` or `f16`.
+    weights: String,
     entries: Vec<HeaderEntry>,
     /// What the load that wrote the file proved (`super::skeleton`).
     #[serde(default)]
@@ -84,6 +86,7 @@ struct HeaderEntry {
     key: String,
     /// Bytes from the data start.
     offset: u64,
+    /// Elements (of the header's `weights` precision).
     floats: u64,
     fingerprint: u64,
 }
@@ -140,6 +143,8 @@ pub(super) struct PlanStore {
     /// given as bytes, whose path only labels it).
     beside: bool,
     source: SourceId,
+    /// The precision of the weights packed, and so of the plan file.
+    weights: WeightPrecision,
     packer: Option<Arc<Packer>>,
     /// The plan file the packer maps, and the proof it records.
     mapped: Option<(PathBuf, Proof)>,
@@ -165,6 +170,7 @@ impl PlanStore {
             onnx: onnx.to_path_buf(),
             beside,
             source,
+            weights: WeightPrecision::F32,
             packer: None,
             mapped: None,
             stale: None,
@@ -181,6 +187,17 @@ impl PlanStore {
     pub(super) fn set(&mut self, setting: PlanCache) {
         self.setting = setting;
         self.reset();
+    }
+
+    /// Another weight precision; the next build starts over.
+    pub(super) fn set_weights(&mut self, weights: WeightPrecision) {
+        self.weights = weights;
+        self.reset();
+    }
+
+    /// The weight precision of the packed weights.
+    pub(super) fn weights(&self) -> WeightPrecision {
+        self.weights
     }
 
     /// Forgets the weights held: the plans they served are gone.
@@ -200,9 +217,10 @@ impl PlanStore {
     pub(super) fn packer(&mut self) -> Arc<Packer> {
         if self.packer.is_none() {
             let mut packer = Packer::default();
+            packer.set_half(self.weights == WeightPrecision::F16);
             if self.setting != PlanCache::Off {
-                for path in candidates(&self.setting, &self.onnx, self.beside, &self.source) {
-                    match open(&path, &self.source) {
+                for path in candidates(&self.setting, &self.onnx, self.beside, &self.source, self.weights) {
+                    match open(&path, &self.source, self.weights) {
                         Ok(Some((p, proof))) => {
                             packer = p;
                             self.mapped = Some((path, proof));
@@ -264,7 +282,7 @@ impl PlanStore {
     fn write(&mut self, held: &[Held], proof: &Proof) {
         let started = Instant::now();
         let mut last_error = String::from("no folder to write to");
-        for path in candidates(&self.setting, &self.onnx, self.beside, &self.source) {
+        for path in candidates(&self.setting, &self.onnx, self.beside, &self.source, self.weights) {
             match write(&path, &self.source, held, proof) {
                 Ok(()) => {
                     let ms = started.elapsed().as_secs_f64() * 1e3;
@@ -301,8 +319,18 @@ impl PlanStore {
 
 /// Where the plan file of the ONNX file `onnx` may be, in the order tried: beside it, then in
 /// the cache folder ([`PlanCache::Auto`]); in the folder given ([`PlanCache::Dir`]).
-pub(super) fn candidates(setting: &PlanCache, onnx: &Path, beside: bool, source: &SourceId) -> Vec<PathBuf> {
-    let kernels = crate::kernels::tag();
+pub(super) fn candidates(
+    setting: &PlanCache,
+    onnx: &Path,
+    beside: bool,
+    source: &SourceId,
+    weights: WeightPrecision,
+) -> Vec<PathBuf> {
+    // Float16 weights have a file of their own: switching back and forth rewrites neither.
+    let kernels = match weights {
+        WeightPrecision::F32 => crate::kernels::tag(),
+        WeightPrecision::F16 => format!("{}.f16", crate::kernels::tag()),
+    };
     let file = onnx.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
     // In a shared folder the name also carries the source's identity: two models of the same
     // file name do not take turns overwriting one plan file.
@@ -338,7 +366,11 @@ fn align(n: usize) -> usize {
 
 /// A packer over the plan file at `path`: `Ok(None)` when there is none, `Err(why)` when it is
 /// there but stale or damaged.
-pub(super) fn open(path: &Path, source: &SourceId) -> Result<Option<(Packer, Proof)>, String> {
+pub(super) fn open(
+    path: &Path,
+    source: &SourceId,
+    weights: WeightPrecision,
+) -> Result<Option<(Packer, Proof)>, String> {
     let file = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -349,12 +381,18 @@ pub(super) fn open(path: &Path, source: &SourceId) -> Result<Option<(Packer, Pro
     // maps it is unsupported (SIGBUS, as for any map: docs/memory.md).
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| format!("cannot map it: {e}"))?;
     let map = Arc::new(map);
-    let (index, proof) = validate(&map, source)?;
-    Ok(Some((Packer::over_map(map, index), proof)))
+    let (index, proof) = validate(&map, source, weights)?;
+    let packer = Packer::over_map(map, index);
+    packer.set_half(weights == WeightPrecision::F16);
+    Ok(Some((packer, proof)))
 }
 
 /// The index of the plan file `bytes`, with absolute offsets, when every check passes.
-fn validate(bytes: &[u8], source: &SourceId) -> Result<(HashMap<String, Entry>, Proof), String> {
+fn validate(
+    bytes: &[u8],
+    source: &SourceId,
+    weights: WeightPrecision,
+) -> Result<(HashMap<String, Entry>, Proof), String> {
     if bytes.len() < PREFIX {
         return Err(format!("{} bytes, shorter than its prefix", bytes.len()));
     }
@@ -383,6 +421,8 @@ fn validate(bytes: &[u8], source: &SourceId) -> Result<(HashMap<String, Entry>, 
     want("edge-diffuse", &header.crate_version, env!("CARGO_PKG_VERSION"))?;
     want("architecture", &header.arch, std::env::consts::ARCH)?;
     want("kernels", &header.kernels, &crate::kernels::tag())?;
+    want("weights", &header.weights, &weights.to_string())?;
+    let (half, size) = (weights == WeightPrecision::F16, weights.bytes());
     if header.source != *source {
         return Err("the ONNX file changed since it was built".into());
     }
@@ -390,17 +430,22 @@ fn validate(bytes: &[u8], source: &SourceId) -> Result<(HashMap<String, Entry>, 
     let mut index = HashMap::new();
     for e in header.entries {
         let (offset, floats) = (e.offset as usize, e.floats as usize);
-        let end = floats.checked_mul(4).and_then(|b| b.checked_add(data)?.checked_add(offset));
+        let end = floats.checked_mul(size).and_then(|b| b.checked_add(data)?.checked_add(offset));
         if offset % ALIGN != 0 || end.is_none_or(|end| end > bytes.len()) {
             return Err(format!("weight {:?} lies out of bounds or unaligned", e.key));
         }
-        index.insert(e.key, Entry { offset: data + offset, len: floats, fingerprint: e.fingerprint });
+        index.insert(e.key, Entry { offset: data + offset, len: floats, half, next: None, fingerprint: e.fingerprint });
     }
     Ok((index, header.proof))
 }
 
 /// Writes `held` as the plan file `path`: a temporary file beside it, synced, then renamed.
 pub(super) fn write(path: &Path, source: &SourceId, held: &[Held], proof: &Proof) -> std::io::Result<()> {
+    let half = held.first().is_some_and(|h| h.packed.is_half());
+    if held.iter().any(|h| h.packed.is_half() != half) {
+        return Err(std::io::Error::other("weights of two precisions in one plan file"));
+    }
+    let weights = if half { WeightPrecision::F16 } else { WeightPrecision::F32 };
     let mut entries = vec![];
     let mut offset = 0usize;
     for h in held {
@@ -411,13 +456,14 @@ pub(super) fn write(path: &Path, source: &SourceId, held: &[Held], proof: &Proof
             floats: floats as u64,
             fingerprint: h.fingerprint,
         });
-        offset += align(floats * 4);
+        offset += align(floats * weights.bytes());
     }
     let header = Header {
         crate_version: env!("CARGO_PKG_VERSION").into(),
         arch: std::env::consts::ARCH.into(),
         kernels: crate::kernels::tag(),
         source: source.clone(),
+        weights: weights.to_string(),
         entries,
         proof: proof.clone(),
     };
@@ -438,9 +484,7 @@ pub(super) fn write(path: &Path, source: &SourceId, held: &[Held], proof: &Proof
         let mut at = PREFIX + header.len();
         out.write_all(&zeros[..align(at) - at])?;
         for h in held {
-            let floats = h.packed.as_slice();
-            // SAFETY: any f32 is 4 plain bytes; the slice lives through the write.
-            let bytes = unsafe { std::slice::from_raw_parts(floats.as_ptr() as *const u8, floats.len() * 4) };
+            let bytes = h.packed.bytes();
             out.write_all(bytes)?;
             at = bytes.len();
             out.write_all(&zeros[..align(at) - at])?;
@@ -459,6 +503,7 @@ pub(super) fn write(path: &Path, source: &SourceId, held: &[Held], proof: &Proof
 mod tests {
     use super::*;
     use crate::ops::packed::fingerprint;
+    use WeightPrecision::{F16, F32};
 
     fn source() -> SourceId {
         SourceId::of(b"an onnx file", &[])
@@ -482,7 +527,7 @@ mod tests {
         let dir = scratch("roundtrip");
         let path = dir.join("m.edplan");
         write(&path, &source(), &held(&Packer::default()), &Proof::default()).unwrap();
-        let (packer, _) = open(&path, &source()).unwrap().expect("a plan file");
+        let (packer, _) = open(&path, &source(), F32).unwrap().expect("a plan file");
         let mut calls = 0;
         let a = packer.get("linear/a", &[1.0, 2.0, 3.0], None, || {
             calls += 1;
@@ -494,12 +539,38 @@ mod tests {
         });
         assert_eq!(calls, 0);
         assert!(a.is_mapped() && b.is_mapped());
-        assert_eq!(a.as_slice(), &[1.0, 2.0, 3.0]);
-        assert_eq!(b.as_slice(), &(0..1500).map(|i| i as f32).collect::<Vec<_>>()[..]);
+        // The first weight asks for the second ahead of use; the last asks for nothing.
+        let (b_at, _) = (b.bytes().as_ptr() as usize - a.bytes().as_ptr() as usize, ());
+        let (a_at, next) = a.next_bytes().expect("a mapped weight followed by another");
+        assert_eq!(next, a_at + b_at..a_at + b_at + 1500 * 4);
+        assert!(b.next_bytes().is_none());
+        assert_eq!(a.to_vec(), &[1.0, 2.0, 3.0]);
+        assert_eq!(b.to_vec(), &(0..1500).map(|i| i as f32).collect::<Vec<_>>()[..]);
         // Another source weight under the same key is packed again, not read from the map.
         let c = packer.get("linear/a", &[9.0, 2.0, 3.0], None, || vec![7.0]);
-        assert_eq!((c.as_slice(), c.is_mapped()), (&[7.0][..], false));
+        assert_eq!((c.to_vec(), c.is_mapped()), (vec![7.0], false));
         assert_ne!(fingerprint(&[9.0, 2.0, 3.0]), fingerprint(&[1.0, 2.0, 3.0]));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_half_plan_file_maps_back_half_the_bytes_and_is_refused_for_f32() {
+        let dir = scratch("half");
+        let path = dir.join("m.edplan");
+        let half = Packer::default();
+        half.set_half(true);
+        let held = held(&half);
+        write(&path, &source(), &held, &Proof::default()).unwrap();
+        let (packer, _) = open(&path, &source(), F16).unwrap().expect("a plan file");
+        let b = packer.get("winograd3x3/b", &[4.0; 1500], None, || panic!("packed again"));
+        assert!(b.is_mapped() && b.is_half());
+        assert_eq!(b.to_vec(), held[1].packed.to_vec());
+        assert_eq!(b.bytes().len(), 3000);
+        let why = open(&path, &source(), F32).err().expect("refused");
+        assert!(why.contains("weights f16"), "{why}");
+        // One plan file holds one precision.
+        let mixed = [held[0].clone(), self::held(&Packer::default())[1].clone()];
+        assert!(write(&dir.join("mixed"), &source(), &mixed, &Proof::default()).is_err());
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -511,7 +582,7 @@ mod tests {
         let good = std::fs::read(&path).unwrap();
         let check = |bytes: &[u8], source: &SourceId, needle: &str| {
             std::fs::write(&path, bytes).unwrap();
-            let why = open(&path, source).err().unwrap_or_else(|| panic!("accepted; expected {needle}"));
+            let why = open(&path, source, F32).err().unwrap_or_else(|| panic!("accepted; expected {needle}"));
             assert!(why.contains(needle), "{why:?} should say {needle:?}");
         };
         check(&good[..10], &source(), "shorter");
@@ -538,7 +609,7 @@ mod tests {
         bad.resize(good.len(), 0);
         check(&bad, &source(), "out of bounds");
         std::fs::remove_file(&path).unwrap();
-        assert!(open(&path, &source()).unwrap().is_none());
+        assert!(open(&path, &source(), F32).unwrap().is_none());
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -547,7 +618,7 @@ mod tests {
         let dir = scratch("deleted");
         let path = dir.join("m.edplan");
         write(&path, &source(), &held(&Packer::default()), &Proof::default()).unwrap();
-        let (packer, _) = open(&path, &source()).unwrap().unwrap();
+        let (packer, _) = open(&path, &source(), F32).unwrap().unwrap();
         let before = packer.get("winograd3x3/b", &[4.0; 1500], None, Vec::new);
         std::fs::rename(&path, dir.join("moved")).unwrap();
         std::fs::remove_file(dir.join("moved")).unwrap();
@@ -555,9 +626,10 @@ mod tests {
         let other = Packer::default();
         other.get("winograd3x3/b", &[4.0; 1500], None, || vec![-1.0; 1500]);
         write(&path, &source(), &other.held(), &Proof::default()).unwrap();
-        assert_eq!(before.as_slice()[1499], 1499.0);
+        assert_eq!(before.to_vec()[1499], 1499.0);
         assert_eq!(
-            open(&path, &source()).unwrap().unwrap().0.get("winograd3x3/b", &[4.0; 1500], None, Vec::new).as_slice()[0],
+            open(&path, &source(), F32).unwrap().unwrap().0.get("winograd3x3/b", &[4.0; 1500], None, Vec::new).to_vec()
+                [0],
             -1.0
         );
         std::fs::remove_dir_all(dir).unwrap();
@@ -566,16 +638,18 @@ mod tests {
     #[test]
     fn candidates_go_beside_the_model_then_to_the_cache() {
         let onnx = Path::new("/models/m/unet.onnx");
-        let auto = candidates(&PlanCache::Auto, onnx, true, &source());
+        let auto = candidates(&PlanCache::Auto, onnx, true, &source(), F32);
         let tag = crate::kernels::tag();
         if Path::new("/models/m").is_dir() {
             assert_eq!(auto[0], Path::new(&format!("/models/m/unet.onnx.{tag}.edplan")));
         }
         assert!(auto.last().unwrap().to_string_lossy().contains("edge-diffuse"));
-        let in_memory = candidates(&PlanCache::Auto, onnx, false, &source());
+        let in_memory = candidates(&PlanCache::Auto, onnx, false, &source(), F32);
         assert!(in_memory.iter().all(|p| p.to_string_lossy().contains("edge-diffuse")));
-        let dir = candidates(&PlanCache::Dir("/c".into()), onnx, true, &source());
+        let dir = candidates(&PlanCache::Dir("/c".into()), onnx, true, &source(), F32);
         assert_eq!(dir, vec![PathBuf::from(format!("/c/unet.onnx.{:016x}.{tag}.edplan", source().hash))]);
-        assert!(candidates(&PlanCache::Off, onnx, true, &source()).is_empty());
+        let half = candidates(&PlanCache::Dir("/c".into()), onnx, true, &source(), F16);
+        assert_eq!(half, vec![PathBuf::from(format!("/c/unet.onnx.{:016x}.{tag}.f16.edplan", source().hash))]);
+        assert!(candidates(&PlanCache::Off, onnx, true, &source(), F32).is_empty());
     }
 }

@@ -116,3 +116,46 @@ impl std::fmt::Display for PlanCache {
         }
     }
 }
+
+/// The precision the packed weights of our operators are stored in, on the heap and in the
+/// plan file (see `docs/memory.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightPrecision {
+    /// float32, as exported: the same bits as the graph.
+    #[default]
+    F32,
+    /// float16 (rounded to nearest even): half the bytes. The kernels widen a few panels at a
+    /// time to float32 just before they use them and compute in float32, so only the weights'
+    /// own rounding changes the result.
+    F16,
+}
+
+impl WeightPrecision {
+    /// Bytes per weight.
+    pub(crate) fn bytes(self) -> usize {
+        match self {
+            WeightPrecision::F32 => 4,
+            WeightPrecision::F16 => 2,
+        }
+    }
+}
+
+impl std::str::FromStr for WeightPrecision {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(WeightPrecision::F32),
+            "f16" => Ok(WeightPrecision::F16),
+            other => Err(Error::config("weights", format!("expected f32 or f16, got {other:?}"))),
+        }
+    }
+}
+
+impl std::fmt::Display for WeightPrecision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WeightPrecision::F32 => "f32",
+            WeightPrecision::F16 => "f16",
+        })
+    }
+}

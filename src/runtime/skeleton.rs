@@ -220,6 +220,46 @@ pub(super) fn install(model: &mut InferenceModel, stand_ins: &[StandIn], poison:
     Ok(())
 }
 
+/// The graph of the ONNX file `bytes` (at `path`) without the initializers named in `names`,
+/// each replaced by a stand-in ([`install`]; full of NaN when `poison`); its parameter count,
+/// and the names left out. `None` when the names do not fit the file (it lacks one, or one is
+/// not float32) or the rest does not parse.
+pub(super) fn without(
+    bytes: &[u8],
+    path: &std::path::Path,
+    names: &HashSet<String>,
+    poison: bool,
+) -> Option<(InferenceModel, usize, Vec<String>)> {
+    let (stripped, stand_ins) = strip(bytes, names)?;
+    if stand_ins.is_empty() {
+        return None;
+    }
+    let proto = super::load::decode(&stripped, path).ok()?;
+    drop(stripped);
+    let left_out: usize = stand_ins.iter().map(|s| s.dims.iter().product::<usize>()).sum();
+    let mut model = super::load::parse_leaving_out(&proto, path.parent(), names).ok()?;
+    let params = super::load::count_params(&proto) + left_out;
+    drop(proto);
+    install(&mut model, &stand_ins, poison).ok()?;
+    let mut names: Vec<String> = stand_ins.into_iter().map(|s| s.name).collect();
+    names.sort();
+    Some((model, params, names))
+}
+
+/// The initializer names of `origins` (the typed constants the packed weights came from):
+/// tract names the constant of initializer `w` `w.0`.
+pub(super) fn initializer_names(origins: &HashSet<String>) -> HashSet<String> {
+    origins.iter().map(|o| o.strip_suffix(".0").unwrap_or(o).to_string()).chain(origins.iter().cloned()).collect()
+}
+
+/// Whether two calls' outputs agree bit for bit.
+pub(super) fn same_outputs(a: &[TValue], b: &[TValue]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(a, b)| a.datum_type() == b.datum_type() && a.shape() == b.shape() && a.as_bytes() == b.as_bytes())
+}
+
 /// Inputs for a proof call: every float input filled with a fixed pattern in [-1, 1], every
 /// other one with zeros.
 pub(super) fn probe_inputs(model: &TypedModel) -> TractResult<TVec<TValue>> {

@@ -60,6 +60,9 @@ pub struct BenchArgs {
     /// or a folder (see `sample --help`).
     #[arg(long, default_value = "auto", value_name = "auto|off|DIR")]
     pub plan_cache: String,
+    /// The precision of the packed weights: f32 or f16 (see `sample --help`).
+    #[arg(long, default_value = "f32", value_name = "f32|f16")]
+    pub weights: String,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -108,8 +111,16 @@ pub fn run(a: BenchArgs, model: PathBuf) -> Result<()> {
     let convolution = crate::parse_flag(&a.convolution)?;
     let preview_decoder = crate::sample::preview_decoder(a.preview_decoder.as_deref());
     let plan_cache = crate::parse_flag(&a.plan_cache)?;
-    let mut opts =
-        LoadOptions { precision, guidance_batching, convolution, preview_decoder, plan_cache, ..Default::default() };
+    let weights = crate::parse_flag(&a.weights)?;
+    let mut opts = LoadOptions {
+        precision,
+        guidance_batching,
+        convolution,
+        preview_decoder,
+        plan_cache,
+        weights,
+        ..Default::default()
+    };
     if let Some(t) = a.threads {
         anyhow::ensure!(t >= 1, "--threads: expected at least 1");
         opts.threads = t;
@@ -192,6 +203,7 @@ pub fn run(a: BenchArgs, model: PathBuf) -> Result<()> {
         "guidance_batching": batching_label,
         "precision": pipe.denoiser().precision().to_string(),
         "convolution": pipe.denoiser().convolution().to_string(),
+        "weights": a.weights,
         "winograd_convolutions": pipe.denoiser().winograd_convolutions(),
         "fused_group_norms": pipe.denoiser().fused_group_norms(),
         "cpu": cpu_model(),

@@ -148,6 +148,10 @@ pub struct SampleArgs {
     /// weights through the map (file-backed memory that the OS can drop and read again).
     #[arg(long, default_value = "auto", value_name = "auto|off|DIR")]
     plan_cache: String,
+    /// The precision of the packed weights, on the heap and in the plan file: f16 halves their
+    /// bytes (its own plan file); the kernels widen them to f32 a few panels at a time.
+    #[arg(long, default_value = "f32", value_name = "f32|f16")]
+    weights: String,
     /// Cross-attention conditioning (encoder_hidden_states), float32 .npy [1, tokens, dim].
     #[arg(long, value_name = "FILE.npy")]
     context: Option<PathBuf>,
@@ -244,6 +248,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
         preview_decoder: preview_decoder(a.preview_decoder.as_deref()),
         tile_overlap: a.tile_overlap,
         plan_cache: parse_flag(&a.plan_cache)?,
+        weights: parse_flag(&a.weights)?,
         ..Default::default()
     };
     match (a.width, a.height) {

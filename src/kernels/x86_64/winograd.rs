@@ -19,6 +19,7 @@
 use std::arch::x86_64::*;
 
 use super::gemm::{self, MR, NR};
+use crate::kernels::Floats;
 
 /// Rows of products kept per tile position: the most panels the AVX-512 kernel makes at once.
 const ROWS: usize = gemm::MOST * MR;
@@ -118,7 +119,7 @@ impl Output {
 /// transforms every block's input itself).
 #[derive(Clone, Copy)]
 pub struct Call<'a> {
-    pub u: &'a [f32],
+    pub u: Floats<'a>,
     pub bias: &'a [f32],
     pub x: &'a [f32],
     pub y: Output,
@@ -177,6 +178,8 @@ unsafe fn body<const WIDE: bool>(call: Call, items: std::ops::Range<usize>, scra
     let mut dt = [[[0f32; NR]; 4]; 4];
     let mut px = [[[0f32; NR]; 2]; 2];
     let mut transformed = None;
+    // Float16 weights: the panels one product takes, widened.
+    let mut wide = Vec::new();
     for item in items {
         let (g, q) = (item / d.chunks(), item % d.chunks());
         let blocks = q * d.chunk..d.blocks().min((q + 1) * d.chunk);
@@ -203,24 +206,15 @@ unsafe fn body<const WIDE: bool>(call: Call, items: std::ops::Range<usize>, scra
         while p < end {
             let count = gemm::at_once(kernel, end - p);
             for xi in 0..16 {
+                let first = xi * len + p * c * MR;
+                let up = u.widen(first..first + count * c * MR, &mut wide);
                 for (v, m) in parts.iter_mut().take(held) {
                     let rows = &v[xi * c * NR..][..c * NR];
                     let out = &mut m[xi * ROWS * NR..][..ROWS * NR];
-                    // Safety: `kernel` is the one `run` checked; `u[ξ]` holds every panel,
-                    // `rows` c rows of NR, `out` ROWS ≥ count·MR rows of NR.
-                    unsafe {
-                        gemm::block(
-                            kernel,
-                            &u[xi * len..][..len],
-                            [k, c],
-                            p..p + count,
-                            rows,
-                            NR,
-                            out.as_mut_ptr(),
-                            NR,
-                            None,
-                        )
-                    };
+                    // Safety: `kernel` is the one `run` checked; `up` holds the panels from p
+                    // (so the rows below k − p·MR), `rows` c rows of NR, `out` ROWS ≥ count·MR
+                    // rows of NR.
+                    unsafe { gemm::block(kernel, up, [k - p * MR, c], 0..count, rows, NR, out.as_mut_ptr(), NR, None) };
                 }
             }
             for (b, (_, m)) in parts.iter().enumerate().take(held) {
@@ -632,7 +626,7 @@ mod tests {
                     let mut y = vec![f32::NAN; n * k * h * w];
                     let mut scratch = vec![0f32; d.scratch_len()];
                     let items = 0..d.chunks() * groups;
-                    let call = Call { u: &u, bias: &bias, x: &x, y: Output::new(&mut y), d, groups };
+                    let call = Call { u: Floats::F32(&u), bias: &bias, x: &x, y: Output::new(&mut y), d, groups };
                     run(kernel, call, items, &mut scratch);
                     y
                 });
@@ -643,7 +637,8 @@ mod tests {
                     let mut y = vec![f32::NAN; n * k * h * w];
                     let mut scratch = vec![0f32; chunked.scratch_len()];
                     let items = 0..chunked.chunks() * groups;
-                    let call = Call { u: &u, bias: &bias, x: &x, y: Output::new(&mut y), d: chunked, groups };
+                    let call =
+                        Call { u: Floats::F32(&u), bias: &bias, x: &x, y: Output::new(&mut y), d: chunked, groups };
                     run(kernel, call, items, &mut scratch);
                     let same = y.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits());
                     assert!(same, "{kernel:?}, chunks of 3: n{n} c{c} k{k} {h}x{w}, {groups} group(s)");
