@@ -125,11 +125,16 @@ impl Fx {
     }
 
     /// Every file and folder under the folder: relative path → (is a folder, size, content
-    /// when the file is small).
+    /// when the file is small). Plan files are left out: the load writes the model's cache of
+    /// packed weights beside it (whole, by rename) before a request can fail, and that is no
+    /// output of the run.
     fn snapshot(&self) -> BTreeMap<PathBuf, (bool, u64, Option<Vec<u8>>)> {
         fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, (bool, u64, Option<Vec<u8>>)>) {
             for entry in std::fs::read_dir(dir).unwrap() {
                 let p = entry.unwrap().path();
+                if p.extension().is_some_and(|e| e == "edplan") {
+                    continue;
+                }
                 let meta = std::fs::symlink_metadata(&p).unwrap();
                 let rel = p.strip_prefix(root).unwrap().to_path_buf();
                 if meta.is_dir() {

@@ -13,6 +13,7 @@ pub(crate) mod attention;
 pub(crate) mod conv;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod direct_conv;
+pub(crate) mod embedding;
 pub(crate) mod group_norm;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod linear;

@@ -141,7 +141,8 @@ impl Winograd3x3 {
             let large = 16 * k * c > LARGE;
             // A large layer's weights come from L3 or memory: a chunk of blocks reads each panel
             // once for all of them. 4 blocks: 8 was faster on one thread but slower on two.
-            let chunk = if large { 4 } else { 1 };
+            // Float16 weights take chunks too, so that each widened panel serves 4 blocks.
+            let chunk = if large || self.weights.is_half() { 4 } else { 1 };
             let d = fused::Dims { n, c, k, h, w, chunk };
             // With fewer blocks than threads, or in a large layer, the threads also split the
             // output channels.

@@ -14,6 +14,7 @@ pub(crate) mod contiguous_constants;
 pub(crate) mod conv1x1;
 pub(crate) mod conv_match;
 pub(crate) mod einsum_permute;
+pub(crate) mod embedding;
 pub(crate) mod group_norm;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod linear;
@@ -81,6 +82,12 @@ pub(crate) const PASSES: &[Pass] = &[
     Pass { name: ATTENTION, stage: Stage::Imported, convolutions: false, run: Run::Plain(attention::rewrite) },
     #[cfg(target_arch = "x86_64")]
     Pass { name: "1x1 convolution", stage: Stage::Imported, convolutions: true, run: Run::Packing(conv1x1::rewrite) },
+    Pass { name: "embedding", stage: Stage::Imported, convolutions: false, run: Run::Packing(embedding::rewrite) },
+    // Linear layers first as imported: declutter would fold a following slice (GEGLU's two
+    // halves) or scale into copies of their weights, which no initializer names, so a plan
+    // file could not leave those weights out of the ONNX file. The rest after declutter.
+    #[cfg(target_arch = "x86_64")]
+    Pass { name: "linear", stage: Stage::Imported, convolutions: false, run: Run::Packing(linear::rewrite) },
     Pass { name: GROUP_NORM, stage: Stage::Decluttered, convolutions: false, run: Run::Plain(group_norm::rewrite) },
     Pass {
         name: "einsum permutation",
