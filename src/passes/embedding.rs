@@ -31,11 +31,8 @@ pub(crate) fn rewrite(model: &mut TypedModel, packer: &Packer) -> TractResult<us
         // Read in place: a table held with other strides is left to tract.
         let Ok(source) = f32s(&values, "Embedding") else { continue };
         let op = Embedding::new_in(site, source, [rows, dim]);
-        let mut patch = TypedModelPatch::default();
-        let ids = patch.tap_model(model, model.node(id).inputs[1])?;
-        let y = patch.wire_node(format!("{name}.embedding"), op, &[ids])?[0];
-        patch.shunt_outside(model, id.into(), y)?;
-        patch.apply(model)?;
+        let node = model.node(id);
+        TypedModelPatch::replace_single_op(model, node, &node.inputs[1..], op)?.apply(model)?;
         replaced += 1;
     }
     Ok(replaced)
