@@ -92,3 +92,39 @@ fn profile_prints_where_a_call_spends_its_time() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.starts_with("error: ") && err.contains("runs"), "{err}");
 }
+
+/// `bench --compare` measures each path this CPU runs, with its ratio to tract's im2col path at
+/// the same threads (1 and 2 here: four paths without float16 arithmetic).
+#[test]
+fn bench_compare_reports_every_path_and_its_ratio() {
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/models/fmnist-student");
+    #[rustfmt::skip]
+    let out = common::edge_diffuse()
+        .args(["bench", "--model", model, "--runs", "1", "--threads", "2", "--steps", "1", "--compare", "--json",
+               "--plan-cache", "off"])
+        .output()
+        .expect("runs");
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let paths = v["paths"].as_array().expect("paths");
+    let f16 = v["f16_arithmetic"].as_bool().expect("f16_arithmetic");
+    assert_eq!(paths.len(), if f16 { 8 } else { 4 }, "{v}");
+    for threads in [1, 2] {
+        for convolution in ["im2col", "winograd"] {
+            let p = paths
+                .iter()
+                .find(|p| p["threads"] == threads && p["convolution"] == convolution && p["precision"] == "f32")
+                .unwrap_or_else(|| panic!("no {convolution} f32 path at {threads} threads in {v}"));
+            let (ms, ratio) = (p["step_ms_median"].as_f64().unwrap(), p["vs_im2col_f32"].as_f64().unwrap());
+            assert!(ms > 0.0 && ratio > 0.0 && ratio.is_finite(), "{p}");
+            if convolution == "im2col" {
+                assert_eq!(ratio, 1.0);
+            }
+            // 3 rounds of 1 image of 1 step.
+            assert_eq!(p["steps_measured"], 3);
+        }
+    }
+    // A path flag cannot go with --compare.
+    let out = common::edge_diffuse().args(["bench", "--compare", "--convolution", "im2col"]).output().expect("runs");
+    assert_eq!(out.status.code(), Some(2), "clap's usage error");
+}

@@ -2,13 +2,23 @@
 //! architecture. No tract types here: the operators (`crate::ops`) unpack tensors, hand out the
 //! work to threads, and call these.
 //!
+//! - `gemm`: the matrix product of the convolutions with constant, pre-packed weights, on x86-64
+//!   and aarch64; its micro-kernels are in the architecture modules. `direct_conv` gathers the
+//!   rows that a direct convolution multiplies on it.
 //! - [`portable`]: plain Rust that the compiler vectorizes for any target (the Winograd tile
 //!   transforms of the whole-map layout, the GroupNorm sums). aarch64 and 32-bit ARM run these;
-//!   aarch64's matrix products go to `matrixmultiply`'s NEON kernel.
-//! - `x86_64`: AVX2+FMA and AVX-512 intrinsics: the matrix kernel (`gemm`), the Winograd
+//!   32-bit ARM's matrix products go to `matrixmultiply`.
+//! - `x86_64`: AVX2+FMA and AVX-512 intrinsics: the matrix micro-kernels, the Winograd
 //!   convolution in blocks of 16 tiles, the softmax rows, the GroupNorm built for AVX2, and the
-//!   row gathering of the direct convolutions.
+//!   Linear and attention kernels.
+//! - `aarch64`: NEON intrinsics: the matrix micro-kernel.
 
+#[cfg(target_arch = "aarch64")]
+pub(crate) mod aarch64;
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+pub(crate) mod direct_conv;
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+pub(crate) mod gemm;
 pub(crate) mod portable;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_64;
@@ -108,9 +118,9 @@ pub(crate) fn group_norm(x: &[f32], y: &mut [f32], plane: usize, [recip, eps]: [
 /// Names the kernels this process packs weights for, e.g. `x86_64-avx512`: a plan file written
 /// for other kernels (another CPU, `EDGE_DIFFUSE_X86_KERNEL`) is never read.
 pub(crate) fn tag() -> String {
-    #[cfg(target_arch = "x86_64")]
-    if x86_64::gemm::available() {
-        return format!("x86_64-{:?}", x86_64::gemm::Kernel::detect()).to_lowercase();
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    if gemm::available() {
+        return format!("{}-{:?}", std::env::consts::ARCH, gemm::Kernel::detect()).to_lowercase();
     }
     format!("{}-plain", std::env::consts::ARCH)
 }
@@ -162,7 +172,7 @@ pub(crate) mod testing {
     }
 
     /// Deterministic values in [-1, 1) (the direct-convolution tests').
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     pub(crate) fn values(len: usize, seed: u32) -> Vec<f32> {
         (0..len).map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0).collect()
     }

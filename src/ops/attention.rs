@@ -19,8 +19,8 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
 use super::{f32s, for_each, strided_offset, threads};
+use crate::kernels::gemm::{self, NR};
 use crate::kernels::x86_64::attention::{block, Head};
-use crate::kernels::x86_64::gemm::{self, NR};
 use crate::kernels::{carve, split};
 
 /// Where the roles' axes are. Each permutation lists, for each axis of the operator's own

@@ -1,4 +1,4 @@
-//! 1×1 convolutions on our matrix kernel (`gemm`), x86-64 with AVX2 and FMA; and, the same
+//! 1×1 convolutions on our matrix kernel (`gemm`: x86-64 with AVX2 and FMA, or aarch64); and, the same
 //! way, other convolutions computed directly: 3×3 ones of large layers on small maps
 //! (`crate::passes::winograd`) and strided ones (diffusers' downsamplers), whose blocks hold one
 //! copy of each input channel per kernel tap, shifted (and strided) to line up with the outputs.
@@ -25,8 +25,8 @@ use super::packed::Packer;
 use super::packed::{Packed, Site};
 use super::scratch::{with_scratch, Scratch};
 use super::{for_each, threads, Output};
-use crate::kernels::x86_64::direct_conv::{shifted_rows, Phases};
-use crate::kernels::x86_64::gemm::{self, MR, NR};
+use crate::kernels::direct_conv::{shifted_rows, Phases};
+use crate::kernels::gemm::{self, MR, NR};
 use crate::kernels::{carve, split, Floats, Window};
 
 /// A 1×1, stride-1 convolution on our kernel, or another one computed directly; see the module

@@ -22,7 +22,7 @@ use super::packed::Packer;
 use super::packed::{Packed, Site};
 use super::scratch::{with_scratch, Scratch};
 use super::{f32s, for_each, strided_offset, threads, Output};
-use crate::kernels::x86_64::gemm::Kernel;
+use crate::kernels::gemm::Kernel;
 use crate::kernels::x86_64::linear::{block, pack_rows, pack_weights, MOST_ROWS, MOST_WIDTH};
 use crate::kernels::{carve, split};
 
@@ -296,7 +296,7 @@ mod tests {
     #[test]
     fn threads_split_the_work_without_changing_a_bit() -> TractResult<()> {
         use tract_linalg::multithread::{multithread_tract_scope, Executor};
-        if !crate::kernels::x86_64::gemm::available() {
+        if !crate::kernels::gemm::available() {
             return Ok(());
         }
         // Many blocks and one group of panels; one block and many groups.

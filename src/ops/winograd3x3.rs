@@ -24,9 +24,12 @@
 //! - On x86-64 with AVX2 and FMA (`crate::kernels::x86_64::winograd`): blocks of 16 tiles go through all three stages at
 //!   once, so `V` and `M` stay in L1/L2; the products on our own kernel (`gemm`, `U` packed for
 //!   it once at load), the transforms in AVX2 intrinsics.
-//! - Elsewhere (aarch64): the whole `V`, then 16 whole products on `matrixmultiply`, then the
-//!   output transform (`crate::kernels::portable::winograd`). Tiles of one tile row are contiguous in `t`, so both transforms run along
-//!   whole rows, which the compiler vectorizes.
+//! - On aarch64, and on x86-64 for AVX2's large layers: the whole `V`, then the 16 whole
+//!   products on our kernel (NEON's micro-kernel on aarch64), then the output transform.
+//!   Tiles of one tile row are contiguous in `t`: the transforms run along whole rows, which
+//!   the compiler vectorizes (`crate::kernels::portable::winograd`), or on aarch64 four tiles
+//!   to a NEON register (`crate::kernels::aarch64::winograd`).
+//! - Elsewhere (32-bit ARM): the same layout, with the products on `matrixmultiply`.
 
 use ndarray::linalg::general_mat_mul;
 use ndarray::{ArrayView2, ArrayViewMut2};
@@ -38,9 +41,15 @@ use super::packed::Packer;
 use super::packed::{Packed, Site};
 use super::scratch::{with_scratch, Scratch};
 use super::{for_each, threads};
-use crate::kernels::portable::winograd::{input_transform, output_transform, transform_kernel};
+#[cfg(target_arch = "aarch64")]
+use crate::kernels::aarch64::winograd::{input_transform, output_transform};
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+use crate::kernels::gemm;
+use crate::kernels::portable::winograd::transform_kernel;
+#[cfg(not(target_arch = "aarch64"))]
+use crate::kernels::portable::winograd::{input_transform, output_transform};
 #[cfg(target_arch = "x86_64")]
-use crate::kernels::x86_64::{gemm, winograd as fused};
+use crate::kernels::x86_64::winograd as fused;
 use crate::kernels::{carve, split, Window};
 
 /// A 3×3, stride-1, padding-1 convolution computed by F(2×2, 3×3); see the module docs.
@@ -66,9 +75,9 @@ impl Winograd3x3 {
 
     /// [`Self::new`] with the transformed weights from the packer, for the node `site` names.
     pub(crate) fn new_in(site: Site, kernel: &[f32], bias: Option<&[f32]>, k: usize, c: usize) -> Self {
-        #[cfg(target_arch = "x86_64")]
+        #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
         let own_kernel = gemm::available();
-        #[cfg(not(target_arch = "x86_64"))]
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
         let own_kernel = false;
         Self::with_products(site, kernel, bias, [k, c], own_kernel)
     }
@@ -78,9 +87,9 @@ impl Winograd3x3 {
     fn with_products(site: Site, kernel: &[f32], bias: Option<&[f32]>, [k, c]: [usize; 2], own_kernel: bool) -> Self {
         let kind = if own_kernel { "winograd3x3" } else { "winograd3x3-plain" };
         let weights = site.get(kind, kernel, || {
-            #[allow(unused_mut)] // only x86-64 repacks
+            #[allow(unused_mut)] // only where our kernel runs
             let mut u = transform_kernel(kernel, k, c);
-            #[cfg(target_arch = "x86_64")]
+            #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
             if own_kernel {
                 u = u.chunks_exact(k * c).flat_map(|ui| gemm::pack_weights(ui, k, c)).collect();
             }
@@ -187,7 +196,7 @@ impl Winograd3x3 {
                 let mut wide = Vec::new();
                 let (u, v) = (u.widen(xi * len..(xi + 1) * len, &mut wide), &v[xi * c * t..][..c * t]);
                 if self.own_kernel {
-                    #[cfg(target_arch = "x86_64")]
+                    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
                     return gemm::product(gemm::Kernel::detect(), u, v, p, [k, c, t]);
                 }
                 let a = ArrayView2::from_shape((k, c), u).expect("U shape");
@@ -224,7 +233,7 @@ fn runs_in_blocks(kernel: gemm::Kernel, k: usize, c: usize) -> bool {
 /// each reads a share of the weights rather than all of them. On the 35.7M UNet's 256-channel
 /// layers at two threads, splitting the blocks between the threads was slower than the
 /// whole-map layout; splitting the output channels was faster than both.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) const LARGE: usize = 16 * 128 * 128;
 
 #[cfg(test)]
@@ -238,7 +247,7 @@ mod tests {
 
     /// Both ways of running the products, where this CPU has both.
     fn ops_for(kernel: &[f32], bias: &[f32], k: usize, c: usize) -> Vec<Winograd3x3> {
-        #[allow(unused_mut)] // only x86-64 adds the second
+        #[allow(unused_mut)] // only where our kernel runs
         let mut ops = vec![Winograd3x3::with_products(
             Site { packer: &Packer::default(), node: "", origin: None },
             kernel,
@@ -246,7 +255,7 @@ mod tests {
             [k, c],
             false,
         )];
-        #[cfg(target_arch = "x86_64")]
+        #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
         if gemm::available() {
             ops.push(Winograd3x3::with_products(
                 Site { packer: &Packer::default(), node: "", origin: None },
@@ -325,11 +334,11 @@ mod tests {
             let bias = random(k, 3);
             let want = direct(&x, &kernel, &bias, [n, c, h, w], k);
             for own_kernel in [false, true] {
-                #[cfg(target_arch = "x86_64")]
+                #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
                 if own_kernel && !gemm::available() {
                     continue;
                 }
-                #[cfg(not(target_arch = "x86_64"))]
+                #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
                 if own_kernel {
                     continue;
                 }
@@ -353,8 +362,8 @@ mod tests {
                 };
                 let (a, b) = (run(&op), run(&rounded));
                 let same = a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits());
-                // Taken in blocks when half; the whole-map layout for the large f32 layer on
-                // AVX2, whose sums run in another order.
+                // Taken in blocks when half on x86-64; the whole-map layout for the large f32
+                // layer on AVX2, whose sums run in another order.
                 #[cfg(target_arch = "x86_64")]
                 let blocks_both = !own_kernel || runs_in_blocks(gemm::Kernel::detect(), k, c);
                 #[cfg(not(target_arch = "x86_64"))]

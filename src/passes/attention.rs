@@ -22,7 +22,7 @@ use tract_onnx::tract_core::ops::math::{Div, Mul};
 use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
 
 use super::bin_by_const;
-use crate::kernels::x86_64::gemm;
+use crate::kernels::gemm;
 use crate::ops::attention::{Attention, Layout};
 
 /// Replaces every attention pattern (see the module docs) over float32 tensors by an

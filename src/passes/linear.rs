@@ -11,7 +11,7 @@ use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::math::Add;
 
 use super::bin_by_const;
-use crate::kernels::x86_64::gemm;
+use crate::kernels::gemm;
 use crate::ops::linear::{Linear, LinearAxes, OutAxis};
 use crate::ops::packed::{Packer, Site};
 use crate::ops::strided_offset;

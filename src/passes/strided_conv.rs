@@ -3,7 +3,7 @@
 
 use tract_onnx::prelude::*;
 
-use crate::kernels::x86_64::gemm;
+use crate::kernels::gemm;
 use crate::ops::direct_conv::Pointwise;
 use crate::ops::packed::Packer;
 

@@ -4,14 +4,14 @@
 
 use tract_onnx::prelude::*;
 
-#[cfg(target_arch = "x86_64")]
-use crate::kernels::x86_64::gemm;
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+use crate::kernels::gemm;
 use crate::kernels::Window;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 use crate::ops::direct_conv::Pointwise;
 use crate::ops::packed::Packer;
 use crate::ops::winograd3x3::Winograd3x3;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 use crate::ops::winograd3x3::LARGE;
 
 /// Whether this build has a fast matrix product for the 16 products: our kernel or
@@ -36,7 +36,7 @@ pub(crate) fn rewrite(model: &mut TypedModel, packer: &Packer) -> TractResult<us
         if f.window != Window::square(3, 1) {
             return None;
         }
-        #[cfg(target_arch = "x86_64")]
+        #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
         if direct_pays(f.k, f.c, f.map) {
             return Some(Box::new(Pointwise::direct(
                 f.site(packer),
@@ -61,13 +61,13 @@ pub(crate) fn rewrite(model: &mut TypedModel, packer: &Packer) -> TractResult<us
 /// Measured on the 35.7M UNet: faster directly on its 4×4 maps; on its 8×8 maps the direct
 /// convolution was slower (also with each panel of weights read once for 4 blocks), hence
 /// [`SMALL`].
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 fn direct_pays(k: usize, c: usize, [h, w]: [usize; 2]) -> bool {
     gemm::available() && 16 * k * c > LARGE && h * w <= SMALL
 }
 
 /// See [`direct_pays`].
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 const SMALL: usize = 16;
 
 #[cfg(test)]
@@ -110,7 +110,7 @@ mod tests {
 
     /// A large layer on a 4×4 map becomes a direct convolution (`Pointwise`), on an 8×8 map a
     /// Winograd one; both match tract's own result.
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     #[test]
     fn large_layers_on_small_maps_run_directly() -> TractResult<()> {
         if !gemm::available() {

@@ -66,9 +66,14 @@ pub struct BenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Measure every path this CPU runs, interleaved, and print their ratios: tract's im2col
+    /// convolutions and ours, f32 and (where the CPU has f16 arithmetic) f16, at 1 thread and
+    /// at --threads (default: every core); 3 rounds of --runs images per path after a warm-up.
+    #[arg(long, conflicts_with_all = ["precision", "convolution", "strength", "preview_every", "guidance_batching"])]
+    pub compare: bool,
 }
 
-fn percentile(sorted: &[f64], q: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
@@ -95,7 +100,7 @@ fn plan_file_report(pipe: &Pipeline) -> serde_json::Value {
     }
 }
 
-fn cpu_model() -> String {
+pub(crate) fn cpu_model() -> String {
     let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     info.lines()
         .find_map(|l| l.strip_prefix("model name").or_else(|| l.strip_prefix("Model")))
@@ -105,6 +110,12 @@ fn cpu_model() -> String {
 
 pub fn run(a: BenchArgs, model: PathBuf) -> Result<()> {
     anyhow::ensure!(a.runs >= 1, "--runs: expected at least 1");
+    if a.threads == Some(0) {
+        anyhow::bail!("--threads: expected at least 1");
+    }
+    if a.compare {
+        return crate::compare::run(&a, &model);
+    }
     let precision = crate::parse_flag(&a.precision)?;
     let guidance_batching = crate::parse_flag(&a.guidance_batching)?;
     let batching_label = a.guidance_batching.clone();

@@ -10,6 +10,7 @@ use edge_diffuse::pipeline::{LoadOptions, Pipeline};
 use edge_diffuse::ModelCard;
 
 mod bench;
+mod compare;
 mod interrupt;
 mod memory;
 mod profile;

@@ -35,6 +35,7 @@ pub(crate) fn transform_kernel(kernel: &[f32], k: usize, c: usize) -> Vec<f32> {
 /// transform into contiguous, vectorizable loops over `tx`.
 ///
 /// Only the channels in `channels`: `v[ξ]` holds their rows, `(ci − channels.start)·t + tile`.
+#[cfg_attr(target_arch = "aarch64", allow(dead_code))] // aarch64 runs its NEON one, tested against this
 pub(crate) fn input_transform(
     x: &[f32],
     [n, c, h, w]: [usize; 4],
@@ -53,12 +54,16 @@ pub(crate) fn input_transform(
         let row_at = (ci - channels.start) * t;
         for (i, line) in src.chunks_exact(w).enumerate() {
             // Padded column p is input column p − 1: odd columns hold the even input columns.
+            // Zipped iterators over whole pairs, without bounds checks, so that the compiler
+            // deinterleaves a vector of pairs at a time (LD2 on NEON).
             let (e, o) = (&mut even[(i + 1) * cw..][..cw], &mut odd[(i + 1) * cw..][..cw]);
-            for (j, px) in line.chunks(2).enumerate() {
-                o[j] = px[0];
-                if let Some(&second) = px.get(1) {
-                    e[j + 1] = second;
-                }
+            let pairs = line.chunks_exact(2);
+            if let [last] = pairs.remainder() {
+                o[w / 2] = *last;
+            }
+            for ((px, oj), ej) in pairs.zip(o.iter_mut()).zip(e[1..].iter_mut()) {
+                *oj = px[0];
+                *ej = px[1];
             }
         }
         for ty in 0..th {
@@ -107,6 +112,7 @@ pub(crate) fn input_transform(
 /// `Y = Aᵀ M A + bias` for every tile, from `m[ξ][k][t]` into `y[n][k][h][w]`.
 ///
 /// Aᵀ = [[1,1,1,0],[0,1,-1,-1]]. Only the output planes `planes` (`b·k + ki`), into `y`.
+#[cfg_attr(target_arch = "aarch64", allow(dead_code))] // aarch64 runs its NEON one, tested against this
 pub(crate) fn output_transform(
     m: &[f32],
     bias: &[f32],

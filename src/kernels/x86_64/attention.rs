@@ -13,8 +13,8 @@
 
 use std::arch::x86_64::*;
 
-use super::gemm::{self, Kernel, MR, NR};
 use super::softmax::exp_nonpositive;
+use crate::kernels::gemm::{self, Kernel, MR, NR};
 
 /// The sizes of one head: `keys` (S), `depth` (d, the query and key features) and `features`
 /// (dv, the value features).

@@ -2,7 +2,7 @@
 //! activations), `W` (c × k, constant) and `Y` (t × k). Transformers are mostly these, with t in
 //! the hundreds or thousands of tokens and c, k in the hundreds.
 //!
-//! Why not `crate::kernels::x86_64::gemm`: that kernel broadcasts each weight and loads 16
+//! Why not `crate::kernels::gemm`: that kernel broadcasts each weight and loads 16
 //! columns of the other operand per multiply-add row, so it issues about one load per
 //! multiply-add. Loads, not multiplies, then bound it (about half the machine's peak here). This
 //! kernel turns the product around, as the fast BLAS kernels do: it broadcasts one activation per
@@ -14,7 +14,7 @@
 //! reads one stream whatever the input's strides. Sums run over the input features in order, one
 //! fused multiply-add each, from the bias, so both kernels give the same bits.
 
-use super::gemm::Kernel;
+use crate::kernels::gemm::Kernel;
 
 impl Kernel {
     /// Output features per panel of packed weights.

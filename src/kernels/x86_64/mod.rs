@@ -2,7 +2,6 @@
 //! features (tract's builds target baseline x86-64).
 
 pub(crate) mod attention;
-pub(crate) mod direct_conv;
 pub(crate) mod gemm;
 pub(crate) mod group_norm;
 pub(crate) mod linear;

@@ -18,7 +18,7 @@
 
 use std::arch::x86_64::*;
 
-use super::gemm::{self, MR, NR};
+use crate::kernels::gemm::{self, MR, NR};
 use crate::kernels::Floats;
 
 /// Rows of products kept per tile position: the most panels the AVX-512 kernel makes at once.

@@ -1,0 +1,347 @@
+//! The matrix products of our convolutions: `M = U · V` with `U` (k × c, constant weights),
+//! `V` (c × t, one row per input channel) and `M` (k × t), all small: k and c are 32–256
+//! channels, t is 16–1024 tiles or pixels. Used for the 16 products of a Winograd convolution
+//! (`crate::ops::winograd3x3`), for direct convolutions, 1×1 included (`crate::ops::direct_conv`),
+//! and on x86-64 for attention's two products.
+//!
+//! Why our own: a general matrix product packs both operands on every call. Here `U` is
+//! constant, so it is packed once at load ([`pack_weights`]), and `V` needs no packing at all:
+//! the kernel reads rows of 16 columns straight from a block of it. With `matrixmultiply`,
+//! packing took a noticeable share of a call; tract-linalg's kernels, fed packed operands, were
+//! no faster (docs: optimizations).
+//!
+//! The micro-kernels, one picked per process ([`Kernel::detect`]), each in its architecture's
+//! module; all keep a block of `M` in registers and add, for each input channel, one column of
+//! `U` times one 16-value row of `V`, so that every sum adds the same products in the same
+//! order, one fused multiply-add at a time, and all of them give the same bits:
+//! - AVX2+FMA (x86-64) keeps a 6 × 16 block of `M` in 12 registers of 8 lanes;
+//! - AVX-512 (x86-64) keeps up to a 30 × 16 block (five panels of `U`, [`MOST`]) in 30 of its 32
+//!   registers of 16 lanes, so that each 16-value row of `V` it loads serves 30 products rather
+//!   than 12. Up to five panels rather than two: the 35.7M UNet's 256-channel layers read `V`
+//!   from L2 or L3 for every group of panels, so fewer groups made its step faster.
+//! - NEON (aarch64) keeps a 6 × 16 block in 24 of its 32 registers of 4 lanes, and multiplies
+//!   by the weights as lanes of two registers (`FMLA` by element), without broadcasting them.
+//!
+//! `EDGE_DIFFUSE_X86_KERNEL=avx2` keeps a CPU with AVX-512 on the AVX2 kernel (to compare them).
+
+#[cfg(target_arch = "aarch64")]
+use super::aarch64::gemm as aarch64;
+#[cfg(target_arch = "x86_64")]
+use super::x86_64::gemm as x86_64;
+#[cfg(target_arch = "x86_64")]
+use std::sync::OnceLock;
+
+/// Output channels per block of the micro-kernel (rows of `M`).
+pub(crate) const MR: usize = 6;
+/// Tiles per block of the micro-kernel (columns of `M`).
+pub(crate) const NR: usize = 16;
+
+/// `U` (k × c, row-major) in the kernel's layout: panels of [`MR`] output channels, zero-padded,
+/// each as `c` columns of `MR` values.
+pub fn pack_weights(u: &[f32], k: usize, c: usize) -> Vec<f32> {
+    let mut packed = vec![0f32; packed_len(k, c)];
+    pack_strided(u, k, c, [c, 1], &mut packed);
+    packed
+}
+
+/// [`pack_weights`] into `packed` ([`packed_len`] values, its padding zero), from a `U` whose
+/// element (row, column) is at `u[row · strides[0] + column · strides[1]]`.
+pub(crate) fn pack_strided(u: &[f32], k: usize, c: usize, strides: [usize; 2], packed: &mut [f32]) {
+    for ki in 0..k {
+        let panel = &mut packed[(ki / MR) * c * MR..][..c * MR];
+        for ci in 0..c {
+            panel[ci * MR + ki % MR] = u[ki * strides[0] + ci * strides[1]];
+        }
+    }
+}
+
+/// Length of [`pack_weights`]' output.
+pub fn packed_len(k: usize, c: usize) -> usize {
+    k.div_ceil(MR) * c * MR
+}
+
+/// Whether this CPU runs one of the kernels: x86-64 with AVX2 and FMA, or any aarch64 (NEON is
+/// part of its base instruction set).
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+    #[cfg(target_arch = "aarch64")]
+    return true;
+}
+
+/// The micro-kernel this process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    #[cfg(target_arch = "aarch64")]
+    Neon,
+}
+
+impl Kernel {
+    /// On x86-64, AVX-512 where the CPU has it, unless `EDGE_DIFFUSE_X86_KERNEL=avx2`; AVX2
+    /// otherwise. Only meaningful where [`available`].
+    pub fn detect() -> Kernel {
+        #[cfg(target_arch = "x86_64")]
+        {
+            static KERNEL: OnceLock<Kernel> = OnceLock::new();
+            *KERNEL.get_or_init(|| {
+                let wanted = std::env::var("EDGE_DIFFUSE_X86_KERNEL").ok();
+                if wanted.as_deref() != Some("avx2") && std::is_x86_feature_detected!("avx512f") {
+                    Kernel::Avx512
+                } else {
+                    Kernel::Avx2
+                }
+            })
+        }
+        #[cfg(target_arch = "aarch64")]
+        Kernel::Neon
+    }
+
+    /// Whether this CPU runs `self` (tests ask before running a kernel that is not detected).
+    pub fn runs_here(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => available(),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => available() && std::is_x86_feature_detected!("avx512f"),
+            #[cfg(target_arch = "aarch64")]
+            Kernel::Neon => true,
+        }
+    }
+}
+
+/// Most panels a kernel takes at once: AVX-512 keeps 5 × 6 sums in 30 of its 32 registers.
+pub(crate) const MOST: usize = 5;
+
+/// How many of the next `left` panels `kernel` takes at once: one with AVX2 and NEON; with
+/// AVX-512 up to [`MOST`], spread evenly (6 panels go as 3 + 3, not 5 + 1: a lone panel loads a
+/// row of `V` for 6 products, 5 panels for 30).
+pub(crate) fn at_once(kernel: Kernel, left: usize) -> usize {
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512 => left.div_ceil(left.div_ceil(MOST).max(1)),
+        #[allow(unreachable_patterns)] // only AVX-512 takes more than one
+        _ => 1.min(left),
+    }
+}
+
+/// One block of [`NR`] columns of `M` for the output-channel panels `panels` of `u` (from
+/// [`pack_weights`] for `k` × `c`), each row starting from `init[row]` (0 with `None`):
+/// `rows` holds c rows of NR values, `stride` apart; row `ki` of `M` (for `ki` in the panels and
+/// below `k`) goes to `out + (ki − panels.start · MR) · ld`.
+///
+/// Safety: `kernel.runs_here()`; `u` holds the panels, `rows` c rows of NR `stride` apart,
+/// `init` (when given) `k` values, and `out` room for every row stored.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn block(
+    kernel: Kernel,
+    u: &[f32],
+    [k, c]: [usize; 2],
+    panels: std::ops::Range<usize>,
+    rows: &[f32],
+    stride: usize,
+    out: *mut f32,
+    ld: usize,
+    init: Option<&[f32]>,
+) {
+    let start = panels.start;
+    let mut p = start;
+    while p < panels.end {
+        let count = at_once(kernel, panels.end - p);
+        let height = (count * MR).min(k - p * MR);
+        let mut first = [0f32; MOST * MR];
+        if let Some(init) = init {
+            first[..height].copy_from_slice(&init[p * MR..][..height]);
+        }
+        // The panels are consecutive in `u`, c·MR values each.
+        let up = &u[p * c * MR..][..count * c * MR];
+        // Safety: the caller's promises, for these panels' rows.
+        unsafe {
+            let at = out.add((p - start) * MR * ld);
+            match (kernel, count) {
+                #[cfg(target_arch = "x86_64")]
+                (Kernel::Avx512, 5) => x86_64::block_avx512::<5>(up, rows, stride, at, ld, height, &first),
+                #[cfg(target_arch = "x86_64")]
+                (Kernel::Avx512, 4) => x86_64::block_avx512::<4>(up, rows, stride, at, ld, height, &first),
+                #[cfg(target_arch = "x86_64")]
+                (Kernel::Avx512, 3) => x86_64::block_avx512::<3>(up, rows, stride, at, ld, height, &first),
+                #[cfg(target_arch = "x86_64")]
+                (Kernel::Avx512, 2) => x86_64::block_avx512::<2>(up, rows, stride, at, ld, height, &first),
+                #[cfg(target_arch = "x86_64")]
+                (Kernel::Avx512, _) => x86_64::block_avx512::<1>(up, rows, stride, at, ld, height, &first),
+                #[cfg(target_arch = "x86_64")]
+                (Kernel::Avx2, _) => {
+                    x86_64::block_avx2_fma(up, rows, stride, at, ld, height, first[..MR].try_into().expect("MR values"))
+                }
+                #[cfg(target_arch = "aarch64")]
+                (Kernel::Neon, _) => {
+                    aarch64::block_neon(up, rows, stride, at, ld, height, first[..MR].try_into().expect("MR values"))
+                }
+            }
+        }
+        p += count;
+    }
+}
+
+/// [`block`] for a block whose last columns are padding: only the first `width` ≤ [`NR`] values
+/// of each row are stored (`rows` still holds whole rows of NR, zero-padded). A partial block
+/// goes panel by panel through a stack buffer.
+///
+/// Safety: as [`block`], with room for `width` values in each row of `out`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn block_cols(
+    kernel: Kernel,
+    u: &[f32],
+    [k, c]: [usize; 2],
+    panels: std::ops::Range<usize>,
+    rows: &[f32],
+    stride: usize,
+    width: usize,
+    out: *mut f32,
+    ld: usize,
+    init: Option<&[f32]>,
+) {
+    debug_assert!(width <= NR);
+    if width == NR {
+        // Safety: the caller's.
+        return unsafe { block(kernel, u, [k, c], panels, rows, stride, out, ld, init) };
+    }
+    for p in panels.clone() {
+        let mut acc = [[0f32; NR]; MR];
+        // Safety: the caller's, one panel into a whole MR × NR buffer; then `width` values of
+        // each of its rows below k into the caller's rows.
+        unsafe {
+            block(kernel, u, [k, c], p..p + 1, rows, stride, acc.as_mut_ptr().cast(), NR, init);
+            for (r, a) in acc.iter().enumerate().take(MR.min(k - p * MR)) {
+                std::ptr::copy_nonoverlapping(a.as_ptr(), out.add(((p - panels.start) * MR + r) * ld), width);
+            }
+        }
+    }
+}
+
+/// `m = u · v` on `kernel`: `u` from [`pack_weights`], `v` (c × t) and `m` (k × t) row-major.
+/// Panics unless `kernel.runs_here()`.
+pub fn product(kernel: Kernel, u: &[f32], v: &[f32], m: &mut [f32], [k, c, t]: [usize; 3]) {
+    assert!(kernel.runs_here(), "product: this CPU cannot run {kernel:?}");
+    assert!(u.len() >= packed_len(k, c) && v.len() >= c * t && m.len() >= k * t, "product: short operand");
+    let panels = k.div_ceil(MR);
+    // The last, partial block of tiles goes through a zero-padded copy of its columns.
+    let mut tail = Vec::new();
+    for t0 in (0..t).step_by(NR) {
+        let width = NR.min(t - t0);
+        let (rows, stride) = if width == NR {
+            (&v[t0..], t)
+        } else {
+            tail.resize(c * NR, 0.0);
+            for (dst, src) in tail.chunks_exact_mut(NR).zip(v.chunks_exact(t)) {
+                dst[..width].copy_from_slice(&src[t0..]);
+            }
+            (&tail[..], NR)
+        };
+        assert!(c == 0 || rows.len() >= (c - 1) * stride + NR, "product: short rows");
+        // Safety: `runs_here`, the operand lengths above; `width` columns from t0 of the k rows
+        // of m, t apart.
+        unsafe { block_cols(kernel, u, [k, c], 0..panels, rows, stride, width, m[t0..].as_mut_ptr(), t, None) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every kernel of this architecture.
+    #[cfg(target_arch = "x86_64")]
+    const EVERY: [Kernel; 2] = [Kernel::Avx2, Kernel::Avx512];
+    #[cfg(target_arch = "aarch64")]
+    const EVERY: [Kernel; 1] = [Kernel::Neon];
+
+    #[test]
+    fn matches_a_plain_product() {
+        if !available() {
+            eprintln!("no AVX2 and FMA here: the kernel cannot run");
+            return;
+        }
+        // Sizes around the block edges: k not a multiple of 6 (an odd number of panels for the
+        // AVX-512 pairs), t not a multiple of 16.
+        for (k, c, t) in [(6, 1, 16), (32, 32, 256), (7, 5, 17), (13, 3, 5), (1, 9, 33), (19, 4, 16), (24, 2, 40)] {
+            let u: Vec<f32> = (0..k * c).map(|i| ((i * 7 % 11) as f32 - 5.0) / 3.0).collect();
+            let v: Vec<f32> = (0..c * t).map(|i| ((i * 5 % 13) as f32 - 6.0) / 4.0).collect();
+            let mut m = vec![f32::NAN; k * t];
+            product(Kernel::detect(), &pack_weights(&u, k, c), &v, &mut m, [k, c, t]);
+            for ki in 0..k {
+                for ti in 0..t {
+                    let want: f64 = (0..c).map(|ci| u[ki * c + ci] as f64 * v[ci * t + ti] as f64).sum();
+                    let got = m[ki * t + ti] as f64;
+                    assert!(
+                        (got - want).abs() < 1e-5 * (1.0 + want.abs()),
+                        "k{k} c{c} t{t} at ({ki},{ti}): {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn both_kernels_give_the_same_bits() {
+        if !Kernel::Avx512.runs_here() {
+            eprintln!("no AVX-512 here: nothing to compare");
+            return;
+        }
+        for (k, c, t) in [(64, 64, 64), (19, 7, 33), (6, 3, 16), (128, 32, 20)] {
+            let u: Vec<f32> = (0..k * c).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
+            let v: Vec<f32> = (0..c * t).map(|i| ((i * 53 % 97) as f32 - 48.0) / 13.0).collect();
+            let packed = pack_weights(&u, k, c);
+            let [mut a, mut b] = [vec![f32::NAN; k * t], vec![f32::NAN; k * t]];
+            product(Kernel::Avx2, &packed, &v, &mut a, [k, c, t]);
+            product(Kernel::Avx512, &packed, &v, &mut b, [k, c, t]);
+            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "k{k} c{c} t{t}");
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn panels_at_once_are_spread_evenly() {
+        for left in 1..=40 {
+            let mut counts = vec![];
+            let mut rest = left;
+            while rest > 0 {
+                let n = at_once(Kernel::Avx512, rest);
+                assert!((1..=MOST).contains(&n), "{left} panels: {n} at once");
+                counts.push(n);
+                rest -= n;
+            }
+            let (most, least) = (counts.iter().max().unwrap(), counts.iter().min().unwrap());
+            assert!(most - least <= 1 && counts.len() == left.div_ceil(MOST), "{left} panels: {counts:?}");
+            assert_eq!(at_once(Kernel::Avx2, left), 1);
+        }
+    }
+
+    #[test]
+    fn block_starts_from_init_and_stores_only_rows_below_k() {
+        for kernel in EVERY {
+            if !kernel.runs_here() {
+                continue;
+            }
+            let (k, c) = (13, 4);
+            let u: Vec<f32> = (0..k * c).map(|i| i as f32 / 8.0).collect();
+            let v: Vec<f32> = (0..c * NR).map(|i| (i % 5) as f32).collect();
+            let init: Vec<f32> = (0..k).map(|i| 100.0 * i as f32).collect();
+            // Room for 3 panels (18 rows); rows 13.. must stay untouched.
+            let mut out = vec![f32::NAN; 18 * NR];
+            let packed = pack_weights(&u, k, c);
+            // Safety: `runs_here`; 3 panels of c·MR, c rows of NR, 18 rows of room.
+            unsafe { block(kernel, &packed, [k, c], 0..3, &v, NR, out.as_mut_ptr(), NR, Some(&init)) };
+            for ki in 0..k {
+                for ti in 0..NR {
+                    let want = init[ki] + (0..c).map(|ci| u[ki * c + ci] * v[ci * NR + ti]).sum::<f32>();
+                    assert!((out[ki * NR + ti] - want).abs() < 1e-3, "{kernel:?} ({ki},{ti})");
+                }
+            }
+            assert!(out[k * NR..].iter().all(|x| x.is_nan()), "{kernel:?} wrote past k");
+        }
+    }
+}
