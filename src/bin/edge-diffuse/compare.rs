@@ -121,16 +121,17 @@ pub fn run(a: &BenchArgs, model: &Path) -> Result<()> {
     if a.json {
         writeln!(out, "{report}")?;
     } else {
-        writeln!(out, "{} on {} ({} rounds of {} images per path)", report["model"], report["cpu"], ROUNDS, a.runs)?;
+        let text = |key: &str| report[key].as_str().unwrap_or_default().to_string();
+        writeln!(out, "{} on {} ({ROUNDS} rounds of {} images per path)", text("model"), text("cpu"), a.runs)?;
         writeln!(
             out,
-            "{:<10} {:<9} {:>7} {:>14} {:>15}",
+            "{:<11} {:<9} {:>7} {:>10} {:>14}",
             "convolution", "precision", "threads", "step ms", "vs im2col f32"
         )?;
         for row in &rows {
             writeln!(
                 out,
-                "{:<10} {:<9} {:>7} {:>14.3} {:>14.2}x",
+                "{:<11} {:<9} {:>7} {:>10.3} {:>13.2}x",
                 row["convolution"].as_str().unwrap_or(""),
                 row["precision"].as_str().unwrap_or(""),
                 row["threads"],
