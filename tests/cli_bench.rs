@@ -47,6 +47,13 @@ fn bench_rejects_zero_runs() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.starts_with("error: ") && err.contains("--runs"), "{err}");
+    // Zero threads too, with or without --compare, before any model is loaded.
+    for extra in [&[][..], &["--compare"][..]] {
+        let out = common::edge_diffuse().args(["bench", "--threads", "0"]).args(extra).output().expect("runs");
+        assert_eq!(out.status.code(), Some(1), "{extra:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.starts_with("error: ") && err.contains("--threads"), "{extra:?}: {err}");
+    }
 }
 
 #[test]

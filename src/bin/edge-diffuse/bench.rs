@@ -133,7 +133,6 @@ pub fn run(a: BenchArgs, model: PathBuf) -> Result<()> {
         ..Default::default()
     };
     if let Some(t) = a.threads {
-        anyhow::ensure!(t >= 1, "--threads: expected at least 1");
         opts.threads = t;
     }
     let sampler = a.sampler.as_deref().map(str::parse::<edge_diffuse::sampler::SamplerKind>).transpose()?;
