@@ -26,6 +26,8 @@
 
 #[cfg(target_arch = "aarch64")]
 use super::aarch64::gemm as aarch64;
+#[cfg(target_arch = "aarch64")]
+use super::aarch64::gemm_f16 as aarch64_f16;
 #[cfg(target_arch = "x86_64")]
 use super::x86_64::gemm as x86_64;
 #[cfg(target_arch = "x86_64")]
@@ -248,6 +250,56 @@ pub fn product(kernel: Kernel, u: &[f32], v: &[f32], m: &mut [f32], [k, c, t]: [
     }
 }
 
+/// Whether this CPU runs [`product_f16`]: aarch64 with FP16 arithmetic.
+#[cfg(target_arch = "aarch64")]
+pub fn half_available() -> bool {
+    aarch64_f16::available()
+}
+
+/// `m = u · v` with float16 products and sums, `m` widened to float32 as it is stored: `u` is
+/// [`pack_weights`]' layout in float16, `v` (c × t) float16 and `m` (k × t) float32, row-major.
+/// The blocks are 12 × 16 (two panels at once, `crate::kernels::aarch64::gemm_f16`). Panics
+/// unless [`half_available`].
+#[cfg(target_arch = "aarch64")]
+pub fn product_f16(u: &[half::f16], v: &[half::f16], m: &mut [f32], [k, c, t]: [usize; 3]) {
+    use aarch64_f16::{block_f16, ROWS};
+    assert!(half_available(), "product_f16: this CPU has no FP16 arithmetic");
+    assert!(u.len() >= packed_len(k, c) && v.len() >= c * t && m.len() >= k * t, "product_f16: short operand");
+    let panels = k.div_ceil(MR);
+    let mut tail = Vec::new();
+    let mut buf = [0f32; ROWS * NR];
+    for t0 in (0..t).step_by(NR) {
+        let width = NR.min(t - t0);
+        let (rows, stride) = if width == NR {
+            (&v[t0..], t)
+        } else {
+            tail.resize(c * NR, half::f16::ZERO);
+            for (dst, src) in tail.chunks_exact_mut(NR).zip(v.chunks_exact(t)) {
+                dst[..width].copy_from_slice(&src[t0..]);
+            }
+            (&tail[..], NR)
+        };
+        assert!(c == 0 || rows.len() >= (c - 1) * stride + NR, "product_f16: short rows");
+        for p in (0..panels).step_by(2) {
+            let u0 = &u[p * c * MR..][..c * MR];
+            let u1 = if p + 1 < panels { &u[(p + 1) * c * MR..][..c * MR] } else { u0 };
+            let height = (k - p * MR).min(ROWS);
+            // A whole block goes straight to `m`; a partial one through `buf`.
+            let whole = height == ROWS && width == NR;
+            let (out, ld) = if whole { (m[p * MR * t + t0..].as_mut_ptr(), t) } else { (buf.as_mut_ptr(), NR) };
+            // Safety: `half_available`; both panels hold c·MR halves, `rows` c rows of NR
+            // `stride` apart (asserted); a whole block's ROWS rows of NR from (p·MR, t0) are
+            // inside m (k ≥ p·MR + ROWS, t ≥ t0 + NR), else `buf` holds ROWS × NR.
+            unsafe { block_f16(u0.as_ptr(), u1.as_ptr(), c, rows.as_ptr(), stride, out, ld) };
+            if !whole {
+                for (r, row) in buf.chunks_exact(NR).take(height).enumerate() {
+                    m[(p * MR + r) * t + t0..][..width].copy_from_slice(&row[..width]);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,6 +333,41 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// The float16 product against float64 sums of the float16-rounded operands: the sums in
+    /// float16 lose about 2⁻¹¹ of the running sum per addition.
+    #[cfg(target_arch = "aarch64")]
+    #[test]
+    fn half_product_matches_a_plain_product() {
+        use half::f16;
+        if !half_available() {
+            eprintln!("no FP16 arithmetic here: the kernel cannot run");
+            return;
+        }
+        // k off 12 and off 6 (a lone last panel), t off 16, c = 0 and 1, a large c.
+        for (k, c, t) in
+            [(12, 1, 16), (32, 32, 256), (7, 5, 17), (13, 3, 5), (1, 9, 33), (19, 4, 16), (24, 256, 40), (6, 0, 3)]
+        {
+            let u: Vec<f32> = (0..k * c).map(|i| ((i * 7 % 11) as f32 - 5.0) / 3.0).collect();
+            let v: Vec<f32> = (0..c * t).map(|i| ((i * 5 % 13) as f32 - 6.0) / 4.0).collect();
+            let uh: Vec<f16> = pack_weights(&u, k, c).iter().map(|&x| f16::from_f32(x)).collect();
+            let vh: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
+            let mut m = vec![f32::NAN; k * t + 5];
+            product_f16(&uh, &vh, &mut m, [k, c, t]);
+            for ki in 0..k {
+                for ti in 0..t {
+                    let terms = (0..c).map(|ci| f16::from_f32(u[ki * c + ci]).to_f64() * vh[ci * t + ti].to_f64());
+                    let (want, size): (f64, f64) = terms.fold((0.0, 0.0), |(s, a), x| (s + x, a + x.abs()));
+                    let got = m[ki * t + ti] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-3 * size * (c as f64).sqrt().max(1.0) + 1e-6,
+                        "k{k} c{c} t{t} at ({ki},{ti}): {got} vs {want}"
+                    );
+                }
+            }
+            assert!(m[k * t..].iter().all(|x| x.is_nan()), "k{k} c{c} t{t}: wrote past m");
         }
     }
 

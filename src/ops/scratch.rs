@@ -11,6 +11,9 @@ use tract_onnx::tract_core::internal::*;
 pub(crate) struct Scratch {
     pub(crate) v: Vec<f32>,
     pub(crate) m: Vec<f32>,
+    /// `V` rounded to float16, for the float16 products.
+    #[cfg(target_arch = "aarch64")]
+    pub(crate) h: Vec<half::f16>,
 }
 
 /// One [`Scratch`] for all the Winograd nodes of a plan state, kept in its turn state.

@@ -62,6 +62,9 @@ pub struct Winograd3x3 {
     weights: Packed,
     /// Which of the two.
     own_kernel: bool,
+    /// Products in float16 (`gemm::product_f16`, weights rounded to float16), and the input and
+    /// output in float16 when the plan is: only where the CPU has FP16 arithmetic.
+    half_products: bool,
     /// One bias per output channel, float32 `[k]`; `None`: the node's second input, `k` values.
     bias: Option<Arc<Tensor>>,
 }
@@ -79,12 +82,27 @@ impl Winograd3x3 {
         let own_kernel = gemm::available();
         #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
         let own_kernel = false;
-        Self::with_products(site, kernel, bias, [k, c], own_kernel)
+        Self::with_products(site, kernel, bias, [k, c], own_kernel, false)
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    /// [`Self::new_in`] with float16 products (`--precision f16`), where the CPU has FP16
+    /// arithmetic ([`gemm::half_available`]); float32 products elsewhere.
+    pub(crate) fn new_half(site: Site, kernel: &[f32], bias: Option<&[f32]>, k: usize, c: usize) -> Self {
+        let half = gemm::half_available();
+        Self::with_products(site, kernel, bias, [k, c], half || gemm::available(), half)
     }
 
     /// [`Self::new_in`], with the products on our kernel (only where it is available) or on
     /// `matrixmultiply`.
-    fn with_products(site: Site, kernel: &[f32], bias: Option<&[f32]>, [k, c]: [usize; 2], own_kernel: bool) -> Self {
+    fn with_products(
+        site: Site,
+        kernel: &[f32],
+        bias: Option<&[f32]>,
+        [k, c]: [usize; 2],
+        own_kernel: bool,
+        half_products: bool,
+    ) -> Self {
         let kind = if own_kernel { "winograd3x3" } else { "winograd3x3-plain" };
         let weights = site.get(kind, kernel, || {
             #[allow(unused_mut)] // only where our kernel runs
@@ -95,7 +113,15 @@ impl Winograd3x3 {
             }
             u
         });
-        Winograd3x3 { k, c, weights, own_kernel, bias: bias.map(|b| Arc::new(tensor1(b))) }
+        // The float16 kernel reads float16 weights: from a plan file of `--weights f16`, else
+        // rounded here once.
+        let weights = if half_products && !weights.is_half() {
+            let mut wide = Vec::new();
+            Packed::heap_half(weights.floats().widen(0..weights.len(), &mut wide))
+        } else {
+            weights
+        };
+        Winograd3x3 { k, c, weights, own_kernel, half_products, bias: bias.map(|b| Arc::new(tensor1(b))) }
     }
 }
 
@@ -116,6 +142,10 @@ impl EvalOp for Winograd3x3 {
 
     fn eval(&self, ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         self.weights.prefetch_next();
+        #[cfg(target_arch = "aarch64")]
+        if inputs[0].datum_type() == f16::datum_type() {
+            return self.eval_half(ctx, inputs);
+        }
         let (xs, bias, [n, _, h, w]) = super::conv::call_inputs("Winograd3x3", &self.bias, &inputs, [self.c, self.k])?;
         let mut y = unsafe { Tensor::uninitialized::<f32>(&[n, self.k, h, w])? };
         let mut out = y.try_as_plain_ram_mut()?;
@@ -125,11 +155,45 @@ impl EvalOp for Winograd3x3 {
     }
 }
 
+#[cfg(target_arch = "aarch64")]
+impl Winograd3x3 {
+    /// A call in a float16 plan: the maps are widened to float32 for the transforms (the
+    /// products stay in float16) and the output rounded back to float16.
+    fn eval_half(&self, ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        use crate::kernels::aarch64::gemm_f16::{narrow, widen};
+        ensure!(self.half_products, "Winograd3x3: a float16 map for float32 products");
+        let x = &inputs[0];
+        ensure!(x.strides() == &*Tensor::natural_strides(x.shape()), "Winograd3x3: a strided tensor");
+        let halves = x.try_as_plain_ram()?.as_slice::<f16>()?;
+        let mut wide = unsafe { Tensor::uninitialized::<f32>(x.shape())? };
+        // Safety: `half_products` only where the CPU has FP16 arithmetic.
+        unsafe { widen(halves, wide.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?) };
+        let mut call: TVec<TValue> = tvec![wide.into_tvalue()];
+        if let Some(b) = inputs.get(1) {
+            call.push(b.cast_to::<f32>()?.into_owned().into_tvalue());
+        }
+        let (xs, bias, [n, _, h, w]) = super::conv::call_inputs("Winograd3x3", &self.bias, &call, [self.c, self.k])?;
+        let mut y = unsafe { Tensor::uninitialized::<f32>(&[n, self.k, h, w])? };
+        let mut out = y.try_as_plain_ram_mut()?;
+        let out = out.as_slice_mut::<f32>()?;
+        with_scratch(ctx, |scratch| self.run(xs, bias, [n, h, w], out, scratch))?;
+        let mut narrowed = unsafe { Tensor::uninitialized::<f16>(&[n, self.k, h, w])? };
+        // Safety: as above.
+        unsafe { narrow(out, narrowed.try_as_plain_ram_mut()?.as_slice_mut::<f16>()?) };
+        Ok(tvec!(narrowed.into_tvalue()))
+    }
+}
+
 impl TypedOp for Winograd3x3 {
     as_op!();
 
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        super::conv::output_facts(inputs, [self.c, self.k], Window::square(3, 1))
+        let mut facts = super::conv::output_facts(inputs, [self.c, self.k], Window::square(3, 1))?;
+        // A float16 plan (where our products are in float16) hands it float16 maps.
+        if self.half_products && inputs[0].datum_type == f16::datum_type() {
+            facts[0].datum_type = f16::datum_type();
+        }
+        Ok(facts)
     }
 }
 
@@ -168,6 +232,9 @@ impl Winograd3x3 {
             return;
         }
         {
+            #[cfg(target_arch = "aarch64")]
+            let Scratch { v, m, h: vh } = scratch;
+            #[cfg(not(target_arch = "aarch64"))]
             let Scratch { v, m } = scratch;
             for (buf, len) in [(&mut *v, 16 * c * t), (&mut *m, 16 * k * t)] {
                 if buf.len() < len {
@@ -191,19 +258,24 @@ impl Winograd3x3 {
 
             // The 16 products, independent of each other.
             let v = &*v;
-            let len = u.len() / 16;
-            for_each(m.chunks_mut(k * t).enumerate().collect(), |(xi, p)| {
-                let mut wide = Vec::new();
-                let (u, v) = (u.widen(xi * len..(xi + 1) * len, &mut wide), &v[xi * c * t..][..c * t]);
-                if self.own_kernel {
-                    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-                    return gemm::product(gemm::Kernel::detect(), u, v, p, [k, c, t]);
+            #[cfg(target_arch = "aarch64")]
+            if let (true, crate::kernels::Floats::F16(u)) = (self.half_products, u) {
+                let len = u.len() / 16;
+                // Each product rounds its V[ξ] to float16 first.
+                if vh.len() < 16 * c * t {
+                    vh.resize(16 * c * t, f16::ZERO);
                 }
-                let a = ArrayView2::from_shape((k, c), u).expect("U shape");
-                let b = ArrayView2::from_shape((c, t), v).expect("V shape");
-                let mut p = ArrayViewMut2::from_shape((k, t), p).expect("M shape");
-                general_mat_mul(1.0, &a, &b, 0.0, &mut p);
-            });
+                let work = m.chunks_mut(k * t).zip(vh.chunks_mut(c * t)).enumerate().collect();
+                for_each(work, |(xi, (p, vh))| {
+                    // Safety: `half_products` only where the CPU has FP16 arithmetic.
+                    unsafe { crate::kernels::aarch64::gemm_f16::narrow(&v[xi * c * t..][..c * t], vh) };
+                    gemm::product_f16(&u[xi * len..][..len], vh, p, [k, c, t]);
+                });
+            } else {
+                self.products(u, v, m, [k, c, t]);
+            }
+            #[cfg(not(target_arch = "aarch64"))]
+            self.products(u, v, m, [k, c, t]);
 
             // Output transform, the output planes split between the threads.
             let m = &*m;
@@ -213,6 +285,23 @@ impl Winograd3x3 {
                 output_transform(m, bias, [n, k, h, w], r, out)
             });
         }
+    }
+
+    /// The 16 float32 products `m[ξ] = u[ξ] · v[ξ]`, on our kernel or `matrixmultiply`.
+    fn products(&self, u: crate::kernels::Floats, v: &[f32], m: &mut [f32], [k, c, t]: [usize; 3]) {
+        let len = u.len() / 16;
+        for_each(m.chunks_mut(k * t).enumerate().collect(), |(xi, p)| {
+            let mut wide = Vec::new();
+            let (u, v) = (u.widen(xi * len..(xi + 1) * len, &mut wide), &v[xi * c * t..][..c * t]);
+            if self.own_kernel {
+                #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+                return gemm::product(gemm::Kernel::detect(), u, v, p, [k, c, t]);
+            }
+            let a = ArrayView2::from_shape((k, c), u).expect("U shape");
+            let b = ArrayView2::from_shape((c, t), v).expect("V shape");
+            let mut p = ArrayViewMut2::from_shape((k, t), p).expect("M shape");
+            general_mat_mul(1.0, &a, &b, 0.0, &mut p);
+        });
     }
 }
 
@@ -254,6 +343,7 @@ mod tests {
             Some(bias),
             [k, c],
             false,
+            false,
         )];
         #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
         if gemm::available() {
@@ -263,6 +353,7 @@ mod tests {
                 Some(bias),
                 [k, c],
                 true,
+                false,
             ));
         }
         ops
@@ -345,7 +436,7 @@ mod tests {
                 let half = Packer::default();
                 half.set_half(true);
                 let site = Site { packer: &half, node: "", origin: None };
-                let op = Winograd3x3::with_products(site, &kernel, Some(&bias), [k, c], own_kernel);
+                let op = Winograd3x3::with_products(site, &kernel, Some(&bias), [k, c], own_kernel, false);
                 assert!(op.weights.is_half());
                 let mut rounded = Winograd3x3::with_products(
                     Site { packer: &Packer::default(), node: "", origin: None },
@@ -353,6 +444,7 @@ mod tests {
                     Some(&bias),
                     [k, c],
                     own_kernel,
+                    false,
                 );
                 rounded.weights = Packed::heap(op.weights.to_vec());
                 let run = |op: &Winograd3x3| {
@@ -376,6 +468,59 @@ mod tests {
                 assert!(worst < 3e-3 * (c as f64).sqrt(), "n{n} c{c} k{k}: max abs error {worst}");
                 assert!(worst > 1e-6, "the weights were not rounded: max abs error {worst}");
             }
+        }
+    }
+
+    /// Float16 products against the float64 convolution, on float32 and on float16 maps (as a
+    /// float16 plan calls it), with one and three threads giving the same bits.
+    #[cfg(target_arch = "aarch64")]
+    #[test]
+    fn half_products_stay_near_the_float64_convolution() {
+        if !gemm::half_available() {
+            eprintln!("no FP16 arithmetic here: nothing to run");
+            return;
+        }
+        use tract_linalg::multithread::{multithread_tract_scope, Executor};
+        for (n, c, k, h, w) in [(1, 13, 19, 14, 18), (2, 5, 7, 6, 40), (1, 130, 131, 6, 5), (3, 1, 1, 1, 1)] {
+            let x = random(n * c * h * w, 1);
+            let kernel = random(k * c * 9, 2);
+            let bias = random(k, 3);
+            let want = direct(&x, &kernel, &bias, [n, c, h, w], k);
+            let op = Winograd3x3::new_half(
+                Site { packer: &Packer::default(), node: "", origin: None },
+                &kernel,
+                Some(&bias),
+                k,
+                c,
+            );
+            assert!(op.half_products && op.weights.is_half());
+            let mut y = vec![f32::NAN; n * k * h * w];
+            op.run(&x, &bias, [n, h, w], &mut y, &mut Scratch::default());
+            let worst = y.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
+            // Operands and sums in float16: about 2^-11 of sums of up to 9·c terms of size ≤ 1.
+            assert!(worst < 4e-3 * (9.0 * c as f64).sqrt(), "n{n} c{c} k{k} {h}x{w}: max abs error {worst}");
+            let mut three = vec![f32::NAN; n * k * h * w];
+            multithread_tract_scope(Executor::multithread(3), || {
+                op.run(&x, &bias, [n, h, w], &mut three, &mut Scratch::default())
+            });
+            assert!(y.iter().zip(&three).all(|(a, b)| a.to_bits() == b.to_bits()), "c{c} k{k}: 3 threads");
+
+            // On float16 maps: the output is the float32 one rounded, from the input rounded.
+            let xh: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+            let x16: Vec<f32> = xh.iter().map(|v| v.to_f32()).collect();
+            let mut from_rounded = vec![f32::NAN; n * k * h * w];
+            op.run(&x16, &bias, [n, h, w], &mut from_rounded, &mut Scratch::default());
+            let mut model = TypedModel::default();
+            let source = model.add_source("x", f16::fact([n, c, h, w])).unwrap();
+            let wired = model.wire_node("conv", op.clone(), &[source]).unwrap();
+            model.select_output_outlets(&wired).unwrap();
+            assert_eq!(model.output_fact(0).unwrap().datum_type, f16::datum_type());
+            let input = Tensor::from_shape(&[n, c, h, w], &xh).unwrap().into_tvalue();
+            let out = model.into_runnable().unwrap().run(tvec![input]).unwrap().remove(0);
+            assert_eq!(out.datum_type(), f16::datum_type());
+            let got = out.try_as_plain_ram().unwrap().as_slice::<f16>().unwrap();
+            let same = got.iter().zip(&from_rounded).all(|(a, b)| a.to_bits() == f16::from_f32(*b).to_bits());
+            assert!(same, "n{n} c{c} k{k}: the float16 call differs from the float32 one rounded");
         }
     }
 

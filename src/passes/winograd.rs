@@ -50,6 +50,17 @@ pub(crate) fn rewrite(model: &mut TypedModel, packer: &Packer) -> TractResult<us
     })
 }
 
+/// [`rewrite`] for a plan that tract then translates to float16 (`--precision f16`) on a CPU
+/// with FP16 arithmetic: every such convolution becomes a [`Winograd3x3`] with float16
+/// products, which takes and gives the float16 maps of the translated plan.
+#[cfg(target_arch = "aarch64")]
+pub(crate) fn rewrite_half(model: &mut TypedModel, packer: &Packer) -> TractResult<usize> {
+    super::conv_match::rewrite(model, "Winograd3x3", |f| -> Option<Box<dyn TypedOp>> {
+        (f.window == Window::square(3, 1))
+            .then(|| Box::new(Winograd3x3::new_half(f.site(packer), f.kernel, f.bias.as_deref(), f.k, f.c)) as _)
+    })
+}
+
 /// Whether a 3×3 convolution of `k` × `c` channels over an `h` × `w` map runs faster as a
 /// direct convolution on our kernel (`Pointwise`: 9 products per pixel and channel pair) than
 /// by Winograd: for large layers (see [`LARGE`]) on maps of at most [`SMALL`] pixels. Such a

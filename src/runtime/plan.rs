@@ -164,10 +164,18 @@ impl Denoiser {
             }
             Precision::F16 => {
                 let mut typed = typed.into_decluttered().map_err(optimizing)?;
+                #[allow(unused_mut)] // only aarch64 has float16 products of its own
+                let mut winograd = 0;
+                // Where the CPU has FP16 arithmetic, our Winograd convolutions with float16
+                // products go in first; the translation hands them float16 maps like any node.
+                #[cfg(target_arch = "aarch64")]
+                if self.convolution == Convolution::Winograd && crate::kernels::gemm::half_available() {
+                    winograd = crate::passes::winograd::rewrite_half(&mut typed, packer).map_err(optimizing)?;
+                }
                 FloatPrecisionTranslator::new(f32::datum_type(), f16::datum_type())
                     .transform(&mut typed)
                     .map_err(|e| format!("translating to f16: {}", err(e)))?;
-                (typed, 0, 0)
+                (typed, winograd, 0)
             }
         };
         let typed = optimize(typed).map_err(optimizing)?;
