@@ -284,13 +284,13 @@ pub fn product_f16(u: &[half::f16], v: &[half::f16], m: &mut [f32], [k, c, t]: [
             let u0 = &u[p * c * MR..][..c * MR];
             let u1 = if p + 1 < panels { &u[(p + 1) * c * MR..][..c * MR] } else { u0 };
             let height = (k - p * MR).min(ROWS);
-            // A whole block goes straight to `m`; a partial one through `buf`.
-            let whole = height == ROWS && width == NR;
+            // A block of whole rows goes straight to `m`; a partial one through `buf`.
+            let whole = width == NR;
             let (out, ld) = if whole { (m[p * MR * t + t0..].as_mut_ptr(), t) } else { (buf.as_mut_ptr(), NR) };
             // Safety: `half_available`; both panels hold c·MR halves, `rows` c rows of NR
-            // `stride` apart (asserted); a whole block's ROWS rows of NR from (p·MR, t0) are
-            // inside m (k ≥ p·MR + ROWS, t ≥ t0 + NR), else `buf` holds ROWS × NR.
-            unsafe { block_f16(u0.as_ptr(), u1.as_ptr(), c, rows.as_ptr(), stride, out, ld) };
+            // `stride` apart (asserted); `height` rows of NR from (p·MR, t0) are inside m
+            // (k ≥ p·MR + height, t ≥ t0 + NR) for a whole block, else `buf` holds ROWS × NR.
+            unsafe { block_f16(u0.as_ptr(), u1.as_ptr(), c, rows.as_ptr(), stride, out, ld, height) };
             if !whole {
                 for (r, row) in buf.chunks_exact(NR).take(height).enumerate() {
                     m[(p * MR + r) * t + t0..][..width].copy_from_slice(&row[..width]);

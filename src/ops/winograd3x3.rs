@@ -62,8 +62,8 @@ pub struct Winograd3x3 {
     weights: Packed,
     /// Which of the two.
     own_kernel: bool,
-    /// Products in float16 (`gemm::product_f16`, weights rounded to float16), and the input and
-    /// output in float16 when the plan is: only where the CPU has FP16 arithmetic.
+    /// Products in float16 (`gemm::product_f16`, weights rounded to float16): only where the
+    /// CPU has FP16 arithmetic.
     half_products: bool,
     /// One bias per output channel, float32 `[k]`; `None`: the node's second input, `k` values.
     bias: Option<Arc<Tensor>>,
@@ -142,10 +142,6 @@ impl EvalOp for Winograd3x3 {
 
     fn eval(&self, ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         self.weights.prefetch_next();
-        #[cfg(target_arch = "aarch64")]
-        if inputs[0].datum_type() == f16::datum_type() {
-            return self.eval_half(ctx, inputs);
-        }
         let (xs, bias, [n, _, h, w]) = super::conv::call_inputs("Winograd3x3", &self.bias, &inputs, [self.c, self.k])?;
         let mut y = unsafe { Tensor::uninitialized::<f32>(&[n, self.k, h, w])? };
         let mut out = y.try_as_plain_ram_mut()?;
@@ -155,45 +151,11 @@ impl EvalOp for Winograd3x3 {
     }
 }
 
-#[cfg(target_arch = "aarch64")]
-impl Winograd3x3 {
-    /// A call in a float16 plan: the maps are widened to float32 for the transforms (the
-    /// products stay in float16) and the output rounded back to float16.
-    fn eval_half(&self, ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        use crate::kernels::aarch64::gemm_f16::{narrow, widen};
-        ensure!(self.half_products, "Winograd3x3: a float16 map for float32 products");
-        let x = &inputs[0];
-        ensure!(x.strides() == &*Tensor::natural_strides(x.shape()), "Winograd3x3: a strided tensor");
-        let halves = x.try_as_plain_ram()?.as_slice::<f16>()?;
-        let mut wide = unsafe { Tensor::uninitialized::<f32>(x.shape())? };
-        // Safety: `half_products` only where the CPU has FP16 arithmetic.
-        unsafe { widen(halves, wide.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?) };
-        let mut call: TVec<TValue> = tvec![wide.into_tvalue()];
-        if let Some(b) = inputs.get(1) {
-            call.push(b.cast_to::<f32>()?.into_owned().into_tvalue());
-        }
-        let (xs, bias, [n, _, h, w]) = super::conv::call_inputs("Winograd3x3", &self.bias, &call, [self.c, self.k])?;
-        let mut y = unsafe { Tensor::uninitialized::<f32>(&[n, self.k, h, w])? };
-        let mut out = y.try_as_plain_ram_mut()?;
-        let out = out.as_slice_mut::<f32>()?;
-        with_scratch(ctx, |scratch| self.run(xs, bias, [n, h, w], out, scratch))?;
-        let mut narrowed = unsafe { Tensor::uninitialized::<f16>(&[n, self.k, h, w])? };
-        // Safety: as above.
-        unsafe { narrow(out, narrowed.try_as_plain_ram_mut()?.as_slice_mut::<f16>()?) };
-        Ok(tvec!(narrowed.into_tvalue()))
-    }
-}
-
 impl TypedOp for Winograd3x3 {
     as_op!();
 
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let mut facts = super::conv::output_facts(inputs, [self.c, self.k], Window::square(3, 1))?;
-        // A float16 plan (where our products are in float16) hands it float16 maps.
-        if self.half_products && inputs[0].datum_type == f16::datum_type() {
-            facts[0].datum_type = f16::datum_type();
-        }
-        Ok(facts)
+        super::conv::output_facts(inputs, [self.c, self.k], Window::square(3, 1))
     }
 }
 
@@ -471,8 +433,8 @@ mod tests {
         }
     }
 
-    /// Float16 products against the float64 convolution, on float32 and on float16 maps (as a
-    /// float16 plan calls it), with one and three threads giving the same bits.
+    /// Float16 products against the float64 convolution, with one and three threads giving the
+    /// same bits.
     #[cfg(target_arch = "aarch64")]
     #[test]
     fn half_products_stay_near_the_float64_convolution() {
@@ -504,23 +466,6 @@ mod tests {
                 op.run(&x, &bias, [n, h, w], &mut three, &mut Scratch::default())
             });
             assert!(y.iter().zip(&three).all(|(a, b)| a.to_bits() == b.to_bits()), "c{c} k{k}: 3 threads");
-
-            // On float16 maps: the output is the float32 one rounded, from the input rounded.
-            let xh: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
-            let x16: Vec<f32> = xh.iter().map(|v| v.to_f32()).collect();
-            let mut from_rounded = vec![f32::NAN; n * k * h * w];
-            op.run(&x16, &bias, [n, h, w], &mut from_rounded, &mut Scratch::default());
-            let mut model = TypedModel::default();
-            let source = model.add_source("x", f16::fact([n, c, h, w])).unwrap();
-            let wired = model.wire_node("conv", op.clone(), &[source]).unwrap();
-            model.select_output_outlets(&wired).unwrap();
-            assert_eq!(model.output_fact(0).unwrap().datum_type, f16::datum_type());
-            let input = Tensor::from_shape(&[n, c, h, w], &xh).unwrap().into_tvalue();
-            let out = model.into_runnable().unwrap().run(tvec![input]).unwrap().remove(0);
-            assert_eq!(out.datum_type(), f16::datum_type());
-            let got = out.try_as_plain_ram().unwrap().as_slice::<f16>().unwrap();
-            let same = got.iter().zip(&from_rounded).all(|(a, b)| a.to_bits() == f16::from_f32(*b).to_bits());
-            assert!(same, "n{n} c{c} k{k}: the float16 call differs from the float32 one rounded");
         }
     }
 

@@ -242,7 +242,7 @@ impl Denoiser {
         let b = &self.bindings;
         // One per graph input (`describe` lists them all), also once the source is released.
         let mut inputs: Vec<Option<TValue>> = vec![None; self.inputs.len()];
-        let float_dt = self.precision.float_type();
+        let float_dt = self.graph_float();
         // The f16 graph takes f16 floats: convert at the boundary so callers always see f32.
         let to_graph = |t: Tensor| -> Result<TValue> {
             let t = if t.datum_type() == f32::datum_type() && float_dt != t.datum_type() {

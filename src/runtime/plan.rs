@@ -107,6 +107,28 @@ pub(super) fn optimize(typed: TypedModel) -> TractResult<TypedModel> {
 }
 
 impl Denoiser {
+    /// Whether `--precision f16` runs as float32 plans whose Winograd convolutions multiply in
+    /// float16 (our float16 product kernel, aarch64 with FP16 arithmetic), rather than as tract's
+    /// translation of the whole graph to float16: the products are most of a call, and the
+    /// float32 rest keeps our other operators and needs no conversions between them.
+    pub(super) fn half_products(&self) -> bool {
+        #[cfg(target_arch = "aarch64")]
+        return self.precision == Precision::F16
+            && self.convolution == Convolution::Winograd
+            && crate::kernels::gemm::half_available();
+        #[cfg(not(target_arch = "aarch64"))]
+        false
+    }
+
+    /// The float type of the plans' inputs and outputs.
+    pub(super) fn graph_float(&self) -> DatumType {
+        if self.half_products() {
+            f32::datum_type()
+        } else {
+            self.precision.float_type()
+        }
+    }
+
     /// The facts of the graph's inputs for a plan of `batch` images.
     fn input_facts(&self, batch: usize) -> std::result::Result<Vec<(usize, InferenceFact)>, String> {
         let [_, h, w] = self.chw;
@@ -162,26 +184,26 @@ impl Denoiser {
                 let ours = self.convolution == Convolution::Winograd;
                 f32_rewrites(typed, ours, packer).map_err(optimizing)?
             }
+            // Where the CPU has FP16 arithmetic, our Winograd convolutions take their products
+            // in float16 and the rest of the plan stays float32 (`Denoiser::half_products`).
+            Precision::F16 if self.half_products() => {
+                let rewritten = passes::rewrites(typed, true, true, packer).map_err(optimizing)?;
+                let (winograd, group_norms) =
+                    (rewritten.replaced(passes::WINOGRAD), rewritten.replaced(passes::GROUP_NORM));
+                (rewritten.model, winograd, group_norms)
+            }
             Precision::F16 => {
                 let mut typed = typed.into_decluttered().map_err(optimizing)?;
-                #[allow(unused_mut)] // only aarch64 has float16 products of its own
-                let mut winograd = 0;
-                // Where the CPU has FP16 arithmetic, our Winograd convolutions with float16
-                // products go in first; the translation hands them float16 maps like any node.
-                #[cfg(target_arch = "aarch64")]
-                if self.convolution == Convolution::Winograd && crate::kernels::gemm::half_available() {
-                    winograd = crate::passes::winograd::rewrite_half(&mut typed, packer).map_err(optimizing)?;
-                }
                 FloatPrecisionTranslator::new(f32::datum_type(), f16::datum_type())
                     .transform(&mut typed)
                     .map_err(|e| format!("translating to f16: {}", err(e)))?;
-                (typed, winograd, 0)
+                (typed, 0, 0)
             }
         };
         let typed = optimize(typed).map_err(optimizing)?;
         let out_fact = typed.output_fact(0).map_err(err)?;
         let expected = [batch, c, h, w];
-        let ok = out_fact.datum_type == self.precision.float_type()
+        let ok = out_fact.datum_type == self.graph_float()
             && out_fact.shape.as_concrete().map(|s| s == expected).unwrap_or(false);
         if !ok {
             return Err(format!(

@@ -1,5 +1,5 @@
 //! The float16 micro-kernel of the matrix product (ARMv8.2 FP16 arithmetic: Cortex-A55, A76,
-//! A78; the Pi 5 and Jetson Orin), and the narrowing of a float32 operand to float16.
+//! A78; the Pi 5 and Jetson Orin), and the rounding of a float32 operand to float16.
 //!
 //! Why: `FMLA` on 8 halves does twice the multiply-adds of `FMLA` on 4 floats for the same
 //! instruction, so the products of a convolution take half the instructions of the float32
@@ -14,7 +14,7 @@ use half::f16;
 use std::arch::asm;
 
 /// The assembly that widens the two registers of one row of sums and stores it at `{out}`,
-/// then steps `{out}` to the next row.
+/// then steps `{out}` to the next row, and ends the stores after `{h}` rows.
 macro_rules! store_row {
     ($lo:literal, $hi:literal) => {
         concat!(
@@ -31,6 +31,8 @@ macro_rules! store_row {
             $hi,
             ".8h\n",
             "st1 {{v4.4s, v5.4s, v6.4s, v7.4s}}, [{out}], {ld}\n",
+            "subs {h}, {h}, #1\n",
+            "b.eq 3f\n",
         )
     };
 }
@@ -44,8 +46,8 @@ pub(crate) const ROWS: usize = 2 * MR;
 /// One `ROWS × NR` block of `M = U · V` in float32: `u0` and `u1` are two panels of `U` in the
 /// packing of `crate::kernels::gemm::pack_weights`, in float16 (c columns of [`MR`] halves
 /// each; `u1` may be `u0` again when only one panel is left), `rows` the first of c rows of
-/// [`NR`] halves of `V`, `stride` halves apart. Row r of the block (r < [`ROWS`]; rows 0–5 from
-/// `u0`, 6–11 from `u1`) goes to `out + r · ld`.
+/// [`NR`] halves of `V`, `stride` halves apart. Row r of the block (r < `height` ≤ [`ROWS`];
+/// rows 0–5 from `u0`, 6–11 from `u1`) goes to `out + r · ld`.
 ///
 /// The 24 sums (12 rows of 2 registers of 8 halves) fill v8–v31; a column of each panel comes
 /// in two registers (4 + 2 halves) taken as lanes (`FMLA` by element, whose lane register must
@@ -53,8 +55,9 @@ pub(crate) const ROWS: usize = 2 * MR;
 /// 2 instructions per input channel.
 ///
 /// Safety: the CPU has FP16 arithmetic ([`available`]); `u0` and `u1` hold c·MR halves, `rows`
-/// c rows of NR halves `stride` apart, and `out` has room for [`ROWS`] rows of NR floats `ld`
-/// apart.
+/// c rows of NR halves `stride` apart, 1 ≤ `height` ≤ [`ROWS`], and `out` has room for `height`
+/// rows of NR floats `ld` apart.
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "fp16")]
 pub(crate) unsafe fn block_f16(
     u0: *const f16,
@@ -64,7 +67,9 @@ pub(crate) unsafe fn block_f16(
     stride: usize,
     out: *mut f32,
     ld: usize,
+    height: usize,
 ) {
+    debug_assert!((1..=ROWS).contains(&height));
     // Safety: the caller's promises; every load and store stays inside them.
     unsafe {
         asm!(
@@ -100,6 +105,7 @@ pub(crate) unsafe fn block_f16(
             store_row!(8, 9), store_row!(10, 11), store_row!(12, 13), store_row!(14, 15),
             store_row!(16, 17), store_row!(18, 19), store_row!(20, 21), store_row!(22, 23),
             store_row!(24, 25), store_row!(26, 27), store_row!(28, 29), store_row!(30, 31),
+            "3:",
             c = inout(reg) c => _,
             u0 = inout(reg) u0 => _,
             u1 = inout(reg) u1 => _,
@@ -107,6 +113,7 @@ pub(crate) unsafe fn block_f16(
             vs = in(reg) stride * 2,
             out = inout(reg) out => _,
             ld = in(reg) ld * 4,
+            h = inout(reg) height => _,
             out("v0") _, out("v1") _, out("v2") _, out("v3") _,
             out("v4") _, out("v5") _, out("v6") _, out("v7") _,
             out("v8") _, out("v9") _, out("v10") _, out("v11") _,
@@ -157,43 +164,12 @@ pub(crate) fn available() -> bool {
     std::arch::is_aarch64_feature_detected!("fp16")
 }
 
-/// `dst[i] = src[i]` widened to float32, 8 at a time with `FCVTL`.
-///
-/// Safety: the CPU has FP16 arithmetic ([`available`]).
-#[target_feature(enable = "fp16")]
-pub(crate) unsafe fn widen(src: &[f16], dst: &mut [f32]) {
-    assert_eq!(src.len(), dst.len(), "widen: lengths differ");
-    let whole = src.len() / 8;
-    if whole > 0 {
-        // Safety: `whole` groups of 8 are inside both slices.
-        unsafe {
-            asm!(
-                "1:",
-                "ldr q0, [{s}], #16",
-                "fcvtl v1.4s, v0.4h",
-                "fcvtl2 v2.4s, v0.8h",
-                "stp q1, q2, [{d}], #32",
-                "subs {n}, {n}, #1",
-                "b.ne 1b",
-                s = inout(reg) src.as_ptr() => _,
-                d = inout(reg) dst.as_mut_ptr() => _,
-                n = inout(reg) whole => _,
-                out("v0") _, out("v1") _, out("v2") _,
-                options(nostack),
-            );
-        }
-    }
-    for (d, &s) in dst[whole * 8..].iter_mut().zip(&src[whole * 8..]) {
-        *d = s.to_f32();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn narrow_and_widen_round_as_half_does() {
+    fn narrow_rounds_as_half_does() {
         if !available() {
             eprintln!("no FP16 arithmetic here: nothing to run");
             return;
@@ -205,10 +181,6 @@ mod tests {
         let mut got = vec![f16::NAN; src.len()];
         // Safety: `available`.
         unsafe { narrow(&src, &mut got) };
-        assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "narrow");
-        let mut back = vec![f32::NAN; got.len()];
-        // Safety: `available`.
-        unsafe { widen(&got, &mut back) };
-        assert!(back.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_f32().to_bits()), "widen");
+        assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()));
     }
 }
