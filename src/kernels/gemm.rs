@@ -258,16 +258,12 @@ pub fn half_available() -> bool {
 
 /// `m = u · v` with float16 products and sums, `m` widened to float32 as it is stored: `u` is
 /// [`pack_weights`]' layout in float16, `v` (c × t) float16 and `m` (k × t) float32, row-major.
-/// The blocks are 12 × 16 (two panels at once, `crate::kernels::aarch64::gemm_f16`). Panics
-/// unless [`half_available`].
+/// Panics unless [`half_available`].
 #[cfg(target_arch = "aarch64")]
 pub fn product_f16(u: &[half::f16], v: &[half::f16], m: &mut [f32], [k, c, t]: [usize; 3]) {
-    use aarch64_f16::{block_f16, ROWS};
     assert!(half_available(), "product_f16: this CPU has no FP16 arithmetic");
     assert!(u.len() >= packed_len(k, c) && v.len() >= c * t && m.len() >= k * t, "product_f16: short operand");
-    let panels = k.div_ceil(MR);
     let mut tail = Vec::new();
-    let mut buf = [0f32; ROWS * NR];
     for t0 in (0..t).step_by(NR) {
         let width = NR.min(t - t0);
         let (rows, stride) = if width == NR {
@@ -280,23 +276,58 @@ pub fn product_f16(u: &[half::f16], v: &[half::f16], m: &mut [f32], [k, c, t]: [
             (&tail[..], NR)
         };
         assert!(c == 0 || rows.len() >= (c - 1) * stride + NR, "product_f16: short rows");
-        for p in (0..panels).step_by(2) {
-            let u0 = &u[p * c * MR..][..c * MR];
-            let u1 = if p + 1 < panels { &u[(p + 1) * c * MR..][..c * MR] } else { u0 };
-            let height = (k - p * MR).min(ROWS);
-            // A block of whole rows goes straight to `m`; a partial one through `buf`.
+        // Safety: `half_available`; the operand lengths above; `width` columns from t0 of the
+        // k rows of m, t apart.
+        unsafe { block_cols_f16(u, [k, c], 0..k.div_ceil(MR), rows, stride, width, m[t0..].as_mut_ptr(), t, None) };
+    }
+}
+
+/// [`block_cols`] with float16 products and sums (`u` in float16, `rows` c rows of NR halves
+/// `stride` apart), two panels at a time (`crate::kernels::aarch64::gemm_f16`); `init` is
+/// added to each row's float32 result.
+///
+/// Safety: [`half_available`]; otherwise as [`block_cols`].
+#[cfg(target_arch = "aarch64")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn block_cols_f16(
+    u: &[half::f16],
+    [k, c]: [usize; 2],
+    panels: std::ops::Range<usize>,
+    rows: &[half::f16],
+    stride: usize,
+    width: usize,
+    out: *mut f32,
+    ld: usize,
+    init: Option<&[f32]>,
+) {
+    use aarch64_f16::{block_f16, ROWS};
+    debug_assert!(width <= NR && (c == 0 || rows.len() >= (c - 1) * stride + NR));
+    let mut buf = [0f32; ROWS * NR];
+    let mut p = panels.start;
+    while p < panels.end {
+        let count = (panels.end - p).min(2);
+        let u0 = &u[p * c * MR..][..c * MR];
+        let u1 = if count == 2 { &u[(p + 1) * c * MR..][..c * MR] } else { u0 };
+        let height = (k - p * MR).min(count * MR);
+        // Safety: the caller's promises for these panels' rows; a block of whole rows goes
+        // straight to `out`, a partial one through `buf` (ROWS × NR).
+        unsafe {
+            let at = out.add((p - panels.start) * MR * ld);
             let whole = width == NR;
-            let (out, ld) = if whole { (m[p * MR * t + t0..].as_mut_ptr(), t) } else { (buf.as_mut_ptr(), NR) };
-            // Safety: `half_available`; both panels hold c·MR halves, `rows` c rows of NR
-            // `stride` apart (asserted); `height` rows of NR from (p·MR, t0) are inside m
-            // (k ≥ p·MR + height, t ≥ t0 + NR) for a whole block, else `buf` holds ROWS × NR.
-            unsafe { block_f16(u0.as_ptr(), u1.as_ptr(), c, rows.as_ptr(), stride, out, ld, height) };
-            if !whole {
-                for (r, row) in buf.chunks_exact(NR).take(height).enumerate() {
-                    m[(p * MR + r) * t + t0..][..width].copy_from_slice(&row[..width]);
+            let (dst, dst_ld) = if whole { (at, ld) } else { (buf.as_mut_ptr(), NR) };
+            block_f16(u0.as_ptr(), u1.as_ptr(), c, rows.as_ptr(), stride, dst, dst_ld, height);
+            for r in 0..height {
+                let row = std::slice::from_raw_parts_mut(at.add(r * ld), width);
+                if !whole {
+                    row.copy_from_slice(&buf[r * NR..][..width]);
+                }
+                if let Some(init) = init {
+                    let first = init[p * MR + r];
+                    row.iter_mut().for_each(|x| *x += first);
                 }
             }
         }
+        p += count;
     }
 }
 

@@ -114,6 +114,15 @@ pub(crate) fn group_norm(x: &[f32], y: &mut [f32], plane: usize, [recip, eps]: [
     portable::group_norm::group(x, y, plane, [recip, eps], gamma, beta)
 }
 
+/// Whether this CPU multiplies in float16 on our kernel (`gemm::product_f16`): aarch64 with
+/// FP16 arithmetic.
+pub(crate) fn half_products() -> bool {
+    #[cfg(target_arch = "aarch64")]
+    return gemm::half_available();
+    #[cfg(not(target_arch = "aarch64"))]
+    false
+}
+
 /// Test data and float64 references shared by the kernel and operator tests.
 /// Names the kernels this process packs weights for, e.g. `x86_64-avx512`: a plan file written
 /// for other kernels (another CPU, `EDGE_DIFFUSE_X86_KERNEL`) is never read.

@@ -40,6 +40,9 @@ pub struct Pointwise {
     weights: Packed,
     /// One bias per output channel, float32 `[k]`; `None`: the node's second input, `k` values.
     bias: Option<Arc<Tensor>>,
+    /// Products and sums in float16 (`gemm::block_cols_f16`, the weights rounded to float16),
+    /// where the packer asks for them and the CPU has FP16 arithmetic.
+    half_products: bool,
 }
 
 impl Pointwise {
@@ -66,7 +69,16 @@ impl Pointwise {
     ) -> Self {
         let kind = format!("direct{}x{}", window.size, window.size);
         let packed = site.get(&kind, weights, || gemm::pack_weights(weights, k, c * window.size * window.size));
-        Pointwise { k, c, window, weights: packed, bias: bias.map(|b| Arc::new(tensor1(b))) }
+        let half_products = site.half_products() && crate::kernels::half_products();
+        // The float16 kernel reads float16 weights: from a plan file of `--weights f16`, else
+        // rounded here once.
+        let packed = if half_products && !packed.is_half() {
+            let mut wide = Vec::new();
+            Packed::heap_half(packed.floats().widen(0..packed.len(), &mut wide))
+        } else {
+            packed
+        };
+        Pointwise { k, c, window, weights: packed, bias: bias.map(|b| Arc::new(tensor1(b))), half_products }
     }
 
     /// `x`: `[n, c, h, w]`, `y`: `[n, k, oh, ow]` (the window's output map), both C order;
@@ -108,6 +120,9 @@ impl Pointwise {
         for_each(work, |(items, buf)| {
             // Float16 weights: the panels of the last group, widened.
             let (mut wide, mut widened) = (Vec::new(), None);
+            // Float16 products: the block rounded to float16.
+            #[cfg(target_arch = "aarch64")]
+            let mut halves = vec![half::f16::ZERO; if self.half_products { need } else { 0 }];
             for item in items {
                 let (image, q, g) = (item / (blocks * groups), item / groups % blocks, item % groups);
                 let (t0, width) = (q * NR, NR.min(t - q * NR));
@@ -128,6 +143,26 @@ impl Pointwise {
                 let rows = (hi * MR).min(k) - lo * MR;
                 assert!(first + (rows - 1) * t + width <= out.len(), "Pointwise: short output");
                 let span = lo * c * MR..hi * c * MR;
+                #[cfg(target_arch = "aarch64")]
+                if let (true, Floats::F16(u)) = (self.half_products, u) {
+                    // Safety: `half_products` only where the CPU has FP16 arithmetic; then as
+                    // below, with `halves` the block's c rows of NR.
+                    unsafe {
+                        crate::kernels::aarch64::gemm_f16::narrow(buf, &mut halves);
+                        gemm::block_cols_f16(
+                            &u[span],
+                            [k - lo * MR, c],
+                            0..hi - lo,
+                            &halves,
+                            NR,
+                            width,
+                            out.at(first),
+                            t,
+                            Some(&bias[lo * MR..]),
+                        )
+                    };
+                    continue;
+                }
                 if widened != Some(g) {
                     u.widen(span.clone(), &mut wide);
                     widened = Some(g);
@@ -241,6 +276,52 @@ mod tests {
                     op.run(&x, bias, [n, h, w], &mut many, &mut Default::default())
                 });
                 assert_eq!(one, many, "{s}x{s}: {threads} threads");
+            }
+        }
+    }
+
+    /// Float16 products against the float64 convolution for the 1×1, strided and direct
+    /// windows (k off the 12-row blocks, pixels off the 16-pixel blocks), the threads splitting
+    /// blocks and output channels without changing a bit.
+    #[cfg(all(target_arch = "aarch64", feature = "multithread"))]
+    #[test]
+    fn half_products_stay_near_the_float64_convolution() {
+        use tract_linalg::multithread::{multithread_tract_scope, Executor};
+        if !crate::kernels::half_products() {
+            eprintln!("no FP16 arithmetic here: nothing to run");
+            return;
+        }
+        let strided = Window { size: 3, stride: 2, before: [1, 1], after: [1, 1] };
+        for (window, n, c, k, h, w) in [
+            (Window::square(1, 0), 2, 9, 20, 5, 7),
+            (Window::square(1, 0), 1, 130, 25, 4, 9),
+            (Window::square(3, 1), 1, 31, 13, 4, 4),
+            (strided, 2, 6, 19, 9, 10),
+        ] {
+            let s = window.size;
+            let (weights, bias, x) = (random(k * c * s * s, 1), random(k, 2), random(n * c * h * w, 3));
+            let want = direct_window(&x, &weights, &bias, [n, c, h, w], k, window);
+            let packer = Packer::default();
+            packer.set_half_products(true);
+            let op = Pointwise::direct(
+                Site { packer: &packer, node: "", origin: None },
+                &weights,
+                Some(&bias),
+                [k, c],
+                window,
+            );
+            assert!(op.half_products && op.weights.is_half());
+            let mut y = vec![f32::NAN; want.len()];
+            op.run(&x, &bias, [n, h, w], &mut y, &mut Default::default());
+            let worst = y.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
+            // Operands and sums in float16: about 2^-11 of sums of up to c·s² terms of size ≤ 1.
+            assert!(worst < 4e-3 * ((c * s * s) as f64).sqrt(), "{window:?} c{c} k{k}: max abs error {worst}");
+            for threads in [2, 3] {
+                let mut many = vec![f32::NAN; want.len()];
+                multithread_tract_scope(Executor::multithread(threads), || {
+                    op.run(&x, &bias, [n, h, w], &mut many, &mut Default::default())
+                });
+                assert!(y.iter().zip(&many).all(|(a, b)| a.to_bits() == b.to_bits()), "{window:?}: {threads} threads");
             }
         }
     }

@@ -200,6 +200,11 @@ pub(crate) struct Site<'a> {
 }
 
 impl Site<'_> {
+    /// Whether the operator built here multiplies in float16 ([`Packer::set_half_products`]).
+    pub(crate) fn half_products(&self) -> bool {
+        self.packer.half_products()
+    }
+
     /// The packed weights of kind `kind` (an operator's layout) from `source`.
     pub(crate) fn get(&self, kind: &str, source: &[f32], pack: impl FnOnce() -> Vec<f32>) -> Packed {
         self.packer.get(&format!("{kind}/{}", self.node), source, self.origin, pack)
@@ -234,6 +239,9 @@ struct State {
     by_key_alone: bool,
     /// Round the weights packed here to float16.
     half: bool,
+    /// The operators built now multiply in float16 (`--precision f16` where the CPU has FP16
+    /// arithmetic).
+    half_products: bool,
     failed: bool,
     /// Every weight handed out, in the order first asked for.
     held: Vec<Held>,
@@ -271,6 +279,17 @@ impl Packer {
     /// From now on, round the weights packed here to float16 (`half`), or keep float32.
     pub(crate) fn set_half(&self, half: bool) {
         self.state().half = half;
+    }
+
+    /// From now on, the operators built with these weights multiply in float16
+    /// (`crate::kernels::gemm::product_f16`), or in float32.
+    pub(crate) fn set_half_products(&self, on: bool) {
+        self.state().half_products = on;
+    }
+
+    /// Whether the operators built now multiply in float16 ([`Packer::set_half_products`]).
+    pub(crate) fn half_products(&self) -> bool {
+        self.state().half_products
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {

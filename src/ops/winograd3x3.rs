@@ -76,21 +76,15 @@ impl Winograd3x3 {
         Self::new_in(Site { packer: &Packer::default(), node: "", origin: None }, kernel, bias, k, c)
     }
 
-    /// [`Self::new`] with the transformed weights from the packer, for the node `site` names.
+    /// [`Self::new`] with the transformed weights from the packer, for the node `site` names;
+    /// with float16 products where the site asks for them and the CPU has FP16 arithmetic.
     pub(crate) fn new_in(site: Site, kernel: &[f32], bias: Option<&[f32]>, k: usize, c: usize) -> Self {
         #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
         let own_kernel = gemm::available();
         #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
         let own_kernel = false;
-        Self::with_products(site, kernel, bias, [k, c], own_kernel, false)
-    }
-
-    #[cfg(target_arch = "aarch64")]
-    /// [`Self::new_in`] with float16 products (`--precision f16`), where the CPU has FP16
-    /// arithmetic ([`gemm::half_available`]); float32 products elsewhere.
-    pub(crate) fn new_half(site: Site, kernel: &[f32], bias: Option<&[f32]>, k: usize, c: usize) -> Self {
-        let half = gemm::half_available();
-        Self::with_products(site, kernel, bias, [k, c], half || gemm::available(), half)
+        let half = site.half_products() && crate::kernels::half_products();
+        Self::with_products(site, kernel, bias, [k, c], own_kernel, half)
     }
 
     /// [`Self::new_in`], with the products on our kernel (only where it is available) or on
@@ -448,13 +442,9 @@ mod tests {
             let kernel = random(k * c * 9, 2);
             let bias = random(k, 3);
             let want = direct(&x, &kernel, &bias, [n, c, h, w], k);
-            let op = Winograd3x3::new_half(
-                Site { packer: &Packer::default(), node: "", origin: None },
-                &kernel,
-                Some(&bias),
-                k,
-                c,
-            );
+            let packer = Packer::default();
+            packer.set_half_products(true);
+            let op = Winograd3x3::new_in(Site { packer: &packer, node: "", origin: None }, &kernel, Some(&bias), k, c);
             assert!(op.half_products && op.weights.is_half());
             let mut y = vec![f32::NAN; n * k * h * w];
             op.run(&x, &bias, [n, h, w], &mut y, &mut Scratch::default());

@@ -134,17 +134,6 @@ impl Rewritten {
 /// Runs [`PASSES`] on a float32 graph, with packed weights from `packer`, and declutters it between the two stages;
 /// `convolutions: false` skips the passes that swap convolutions (`Convolution::Im2col`).
 pub(crate) fn f32_rewrites(model: TypedModel, convolutions: bool, packer: &Packer) -> TractResult<Rewritten> {
-    rewrites(model, convolutions, false, packer)
-}
-
-/// [`f32_rewrites`], with the Winograd convolutions' products in float16 when `half_products`
-/// (`winograd::rewrite_half`; aarch64 with FP16 arithmetic only).
-pub(crate) fn rewrites(
-    model: TypedModel,
-    convolutions: bool,
-    half_products: bool,
-    packer: &Packer,
-) -> TractResult<Rewritten> {
     let mut replaced = Vec::new();
     let wanted = |stage| PASSES.iter().filter(move |p| p.stage == stage && (convolutions || !p.convolutions));
     let mut model = model;
@@ -153,15 +142,8 @@ pub(crate) fn rewrites(
     }
     let mut model = model.into_decluttered()?;
     for pass in wanted(Stage::Decluttered) {
-        let run = match pass.run {
-            #[cfg(target_arch = "aarch64")]
-            Run::Packing(_) if half_products && pass.name == WINOGRAD => Run::Packing(winograd::rewrite_half),
-            run => run,
-        };
-        replaced.push((pass.name, run.on(&mut model, packer).map_err(|e| e.context(pass.name))?));
+        replaced.push((pass.name, pass.run.on(&mut model, packer).map_err(|e| e.context(pass.name))?));
     }
-    #[cfg(not(target_arch = "aarch64"))]
-    let _ = half_products; // float16 products are aarch64's only
     Ok(Rewritten { model, replaced })
 }
 

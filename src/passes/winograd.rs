@@ -29,17 +29,6 @@ pub(crate) const PAYS_OFF: bool = cfg!(any(target_arch = "x86_64", target_arch =
 /// On x86-64, large layers on small maps go to [`Pointwise`] instead, as direct convolutions:
 /// see [`direct_pays`]. Nothing where the build has no fast product ([`PAYS_OFF`]).
 pub(crate) fn rewrite(model: &mut TypedModel, packer: &Packer) -> TractResult<usize> {
-    replace(model, packer, false)
-}
-
-/// [`rewrite`] with float16 products in the Winograd convolutions (`--precision f16` on a CPU
-/// with FP16 arithmetic, where the rest of the plan stays float32).
-#[cfg(target_arch = "aarch64")]
-pub(crate) fn rewrite_half(model: &mut TypedModel, packer: &Packer) -> TractResult<usize> {
-    replace(model, packer, true)
-}
-
-fn replace(model: &mut TypedModel, packer: &Packer, half: bool) -> TractResult<usize> {
     if !PAYS_OFF {
         return Ok(0);
     }
@@ -57,11 +46,6 @@ fn replace(model: &mut TypedModel, packer: &Packer, half: bool) -> TractResult<u
                 f.window,
             )));
         }
-        #[cfg(target_arch = "aarch64")]
-        if half {
-            return Some(Box::new(Winograd3x3::new_half(f.site(packer), f.kernel, f.bias.as_deref(), f.k, f.c)));
-        }
-        let _ = half; // float16 products are aarch64's only
         Some(Box::new(Winograd3x3::new_in(f.site(packer), f.kernel, f.bias.as_deref(), f.k, f.c)))
     })
 }

@@ -107,17 +107,13 @@ pub(super) fn optimize(typed: TypedModel) -> TractResult<TypedModel> {
 }
 
 impl Denoiser {
-    /// Whether `--precision f16` runs as float32 plans whose Winograd convolutions multiply in
-    /// float16 (our float16 product kernel, aarch64 with FP16 arithmetic), rather than as tract's
-    /// translation of the whole graph to float16: the products are most of a call, and the
-    /// float32 rest keeps our other operators and needs no conversions between them.
+    /// Whether `--precision f16` runs as float32 plans whose convolutions on our kernel
+    /// (Winograd, 1×1, strided, direct) multiply and sum in float16 (aarch64 with FP16
+    /// arithmetic), rather than as tract's translation of the whole graph to float16: those
+    /// products are most of a call, and the float32 rest keeps our other operators and needs no
+    /// conversions between them.
     pub(super) fn half_products(&self) -> bool {
-        #[cfg(target_arch = "aarch64")]
-        return self.precision == Precision::F16
-            && self.convolution == Convolution::Winograd
-            && crate::kernels::gemm::half_available();
-        #[cfg(not(target_arch = "aarch64"))]
-        false
+        self.precision == Precision::F16 && self.convolution == Convolution::Winograd && crate::kernels::half_products()
     }
 
     /// The float type of the plans' inputs and outputs.
@@ -179,25 +175,20 @@ impl Denoiser {
         let optimizing = |e: TractError| format!("optimizing for batch {batch}: {}", err(e));
         // The f16 translation must come before tract fuses operators into kernels picked for f32.
         let typed = model.into_typed().map_err(optimizing)?;
+        // Where the CPU has FP16 arithmetic, an f16 plan is a float32 plan whose convolutions
+        // on our kernel multiply in float16 (`half_products`).
+        packer.set_half_products(self.half_products());
         let (typed, winograd_convs, group_norms) = match self.precision {
-            Precision::F32 => {
-                let ours = self.convolution == Convolution::Winograd;
-                f32_rewrites(typed, ours, packer).map_err(optimizing)?
-            }
-            // Where the CPU has FP16 arithmetic, our Winograd convolutions take their products
-            // in float16 and the rest of the plan stays float32 (`Denoiser::half_products`).
-            Precision::F16 if self.half_products() => {
-                let rewritten = passes::rewrites(typed, true, true, packer).map_err(optimizing)?;
-                let (winograd, group_norms) =
-                    (rewritten.replaced(passes::WINOGRAD), rewritten.replaced(passes::GROUP_NORM));
-                (rewritten.model, winograd, group_norms)
-            }
-            Precision::F16 => {
+            Precision::F16 if !self.half_products() => {
                 let mut typed = typed.into_decluttered().map_err(optimizing)?;
                 FloatPrecisionTranslator::new(f32::datum_type(), f16::datum_type())
                     .transform(&mut typed)
                     .map_err(|e| format!("translating to f16: {}", err(e)))?;
                 (typed, 0, 0)
+            }
+            _ => {
+                let ours = self.convolution == Convolution::Winograd;
+                f32_rewrites(typed, ours, packer).map_err(optimizing)?
             }
         };
         let typed = optimize(typed).map_err(optimizing)?;
