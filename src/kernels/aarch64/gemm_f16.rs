@@ -49,10 +49,11 @@ pub(crate) const ROWS: usize = 2 * MR;
 /// [`NR`] halves of `V`, `stride` halves apart. Row r of the block (r < `height` ≤ [`ROWS`];
 /// rows 0–5 from `u0`, 6–11 from `u1`) goes to `out + r · ld`.
 ///
-/// The 24 sums (12 rows of 2 registers of 8 halves) fill v8–v31; a column of each panel comes
-/// in two registers (4 + 2 halves) taken as lanes (`FMLA` by element, whose lane register must
-/// be one of v0–v15), and a row of `V` in two more: 5 loads, 24 multiply-adds and the loop's
-/// 2 instructions per input channel.
+/// The 24 sums (12 rows of 2 registers of 8 halves) fill v8–v31. The loop takes two input
+/// channels per turn: two columns of each panel (12 halves) come in two registers (8 + 4
+/// halves), taken as lanes (`FMLA` by element, whose lane register must be one of v0–v15), and
+/// the two rows of `V` in four more: 6 loads, 48 multiply-adds and the loop's 2 instructions,
+/// 28 instructions per input channel.
 ///
 /// Safety: the CPU has FP16 arithmetic ([`available`]); `u0` and `u1` hold c·MR halves, `rows`
 /// c rows of NR halves `stride` apart, 1 ≤ `height` ≤ [`ROWS`], and `out` has room for `height`
@@ -79,8 +80,8 @@ pub(crate) unsafe fn block_f16(
             "movi v20.16b, #0", "movi v21.16b, #0", "movi v22.16b, #0", "movi v23.16b, #0",
             "movi v24.16b, #0", "movi v25.16b, #0", "movi v26.16b, #0", "movi v27.16b, #0",
             "movi v28.16b, #0", "movi v29.16b, #0", "movi v30.16b, #0", "movi v31.16b, #0",
-            "cbz {c}, 2f",
-            "1:",
+            // An odd input channel first, on its own; then two per turn.
+            "tbz {c}, #0, 2f",
             "ldr d0, [{u0}], #8",
             "ldr s1, [{u0}], #4",
             "ldr d2, [{u1}], #8",
@@ -98,9 +99,44 @@ pub(crate) unsafe fn block_f16(
             "fmla v26.8h, v4.8h, v2.h[3]", "fmla v27.8h, v5.8h, v2.h[3]",
             "fmla v28.8h, v4.8h, v3.h[0]", "fmla v29.8h, v5.8h, v3.h[0]",
             "fmla v30.8h, v4.8h, v3.h[1]", "fmla v31.8h, v5.8h, v3.h[1]",
+            "2:",
+            "lsr {c}, {c}, #1",
+            "cbz {c}, 4f",
+            "1:",
+            // Two columns of each panel, 12 halves: lanes 0–7 and 8–11.
+            "ldr q0, [{u0}], #16",
+            "ldr d1, [{u0}], #8",
+            "ldr q2, [{u1}], #16",
+            "ldr d3, [{u1}], #8",
+            "ld1 {{v4.8h, v5.8h}}, [{v}], {vs}",
+            "ld1 {{v6.8h, v7.8h}}, [{v}], {vs}",
+            "fmla v8.8h, v4.8h, v0.h[0]", "fmla v9.8h, v5.8h, v0.h[0]",
+            "fmla v10.8h, v4.8h, v0.h[1]", "fmla v11.8h, v5.8h, v0.h[1]",
+            "fmla v12.8h, v4.8h, v0.h[2]", "fmla v13.8h, v5.8h, v0.h[2]",
+            "fmla v14.8h, v4.8h, v0.h[3]", "fmla v15.8h, v5.8h, v0.h[3]",
+            "fmla v16.8h, v4.8h, v0.h[4]", "fmla v17.8h, v5.8h, v0.h[4]",
+            "fmla v18.8h, v4.8h, v0.h[5]", "fmla v19.8h, v5.8h, v0.h[5]",
+            "fmla v20.8h, v4.8h, v2.h[0]", "fmla v21.8h, v5.8h, v2.h[0]",
+            "fmla v22.8h, v4.8h, v2.h[1]", "fmla v23.8h, v5.8h, v2.h[1]",
+            "fmla v24.8h, v4.8h, v2.h[2]", "fmla v25.8h, v5.8h, v2.h[2]",
+            "fmla v26.8h, v4.8h, v2.h[3]", "fmla v27.8h, v5.8h, v2.h[3]",
+            "fmla v28.8h, v4.8h, v2.h[4]", "fmla v29.8h, v5.8h, v2.h[4]",
+            "fmla v30.8h, v4.8h, v2.h[5]", "fmla v31.8h, v5.8h, v2.h[5]",
+            "fmla v8.8h, v6.8h, v0.h[6]", "fmla v9.8h, v7.8h, v0.h[6]",
+            "fmla v10.8h, v6.8h, v0.h[7]", "fmla v11.8h, v7.8h, v0.h[7]",
+            "fmla v12.8h, v6.8h, v1.h[0]", "fmla v13.8h, v7.8h, v1.h[0]",
+            "fmla v14.8h, v6.8h, v1.h[1]", "fmla v15.8h, v7.8h, v1.h[1]",
+            "fmla v16.8h, v6.8h, v1.h[2]", "fmla v17.8h, v7.8h, v1.h[2]",
+            "fmla v18.8h, v6.8h, v1.h[3]", "fmla v19.8h, v7.8h, v1.h[3]",
+            "fmla v20.8h, v6.8h, v2.h[6]", "fmla v21.8h, v7.8h, v2.h[6]",
+            "fmla v22.8h, v6.8h, v2.h[7]", "fmla v23.8h, v7.8h, v2.h[7]",
+            "fmla v24.8h, v6.8h, v3.h[0]", "fmla v25.8h, v7.8h, v3.h[0]",
+            "fmla v26.8h, v6.8h, v3.h[1]", "fmla v27.8h, v7.8h, v3.h[1]",
+            "fmla v28.8h, v6.8h, v3.h[2]", "fmla v29.8h, v7.8h, v3.h[2]",
+            "fmla v30.8h, v6.8h, v3.h[3]", "fmla v31.8h, v7.8h, v3.h[3]",
             "subs {c}, {c}, #1",
             "b.ne 1b",
-            "2:",
+            "4:",
             // Each row widened to float32 (4 registers of 4) and stored.
             store_row!(8, 9), store_row!(10, 11), store_row!(12, 13), store_row!(14, 15),
             store_row!(16, 17), store_row!(18, 19), store_row!(20, 21), store_row!(22, 23),
@@ -127,34 +163,37 @@ pub(crate) unsafe fn block_f16(
     }
 }
 
-/// `dst[i] = src[i]` rounded to float16 (to nearest even, as `half::f16::from_f32`), 8 at a
+/// `dst[i] = src[i]` rounded to float16 (to nearest even, as `half::f16::from_f32`), 16 at a
 /// time with `FCVTN`.
 ///
 /// Safety: the CPU has FP16 arithmetic ([`available`]).
 #[target_feature(enable = "fp16")]
 pub(crate) unsafe fn narrow(src: &[f32], dst: &mut [f16]) {
     assert_eq!(src.len(), dst.len(), "narrow: lengths differ");
-    let whole = src.len() / 8;
+    let whole = src.len() / 16;
     if whole > 0 {
-        // Safety: `whole` groups of 8 are inside both slices.
+        // Safety: `whole` groups of 16 are inside both slices.
         unsafe {
             asm!(
                 "1:",
                 "ldp q0, q1, [{s}], #32",
+                "ldp q2, q3, [{s}], #32",
                 "fcvtn v0.4h, v0.4s",
                 "fcvtn2 v0.8h, v1.4s",
-                "str q0, [{d}], #16",
+                "fcvtn v2.4h, v2.4s",
+                "fcvtn2 v2.8h, v3.4s",
+                "stp q0, q2, [{d}], #32",
                 "subs {n}, {n}, #1",
                 "b.ne 1b",
                 s = inout(reg) src.as_ptr() => _,
                 d = inout(reg) dst.as_mut_ptr() => _,
                 n = inout(reg) whole => _,
-                out("v0") _, out("v1") _,
+                out("v0") _, out("v1") _, out("v2") _, out("v3") _,
                 options(nostack),
             );
         }
     }
-    for (d, &s) in dst[whole * 8..].iter_mut().zip(&src[whole * 8..]) {
+    for (d, &s) in dst[whole * 16..].iter_mut().zip(&src[whole * 16..]) {
         *d = f16::from_f32(s);
     }
 }
