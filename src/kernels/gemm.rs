@@ -22,6 +22,9 @@
 //! - NEON (aarch64) keeps a 6 × 16 block in 24 of its 32 registers of 4 lanes, and multiplies
 //!   by the weights as lanes of two registers (`FMLA` by element), without broadcasting them.
 //!
+//! On aarch64 with FP16 arithmetic, [`product_f16`] and `block_cols_f16` take the same layout in
+//! float16 (weights and `V`) and sum in float16, two panels at a time (`--precision f16`).
+//!
 //! `EDGE_DIFFUSE_X86_KERNEL=avx2` keeps a CPU with AVX-512 on the AVX2 kernel (to compare them).
 
 #[cfg(target_arch = "aarch64")]

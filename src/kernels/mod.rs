@@ -11,7 +11,8 @@
 //! - `x86_64`: AVX2+FMA and AVX-512 intrinsics: the matrix micro-kernels, the Winograd
 //!   convolution in blocks of 16 tiles, the softmax rows, the GroupNorm built for AVX2, and the
 //!   Linear and attention kernels.
-//! - `aarch64`: NEON intrinsics: the matrix micro-kernel.
+//! - `aarch64`: NEON intrinsics: the matrix micro-kernel and the Winograd transforms; and in
+//!   inline assembly, the float16 micro-kernel for CPUs with FP16 arithmetic.
 
 #[cfg(target_arch = "aarch64")]
 pub(crate) mod aarch64;
