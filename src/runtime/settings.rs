@@ -10,12 +10,12 @@ pub enum Precision {
     /// float32 everywhere, as exported.
     #[default]
     F32,
-    /// float16 arithmetic where it pays. On aarch64 CPUs with FP16 arithmetic (ARMv8.2-A:
-    /// Cortex-A55/A75/A76/A78, Pi 5, Jetson Orin) with [`Convolution::Winograd`], the Winograd
-    /// convolutions multiply and sum in float16 on edge-diffuse's float16 kernel and the rest of
-    /// the plan stays float32. Otherwise (`Convolution::Im2col`, other CPUs) tract's f32→f16
-    /// translation of the graph's weights and operators, with the sample and the prediction
-    /// float32 at the boundary: fast on those CPUs too, but elsewhere tract falls back to a
+    /// float16 arithmetic. On aarch64 CPUs with FP16 arithmetic (ARMv8.2-A: Cortex-A55/A75/A76/
+    /// A78, Pi 5, Jetson Orin) and [`Convolution::Winograd`], edge-diffuse's convolutions
+    /// (Winograd, 1×1, strided, direct) multiply and sum in float16 on its float16 kernel, and the
+    /// rest of the plan stays float32. Otherwise tract's f32→f16 translation of the graph's
+    /// weights and operators, with the sample and the prediction float32 at the boundary: fast
+    /// on cores with fp16 arithmetic, while elsewhere (x86-64, Cortex-A72) tract falls back to a
     /// generic kernel that is many times slower than f32.
     F16,
 }
