@@ -233,24 +233,30 @@ pub fn product(kernel: Kernel, u: &[f32], v: &[f32], m: &mut [f32], [k, c, t]: [
     assert!(kernel.runs_here(), "product: this CPU cannot run {kernel:?}");
     assert!(u.len() >= packed_len(k, c) && v.len() >= c * t && m.len() >= k * t, "product: short operand");
     let panels = k.div_ceil(MR);
-    // The last, partial block of tiles goes through a zero-padded copy of its columns.
     let mut tail = Vec::new();
     for t0 in (0..t).step_by(NR) {
         let width = NR.min(t - t0);
-        let (rows, stride) = if width == NR {
-            (&v[t0..], t)
-        } else {
-            tail.resize(c * NR, 0.0);
-            for (dst, src) in tail.chunks_exact_mut(NR).zip(v.chunks_exact(t)) {
-                dst[..width].copy_from_slice(&src[t0..]);
-            }
-            (&tail[..], NR)
-        };
+        let (rows, stride) = columns(v, [c, t], t0, &mut tail);
         assert!(c == 0 || rows.len() >= (c - 1) * stride + NR, "product: short rows");
         // Safety: `runs_here`, the operand lengths above; `width` columns from t0 of the k rows
         // of m, t apart.
         unsafe { block_cols(kernel, u, [k, c], 0..panels, rows, stride, width, m[t0..].as_mut_ptr(), t, None) };
     }
+}
+
+/// The block of [`NR`] columns of `v` (c × t) from column `t0`, as c rows and their stride:
+/// in `v` itself, or for the last, partial block a zero-padded copy of its columns in `tail`.
+fn columns<'a, T: Copy + Default>(v: &'a [T], [c, t]: [usize; 2], t0: usize, tail: &'a mut Vec<T>) -> (&'a [T], usize) {
+    let width = NR.min(t - t0);
+    if width == NR {
+        return (&v[t0..], t);
+    }
+    tail.clear();
+    tail.resize(c * NR, T::default());
+    for (dst, src) in tail.chunks_exact_mut(NR).zip(v.chunks_exact(t)) {
+        dst[..width].copy_from_slice(&src[t0..t0 + width]);
+    }
+    (&tail[..], NR)
 }
 
 /// Whether this CPU runs [`product_f16`]: aarch64 with FP16 arithmetic.
@@ -269,15 +275,7 @@ pub fn product_f16(u: &[half::f16], v: &[half::f16], m: &mut [f32], [k, c, t]: [
     let mut tail = Vec::new();
     for t0 in (0..t).step_by(NR) {
         let width = NR.min(t - t0);
-        let (rows, stride) = if width == NR {
-            (&v[t0..], t)
-        } else {
-            tail.resize(c * NR, half::f16::ZERO);
-            for (dst, src) in tail.chunks_exact_mut(NR).zip(v.chunks_exact(t)) {
-                dst[..width].copy_from_slice(&src[t0..]);
-            }
-            (&tail[..], NR)
-        };
+        let (rows, stride) = columns(v, [c, t], t0, &mut tail);
         assert!(c == 0 || rows.len() >= (c - 1) * stride + NR, "product_f16: short rows");
         // Safety: `half_available`; the operand lengths above; `width` columns from t0 of the
         // k rows of m, t apart.

@@ -70,14 +70,7 @@ impl Pointwise {
         let kind = format!("direct{}x{}", window.size, window.size);
         let packed = site.get(&kind, weights, || gemm::pack_weights(weights, k, c * window.size * window.size));
         let half_products = site.half_products() && crate::kernels::half_products();
-        // The float16 kernel reads float16 weights: from a plan file of `--weights f16`, else
-        // rounded here once.
-        let packed = if half_products && !packed.is_half() {
-            let mut wide = Vec::new();
-            Packed::heap_half(packed.floats().widen(0..packed.len(), &mut wide))
-        } else {
-            packed
-        };
+        let packed = if half_products { packed.into_half() } else { packed };
         Pointwise { k, c, window, weights: packed, bias: bias.map(|b| Arc::new(tensor1(b))), half_products }
     }
 

@@ -108,6 +108,15 @@ impl Packed {
         self.floats().len()
     }
 
+    /// The same weights in float16, for a float16 kernel: as they are when they already are
+    /// (a plan file of `--weights f16` stays mapped), else rounded onto the heap once.
+    pub(crate) fn into_half(self) -> Self {
+        match self.floats() {
+            Floats::F16(_) => self,
+            Floats::F32(v) => Packed::heap_half(v),
+        }
+    }
+
     /// Whether the elements are float16.
     pub(crate) fn is_half(&self) -> bool {
         matches!(self.floats(), Floats::F16(_))

@@ -107,14 +107,7 @@ impl Winograd3x3 {
             }
             u
         });
-        // The float16 kernel reads float16 weights: from a plan file of `--weights f16`, else
-        // rounded here once.
-        let weights = if half_products && !weights.is_half() {
-            let mut wide = Vec::new();
-            Packed::heap_half(weights.floats().widen(0..weights.len(), &mut wide))
-        } else {
-            weights
-        };
+        let weights = if half_products { weights.into_half() } else { weights };
         Winograd3x3 { k, c, weights, own_kernel, half_products, bias: bias.map(|b| Arc::new(tensor1(b))) }
     }
 }
