@@ -776,3 +776,14 @@ fn tile_overlap_as_large_as_the_window() {
         &["--tile-overlap", "less than", "32"],
     );
 }
+
+#[test]
+fn lock_weights_without_a_mapped_plan_file_runs_and_says_nothing_was_locked() {
+    let fx = Fx::new();
+    let args = sample_args(&["--lock-weights", "1", "--plan-cache", "off"]);
+    let out = fx.run(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "edge-diffuse {}\nstderr: {stderr}", args.join(" "));
+    assert!(stderr.lines().any(|l| l.starts_with("note: --lock-weights: nothing locked")), "{stderr}");
+    assert!(fx.path().join(OUT).exists());
+}

@@ -263,3 +263,52 @@ fn float16_weights_get_a_plan_file_of_their_own_and_stay_near_float32() {
     assert!(matches!(denoiser_file(&half(PlanCache::Auto)), PlanFile::Mapped { .. }));
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// This process's `VmLck` (memory locked), in KiB.
+fn locked_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmLck:")).expect("a VmLck line");
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn lock_weights_locks_the_start_of_a_mapped_plan_file() {
+    let dir = copy_of("fmnist-teacher", "lock");
+    let opts = |bytes: u64| LoadOptions {
+        threads: 1,
+        plan_cache: PlanCache::Auto,
+        lock_weights: Some(bytes),
+        ..Default::default()
+    };
+    // The load that writes the plan file keeps the weights on the heap: nothing to lock.
+    let first = Pipeline::load(&dir, opts(1 << 20)).expect("load");
+    assert!(matches!(denoiser_file(&first), PlanFile::Written { .. }), "{:?}", denoiser_file(&first));
+    assert_eq!(first.denoiser().locked_weights(), 0);
+    drop(first);
+    let file_len = std::fs::metadata(&plan_files(&dir)[0]).unwrap().len();
+    let want = (256u64 << 10).min(file_len);
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: a plain query into a local struct.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) }, 0);
+    let before = locked_kib();
+    match Pipeline::load(&dir, opts(want)) {
+        Ok(pipe) => {
+            assert!(matches!(denoiser_file(&pipe), PlanFile::Mapped { .. }));
+            assert_eq!(pipe.denoiser().locked_weights(), want);
+            let during = locked_kib();
+            assert!(during >= before + want / 1024, "VmLck {before} KiB before, {during} KiB with {want} bytes locked");
+            drop(pipe);
+            assert!(locked_kib() < during, "dropping the pipeline unlocks");
+        }
+        // Unprivileged, with a lock limit below the request: a clear error naming the flag.
+        Err(e) => {
+            let message = e.to_string();
+            assert!(
+                limit.rlim_cur < want,
+                "locking {want} bytes under a limit of {} failed: {message}",
+                limit.rlim_cur
+            );
+            assert!(message.contains("lock-weights") && message.contains("RLIMIT_MEMLOCK"), "{message}");
+        }
+    }
+}

@@ -70,6 +70,10 @@ pub struct LoadOptions {
     /// The precision our operators' packed weights are kept in, on the heap and in the plan
     /// file: float16 halves their bytes; the arithmetic stays float32 (see `docs/memory.md`).
     pub weights: WeightPrecision,
+    /// Bytes of the denoiser's weights to lock in memory once loaded: the start of its plan
+    /// file ([`Denoiser::lock_weights`]). For a model larger than the memory it may use, the
+    /// part locked is never read twice.
+    pub lock_weights: Option<u64>,
 }
 
 /// What turns a latent model's previews into pixels.
@@ -100,6 +104,7 @@ impl Default for LoadOptions {
             tile_overlap: None,
             plan_cache: PlanCache::Auto,
             weights: WeightPrecision::F32,
+            lock_weights: None,
         }
     }
 }
@@ -480,6 +485,9 @@ impl Pipeline {
             denoiser.prepare_final(2)?;
         } else {
             denoiser.prepare_final(1)?;
+        }
+        if let Some(bytes) = options.lock_weights {
+            denoiser.lock_weights(bytes)?;
         }
         let chw = [card.image.channels, card.image.height, card.image.width];
         let inputs = card.sample_channels();

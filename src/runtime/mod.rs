@@ -77,6 +77,8 @@ pub struct Denoiser {
     params: usize,
     inputs: Vec<IoInfo>,
     outputs: Vec<IoInfo>,
+    /// The start of the plan file, locked in memory ([`Denoiser::lock_weights`]).
+    pinned: Option<memmap2::Mmap>,
 }
 
 impl Denoiser {
@@ -202,6 +204,7 @@ impl Denoiser {
             params,
             inputs,
             outputs,
+            pinned: None,
         })
     }
 
@@ -372,6 +375,43 @@ impl Denoiser {
     /// What became of the plan file at the last plan build.
     pub fn plan_file(&self) -> &PlanFile {
         &self.plan_file.status
+    }
+
+    /// Locks the first `bytes` of the plan file that the weights are read from in memory
+    /// (`mlock`), so that the OS never drops those pages under memory pressure and the steps
+    /// never wait to read them again: for a model that does not fit in memory, the part that
+    /// does. The file holds the weights in the order the graph runs them. A second call
+    /// replaces the first; 0 unlocks.
+    ///
+    /// Returns the bytes locked: 0 when the weights are not read from a plan file (none, or
+    /// this load wrote it and the weights stay on the heap until a later load maps it).
+    /// Locking needs the bytes within the process's `RLIMIT_MEMLOCK` (`ulimit -l`) or the
+    /// `CAP_IPC_LOCK` capability; otherwise it fails with [`Error::Config`] for `lock-weights`.
+    pub fn lock_weights(&mut self, bytes: u64) -> Result<u64> {
+        self.pinned = None;
+        let PlanFile::Mapped { path, .. } = &self.plan_file.status else { return Ok(0) };
+        if bytes == 0 {
+            return Ok(0);
+        }
+        let map = plan_file::pin(path, bytes).map_err(|e| {
+            let mib = bytes.div_ceil(1 << 20);
+            Error::config(
+                "lock-weights",
+                format!(
+                    "cannot lock {mib} MiB of {} in memory: {e}; a process may lock up to its RLIMIT_MEMLOCK \
+                     (`ulimit -l`) unless it has CAP_IPC_LOCK",
+                    path.display()
+                ),
+            )
+        })?;
+        let locked = map.len() as u64;
+        self.pinned = Some(map);
+        Ok(locked)
+    }
+
+    /// The bytes of the plan file locked in memory by [`lock_weights`](Denoiser::lock_weights).
+    pub fn locked_weights(&self) -> u64 {
+        self.pinned.as_ref().map_or(0, |m| m.len() as u64)
     }
 
     /// Whether the source graph is still held (see [`release_graph`](Denoiser::release_graph)).

@@ -387,6 +387,19 @@ pub(super) fn open(
     Ok(Some((packer, proof)))
 }
 
+/// The first `bytes` of the plan file at `path` (all of it when shorter), mapped again and
+/// locked in memory (`mlock`): the pages are the page cache's, the same the weights' map reads,
+/// so the kernel cannot drop them under memory pressure. Dropping the map unlocks them.
+pub(super) fn pin(path: &Path, bytes: u64) -> std::io::Result<memmap2::Mmap> {
+    let file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len().min(bytes);
+    let len = usize::try_from(len).map_err(|_| std::io::Error::other("more bytes than this target addresses"))?;
+    // SAFETY: as in `open`: read-only and shared, and the file is only ever replaced by rename.
+    let map = unsafe { memmap2::MmapOptions::new().len(len).map(&file) }?;
+    map.lock()?;
+    Ok(map)
+}
+
 /// The index of the plan file `bytes`, with absolute offsets, when every check passes.
 fn validate(
     bytes: &[u8],

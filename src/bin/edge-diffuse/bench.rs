@@ -63,6 +63,11 @@ pub struct BenchArgs {
     /// The precision of the packed weights: f32 or f16 (see `sample --help`).
     #[arg(long, default_value = "f32", value_name = "f32|f16")]
     pub weights: String,
+    /// Lock the first MIB mebibytes of the denoiser's plan file in memory (mlock), so that they
+    /// are never dropped and read again: for a model larger than the memory it may use. Needs
+    /// RLIMIT_MEMLOCK (`ulimit -l`) of at least that, or CAP_IPC_LOCK.
+    #[arg(long, value_name = "MIB")]
+    pub lock_weights: Option<u64>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -130,6 +135,7 @@ pub fn run(a: BenchArgs, model: PathBuf) -> Result<()> {
         preview_decoder,
         plan_cache,
         weights,
+        lock_weights: crate::sample::lock_bytes(a.lock_weights)?,
         ..Default::default()
     };
     if let Some(t) = a.threads {
@@ -142,6 +148,7 @@ pub fn run(a: BenchArgs, model: PathBuf) -> Result<()> {
     let load_s = t0.elapsed().as_secs_f64();
     let after_load = (status_mib("RssAnon"), status_mib("RssFile"), major_faults());
     crate::sample::plan_notices(&pipe);
+    crate::sample::lock_notice(&pipe, a.lock_weights);
     let mut steps_ms: Vec<f64> = Vec::new();
     let mut first_step_ms = None;
     let mut image_s = Vec::new();

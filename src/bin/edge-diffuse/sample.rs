@@ -6,10 +6,11 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use edge_diffuse::files;
 use edge_diffuse::pipeline::{GuidanceBatching, LoadOptions, Pipeline, PreviewDecoder, Request};
+use edge_diffuse::runtime::PlanFile;
 use edge_diffuse::{ModelCard, SamplerKind};
 use ndarray::ArrayD;
 
@@ -152,6 +153,11 @@ pub struct SampleArgs {
     /// bytes (its own plan file); the kernels widen them to f32 a few panels at a time.
     #[arg(long, default_value = "f32", value_name = "f32|f16")]
     weights: String,
+    /// Lock the first MIB mebibytes of the denoiser's plan file in memory (mlock), so that they
+    /// are never dropped and read again: for a model larger than the memory it may use. Needs
+    /// RLIMIT_MEMLOCK (`ulimit -l`) of at least that, or CAP_IPC_LOCK.
+    #[arg(long, value_name = "MIB")]
+    lock_weights: Option<u64>,
     /// Cross-attention conditioning (encoder_hidden_states), float32 .npy [1, tokens, dim].
     #[arg(long, value_name = "FILE.npy")]
     context: Option<PathBuf>,
@@ -249,6 +255,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
         tile_overlap: a.tile_overlap,
         plan_cache: parse_flag(&a.plan_cache)?,
         weights: parse_flag(&a.weights)?,
+        lock_weights: lock_bytes(a.lock_weights)?,
         ..Default::default()
     };
     match (a.width, a.height) {
@@ -278,7 +285,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
         edge_diffuse::Error::Config { field, message }
             if matches!(
                 field.as_str(),
-                "width" | "height" | "decoder" | "vae-tile" | "preview-decoder" | "tile-overlap"
+                "width" | "height" | "decoder" | "vae-tile" | "preview-decoder" | "tile-overlap" | "lock-weights"
             ) =>
         {
             anyhow::anyhow!("--{field}: {message}")
@@ -287,6 +294,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
     })?;
     let load_s = t0.elapsed().as_secs_f64();
     plan_notices(&pipe);
+    lock_notice(&pipe, a.lock_weights);
     for (flag, text) in [("--prompt", &a.prompt), ("--negative-prompt", &a.negative_prompt)] {
         if let Some(tokens) = text.as_deref().and_then(|t| pipe.tokenize(t)) {
             if tokens.truncated {
@@ -630,6 +638,26 @@ pub(crate) fn plan_notices(pipe: &Pipeline) {
             eprintln!("note: {part}: {notice}");
         }
     }
+}
+
+/// `--lock-weights MIB` in bytes.
+pub(crate) fn lock_bytes(mib: Option<u64>) -> Result<Option<u64>> {
+    mib.map(|m| m.checked_mul(1 << 20).context("--lock-weights: too many mebibytes")).transpose()
+}
+
+/// A `note:` line when `--lock-weights` asked for a lock and none was taken.
+pub(crate) fn lock_notice(pipe: &Pipeline, mib: Option<u64>) {
+    if mib.is_none_or(|m| m == 0) || pipe.denoiser().locked_weights() > 0 {
+        return;
+    }
+    let why = match pipe.denoiser().plan_file() {
+        PlanFile::Written { .. } => {
+            "this load wrote the plan file and keeps the weights on the heap; later loads lock it"
+        }
+        PlanFile::Unneeded => "the denoiser has no packed weights",
+        _ => "the weights are on the heap, with no plan file to lock",
+    };
+    eprintln!("note: --lock-weights: nothing locked: {why}");
 }
 
 pub(crate) fn preview_decoder(flag: Option<&std::path::Path>) -> PreviewDecoder {
