@@ -11,8 +11,9 @@
 //! - `x86_64`: AVX2+FMA and AVX-512 intrinsics: the matrix micro-kernels, the Winograd
 //!   convolution in blocks of 16 tiles, the softmax rows, the GroupNorm built for AVX2, and the
 //!   Linear and attention kernels.
-//! - `aarch64`: NEON intrinsics: the matrix micro-kernel and the Winograd transforms; and in
-//!   inline assembly, the float16 micro-kernel for CPUs with FP16 arithmetic.
+//! - `aarch64`: NEON intrinsics: the matrix micro-kernel, the Winograd transforms and the
+//!   softmax rows; and in inline assembly, the float16 micro-kernel for CPUs with FP16
+//!   arithmetic.
 
 #[cfg(target_arch = "aarch64")]
 pub(crate) mod aarch64;
@@ -113,6 +114,29 @@ pub(crate) fn group_norm(x: &[f32], y: &mut [f32], plane: usize, [recip, eps]: [
         return unsafe { x86_64::group_norm::group_avx2(x, y, plane, [recip, eps], gamma, beta) };
     }
     portable::group_norm::group(x, y, plane, [recip, eps], gamma, beta)
+}
+
+/// Whether this CPU runs our softmax row kernel: x86-64 with AVX2 and FMA, and aarch64.
+pub(crate) fn softmax_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return x86_64::softmax::available();
+    #[cfg(target_arch = "aarch64")]
+    return true;
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    false
+}
+
+/// `y = softmax(y)` over one row, in place. Panics where [`softmax_available`] is false.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+pub(crate) fn softmax_row_in_place(y: &mut [f32]) {
+    assert!(softmax_available(), "softmax_row_in_place: this CPU lacks the kernel's features");
+    // Safety: on x86-64 the CPU has AVX2 and FMA (checked above).
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        x86_64::softmax::softmax_row_in_place(y);
+    }
+    #[cfg(target_arch = "aarch64")]
+    aarch64::softmax::softmax_row_in_place(y);
 }
 
 /// Whether this CPU multiplies in float16 on our kernel (`gemm::product_f16`): aarch64 with

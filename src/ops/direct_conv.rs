@@ -69,7 +69,7 @@ impl Pointwise {
     ) -> Self {
         let kind = format!("direct{}x{}", window.size, window.size);
         let packed = site.get(&kind, weights, || gemm::pack_weights(weights, k, c * window.size * window.size));
-        let half_products = site.half_products() && crate::kernels::half_products();
+        let half_products = site.half_products();
         let packed = if half_products { packed.into_half() } else { packed };
         Pointwise { k, c, window, weights: packed, bias: bias.map(|b| Arc::new(tensor1(b))), half_products }
     }

@@ -19,7 +19,7 @@ pub(crate) mod group_norm;
 pub(crate) mod linear;
 pub(crate) mod packed;
 pub(crate) mod scratch;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) mod softmax;
 pub(crate) mod winograd3x3;
 

@@ -209,9 +209,10 @@ pub(crate) struct Site<'a> {
 }
 
 impl Site<'_> {
-    /// Whether the operator built here multiplies in float16 ([`Packer::set_half_products`]).
+    /// Whether the operator built here multiplies in float16: the plan asks for it
+    /// ([`Packer::set_half_products`]) and this CPU has the kernel.
     pub(crate) fn half_products(&self) -> bool {
-        self.packer.half_products()
+        self.packer.half_products() && crate::kernels::half_products()
     }
 
     /// The packed weights of kind `kind` (an operator's layout) from `source`.

@@ -1,17 +1,16 @@
-//! Softmax over the last axis of a float32 tensor, on x86-64 with AVX2 and FMA.
+//! Softmax over the last axis of a float32 tensor, on x86-64 with AVX2 and FMA, and on aarch64.
 //!
 //! Why: the UNets' attention takes a softmax over rows of 64 scores (4 heads × 64 queries at
 //! an 8×8 map). tract 0.23 has no row kernel on x86-64 and runs three kernel calls per row
-//! (max, exp-and-sum, scale), each through its alignment wrapper. Here each row is one pass for the maximum
-//! and one for the exponentials and their sum, 8 lanes wide, then a scale
-//! (`crate::kernels::x86_64::softmax`).
+//! (max, exp-and-sum, scale), each through its alignment wrapper. Here each row is one pass for
+//! the maximum and one for the exponentials and their sum, then a scale
+//! (`crate::kernels::softmax_row_in_place`: 8 lanes on x86-64, 2 × 4 on aarch64).
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
 use super::{f32s, for_each, threads};
-use crate::kernels::x86_64::softmax;
-use crate::kernels::{carve, split};
+use crate::kernels::{carve, softmax_available, softmax_row_in_place, split};
 
 /// Softmax over the last axis, float32; see the module docs.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -31,7 +30,7 @@ impl EvalOp for RowSoftmax {
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let x = args_1!(inputs);
         let row = *x.shape().last().context("RowSoftmax: a scalar input")?;
-        ensure!(softmax::available(), "RowSoftmax: this CPU lacks AVX2 and FMA");
+        ensure!(softmax_available(), "RowSoftmax: this CPU lacks the kernel's features");
         f32s(&x, "RowSoftmax")?;
         // In place when this op holds the only reference (attention's scores: no second tensor
         // of that size to allocate and fault in); tract copies the input otherwise.
@@ -42,10 +41,7 @@ impl EvalOp for RowSoftmax {
             let ranges = split(rows, threads());
             let pieces = carve(out, ranges.iter().map(|r| r.len() * row));
             for_each(pieces, |y| {
-                for y in y.chunks_exact_mut(row) {
-                    // Safety: `available()` checked above.
-                    unsafe { softmax::softmax_row_in_place(y) }
-                }
+                y.chunks_exact_mut(row).for_each(softmax_row_in_place);
             });
         }
         Ok(tvec!(y.into_tvalue()))

@@ -83,7 +83,7 @@ impl Winograd3x3 {
         let own_kernel = gemm::available();
         #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
         let own_kernel = false;
-        let half = site.half_products() && crate::kernels::half_products();
+        let half = site.half_products();
         Self::with_products(site, kernel, bias, [k, c], own_kernel, half)
     }
 

@@ -19,7 +19,7 @@ pub(crate) mod group_norm;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod linear;
 pub(crate) mod pow_const;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) mod softmax;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) mod strided_conv;
@@ -103,7 +103,7 @@ pub(crate) const PASSES: &[Pass] = &[
     },
     #[cfg(target_arch = "x86_64")]
     Pass { name: ATTENTION, stage: Stage::Decluttered, convolutions: false, run: Run::Plain(attention::rewrite) },
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     Pass { name: "softmax", stage: Stage::Decluttered, convolutions: false, run: Run::Plain(softmax::rewrite) },
     #[cfg(target_arch = "x86_64")]
     Pass { name: "linear", stage: Stage::Decluttered, convolutions: false, run: Run::Packing(linear::rewrite) },

@@ -3,13 +3,13 @@
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
 
-use crate::kernels::x86_64::softmax;
+use crate::kernels::softmax_available;
 use crate::ops::softmax::RowSoftmax;
 
 /// Replaces every float32 softmax over the last axis of a tensor of known shape by a
 /// [`RowSoftmax`] node, when this CPU runs the kernel. Returns how many were replaced.
 pub(crate) fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
-    if !softmax::available() {
+    if !softmax_available() {
         return Ok(0);
     }
     let mut replaced = 0;
@@ -41,7 +41,7 @@ mod tests {
 
     #[test]
     fn replaces_a_last_axis_softmax_and_matches_tract() -> TractResult<()> {
-        if !softmax::available() {
+        if !softmax_available() {
             return Ok(());
         }
         let shape = [4, 6, 20];

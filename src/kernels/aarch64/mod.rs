@@ -3,4 +3,5 @@
 
 pub(crate) mod gemm;
 pub(crate) mod gemm_f16;
+pub(crate) mod softmax;
 pub(crate) mod winograd;
