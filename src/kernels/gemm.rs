@@ -246,7 +246,12 @@ pub fn product(kernel: Kernel, u: &[f32], v: &[f32], m: &mut [f32], [k, c, t]: [
 
 /// The block of [`NR`] columns of `v` (c × t) from column `t0`, as c rows and their stride:
 /// in `v` itself, or for the last, partial block a zero-padded copy of its columns in `tail`.
-fn columns<'a, T: Copy + Default>(v: &'a [T], [c, t]: [usize; 2], t0: usize, tail: &'a mut Vec<T>) -> (&'a [T], usize) {
+pub(crate) fn columns<'a, T: Copy + Default>(
+    v: &'a [T],
+    [c, t]: [usize; 2],
+    t0: usize,
+    tail: &'a mut Vec<T>,
+) -> (&'a [T], usize) {
     let width = NR.min(t - t0);
     if width == NR {
         return (&v[t0..], t);

@@ -11,8 +11,14 @@
 //! panel stays in L1 while every block of the chunk uses it (the sums go on from one slice to the
 //! next in order). The block height is chosen per call for the least padding.
 //!
-//! `crate::passes::linear` finds the `EinSum`s and the bias `Add`s. Float32; the sums add the
-//! input features in order, one fused multiply-add at a time.
+//! On aarch64 the operator runs only in float16 plans on CPUs with FP16 arithmetic (our float32
+//! NEON kernel does fewer multiply-adds per instruction than tract's there): the product is the
+//! convolutions' float16 one (`crate::kernels::gemm::product_f16`) turned around, with the rows
+//! of `X`, packed and rounded to float16 per call, as its panels and `W` (c × k, float16 from
+//! load) as its columns, so that it writes `Y` row by row; the bias is added in float32.
+//!
+//! `crate::passes::linear` finds the `EinSum`s and the bias `Add`s. Float32 on x86-64; the sums
+//! add the input features in order, one fused multiply-add at a time.
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
@@ -23,15 +29,18 @@ use super::packed::{Packed, Site};
 use super::scratch::{with_scratch, Scratch};
 use super::{f32s, for_each, strided_offset, threads, Output};
 use crate::kernels::gemm::Kernel;
+#[cfg(target_arch = "x86_64")]
 use crate::kernels::x86_64::linear::{block, pack_rows, pack_weights, MOST_ROWS, MOST_WIDTH};
 use crate::kernels::{carve, split};
 
 /// Blocks of rows per chunk: a chunk's packed rows (at most 16 · 14 rows of c features) stay in
 /// L2 while the panels run over them.
+#[cfg(target_arch = "x86_64")]
 const CHUNK: usize = 16;
 
 /// Input features per slice: a slice of a panel (`SLICE` · 32 floats, 24 KiB) and of a block's
 /// rows (`SLICE` · 14 floats at most) fit in L1 together.
+#[cfg(target_arch = "x86_64")]
 const SLICE: usize = 192;
 
 /// Where the rows, the input features and the output features are.
@@ -65,16 +74,33 @@ pub(crate) struct Linear {
     pub(crate) axes: LinearAxes,
     /// The kernel the weights are packed for.
     pub(crate) kernel: Kernel,
-    /// `W` packed for `kernel`.
+    /// `W` packed for `kernel` (on aarch64: c rows of k, float16).
     pub(crate) weights: Packed,
     /// `k` values, zero-padded to whole panels; zeros when the layer has none.
     pub(crate) bias: Arc<Tensor>,
 }
 
+/// Where a call's rows, features and outputs lie (see [`Linear::layout`]).
+struct Layout {
+    /// The output's shape.
+    shape: TVec<usize>,
+    /// The row axes' lengths, and their strides in the input and the output.
+    dims: TVec<usize>,
+    x_strides: TVec<usize>,
+    y_strides: TVec<usize>,
+    /// Where each input feature lies from its row's start; the output features' stride.
+    features: Vec<usize>,
+    y_feature: usize,
+    /// Rows in all.
+    t: usize,
+    /// Row r at r · k, its features in a row.
+    token_major: bool,
+}
+
 impl Linear {
     /// `weights` holds W with element (output feature f, input feature i) at
     /// `f · strides[0] + i · strides[1]`.
-    #[cfg(test)]
+    #[cfg(all(test, target_arch = "x86_64"))]
     pub(crate) fn new(
         weights: &[f32],
         strides: [usize; 2],
@@ -100,8 +126,21 @@ impl Linear {
         axes: LinearAxes,
     ) -> Self {
         let kernel = Kernel::detect();
-        let packed = site.get("linear", source, || pack_weights(kernel, &weights(), [k, c], strides));
-        let mut padded = vec![0f32; k.div_ceil(kernel.width()) * kernel.width()];
+        #[cfg(target_arch = "x86_64")]
+        let (packed, padded) = {
+            let packed = site.get("linear", source, || pack_weights(kernel, &weights(), [k, c], strides));
+            (packed, vec![0f32; k.div_ceil(kernel.width()) * kernel.width()])
+        };
+        #[cfg(target_arch = "aarch64")]
+        let (packed, padded) = {
+            // W as the float16 product's columns: c rows of k.
+            let columns = || {
+                let w = weights();
+                (0..c * k).map(|at| w[(at % k) * strides[0] + (at / k) * strides[1]]).collect()
+            };
+            (site.get("linear", source, columns).into_half(), vec![0f32; k])
+        };
+        let mut padded = padded;
         if let Some(bias) = bias {
             padded[..k].copy_from_slice(bias);
         }
@@ -120,13 +159,11 @@ impl Linear {
             .collect()
     }
 
-    fn run(&self, x: &Tensor, scratch: &mut Scratch) -> TractResult<Tensor> {
-        ensure!(self.kernel.runs_here(), "Linear: this CPU lacks the kernel's instructions");
+    /// Where `x`'s rows and features lie, and the output's.
+    fn layout(&self, x: &Tensor) -> TractResult<Layout> {
         let c_dims: TVec<usize> = self.axes.features.iter().map(|&a| x.shape()[a]).collect();
         ensure!(c_dims.iter().product::<usize>() == self.c, "Linear: {c_dims:?} input features, not {}", self.c);
         let shape = self.output_shape(x.shape(), self.k, 1);
-        let mut y = unsafe { Tensor::uninitialized::<f32>(&shape)? };
-        let xs = f32s(x, "Linear")?;
         let natural = Tensor::natural_strides(x.shape());
         let dims: TVec<usize> = self.axes.rows.iter().map(|&a| x.shape()[a]).collect();
         let x_strides: TVec<usize> = self.axes.rows.iter().map(|&a| natural[a] as usize).collect();
@@ -142,14 +179,24 @@ impl Linear {
                 OutAxis::One => (),
             }
         }
-        let (k, c, kernel) = (self.k, self.c, self.kernel);
+        let k = self.k;
         let t: usize = dims.iter().product();
+        let token_major =
+            y_feature == 1 && (0..dims.len()).all(|i| y_strides[i] == k * dims[i + 1..].iter().product::<usize>());
+        Ok(Layout { shape, dims, x_strides, y_strides, features, y_feature, t, token_major })
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn run(&self, x: &Tensor, scratch: &mut Scratch) -> TractResult<Tensor> {
+        ensure!(self.kernel.runs_here(), "Linear: this CPU lacks the kernel's instructions");
+        let Layout { shape, dims, x_strides, y_strides, features, y_feature, t, token_major } = self.layout(x)?;
+        let mut y = unsafe { Tensor::uninitialized::<f32>(&shape)? };
+        let xs = f32s(x, "Linear")?;
+        let (k, c, kernel) = (self.k, self.c, self.kernel);
         if t * k == 0 {
             return Ok(y);
         }
-        // Row r at r · k, its features in a row: a block's rows are copied out whole.
-        let token_major =
-            y_feature == 1 && (0..dims.len()).all(|i| y_strides[i] == k * dims[i + 1..].iter().product::<usize>());
+        // A token-major output takes a block's rows whole.
         let (height, width) = (kernel.height_for(t), kernel.width());
         let (blocks, panels) = (t.div_ceil(height), k.div_ceil(width));
         let u = self.weights.floats();
@@ -242,6 +289,96 @@ impl Linear {
     }
 }
 
+#[cfg(target_arch = "aarch64")]
+impl Linear {
+    /// `Y = X · W + b` on the float16 product (see the module docs).
+    fn run(&self, x: &Tensor, scratch: &mut Scratch) -> TractResult<Tensor> {
+        use crate::kernels::gemm::{block_cols_f16, columns, packed_len, MR, NR};
+        ensure!(crate::kernels::half_products(), "Linear: this CPU has no FP16 arithmetic");
+        let crate::kernels::Floats::F16(w) = self.weights.floats() else { bail!("Linear: float32 weights") };
+        let Layout { shape, dims, x_strides, y_strides, features, y_feature, t, token_major } = self.layout(x)?;
+        let mut y = unsafe { Tensor::uninitialized::<f32>(&shape)? };
+        let xs = f32s(x, "Linear")?;
+        let (k, c) = (self.k, self.c);
+        if t * k == 0 {
+            return Ok(y);
+        }
+        let bias = f32s(&self.bias, "Linear")?;
+        let parts = threads();
+        let len = packed_len(t, c);
+        // X in panels of MR rows, each c columns of MR (zero past the last row), then in float16.
+        let Scratch { v, m, h, .. } = scratch;
+        if v.len() < len {
+            v.resize(len, 0.0);
+        }
+        if h.len() < len {
+            h.resize(len, half::f16::ZERO);
+        }
+        let panels = t.div_ceil(MR);
+        let shares = split(panels, parts);
+        let pieces = carve(&mut v[..len], shares.iter().map(|r| r.len() * c * MR));
+        let halves: Vec<&mut [half::f16]> = shares
+            .iter()
+            .scan(&mut h[..len], |rest, r| {
+                let (piece, tail) = std::mem::take(rest).split_at_mut(r.len() * c * MR);
+                *rest = tail;
+                Some(piece)
+            })
+            .collect();
+        let work: Vec<_> = shares.into_iter().zip(pieces).zip(halves).collect();
+        for_each(work, |((share, piece), half)| {
+            for (p, panel) in share.zip(piece.chunks_exact_mut(c * MR)) {
+                for r in 0..MR {
+                    let row = p * MR + r;
+                    let at = (row < t).then(|| strided_offset(row, &dims, &x_strides));
+                    for (i, &f) in features.iter().enumerate() {
+                        panel[i * MR + r] = at.map_or(0.0, |a| xs[a + f]);
+                    }
+                }
+            }
+            // Safety: `half_products` checked above: the CPU has FP16 arithmetic.
+            unsafe { crate::kernels::aarch64::gemm_f16::narrow(piece, half) };
+        });
+        let u = &h[..len];
+        // The products, blocks of NR output features shared out; into `y` itself when it is
+        // token-major, else into `m` (t × k) and then to their places.
+        let mut plain = y.try_as_plain_ram_mut()?;
+        let ys = plain.as_slice_mut::<f32>()?;
+        if !token_major && m.len() < t * k {
+            m.resize(t * k, 0.0);
+        }
+        let dst = if token_major { &mut ys[..t * k] } else { &mut m[..t * k] };
+        let out = Output(dst.as_mut_ptr(), dst.len());
+        for_each(split(k.div_ceil(NR), parts), |blocks| {
+            let mut tail = Vec::new();
+            for b in blocks {
+                let f0 = b * NR;
+                let width = NR.min(k - f0);
+                let (rows, stride) = columns(w, [c, k], f0, &mut tail);
+                assert!(f0 + width + (t - 1) * k <= out.len(), "Linear: short output");
+                // Safety: FP16 arithmetic (above); `u` holds every panel of the t rows, `rows`
+                // c rows of NR halves `stride` apart; `width` columns from f0 of the t rows of
+                // the output, k apart (asserted); only this item writes those columns.
+                unsafe { block_cols_f16(u, [t, c], 0..panels, rows, stride, width, out.at(f0), k, None) };
+                for r in 0..t {
+                    // Safety: inside the output (asserted above); only this item writes it.
+                    let row = unsafe { std::slice::from_raw_parts_mut(out.at(r * k + f0), width) };
+                    row.iter_mut().zip(&bias[f0..f0 + width]).for_each(|(y, b)| *y += b);
+                }
+            }
+        });
+        if !token_major {
+            for (r, row) in m[..t * k].chunks_exact(k).enumerate() {
+                let at = strided_offset(r, &dims, &y_strides);
+                for (f, &v) in row.iter().enumerate() {
+                    ys[at + f * y_feature] = v;
+                }
+            }
+        }
+        Ok(y)
+    }
+}
+
 impl Op for Linear {
     fn name(&self) -> StaticName {
         "Linear".into()
@@ -282,6 +419,7 @@ mod tests {
     }
 
     /// `[rows, c] → [rows, k]`, token-major, from plain loops.
+    #[cfg(target_arch = "x86_64")]
     fn reference(x: &[f32], w: &[f32], b: &[f32], [t, c, k]: [usize; 3]) -> Vec<f32> {
         let mut y = vec![0f32; t * k];
         for (r, row) in y.chunks_exact_mut(k).enumerate() {
@@ -292,7 +430,7 @@ mod tests {
         y
     }
 
-    #[cfg(feature = "multithread")]
+    #[cfg(all(feature = "multithread", target_arch = "x86_64"))]
     #[test]
     fn threads_split_the_work_without_changing_a_bit() -> TractResult<()> {
         use tract_linalg::multithread::{multithread_tract_scope, Executor};
@@ -315,6 +453,53 @@ mod tests {
                 let many =
                     multithread_tract_scope(Executor::multithread(threads), || op.run(&x, &mut Scratch::default()))?;
                 assert_eq!(f32s(&one, "one")?, f32s(&many, "many")?, "{t}x{c}->{k}: {threads} threads");
+            }
+        }
+        Ok(())
+    }
+
+    /// The float16 path against float64 sums of the float16-rounded operands (the sums run in
+    /// float16: see `crate::kernels::gemm`'s test of the product), token-major and
+    /// feature-major outputs, rows off the panels and features off the blocks; and 1 thread
+    /// against 3, bit for bit.
+    #[cfg(all(feature = "multithread", target_arch = "aarch64"))]
+    #[test]
+    fn half_products_stay_near_float64_on_any_thread_count() -> TractResult<()> {
+        use half::f16;
+        use tract_linalg::multithread::{multithread_tract_scope, Executor};
+        if !crate::kernels::half_products() {
+            eprintln!("no FP16 arithmetic here: nothing to run");
+            return Ok(());
+        }
+        let round = |v: f32| f16::from_f32(v).to_f64();
+        for [t, c, k] in [[70, 9, 11], [3, 20, 100], [13, 64, 33], [1, 1, 1], [12, 256, 16]] {
+            for feature_major in [false, true] {
+                let out = match feature_major {
+                    false => tvec![OutAxis::Row(0), OutAxis::Features],
+                    true => tvec![OutAxis::Features, OutAxis::Row(0)],
+                };
+                let axes = LinearAxes { rows: tvec![0], features: tvec![1], out };
+                let (w, b) = (values(k * c, 2), values(k, 3));
+                let packer = Packer::default();
+                packer.set_half_products(true);
+                let site = Site { packer: &packer, node: "", origin: None };
+                let op = Linear::new_in(site, &w, || w.clone(), [c, 1], Some(&b), [k, c], axes);
+                let xv = values(t * c, 4);
+                let x = Tensor::from_shape(&[t, c], &xv)?;
+                let one = op.run(&x, &mut Scratch::default())?;
+                let ys = f32s(&one, "one")?;
+                for (r, f) in (0..t).flat_map(|r| (0..k).map(move |f| (r, f))) {
+                    let terms = (0..c).map(|i| round(xv[r * c + i]) * round(w[f * c + i]));
+                    let (sum, size) = terms.fold((0.0, 0.0), |(s, a): (f64, f64), v| (s + v, a + v.abs()));
+                    let got = ys[if feature_major { f * t + r } else { r * k + f }] as f64;
+                    let want = sum + b[f] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-3 * size * (c as f64).sqrt() + 1e-6,
+                        "{t}x{c}->{k} feature-major {feature_major} ({r}, {f}): {got} vs {want}"
+                    );
+                }
+                let many = multithread_tract_scope(Executor::multithread(3), || op.run(&x, &mut Scratch::default()))?;
+                assert_eq!(ys, f32s(&many, "many")?, "{t}x{c}->{k}: 3 threads");
             }
         }
         Ok(())

@@ -19,7 +19,13 @@ use crate::ops::strided_offset;
 /// Replaces every linear layer (see the module docs) by a [`Linear`] node, when this CPU runs
 /// the kernel. Returns how many were replaced.
 pub(crate) fn rewrite(model: &mut TypedModel, packer: &Packer) -> TractResult<usize> {
-    if !gemm::available() {
+    // On aarch64 only float16 plans on FP16 cores: see `crate::ops::linear`.
+    let runs = if cfg!(target_arch = "aarch64") {
+        packer.half_products() && crate::kernels::half_products()
+    } else {
+        gemm::available()
+    };
+    if !runs {
         return Ok(0);
     }
     let mut replaced = 0;
@@ -178,11 +184,21 @@ mod tests {
     /// The product's equation, the shapes of x and of the weights, the bias' shape.
     type Case<'a> = (&'a str, &'a [usize], &'a [usize], Option<&'a [usize]>);
 
+    /// A packer for plans the rewrite runs in: on aarch64 float16 ones, whose sums run in
+    /// float16 (hence the tolerance).
+    fn packer() -> (Packer, f32) {
+        let packer = Packer::default();
+        packer.set_half_products(true);
+        (packer, if cfg!(target_arch = "aarch64") { 3e-2 } else { 1e-5 })
+    }
+
     #[test]
     fn linear_layers_in_any_layout_match_tract() -> TractResult<()> {
-        if !gemm::available() {
+        let runs = if cfg!(target_arch = "aarch64") { crate::kernels::half_products() } else { gemm::available() };
+        if !runs {
             return Ok(());
         }
+        let (packer, tolerance) = packer();
         // Token-major with a bias (torch's Linear); weights as [c, k] (MatMul) and [k, c] (Gemm
         // transB); a dropped axis of one and an added one (SD3's time embedding); channels-first
         // rows; a single row; more rows and features than one block or panel group.
@@ -204,11 +220,11 @@ mod tests {
             let input = tvec![Tensor::from_shape(x_shape, &values(n, 1))?.into_tvalue()];
             let want = model.clone().into_runnable()?.run(input.clone())?;
             let mut rewritten = model;
-            assert_eq!(rewrite(&mut rewritten, &Packer::default())?, 1, "{equation}");
+            assert_eq!(rewrite(&mut rewritten, &packer)?, 1, "{equation}");
             let got = rewritten.into_runnable()?.run(input)?;
             assert_eq!(want[0].shape(), got[0].shape(), "{equation}");
             for (a, b) in f32s(&want[0], "want")?.iter().zip(f32s(&got[0], "got")?) {
-                assert!((a - b).abs() < 1e-5 * (1.0 + a.abs()), "{equation}: {a} vs {b}");
+                assert!((a - b).abs() < tolerance * (1.0 + a.abs()), "{equation}: {a} vs {b}");
             }
         }
         Ok(())
@@ -221,9 +237,10 @@ mod tests {
         let b = model.add_source("b", f32::fact([5, 6]))?;
         let y = model.wire_node("product", EinSum::new("mk,kn->mn".parse()?, f32::datum_type()), &[a, b])?;
         model.select_output_outlets(&y)?;
-        assert_eq!(rewrite(&mut model, &Packer::default())?, 0);
+        let (packer, _) = packer();
+        assert_eq!(rewrite(&mut model, &packer)?, 0);
         let mut model = graph("bmk,bkn->bmn", &[2, 4, 5], &[2, 5, 6], None)?;
-        assert_eq!(rewrite(&mut model, &Packer::default())?, 0);
+        assert_eq!(rewrite(&mut model, &packer)?, 0);
         Ok(())
     }
 }

@@ -16,7 +16,7 @@ pub(crate) mod conv_match;
 pub(crate) mod einsum_permute;
 pub(crate) mod embedding;
 pub(crate) mod group_norm;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) mod linear;
 pub(crate) mod pow_const;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
@@ -86,7 +86,7 @@ pub(crate) const PASSES: &[Pass] = &[
     // Linear layers first as imported: declutter would fold a following slice (GEGLU's two
     // halves) or scale into copies of their weights, which no initializer names, so a plan
     // file could not leave those weights out of the ONNX file. The rest after declutter.
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     Pass { name: "linear", stage: Stage::Imported, convolutions: false, run: Run::Packing(linear::rewrite) },
     Pass { name: GROUP_NORM, stage: Stage::Decluttered, convolutions: false, run: Run::Plain(group_norm::rewrite) },
     Pass {
@@ -105,7 +105,7 @@ pub(crate) const PASSES: &[Pass] = &[
     Pass { name: ATTENTION, stage: Stage::Decluttered, convolutions: false, run: Run::Plain(attention::rewrite) },
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     Pass { name: "softmax", stage: Stage::Decluttered, convolutions: false, run: Run::Plain(softmax::rewrite) },
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     Pass { name: "linear", stage: Stage::Decluttered, convolutions: false, run: Run::Packing(linear::rewrite) },
     Pass { name: WINOGRAD, stage: Stage::Decluttered, convolutions: true, run: Run::Packing(winograd::rewrite) },
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
