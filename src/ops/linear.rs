@@ -325,12 +325,26 @@ impl Linear {
                 Some(piece)
             })
             .collect();
+        // Most layers read each row's features side by side: a panel of whole rows is then MR
+        // slices read in step, without a lookup per feature.
+        let side_by_side = features.iter().enumerate().all(|(i, &f)| f == i);
         let work: Vec<_> = shares.into_iter().zip(pieces).zip(halves).collect();
         for_each(work, |((share, piece), half)| {
             for (p, panel) in share.zip(piece.chunks_exact_mut(c * MR)) {
-                for r in 0..MR {
+                let at: [Option<usize>; MR] = std::array::from_fn(|r| {
                     let row = p * MR + r;
-                    let at = (row < t).then(|| strided_offset(row, &dims, &x_strides));
+                    (row < t).then(|| strided_offset(row, &dims, &x_strides))
+                });
+                if side_by_side && at.iter().all(Option::is_some) {
+                    let rows: [&[f32]; MR] = at.map(|a| a.map_or(&[][..], |a| &xs[a..a + c]));
+                    for (i, dst) in panel.chunks_exact_mut(MR).enumerate() {
+                        for (d, row) in dst.iter_mut().zip(&rows) {
+                            *d = row[i];
+                        }
+                    }
+                    continue;
+                }
+                for (r, at) in at.into_iter().enumerate() {
                     for (i, &f) in features.iter().enumerate() {
                         panel[i * MR + r] = at.map_or(0.0, |a| xs[a + f]);
                     }
