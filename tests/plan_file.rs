@@ -303,11 +303,9 @@ fn lock_weights_locks_the_start_of_a_mapped_plan_file() {
         // Unprivileged, with a lock limit below the request: a clear error naming the flag.
         Err(e) => {
             let message = e.to_string();
-            assert!(
-                limit.rlim_cur < want,
-                "locking {want} bytes under a limit of {} failed: {message}",
-                limit.rlim_cur
-            );
+            #[allow(clippy::useless_conversion)] // rlim_t has 32 bits on 32-bit targets
+            let soft = u64::from(limit.rlim_cur);
+            assert!(soft < want, "locking {want} bytes under a limit of {soft} failed: {message}");
             assert!(message.contains("lock-weights") && message.contains("RLIMIT_MEMLOCK"), "{message}");
         }
     }

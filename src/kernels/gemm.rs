@@ -21,6 +21,9 @@
 //!   from L2 or L3 for every group of panels, so fewer groups made its step faster.
 //! - NEON (aarch64) keeps a 6 × 16 block in 24 of its 32 registers of 4 lanes, and multiplies
 //!   by the weights as lanes of two registers (`FMLA` by element), without broadcasting them.
+//! - NEON on 32-bit ARM has 16 registers of 4 lanes: a 6 × 16 block is two passes of 6 × 8
+//!   (12 sums), multiplying by scalars (`VMLA`). It is the one kernel whose bits differ: `VMLA`
+//!   rounds each product before adding it, and NEON flushes subnormals to zero.
 //!
 //! On aarch64 with FP16 arithmetic, [`product_f16`] and `block_cols_f16` take the same layout in
 //! float16 (weights and `V`) and sum in float16, two panels at a time (`--precision f16`).
@@ -31,6 +34,8 @@
 use super::aarch64::gemm as aarch64;
 #[cfg(target_arch = "aarch64")]
 use super::aarch64::gemm_f16 as aarch64_f16;
+#[cfg(target_arch = "arm")]
+use super::arm::gemm as arm;
 #[cfg(target_arch = "x86_64")]
 use super::x86_64::gemm as x86_64;
 #[cfg(target_arch = "x86_64")]
@@ -65,13 +70,15 @@ pub fn packed_len(k: usize, c: usize) -> usize {
     k.div_ceil(MR) * c * MR
 }
 
-/// Whether this CPU runs one of the kernels: x86-64 with AVX2 and FMA, or any aarch64 (NEON is
-/// part of its base instruction set).
+/// Whether this CPU runs one of the kernels: x86-64 with AVX2 and FMA, any aarch64 (NEON is
+/// part of its base instruction set), or 32-bit ARM with NEON.
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     return std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
     #[cfg(target_arch = "aarch64")]
     return true;
+    #[cfg(target_arch = "arm")]
+    return super::arm::neon();
 }
 
 /// The micro-kernel this process runs.
@@ -81,7 +88,7 @@ pub enum Kernel {
     Avx2,
     #[cfg(target_arch = "x86_64")]
     Avx512,
-    #[cfg(target_arch = "aarch64")]
+    #[cfg(any(target_arch = "aarch64", target_arch = "arm"))]
     Neon,
 }
 
@@ -101,7 +108,7 @@ impl Kernel {
                 }
             })
         }
-        #[cfg(target_arch = "aarch64")]
+        #[cfg(any(target_arch = "aarch64", target_arch = "arm"))]
         Kernel::Neon
     }
 
@@ -112,8 +119,8 @@ impl Kernel {
             Kernel::Avx2 => available(),
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512 => available() && std::is_x86_feature_detected!("avx512f"),
-            #[cfg(target_arch = "aarch64")]
-            Kernel::Neon => true,
+            #[cfg(any(target_arch = "aarch64", target_arch = "arm"))]
+            Kernel::Neon => available(),
         }
     }
 }
@@ -184,6 +191,10 @@ pub(crate) unsafe fn block(
                 #[cfg(target_arch = "aarch64")]
                 (Kernel::Neon, _) => {
                     aarch64::block_neon(up, rows, stride, at, ld, height, first[..MR].try_into().expect("MR values"))
+                }
+                #[cfg(target_arch = "arm")]
+                (Kernel::Neon, _) => {
+                    arm::block_neon(up, rows, stride, at, ld, height, first[..MR].try_into().expect("MR values"))
                 }
             }
         }
@@ -344,13 +355,13 @@ mod tests {
     /// Every kernel of this architecture.
     #[cfg(target_arch = "x86_64")]
     const EVERY: [Kernel; 2] = [Kernel::Avx2, Kernel::Avx512];
-    #[cfg(target_arch = "aarch64")]
+    #[cfg(any(target_arch = "aarch64", target_arch = "arm"))]
     const EVERY: [Kernel; 1] = [Kernel::Neon];
 
     #[test]
     fn matches_a_plain_product() {
         if !available() {
-            eprintln!("no AVX2 and FMA here: the kernel cannot run");
+            eprintln!("no kernel for this CPU: nothing to run");
             return;
         }
         // Sizes around the block edges: k not a multiple of 6 (an odd number of panels for the

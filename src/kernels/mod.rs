@@ -2,24 +2,27 @@
 //! architecture. No tract types here: the operators (`crate::ops`) unpack tensors, hand out the
 //! work to threads, and call these.
 //!
-//! - `gemm`: the matrix product of the convolutions with constant, pre-packed weights, on x86-64
-//!   and aarch64; its micro-kernels are in the architecture modules. `direct_conv` gathers the
+//! - `gemm`: the matrix product of the convolutions with constant, pre-packed weights, on x86-64,
+//!   aarch64 and 32-bit ARM with NEON; its micro-kernels are in the architecture modules. `direct_conv` gathers the
 //!   rows that a direct convolution multiplies on it.
 //! - [`portable`]: plain Rust that the compiler vectorizes for any target (the Winograd tile
-//!   transforms of the whole-map layout, the GroupNorm sums). aarch64 and 32-bit ARM run these;
-//!   32-bit ARM's matrix products go to `matrixmultiply`.
+//!   transforms of the whole-map layout, the GroupNorm sums). aarch64 and 32-bit ARM run these.
 //! - `x86_64`: AVX2+FMA and AVX-512 intrinsics: the matrix micro-kernels, the Winograd
 //!   convolution in blocks of 16 tiles, the softmax rows, the GroupNorm built for AVX2, and the
 //!   Linear and attention kernels.
 //! - `aarch64`: NEON intrinsics: the matrix micro-kernel, the Winograd transforms and the
 //!   softmax rows; and in inline assembly, the float16 micro-kernel for CPUs with FP16
 //!   arithmetic.
+//! - `arm` (32-bit, armv7 with NEON): the matrix micro-kernel in inline assembly, chosen at run
+//!   time where the CPU has NEON with 32 double registers.
 
 #[cfg(target_arch = "aarch64")]
 pub(crate) mod aarch64;
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[cfg(target_arch = "arm")]
+pub(crate) mod arm;
+#[cfg(own_gemm)]
 pub(crate) mod direct_conv;
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[cfg(own_gemm)]
 pub(crate) mod gemm;
 pub(crate) mod portable;
 #[cfg(target_arch = "x86_64")]
@@ -117,20 +120,20 @@ pub(crate) fn group_norm(x: &[f32], y: &mut [f32], plane: usize, [recip, eps]: [
 }
 
 /// Whether this CPU runs our softmax row kernel: x86-64 with AVX2 and FMA, and aarch64.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) fn softmax_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     return x86_64::softmax::available();
     #[cfg(target_arch = "aarch64")]
-    return true;
-    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-    false
+    true
 }
 
-/// `y = softmax(y)` over one row, in place. Panics where [`softmax_available`] is false.
+/// `y = softmax(y)` over one row, in place.
+///
+/// Safety: [`softmax_available`] (the operator asks once per call, not once per row).
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-pub(crate) fn softmax_row_in_place(y: &mut [f32]) {
-    assert!(softmax_available(), "softmax_row_in_place: this CPU lacks the kernel's features");
-    // Safety: on x86-64 the CPU has AVX2 and FMA (checked above).
+pub(crate) unsafe fn softmax_row_in_place(y: &mut [f32]) {
+    // Safety: on x86-64 the CPU has AVX2 and FMA (the caller's promise).
     #[cfg(target_arch = "x86_64")]
     unsafe {
         x86_64::softmax::softmax_row_in_place(y);
@@ -152,11 +155,73 @@ pub(crate) fn half_products() -> bool {
 /// Names the kernels this process packs weights for, e.g. `x86_64-avx512`: a plan file written
 /// for other kernels (another CPU, `EDGE_DIFFUSE_X86_KERNEL`) is never read.
 pub(crate) fn tag() -> String {
-    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    #[cfg(own_gemm)]
     if gemm::available() {
         return format!("{}-{:?}", std::env::consts::ARCH, gemm::Kernel::detect()).to_lowercase();
     }
     format!("{}-plain", std::env::consts::ARCH)
+}
+
+#[cfg(all(test, any(target_arch = "x86_64", target_arch = "aarch64")))]
+mod softmax_tests {
+    use super::{softmax_available, softmax_row_in_place};
+
+    fn reference(x: &[f32]) -> Vec<f64> {
+        let max = x.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
+        let e: Vec<f64> = x.iter().map(|&v| (v as f64 - max).exp()).collect();
+        let sum: f64 = e.iter().sum();
+        e.iter().map(|v| v / sum).collect()
+    }
+
+    fn softmax(x: &[f32]) -> Vec<f32> {
+        let mut y = x.to_vec();
+        // Safety: the tests ask `softmax_available` first.
+        unsafe { softmax_row_in_place(&mut y) };
+        y
+    }
+
+    #[test]
+    fn rows_match_a_float64_softmax() {
+        if !softmax_available() {
+            eprintln!("no softmax kernel for this CPU: nothing to run");
+            return;
+        }
+        // Lengths around the lanes of x86-64 (8) and aarch64 (2 × 4); values over a wide range.
+        for len in [1, 3, 4, 7, 8, 13, 64, 100] {
+            for scale in [0.01f32, 1.0, 30.0, 200.0] {
+                let x: Vec<f32> = (0..len).map(|i| ((i * 37 % 19) as f32 - 9.0) * scale).collect();
+                for (i, (&got, want)) in softmax(&x).iter().zip(reference(&x)).enumerate() {
+                    assert!(
+                        (got as f64 - want).abs() < 2e-7 + 1e-6 * want,
+                        "len {len} scale {scale} [{i}]: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn short_rows_with_huge_values_and_rows_with_nan_or_infinity() {
+        if !softmax_available() {
+            return;
+        }
+        // A maximum so large that max − 1e4 rounds to max: the tail's padding must not count.
+        let y = softmax(&[1e12, 0.0, 0.0]);
+        assert!(y[0] == 1.0 && y[1] < 1e-30 && y[2] < 1e-30, "{y:?}");
+        let masked = softmax(&[f32::MIN; 3]);
+        assert!(masked.iter().all(|&v| (v - 1.0 / 3.0).abs() < 1e-7), "{masked:?}");
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for len in [3, 24] {
+                let mut x = vec![0.5f32; len];
+                x[len / 2] = bad;
+                if bad == f32::NEG_INFINITY {
+                    x.fill(bad);
+                }
+                let y = softmax(&x);
+                assert!(y.iter().all(|v| v.is_nan()), "{bad} in a row of {len}: {y:?}");
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -206,7 +271,7 @@ pub(crate) mod testing {
     }
 
     /// Deterministic values in [-1, 1) (the direct-convolution tests').
-    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    #[cfg(own_gemm)]
     pub(crate) fn values(len: usize, seed: u32) -> Vec<f32> {
         (0..len).map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0).collect()
     }

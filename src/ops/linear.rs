@@ -127,12 +127,12 @@ impl Linear {
     ) -> Self {
         let kernel = Kernel::detect();
         #[cfg(target_arch = "x86_64")]
-        let (packed, padded) = {
+        let (packed, mut padded) = {
             let packed = site.get("linear", source, || pack_weights(kernel, &weights(), [k, c], strides));
             (packed, vec![0f32; k.div_ceil(kernel.width()) * kernel.width()])
         };
         #[cfg(target_arch = "aarch64")]
-        let (packed, padded) = {
+        let (packed, mut padded) = {
             // W as the float16 product's columns: c rows of k.
             let columns = || {
                 let w = weights();
@@ -140,7 +140,6 @@ impl Linear {
             };
             (site.get("linear", source, columns).into_half(), vec![0f32; k])
         };
-        let mut padded = padded;
         if let Some(bias) = bias {
             padded[..k].copy_from_slice(bias);
         }

@@ -11,7 +11,7 @@ use tract_onnx::tract_core::internal::*;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod attention;
 pub(crate) mod conv;
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[cfg(own_gemm)]
 pub(crate) mod direct_conv;
 pub(crate) mod embedding;
 pub(crate) mod group_norm;
@@ -63,11 +63,11 @@ pub(crate) fn strided_offset(flat: usize, dims: &[usize], strides: &[usize]) -> 
 }
 
 /// An output that several threads write at once, each only the elements of its own items.
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[cfg(own_gemm)]
 #[derive(Clone, Copy)]
 pub(crate) struct Output(*mut f32, usize);
 
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[cfg(own_gemm)]
 impl Output {
     /// A method, not a field access, so that closures capture the whole (`Sync`) value.
     pub(crate) fn at(self, i: usize) -> *mut f32 {
@@ -80,7 +80,7 @@ impl Output {
 }
 
 // Safety: see the type's docs; items do not overlap.
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[cfg(own_gemm)]
 unsafe impl Send for Output {}
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[cfg(own_gemm)]
 unsafe impl Sync for Output {}

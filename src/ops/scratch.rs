@@ -37,7 +37,7 @@ pub(crate) fn with_scratch<R>(ctx: &EvalContext, f: impl FnOnce(&mut Scratch) ->
     }
 }
 
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))] // only `direct_conv` and `linear` ask for plain floats
+#[cfg(own_gemm)] // only `direct_conv` and `linear` ask for plain floats
 impl Scratch {
     /// `len` floats of the buffer, grown when short; what they hold is left over from before.
     pub(crate) fn floats(&mut self, len: usize) -> &mut [f32] {

@@ -41,7 +41,8 @@ impl EvalOp for RowSoftmax {
             let ranges = split(rows, threads());
             let pieces = carve(out, ranges.iter().map(|r| r.len() * row));
             for_each(pieces, |y| {
-                y.chunks_exact_mut(row).for_each(softmax_row_in_place);
+                // Safety: `softmax_available` (ensured above).
+                y.chunks_exact_mut(row).for_each(|r| unsafe { softmax_row_in_place(r) });
             });
         }
         Ok(tvec!(y.into_tvalue()))

@@ -43,7 +43,7 @@ use super::scratch::{with_scratch, Scratch};
 use super::{for_each, threads};
 #[cfg(target_arch = "aarch64")]
 use crate::kernels::aarch64::winograd::{input_transform, output_transform};
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[cfg(own_gemm)]
 use crate::kernels::gemm;
 use crate::kernels::portable::winograd::transform_kernel;
 #[cfg(not(target_arch = "aarch64"))]
@@ -79,9 +79,9 @@ impl Winograd3x3 {
     /// [`Self::new`] with the transformed weights from the packer, for the node `site` names;
     /// with float16 products where the site asks for them and the CPU has FP16 arithmetic.
     pub(crate) fn new_in(site: Site, kernel: &[f32], bias: Option<&[f32]>, k: usize, c: usize) -> Self {
-        #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+        #[cfg(own_gemm)]
         let own_kernel = gemm::available();
-        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+        #[cfg(not(own_gemm))]
         let own_kernel = false;
         let half = site.half_products();
         Self::with_products(site, kernel, bias, [k, c], own_kernel, half)
@@ -101,7 +101,7 @@ impl Winograd3x3 {
         let weights = site.get(kind, kernel, || {
             #[allow(unused_mut)] // only where our kernel runs
             let mut u = transform_kernel(kernel, k, c);
-            #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+            #[cfg(own_gemm)]
             if own_kernel {
                 u = u.chunks_exact(k * c).flat_map(|ui| gemm::pack_weights(ui, k, c)).collect();
             }
@@ -243,7 +243,7 @@ impl Winograd3x3 {
             let mut wide = Vec::new();
             let (u, v) = (u.widen(xi * len..(xi + 1) * len, &mut wide), &v[xi * c * t..][..c * t]);
             if self.own_kernel {
-                #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+                #[cfg(own_gemm)]
                 return gemm::product(gemm::Kernel::detect(), u, v, p, [k, c, t]);
             }
             let a = ArrayView2::from_shape((k, c), u).expect("U shape");
@@ -271,7 +271,7 @@ fn runs_in_blocks(kernel: gemm::Kernel, k: usize, c: usize) -> bool {
 /// each reads a share of the weights rather than all of them. On the 35.7M UNet's 256-channel
 /// layers at two threads, splitting the blocks between the threads was slower than the
 /// whole-map layout; splitting the output channels was faster than both.
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[cfg(own_gemm)]
 pub(crate) const LARGE: usize = 16 * 128 * 128;
 
 #[cfg(test)]
@@ -294,7 +294,7 @@ mod tests {
             false,
             false,
         )];
-        #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+        #[cfg(own_gemm)]
         if gemm::available() {
             ops.push(Winograd3x3::with_products(
                 Site { packer: &Packer::default(), node: "", origin: None },
@@ -374,11 +374,11 @@ mod tests {
             let bias = random(k, 3);
             let want = direct(&x, &kernel, &bias, [n, c, h, w], k);
             for own_kernel in [false, true] {
-                #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+                #[cfg(own_gemm)]
                 if own_kernel && !gemm::available() {
                     continue;
                 }
-                #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+                #[cfg(not(own_gemm))]
                 if own_kernel {
                     continue;
                 }

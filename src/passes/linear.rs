@@ -16,16 +16,30 @@ use crate::ops::linear::{Linear, LinearAxes, OutAxis};
 use crate::ops::packed::{Packer, Site};
 use crate::ops::strided_offset;
 
+/// Whether the rewrite runs in a plan on this CPU (`half`: the plan multiplies in float16):
+/// on aarch64 only float16 plans on FP16 cores (see `crate::ops::linear`), elsewhere wherever
+/// the CPU runs our kernel.
+fn runs_here(half: bool) -> bool {
+    if cfg!(target_arch = "aarch64") {
+        half && crate::kernels::half_products()
+    } else {
+        gemm::available()
+    }
+}
+
+/// Rows below which a layer stays on tract: on aarch64 the float16 product computes rows in
+/// blocks of `ROWS`, and a layer of fewer rows (a time embedding's, one per image) would waste
+/// most of its block, where tract's float32 product of a single row costs less and rounds
+/// nothing to float16. None elsewhere.
+#[cfg(target_arch = "aarch64")]
+const FEWEST_ROWS: Option<usize> = Some(crate::kernels::aarch64::gemm_f16::ROWS);
+#[cfg(not(target_arch = "aarch64"))]
+const FEWEST_ROWS: Option<usize> = None;
+
 /// Replaces every linear layer (see the module docs) by a [`Linear`] node, when this CPU runs
 /// the kernel. Returns how many were replaced.
 pub(crate) fn rewrite(model: &mut TypedModel, packer: &Packer) -> TractResult<usize> {
-    // On aarch64 only float16 plans on FP16 cores: see `crate::ops::linear`.
-    let runs = if cfg!(target_arch = "aarch64") {
-        packer.half_products() && crate::kernels::half_products()
-    } else {
-        gemm::available()
-    };
-    if !runs {
+    if !runs_here(packer.half_products()) {
         return Ok(0);
     }
     let mut replaced = 0;
@@ -91,12 +105,9 @@ fn linear_at(model: &TypedModel, id: usize, packer: &Packer) -> TractResult<Opti
     }
     // Every weights axis is summed or k.
     let Some((w_k, out_k)) = k else { return Ok(None) };
-    // On aarch64 the float16 product computes rows in blocks of 12: a layer of fewer rows (a
-    // time embedding's, one per image) would waste most of its block, and tract's float32
-    // product of a single row costs less and rounds nothing to float16.
     let t =
         rows.iter().map(|&(a, _)| x.shape[a].as_i64().and_then(|n| usize::try_from(n).ok())).product::<Option<usize>>();
-    if cfg!(target_arch = "aarch64") && t.is_none_or(|t| t < 12) {
+    if FEWEST_ROWS.is_some_and(|least| t.is_none_or(|t| t < least)) {
         return Ok(None);
     }
     if summed.is_empty() || summed.len() + 1 != w.rank() {
@@ -202,8 +213,7 @@ mod tests {
 
     #[test]
     fn linear_layers_in_any_layout_match_tract() -> TractResult<()> {
-        let runs = if cfg!(target_arch = "aarch64") { crate::kernels::half_products() } else { gemm::available() };
-        if !runs {
+        if !runs_here(true) {
             return Ok(());
         }
         let (packer, tolerance) = packer();
@@ -230,7 +240,7 @@ mod tests {
             let want = model.clone().into_runnable()?.run(input.clone())?;
             let mut rewritten = model;
             let single_row = x_shape.len() == 1;
-            if cfg!(target_arch = "aarch64") && single_row {
+            if FEWEST_ROWS.is_some_and(|least| least > 1) && single_row {
                 assert_eq!(rewrite(&mut rewritten, &packer)?, 0, "{equation}");
                 continue;
             }

@@ -10,7 +10,7 @@ use crate::ops::packed::Packer;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod attention;
 pub(crate) mod contiguous_constants;
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[cfg(own_gemm)]
 pub(crate) mod conv1x1;
 pub(crate) mod conv_match;
 pub(crate) mod einsum_permute;
@@ -21,7 +21,7 @@ pub(crate) mod linear;
 pub(crate) mod pow_const;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) mod softmax;
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[cfg(own_gemm)]
 pub(crate) mod strided_conv;
 pub(crate) mod winograd;
 
@@ -80,7 +80,7 @@ pub(crate) const GROUP_NORM: &str = "group norm";
 pub(crate) const PASSES: &[Pass] = &[
     #[cfg(target_arch = "x86_64")]
     Pass { name: ATTENTION, stage: Stage::Imported, convolutions: false, run: Run::Plain(attention::rewrite) },
-    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    #[cfg(own_gemm)]
     Pass { name: "1x1 convolution", stage: Stage::Imported, convolutions: true, run: Run::Packing(conv1x1::rewrite) },
     Pass { name: "embedding", stage: Stage::Imported, convolutions: false, run: Run::Packing(embedding::rewrite) },
     // Linear layers first as imported: declutter would fold a following slice (GEGLU's two
@@ -108,7 +108,7 @@ pub(crate) const PASSES: &[Pass] = &[
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     Pass { name: "linear", stage: Stage::Decluttered, convolutions: false, run: Run::Packing(linear::rewrite) },
     Pass { name: WINOGRAD, stage: Stage::Decluttered, convolutions: true, run: Run::Packing(winograd::rewrite) },
-    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    #[cfg(own_gemm)]
     Pass {
         name: "strided convolution",
         stage: Stage::Decluttered,
@@ -187,7 +187,7 @@ pub(crate) mod testing {
 
     /// tract's 1×1, unpadded NCHW convolution from `c` to `k` channels with `strides` (OIHW
     /// weights, bias as its third input).
-    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    #[cfg(own_gemm)]
     pub(crate) fn conv(c: usize, k: usize, strides: Option<TVec<usize>>) -> Conv {
         let pool_spec = PoolSpec {
             data_format: DataFormat::NCHW,

@@ -442,8 +442,10 @@ fn validate(
     let data = align(PREFIX + header_len);
     let mut index = HashMap::new();
     for e in header.entries {
-        let (offset, floats) = (e.offset as usize, e.floats as usize);
-        let end = floats.checked_mul(size).and_then(|b| b.checked_add(data)?.checked_add(offset));
+        // On 32-bit targets an offset or a length beyond a usize is out of bounds, not wrapped.
+        let fits = usize::try_from(e.offset).ok().zip(usize::try_from(e.floats).ok());
+        let end = fits.and_then(|(offset, floats)| floats.checked_mul(size)?.checked_add(data)?.checked_add(offset));
+        let (offset, floats) = fits.unwrap_or_default();
         if offset % ALIGN != 0 || end.is_none_or(|end| end > bytes.len()) {
             return Err(format!("weight {:?} lies out of bounds or unaligned", e.key));
         }

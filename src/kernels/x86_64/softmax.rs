@@ -118,65 +118,6 @@ unsafe fn softmax(x: *const f32, y: *mut f32, len: usize) {
 mod tests {
     use super::*;
 
-    fn reference(x: &[f32]) -> Vec<f64> {
-        let max = x.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
-        let e: Vec<f64> = x.iter().map(|&v| (v as f64 - max).exp()).collect();
-        let sum: f64 = e.iter().sum();
-        e.iter().map(|v| v / sum).collect()
-    }
-
-    #[test]
-    fn rows_match_a_float64_softmax() {
-        if !available() {
-            eprintln!("no AVX2 and FMA here: the kernel cannot run");
-            return;
-        }
-        // Lengths around the 8 lanes; values over a wide range, a constant row, huge gaps.
-        for len in [1, 3, 8, 13, 64, 100] {
-            for scale in [0.01f32, 1.0, 30.0, 200.0] {
-                let x: Vec<f32> = (0..len).map(|i| ((i * 37 % 19) as f32 - 9.0) * scale).collect();
-                let mut y = vec![f32::NAN; len];
-                // Safety: available() above.
-                unsafe { softmax_row(&x, &mut y) };
-                for (i, (&got, want)) in y.iter().zip(reference(&x)).enumerate() {
-                    assert!(
-                        (got as f64 - want).abs() < 2e-7 + 1e-6 * want,
-                        "len {len} scale {scale} [{i}]: {got} vs {want}"
-                    );
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn short_rows_with_huge_values_and_rows_with_nan_or_infinity() {
-        if !available() {
-            return;
-        }
-        let softmax = |x: &[f32]| {
-            let mut y = vec![0f32; x.len()];
-            // Safety: available() above.
-            unsafe { softmax_row(x, &mut y) };
-            y
-        };
-        // A maximum so large that max − 1e4 rounds to max: the tail's padding must not count.
-        let y = softmax(&[1e12, 0.0, 0.0]);
-        assert!(y[0] == 1.0 && y[1] < 1e-30 && y[2] < 1e-30, "{y:?}");
-        let masked = softmax(&[f32::MIN; 3]);
-        assert!(masked.iter().all(|&v| (v - 1.0 / 3.0).abs() < 1e-7), "{masked:?}");
-        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
-            for len in [3, 24] {
-                let mut x = vec![0.5f32; len];
-                x[len / 2] = bad;
-                if bad == f32::NEG_INFINITY {
-                    x.fill(bad);
-                }
-                let y = softmax(&x);
-                assert!(y.iter().all(|v| v.is_nan()), "{bad} in a row of {len}: {y:?}");
-            }
-        }
-    }
-
     #[test]
     fn the_exponential_is_within_two_ulps() {
         if !available() {
