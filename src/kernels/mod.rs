@@ -13,8 +13,9 @@
 //! - `aarch64`: NEON intrinsics: the matrix micro-kernel, the Winograd transforms and the
 //!   softmax rows; and in inline assembly, the float16 micro-kernel for CPUs with FP16
 //!   arithmetic.
-//! - `arm` (32-bit, armv7 with NEON): the matrix micro-kernel in inline assembly, chosen at run
-//!   time where the CPU has NEON with 32 double registers.
+//! - `arm` (32-bit, armv7 with NEON): the matrix micro-kernel and the Winograd transforms'
+//!   element-wise steps in inline assembly, chosen at run time where the CPU has NEON with 32
+//!   double registers.
 
 #[cfg(target_arch = "aarch64")]
 pub(crate) mod aarch64;

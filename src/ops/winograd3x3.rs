@@ -43,10 +43,12 @@ use super::scratch::{with_scratch, Scratch};
 use super::{for_each, threads};
 #[cfg(target_arch = "aarch64")]
 use crate::kernels::aarch64::winograd::{input_transform, output_transform};
+#[cfg(target_arch = "arm")]
+use crate::kernels::arm::winograd::{input_transform, output_transform};
 #[cfg(own_gemm)]
 use crate::kernels::gemm;
 use crate::kernels::portable::winograd::transform_kernel;
-#[cfg(not(target_arch = "aarch64"))]
+#[cfg(not(any(target_arch = "aarch64", target_arch = "arm")))]
 use crate::kernels::portable::winograd::{input_transform, output_transform};
 #[cfg(target_arch = "x86_64")]
 use crate::kernels::x86_64::winograd as fused;

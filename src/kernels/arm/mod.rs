@@ -1,8 +1,10 @@
 //! 32-bit ARM kernels (armv7-A with NEON: Pi 2/3/Zero 2 on a 32-bit OS): the matrix
-//! micro-kernel in inline assembly, since Rust's NEON intrinsics for 32-bit ARM are not stable.
-//! The armv7 targets do not assume NEON, so it is detected at run time ([`neon`]).
+//! micro-kernel and the Winograd transforms' element-wise steps, in inline assembly, since Rust's
+//! NEON intrinsics for 32-bit ARM are not stable. The armv7 targets do not assume NEON, so it is
+//! detected at run time ([`neon`]).
 
 pub(crate) mod gemm;
+pub(crate) mod winograd;
 
 /// Whether this CPU has NEON with 32 double registers (the micro-kernel holds its sums in
 /// q4–q15, i.e. d8–d31): from the kernel's hardware capabilities where glibc reads them,

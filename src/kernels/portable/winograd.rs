@@ -27,6 +27,54 @@ pub(crate) fn transform_kernel(kernel: &[f32], k: usize, c: usize) -> Vec<f32> {
     u
 }
 
+/// The element-wise steps of the tile transforms, over rows of tiles: plain loops ([`Plain`]),
+/// or an architecture's vector code where the compiler does not vectorize them (32-bit ARM,
+/// `crate::kernels::arm::winograd`, whose value proves the CPU runs it). Each adds in the same
+/// order, so both give the same bits.
+pub(crate) trait Steps {
+    /// Bᵀ along one axis: `o0 = p − r`, `o1 = q + r`, `o2 = r − q`, `o3 = q − s`, element by
+    /// element over `o0.len()` values (every slice holds at least that many).
+    fn bt(&self, p: &[f32], q: &[f32], r: &[f32], s: &[f32], o: [&mut [f32]; 4]);
+    /// Aᵀ along one axis: `o0 = p + q + r`, `o1 = q − r − s`, over `o0.len()` values.
+    fn at(&self, p: &[f32], q: &[f32], r: &[f32], s: &[f32], o: [&mut [f32]; 2]);
+    /// Aᵀ along the other axis plus `beta`, interleaved: `out[2j] = p + q + r + beta`,
+    /// `out[2j + 1] = q − r − s + beta`, for the `out.len() / 2` values of each input.
+    fn at_pairs(&self, p: &[f32], q: &[f32], r: &[f32], s: &[f32], beta: f32, out: &mut [f32]);
+}
+
+/// [`Steps`] as plain loops, which the compiler vectorizes where it can.
+pub(crate) struct Plain;
+
+impl Steps for Plain {
+    fn bt(&self, p: &[f32], q: &[f32], r: &[f32], s: &[f32], [o0, o1, o2, o3]: [&mut [f32]; 4]) {
+        let n = o0.len();
+        let (p, q, r, s) = (&p[..n], &q[..n], &r[..n], &s[..n]);
+        let (o1, o2, o3) = (&mut o1[..n], &mut o2[..n], &mut o3[..n]);
+        for j in 0..n {
+            o0[j] = p[j] - r[j];
+            o1[j] = q[j] + r[j];
+            o2[j] = r[j] - q[j];
+            o3[j] = q[j] - s[j];
+        }
+    }
+
+    fn at(&self, p: &[f32], q: &[f32], r: &[f32], s: &[f32], [o0, o1]: [&mut [f32]; 2]) {
+        let n = o0.len();
+        let (p, q, r, s, o1) = (&p[..n], &q[..n], &r[..n], &s[..n], &mut o1[..n]);
+        for j in 0..n {
+            o0[j] = p[j] + q[j] + r[j];
+            o1[j] = q[j] - r[j] - s[j];
+        }
+    }
+
+    fn at_pairs(&self, p: &[f32], q: &[f32], r: &[f32], s: &[f32], beta: f32, out: &mut [f32]) {
+        for (j, px) in out.chunks_exact_mut(2).enumerate() {
+            px[0] = p[j] + q[j] + r[j] + beta;
+            px[1] = q[j] - r[j] - s[j] + beta;
+        }
+    }
+}
+
 /// `V = Bᵀ d B` for every 4×4 input tile `d` (zero outside the image), into `v[ξ][c][t]`.
 ///
 /// Bᵀ = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]]. Tile `tx` covers padded columns
@@ -35,8 +83,14 @@ pub(crate) fn transform_kernel(kernel: &[f32], k: usize, c: usize) -> Vec<f32> {
 /// transform into contiguous, vectorizable loops over `tx`.
 ///
 /// Only the channels in `channels`: `v[ξ]` holds their rows, `(ci − channels.start)·t + tile`.
-#[cfg_attr(target_arch = "aarch64", allow(dead_code))] // aarch64 runs its NEON one, tested against this
-pub(crate) fn input_transform(
+#[cfg_attr(any(target_arch = "aarch64", target_arch = "arm"), allow(dead_code))] // ARM runs its NEON one, tested against this
+pub(crate) fn input_transform(x: &[f32], dims: [usize; 4], channels: std::ops::Range<usize>, v: &mut [&mut [f32]]) {
+    input_transform_in(&Plain, x, dims, channels, v)
+}
+
+/// [`input_transform`] with the element-wise steps of `steps`.
+pub(crate) fn input_transform_in(
+    steps: &impl Steps,
     x: &[f32],
     [n, c, h, w]: [usize; 4],
     channels: std::ops::Range<usize>,
@@ -75,12 +129,7 @@ pub(crate) fn input_transform(
                 let (r0, rest) = out.split_at_mut(cw);
                 let (r1, rest) = rest.split_at_mut(cw);
                 let (r2, r3) = rest.split_at_mut(cw);
-                for j in 0..cw {
-                    r0[j] = d0[j] - d2[j];
-                    r1[j] = d1[j] + d2[j];
-                    r2[j] = d2[j] - d1[j];
-                    r3[j] = d1[j] - d3[j];
-                }
+                steps.bt(d0, d1, d2, d3, [r0, r1, r2, r3]);
             }
             // Then B along the columns of each tile; tiles of the row are contiguous in `t`.
             let t0 = (b * th + ty) * tw;
@@ -88,22 +137,10 @@ pub(crate) fn input_transform(
                 let (e, o) = (&rows[i * cw..][..cw], &rows[(4 + i) * cw..][..cw]);
                 let (e0, e1, o0, o1) = (&e[..tw], &e[1..], &o[..tw], &o[1..]);
                 let at = row_at + t0;
-                let v0 = &mut v[4 * i][at..][..tw];
-                for tx in 0..tw {
-                    v0[tx] = e0[tx] - e1[tx];
-                }
-                let v1 = &mut v[4 * i + 1][at..][..tw];
-                for tx in 0..tw {
-                    v1[tx] = o0[tx] + e1[tx];
-                }
-                let v2 = &mut v[4 * i + 2][at..][..tw];
-                for tx in 0..tw {
-                    v2[tx] = e1[tx] - o0[tx];
-                }
-                let v3 = &mut v[4 * i + 3][at..][..tw];
-                for tx in 0..tw {
-                    v3[tx] = o0[tx] - o1[tx];
-                }
+                let [v0, v1, v2, v3] = v.get_disjoint_mut([4 * i, 4 * i + 1, 4 * i + 2, 4 * i + 3]).expect("16 blocks");
+                let outs = [&mut v0[at..][..tw], &mut v1[at..][..tw], &mut v2[at..][..tw], &mut v3[at..][..tw]];
+                // v0 = e0 − e1, v1 = o0 + e1, v2 = e1 − o0, v3 = o0 − o1.
+                steps.bt(e0, o0, e1, o1, outs);
             }
         }
     }
@@ -112,8 +149,20 @@ pub(crate) fn input_transform(
 /// `Y = Aᵀ M A + bias` for every tile, from `m[ξ][k][t]` into `y[n][k][h][w]`.
 ///
 /// Aᵀ = [[1,1,1,0],[0,1,-1,-1]]. Only the output planes `planes` (`b·k + ki`), into `y`.
-#[cfg_attr(target_arch = "aarch64", allow(dead_code))] // aarch64 runs its NEON one, tested against this
+#[cfg_attr(any(target_arch = "aarch64", target_arch = "arm"), allow(dead_code))] // ARM runs its NEON one, tested against this
 pub(crate) fn output_transform(
+    m: &[f32],
+    bias: &[f32],
+    dims: [usize; 4],
+    planes: std::ops::Range<usize>,
+    y: &mut [f32],
+) {
+    output_transform_in(&Plain, m, bias, dims, planes, y)
+}
+
+/// [`output_transform`] with the element-wise steps of `steps`.
+pub(crate) fn output_transform_in(
+    steps: &impl Steps,
     m: &[f32],
     bias: &[f32],
     [n, k, h, w]: [usize; 4],
@@ -134,11 +183,7 @@ pub(crate) fn output_transform(
             let (s0, s1) = s.split_at_mut(4 * tw);
             for j in 0..4 {
                 let (m0, m1, m2, m3) = (row(j), row(4 + j), row(8 + j), row(12 + j));
-                let (a, b) = (&mut s0[j * tw..][..tw], &mut s1[j * tw..][..tw]);
-                for tx in 0..tw {
-                    a[tx] = m0[tx] + m1[tx] + m2[tx];
-                    b[tx] = m1[tx] - m2[tx] - m3[tx];
-                }
+                steps.at(m0, m1, m2, m3, [&mut s0[j * tw..][..tw], &mut s1[j * tw..][..tw]]);
             }
             // Then A along each row, giving 2 output rows of 2 pixels per tile.
             for i in 0..2 {
@@ -148,10 +193,7 @@ pub(crate) fn output_transform(
                 }
                 let sr = &s[4 * i * tw..][..4 * tw];
                 let (a0, a1, a2, a3) = (&sr[..tw], &sr[tw..2 * tw], &sr[2 * tw..3 * tw], &sr[3 * tw..]);
-                for (tx, px) in pair.chunks_exact_mut(2).enumerate() {
-                    px[0] = a0[tx] + a1[tx] + a2[tx] + beta;
-                    px[1] = a1[tx] - a2[tx] - a3[tx] + beta;
-                }
+                steps.at_pairs(a0, a1, a2, a3, beta, &mut pair);
                 out[y_row * w..][..w].copy_from_slice(&pair[..w]);
             }
         }
