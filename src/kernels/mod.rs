@@ -3,8 +3,8 @@
 //! work to threads, and call these.
 //!
 //! - `gemm`: the matrix product of the convolutions with constant, pre-packed weights, on x86-64,
-//!   aarch64 and 32-bit ARM with NEON; its micro-kernels are in the architecture modules. `direct_conv` gathers the
-//!   rows that a direct convolution multiplies on it.
+//!   aarch64 and 32-bit ARM with NEON; its micro-kernels are in the architecture modules.
+//!   `direct_conv` gathers the rows that a direct convolution multiplies on it.
 //! - [`portable`]: plain Rust that the compiler vectorizes for any target (the Winograd tile
 //!   transforms of the whole-map layout, the GroupNorm sums). aarch64 and 32-bit ARM run these.
 //! - `x86_64`: AVX2+FMA and AVX-512 intrinsics: the matrix micro-kernels, the Winograd

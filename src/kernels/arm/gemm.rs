@@ -37,22 +37,25 @@ pub(crate) unsafe fn block_neon(
     let c = up.len() / MR;
     debug_assert!(c == 0 || rows.len() >= (c - 1) * stride + NR);
     debug_assert!(height <= MR);
-    // A block of fewer rows goes through `buf` (MR rows of NR), then its first rows to `out`.
-    let mut buf = [0f32; MR * NR];
-    let whole = height == MR;
-    let (dst, dst_ld) = if whole { (out, ld) } else { (buf.as_mut_ptr(), NR) };
-    for half in 0..2 {
-        // Safety: the caller's promises; each pass reads HALF of the NR values of each row and
-        // writes HALF of the NR values of each of MR rows of `dst`.
-        unsafe {
-            half_block(up.as_ptr(), c, rows.as_ptr().add(half * HALF), stride, dst.add(half * HALF), dst_ld, init)
-        };
-    }
-    if !whole {
-        for r in 0..height {
-            // Safety: row r < height of the caller's output, NR values.
-            unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr().add(r * NR), out.add(r * ld), NR) };
+    let block = |dst: *mut f32, dst_ld: usize| {
+        for half in 0..2 {
+            // Safety: the caller's promises; each pass reads HALF of the NR values of each row
+            // and writes HALF of the NR values of each of MR rows of `dst`.
+            unsafe {
+                half_block(up.as_ptr(), c, rows.as_ptr().add(half * HALF), stride, dst.add(half * HALF), dst_ld, init)
+            };
         }
+    };
+    if height == MR {
+        return block(out, ld);
+    }
+    // A block of fewer rows goes through `buf` (MR rows of NR), then its first rows to `out`:
+    // only then is a buffer zeroed.
+    let mut buf = [0f32; MR * NR];
+    block(buf.as_mut_ptr(), NR);
+    for r in 0..height {
+        // Safety: row r < height of the caller's output, NR values.
+        unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr().add(r * NR), out.add(r * ld), NR) };
     }
 }
 
