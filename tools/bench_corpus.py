@@ -8,7 +8,9 @@ call and load time, the same ONNX file and thread count, in one run on this mach
 For each model that has a card: edge-diffuse's `profile` gives the mean time of `--runs` untimed
 calls at batch 1 after a warm-up (the plan `sample` runs), and `info` the load time to a runnable
 plan; onnxruntime runs the corpus's reference inputs (the first image) in a session with that
-many intra-op threads, and its load time is the session's creation. Rounds are interleaved and
+many intra-op threads, and its load time is the session's creation. edge-diffuse's load is
+given twice: the first (the plan file removed before it, so this load writes it) and the next
+(which maps it). Rounds are interleaved and
 the runtime that goes first alternates, so that a disturbance of a shared machine lands on both.
 The table shows the median over rounds and the range of the per-round ratios (edge-diffuse /
 onnxruntime: below 1, edge-diffuse is faster).
@@ -37,14 +39,22 @@ def corpus_models(only):
 
 
 def ours(name, threads, runs):
-    """(ms per call, load s) from `edge-diffuse profile` and `info`."""
+    """(ms per call, load s, first load s) from `edge-diffuse profile` and `info`: the first
+    load is the one that writes the plan file (removed before it), the load the next one."""
     folder = os.path.join(CORPUS, name)
+
+    def load():
+        info = subprocess.run([BIN, "info", "--model", folder], check=True, capture_output=True, text=True).stdout
+        return float(re.search(r"^load\s+([0-9.]+) s", info, re.M).group(1))
+
+    for plan in glob.glob(os.path.join(folder, "*.edplan")):
+        os.remove(plan)
+    first = load()
+    warm = load()
     out = subprocess.run([BIN, "profile", "--model", folder, "--runs", str(runs), "--threads", str(threads)],
                          check=True, capture_output=True, text=True).stdout
     call = float(re.search(r"untimed call ([0-9.]+) ms", out).group(1))
-    info = subprocess.run([BIN, "info", "--model", folder], check=True, capture_output=True, text=True).stdout
-    load = float(re.search(r"^load\s+([0-9.]+) s", info, re.M).group(1))
-    return call, load
+    return call, warm, first
 
 
 def theirs(name, threads, runs):
@@ -93,15 +103,17 @@ def main():
                     order.reverse()
                 for label, fn in order:
                     results.setdefault((name, t, label), []).append(fn(name, t, a.runs))
-    print(f"{'model':22s} thr  call ms (ed / ort)   ratio  per round    load s (ed / ort)  ratio")
+    print(f"{'model':22s} thr  call ms (ed / ort)   ratio  per round    load s (ed / ort)  ratio  first load s")
     for name in models:
         for t in threads:
             ed, ox = results[(name, t, "ed")], results[(name, t, "ort")]
             ratios = [e[0] / o[0] for e, o in zip(ed, ox)]
             call_ed, call_ort = statistics.median(e[0] for e in ed), statistics.median(o[0] for o in ox)
             load_ed, load_ort = statistics.median(e[1] for e in ed), statistics.median(o[1] for o in ox)
+            first = statistics.median(e[2] for e in ed)
             print(f"{name:22s} {t:3d}  {call_ed:8.3f} / {call_ort:8.3f}  {statistics.median(ratios):5.2f}"
-                  f"  {min(ratios):.2f}-{max(ratios):.2f}  {load_ed:6.3f} / {load_ort:6.3f}   {load_ed / load_ort:5.2f}")
+                  f"  {min(ratios):.2f}-{max(ratios):.2f}  {load_ed:6.3f} / {load_ort:6.3f}   {load_ed / load_ort:5.2f}"
+                  f"  {first:6.3f}")
 
 
 if __name__ == "__main__":

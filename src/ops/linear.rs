@@ -216,14 +216,15 @@ impl Linear {
                     pack_rows(height, xs, r0..(r0 + height).min(t), offset, &features, rows);
                 }
             });
-            // Work items: (chunk of blocks, share of the panels). Panels are shared out when
-            // there are fewer chunks than threads, so that each weight comes from memory once
-            // (a few hundred rows make one chunk); blocks are, when there are fewer panels.
+            // Work items: (chunk of blocks, share of the panels), a whole number of them per
+            // thread: 3 chunks on 2 threads would leave one thread idle for a third of the call.
+            // Panels are shared out rather than chunks made smaller, so that each weight still
+            // comes from memory once per chunk; blocks are, when there are too few panels.
             let chunks = match panels >= parts {
                 true => split(blocks, blocks.div_ceil(CHUNK)),
-                false => split(blocks, blocks.div_ceil(CHUNK).max(parts)),
+                false => split(blocks, blocks.div_ceil(CHUNK).max(parts).next_multiple_of(parts)),
             };
-            let splits = parts.div_ceil(chunks.len()).min(panels);
+            let splits = (parts / gcd(chunks.len(), parts)).min(panels);
             let items: Vec<_> = chunks
                 .iter()
                 .flat_map(|chunk| split(panels, splits).into_iter().map(move |share| (chunk.clone(), share)))
@@ -389,6 +390,15 @@ impl Linear {
             }
         }
         Ok(y)
+    }
+}
+
+/// The greatest common divisor of `a` and `b`.
+#[cfg(target_arch = "x86_64")]
+fn gcd(a: usize, b: usize) -> usize {
+    match b {
+        0 => a,
+        _ => gcd(b, a % b),
     }
 }
 

@@ -14,6 +14,8 @@ pub(crate) mod conv;
 #[cfg(own_gemm)]
 pub(crate) mod direct_conv;
 pub(crate) mod embedding;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod gelu;
 pub(crate) mod group_norm;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) mod linear;

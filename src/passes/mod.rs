@@ -15,6 +15,8 @@ pub(crate) mod conv1x1;
 pub(crate) mod conv_match;
 pub(crate) mod einsum_permute;
 pub(crate) mod embedding;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod gelu;
 pub(crate) mod group_norm;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) mod linear;
@@ -107,6 +109,9 @@ pub(crate) const PASSES: &[Pass] = &[
     Pass { name: "softmax", stage: Stage::Decluttered, convolutions: false, run: Run::Plain(softmax::rewrite) },
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     Pass { name: "linear", stage: Stage::Decluttered, convolutions: false, run: Run::Packing(linear::rewrite) },
+    // After the linear layers, which take the bias `Add` a chain may start from.
+    #[cfg(target_arch = "x86_64")]
+    Pass { name: "gelu", stage: Stage::Decluttered, convolutions: false, run: Run::Plain(gelu::rewrite) },
     Pass { name: WINOGRAD, stage: Stage::Decluttered, convolutions: true, run: Run::Packing(winograd::rewrite) },
     #[cfg(own_gemm)]
     Pass {

@@ -2,6 +2,7 @@
 //! features (tract's builds target baseline x86-64).
 
 pub(crate) mod attention;
+pub(crate) mod gelu;
 pub(crate) mod gemm;
 pub(crate) mod group_norm;
 pub(crate) mod linear;
