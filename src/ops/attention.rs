@@ -119,12 +119,16 @@ impl Attention {
         ensure!(s > 0 && d > 0, "Attention: {s} keys of depth {d}");
         // Each head's keys (S × d) and values (dv × S) packed once for all its query blocks.
         let (klen, vlen) = (gemm::packed_len(s, d), gemm::packed_len(dv, s));
+        // Heads packed on the threads too: the packing reads across strides, and serial it kept
+        // the second thread idle for part of every call.
         let mut keys = vec![0f32; heads * klen];
         let mut values = vec![0f32; heads * vlen];
-        for (h, (kp, vp)) in keys.chunks_exact_mut(klen).zip(values.chunks_exact_mut(vlen)).enumerate() {
-            gemm::pack_strided(&k.data[k.head(h, nb)..], s, d, [k.strides[nb], k.strides[nb + 1]], kp);
-            gemm::pack_strided(&v.data[v.head(h, nb)..], dv, s, [v.strides[nb], v.strides[nb + 1]], vp);
-        }
+        let per_head: Vec<_> = keys.chunks_exact_mut(klen).zip(values.chunks_exact_mut(vlen)).enumerate().collect();
+        let (kv, vv) = (&k, &v);
+        for_each(per_head, |(h, (kp, vp))| {
+            gemm::pack_strided(&kv.data[kv.head(h, nb)..], s, d, [kv.strides[nb], kv.strides[nb + 1]], kp);
+            gemm::pack_strided(&vv.data[vv.head(h, nb)..], dv, s, [vv.strides[nb], vv.strides[nb + 1]], vp);
+        });
         let head = Head { keys: s, depth: d, features: dv };
         let blocks = t.div_ceil(NR);
         let ranges = split(heads * blocks, threads());

@@ -460,8 +460,9 @@ mod tests {
         if !crate::kernels::gemm::available() {
             return Ok(());
         }
-        // Many blocks and one group of panels; one block and many groups.
-        for [t, c, k] in [[70, 9, 11], [3, 20, 100]] {
+        // Many blocks and one group of panels; one block and many groups; sums over two
+        // slices of features.
+        for [t, c, k] in [[70, 9, 11], [3, 20, 100], [70, 300, 40]] {
             let axes =
                 LinearAxes { rows: tvec![0], features: tvec![1], out: tvec![OutAxis::Row(0), OutAxis::Features] };
             let (w, b) = (values(k * c, 2), values(k, 3));
