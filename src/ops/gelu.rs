@@ -44,8 +44,11 @@ impl EvalOp for Gelu {
         let mut y = x.into_tensor();
         let mut plain = y.try_as_plain_ram_mut()?;
         let out = plain.as_slice_mut::<f32>()?;
-        let shares = split(out.len(), threads().min(out.len() / LEAST_SHARE).max(1));
-        let pieces = carve(out, shares.iter().map(|r| r.len()));
+        // Shares of whole vectors of 8, the last one taking the tail.
+        let parts = threads().min(out.len() / LEAST_SHARE).max(1);
+        let vectors = split(out.len() / 8, parts);
+        let len = out.len();
+        let pieces = carve(out, vectors.iter().map(|r| if r.end == len / 8 { len - r.start * 8 } else { r.len() * 8 }));
         let form = self.0;
         // Safety: `available` (ensured above).
         for_each(pieces, |piece| unsafe { gelu_in_place(piece, form) });
@@ -59,5 +62,21 @@ impl TypedOp for Gelu {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         ensure!(inputs[0].datum_type == f32::datum_type(), "Gelu: a float32 input");
         Ok(tvec!(f32::fact(inputs[0].shape.clone())))
+    }
+
+    // Element by element, as tract's element-wise operators: its optimizer may move axis
+    // changes through the node.
+    fn axes_mapping(&self, inputs: &[&TypedFact], outputs: &[&TypedFact]) -> TractResult<AxesMapping> {
+        AxesMapping::natural(inputs, outputs)
+    }
+
+    fn change_axes(
+        &self,
+        model: &TypedModel,
+        node: &TypedNode,
+        _io: InOut,
+        change: &AxisOp,
+    ) -> TractResult<Option<AxisChangeConsequence>> {
+        Ok(Some(AxisChangeConsequence::new(model, node, None, change)))
     }
 }

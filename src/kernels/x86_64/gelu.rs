@@ -10,7 +10,7 @@
 //!   of a non-positive argument.
 //!
 //! Both exponentials are `softmax`'s (`exp_nonpositive`, clamped at −87: where that clamp acts,
-//! the exact value is below 1e-37 · |x|). NaN stays NaN.
+//! the exact value is below 1e-37 · |x|; the tanh form then gives 0). NaN stays NaN.
 
 use std::arch::x86_64::*;
 
@@ -72,7 +72,10 @@ unsafe fn lanes(x: __m256, form: GeluForm) -> __m256 {
                 // e^(−|2u|)
                 let e = exp_nonpositive(_mm256_or_ps(two_u, sign));
                 let positive = _mm256_cmp_ps::<_CMP_GE_OQ>(two_u, zero);
-                let numerator = _mm256_blendv_ps(e, one, positive);
+                // Below −88 the clamped exponential would leave x · 1e-38, not 0 (and −∞ for
+                // −∞, where the chain gives NaN); unordered keeps NaN's lanes.
+                let alive = _mm256_cmp_ps::<_CMP_NLT_UQ>(two_u, _mm256_set1_ps(-88.0));
+                let numerator = _mm256_and_ps(_mm256_blendv_ps(e, one, positive), alive);
                 _mm256_mul_ps(x, _mm256_div_ps(numerator, _mm256_add_ps(one, e)))
             }
             GeluForm::Erf => {
@@ -166,9 +169,16 @@ mod tests {
                 assert!(err <= 1e-6 * want.abs() + 1e-9 * (x as f64).abs(), "{form:?}({x}) = {y}, want {want}");
             }
         }
-        let mut nan = [f32::NAN; 3];
+        for form in [GeluForm::Tanh, GeluForm::Erf] {
+            let mut nan = [f32::NAN; 3];
+            // Safety: `available` above.
+            unsafe { gelu_in_place(&mut nan, form) };
+            assert!(nan.iter().all(|v| v.is_nan()), "{form:?}");
+        }
+        // Far in the negative tail the tanh form gives 0, not x · e^−87.
+        let mut far = [-1e33f32, -f32::MAX];
         // Safety: `available` above.
-        unsafe { gelu_in_place(&mut nan, GeluForm::Erf) };
-        assert!(nan.iter().all(|v| v.is_nan()));
+        unsafe { gelu_in_place(&mut far, GeluForm::Tanh) };
+        assert_eq!(far, [0.0; 2]);
     }
 }
