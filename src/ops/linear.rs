@@ -31,6 +31,8 @@ use super::{f32s, for_each, strided_offset, threads, Output};
 use crate::kernels::gemm::Kernel;
 #[cfg(target_arch = "x86_64")]
 use crate::kernels::x86_64::linear::{block, pack_rows, pack_weights, MOST_ROWS, MOST_WIDTH};
+#[cfg(target_arch = "x86_64")]
+use crate::kernels::Floats;
 use crate::kernels::{carve, split};
 
 /// Blocks of rows per chunk: a chunk's packed rows (at most 16 · 14 rows of c features) stay in
@@ -234,6 +236,7 @@ impl Linear {
                 // The chunk's partial sums, block by block: `height` rows of `width` each.
                 let mut sums = [0f32; CHUNK * MOST_ROWS * MOST_WIDTH];
                 let mut wide = Vec::new();
+                let end = share.end * c * width;
                 for p in share {
                     let panel = u.widen(p * c * width..(p + 1) * c * width, &mut wide);
                     let bias = &bias[p * width..][..width];
@@ -243,15 +246,25 @@ impl Linear {
                     for i0 in (0..c).step_by(SLICE) {
                         let n = SLICE.min(c - i0);
                         let part = &panel[i0 * width..][..n * width];
+                        // The next slice of this item's weights (panels lie one after another),
+                        // requested while the chunk's first block runs: weights come from
+                        // memory once per chunk, and waiting for them stalled that block.
+                        let ahead = match u {
+                            Floats::F32(all) => {
+                                let from = (p * c + i0 + n) * width;
+                                &all[from.min(end)..(from + SLICE * width).min(end)]
+                            }
+                            Floats::F16(_) => &[],
+                        };
                         for (j, b) in chunk.clone().enumerate() {
                             let rows = &packed[(b * c + i0) * height..][..n * height];
                             let tile = &mut sums[j * height * width..][..height * width];
+                            let ahead = if j == 0 { ahead } else { &[] };
+                            let bias = (i0 == 0).then_some(bias);
                             // Safety: `runs_here` above, `height` is the kernel's; n groups of
                             // rows and of the panel, a bias of `width`, a tile of `height` rows
                             // of `width`.
-                            unsafe {
-                                block(kernel, height, rows, part, (i0 == 0).then_some(bias), tile.as_mut_ptr(), width)
-                            };
+                            unsafe { block(kernel, height, rows, part, bias, ahead, tile.as_mut_ptr(), width) };
                         }
                     }
                     for (j, b) in chunk.clone().enumerate() {

@@ -83,6 +83,25 @@ pub(crate) fn pack_rows(
     for (a, r) in at.iter_mut().zip(rows) {
         *a = offset(r);
     }
+    // Features side by side in each row (a token-major input): a tile of TILE features of
+    // every row at a time, read as `count` short streams with no index per value, written to a
+    // few cache lines that stay in L1 until the tile is done.
+    if let Some(&first) = features.first().filter(|_| features.windows(2).all(|w| w[1] == w[0] + 1)) {
+        const TILE: usize = 16;
+        let c = features.len();
+        for (i0, tile) in (0..c).step_by(TILE).zip(packed.chunks_mut(TILE * height)) {
+            let n = TILE.min(c - i0);
+            for (r, &a) in at[..count].iter().enumerate() {
+                for (group, &v) in tile.chunks_exact_mut(height).zip(&x[a + first + i0..][..n]) {
+                    group[r] = v;
+                }
+            }
+            if count < height {
+                tile.chunks_exact_mut(height).for_each(|group| group[count..].fill(0.0));
+            }
+        }
+        return;
+    }
     for (group, &feature) in packed.chunks_exact_mut(height).zip(features) {
         for (v, &a) in group.iter_mut().zip(&at[..count]) {
             *v = x[a + feature];
@@ -97,14 +116,20 @@ pub(crate) fn pack_rows(
 /// over many features can run a slice of them at a time with the same sums: all `height` rows
 /// of `kernel.width()` values are stored.
 ///
+/// `ahead` is what a later block will read (the next slice of weights): its cache lines are
+/// requested during this block's loop, `kernel.width()` values per input feature, so that they
+/// come from memory while this block computes rather than when that block stalls on them.
+///
 /// Safety: `kernel.runs_here()`, `height` one of `kernel.heights()`; `panel` holds c · width
 /// values, `bias` width, and `out` height rows of width values `ld` apart.
+#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn block(
     kernel: Kernel,
     height: usize,
     rows: &[f32],
     panel: &[f32],
     bias: Option<&[f32]>,
+    ahead: &[f32],
     out: *mut f32,
     ld: usize,
 ) {
@@ -112,21 +137,36 @@ pub(crate) unsafe fn block(
     debug_assert!(panel.len() >= c * kernel.width() && bias.is_none_or(|b| b.len() >= kernel.width()));
     debug_assert!(kernel.heights().contains(&height));
     let (x, w, b) = (rows.as_ptr(), panel.as_ptr(), bias.map_or(std::ptr::null(), |b| b.as_ptr()));
+    let ahead = Ahead { at: ahead.as_ptr(), features: (ahead.len() / kernel.width()).min(c) };
     // Safety: the caller's.
     unsafe {
         match (kernel, height) {
-            (Kernel::Avx2, 4) => block_avx2::<4>(x, w, c, b, out, ld),
-            (Kernel::Avx2, 5) => block_avx2::<5>(x, w, c, b, out, ld),
-            (Kernel::Avx2, _) => block_avx2::<6>(x, w, c, b, out, ld),
-            (Kernel::Avx512, 8) => block_avx512::<8>(x, w, c, b, out, ld),
-            (Kernel::Avx512, 9) => block_avx512::<9>(x, w, c, b, out, ld),
-            (Kernel::Avx512, 10) => block_avx512::<10>(x, w, c, b, out, ld),
-            (Kernel::Avx512, 11) => block_avx512::<11>(x, w, c, b, out, ld),
-            (Kernel::Avx512, 12) => block_avx512::<12>(x, w, c, b, out, ld),
-            (Kernel::Avx512, 13) => block_avx512::<13>(x, w, c, b, out, ld),
-            (Kernel::Avx512, _) => block_avx512::<14>(x, w, c, b, out, ld),
+            (Kernel::Avx2, 4) => block_avx2::<4>(x, w, c, b, ahead, out, ld),
+            (Kernel::Avx2, 5) => block_avx2::<5>(x, w, c, b, ahead, out, ld),
+            (Kernel::Avx2, _) => block_avx2::<6>(x, w, c, b, ahead, out, ld),
+            (Kernel::Avx512, 8) => block_avx512::<8>(x, w, c, b, ahead, out, ld),
+            (Kernel::Avx512, 9) => block_avx512::<9>(x, w, c, b, ahead, out, ld),
+            (Kernel::Avx512, 10) => block_avx512::<10>(x, w, c, b, ahead, out, ld),
+            (Kernel::Avx512, 11) => block_avx512::<11>(x, w, c, b, ahead, out, ld),
+            (Kernel::Avx512, 12) => block_avx512::<12>(x, w, c, b, ahead, out, ld),
+            (Kernel::Avx512, 13) => block_avx512::<13>(x, w, c, b, ahead, out, ld),
+            (Kernel::Avx512, _) => block_avx512::<14>(x, w, c, b, ahead, out, ld),
         }
     }
+}
+
+/// Weights to request while a block runs: `features` groups of the kernel's width from `at`.
+#[derive(Clone, Copy)]
+struct Ahead {
+    at: *const f32,
+    features: usize,
+}
+
+/// Requests the cache line at `p` into L1; a hint, so any address is allowed.
+#[inline(always)]
+fn fetch(p: *const f32) {
+    // Safety: a prefetch never faults and changes no state a program can see.
+    unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast()) }
 }
 
 /// H rows × 16 features in 2·H registers of 8 lanes.
@@ -139,6 +179,7 @@ unsafe fn block_avx2<const H: usize>(
     panel: *const f32,
     c: usize,
     bias: *const f32,
+    ahead: Ahead,
     out: *mut f32,
     ld: usize,
 ) {
@@ -151,6 +192,9 @@ unsafe fn block_avx2<const H: usize>(
             *a = [_mm256_loadu_ps(from), _mm256_loadu_ps(from.add(8))];
         }
         for i in 0..c {
+            if i < ahead.features {
+                fetch(ahead.at.wrapping_add(i * 16));
+            }
             let w0 = _mm256_loadu_ps(panel.add(i * 16));
             let w1 = _mm256_loadu_ps(panel.add(i * 16 + 8));
             for (r, a) in acc.iter_mut().enumerate() {
@@ -176,6 +220,7 @@ unsafe fn block_avx512<const H: usize>(
     panel: *const f32,
     c: usize,
     bias: *const f32,
+    ahead: Ahead,
     out: *mut f32,
     ld: usize,
 ) {
@@ -188,6 +233,10 @@ unsafe fn block_avx512<const H: usize>(
             *a = [_mm512_loadu_ps(from), _mm512_loadu_ps(from.add(16))];
         }
         for i in 0..c {
+            if i < ahead.features {
+                fetch(ahead.at.wrapping_add(i * 32));
+                fetch(ahead.at.wrapping_add(i * 32 + 16));
+            }
             let w0 = _mm512_loadu_ps(panel.add(i * 32));
             let w1 = _mm512_loadu_ps(panel.add(i * 32 + 16));
             for (r, a) in acc.iter_mut().enumerate() {
@@ -228,7 +277,7 @@ mod tests {
                 // panel, a bias of `width`, a tile of `height` rows of `width`.
                 unsafe {
                     let panel = &packed[p * c * width..][..c * width];
-                    block(kernel, height, &rows, panel, Some(&padded[p * width..]), tile.as_mut_ptr(), width)
+                    block(kernel, height, &rows, panel, Some(&padded[p * width..]), &[], tile.as_mut_ptr(), width)
                 };
                 for j in 0..height.min(t - r0) {
                     for f in 0..width.min(k - p * width) {
@@ -282,11 +331,11 @@ mod tests {
             let [mut whole, mut sliced] = [vec![f32::NAN; height * width], vec![f32::NAN; height * width]];
             // Safety: runs here; c groups of rows and of the panel, a tile of height × width.
             unsafe {
-                block(kernel, height, &rows, &packed, Some(&b), whole.as_mut_ptr(), width);
+                block(kernel, height, &rows, &packed, Some(&b), &[], whole.as_mut_ptr(), width);
                 for (i, s) in [(0, 10), (10, 30), (30, c)].into_iter().enumerate() {
                     let bias = (i == 0).then_some(&b[..]);
                     let part = (&rows[s.0 * height..s.1 * height], &packed[s.0 * width..s.1 * width]);
-                    block(kernel, height, part.0, part.1, bias, sliced.as_mut_ptr(), width);
+                    block(kernel, height, part.0, part.1, bias, &packed, sliced.as_mut_ptr(), width);
                 }
             }
             assert!(whole.iter().zip(&sliced).all(|(p, q)| p.to_bits() == q.to_bits()), "{kernel:?}");
@@ -324,18 +373,23 @@ mod tests {
 
     #[test]
     fn rows_pack_alike_from_any_feature_layout() {
-        // The same 5 × 3 rows stored token-major and channels-first.
-        let (t, c) = (5, 3);
-        let x = values(t * c, 7);
-        let xt: Vec<f32> = (0..c * t).map(|i| x[(i % t) * c + i / t]).collect();
-        for kernel in [Kernel::Avx2, Kernel::Avx512] {
-            let height = *kernel.heights().end();
-            let [mut a, mut b] = [vec![f32::NAN; c * height], vec![f32::NAN; c * height]];
-            pack_rows(height, &x, 1..5, |r| r * c, &[0, 1, 2], &mut a);
-            pack_rows(height, &xt, 1..5, |r| r, &[0, t, 2 * t], &mut b);
-            assert_eq!(a, b);
-            assert_eq!(a[height + 2], x[3 * c + 1], "feature 1 of row 3");
-            assert!(a.chunks_exact(height).all(|g| g[4..].iter().all(|&v| v == 0.0)), "zero past the rows");
+        // The same 5 × c rows stored token-major (features side by side: the tiled path) and
+        // channels-first (the gather); 37 features end in a partial tile.
+        for c in [3, 37] {
+            let t = 5;
+            let x = values(t * c, 7);
+            let xt: Vec<f32> = (0..c * t).map(|i| x[(i % t) * c + i / t]).collect();
+            let (side_by_side, apart): (Vec<usize>, Vec<usize>) = (0..c).map(|i| (i, i * t)).unzip();
+            for kernel in [Kernel::Avx2, Kernel::Avx512] {
+                let height = *kernel.heights().end();
+                let [mut a, mut b] = [vec![f32::NAN; c * height], vec![f32::NAN; c * height]];
+                pack_rows(height, &x, 1..5, |r| r * c, &side_by_side, &mut a);
+                pack_rows(height, &xt, 1..5, |r| r, &apart, &mut b);
+                assert_eq!(a, b, "{c} features");
+                assert_eq!(a[height + 2], x[3 * c + 1], "feature 1 of row 3");
+                assert_eq!(a[(c - 1) * height], x[c + c - 1], "the last feature of row 1");
+                assert!(a.chunks_exact(height).all(|g| g[4..].iter().all(|&v| v == 0.0)), "zero past the rows");
+            }
         }
     }
 }
