@@ -57,6 +57,21 @@ pub fn pack_weights(u: &[f32], k: usize, c: usize) -> Vec<f32> {
 /// [`pack_weights`] into `packed` ([`packed_len`] values, its padding zero), from a `U` whose
 /// element (row, column) is at `u[row · strides[0] + column · strides[1]]`.
 pub(crate) fn pack_strided(u: &[f32], k: usize, c: usize, strides: [usize; 2], packed: &mut [f32]) {
+    if strides[0] == 1 && strides[1] != 1 {
+        // Rows side by side in memory (attention's keys and values as tract lays them out): a
+        // panel's rows of each column are neighbours, read together instead of a cache line
+        // per value.
+        for (p, panel) in packed[..packed_len(k, c)].chunks_exact_mut(c * MR).enumerate() {
+            let (k0, rows) = (p * MR, MR.min(k - p * MR));
+            for (ci, dst) in panel.chunks_exact_mut(MR).enumerate() {
+                let src = &u[k0 + ci * strides[1]..][..rows];
+                for (r, d) in dst.iter_mut().enumerate() {
+                    *d = if r < rows { src[r] } else { 0.0 };
+                }
+            }
+        }
+        return;
+    }
     for ki in 0..k {
         let panel = &mut packed[(ki / MR) * c * MR..][..c * MR];
         for ci in 0..c {
@@ -438,6 +453,24 @@ mod tests {
     }
 
     #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn packing_reads_any_strides_alike() {
+        // The same k × c matrix stored row-major and column-major (the column path), with
+        // partial panels, and a stored column longer than k (a view into a larger tensor).
+        for (k, c) in [(1, 1), (5, 3), (6, 7), (13, 4), (64, 19)] {
+            let u: Vec<f32> = (0..k * c).map(|i| i as f32 * 0.5 - 3.0).collect();
+            let ld = k + 3;
+            let mut columns = vec![f32::NAN; ld * c];
+            for (i, x) in u.iter().enumerate() {
+                columns[(i % c) * ld + i / c] = *x;
+            }
+            let want = pack_weights(&u, k, c);
+            let mut got = vec![f32::NAN; packed_len(k, c)];
+            pack_strided(&columns, k, c, [1, ld], &mut got);
+            assert_eq!(want, got, "{k} × {c}");
+        }
+    }
+
     #[test]
     fn panels_at_once_are_spread_evenly() {
         for left in 1..=40 {

@@ -13,7 +13,7 @@
 
 use std::arch::x86_64::*;
 
-use super::softmax::exp_nonpositive;
+use super::softmax::{exp_nonpositive, exp_nonpositive_512};
 use crate::kernels::gemm::{self, Kernel, MR, NR};
 
 /// The sizes of one head: `keys` (S), `depth` (d, the query and key features) and `features`
@@ -52,7 +52,10 @@ pub(crate) fn block(
     // `queries`, s rows of NR in `scores`, dv rows of NR in `out`.
     unsafe {
         gemm::block(kernel, keys, [s, d], 0..s.div_ceil(MR), queries, stride, scores.as_mut_ptr(), NR, None);
-        let sums = exponentials(&mut scores[..s * NR], scale);
+        let sums = match kernel {
+            Kernel::Avx512 => exponentials_512(&mut scores[..s * NR], scale),
+            Kernel::Avx2 => exponentials(&mut scores[..s * NR], scale),
+        };
         gemm::block(kernel, values, [dv, s], 0..dv.div_ceil(MR), scores, NR, out.as_mut_ptr(), NR, None);
         scale_columns(&mut out[..dv * NR], &sums);
     }
@@ -83,6 +86,32 @@ unsafe fn exponentials(scores: &mut [f32], scale: f32) -> [f32; NR] {
             }
             _mm256_storeu_ps(inverse[lanes..].as_mut_ptr(), _mm256_div_ps(_mm256_set1_ps(1.0), sum));
         }
+    }
+    inverse
+}
+
+/// [`exponentials`] with a whole row of NR in one AVX-512 register: the same bits.
+///
+/// Safety: AVX-512F.
+#[target_feature(enable = "avx512f")]
+unsafe fn exponentials_512(scores: &mut [f32], scale: f32) -> [f32; NR] {
+    const { assert!(NR == 16) };
+    let mut inverse = [0f32; NR];
+    // Safety, for the block: AVX-512F; every access is one row of NR = 16 values.
+    unsafe {
+        let k = _mm512_set1_ps(scale);
+        let mut top = _mm512_set1_ps(f32::NEG_INFINITY);
+        for row in scores.chunks_exact(NR) {
+            top = _mm512_max_ps(top, _mm512_loadu_ps(row.as_ptr()));
+        }
+        let mut sum = _mm512_setzero_ps();
+        for row in scores.chunks_exact_mut(NR) {
+            let p = row.as_mut_ptr();
+            let e = exp_nonpositive_512(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(p), top), k));
+            _mm512_storeu_ps(p, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        _mm512_storeu_ps(inverse.as_mut_ptr(), _mm512_div_ps(_mm512_set1_ps(1.0), sum));
     }
     inverse
 }
@@ -147,6 +176,25 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn both_kernels_give_the_same_bits() {
+        if !Kernel::Avx512.runs_here() {
+            eprintln!("no AVX-512 here: nothing to compare");
+            return;
+        }
+        let head = Head { keys: 45, depth: 19, features: 23 };
+        let value = |i: usize, m: usize| ((i * m % 29) as f32 - 14.0) / 7.0;
+        let q: Vec<f32> = (0..head.depth * NR).map(|i| value(i, 5)).collect();
+        let keys = gemm::pack_weights(&(0..45 * 19).map(|i| value(i, 3)).collect::<Vec<_>>(), 45, 19);
+        let values = gemm::pack_weights(&(0..23 * 45).map(|i| value(i, 11)).collect::<Vec<_>>(), 23, 45);
+        let [a, b] = [Kernel::Avx2, Kernel::Avx512].map(|kernel| {
+            let (mut scores, mut out) = (vec![0f32; 45 * NR], vec![0f32; 23 * NR]);
+            block(kernel, head, &keys, &values, &q, NR, 0.7, &mut scores, &mut out);
+            out
+        });
+        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
     }
 
     #[test]

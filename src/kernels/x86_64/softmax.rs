@@ -42,6 +42,29 @@ pub(crate) unsafe fn exp_nonpositive(x: __m256) -> __m256 {
     }
 }
 
+/// [`exp_nonpositive`] on 16 lanes, the same operations in the same order, so each lane gets
+/// the same bits.
+///
+/// Safety: AVX-512F.
+#[inline(always)]
+pub(crate) unsafe fn exp_nonpositive_512(x: __m512) -> __m512 {
+    unsafe {
+        let x = _mm512_max_ps(_mm512_set1_ps(-87.0), x);
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
+            x,
+            _mm512_set1_ps(std::f32::consts::LOG2_E),
+        ));
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm512_set1_ps(1.0 / 5040.0);
+        for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        let bits = _mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)));
+        _mm512_mul_ps(p, _mm512_castsi512_ps(bits))
+    }
+}
+
 /// `y = softmax(x)` for one row (the tests' out-of-place reference of the in-place kernel).
 ///
 /// Safety: AVX2 and FMA.
@@ -130,6 +153,32 @@ mod tests {
             unsafe { _mm256_storeu_ps(got.as_mut_ptr(), exp_nonpositive(_mm256_set1_ps(x))) };
             let want = (x as f64).exp();
             assert!(((got[0] as f64 - want) / want).abs() < 2.5e-7, "e^{x}: {} vs {want}", got[0]);
+        }
+    }
+
+    #[test]
+    fn both_widths_of_the_exponential_give_the_same_bits() {
+        if !available() || !std::is_x86_feature_detected!("avx512f") {
+            eprintln!("no AVX-512 here: nothing to compare");
+            return;
+        }
+        let xs: Vec<f32> =
+            (0..=87_016).map(|i| -(i as f32) / 1000.0).chain([-1e30, f32::NEG_INFINITY, f32::NAN]).collect();
+        for chunk in xs.chunks(16) {
+            let mut x = [0f32; 16];
+            x[..chunk.len()].copy_from_slice(chunk);
+            let [mut narrow, mut wide] = [[0f32; 16]; 2];
+            // Safety: AVX2, FMA and AVX-512F checked above.
+            unsafe {
+                for half in 0..2 {
+                    let e = exp_nonpositive(_mm256_loadu_ps(x[half * 8..].as_ptr()));
+                    _mm256_storeu_ps(narrow[half * 8..].as_mut_ptr(), e);
+                }
+                _mm512_storeu_ps(wide.as_mut_ptr(), exp_nonpositive_512(_mm512_loadu_ps(x.as_ptr())));
+            }
+            for (i, (a, b)) in narrow.iter().zip(&wide).enumerate() {
+                assert!(a.to_bits() == b.to_bits(), "e^{}: {a} vs {b}", x[i]);
+            }
         }
     }
 
