@@ -30,7 +30,7 @@ use super::scratch::{with_scratch, Scratch};
 use super::{f32s, for_each, strided_offset, threads, Output};
 use crate::kernels::gemm::Kernel;
 #[cfg(target_arch = "x86_64")]
-use crate::kernels::x86_64::linear::{block, pack_rows, pack_weights, MOST_ROWS, MOST_WIDTH};
+use crate::kernels::x86_64::linear::{block, pack_rows, pack_weights, Start, MOST_ROWS, MOST_WIDTH};
 #[cfg(target_arch = "x86_64")]
 use crate::kernels::Floats;
 use crate::kernels::{carve, split};
@@ -241,6 +241,9 @@ impl Linear {
                     let panel = u.widen(p * c * width..(p + 1) * c * width, &mut wide);
                     let bias = &bias[p * width..][..width];
                     let features = width.min(k - p * width);
+                    // A whole block of a token-major output, with all `width` features of the
+                    // panel in range, gets its sums straight from the kernel: no tile to copy.
+                    let direct = |b: usize| token_major && features == width && (b + 1) * height <= t;
                     // A slice of the input features at a time: its part of the panel stays in
                     // L1 while every block of the chunk runs over it.
                     for i0 in (0..c).step_by(SLICE) {
@@ -260,14 +263,25 @@ impl Linear {
                             let rows = &packed[(b * c + i0) * height..][..n * height];
                             let tile = &mut sums[j * height * width..][..height * width];
                             let ahead = if j == 0 { ahead } else { &[] };
-                            let bias = (i0 == 0).then_some(bias);
+                            let (tile, first) = (tile.as_mut_ptr(), i0 == 0);
+                            if i0 + n == c && direct(b) {
+                                // The last slice stores the sums in the output's rows.
+                                let at = b * height * k + p * width;
+                                assert!(at + (height - 1) * k + width <= out.len(), "Linear: short output");
+                                let start = if first { Start::Bias(bias) } else { Start::Rows(tile, width) };
+                                // Safety: as below, with `height` rows of `width` inside `y`
+                                // (asserted) that only this item writes.
+                                unsafe { block(kernel, height, rows, part, start, ahead, out.at(at), k) };
+                                continue;
+                            }
+                            let start = if first { Start::Bias(bias) } else { Start::Out };
                             // Safety: `runs_here` above, `height` is the kernel's; n groups of
                             // rows and of the panel, a bias of `width`, a tile of `height` rows
                             // of `width`.
-                            unsafe { block(kernel, height, rows, part, bias, ahead, tile.as_mut_ptr(), width) };
+                            unsafe { block(kernel, height, rows, part, start, ahead, tile, width) };
                         }
                     }
-                    for (j, b) in chunk.clone().enumerate() {
+                    for (j, b) in chunk.clone().enumerate().filter(|&(_, b)| !direct(b)) {
                         let tile = &sums[j * height * width..][..height * width];
                         let r0 = b * height;
                         let count = height.min(t - r0);
@@ -474,8 +488,9 @@ mod tests {
             return Ok(());
         }
         // Many blocks and one group of panels; one block and many groups; sums over two
-        // slices of features.
-        for [t, c, k] in [[70, 9, 11], [3, 20, 100], [70, 300, 40]] {
+        // slices of features; whole blocks and panels whose sums go straight to the output
+        // beside a last block and a last panel that go through the tile.
+        for [t, c, k] in [[70, 9, 11], [3, 20, 100], [70, 300, 40], [29, 50, 70]] {
             let axes =
                 LinearAxes { rows: tvec![0], features: tvec![1], out: tvec![OutAxis::Row(0), OutAxis::Features] };
             let (w, b) = (values(k * c, 2), values(k, 3));

@@ -110,49 +110,77 @@ pub(crate) fn pack_rows(
     }
 }
 
+/// Where a block's sums start.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Start<'a> {
+    /// From a bias: the same `kernel.width()` values for every row.
+    Bias(&'a [f32]),
+    /// From the output itself, so that a product over many features can run a slice of them at
+    /// a time with the same sums.
+    Out,
+    /// From `height` rows `ld` apart elsewhere: the earlier slices' sums, when this slice's go
+    /// straight to the output.
+    Rows(*const f32, usize),
+}
+
 /// One block: `out[r · ld + f] = s[r][f] + Σ_i rows[i][r] · panel[i][f]` for the block's
 /// `height` rows r and the panel's features f, over `c = rows.len() / height` input features,
-/// where the sums start `s` from `bias[f]`, or (`bias` None) from `out` itself, so that a product
-/// over many features can run a slice of them at a time with the same sums: all `height` rows
-/// of `kernel.width()` values are stored.
+/// where the sums `s` start as `start` says: all `height` rows of `kernel.width()` values are
+/// stored.
 ///
 /// `ahead` is what a later block will read (the next slice of weights): its cache lines are
 /// requested during this block's loop, `kernel.width()` values per input feature, so that they
 /// come from memory while this block computes rather than when that block stalls on them.
 ///
 /// Safety: `kernel.runs_here()`, `height` one of `kernel.heights()`; `panel` holds c · width
-/// values, `bias` width, and `out` height rows of width values `ld` apart.
+/// values, a bias width, `Start::Rows` height rows of width values, and `out` height rows of
+/// width values `ld` apart.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn block(
     kernel: Kernel,
     height: usize,
     rows: &[f32],
     panel: &[f32],
-    bias: Option<&[f32]>,
+    start: Start,
     ahead: &[f32],
     out: *mut f32,
     ld: usize,
 ) {
     let c = rows.len() / height;
-    debug_assert!(panel.len() >= c * kernel.width() && bias.is_none_or(|b| b.len() >= kernel.width()));
+    debug_assert!(panel.len() >= c * kernel.width());
     debug_assert!(kernel.heights().contains(&height));
-    let (x, w, b) = (rows.as_ptr(), panel.as_ptr(), bias.map_or(std::ptr::null(), |b| b.as_ptr()));
+    let (x, w) = (rows.as_ptr(), panel.as_ptr());
+    let from = match start {
+        Start::Bias(b) => {
+            debug_assert!(b.len() >= kernel.width());
+            From { at: b.as_ptr(), step: 0 }
+        }
+        Start::Out => From { at: out.cast_const(), step: ld },
+        Start::Rows(at, step) => From { at, step },
+    };
     let ahead = Ahead { at: ahead.as_ptr(), features: (ahead.len() / kernel.width()).min(c) };
     // Safety: the caller's.
     unsafe {
         match (kernel, height) {
-            (Kernel::Avx2, 4) => block_avx2::<4>(x, w, c, b, ahead, out, ld),
-            (Kernel::Avx2, 5) => block_avx2::<5>(x, w, c, b, ahead, out, ld),
-            (Kernel::Avx2, _) => block_avx2::<6>(x, w, c, b, ahead, out, ld),
-            (Kernel::Avx512, 8) => block_avx512::<8>(x, w, c, b, ahead, out, ld),
-            (Kernel::Avx512, 9) => block_avx512::<9>(x, w, c, b, ahead, out, ld),
-            (Kernel::Avx512, 10) => block_avx512::<10>(x, w, c, b, ahead, out, ld),
-            (Kernel::Avx512, 11) => block_avx512::<11>(x, w, c, b, ahead, out, ld),
-            (Kernel::Avx512, 12) => block_avx512::<12>(x, w, c, b, ahead, out, ld),
-            (Kernel::Avx512, 13) => block_avx512::<13>(x, w, c, b, ahead, out, ld),
-            (Kernel::Avx512, _) => block_avx512::<14>(x, w, c, b, ahead, out, ld),
+            (Kernel::Avx2, 4) => block_avx2::<4>(x, w, c, from, ahead, out, ld),
+            (Kernel::Avx2, 5) => block_avx2::<5>(x, w, c, from, ahead, out, ld),
+            (Kernel::Avx2, _) => block_avx2::<6>(x, w, c, from, ahead, out, ld),
+            (Kernel::Avx512, 8) => block_avx512::<8>(x, w, c, from, ahead, out, ld),
+            (Kernel::Avx512, 9) => block_avx512::<9>(x, w, c, from, ahead, out, ld),
+            (Kernel::Avx512, 10) => block_avx512::<10>(x, w, c, from, ahead, out, ld),
+            (Kernel::Avx512, 11) => block_avx512::<11>(x, w, c, from, ahead, out, ld),
+            (Kernel::Avx512, 12) => block_avx512::<12>(x, w, c, from, ahead, out, ld),
+            (Kernel::Avx512, 13) => block_avx512::<13>(x, w, c, from, ahead, out, ld),
+            (Kernel::Avx512, _) => block_avx512::<14>(x, w, c, from, ahead, out, ld),
         }
     }
+}
+
+/// Where the sums of row r start: `at + r · step`.
+#[derive(Clone, Copy)]
+struct From {
+    at: *const f32,
+    step: usize,
 }
 
 /// Weights to request while a block runs: `features` groups of the kernel's width from `at`.
@@ -171,14 +199,14 @@ fn fetch(p: *const f32) {
 
 /// H rows × 16 features in 2·H registers of 8 lanes.
 ///
-/// Safety: AVX2 and FMA; `rows` c · H values, `panel` c · 16, `bias` 16 or null (start from
-/// `out`), `out` H rows of 16.
+/// Safety: AVX2 and FMA; `rows` c · H values, `panel` c · 16, `from` H rows of 16 (the same
+/// one for a bias), `out` H rows of 16.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn block_avx2<const H: usize>(
     rows: *const f32,
     panel: *const f32,
     c: usize,
-    bias: *const f32,
+    from: From,
     ahead: Ahead,
     out: *mut f32,
     ld: usize,
@@ -188,7 +216,7 @@ unsafe fn block_avx2<const H: usize>(
     unsafe {
         let mut acc = [[_mm256_setzero_ps(); 2]; H];
         for (r, a) in acc.iter_mut().enumerate() {
-            let from = if bias.is_null() { out.add(r * ld).cast_const() } else { bias };
+            let from = from.at.add(r * from.step);
             *a = [_mm256_loadu_ps(from), _mm256_loadu_ps(from.add(8))];
         }
         for i in 0..c {
@@ -212,14 +240,14 @@ unsafe fn block_avx2<const H: usize>(
 
 /// H rows × 32 features in 2·H registers of 16 lanes.
 ///
-/// Safety: AVX-512F; `rows` c · H values, `panel` c · 32, `bias` 32 or null (start from
-/// `out`), `out` H rows of 32.
+/// Safety: AVX-512F; `rows` c · H values, `panel` c · 32, `from` H rows of 32 (the same
+/// one for a bias), `out` H rows of 32.
 #[target_feature(enable = "avx512f")]
 unsafe fn block_avx512<const H: usize>(
     rows: *const f32,
     panel: *const f32,
     c: usize,
-    bias: *const f32,
+    from: From,
     ahead: Ahead,
     out: *mut f32,
     ld: usize,
@@ -229,7 +257,7 @@ unsafe fn block_avx512<const H: usize>(
     unsafe {
         let mut acc = [[_mm512_setzero_ps(); 2]; H];
         for (r, a) in acc.iter_mut().enumerate() {
-            let from = if bias.is_null() { out.add(r * ld).cast_const() } else { bias };
+            let from = from.at.add(r * from.step);
             *a = [_mm512_loadu_ps(from), _mm512_loadu_ps(from.add(16))];
         }
         for i in 0..c {
@@ -277,7 +305,16 @@ mod tests {
                 // panel, a bias of `width`, a tile of `height` rows of `width`.
                 unsafe {
                     let panel = &packed[p * c * width..][..c * width];
-                    block(kernel, height, &rows, panel, Some(&padded[p * width..]), &[], tile.as_mut_ptr(), width)
+                    block(
+                        kernel,
+                        height,
+                        &rows,
+                        panel,
+                        Start::Bias(&padded[p * width..]),
+                        &[],
+                        tile.as_mut_ptr(),
+                        width,
+                    )
                 };
                 for j in 0..height.min(t - r0) {
                     for f in 0..width.min(k - p * width) {
@@ -331,11 +368,11 @@ mod tests {
             let [mut whole, mut sliced] = [vec![f32::NAN; height * width], vec![f32::NAN; height * width]];
             // Safety: runs here; c groups of rows and of the panel, a tile of height × width.
             unsafe {
-                block(kernel, height, &rows, &packed, Some(&b), &[], whole.as_mut_ptr(), width);
+                block(kernel, height, &rows, &packed, Start::Bias(&b), &[], whole.as_mut_ptr(), width);
                 for (i, s) in [(0, 10), (10, 30), (30, c)].into_iter().enumerate() {
-                    let bias = (i == 0).then_some(&b[..]);
+                    let start = if i == 0 { Start::Bias(&b) } else { Start::Out };
                     let part = (&rows[s.0 * height..s.1 * height], &packed[s.0 * width..s.1 * width]);
-                    block(kernel, height, part.0, part.1, bias, &packed, sliced.as_mut_ptr(), width);
+                    block(kernel, height, part.0, part.1, start, &packed, sliced.as_mut_ptr(), width);
                 }
             }
             assert!(whole.iter().zip(&sliced).all(|(p, q)| p.to_bits() == q.to_bits()), "{kernel:?}");
