@@ -153,10 +153,10 @@ pub(crate) unsafe fn block(
     let from = match start {
         Start::Bias(b) => {
             debug_assert!(b.len() >= kernel.width());
-            From { at: b.as_ptr(), step: 0 }
+            SumsFrom { at: b.as_ptr(), step: 0 }
         }
-        Start::Out => From { at: out.cast_const(), step: ld },
-        Start::Rows(at, step) => From { at, step },
+        Start::Out => SumsFrom { at: out.cast_const(), step: ld },
+        Start::Rows(at, step) => SumsFrom { at, step },
     };
     let ahead = Ahead { at: ahead.as_ptr(), features: (ahead.len() / kernel.width()).min(c) };
     // Safety: the caller's.
@@ -178,7 +178,7 @@ pub(crate) unsafe fn block(
 
 /// Where the sums of row r start: `at + r · step`.
 #[derive(Clone, Copy)]
-struct From {
+struct SumsFrom {
     at: *const f32,
     step: usize,
 }
@@ -206,7 +206,7 @@ unsafe fn block_avx2<const H: usize>(
     rows: *const f32,
     panel: *const f32,
     c: usize,
-    from: From,
+    from: SumsFrom,
     ahead: Ahead,
     out: *mut f32,
     ld: usize,
@@ -247,7 +247,7 @@ unsafe fn block_avx512<const H: usize>(
     rows: *const f32,
     panel: *const f32,
     c: usize,
-    from: From,
+    from: SumsFrom,
     ahead: Ahead,
     out: *mut f32,
     ld: usize,
