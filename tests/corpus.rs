@@ -134,7 +134,10 @@ fn through_plan_file(name: &str) {
         eprintln!("{name}, {round} load: {file:?}");
         match (round, file) {
             ("writing", PlanFile::Written { .. }) => {}
-            (_, PlanFile::Mapped { left_out, .. }) => assert!(left_out > 0, "{name}: nothing left out"),
+            (_, PlanFile::Mapped { left_out, saved_graph, .. }) => {
+                assert!(left_out > 0, "{name}: nothing left out");
+                assert!(saved_graph, "{name}: the plan was not built from the graph the plan file holds");
+            }
             (_, other) => panic!("{name}, {round} load: {other:?}"),
         }
     }

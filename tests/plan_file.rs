@@ -92,8 +92,8 @@ fn the_first_load_writes_the_plan_file_and_later_loads_map_it_with_identical_sam
 
         let mut second = load(&dir, PlanCache::Auto);
         let left_out = match denoiser_file(&second) {
-            PlanFile::Mapped { path, left_out } if path == written => left_out,
-            other => panic!("{name}: the second load should map {written:?}, got {other:?}"),
+            PlanFile::Mapped { path, left_out, saved_graph: true } if path == written => left_out,
+            other => panic!("{name}: the second load should map {written:?} and its saved graph, got {other:?}"),
         };
         assert!(left_out > 0, "{name}: the second load read every weight from the ONNX file");
         assert_bit_identical(&sample(&mut second), &heap, &format!("{name}: mapped against the heap"));
@@ -247,7 +247,7 @@ fn float16_weights_get_a_plan_file_of_their_own_and_stay_near_float32() {
     assert_bit_identical(&few_steps(&mut first), &f16_heap, "f16, the writing load");
     drop(first);
     let mut later = half(PlanCache::Auto);
-    let PlanFile::Mapped { path, left_out } = denoiser_file(&later) else {
+    let PlanFile::Mapped { path, left_out, .. } = denoiser_file(&later) else {
         panic!("not mapped: {:?}", denoiser_file(&later))
     };
     assert!(left_out > 0 && path.to_string_lossy().ends_with(".f16.edplan"), "{path:?}, {left_out} left out");

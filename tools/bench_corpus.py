@@ -57,6 +57,32 @@ def ours(name, threads, runs):
     return call, warm, first
 
 
+def loads(models, rounds):
+    """Load times alone, interleaved: edge-diffuse's load with a plan file (`info`, after one load
+    that writes it) against onnxruntime's session creation at 1 thread; medians per model."""
+    times = {}
+    for name in models:
+        folder = os.path.join(CORPUS, name)
+        for plan in glob.glob(os.path.join(folder, "*.edplan")):
+            os.remove(plan)
+        subprocess.run([BIN, "info", "--model", folder], check=True, capture_output=True)
+    for r in range(rounds):
+        for name in models:
+            folder = os.path.join(CORPUS, name)
+            info = subprocess.run([BIN, "info", "--model", folder], check=True, capture_output=True, text=True).stdout
+            times.setdefault((name, "ed"), []).append(float(re.search(r"^load\s+([0-9.]+) s", info, re.M).group(1)))
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = 1
+            t0 = time.perf_counter()
+            ort.InferenceSession(os.path.join(folder, "model.onnx"), opts, providers=["CPUExecutionProvider"])
+            times.setdefault((name, "ort"), []).append(time.perf_counter() - t0)
+    print(f"{'model':22s} load ms (ed / ort)  ratio  ed per round")
+    for name in models:
+        ed, ox = statistics.median(times[(name, "ed")]), statistics.median(times[(name, "ort")])
+        spread = f"{min(times[(name, 'ed')]) * 1e3:.0f}-{max(times[(name, 'ed')]) * 1e3:.0f}"
+        print(f"{name:22s} {ed * 1e3:6.1f} / {ox * 1e3:6.1f}  {ed / ox:5.2f}  {spread}")
+
+
 def theirs(name, threads, runs):
     """(ms per call, session creation s) with onnxruntime on the first reference image."""
     folder = os.path.join(CORPUS, name)
@@ -90,8 +116,12 @@ def main():
     p.add_argument("--threads", default="1,2")
     p.add_argument("--only", nargs="*")
     p.add_argument("--corpus", default=CORPUS, help="the corpus folder (default: the test fixtures)")
+    p.add_argument("--loads", action="store_true", help="time loads alone (--rounds of them), not calls")
     a = p.parse_args()
     CORPUS = a.corpus
+    if a.loads:
+        loads(corpus_models(a.only), a.rounds)
+        return
     threads = [int(t) for t in a.threads.split(",")]
     models = corpus_models(a.only)
     results = {}

@@ -97,7 +97,7 @@ pub fn available() -> bool {
 }
 
 /// The micro-kernel this process runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Kernel {
     #[cfg(target_arch = "x86_64")]
     Avx2,

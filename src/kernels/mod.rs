@@ -67,7 +67,7 @@ impl<'a> Floats<'a> {
 
 /// Where a square convolution window goes over the map: its side, its stride (the same along
 /// both axes), and the zeros padded before (top, left) and after (bottom, right) the map.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Window {
     pub size: usize,
     pub stride: usize,

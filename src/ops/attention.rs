@@ -28,11 +28,15 @@ use crate::kernels::{carve, split};
 /// `q` to `[batch…, depth, query]`, `k` to `[batch…, key, depth]`, `v` to
 /// `[batch…, feature, key]`; `out[i]` is the axis of `[batch…, feature, query]` that the
 /// output's axis `i` is. The batch axes (heads among them) come in the same order in all four.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Layout {
+    #[serde(with = "super::serial::tvec")]
     pub q: TVec<usize>,
+    #[serde(with = "super::serial::tvec")]
     pub k: TVec<usize>,
+    #[serde(with = "super::serial::tvec")]
     pub v: TVec<usize>,
+    #[serde(with = "super::serial::tvec")]
     pub out: TVec<usize>,
 }
 
@@ -54,7 +58,7 @@ impl Layout {
 }
 
 /// Attention as one node; see the module docs.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Attention {
     pub(crate) layout: Layout,
     /// Multiplies the scores before the softmax; positive.

@@ -31,7 +31,7 @@ use crate::kernels::{carve, split, Floats, Window};
 
 /// A 1×1, stride-1 convolution on our kernel, or another one computed directly; see the module
 /// docs.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Pointwise {
     k: usize,
     c: usize,
@@ -39,6 +39,7 @@ pub struct Pointwise {
     /// The `[k, c·size²]` weights packed for the kernel (`gemm::pack_weights`), float32.
     weights: Packed,
     /// One bias per output channel, float32 `[k]`; `None`: the node's second input, `k` values.
+    #[serde(with = "super::serial::tensor::option")]
     bias: Option<Arc<Tensor>>,
     /// Products and sums in float16 (`gemm::block_cols_f16`, the weights rounded to float16),
     /// where the packer asks for them and the CPU has FP16 arithmetic.

@@ -8,7 +8,7 @@ use tract_onnx::tract_core::internal::*;
 
 use super::packed::{Packed, Site};
 
-#[derive(Debug, Clone, Hash, PartialEq, Eq)]
+#[derive(Debug, Clone, Hash, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Embedding {
     table: Packed,
     rows: usize,

@@ -18,7 +18,7 @@ use crate::kernels::{carve, split};
 const LEAST_SHARE: usize = 16 * 1024;
 
 /// `y = GELU(x)`, float32, element by element; see the module docs.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Gelu(pub GeluForm);
 
 impl Op for Gelu {

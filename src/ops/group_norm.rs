@@ -26,12 +26,14 @@ use crate::kernels;
 /// `y = (x − mean) / sqrt(var + eps) · γ + β` over each group of `c / groups` channels of a
 /// float32 `[n, c, h, w]` tensor; mean = Σx · `recip`, var = Σ(x − mean)² / L (L: elements of
 /// a group), as in the decluttered graph it replaces; then `y · sigmoid(y)` when `silu`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct GroupNorm {
     pub(crate) groups: usize,
     pub(crate) recip: f32,
     pub(crate) eps: f32,
+    #[serde(with = "super::serial::tensor::floats")]
     pub(crate) gamma: Vec<f32>,
+    #[serde(with = "super::serial::tensor::floats")]
     pub(crate) beta: Vec<f32>,
     pub(crate) silu: bool,
 }

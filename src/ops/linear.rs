@@ -46,19 +46,22 @@ const CHUNK: usize = 16;
 const SLICE: usize = 192;
 
 /// Where the rows, the input features and the output features are.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub(crate) struct LinearAxes {
     /// The input's axes that the output keeps, in the input's order: the rows. Its other axes
     /// than these and `features` have one element.
+    #[serde(with = "super::serial::tvec")]
     pub rows: TVec<usize>,
     /// The input's feature axes (c, flattened in this order; most layers have one).
+    #[serde(with = "super::serial::tvec")]
     pub features: TVec<usize>,
     /// What each axis of the output is.
+    #[serde(with = "super::serial::tvec")]
     pub out: TVec<OutAxis>,
 }
 
 /// An axis of a [`Linear`] output.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub(crate) enum OutAxis {
     /// `rows[i]` of the input.
     Row(usize),
@@ -69,7 +72,7 @@ pub(crate) enum OutAxis {
 }
 
 /// `y = x · W + b` over the feature axis; see the module docs.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Linear {
     pub(crate) k: usize,
     pub(crate) c: usize,
@@ -79,6 +82,7 @@ pub(crate) struct Linear {
     /// `W` packed for `kernel` (on aarch64: c rows of k, float16).
     pub(crate) weights: Packed,
     /// `k` values, zero-padded to whole panels; zeros when the layer has none.
+    #[serde(with = "super::serial::tensor")]
     pub(crate) bias: Arc<Tensor>,
 }
 

@@ -21,6 +21,7 @@ pub(crate) mod group_norm;
 pub(crate) mod linear;
 pub(crate) mod packed;
 pub(crate) mod scratch;
+pub(crate) mod serial;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) mod softmax;
 pub(crate) mod winograd3x3;

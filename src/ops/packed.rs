@@ -27,19 +27,20 @@ enum Backing {
     Map(Arc<memmap2::Mmap>, std::ops::Range<usize>, bool, Option<std::ops::Range<usize>>),
 }
 
-/// Read-only weights in a kernel's layout, float32 or float16; cheap to clone.
+/// Read-only weights in a kernel's layout, float32 or float16, and the [`Packer`] key they were
+/// handed out under; cheap to clone.
 #[derive(Clone)]
-pub(crate) struct Packed(Backing);
+pub(crate) struct Packed(Backing, Option<Arc<str>>);
 
 impl Packed {
     /// Weights packed on the heap.
     pub(crate) fn heap(values: Vec<f32>) -> Self {
-        Packed(Backing::Heap(values.into()))
+        Packed(Backing::Heap(values.into()), None)
     }
 
     /// Weights packed on the heap, rounded to float16 (to nearest even).
     pub(crate) fn heap_half(values: &[f32]) -> Self {
-        Packed(Backing::HeapHalf(values.iter().map(|&v| f16::from_f32(v)).collect()))
+        Packed(Backing::HeapHalf(values.iter().map(|&v| f16::from_f32(v)).collect()), None)
     }
 
     /// `len` elements (f16 when `half`, else f32) of `map` from byte `offset`; `None` when
@@ -50,7 +51,7 @@ impl Packed {
         if !offset.is_multiple_of(size) || end > map.len() || !(map.as_ptr() as usize).is_multiple_of(size) {
             return None;
         }
-        Some(Packed(Backing::Map(map.clone(), offset / size..end / size, half, None)))
+        Some(Packed(Backing::Map(map.clone(), offset / size..end / size, half, None), None))
     }
 
     /// The same weights, with the bytes `next` of the map (the weight after them in the file,
@@ -59,10 +60,21 @@ impl Packed {
         match self.0 {
             Backing::Map(map, range, half, _) => {
                 let next = next.filter(|r| r.end <= map.len());
-                Packed(Backing::Map(map, range, half, next))
+                Packed(Backing::Map(map, range, half, next), self.1)
             }
-            other => Packed(other),
+            other => Packed(other, self.1),
         }
+    }
+
+    /// The same weights, handed out under `key`.
+    fn keyed(self, key: &str) -> Self {
+        Packed(self.0, Some(key.into()))
+    }
+
+    /// The key the [`Packer`] handed these weights out under (`None`: made otherwise, as a
+    /// float16 copy is).
+    pub(crate) fn key(&self) -> Option<&str> {
+        self.1.as_deref()
     }
 
     /// Asks the OS to start reading the next layer's weights from the plan file
@@ -350,13 +362,37 @@ impl Packer {
             }
         };
         // A second node of the same name with other weights is served, not held: the plan file
-        // could not tell the two apart.
-        if !s.by_key.contains_key(key) {
-            let i = s.held.len();
-            s.held.push(Held { key: key.to_string(), fingerprint: fp, packed: packed.clone() });
-            s.by_key.insert(key.to_string(), i);
+        // could not tell the two apart, nor can a key name it.
+        if s.by_key.contains_key(key) {
+            return packed;
         }
+        let packed = packed.keyed(key);
+        let i = s.held.len();
+        s.held.push(Held { key: key.to_string(), fingerprint: fp, packed: packed.clone() });
+        s.by_key.insert(key.to_string(), i);
         packed
+    }
+
+    /// The weights stored under `key` (in the plan file's map, or held by an earlier build),
+    /// taken by key alone: how a graph read back from a plan file gets its weights
+    /// (`crate::ops::serial`).
+    pub(crate) fn stored(&self, key: &str) -> Option<Packed> {
+        let mut s = self.state();
+        if let Some(&i) = s.by_key.get(key) {
+            return Some(s.held[i].packed.clone());
+        }
+        let (packed, fingerprint) = match &s.store {
+            Store::Nothing => None,
+            Store::Map(map, index) => index.get(key).and_then(|e| {
+                Some((Packed::mapped(map, e.offset, e.len, e.half)?.followed_by(e.next.clone()), e.fingerprint))
+            }),
+            Store::Held(held) => held.get(key).map(|h| (h.packed.clone(), h.fingerprint)),
+        }?;
+        let packed = packed.keyed(key);
+        let i = s.held.len();
+        s.held.push(Held { key: key.to_string(), fingerprint, packed: packed.clone() });
+        s.by_key.insert(key.to_string(), i);
+        Some(packed)
     }
 
     /// How many weights were packed on the heap (not found in the store) so far.

@@ -13,7 +13,7 @@ use super::{f32s, for_each, threads};
 use crate::kernels::{carve, softmax_available, softmax_row_in_place, split};
 
 /// Softmax over the last axis, float32; see the module docs.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct RowSoftmax;
 
 impl Op for RowSoftmax {

@@ -55,7 +55,7 @@ use crate::kernels::x86_64::winograd as fused;
 use crate::kernels::{carve, split, Window};
 
 /// A 3×3, stride-1, padding-1 convolution computed by F(2×2, 3×3); see the module docs.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Winograd3x3 {
     k: usize,
     c: usize,
@@ -68,6 +68,7 @@ pub struct Winograd3x3 {
     /// CPU has FP16 arithmetic.
     half_products: bool,
     /// One bias per output channel, float32 `[k]`; `None`: the node's second input, `k` values.
+    #[serde(with = "super::serial::tensor::option")]
     bias: Option<Arc<Tensor>>,
 }
 

@@ -152,7 +152,7 @@ impl Graph {
         plan_file.after_build(signature.clone());
         if let Some((held, origins, _)) = plan_file.to_prove() {
             if let Ok(Some(stand_ins)) = prove(path, shapes, &built, held, &origins, &executor) {
-                plan_file.record(Proof { stand_ins, builds: vec![signature] });
+                plan_file.record(Proof { stand_ins, builds: vec![signature] }, &[]);
             }
         }
         Self::finish(path, built, executor, plan_file.status)

@@ -258,22 +258,63 @@ impl Denoiser {
         if self.skeleton.as_ref().is_some_and(|proven| !proven.contains(&signature)) {
             self.load_whole()?;
         }
+        if self.skeleton.is_some() && self.insert_saved_plan(batch, &signature) {
+            return Ok(());
+        }
         let source = if take { self.source.take() } else { self.source.clone() };
         let source = source.ok_or_else(|| self.released(batch))?;
         let packer = self.plan_file.packer();
         packer.by_key_alone(self.skeleton.is_some());
-        let built = self.build_plan(batch, source, &packer);
+        // The rewritten graph is cloned (its constants shared) for the plan file, which this
+        // load may write.
+        let keep = self.skeleton.is_none() && self.precision == Precision::F32;
+        let mut rewritten = None;
+        let built = self.rewritten(batch, source, &packer).and_then(|(typed, winograd, group_norms)| {
+            rewritten = keep.then(|| typed.clone());
+            Ok((self.finish(batch, typed)?, winograd, group_norms))
+        });
         if self.skeleton.is_some() && (packer.failed() || built.is_err()) {
             // The build wanted a weight the plan file lacks: only the whole file has it.
             self.load_whole()?;
             return self.insert_plan(batch, take);
         }
-        let (plan, winograd_convs, group_norms) = built.map_err(|m| model_error(&self.path, m))?;
+        let (mut plan, winograd_convs, group_norms) = built.map_err(|m| model_error(&self.path, m))?;
         self.plan_file.after_build(signature);
+        if self.saves_graphs() {
+            plan.rewritten = rewritten;
+        }
         self.winograd_convs = winograd_convs;
         self.group_norms = group_norms;
         self.plans.get_mut().insert(batch, plan);
         Ok(())
+    }
+
+    /// Whether the plan file being written this load will also hold the builds' rewritten
+    /// graphs, once proven: float32 plans (float16 ones rewrite their weights after packing).
+    fn saves_graphs(&self) -> bool {
+        self.precision == Precision::F32 && matches!(self.plan_file.status, PlanFile::Written { .. })
+    }
+
+    /// Builds the plan for `batch` from the rewritten graph the plan file holds for
+    /// `signature`, reading no ONNX: whether it did. A graph that does not read back leaves
+    /// the build to the source graph.
+    fn insert_saved_plan(&mut self, batch: usize, signature: &str) -> bool {
+        if self.precision != Precision::F32 {
+            return false;
+        }
+        let packer = self.plan_file.packer();
+        let Some(Ok(typed)) = self.plan_file.graph(signature).map(|bytes| ops::serial::read(bytes, &packer)) else {
+            return false;
+        };
+        let count = |name: &str| typed.nodes.iter().filter(|n| n.op.name() == name).count();
+        let (winograd_convs, group_norms) = (count("Winograd3x3"), count("GroupNorm"));
+        let Ok(plan) = self.finish(batch, typed) else { return false };
+        self.plan_file.saved_graph = true;
+        self.plan_file.after_build(signature.to_string());
+        self.winograd_convs = winograd_convs;
+        self.group_norms = group_norms;
+        self.plans.get_mut().insert(batch, plan);
+        true
     }
 
     /// Reads the ONNX file again, every weight included, in place of a source graph with
@@ -296,15 +337,27 @@ impl Denoiser {
             return;
         }
         let Some((held, origins, builds)) = self.plan_file.to_prove() else { return };
-        if let Ok(Some(stand_ins)) = self.prove(held, &origins) {
-            self.plan_file.record(plan_file::Proof { stand_ins, builds });
+        if let Ok(Some((stand_ins, graphs))) = self.prove(held, &origins) {
+            self.plan_file.record(plan_file::Proof { stand_ins, builds }, &graphs);
+        }
+        for plan in self.plans.get_mut().values_mut() {
+            plan.rewritten = None;
         }
     }
 
     /// Builds every plan again from a graph whose initializers in `origins` are stand-ins full
     /// of NaN, with the weights packed this load, and runs one call on both: the names of the
-    /// stand-ins when every output agrees bit for bit.
-    fn prove(&mut self, held: Vec<ops::packed::Held>, origins: &HashSet<String>) -> TractResult<Option<Vec<String>>> {
+    /// stand-ins when every output agrees bit for bit. With them, the rewritten graph of each
+    /// build in NNEF form (`ops::serial`), where the plan built from it read back gives the
+    /// same outputs bit for bit too.
+    #[allow(clippy::type_complexity)]
+    fn prove(
+        &mut self,
+        held: Vec<ops::packed::Held>,
+        origins: &HashSet<String>,
+    ) -> TractResult<Option<(Vec<String>, Vec<(String, Vec<u8>)>)>> {
+        let saved = Arc::new(ops::packed::Packer::over_held(held.clone()));
+        let mut graphs = vec![];
         let map = map_onnx(&self.path)?;
         let Some((model, _, stand_ins)) =
             skeleton::without(&map, &self.path, &skeleton::initializer_names(origins), true)
@@ -322,12 +375,20 @@ impl Denoiser {
             let inputs = skeleton::probe_inputs(&proof.model)?;
             let theirs = run_on(&self.executor, &mut proof.state, inputs.clone())?;
             let plan = self.plans.get_mut().get_mut(&batch).expect("listed above");
-            let ours = run_on(&self.executor, &mut plan.state, inputs)?;
+            let rewritten = plan.rewritten.take();
+            let ours = run_on(&self.executor, &mut plan.state, inputs.clone())?;
             if !skeleton::same_outputs(&ours, &theirs) {
                 return Ok(None);
             }
+            let Some(bytes) = rewritten.and_then(|r| ops::serial::write(&r).ok()) else { continue };
+            let Ok(Ok(mut read_back)) = ops::serial::read(&bytes, &saved).map(|typed| self.finish(batch, typed)) else {
+                continue;
+            };
+            if skeleton::same_outputs(&ours, &run_on(&self.executor, &mut read_back.state, inputs)?) {
+                graphs.push((self.signature(batch).map_err(|m| anyhow::anyhow!(m))?, bytes));
+            }
         }
-        Ok(Some(stand_ins))
+        Ok(Some((stand_ins, graphs)))
     }
 
     fn released(&self, batch: usize) -> Error {

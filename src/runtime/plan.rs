@@ -26,6 +26,9 @@ pub(super) struct Plan {
     /// Two more plans over the same graph, each with its own half of the threads, for guidance
     /// branches run at once; built on first use.
     branches: Option<Box<[Branch; 2]>>,
+    /// The graph as our passes left it, before tract's optimization: kept by the load that
+    /// writes the plan file, until the proof saves it there (`Denoiser::prove_stand_ins`).
+    pub(super) rewritten: Option<TypedModel>,
 }
 
 /// A plan's state and the executor it runs on.
@@ -158,14 +161,26 @@ impl Denoiser {
         Ok(format!("{} {} {:?}", self.precision, self.convolution, self.input_facts(batch)?))
     }
 
-    /// The plan, and how many convolutions in it run as Winograd.
+    /// The plan, and how many convolutions in it run as Winograd and how many GroupNorms are
+    /// fused.
     pub(super) fn build_plan(
+        &self,
+        batch: usize,
+        model: InferenceModel,
+        packer: &Packer,
+    ) -> std::result::Result<(Plan, usize, usize), String> {
+        let (typed, winograd_convs, group_norms) = self.rewritten(batch, model, packer)?;
+        Ok((self.finish(batch, typed)?, winograd_convs, group_norms))
+    }
+
+    /// The typed graph of `model` for `batch` images, rewritten by our passes (or translated to
+    /// f16), before tract's optimization.
+    pub(super) fn rewritten(
         &self,
         batch: usize,
         mut model: InferenceModel,
         packer: &Packer,
-    ) -> std::result::Result<(Plan, usize, usize), String> {
-        let [c, h, w] = self.chw;
+    ) -> std::result::Result<(TypedModel, usize, usize), String> {
         let b = &self.bindings;
         let err = |e: TractError| one_line(&format!("{e:#}"));
         let facts = self.input_facts(batch)?;
@@ -191,6 +206,14 @@ impl Denoiser {
                 f32_rewrites(typed, ours, packer).map_err(optimizing)?
             }
         };
+        Ok((typed, winograd_convs, group_norms))
+    }
+
+    /// The plan over the rewritten graph `typed`: optimized by tract, its output checked.
+    pub(super) fn finish(&self, batch: usize, typed: TypedModel) -> std::result::Result<Plan, String> {
+        let [c, h, w] = self.chw;
+        let err = |e: TractError| one_line(&format!("{e:#}"));
+        let optimizing = |e: TractError| format!("optimizing for batch {batch}: {}", err(e));
         let typed = optimize(typed).map_err(optimizing)?;
         let out_fact = typed.output_fact(0).map_err(err)?;
         let expected = [batch, c, h, w];
@@ -203,6 +226,6 @@ impl Denoiser {
         }
         let model = Arc::new(typed);
         let state = new_state(&model, &self.executor).map_err(err)?;
-        Ok((Plan { state, model, branches: None }, winograd_convs, group_norms))
+        Ok(Plan { state, model, branches: None, rewritten: None })
     }
 }

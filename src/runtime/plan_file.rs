@@ -5,7 +5,9 @@
 //! - 8 bytes of magic, a u32 format version, a u32 header length, a u64 XXH3 of the header;
 //! - the header, JSON: crate version, architecture, kernels, the ONNX file's identity, and one
 //!   entry per weight (key, offset from the data start, floats, fingerprint of the source);
-//! - the data, from the first 4 KiB boundary after the header, each weight on a 4 KiB boundary.
+//! - the data, from the first 4 KiB boundary after the header, each weight on a 4 KiB boundary;
+//! - after the weights, the rewritten graph of each build the load that wrote the file proved
+//!   (`crate::ops::serial`'s NNEF archive, with an XXH3 of its bytes), each on a 4 KiB boundary.
 //!
 //! Anything that does not match (magic, version, crate, architecture, kernels, the ONNX file's
 //! length and hash, a checksum, offsets out of bounds or unaligned) makes the file stale: the
@@ -25,7 +27,7 @@ use super::settings::{PlanCache, WeightPrecision};
 use crate::ops::packed::{Entry, Held, Packer};
 
 const MAGIC: &[u8; 8] = b"EDPLAN\0\0";
-const FORMAT: u32 = 2;
+const FORMAT: u32 = 3;
 const PREFIX: usize = 24;
 const ALIGN: usize = 4096;
 
@@ -71,6 +73,38 @@ struct Header {
     /// What the load that wrote the file proved (`super::skeleton`).
     #[serde(default)]
     proof: Proof,
+    /// The rewritten graphs of the proven builds.
+    #[serde(default)]
+    graphs: Vec<GraphEntry>,
+}
+
+/// A rewritten graph in the file: the build it is (its signature), where its bytes are (from
+/// the data start) and their XXH3.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct GraphEntry {
+    build: String,
+    offset: u64,
+    bytes: u64,
+    hash: u64,
+}
+
+/// A saved graph's build, absolute byte range in the file, and XXH3.
+type GraphAt = (String, std::ops::Range<usize>, u64);
+
+/// The rewritten graphs of a mapped plan file, by build.
+#[derive(Clone, Default)]
+pub(super) struct Graphs {
+    map: Option<Arc<memmap2::Mmap>>,
+    entries: Vec<GraphAt>,
+}
+
+impl Graphs {
+    /// The bytes of the graph of `build`, when the file has them and they hash as recorded.
+    pub(super) fn get(&self, build: &str) -> Option<&[u8]> {
+        let (_, range, hash) = self.entries.iter().find(|(b, ..)| b == build)?;
+        let bytes = self.map.as_ref()?.get(range.clone())?;
+        (xxhash_rust::xxh3::xxh3_64(bytes) == *hash).then_some(bytes)
+    }
 }
 
 /// Initializers a later load may leave out of the graph, and the builds (their input facts and
@@ -105,6 +139,9 @@ pub enum PlanFile {
         /// How many initializers the load left out of the ONNX file, which the plan file's
         /// proof covers (0: the whole file was read).
         left_out: usize,
+        /// Whether the plans were built from the rewritten graphs the file holds, without
+        /// typing, decluttering and rewriting the ONNX graph.
+        saved_graph: bool,
     },
     /// Written by this load (the weights stay on the heap for this process), in this many
     /// milliseconds; `stale`: why the file that was there could not be used.
@@ -148,6 +185,8 @@ pub(super) struct PlanStore {
     packer: Option<Arc<Packer>>,
     /// The plan file the packer maps, and the proof it records.
     mapped: Option<(PathBuf, Proof)>,
+    /// The rewritten graphs that file holds.
+    graphs: Graphs,
     /// Why the file found was not used.
     stale: Option<String>,
     /// [`Packer::packed_here`] when the file was last written (or found).
@@ -160,6 +199,8 @@ pub(super) struct PlanStore {
     written: Option<PathBuf>,
     /// How many initializers the load left out of the ONNX file (`super::skeleton`).
     pub(super) left_out: usize,
+    /// Whether the last build came from a rewritten graph in the file.
+    pub(super) saved_graph: bool,
     pub(super) status: PlanFile,
 }
 
@@ -173,12 +214,14 @@ impl PlanStore {
             weights: WeightPrecision::F32,
             packer: None,
             mapped: None,
+            graphs: Graphs::default(),
             stale: None,
             covered: 0,
             origins: None,
             builds: vec![],
             written: None,
             left_out: 0,
+            saved_graph: false,
             status: PlanFile::Off,
         }
     }
@@ -204,12 +247,14 @@ impl PlanStore {
     pub(super) fn reset(&mut self) {
         self.packer = None;
         self.mapped = None;
+        self.graphs = Graphs::default();
         self.stale = None;
         self.covered = 0;
         self.origins = None;
         self.builds.clear();
         self.written = None;
         self.left_out = 0;
+        self.saved_graph = false;
         self.status = PlanFile::Off;
     }
 
@@ -221,9 +266,10 @@ impl PlanStore {
             if self.setting != PlanCache::Off {
                 for path in candidates(&self.setting, &self.onnx, self.beside, &self.source, self.weights) {
                     match open(&path, &self.source, self.weights) {
-                        Ok(Some((p, proof))) => {
+                        Ok(Some((p, proof, graphs))) => {
                             packer = p;
                             self.mapped = Some((path, proof));
+                            self.graphs = graphs;
                             break;
                         }
                         Ok(None) => {}
@@ -271,19 +317,25 @@ impl PlanStore {
         let packed_here = packer.packed_here();
         if packed_here == self.covered {
             if let (PlanFile::Off, Some((path, _))) = (&self.status, &self.mapped) {
-                self.status = PlanFile::Mapped { path: path.clone(), left_out: self.left_out };
+                self.status =
+                    PlanFile::Mapped { path: path.clone(), left_out: self.left_out, saved_graph: self.saved_graph };
             }
             return;
         }
         self.covered = packed_here;
-        self.write(&held, &Proof::default());
+        self.write(&held, &Proof::default(), &[]);
     }
 
-    fn write(&mut self, held: &[Held], proof: &Proof) {
+    /// The rewritten graph of `build` from the mapped plan file.
+    pub(super) fn graph(&self, build: &str) -> Option<&[u8]> {
+        self.graphs.get(build)
+    }
+
+    fn write(&mut self, held: &[Held], proof: &Proof, graphs: &[(String, Vec<u8>)]) {
         let started = Instant::now();
         let mut last_error = String::from("no folder to write to");
         for path in candidates(&self.setting, &self.onnx, self.beside, &self.source, self.weights) {
-            match write(&path, &self.source, held, proof) {
+            match write(&path, &self.source, held, proof, graphs) {
                 Ok(()) => {
                     let ms = started.elapsed().as_secs_f64() * 1e3;
                     let stale = match &self.status {
@@ -309,11 +361,12 @@ impl PlanStore {
         Some((self.packer.as_ref()?.held(), origins, self.builds.clone()))
     }
 
-    /// Writes the plan file again with `proof`, which this load established.
-    pub(super) fn record(&mut self, proof: Proof) {
+    /// Writes the plan file again with `proof`, which this load established, and the
+    /// rewritten `graphs` of its builds that read back to the same outputs.
+    pub(super) fn record(&mut self, proof: Proof, graphs: &[(String, Vec<u8>)]) {
         let Some(packer) = &self.packer else { return };
         let held = packer.held();
-        self.write(&held, &proof);
+        self.write(&held, &proof, graphs);
     }
 }
 
@@ -370,7 +423,7 @@ pub(super) fn open(
     path: &Path,
     source: &SourceId,
     weights: WeightPrecision,
-) -> Result<Option<(Packer, Proof)>, String> {
+) -> Result<Option<(Packer, Proof, Graphs)>, String> {
     let file = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -381,10 +434,11 @@ pub(super) fn open(
     // maps it is unsupported (SIGBUS, as for any map: docs/memory.md).
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| format!("cannot map it: {e}"))?;
     let map = Arc::new(map);
-    let (index, proof) = validate(&map, source, weights)?;
+    let (index, proof, mut graphs) = validate(&map, source, weights)?;
+    graphs.map = Some(map.clone());
     let packer = Packer::over_map(map, index);
     packer.set_half(weights == WeightPrecision::F16);
-    Ok(Some((packer, proof)))
+    Ok(Some((packer, proof, graphs)))
 }
 
 /// The first `bytes` of the plan file at `path` (all of it when shorter), mapped again and
@@ -405,7 +459,7 @@ fn validate(
     bytes: &[u8],
     source: &SourceId,
     weights: WeightPrecision,
-) -> Result<(HashMap<String, Entry>, Proof), String> {
+) -> Result<(HashMap<String, Entry>, Proof, Graphs), String> {
     if bytes.len() < PREFIX {
         return Err(format!("{} bytes, shorter than its prefix", bytes.len()));
     }
@@ -451,11 +505,27 @@ fn validate(
         }
         index.insert(e.key, Entry { offset: data + offset, len: floats, half, next: None, fingerprint: e.fingerprint });
     }
-    Ok((index, header.proof))
+    let mut graphs = vec![];
+    for g in header.graphs {
+        let fits = usize::try_from(g.offset).ok().zip(usize::try_from(g.bytes).ok());
+        let range =
+            fits.and_then(|(offset, len)| Some(data.checked_add(offset)?..data.checked_add(offset)?.checked_add(len)?));
+        match range {
+            Some(r) if r.start % ALIGN == 0 && r.end <= bytes.len() => graphs.push((g.build, r, g.hash)),
+            _ => return Err(format!("the graph of build {:?} lies out of bounds or unaligned", g.build)),
+        }
+    }
+    Ok((index, header.proof, Graphs { map: None, entries: graphs }))
 }
 
 /// Writes `held` as the plan file `path`: a temporary file beside it, synced, then renamed.
-pub(super) fn write(path: &Path, source: &SourceId, held: &[Held], proof: &Proof) -> std::io::Result<()> {
+pub(super) fn write(
+    path: &Path,
+    source: &SourceId,
+    held: &[Held],
+    proof: &Proof,
+    graphs: &[(String, Vec<u8>)],
+) -> std::io::Result<()> {
     let half = held.first().is_some_and(|h| h.packed.is_half());
     if held.iter().any(|h| h.packed.is_half() != half) {
         return Err(std::io::Error::other("weights of two precisions in one plan file"));
@@ -473,6 +543,12 @@ pub(super) fn write(path: &Path, source: &SourceId, held: &[Held], proof: &Proof
         });
         offset += align(floats * weights.bytes());
     }
+    let mut graph_entries = vec![];
+    for (build, bytes) in graphs {
+        let hash = xxhash_rust::xxh3::xxh3_64(bytes);
+        graph_entries.push(GraphEntry { build: build.clone(), offset: offset as u64, bytes: bytes.len() as u64, hash });
+        offset += align(bytes.len());
+    }
     let header = Header {
         crate_version: env!("CARGO_PKG_VERSION").into(),
         arch: std::env::consts::ARCH.into(),
@@ -481,6 +557,7 @@ pub(super) fn write(path: &Path, source: &SourceId, held: &[Held], proof: &Proof
         weights: weights.to_string(),
         entries,
         proof: proof.clone(),
+        graphs: graph_entries,
     };
     let header = serde_json::to_vec(&header).map_err(std::io::Error::other)?;
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -498,8 +575,8 @@ pub(super) fn write(path: &Path, source: &SourceId, held: &[Held], proof: &Proof
         let zeros = vec![0u8; ALIGN];
         let mut at = PREFIX + header.len();
         out.write_all(&zeros[..align(at) - at])?;
-        for h in held {
-            let bytes = h.packed.bytes();
+        let blobs = held.iter().map(|h| h.packed.bytes()).chain(graphs.iter().map(|(_, g)| &g[..]));
+        for bytes in blobs {
             out.write_all(bytes)?;
             at = bytes.len();
             out.write_all(&zeros[..align(at) - at])?;
@@ -541,8 +618,8 @@ mod tests {
     fn a_written_plan_file_maps_back_the_same_weights() {
         let dir = scratch("roundtrip");
         let path = dir.join("m.edplan");
-        write(&path, &source(), &held(&Packer::default()), &Proof::default()).unwrap();
-        let (packer, _) = open(&path, &source(), F32).unwrap().expect("a plan file");
+        write(&path, &source(), &held(&Packer::default()), &Proof::default(), &[]).unwrap();
+        let (packer, ..) = open(&path, &source(), F32).unwrap().expect("a plan file");
         let mut calls = 0;
         let a = packer.get("linear/a", &[1.0, 2.0, 3.0], None, || {
             calls += 1;
@@ -575,8 +652,8 @@ mod tests {
         let half = Packer::default();
         half.set_half(true);
         let held = held(&half);
-        write(&path, &source(), &held, &Proof::default()).unwrap();
-        let (packer, _) = open(&path, &source(), F16).unwrap().expect("a plan file");
+        write(&path, &source(), &held, &Proof::default(), &[]).unwrap();
+        let (packer, ..) = open(&path, &source(), F16).unwrap().expect("a plan file");
         let b = packer.get("winograd3x3/b", &[4.0; 1500], None, || panic!("packed again"));
         assert!(b.is_mapped() && b.is_half());
         assert_eq!(b.to_vec(), held[1].packed.to_vec());
@@ -585,7 +662,7 @@ mod tests {
         assert!(why.contains("weights f16"), "{why}");
         // One plan file holds one precision.
         let mixed = [held[0].clone(), self::held(&Packer::default())[1].clone()];
-        assert!(write(&dir.join("mixed"), &source(), &mixed, &Proof::default()).is_err());
+        assert!(write(&dir.join("mixed"), &source(), &mixed, &Proof::default(), &[]).is_err());
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -593,7 +670,7 @@ mod tests {
     fn a_damaged_or_stale_plan_file_is_refused_with_a_reason() {
         let dir = scratch("damaged");
         let path = dir.join("m.edplan");
-        write(&path, &source(), &held(&Packer::default()), &Proof::default()).unwrap();
+        write(&path, &source(), &held(&Packer::default()), &Proof::default(), &[]).unwrap();
         let good = std::fs::read(&path).unwrap();
         let check = |bytes: &[u8], source: &SourceId, needle: &str| {
             std::fs::write(&path, bytes).unwrap();
@@ -629,18 +706,48 @@ mod tests {
     }
 
     #[test]
+    fn saved_graphs_map_back_by_build_and_a_damaged_one_is_not_handed_out() {
+        let dir = scratch("graphs");
+        let path = dir.join("m.edplan");
+        let graphs = vec![("batch 1".to_string(), vec![7u8; 5000]), ("batch 2".to_string(), b"second".to_vec())];
+        write(&path, &source(), &held(&Packer::default()), &Proof::default(), &graphs).unwrap();
+        let (_, _, found) = open(&path, &source(), F32).unwrap().expect("a plan file");
+        assert_eq!(found.get("batch 1"), Some(&graphs[0].1[..]));
+        assert_eq!(found.get("batch 2"), Some(&graphs[1].1[..]));
+        assert_eq!(found.get("batch 3"), None);
+        drop(found);
+
+        // A changed byte in a graph: that graph is not handed out, the rest of the file stands.
+        let good = std::fs::read(&path).unwrap();
+        let at = good.windows(6).position(|w| w == b"second").expect("the second graph's bytes");
+        let mut bad = good.clone();
+        bad[at] ^= 1;
+        std::fs::write(&path, &bad).unwrap();
+        let (_, _, found) = open(&path, &source(), F32).unwrap().expect("still a plan file");
+        assert_eq!(found.get("batch 2"), None);
+        assert_eq!(found.get("batch 1"), Some(&graphs[0].1[..]));
+        drop(found);
+
+        // A graph past the end: the file is refused.
+        std::fs::write(&path, &good[..at]).unwrap();
+        let why = open(&path, &source(), F32).err().expect("refused");
+        assert!(why.contains("batch 2") && why.contains("out of bounds"), "{why}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn a_mapped_plan_file_outlives_its_deletion_and_replacement() {
         let dir = scratch("deleted");
         let path = dir.join("m.edplan");
-        write(&path, &source(), &held(&Packer::default()), &Proof::default()).unwrap();
-        let (packer, _) = open(&path, &source(), F32).unwrap().unwrap();
+        write(&path, &source(), &held(&Packer::default()), &Proof::default(), &[]).unwrap();
+        let (packer, ..) = open(&path, &source(), F32).unwrap().unwrap();
         let before = packer.get("winograd3x3/b", &[4.0; 1500], None, Vec::new);
         std::fs::rename(&path, dir.join("moved")).unwrap();
         std::fs::remove_file(dir.join("moved")).unwrap();
         // A new file written under the same name (a rename) does not reach the old map.
         let other = Packer::default();
         other.get("winograd3x3/b", &[4.0; 1500], None, || vec![-1.0; 1500]);
-        write(&path, &source(), &other.held(), &Proof::default()).unwrap();
+        write(&path, &source(), &other.held(), &Proof::default(), &[]).unwrap();
         assert_eq!(before.to_vec()[1499], 1499.0);
         assert_eq!(
             open(&path, &source(), F32).unwrap().unwrap().0.get("winograd3x3/b", &[4.0; 1500], None, Vec::new).to_vec()

@@ -95,9 +95,9 @@ fn plan_file_report(pipe: &Pipeline) -> serde_json::Value {
     match file {
         PlanFile::Off => serde_json::json!({ "status": "off" }),
         PlanFile::Unneeded => serde_json::json!({ "status": "unneeded" }),
-        PlanFile::Mapped { path, left_out } => {
-            serde_json::json!({ "status": "mapped", "path": path, "initializers_left_out": left_out })
-        }
+        PlanFile::Mapped { path, left_out, saved_graph } => serde_json::json!({
+            "status": "mapped", "path": path, "initializers_left_out": left_out, "saved_graph": saved_graph
+        }),
         PlanFile::Written { path, ms, stale } => {
             serde_json::json!({ "status": "written", "path": path, "plan_build_ms": ms, "stale": stale })
         }

@@ -17,7 +17,7 @@ use std::arch::x86_64::*;
 use super::softmax::exp_nonpositive;
 
 /// Which GELU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum GeluForm {
     /// The tanh approximation (GPT-2's, `approximate="tanh"` in torch).
     Tanh,
