@@ -156,7 +156,9 @@ pub(crate) fn write(model: &TypedModel) -> TractResult<Vec<u8>> {
     for node in model.nodes.iter_mut().filter(|n| !sources.contains(&n.id)) {
         node.name = format!("n{}", node.id);
     }
-    let archive = framework().write_to_tar(&model, Vec::new())?;
+    // Deterministic: a fixed timestamp in the archive, so that a plan file written again from
+    // the same model has the same bytes.
+    let archive = framework().write_to_tar_with_config(&model, Vec::new(), false, true)?;
     let side = SIDE.with(|side| std::mem::take(&mut *side.borrow_mut()));
     let table = serde_json::to_vec(&side.ops)?;
     let mut out = Vec::with_capacity(archive.len() + table.len() + 16);
@@ -337,6 +339,7 @@ mod tests {
         let packer = Packer::default();
         let model = graph(&packer);
         let bytes = write(&model).unwrap();
+        assert_eq!(write(&model).unwrap(), bytes, "two writes of one graph differ");
         let saved = Arc::new(Packer::over_held(packer.held()));
         let read = read(&bytes, &saved).unwrap();
         let ours = |m: &TypedModel, name: &str| -> Vec<String> {
