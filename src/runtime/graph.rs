@@ -11,7 +11,7 @@ use tract_onnx::tract_hir::infer::Factoid;
 
 use super::load::{decode, external_paths, input_names, map_onnx, one_line, parse};
 use super::plan::{f32_rewrites, new_state, optimize, Exclusive};
-use super::plan_file::{PlanFile, PlanStore, Proof, SourceId};
+use super::plan_file::{PlanFile, PlanStore, Proof, Source};
 use super::settings::{PlanCache, WeightPrecision};
 use super::skeleton;
 use super::symbols::set_inputs;
@@ -63,7 +63,7 @@ fn prove(
     executor: &Executor,
 ) -> Result<Option<Vec<String>>> {
     let fail = |e: TractError| Error::Model { path: path.to_path_buf(), message: one_line(&format!("{e:#}")) };
-    let map = map_onnx(path)?;
+    let (map, _) = map_onnx(path)?;
     let Some((model, _, stand_ins)) = skeleton::without(&map, path, &skeleton::initializer_names(origins), true) else {
         return Ok(None);
     };
@@ -116,14 +116,14 @@ impl Graph {
     ) -> Result<Self> {
         let fail = |e: TractError| Error::Model { path: path.to_path_buf(), message: one_line(&format!("{e:#}")) };
         let signature = format!("{shapes:?}");
-        let map = map_onnx(path)?;
-        let source = match skeleton::scan(&map) {
-            Some(heads) => {
-                SourceId::of(&map, &external_paths(heads.iter().filter_map(|h| h.location.as_deref()), path.parent()))
-            }
-            None => SourceId::of(&map, &[]),
+        let (map, stat) = map_onnx(path)?;
+        let map = Arc::new(map);
+        let external = match skeleton::scan(&map) {
+            Some(heads) => external_paths(heads.iter().filter_map(|h| h.location.as_deref()), path.parent()),
+            None => vec![],
         };
-        let mut plan_file = PlanStore::new(plan_cache, path, true, source);
+        let stat = stat.map(|s| s.with_external(&external));
+        let mut plan_file = PlanStore::new(plan_cache, path, true, Source::mapped(map.clone(), external, stat));
         plan_file.set_weights(weights);
         let executor = executor_for(threads).1;
         let proof = plan_file.proof().filter(|p| p.builds.contains(&signature));

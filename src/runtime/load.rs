@@ -6,7 +6,7 @@ use tract_onnx::tract_hir::infer::InferenceModel;
 
 use std::path::Path;
 
-use super::plan_file::SourceId;
+use super::plan_file::{FileStat, SourceId};
 use crate::error::{Error, Result};
 
 /// Description of one graph input or output, for `info`.
@@ -18,12 +18,14 @@ pub struct IoInfo {
     pub fact: String,
 }
 
-/// The ONNX file at `path`, memory-mapped.
-pub(super) fn map_onnx(path: &Path) -> Result<memmap2::Mmap> {
+/// The ONNX file at `path`, memory-mapped, and its [`FileStat`] from before the map (without
+/// its external data: [`FileStat::with_external`]).
+pub(super) fn map_onnx(path: &Path) -> Result<(memmap2::Mmap, Option<FileStat>)> {
     if path.is_dir() {
         return Err(Error::Model { path: path.to_path_buf(), message: "is a directory, expected an ONNX file".into() });
     }
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let stat = FileStat::of(path);
     let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     if len == 0 {
         return Err(Error::Model { path: path.to_path_buf(), message: "the ONNX file is empty".into() });
@@ -31,20 +33,22 @@ pub(super) fn map_onnx(path: &Path) -> Result<memmap2::Mmap> {
     // SAFETY: the callers read the map while they decode the file and drop it before they
     // return, so a later change to the file cannot reach memory tract holds. A file truncated
     // by another process *during* decoding would raise SIGBUS (see docs/model-card.md).
-    unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    Ok((map, stat))
 }
 
 /// The ONNX protobuf of the file at `path`, decoded from a memory map, and the file's identity
 /// for its plan file.
 pub(super) fn read_proto(path: &Path) -> Result<(ModelProto, SourceId)> {
-    let map = map_onnx(path)?;
+    let (map, stat) = map_onnx(path)?;
     // The decoded protobuf holds its own copy of the weights: unmapping the file on return
     // keeps its pages out of the resident set while tract converts them (the load's peak was
     // file + protobuf + tract's tensors, 3× the weights).
     let proto = decode(&map, path)?;
     let locations = proto.graph.iter().flat_map(|g| &g.initializer).flat_map(|t| &t.external_data);
     let locations = locations.filter(|kv| kv.key == "location").map(|kv| kv.value.as_str());
-    let source = SourceId::of(&map, &external_paths(locations, path.parent()));
+    let external = external_paths(locations, path.parent());
+    let source = SourceId::of(&map, &external, stat.map(|s| s.with_external(&external)));
     Ok((proto, source))
 }
 

@@ -47,7 +47,7 @@ use bind::{bind, copy_output, Bindings};
 use load::{count_params, decode, describe, external_paths, map_onnx, one_line, parse, read_proto};
 use memory::return_freed_memory;
 use plan::Plans;
-use plan_file::{PlanStore, SourceId};
+use plan_file::{PlanStore, Source, SourceId};
 use threads::{executor_for, run_on};
 
 /// A denoiser: ONNX model + input bindings + optimized plans (one per batch size).
@@ -111,7 +111,8 @@ impl Denoiser {
         }
         let path = card.onnx_path();
         let dir = path.parent();
-        let map = map_onnx(&path)?;
+        let (map, stat) = map_onnx(&path)?;
+        let map = Arc::new(map);
         let Some(heads) = skeleton::scan(&map) else {
             // Not a protobuf the walk understands: decoding says why.
             drop(map);
@@ -120,8 +121,9 @@ impl Denoiser {
             denoiser.set_weight_precision(weights);
             return Ok(denoiser);
         };
-        let source = SourceId::of(&map, &external_paths(heads.iter().filter_map(|h| h.location.as_deref()), dir));
-        let mut plan_file = PlanStore::new(plan_cache, &path, true, source);
+        let external = external_paths(heads.iter().filter_map(|h| h.location.as_deref()), dir);
+        let stat = stat.map(|s| s.with_external(&external));
+        let mut plan_file = PlanStore::new(plan_cache, &path, true, Source::mapped(map.clone(), external, stat));
         plan_file.set_weights(weights);
         if let Some(proof) = plan_file.proof() {
             if let Some((model, params, left_out)) = Self::leave_out(&map, &path, &proof) {
@@ -154,7 +156,7 @@ impl Denoiser {
     pub fn from_bytes(bytes: &[u8], card: &ModelCard, threads: usize, name: impl Into<PathBuf>) -> Result<Self> {
         let path: PathBuf = name.into();
         let proto = decode(bytes, &path)?;
-        Self::from_proto(proto, SourceId::of(bytes, &[]), card, threads, None, path)
+        Self::from_proto(proto, SourceId::of(bytes, &[], None), card, threads, None, path)
     }
 
     /// `dir`: where external data lives (the ONNX file's folder), `None` for a model in memory.
@@ -170,7 +172,7 @@ impl Denoiser {
         let params = count_params(&proto);
         let model = parse(&proto, dir).map_err(|e| fail(&format!("{e:#}")))?;
         drop(proto);
-        let plan_file = PlanStore::new(PlanCache::Off, &path, dir.is_some(), source);
+        let plan_file = PlanStore::new(PlanCache::Off, &path, dir.is_some(), Source::known(source));
         Self::from_model(model, params, plan_file, card, threads, path)
     }
 
@@ -358,7 +360,7 @@ impl Denoiser {
     ) -> TractResult<Option<(Vec<String>, Vec<(String, Vec<u8>)>)>> {
         let saved = Arc::new(ops::packed::Packer::over_held(held.clone()));
         let mut graphs = vec![];
-        let map = map_onnx(&self.path)?;
+        let (map, _) = map_onnx(&self.path)?;
         let Some((model, _, stand_ins)) =
             skeleton::without(&map, &self.path, &skeleton::initializer_names(origins), true)
         else {

@@ -27,7 +27,7 @@ use super::settings::{PlanCache, WeightPrecision};
 use crate::ops::packed::{Entry, Held, Packer};
 
 const MAGIC: &[u8; 8] = b"EDPLAN\0\0";
-const FORMAT: u32 = 3;
+const FORMAT: u32 = 4;
 const PREFIX: usize = 24;
 const ALIGN: usize = 4096;
 
@@ -40,24 +40,136 @@ pub(super) struct SourceId {
     /// file of external data it names (the name only, not the folder: a model folder copied
     /// with its times keeps its plan file).
     pub hash: u64,
+    /// Where the file was and when it last changed, as its filesystem says, when it was
+    /// hashed: a later load that finds the same vouches for the hash without reading the file.
+    #[serde(default)]
+    pub stat: Option<FileStat>,
 }
 
 impl SourceId {
-    pub(super) fn of(bytes: &[u8], external: &[PathBuf]) -> Self {
-        let mut h = xxhash_rust::xxh3::Xxh3::new();
-        h.update(bytes);
-        for path in external {
-            let meta = std::fs::metadata(path).ok();
-            let len = meta.as_ref().map_or(0, |m| m.len());
-            let modified = meta
-                .and_then(|m| m.modified().ok())
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_nanos() as u64);
-            h.update(path.file_name().map(|f| f.to_string_lossy()).unwrap_or_default().as_bytes());
-            h.update(&len.to_le_bytes());
-            h.update(&modified.to_le_bytes());
+    /// The identity of the ONNX file `bytes` with the external data files `external`;
+    /// `stat`: its [`FileStat`], taken before the bytes were read.
+    pub(super) fn of(bytes: &[u8], external: &[PathBuf], stat: Option<FileStat>) -> Self {
+        SourceId { len: bytes.len() as u64, hash: content_hash(bytes, external), stat }
+    }
+}
+
+fn content_hash(bytes: &[u8], external: &[PathBuf]) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(bytes);
+    external_identity(&mut h, external);
+    h.digest()
+}
+
+fn external_identity(h: &mut xxhash_rust::xxh3::Xxh3, external: &[PathBuf]) {
+    for path in external {
+        let meta = std::fs::metadata(path).ok();
+        let len = meta.as_ref().map_or(0, |m| m.len());
+        let modified = meta
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos() as u64);
+        h.update(path.file_name().map(|f| f.to_string_lossy()).unwrap_or_default().as_bytes());
+        h.update(&len.to_le_bytes());
+        h.update(&modified.to_le_bytes());
+    }
+}
+
+/// A file's device, inode, length, and times of its last modification and last status change
+/// (seconds and nanoseconds), with the identity of its external data files. A write to the
+/// file moves its status-change time, which no program can set back, and a file put in its
+/// place by rename has another inode: the same `FileStat` means the same bytes, the rule
+/// `make` and git's index live by.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct FileStat {
+    device: u64,
+    inode: u64,
+    len: u64,
+    modified: (i64, i64),
+    changed: (i64, i64),
+    external: u64,
+}
+
+impl FileStat {
+    /// The stat of the file at `path`; `None` off Unix or when it cannot be read.
+    pub(super) fn of(path: &Path) -> Option<Self> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            let m = std::fs::metadata(path).ok()?;
+            Some(FileStat {
+                device: m.dev(),
+                inode: m.ino(),
+                len: m.len(),
+                modified: (m.mtime(), m.mtime_nsec()),
+                changed: (m.ctime(), m.ctime_nsec()),
+                external: 0,
+            })
         }
-        SourceId { len: bytes.len() as u64, hash: h.digest() }
+        #[cfg(not(unix))]
+        {
+            let _ = path;
+            None
+        }
+    }
+
+    /// With the identity of the external data files `external`.
+    pub(super) fn with_external(self, external: &[PathBuf]) -> Self {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        external_identity(&mut h, external);
+        FileStat { external: h.digest(), ..self }
+    }
+}
+
+/// The ONNX file being loaded, whose hash is computed only when needed: a plan file that
+/// recorded the same [`FileStat`] vouches for it, so a later load does not read the weights
+/// it leaves out just to hash them.
+pub(super) struct Source {
+    len: u64,
+    stat: Option<FileStat>,
+    hash: u64,
+    /// Computes `hash`, until it is known.
+    pending: Option<Box<dyn FnOnce() -> u64 + Send + Sync>>,
+}
+
+impl Source {
+    pub(super) fn known(id: SourceId) -> Self {
+        Source { len: id.len, stat: id.stat, hash: id.hash, pending: None }
+    }
+
+    /// The ONNX file mapped as `map`, with its external data files `external`; `stat` taken
+    /// before the map.
+    pub(super) fn mapped(map: Arc<memmap2::Mmap>, external: Vec<PathBuf>, stat: Option<FileStat>) -> Self {
+        let len = map.len() as u64;
+        Source { len, stat, hash: 0, pending: Some(Box::new(move || content_hash(&map, &external))) }
+    }
+
+    fn hash(&mut self) -> u64 {
+        if let Some(compute) = self.pending.take() {
+            self.hash = compute();
+        }
+        self.hash
+    }
+
+    pub(super) fn id(&mut self) -> SourceId {
+        SourceId { len: self.len, hash: self.hash(), stat: self.stat }
+    }
+
+    /// Computes the hash if nothing vouched for it yet, and lets go of the file's bytes.
+    pub(super) fn settle(&mut self) {
+        self.hash();
+    }
+
+    /// Whether a plan file that recorded `recorded` was built from this file: the same length,
+    /// and the same [`FileStat`] or else the same hash.
+    fn matches(&mut self, recorded: &SourceId) -> bool {
+        if recorded.len != self.len {
+            return false;
+        }
+        if self.stat.is_some() && recorded.stat == self.stat && self.pending.take().is_some() {
+            self.hash = recorded.hash;
+        }
+        self.hash() == recorded.hash
     }
 }
 
@@ -179,7 +291,7 @@ pub(super) struct PlanStore {
     /// Whether [`PlanCache::Auto`] may put the file beside the ONNX file (not for a model
     /// given as bytes, whose path only labels it).
     beside: bool,
-    source: SourceId,
+    source: Source,
     /// The precision of the weights packed, and so of the plan file.
     weights: WeightPrecision,
     packer: Option<Arc<Packer>>,
@@ -205,7 +317,7 @@ pub(super) struct PlanStore {
 }
 
 impl PlanStore {
-    pub(super) fn new(setting: PlanCache, onnx: &Path, beside: bool, source: SourceId) -> Self {
+    pub(super) fn new(setting: PlanCache, onnx: &Path, beside: bool, source: Source) -> Self {
         PlanStore {
             setting,
             onnx: onnx.to_path_buf(),
@@ -264,8 +376,9 @@ impl PlanStore {
             let mut packer = Packer::default();
             packer.set_half(self.weights == WeightPrecision::F16);
             if self.setting != PlanCache::Off {
-                for path in candidates(&self.setting, &self.onnx, self.beside, &self.source, self.weights) {
-                    match open(&path, &self.source, self.weights) {
+                for place in places(&self.setting, &self.onnx, self.beside) {
+                    let path = place.path(&self.onnx, &mut self.source, self.weights);
+                    match open(&path, &mut self.source, self.weights) {
                         Ok(Some((p, proof, graphs))) => {
                             packer = p;
                             self.mapped = Some((path, proof));
@@ -280,6 +393,9 @@ impl PlanStore {
                     }
                 }
             }
+            // The plan file found vouched for the hash, or it is computed now: either way the
+            // ONNX file's bytes are not held beyond this.
+            self.source.settle();
             self.packer = Some(Arc::new(packer));
         }
         self.packer.clone().expect("set above")
@@ -334,8 +450,9 @@ impl PlanStore {
     fn write(&mut self, held: &[Held], proof: &Proof, graphs: &[(String, Vec<u8>)]) {
         let started = Instant::now();
         let mut last_error = String::from("no folder to write to");
-        for path in candidates(&self.setting, &self.onnx, self.beside, &self.source, self.weights) {
-            match write(&path, &self.source, held, proof, graphs) {
+        let source = self.source.id();
+        for path in candidates(&self.setting, &self.onnx, self.beside, &mut self.source, self.weights) {
+            match write(&path, &source, held, proof, graphs) {
                 Ok(()) => {
                     let ms = started.elapsed().as_secs_f64() * 1e3;
                     let stale = match &self.status {
@@ -376,30 +493,48 @@ pub(super) fn candidates(
     setting: &PlanCache,
     onnx: &Path,
     beside: bool,
-    source: &SourceId,
+    source: &mut Source,
     weights: WeightPrecision,
 ) -> Vec<PathBuf> {
-    // Float16 weights have a file of their own: switching back and forth rewrites neither.
-    let kernels = match weights {
-        WeightPrecision::F32 => crate::kernels::tag(),
-        WeightPrecision::F16 => format!("{}.f16", crate::kernels::tag()),
-    };
-    let file = onnx.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
-    // In a shared folder the name also carries the source's identity: two models of the same
-    // file name do not take turns overwriting one plan file.
-    let shared = format!("{file}.{:016x}.{kernels}.edplan", source.hash);
+    places(setting, onnx, beside).into_iter().map(|p| p.path(onnx, source, weights)).collect()
+}
+
+/// A folder a plan file may be in: beside the model, or shared, where the name also carries
+/// the source's hash (two models of the same file name do not take turns overwriting one plan
+/// file). The hash is computed only when a shared place is tried.
+enum Place {
+    Beside(PathBuf),
+    Shared(PathBuf),
+}
+
+fn places(setting: &PlanCache, onnx: &Path, beside: bool) -> Vec<Place> {
     match setting {
         PlanCache::Off => vec![],
-        PlanCache::Dir(dir) => vec![dir.join(shared)],
+        PlanCache::Dir(dir) => vec![Place::Shared(dir.clone())],
         PlanCache::Auto => {
             let mut out = vec![];
             if let Some(dir) = onnx.parent().filter(|d| beside && (d.is_dir() || d.as_os_str().is_empty())) {
-                out.push(dir.join(format!("{file}.{kernels}.edplan")));
+                out.push(Place::Beside(dir.to_path_buf()));
             }
             if let Some(cache) = cache_dir() {
-                out.push(cache.join(shared));
+                out.push(Place::Shared(cache));
             }
             out
+        }
+    }
+}
+
+impl Place {
+    fn path(&self, onnx: &Path, source: &mut Source, weights: WeightPrecision) -> PathBuf {
+        // Float16 weights have a file of their own: switching back and forth rewrites neither.
+        let kernels = match weights {
+            WeightPrecision::F32 => crate::kernels::tag(),
+            WeightPrecision::F16 => format!("{}.f16", crate::kernels::tag()),
+        };
+        let file = onnx.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+        match self {
+            Place::Beside(dir) => dir.join(format!("{file}.{kernels}.edplan")),
+            Place::Shared(dir) => dir.join(format!("{file}.{:016x}.{kernels}.edplan", source.hash())),
         }
     }
 }
@@ -421,7 +556,7 @@ fn align(n: usize) -> usize {
 /// there but stale or damaged.
 pub(super) fn open(
     path: &Path,
-    source: &SourceId,
+    source: &mut Source,
     weights: WeightPrecision,
 ) -> Result<Option<(Packer, Proof, Graphs)>, String> {
     let file = match std::fs::File::open(path) {
@@ -457,7 +592,7 @@ pub(super) fn pin(path: &Path, bytes: u64) -> std::io::Result<memmap2::Mmap> {
 /// The index of the plan file `bytes`, with absolute offsets, when every check passes.
 fn validate(
     bytes: &[u8],
-    source: &SourceId,
+    source: &mut Source,
     weights: WeightPrecision,
 ) -> Result<(HashMap<String, Entry>, Proof, Graphs), String> {
     if bytes.len() < PREFIX {
@@ -490,7 +625,7 @@ fn validate(
     want("kernels", &header.kernels, &crate::kernels::tag())?;
     want("weights", &header.weights, &weights.to_string())?;
     let (half, size) = (weights == WeightPrecision::F16, weights.bytes());
-    if header.source != *source {
+    if !source.matches(&header.source) {
         return Err("the ONNX file changed since it was built".into());
     }
     let data = align(PREFIX + header_len);
@@ -598,7 +733,11 @@ mod tests {
     use WeightPrecision::{F16, F32};
 
     fn source() -> SourceId {
-        SourceId::of(b"an onnx file", &[])
+        SourceId::of(b"an onnx file", &[], None)
+    }
+
+    fn known() -> Source {
+        Source::known(source())
     }
 
     fn held(packer: &Packer) -> Vec<Held> {
@@ -619,7 +758,7 @@ mod tests {
         let dir = scratch("roundtrip");
         let path = dir.join("m.edplan");
         write(&path, &source(), &held(&Packer::default()), &Proof::default(), &[]).unwrap();
-        let (packer, ..) = open(&path, &source(), F32).unwrap().expect("a plan file");
+        let (packer, ..) = open(&path, &mut known(), F32).unwrap().expect("a plan file");
         let mut calls = 0;
         let a = packer.get("linear/a", &[1.0, 2.0, 3.0], None, || {
             calls += 1;
@@ -653,16 +792,58 @@ mod tests {
         half.set_half(true);
         let held = held(&half);
         write(&path, &source(), &held, &Proof::default(), &[]).unwrap();
-        let (packer, ..) = open(&path, &source(), F16).unwrap().expect("a plan file");
+        let (packer, ..) = open(&path, &mut known(), F16).unwrap().expect("a plan file");
         let b = packer.get("winograd3x3/b", &[4.0; 1500], None, || panic!("packed again"));
         assert!(b.is_mapped() && b.is_half());
         assert_eq!(b.to_vec(), held[1].packed.to_vec());
         assert_eq!(b.bytes().len(), 3000);
-        let why = open(&path, &source(), F32).err().expect("refused");
+        let why = open(&path, &mut known(), F32).err().expect("refused");
         assert!(why.contains("weights f16"), "{why}");
         // One plan file holds one precision.
         let mixed = [held[0].clone(), self::held(&Packer::default())[1].clone()];
         assert!(write(&dir.join("mixed"), &source(), &mixed, &Proof::default(), &[]).is_err());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_recorded_stat_vouches_for_the_hash_and_anything_else_reads_the_bytes() {
+        let dir = scratch("stat");
+        let onnx = dir.join("m.onnx");
+        std::fs::write(&onnx, b"an onnx file").unwrap();
+        let stat = FileStat::of(&onnx);
+        let recorded = SourceId::of(b"an onnx file", &[], stat);
+        let hashed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let source = |bytes: &'static [u8], stat: Option<FileStat>| {
+            let hashed = hashed.clone();
+            let compute = move || {
+                hashed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                content_hash(bytes, &[])
+            };
+            Source { len: bytes.len() as u64, stat, hash: 0, pending: Some(Box::new(compute)) }
+        };
+        let hashes = || hashed.load(std::sync::atomic::Ordering::SeqCst);
+        if cfg!(unix) {
+            // Same stat: the record's hash is taken, the bytes are not read.
+            let mut same = source(b"an onnx file", stat);
+            assert!(same.matches(&recorded));
+            assert_eq!((hashes(), same.id().hash), (0, recorded.hash));
+        }
+        // Another stat (a copied folder): the bytes are hashed, and the same bytes still match.
+        let other = FileStat { inode: stat.map_or(1, |s| s.inode + 1), ..stat.unwrap_or(FileStat::default()) };
+        assert!(source(b"an onnx file", Some(other)).matches(&recorded));
+        assert_eq!(hashes(), 1);
+        // Other bytes of the same length under another stat do not.
+        assert!(!source(b"an onnx fil!", Some(other)).matches(&recorded));
+        // Rewritten in place: the status-change time moves.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&onnx, b"an onnx fil!").unwrap();
+        let now = FileStat::of(&onnx);
+        assert!(now.is_none() || now != stat, "a write must change the stat");
+        assert!(!source(b"an onnx fil!", now).matches(&recorded));
+        // Another length is refused before anything is hashed.
+        let before = hashes();
+        assert!(!source(b"a longer onnx file", stat).matches(&recorded));
+        assert_eq!(hashes(), before);
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -674,7 +855,9 @@ mod tests {
         let good = std::fs::read(&path).unwrap();
         let check = |bytes: &[u8], source: &SourceId, needle: &str| {
             std::fs::write(&path, bytes).unwrap();
-            let why = open(&path, source, F32).err().unwrap_or_else(|| panic!("accepted; expected {needle}"));
+            let why = open(&path, &mut Source::known(source.clone()), F32)
+                .err()
+                .unwrap_or_else(|| panic!("accepted; expected {needle}"));
             assert!(why.contains(needle), "{why:?} should say {needle:?}");
         };
         check(&good[..10], &source(), "shorter");
@@ -688,7 +871,7 @@ mod tests {
         bad[PREFIX + 5] ^= 1;
         check(&bad, &source(), "checksum");
         check(&good[..good.len() - ALIGN], &source(), "out of bounds");
-        check(&good, &SourceId::of(b"another onnx file", &[]), "changed");
+        check(&good, &SourceId::of(b"another onnx file", &[], None), "changed");
         // An entry pointing past the end, with a valid checksum: out of bounds.
         let header_len = u32::from_le_bytes(good[12..16].try_into().unwrap()) as usize;
         let mut header: Header = serde_json::from_slice(&good[PREFIX..PREFIX + header_len]).unwrap();
@@ -701,7 +884,7 @@ mod tests {
         bad.resize(good.len(), 0);
         check(&bad, &source(), "out of bounds");
         std::fs::remove_file(&path).unwrap();
-        assert!(open(&path, &source(), F32).unwrap().is_none());
+        assert!(open(&path, &mut known(), F32).unwrap().is_none());
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -711,7 +894,7 @@ mod tests {
         let path = dir.join("m.edplan");
         let graphs = vec![("batch 1".to_string(), vec![7u8; 5000]), ("batch 2".to_string(), b"second".to_vec())];
         write(&path, &source(), &held(&Packer::default()), &Proof::default(), &graphs).unwrap();
-        let (_, _, found) = open(&path, &source(), F32).unwrap().expect("a plan file");
+        let (_, _, found) = open(&path, &mut known(), F32).unwrap().expect("a plan file");
         assert_eq!(found.get("batch 1"), Some(&graphs[0].1[..]));
         assert_eq!(found.get("batch 2"), Some(&graphs[1].1[..]));
         assert_eq!(found.get("batch 3"), None);
@@ -723,14 +906,14 @@ mod tests {
         let mut bad = good.clone();
         bad[at] ^= 1;
         std::fs::write(&path, &bad).unwrap();
-        let (_, _, found) = open(&path, &source(), F32).unwrap().expect("still a plan file");
+        let (_, _, found) = open(&path, &mut known(), F32).unwrap().expect("still a plan file");
         assert_eq!(found.get("batch 2"), None);
         assert_eq!(found.get("batch 1"), Some(&graphs[0].1[..]));
         drop(found);
 
         // A graph past the end: the file is refused.
         std::fs::write(&path, &good[..at]).unwrap();
-        let why = open(&path, &source(), F32).err().expect("refused");
+        let why = open(&path, &mut known(), F32).err().expect("refused");
         assert!(why.contains("batch 2") && why.contains("out of bounds"), "{why}");
         std::fs::remove_dir_all(dir).unwrap();
     }
@@ -740,7 +923,7 @@ mod tests {
         let dir = scratch("deleted");
         let path = dir.join("m.edplan");
         write(&path, &source(), &held(&Packer::default()), &Proof::default(), &[]).unwrap();
-        let (packer, ..) = open(&path, &source(), F32).unwrap().unwrap();
+        let (packer, ..) = open(&path, &mut known(), F32).unwrap().unwrap();
         let before = packer.get("winograd3x3/b", &[4.0; 1500], None, Vec::new);
         std::fs::rename(&path, dir.join("moved")).unwrap();
         std::fs::remove_file(dir.join("moved")).unwrap();
@@ -750,7 +933,7 @@ mod tests {
         write(&path, &source(), &other.held(), &Proof::default(), &[]).unwrap();
         assert_eq!(before.to_vec()[1499], 1499.0);
         assert_eq!(
-            open(&path, &source(), F32).unwrap().unwrap().0.get("winograd3x3/b", &[4.0; 1500], None, Vec::new).to_vec()
+            open(&path, &mut known(), F32).unwrap().unwrap().0.get("winograd3x3/b", &[4.0; 1500], None, Vec::new).to_vec()
                 [0],
             -1.0
         );
@@ -760,18 +943,18 @@ mod tests {
     #[test]
     fn candidates_go_beside_the_model_then_to_the_cache() {
         let onnx = Path::new("/models/m/unet.onnx");
-        let auto = candidates(&PlanCache::Auto, onnx, true, &source(), F32);
+        let auto = candidates(&PlanCache::Auto, onnx, true, &mut known(), F32);
         let tag = crate::kernels::tag();
         if Path::new("/models/m").is_dir() {
             assert_eq!(auto[0], Path::new(&format!("/models/m/unet.onnx.{tag}.edplan")));
         }
         assert!(auto.last().unwrap().to_string_lossy().contains("edge-diffuse"));
-        let in_memory = candidates(&PlanCache::Auto, onnx, false, &source(), F32);
+        let in_memory = candidates(&PlanCache::Auto, onnx, false, &mut known(), F32);
         assert!(in_memory.iter().all(|p| p.to_string_lossy().contains("edge-diffuse")));
-        let dir = candidates(&PlanCache::Dir("/c".into()), onnx, true, &source(), F32);
+        let dir = candidates(&PlanCache::Dir("/c".into()), onnx, true, &mut known(), F32);
         assert_eq!(dir, vec![PathBuf::from(format!("/c/unet.onnx.{:016x}.{tag}.edplan", source().hash))]);
-        let half = candidates(&PlanCache::Dir("/c".into()), onnx, true, &source(), F16);
+        let half = candidates(&PlanCache::Dir("/c".into()), onnx, true, &mut known(), F16);
         assert_eq!(half, vec![PathBuf::from(format!("/c/unet.onnx.{:016x}.{tag}.f16.edplan", source().hash))]);
-        assert!(candidates(&PlanCache::Off, onnx, true, &source(), F32).is_empty());
+        assert!(candidates(&PlanCache::Off, onnx, true, &mut known(), F32).is_empty());
     }
 }
