@@ -2,16 +2,23 @@
 //! before tract's optimization) can be kept in a plan file and read back: a later load then
 //! skips the ONNX decode, typing, declutter and our passes, which are most of a load.
 //!
-//! Each operator of ours is one invocation `edge_diffuse_op(inputs = [...], op = N)`: its
-//! inputs, and its place in a table of our operators kept beside the NNEF archive. tract's
-//! NNEF parser reads a few MB/s, so the table is not in the text: it is JSON for the settings
-//! and raw float32 for the constant tensors (biases, norms' scales), which the JSON names by
-//! their place. Packed weights are written as their [`Packer`] key alone and read back through
-//! the packer of the plan file: a graph read back holds no weight of ours on the heap.
+//! The graph is tract's NNEF syntax tree, kept in binary form ([`ast`]) rather than as NNEF
+//! text: tract's parser reads a few MB/s, and parsing the text was most of a read. Its constant
+//! tensors are in tract's `.dat` form.
 //!
-//! Layout of [`write`]'s bytes (little-endian): the archive's length (u64) and the archive;
-//! the table's length (u64) and the table (JSON); the tensors' count (u64), then each tensor's
-//! rank (u64), dimensions (u64 each) and values (f32 each).
+//! Each operator of ours is one invocation `edge_diffuse_op(inputs = [...], op = N)`: its
+//! inputs, and its place in a table of our operators kept beside the tree. The table is JSON for
+//! the settings and raw float32 for the constant tensors (biases, norms' scales), which the
+//! JSON names by their place. Packed weights are written as their [`Packer`] key alone and read
+//! back through the packer of the plan file: a graph read back holds no weight of ours on the
+//! heap.
+//!
+//! Layout of [`write`]'s bytes (little-endian): the tree's length (u64) and the tree; the count
+//! of tract's tensors (u64), then each one's name ([`ast`]'s string form), length (u64) and
+//! `.dat` bytes; the table's length (u64) and the table (JSON); the count of our tensors (u64),
+//! then each one's rank (u64), dimensions (u64 each) and values (f32 each).
+
+mod ast;
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -20,6 +27,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use tract_nnef::internal::*;
 use tract_onnx::WithOnnx;
 
+use self::ast::Code;
 use super::packed::{Packed, Packer};
 
 /// One of our operators, as saved.
@@ -156,16 +164,31 @@ pub(crate) fn write(model: &TypedModel) -> TractResult<Vec<u8>> {
     for node in model.nodes.iter_mut().filter(|n| !sources.contains(&n.id)) {
         node.name = format!("n{}", node.id);
     }
-    // Deterministic: a fixed timestamp in the archive, so that a plan file written again from
-    // the same model has the same bytes.
-    let archive = framework().write_to_tar_with_config(&model, Vec::new(), false, true)?;
+    let proto = tract_nnef::ser::to_proto_model(&framework(), &model)?;
+    ensure!(
+        proto.quantization.as_ref().is_none_or(|q| q.is_empty()) && proto.resources.is_empty(),
+        "a graph with quantization or resources, which a saved graph does not hold"
+    );
     let side = SIDE.with(|side| std::mem::take(&mut *side.borrow_mut()));
-    let table = serde_json::to_vec(&side.ops)?;
-    let mut out = Vec::with_capacity(archive.len() + table.len() + 16);
-    for part in [&archive, &table] {
-        out.extend_from_slice(&(part.len() as u64).to_le_bytes());
-        out.extend_from_slice(part);
+    let mut tree = vec![];
+    proto.doc.put(&mut tree);
+    let mut out = Vec::with_capacity(tree.len() + 1024);
+    let part = |out: &mut Vec<u8>, bytes: &[u8]| {
+        out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+        out.extend_from_slice(bytes);
+    };
+    part(&mut out, &tree);
+    // Sorted by name: a graph written again has the same bytes.
+    let mut names: Vec<&Identifier> = proto.tensors.keys().collect();
+    names.sort();
+    out.extend_from_slice(&(names.len() as u64).to_le_bytes());
+    for name in names {
+        name.put(&mut out);
+        let mut dat = vec![];
+        tract_nnef::tensors::write_tensor(&mut dat, &proto.tensors[name])?;
+        part(&mut out, &dat);
     }
+    part(&mut out, &serde_json::to_vec(&side.ops)?);
     out.extend_from_slice(&(side.tensors.len() as u64).to_le_bytes());
     for t in &side.tensors {
         out.extend_from_slice(&(t.rank() as u64).to_le_bytes());
@@ -185,6 +208,14 @@ impl<'a> Reader<'a> {
         let (head, rest) = self.0.split_at(n);
         self.0 = rest;
         Ok(head)
+    }
+
+    /// Reads one [`ast::Code`] value from the front.
+    fn with_in<T>(&mut self, read: impl FnOnce(&mut ast::In<'a>) -> TractResult<T>) -> TractResult<T> {
+        let mut r = ast::In::new(self.0);
+        let value = read(&mut r)?;
+        self.0 = r.rest();
+        Ok(value)
     }
 
     fn word(&mut self) -> TractResult<usize> {
@@ -208,14 +239,25 @@ impl<'a> Reader<'a> {
 pub(crate) fn read(bytes: &[u8], packer: &Arc<Packer>) -> TractResult<TypedModel> {
     let mut r = Reader(bytes);
     let n = r.word()?;
-    let archive = r.take(n)?;
+    let mut tree = ast::In::new(r.take(n)?);
+    let doc = tract_nnef::ast::Document::get(&mut tree)?;
+    ensure!(tree.is_empty(), "a saved graph's tree with bytes after its end");
+    let mut nnef_tensors = HashMap::new();
+    for _ in 0..r.word()? {
+        let name = r.with_in(Identifier::get)?;
+        let n = r.word()?;
+        let tensor = tract_nnef::tensors::read_tensor(r.take(n)?)?;
+        nnef_tensors.insert(name, Arc::new(tensor));
+    }
     let n = r.word()?;
     let ops: Vec<serde_json::Value> = serde_json::from_slice(r.take(n)?)?;
     let tensors = (0..r.word()?).map(|_| r.tensor()).collect::<TractResult<Vec<_>>>()?;
     ensure!(r.0.is_empty(), "a saved graph with bytes after its end");
     let _clear = Clear;
     SIDE.with(|side| *side.borrow_mut() = Side { ops, tensors, packer: Some(packer.clone()) });
-    framework().model_for_read(&mut &archive[..])
+    let proto = tract_nnef::ProtoModel { doc, tensors: nnef_tensors, quantization: None, resources: HashMap::new() };
+    proto.validate()?;
+    framework().model_for_proto_model(&proto)
 }
 
 impl Serialize for Packed {
