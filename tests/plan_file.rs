@@ -126,6 +126,48 @@ fn a_damaged_plan_file_is_rebuilt_with_a_notice_and_the_same_samples() {
 }
 
 #[test]
+fn an_onnx_file_rewritten_in_place_is_detected_and_a_copied_folder_keeps_its_plan_file() {
+    let dir = copy_of("fmnist-student", "rewritten");
+    drop(load(&dir, PlanCache::Auto));
+    let plan = plan_files(&dir).pop().expect("a plan file");
+
+    // A copy of the folder: other inodes and times, the same bytes. The stat the plan file
+    // recorded no longer vouches for the ONNX file, so its bytes are hashed, and they match.
+    let copy = dir.with_file_name(format!("{}-copy", dir.file_name().unwrap().to_string_lossy()));
+    let _ = std::fs::remove_dir_all(&copy);
+    std::fs::create_dir_all(&copy).unwrap();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, copy.join(path.file_name().unwrap())).unwrap();
+    }
+    let copied = load(&copy, PlanCache::Auto);
+    assert!(
+        matches!(denoiser_file(&copied), PlanFile::Mapped { saved_graph: true, .. }),
+        "the copied folder: {:?}",
+        denoiser_file(&copied)
+    );
+    std::fs::remove_dir_all(&copy).unwrap();
+
+    // The ONNX file rewritten in place (same inode, same length, one weight's byte changed):
+    // its status-change time moves, so its bytes are hashed, and they differ.
+    let onnx = dir.join("denoiser.onnx");
+    let mut bytes = std::fs::read(&onnx).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 1;
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    std::fs::write(&onnx, &bytes).unwrap();
+    let pipe = load(&dir, PlanCache::Auto);
+    match denoiser_file(&pipe) {
+        PlanFile::Written { path, stale: Some(why), .. } => {
+            assert_eq!(path, plan);
+            assert!(why.contains("ONNX file changed"), "{why}");
+        }
+        other => panic!("the rewritten ONNX file: expected a rebuilt plan file, got {other:?}"),
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
 fn a_plan_file_deleted_while_mapped_keeps_serving_the_pipeline() {
     let dir = copy_of("fmnist-student", "deleted");
     let heap = sample(&mut load(&dir, PlanCache::Off));

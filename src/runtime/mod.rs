@@ -350,8 +350,8 @@ impl Denoiser {
     /// Builds every plan again from a graph whose initializers in `origins` are stand-ins full
     /// of NaN, with the weights packed this load, and runs one call on both: the names of the
     /// stand-ins when every output agrees bit for bit. With them, the rewritten graph of each
-    /// build in NNEF form (`ops::serial`), where the plan built from it read back gives the
-    /// same outputs bit for bit too.
+    /// build as `ops::serial` writes it, where the plan built from it read back gives the same
+    /// outputs bit for bit too.
     #[allow(clippy::type_complexity)]
     fn prove(
         &mut self,
@@ -386,7 +386,9 @@ impl Denoiser {
             let Ok(Ok(mut read_back)) = ops::serial::read(&bytes, &saved).map(|typed| self.finish(batch, typed)) else {
                 continue;
             };
-            if skeleton::same_outputs(&ours, &run_on(&self.executor, &mut read_back.state, inputs)?) {
+            // A read-back plan that fails to run costs only its own graph, not the proof.
+            let again = run_on(&self.executor, &mut read_back.state, inputs);
+            if again.is_ok_and(|outputs| skeleton::same_outputs(&ours, &outputs)) {
                 graphs.push((self.signature(batch).map_err(|m| anyhow::anyhow!(m))?, bytes));
             }
         }

@@ -7,13 +7,15 @@
 //!   entry per weight (key, offset from the data start, floats, fingerprint of the source);
 //! - the data, from the first 4 KiB boundary after the header, each weight on a 4 KiB boundary;
 //! - after the weights, the rewritten graph of each build the load that wrote the file proved
-//!   (`crate::ops::serial`'s NNEF archive, with an XXH3 of its bytes), each on a 4 KiB boundary.
+//!   (`crate::ops::serial`'s bytes, with an XXH3 of them), each on a 4 KiB boundary.
 //!
 //! Anything that does not match (magic, version, crate, architecture, kernels, the ONNX file's
 //! length and hash, a checksum, offsets out of bounds or unaligned) makes the file stale: the
-//! build packs on the heap and writes it again. Written to a temporary file in the same folder,
-//! synced, then renamed over the old one: a reader maps either the old file or the new one,
-//! and two processes building at once each rename a whole file.
+//! build packs on the heap and writes it again. The ONNX file's hash is taken from the header
+//! when the file's [`FileStat`] is the one recorded, and computed otherwise. Written to a
+//! temporary file in the same folder, synced, then renamed over the old one: a reader maps
+//! either the old file or the new one, and two processes building at once each rename a whole
+//! file.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -933,8 +935,12 @@ mod tests {
         write(&path, &source(), &other.held(), &Proof::default(), &[]).unwrap();
         assert_eq!(before.to_vec()[1499], 1499.0);
         assert_eq!(
-            open(&path, &mut known(), F32).unwrap().unwrap().0.get("winograd3x3/b", &[4.0; 1500], None, Vec::new).to_vec()
-                [0],
+            open(&path, &mut known(), F32)
+                .unwrap()
+                .unwrap()
+                .0
+                .get("winograd3x3/b", &[4.0; 1500], None, Vec::new)
+                .to_vec()[0],
             -1.0
         );
         std::fs::remove_dir_all(dir).unwrap();
