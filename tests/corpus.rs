@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 
 use edge_diffuse::card::TimeInput;
-use edge_diffuse::runtime::{run_graph, Conditions, Denoiser, PlanCache, PlanFile, WeightPrecision};
+use edge_diffuse::runtime::{run_graph, Conditions, Denoiser, Graph, PlanCache, PlanFile, WeightPrecision};
 use edge_diffuse::ModelCard;
 use ndarray::{s, ArrayD, Axis, Ix4};
 use ndarray_npy::ReadNpyExt;
@@ -254,6 +254,50 @@ fn denoisers_through_a_plan_file() {
     ];
     for name in names {
         through_plan_file(name);
+    }
+}
+
+/// A graph that is not a denoiser through a plan file (`Graph::load_with`), in a copy of its
+/// folder: the load that writes the file, then one that builds from the graph the file saved,
+/// both bit-identical to the heap path.
+fn graph_through_plan_file(name: &str) {
+    let dir = std::env::temp_dir().join(format!("ed-corpus-graph-plan-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(folder(name)).unwrap() {
+        let path = entry.unwrap().path();
+        let file = path.file_name().unwrap().to_owned();
+        if !file.to_string_lossy().ends_with(".edplan") {
+            std::fs::copy(&path, dir.join(file)).unwrap();
+        }
+    }
+    let values: Vec<ArrayD<f32>> = inputs(name).iter().map(|(_, v)| v.as_f32()).collect();
+    let shapes: Vec<Vec<usize>> = values.iter().map(|v| v.shape().to_vec()).collect();
+    let onnx = dir.join("model.onnx");
+    let heap = run_graph(&onnx, &values, 1).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let plans = PlanCache::Dir(dir.join("plans"));
+    for round in ["writing", "from the saved graph"] {
+        let mut g = Graph::load_with(&onnx, &shapes, 1, plans.clone(), WeightPrecision::F32)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let out = g.run(&values).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let differing = out[0].iter().zip(heap[0].iter()).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        assert_eq!(differing, 0, "{name}, {round} load: {differing} values differ from the heap path");
+        match (round, g.plan_file().clone()) {
+            ("writing", PlanFile::Written { .. }) => {}
+            (_, PlanFile::Mapped { left_out, saved_graph, .. }) => {
+                assert!(left_out > 0, "{name}: nothing left out");
+                assert!(saved_graph, "{name}: the graph was not built from the one the plan file holds");
+            }
+            (_, other) => panic!("{name}, {round} load: {other:?}"),
+        }
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn decoders_through_a_plan_file() {
+    for name in ["vae_decoder_legacy", "taesd_decoder_legacy"] {
+        graph_through_plan_file(name);
     }
 }
 

@@ -20,14 +20,16 @@ use crate::error::{Error, Result};
 use crate::ops::packed::{Held, Packer};
 
 /// A graph built for one set of input shapes: optimized, with each input's element type and
-/// shape.
+/// shape, and (for the load that writes the plan file) the graph before tract's optimization.
 struct Built {
     model: Arc<TypedModel>,
     inputs: Vec<(DatumType, Vec<usize>)>,
+    rewritten: Option<TypedModel>,
 }
 
-/// `model` typed for inputs of `shapes`, rewritten with weights from `packer`, and optimized.
-fn build(mut model: InferenceModel, shapes: &[Vec<usize>], packer: &Packer, path: &Path) -> Result<Built> {
+/// `model` typed for inputs of `shapes`, rewritten with weights from `packer`, and optimized;
+/// `keep`: also keep the rewritten graph, for the plan file.
+fn build(mut model: InferenceModel, shapes: &[Vec<usize>], packer: &Packer, path: &Path, keep: bool) -> Result<Built> {
     let fail = |e: TractError| Error::Model { path: path.to_path_buf(), message: one_line(&format!("{e:#}")) };
     let names = input_names(&model);
     if names.len() != shapes.len() {
@@ -47,29 +49,55 @@ fn build(mut model: InferenceModel, shapes: &[Vec<usize>], packer: &Packer, path
     set_inputs(&mut model, facts).map_err(fail)?;
     let typed = model.into_typed().map_err(fail)?;
     let (typed, _, _) = f32_rewrites(typed, true, packer).map_err(fail)?;
+    let rewritten = keep.then(|| typed.clone());
     let model = Arc::new(optimize(typed).map_err(fail)?);
-    Ok(Built { model, inputs })
+    Ok(Built { model, inputs, rewritten })
 }
+
+/// The rewritten graph a plan file saved (`crate::ops::serial`), its weights from `packer`,
+/// optimized; `None` when it does not read back or does not take inputs of `shapes`.
+fn from_saved(bytes: &[u8], shapes: &[Vec<usize>], packer: &Arc<Packer>) -> Option<Built> {
+    let typed = crate::ops::serial::read(bytes, packer).ok()?;
+    if typed.inputs.len() != shapes.len() {
+        return None;
+    }
+    let mut inputs = vec![];
+    for (i, shape) in shapes.iter().enumerate() {
+        let fact = typed.input_fact(i).ok()?;
+        if fact.shape.as_concrete()? != shape.as_slice() {
+            return None;
+        }
+        inputs.push((fact.datum_type, shape.clone()));
+    }
+    let model = Arc::new(optimize(typed).ok()?);
+    Some(Built { model, inputs, rewritten: None })
+}
+
+/// What [`prove`] established: the stand-ins' names, and the saved graph's bytes.
+type Proven = (Vec<String>, Option<Vec<u8>>);
 
 /// After the load that wrote the plan file: builds the graph again with the initializers of
 /// `origins` as stand-ins full of NaN and the weights packed this load, and runs one call on
-/// both. The names of the stand-ins when the outputs agree bit for bit (`super::skeleton`).
+/// both. The names of the stand-ins when the outputs agree bit for bit (`super::skeleton`),
+/// and the rewritten graph as `crate::ops::serial` writes it when the graph read back from
+/// those bytes gives the same outputs bit for bit too.
 fn prove(
     path: &Path,
     shapes: &[Vec<usize>],
-    built: &Built,
+    built: &mut Built,
     held: Vec<Held>,
     origins: &HashSet<String>,
     executor: &Executor,
-) -> Result<Option<Vec<String>>> {
+) -> Result<Option<Proven>> {
     let fail = |e: TractError| Error::Model { path: path.to_path_buf(), message: one_line(&format!("{e:#}")) };
     let (map, _) = map_onnx(path)?;
     let Some((model, _, stand_ins)) = skeleton::without(&map, path, &skeleton::initializer_names(origins), true) else {
         return Ok(None);
     };
     drop(map);
+    let saved = Arc::new(Packer::over_held(held.clone()));
     let packer = Packer::over_held(held);
-    let proof = build(model, shapes, &packer, path)?;
+    let proof = build(model, shapes, &packer, path, false)?;
     if packer.failed() {
         return Ok(None);
     }
@@ -77,8 +105,17 @@ fn prove(
     let mut ours = new_state(&built.model, executor).map_err(fail)?;
     let ours = run_on(executor, &mut ours, inputs.clone()).map_err(fail)?;
     let mut theirs = new_state(&proof.model, executor).map_err(fail)?;
-    let theirs = run_on(executor, &mut theirs, inputs).map_err(fail)?;
-    Ok(skeleton::same_outputs(&ours, &theirs).then_some(stand_ins))
+    let theirs = run_on(executor, &mut theirs, inputs.clone()).map_err(fail)?;
+    if !skeleton::same_outputs(&ours, &theirs) {
+        return Ok(None);
+    }
+    let graph = built.rewritten.take().and_then(|r| crate::ops::serial::write(&r).ok()).filter(|bytes| {
+        from_saved(bytes, shapes, &saved).is_some_and(|read_back| {
+            let again = new_state(&read_back.model, executor).and_then(|mut s| run_on(executor, &mut s, inputs));
+            again.is_ok_and(|outputs| skeleton::same_outputs(&ours, &outputs))
+        })
+    });
+    Ok(Some((stand_ins, graph)))
 }
 
 /// An ONNX graph optimized for one set of input shapes, with its run state.
@@ -116,6 +153,7 @@ impl Graph {
     ) -> Result<Self> {
         let fail = |e: TractError| Error::Model { path: path.to_path_buf(), message: one_line(&format!("{e:#}")) };
         let signature = format!("{shapes:?}");
+        let plan_cache_on = plan_cache != PlanCache::Off;
         let (map, stat) = map_onnx(path)?;
         let map = Arc::new(map);
         let external = match skeleton::scan(&map) {
@@ -128,11 +166,19 @@ impl Graph {
         let executor = executor_for(threads).1;
         let proof = plan_file.proof().filter(|p| p.builds.contains(&signature));
         if let Some(proof) = proof {
+            let packer = plan_file.packer();
+            if let Some(built) = plan_file.graph(&signature).and_then(|bytes| from_saved(bytes, shapes, &packer)) {
+                // The whole graph came from the plan file: no byte of the ONNX graph was read.
+                drop(map);
+                plan_file.left_out = proof.stand_ins.len();
+                plan_file.saved_graph = true;
+                plan_file.after_build(signature);
+                return Self::finish(path, built, executor, plan_file.status);
+            }
             let names: HashSet<String> = proof.stand_ins.iter().cloned().collect();
             if let Some((model, _, left_out)) = skeleton::without(&map, path, &names, false) {
-                let packer = plan_file.packer();
                 packer.by_key_alone(true);
-                if let Ok(built) = build(model, shapes, &packer, path) {
+                if let Ok(built) = build(model, shapes, &packer, path, false) {
                     if !packer.failed() {
                         drop(map);
                         plan_file.left_out = left_out.len();
@@ -148,19 +194,21 @@ impl Graph {
         drop(map);
         let model = parse(&proto, path.parent()).map_err(fail)?;
         drop(proto);
-        let built = build(model, shapes, &plan_file.packer(), path)?;
+        let mut built = build(model, shapes, &plan_file.packer(), path, plan_cache_on)?;
         plan_file.after_build(signature.clone());
         if let Some((held, origins, _)) = plan_file.to_prove() {
-            if let Ok(Some(stand_ins)) = prove(path, shapes, &built, held, &origins, &executor) {
-                plan_file.record(Proof { stand_ins, builds: vec![signature] }, &[]);
+            if let Ok(Some((stand_ins, graph))) = prove(path, shapes, &mut built, held, &origins, &executor) {
+                let graphs: Vec<(String, Vec<u8>)> = graph.map(|g| (signature.clone(), g)).into_iter().collect();
+                plan_file.record(Proof { stand_ins, builds: vec![signature] }, &graphs);
             }
         }
+        built.rewritten = None;
         Self::finish(path, built, executor, plan_file.status)
     }
 
     fn finish(path: &Path, built: Built, executor: Executor, plan_file: PlanFile) -> Result<Self> {
         let fail = |e: TractError| Error::Model { path: path.to_path_buf(), message: one_line(&format!("{e:#}")) };
-        let Built { model, inputs } = built;
+        let Built { model, inputs, .. } = built;
         let outputs = (0..model.output_outlets().map_err(fail)?.len())
             .map(|i| {
                 let fact = model.output_fact(i).map_err(fail)?;

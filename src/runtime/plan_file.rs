@@ -831,7 +831,7 @@ mod tests {
             assert_eq!((hashes(), same.id().hash), (0, recorded.hash));
         }
         // Another stat (a copied folder): the bytes are hashed, and the same bytes still match.
-        let other = FileStat { inode: stat.map_or(1, |s| s.inode + 1), ..stat.unwrap_or(FileStat::default()) };
+        let other = FileStat { inode: stat.map_or(1, |s| s.inode + 1), ..stat.unwrap_or_default() };
         assert!(source(b"an onnx file", Some(other)).matches(&recorded));
         assert_eq!(hashes(), 1);
         // Other bytes of the same length under another stat do not.
