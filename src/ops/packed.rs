@@ -275,6 +275,29 @@ struct State {
     origins: Vec<String>,
 }
 
+impl State {
+    /// The store's weight under `key` whose source fingerprint `fits`, with that fingerprint.
+    fn lookup(&self, key: &str, fits: impl Fn(u64) -> bool) -> Option<(Packed, u64)> {
+        match &self.store {
+            Store::Nothing => None,
+            Store::Map(map, index) => index.get(key).filter(|e| fits(e.fingerprint)).and_then(|e| {
+                Some((Packed::mapped(map, e.offset, e.len, e.half)?.followed_by(e.next.clone()), e.fingerprint))
+            }),
+            Store::Held(held) => {
+                held.get(key).filter(|h| fits(h.fingerprint)).map(|h| (h.packed.clone(), h.fingerprint))
+            }
+        }
+    }
+
+    /// Holds `packed` under `key`, which names it from now on, and hands it out.
+    fn hold(&mut self, key: &str, fingerprint: u64, packed: Packed) -> Packed {
+        let packed = packed.keyed(key);
+        self.by_key.insert(key.to_string(), self.held.len());
+        self.held.push(Held { key: key.to_string(), fingerprint, packed: packed.clone() });
+        packed
+    }
+}
+
 /// Hands out packed weights during plan builds; see the module docs.
 #[derive(Default)]
 pub(crate) struct Packer(Mutex<State>);
@@ -343,16 +366,7 @@ impl Packer {
                 return s.held[i].packed.clone();
             }
         }
-        let found = match &s.store {
-            Store::Nothing => None,
-            Store::Map(map, index) => index.get(key).filter(|e| fits(e.fingerprint)).and_then(|e| {
-                Some((Packed::mapped(map, e.offset, e.len, e.half)?.followed_by(e.next.clone()), e.fingerprint))
-            }),
-            Store::Held(held) => {
-                held.get(key).filter(|h| fits(h.fingerprint)).map(|h| (h.packed.clone(), h.fingerprint))
-            }
-        };
-        let (packed, fp) = match found {
+        let (packed, fp) = match s.lookup(key, fits) {
             Some(found) => found,
             None => {
                 s.packed_here += 1;
@@ -366,11 +380,7 @@ impl Packer {
         if s.by_key.contains_key(key) {
             return packed;
         }
-        let packed = packed.keyed(key);
-        let i = s.held.len();
-        s.held.push(Held { key: key.to_string(), fingerprint: fp, packed: packed.clone() });
-        s.by_key.insert(key.to_string(), i);
-        packed
+        s.hold(key, fp, packed)
     }
 
     /// The weights stored under `key` (in the plan file's map, or held by an earlier build),
@@ -381,18 +391,8 @@ impl Packer {
         if let Some(&i) = s.by_key.get(key) {
             return Some(s.held[i].packed.clone());
         }
-        let (packed, fingerprint) = match &s.store {
-            Store::Nothing => None,
-            Store::Map(map, index) => index.get(key).and_then(|e| {
-                Some((Packed::mapped(map, e.offset, e.len, e.half)?.followed_by(e.next.clone()), e.fingerprint))
-            }),
-            Store::Held(held) => held.get(key).map(|h| (h.packed.clone(), h.fingerprint)),
-        }?;
-        let packed = packed.keyed(key);
-        let i = s.held.len();
-        s.held.push(Held { key: key.to_string(), fingerprint, packed: packed.clone() });
-        s.by_key.insert(key.to_string(), i);
-        Some(packed)
+        let (packed, fingerprint) = s.lookup(key, |_| true)?;
+        Some(s.hold(key, fingerprint, packed))
     }
 
     /// How many weights were packed on the heap (not found in the store) so far.

@@ -46,7 +46,7 @@ pub use settings::{Convolution, PlanCache, Precision, WeightPrecision};
 use bind::{bind, copy_output, Bindings};
 use load::{count_params, decode, describe, external_paths, map_onnx, one_line, parse, read_proto};
 use memory::return_freed_memory;
-use plan::Plans;
+use plan::{Plan, Plans};
 use plan_file::{PlanStore, Source, SourceId};
 use threads::{executor_for, run_on};
 
@@ -281,14 +281,29 @@ impl Denoiser {
             return self.insert_plan(batch, take);
         }
         let (mut plan, winograd_convs, group_norms) = built.map_err(|m| model_error(&self.path, m))?;
+        plan.rewritten = rewritten;
+        self.keep_plan(batch, signature, plan, winograd_convs, group_norms);
+        Ok(())
+    }
+
+    /// Keeps the plan built for `batch` (build `signature`), with its rewrite counts, and lets
+    /// the plan file know of the build (which may write it). The plan keeps its rewritten graph
+    /// only when the plan file written will hold it.
+    fn keep_plan(
+        &mut self,
+        batch: usize,
+        signature: String,
+        mut plan: Plan,
+        winograd_convs: usize,
+        group_norms: usize,
+    ) {
         self.plan_file.after_build(signature);
-        if self.saves_graphs() {
-            plan.rewritten = rewritten;
+        if !self.saves_graphs() {
+            plan.rewritten = None;
         }
         self.winograd_convs = winograd_convs;
         self.group_norms = group_norms;
         self.plans.get_mut().insert(batch, plan);
-        Ok(())
     }
 
     /// Whether the plan file being written this load will also hold the builds' rewritten
@@ -312,10 +327,7 @@ impl Denoiser {
         let (winograd_convs, group_norms) = (count("Winograd3x3"), count("GroupNorm"));
         let Ok(plan) = self.finish(batch, typed) else { return false };
         self.plan_file.saved_graph = true;
-        self.plan_file.after_build(signature.to_string());
-        self.winograd_convs = winograd_convs;
-        self.group_norms = group_norms;
-        self.plans.get_mut().insert(batch, plan);
+        self.keep_plan(batch, signature.to_string(), plan, winograd_convs, group_norms);
         true
     }
 
