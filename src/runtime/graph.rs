@@ -9,9 +9,9 @@ use tract_linalg::multithread::Executor;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
-use super::load::{decode, external_paths, input_names, map_onnx, one_line, parse};
+use super::load::{decode, input_names, map_onnx, one_line, parse};
 use super::plan::{f32_rewrites, new_state, optimize, Exclusive};
-use super::plan_file::{PlanFile, PlanStore, Proof, Source};
+use super::plan_file::{PlanFile, PlanStore, Proof};
 use super::settings::{PlanCache, WeightPrecision};
 use super::skeleton;
 use super::symbols::set_inputs;
@@ -154,14 +154,8 @@ impl Graph {
         let fail = |e: TractError| Error::Model { path: path.to_path_buf(), message: one_line(&format!("{e:#}")) };
         let signature = format!("{shapes:?}");
         let plan_cache_on = plan_cache != PlanCache::Off;
-        let (map, stat) = map_onnx(path)?;
-        let map = Arc::new(map);
-        let external = match skeleton::scan(&map) {
-            Some(heads) => external_paths(heads.iter().filter_map(|h| h.location.as_deref()), path.parent()),
-            None => vec![],
-        };
-        let stat = stat.map(|s| s.with_external(&external));
-        let mut plan_file = PlanStore::new(plan_cache, path, true, Source::mapped(map.clone(), external, stat));
+        let (map, _, source) = skeleton::map_source(path)?;
+        let mut plan_file = PlanStore::new(plan_cache, path, true, source);
         plan_file.set_weights(weights);
         let executor = executor_for(threads).1;
         let proof = plan_file.proof().filter(|p| p.builds.contains(&signature));

@@ -44,7 +44,7 @@ pub use profile::{NodeTime, OpProfile, OpTime};
 pub use settings::{Convolution, PlanCache, Precision, WeightPrecision};
 
 use bind::{bind, copy_output, Bindings};
-use load::{count_params, decode, describe, external_paths, map_onnx, one_line, parse, read_proto};
+use load::{count_params, decode, describe, map_onnx, one_line, parse, read_proto};
 use memory::return_freed_memory;
 use plan::{Plan, Plans};
 use plan_file::{PlanStore, Source, SourceId};
@@ -111,19 +111,16 @@ impl Denoiser {
         }
         let path = card.onnx_path();
         let dir = path.parent();
-        let (map, stat) = map_onnx(&path)?;
-        let map = Arc::new(map);
-        let Some(heads) = skeleton::scan(&map) else {
+        let (map, heads, source) = skeleton::map_source(&path)?;
+        if heads.is_none() {
             // Not a protobuf the walk understands: decoding says why.
-            drop(map);
+            drop((map, source));
             let mut denoiser = Self::load(card, threads)?;
             denoiser.set_plan_cache(plan_cache);
             denoiser.set_weight_precision(weights);
             return Ok(denoiser);
-        };
-        let external = external_paths(heads.iter().filter_map(|h| h.location.as_deref()), dir);
-        let stat = stat.map(|s| s.with_external(&external));
-        let mut plan_file = PlanStore::new(plan_cache, &path, true, Source::mapped(map.clone(), external, stat));
+        }
+        let mut plan_file = PlanStore::new(plan_cache, &path, true, source);
         plan_file.set_weights(weights);
         if let Some(proof) = plan_file.proof() {
             if let Some((model, params, left_out)) = Self::leave_out(&map, &path, &proof) {

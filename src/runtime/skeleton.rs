@@ -14,6 +14,8 @@ use std::collections::HashSet;
 
 use anyhow::Context;
 
+use super::plan_file::Source;
+
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::konst::Const;
 use tract_onnx::tract_hir::infer::InferenceModel;
@@ -128,6 +130,21 @@ fn tensor_head(bytes: &[u8]) -> Option<StandIn> {
         }
     }
     Some(StandIn { name: name?, data_type, dims, location })
+}
+
+/// The ONNX file at `path`, memory-mapped; the initializers [`scan`] finds in it (`None` when
+/// the walk does not understand the bytes); and its identity for a plan file, whose hash is
+/// computed only when needed.
+pub(super) fn map_source(
+    path: &std::path::Path,
+) -> crate::error::Result<(Arc<memmap2::Mmap>, Option<Vec<StandIn>>, Source)> {
+    let (map, stat) = super::load::map_onnx(path)?;
+    let map = Arc::new(map);
+    let heads = scan(&map);
+    let locations = heads.iter().flatten().filter_map(|h| h.location.as_deref());
+    let external = super::load::external_paths(locations, path.parent());
+    let stat = stat.map(|s| s.with_external(&external));
+    Ok((map.clone(), heads, Source::mapped(map, external, stat)))
 }
 
 /// The heads of the graph initializers of the ONNX file `bytes` (their data is not read);
