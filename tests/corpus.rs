@@ -107,11 +107,9 @@ fn call(name: &str, card: &ModelCard, d: &mut Denoiser, last: bool) -> ndarray::
     out
 }
 
-/// A denoiser through a plan file (`Denoiser::load_with`), in a copy of its folder: the load
-/// that writes the file, then one that leaves the covered initializers out of the ONNX file,
-/// both bit-identical to the heap path.
-fn through_plan_file(name: &str) {
-    let dir = std::env::temp_dir().join(format!("ed-corpus-plan-{name}-{}", std::process::id()));
+/// A copy of corpus model `name`'s folder, without plan files, in a fresh folder named by `tag`.
+fn copy_without_plan_files(name: &str, tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("ed-corpus-{tag}-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     for entry in std::fs::read_dir(folder(name)).unwrap() {
@@ -121,6 +119,14 @@ fn through_plan_file(name: &str) {
             std::fs::copy(&path, dir.join(file)).unwrap();
         }
     }
+    dir
+}
+
+/// A denoiser through a plan file (`Denoiser::load_with`), in a copy of its folder: the load
+/// that writes the file, then one that leaves the covered initializers out of the ONNX file,
+/// both bit-identical to the heap path.
+fn through_plan_file(name: &str) {
+    let dir = copy_without_plan_files(name, "plan");
     let card = ModelCard::load(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
     let heap = call(name, &card, &mut Denoiser::load(&card, 1).unwrap(), false);
     let plans = PlanCache::Dir(dir.join("plans"));
@@ -261,16 +267,7 @@ fn denoisers_through_a_plan_file() {
 /// folder: the load that writes the file, then one that builds from the graph the file saved,
 /// both bit-identical to the heap path.
 fn graph_through_plan_file(name: &str) {
-    let dir = std::env::temp_dir().join(format!("ed-corpus-graph-plan-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    for entry in std::fs::read_dir(folder(name)).unwrap() {
-        let path = entry.unwrap().path();
-        let file = path.file_name().unwrap().to_owned();
-        if !file.to_string_lossy().ends_with(".edplan") {
-            std::fs::copy(&path, dir.join(file)).unwrap();
-        }
-    }
+    let dir = copy_without_plan_files(name, "graph-plan");
     let values: Vec<ArrayD<f32>> = inputs(name).iter().map(|(_, v)| v.as_f32()).collect();
     let shapes: Vec<Vec<usize>> = values.iter().map(|v| v.shape().to_vec()).collect();
     let onnx = dir.join("model.onnx");

@@ -25,9 +25,9 @@ pub(super) fn map_onnx(path: &Path) -> Result<(memmap2::Mmap, Option<FileStat>)>
         return Err(Error::Model { path: path.to_path_buf(), message: "is a directory, expected an ONNX file".into() });
     }
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let stat = FileStat::of(path);
-    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-    if len == 0 {
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    let stat = FileStat::of(&meta);
+    if meta.len() == 0 {
         return Err(Error::Model { path: path.to_path_buf(), message: "the ONNX file is empty".into() });
     }
     // SAFETY: the callers read the map while they decode the file and drop it before they

@@ -93,24 +93,23 @@ pub(super) struct FileStat {
 }
 
 impl FileStat {
-    /// The stat of the file at `path`; `None` off Unix or when it cannot be read.
-    pub(super) fn of(path: &Path) -> Option<Self> {
+    /// The stat in `meta` (of the ONNX file); `None` off Unix.
+    pub(super) fn of(meta: &std::fs::Metadata) -> Option<Self> {
         #[cfg(unix)]
         {
             use std::os::unix::fs::MetadataExt;
-            let m = std::fs::metadata(path).ok()?;
             Some(FileStat {
-                device: m.dev(),
-                inode: m.ino(),
-                len: m.len(),
-                modified: (m.mtime(), m.mtime_nsec()),
-                changed: (m.ctime(), m.ctime_nsec()),
+                device: meta.dev(),
+                inode: meta.ino(),
+                len: meta.len(),
+                modified: (meta.mtime(), meta.mtime_nsec()),
+                changed: (meta.ctime(), meta.ctime_nsec()),
                 external: 0,
             })
         }
         #[cfg(not(unix))]
         {
-            let _ = path;
+            let _ = meta;
             None
         }
     }
@@ -812,7 +811,7 @@ mod tests {
         let dir = scratch("stat");
         let onnx = dir.join("m.onnx");
         std::fs::write(&onnx, b"an onnx file").unwrap();
-        let stat = FileStat::of(&onnx);
+        let stat = FileStat::of(&std::fs::metadata(&onnx).unwrap());
         let recorded = SourceId::of(b"an onnx file", &[], stat);
         let hashed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let source = |bytes: &'static [u8], stat: Option<FileStat>| {
@@ -839,7 +838,7 @@ mod tests {
         // Rewritten in place: the status-change time moves.
         std::thread::sleep(std::time::Duration::from_millis(20));
         std::fs::write(&onnx, b"an onnx fil!").unwrap();
-        let now = FileStat::of(&onnx);
+        let now = FileStat::of(&std::fs::metadata(&onnx).unwrap());
         assert!(now.is_none() || now != stat, "a write must change the stat");
         assert!(!source(b"an onnx fil!", now).matches(&recorded));
         // Another length is refused before anything is hashed.
