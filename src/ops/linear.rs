@@ -254,8 +254,9 @@ impl Linear {
                         let n = SLICE.min(c - i0);
                         let part = &panel[i0 * width..][..n * width];
                         // The next slice of this item's weights (panels lie one after another),
-                        // requested while the chunk's first block runs: weights come from
-                        // memory once per chunk, and waiting for them stalled that block.
+                        // requested a share per block of the chunk: weights come from memory
+                        // once per chunk, and asking for a whole slice during one block stalled
+                        // that block on the memory while the chunk's other blocks asked nothing.
                         let ahead = match u {
                             Floats::F32(all) => {
                                 let from = (p * c + i0 + n) * width;
@@ -263,10 +264,11 @@ impl Linear {
                             }
                             Floats::F16(_) => &[],
                         };
+                        let share = (ahead.len() / width).div_ceil(chunk.len()) * width;
                         for (j, b) in chunk.clone().enumerate() {
                             let rows = &packed[(b * c + i0) * height..][..n * height];
                             let tile = &mut sums[j * height * width..][..height * width];
-                            let ahead = if j == 0 { ahead } else { &[] };
+                            let ahead = &ahead[(j * share).min(ahead.len())..((j + 1) * share).min(ahead.len())];
                             let (tile, first) = (tile.as_mut_ptr(), i0 == 0);
                             if i0 + n == c && direct(b) {
                                 // The last slice stores the sums in the output's rows.

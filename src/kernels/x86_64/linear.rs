@@ -128,9 +128,9 @@ pub(crate) enum Start<'a> {
 /// where the sums `s` start as `start` says: all `height` rows of `kernel.width()` values are
 /// stored.
 ///
-/// `ahead` is what a later block will read (the next slice of weights): its cache lines are
-/// requested during this block's loop, `kernel.width()` values per input feature, so that they
-/// come from memory while this block computes rather than when that block stalls on them.
+/// `ahead` is part of what a later block will read (the next slice of weights): its cache lines
+/// are requested during this block's loop, `kernel.width()` values per input feature, so that
+/// they come from memory while this block computes rather than when that block stalls on them.
 ///
 /// Safety: `kernel.runs_here()`, `height` one of `kernel.heights()`; `panel` holds c · width
 /// values, a bias width, `Start::Rows` height rows of width values, and `out` height rows of
@@ -190,11 +190,13 @@ struct Ahead {
     features: usize,
 }
 
-/// Requests the cache line at `p` into L1; a hint, so any address is allowed.
+/// Requests the cache line at `p` into L2, not L1: the slice of weights it belongs to is read
+/// after the current one, and an L1 of 32 KiB holds little more than the current slice. A hint,
+/// so any address is allowed.
 #[inline(always)]
 fn fetch(p: *const f32) {
     // Safety: a prefetch never faults and changes no state a program can see.
-    unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast()) }
+    unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(p.cast()) }
 }
 
 /// H rows × 16 features in 2·H registers of 8 lanes.
