@@ -20,7 +20,7 @@ use tract_onnx::tract_core::internal::*;
 
 use super::{f32s, for_each, strided_offset, threads};
 use crate::kernels::gemm::{self, NR};
-use crate::kernels::x86_64::attention::{block, Head};
+use crate::kernels::x86_64::attention::{block, Head, Mask};
 use crate::kernels::{carve, split};
 
 /// Where the roles' axes are. Each permutation lists, for each axis of the operator's own
@@ -38,6 +38,10 @@ pub(crate) struct Layout {
     pub v: TVec<usize>,
     #[serde(with = "super::serial::tvec")]
     pub out: TVec<usize>,
+    /// With an additive mask (the operator's fourth input, of the scores' rank, each axis of the
+    /// scores' size or 1): its axes as `[batch…, query, key]`. Empty without one.
+    #[serde(default, with = "super::serial::tvec")]
+    pub mask: TVec<usize>,
 }
 
 impl Layout {
@@ -99,8 +103,9 @@ impl<'t> View<'t> {
 }
 
 impl Attention {
-    fn run(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> TractResult<Tensor> {
+    fn run(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> TractResult<Tensor> {
         let nb = self.layout.batch_rank();
+        ensure!(mask.is_some() != self.layout.mask.is_empty(), "Attention: a mask input and a mask layout go together");
         let shape = self.layout.output_shape(q.shape(), v.shape());
         let (q, k, v) = (View::new(q, &self.layout.q)?, View::new(k, &self.layout.k)?, View::new(v, &self.layout.v)?);
         let batch = &q.dims[..nb];
@@ -140,6 +145,20 @@ impl Attention {
         let pieces = carve(&mut results, ranges.iter().map(|r| r.len() * dv * NR));
         let kernel = gemm::Kernel::detect();
         let [q_depth, q_token] = [q.strides[nb], q.strides[nb + 1]];
+        // The mask read as [batch…, query, key], an axis of 1 broadcast (stride 0).
+        let mask = match mask {
+            Some(m) => {
+                let view = View::new(m, &self.layout.mask)?;
+                let wanted = batch.iter().chain([&t, &s]);
+                for (axis, (&n, &want)) in view.dims.iter().zip(wanted).enumerate() {
+                    ensure!(n == want || n == 1, "Attention: mask axis {axis} of {n}, expected {want} or 1");
+                }
+                let strides: TVec<usize> =
+                    view.dims.iter().zip(&view.strides).map(|(&n, &st)| if n == 1 { 0 } else { st }).collect();
+                Some((view.data, strides))
+            }
+            None => None,
+        };
         for_each(ranges.into_iter().zip(pieces).collect(), |(items, piece)| {
             let mut scores = vec![0f32; s * NR];
             let mut block_q = vec![0f32; d * NR];
@@ -160,7 +179,11 @@ impl Attention {
                     (&block_q[..], NR)
                 };
                 let (kp, vp) = (&keys[h * klen..][..klen], &values[h * vlen..][..vlen]);
-                block(kernel, head, kp, vp, rows, stride, self.scale, &mut scores, out);
+                let mask = mask.as_ref().map(|(values, strides)| {
+                    let at = strided_offset(h, batch, &strides[..nb]) + t0 * strides[nb];
+                    Mask { values: &values[at..], query: strides[nb], key: strides[nb + 1], queries: width }
+                });
+                block(kernel, head, kp, vp, rows, stride, self.scale, mask, &mut scores, out);
             }
         });
         // The output's strides in the operator's order [batch…, feature, query].
@@ -193,7 +216,8 @@ impl Op for Attention {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!("scale {}, {} batch axes", self.scale, self.layout.batch_rank())])
+        let mask = if self.layout.mask.is_empty() { "" } else { ", masked" };
+        Ok(vec![format!("scale {}, {} batch axes{mask}", self.scale, self.layout.batch_rank())])
     }
 
     op_as_typed_op!();
@@ -203,8 +227,9 @@ impl EvalOp for Attention {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let (q, k, v) = args_3!(inputs);
-        Ok(tvec!(self.run(&q, &k, &v)?.into_tvalue()))
+        ensure!(inputs.len() == 3 + usize::from(!self.layout.mask.is_empty()), "Attention: {} inputs", inputs.len());
+        let mask = inputs.get(3);
+        Ok(tvec!(self.run(&inputs[0], &inputs[1], &inputs[2], mask.map(|m| &**m))?.into_tvalue()))
     }
 }
 
@@ -212,7 +237,8 @@ impl TypedOp for Attention {
     as_op!();
 
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        ensure!(inputs.len() == 3 && inputs.iter().all(|f| f.datum_type == f32::datum_type()));
+        let count = 3 + usize::from(!self.layout.mask.is_empty());
+        ensure!(inputs.len() == count && inputs.iter().all(|f| f.datum_type == f32::datum_type()));
         Ok(tvec!(f32::fact(self.layout.output_shape(&inputs[0].shape, &inputs[2].shape))))
     }
 }

@@ -1,5 +1,6 @@
 //! Attention as one operator (the operator and why: `crate::ops::attention`): finds
-//! product → (scale) → softmax → product in a typed graph, whatever the exporter.
+//! product → (scale) → (additive mask) → softmax → product in a typed graph, whatever the
+//! exporter.
 //!
 //! Both products are tract `EinSum`s: the importer turns `MatMul` into one, an exported
 //! `Einsum` already is one. So the pattern is read from the axes, not from operator names or
@@ -18,10 +19,10 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::array::Slice;
 use tract_onnx::tract_core::ops::einsum::EinSum;
-use tract_onnx::tract_core::ops::math::{Div, Mul};
+use tract_onnx::tract_core::ops::math::{Add, Div, Mul};
 use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
 
-use super::bin_by_const;
+use super::{bin_by_const, is_bin};
 use crate::kernels::gemm;
 use crate::ops::attention::{Attention, Layout};
 
@@ -36,8 +37,11 @@ pub(crate) fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
         let Some(found) = pattern_at(model, id)? else { continue };
         let name = model.node(found.branches[0].last).name.clone();
         let mut patch = TypedModelPatch::default();
-        let inputs =
-            [found.q, found.k, found.v].iter().map(|&o| patch.tap_model(model, o)).collect::<TractResult<TVec<_>>>()?;
+        let inputs = [found.q, found.k, found.v]
+            .iter()
+            .chain(&found.mask)
+            .map(|&o| patch.tap_model(model, o))
+            .collect::<TractResult<TVec<_>>>()?;
         let queries_out = found.layout.out.iter().position(|&a| a == found.layout.q.len() - 1).context("queries")?;
         let op = Attention { layout: found.layout, scale: found.scale };
         let out = patch.wire_node(format!("{name}.attention"), op, &inputs)?[0];
@@ -61,6 +65,8 @@ struct Found {
     q: OutletId,
     k: OutletId,
     v: OutletId,
+    /// The additive mask on the scaled scores, if any.
+    mask: Option<OutletId>,
     scale: f32,
     layout: Layout,
     branches: Vec<Branch>,
@@ -139,8 +145,27 @@ fn pattern_at(model: &TypedModel, id: usize) -> TractResult<Option<Found>> {
     {
         return Ok(None);
     }
-    // Up: an optional scaling, then the first product.
+    // Up: an optional additive mask, an optional scaling, then the first product.
     let mut up = model.node(softmax_node.inputs[0].node);
+    let mut mask = None;
+    if is_bin::<Add>(up) && up.inputs.len() == 2 {
+        let sides = [(up.inputs[0], up.inputs[1]), (up.inputs[1], up.inputs[0])];
+        for (x, m) in sides {
+            let below = model.node(x.node);
+            if (plain_einsum(below).is_some() || scaling(model, below)?.is_some()) && single_use(model, x)? {
+                // The mask must not broadcast the scores, only itself.
+                if model.outlet_fact(x)?.shape != scores.shape {
+                    return Ok(None);
+                }
+                mask = Some(m);
+                up = below;
+                break;
+            }
+        }
+        if mask.is_none() {
+            return Ok(None);
+        }
+    }
     let mut scale = 1.0;
     if let Some((x, factor)) = scaling(model, up)? {
         if !single_use(model, x)? {
@@ -187,7 +212,21 @@ fn pattern_at(model: &TypedModel, id: usize) -> TractResult<Option<Found>> {
         return Ok(None);
     }
     let (qi, ki) = (roles.q_input, 1 - roles.q_input);
-    let found = Found { q: up.inputs[qi], k: up.inputs[ki], v, scale, layout: roles.layout, branches };
+    let mut layout = roles.layout;
+    if let Some(m) = mask {
+        // Float32, of the scores' rank, each axis the scores' size or 1; read as [batch…,
+        // query, key] (the batch axes in the scores' order, as the operator takes them).
+        let fact = model.outlet_fact(m)?;
+        let fits = fact.datum_type == f32::datum_type()
+            && fact.rank() == rank
+            && fact.shape.iter().zip(scores.shape.iter()).all(|(a, b)| a == b || a.is_one());
+        if !fits {
+            return Ok(None);
+        }
+        layout.mask =
+            (0..rank).filter(|&a| a != roles.queries && a != rank - 1).chain([roles.queries, rank - 1]).collect();
+    }
+    let found = Found { q: up.inputs[qi], k: up.inputs[ki], v, mask, scale, layout, branches };
     // The roles' sizes must agree (no broadcasting between the inputs).
     let shape = |o: OutletId| -> TractResult<TVec<TDim>> { Ok(model.outlet_fact(o)?.shape.to_tvec()) };
     let (q, k, v) = (shape(found.q)?, shape(found.k)?, shape(found.v)?);
@@ -278,6 +317,7 @@ fn roles(first: &EinSum, second: &EinSum, p: usize, rank: usize) -> TractResult<
             .collect(),
         v: batch_at.iter().map(|&at| v_pos(at)).collect::<TractResult<TVec<_>>>()?,
         out: tvec![0; nb + 2],
+        mask: tvec![],
     };
     layout.v.extend([feature.inputs[v_input][0], v_pos(rank - 1)?]);
     for (i, &at) in batch_at.iter().enumerate() {
@@ -292,7 +332,7 @@ fn roles(first: &EinSum, second: &EinSum, p: usize, rank: usize) -> TractResult<
 mod tests {
     use super::*;
     use crate::ops::f32s;
-    use tract_onnx::tract_core::ops::math::mul;
+    use tract_onnx::tract_core::ops::math::{add, mul};
     use tract_onnx::tract_core::ops::nn::Softmax;
 
     /// product → scale → softmax → product, with the products' axes written as einsum
@@ -400,6 +440,55 @@ mod tests {
         let (n, worst) = compare(model, shapes)?;
         assert_eq!(n, 1);
         assert!(worst < 1e-5, "max abs difference {worst}");
+        Ok(())
+    }
+
+    #[test]
+    fn takes_in_an_additive_mask_on_the_scaled_scores() -> TractResult<()> {
+        if !gemm::available() {
+            return Ok(());
+        }
+        // CLIP's causal mask (one [t, s] matrix for every batch and head, the float32 minimum
+        // above the diagonal) and a padding mask per batch item over the keys ([b, 1, 1, s]).
+        let (b, h, t, s, d) = (2, 3, 21, 21, 8);
+        let shapes: [&[usize]; 3] = [&[b, h, t, d], &[b, h, s, d], &[b, h, s, d]];
+        let causal = Tensor::from_shape(
+            &[1, 1, t, s],
+            &(0..t * s).map(|i| if i % s > i / s { f32::MIN } else { 0.0 }).collect::<Vec<_>>(),
+        )?;
+        let padding = Tensor::from_shape(
+            &[b, 1, 1, s],
+            &(0..b * s).map(|i| if i % s >= s - 3 * (i / s) { -1e4f32 } else { 0.5 }).collect::<Vec<_>>(),
+        )?;
+        for mask in [causal, padding] {
+            let mut model = TypedModel::default();
+            let [q, k, v] =
+                [("q", 0), ("k", 1), ("v", 2)].map(|(name, i)| model.add_source(name, f32::fact(shapes[i])));
+            let (q, k, v) = (q?, k?, v?);
+            let scores =
+                model.wire_node("scores", EinSum::new("bhtd,bhsd->bhts".parse()?, f32::datum_type()), &[q, k])?[0];
+            let c = model.add_const("scale", tensor0(0.3f32).broadcast_into_rank(4)?)?;
+            let scaled = model.wire_node("scaled", mul(), &[scores, c])?[0];
+            let m = model.add_const("mask", mask.clone())?;
+            let masked = model.wire_node("masked", add(), &[m, scaled])?[0];
+            let p = model.wire_node("softmax", Softmax::new(tvec![3], None, SoftmaxKind::Softmax), &[masked])?[0];
+            let y = model.wire_node("out", EinSum::new("bhts,bhsd->bhtd".parse()?, f32::datum_type()), &[p, v])?;
+            model.select_output_outlets(&y)?;
+            let (n, worst) = compare(model, shapes)?;
+            assert_eq!(n, 1, "mask {:?}", mask.shape());
+            assert!(worst < 1e-5, "mask {:?}: max abs difference {worst}", mask.shape());
+        }
+        // A mask computed from an input (padding from an attention mask) is taken too.
+        let mut model = TypedModel::default();
+        let [q, k, v] = [("q", 0), ("k", 1), ("v", 2)].map(|(name, i)| model.add_source(name, f32::fact(shapes[i])));
+        let m = model.add_source("mask", f32::fact([b, 1, 1, s]))?;
+        let scores =
+            model.wire_node("scores", EinSum::new("bhtd,bhsd->bhts".parse()?, f32::datum_type()), &[q?, k?])?[0];
+        let masked = model.wire_node("masked", add(), &[scores, m])?[0];
+        let p = model.wire_node("softmax", Softmax::new(tvec![3], None, SoftmaxKind::Softmax), &[masked])?[0];
+        let y = model.wire_node("out", EinSum::new("bhts,bhsd->bhtd".parse()?, f32::datum_type()), &[p, v?])?;
+        model.select_output_outlets(&y)?;
+        assert_eq!(rewrite(&mut model)?, 1, "a computed mask");
         Ok(())
     }
 

@@ -25,10 +25,21 @@ pub(crate) struct Head {
     pub features: usize,
 }
 
+/// An additive mask on a block's scores (a causal mask, padding): the value for query lane `i`
+/// and key `j` is `values[i · query + j · key]`, for the block's first `queries` lanes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Mask<'a> {
+    pub values: &'a [f32],
+    pub query: usize,
+    pub key: usize,
+    pub queries: usize,
+}
+
 /// One block of `NR` queries of one head. `keys` is `K` (S × d) and `values` is `Vᵀ`
 /// (dv × S), both from [`gemm::pack_weights`]; `queries` holds `Qᵀ` for the block, d rows of
 /// [`NR`] values `stride` apart. `scores` is scratch for S × NR values; `out` gets `Oᵀ`, dv rows
-/// of NR (the lanes past the block's queries hold the attention of a zero query).
+/// of NR (the lanes past the block's queries hold the attention of a zero query). With a
+/// `mask`, the softmax runs over `scale · q·k + mask`, as an exported graph adds it.
 ///
 /// Panics unless `kernel.runs_here()` and the slices hold what is described.
 #[allow(clippy::too_many_arguments)]
@@ -40,6 +51,7 @@ pub(crate) fn block(
     queries: &[f32],
     stride: usize,
     scale: f32,
+    mask: Option<Mask>,
     scores: &mut [f32],
     out: &mut [f32],
 ) {
@@ -48,10 +60,29 @@ pub(crate) fn block(
     assert!(s > 0 && d > 0, "attention: no keys or no features");
     assert!(keys.len() >= gemm::packed_len(s, d) && values.len() >= gemm::packed_len(dv, s));
     assert!(queries.len() >= (d - 1) * stride + NR && scores.len() >= s * NR && out.len() >= dv * NR);
+    if let Some(m) = mask {
+        assert!(m.queries > 0 && m.queries <= NR, "attention: a mask for {} queries", m.queries);
+        assert!(m.values.len() > (m.queries - 1) * m.query + (s - 1) * m.key, "attention: a short mask");
+    }
     // Safety: `runs_here` and the lengths asserted above: d rows of NR `stride` apart in
     // `queries`, s rows of NR in `scores`, dv rows of NR in `out`.
     unsafe {
         gemm::block(kernel, keys, [s, d], 0..s.div_ceil(MR), queries, stride, scores.as_mut_ptr(), NR, None);
+        // A mask is added to the scaled scores, so the scale is applied here and not again.
+        let scale = match mask {
+            Some(m) => {
+                for (j, row) in scores[..s * NR].chunks_exact_mut(NR).enumerate() {
+                    for (i, x) in row.iter_mut().enumerate() {
+                        *x *= scale;
+                        if i < m.queries {
+                            *x += m.values[i * m.query + j * m.key];
+                        }
+                    }
+                }
+                1.0
+            }
+            None => scale,
+        };
         let sums = match kernel {
             Kernel::Avx512 => exponentials_512(&mut scores[..s * NR], scale),
             Kernel::Avx2 => exponentials(&mut scores[..s * NR], scale),
@@ -161,7 +192,7 @@ mod tests {
                 let mut scores = vec![f32::NAN; s * NR];
                 let mut out = vec![f32::NAN; dv * NR];
                 for t0 in [0, 3] {
-                    block(kernel, head, &keys, &values, &q[t0..], tokens, scale, &mut scores, &mut out);
+                    block(kernel, head, &keys, &values, &q[t0..], tokens, scale, None, &mut scores, &mut out);
                     for lane in 0..NR {
                         let want = reference(&q, &k, &v, head, t0 + lane, tokens, scale as f64);
                         for (f, w) in want.iter().enumerate() {
@@ -191,7 +222,7 @@ mod tests {
         let values = gemm::pack_weights(&(0..23 * 45).map(|i| value(i, 11)).collect::<Vec<_>>(), 23, 45);
         let [a, b] = [Kernel::Avx2, Kernel::Avx512].map(|kernel| {
             let (mut scores, mut out) = (vec![0f32; 45 * NR], vec![0f32; 23 * NR]);
-            block(kernel, head, &keys, &values, &q, NR, 0.7, &mut scores, &mut out);
+            block(kernel, head, &keys, &values, &q, NR, 0.7, None, &mut scores, &mut out);
             out
         });
         assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
@@ -209,7 +240,7 @@ mod tests {
         let keys = gemm::pack_weights(&[0.25; 18], 9, 2);
         let values = gemm::pack_weights(&[1.0; 18], 2, 9);
         let (mut scores, mut out) = (vec![0f32; 9 * NR], vec![0f32; 2 * NR]);
-        block(kernel, head, &keys, &values, &q, NR, 1.0, &mut scores, &mut out);
+        block(kernel, head, &keys, &values, &q, NR, 1.0, None, &mut scores, &mut out);
         for (i, x) in out.iter().enumerate() {
             assert_eq!(x.is_nan(), i % NR == 4, "[{i}] {x}");
         }
