@@ -12,6 +12,8 @@
 //! The inputs come in whatever axis order the export uses; [`Layout`] says where each role's
 //! axes are, and the operator reads them through strides: keys and values as it packs them,
 //! queries as it gathers each block (or in place when a block's queries already lie in rows).
+//! An additive mask on the scaled scores (a causal or a padding mask), when the graph has one,
+//! is a fourth input read through strides as well, an axis of 1 broadcast.
 //! `crate::passes::attention` finds the pattern.
 //! Float32; the sums run in another order than tract's, so results differ in the last bits.
 
