@@ -105,9 +105,14 @@ impl<'t> View<'t> {
 }
 
 impl Attention {
+    /// Queries, keys and values, and the mask when the layout has one.
+    fn input_count(&self) -> usize {
+        3 + usize::from(!self.layout.mask.is_empty())
+    }
+
+    /// `mask` is given exactly when the layout has one (the input count is checked first).
     fn run(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> TractResult<Tensor> {
         let nb = self.layout.batch_rank();
-        ensure!(mask.is_some() != self.layout.mask.is_empty(), "Attention: a mask input and a mask layout go together");
         let shape = self.layout.output_shape(q.shape(), v.shape());
         let (q, k, v) = (View::new(q, &self.layout.q)?, View::new(k, &self.layout.k)?, View::new(v, &self.layout.v)?);
         let batch = &q.dims[..nb];
@@ -229,7 +234,7 @@ impl EvalOp for Attention {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        ensure!(inputs.len() == 3 + usize::from(!self.layout.mask.is_empty()), "Attention: {} inputs", inputs.len());
+        ensure!(inputs.len() == self.input_count(), "Attention: {} inputs", inputs.len());
         let mask = inputs.get(3);
         Ok(tvec!(self.run(&inputs[0], &inputs[1], &inputs[2], mask.map(|m| &**m))?.into_tvalue()))
     }
@@ -239,8 +244,7 @@ impl TypedOp for Attention {
     as_op!();
 
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let count = 3 + usize::from(!self.layout.mask.is_empty());
-        ensure!(inputs.len() == count && inputs.iter().all(|f| f.datum_type == f32::datum_type()));
+        ensure!(inputs.len() == self.input_count() && inputs.iter().all(|f| f.datum_type == f32::datum_type()));
         Ok(tvec!(f32::fact(self.layout.output_shape(&inputs[0].shape, &inputs[2].shape))))
     }
 }

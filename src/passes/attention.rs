@@ -443,6 +443,26 @@ mod tests {
         Ok(())
     }
 
+    /// [b, h, t, d] attention with a scale of 0.3 and the mask `mask` wires added to the scaled
+    /// scores.
+    fn masked_graph(
+        shapes: [&[usize]; 3],
+        mask: impl FnOnce(&mut TypedModel) -> TractResult<OutletId>,
+    ) -> TractResult<TypedModel> {
+        let mut model = TypedModel::default();
+        let [q, k, v] = [("q", 0), ("k", 1), ("v", 2)].map(|(name, i)| model.add_source(name, f32::fact(shapes[i])));
+        let (q, k, v) = (q?, k?, v?);
+        let scores = model.wire_node("scores", EinSum::new("bhtd,bhsd->bhts".parse()?, f32::datum_type()), &[q, k])?[0];
+        let c = model.add_const("scale", tensor0(0.3f32).broadcast_into_rank(4)?)?;
+        let scaled = model.wire_node("scaled", mul(), &[scores, c])?[0];
+        let m = mask(&mut model)?;
+        let masked = model.wire_node("masked", add(), &[m, scaled])?[0];
+        let p = model.wire_node("softmax", Softmax::new(tvec![3], None, SoftmaxKind::Softmax), &[masked])?[0];
+        let y = model.wire_node("out", EinSum::new("bhts,bhsd->bhtd".parse()?, f32::datum_type()), &[p, v])?;
+        model.select_output_outlets(&y)?;
+        Ok(model)
+    }
+
     #[test]
     fn takes_in_an_additive_mask_on_the_scaled_scores() -> TractResult<()> {
         if !gemm::available() {
@@ -461,33 +481,14 @@ mod tests {
             &(0..b * s).map(|i| if i % s >= s - 3 * (i / s) { -1e4f32 } else { 0.5 }).collect::<Vec<_>>(),
         )?;
         for mask in [causal, padding] {
-            let mut model = TypedModel::default();
-            let [q, k, v] =
-                [("q", 0), ("k", 1), ("v", 2)].map(|(name, i)| model.add_source(name, f32::fact(shapes[i])));
-            let (q, k, v) = (q?, k?, v?);
-            let scores =
-                model.wire_node("scores", EinSum::new("bhtd,bhsd->bhts".parse()?, f32::datum_type()), &[q, k])?[0];
-            let c = model.add_const("scale", tensor0(0.3f32).broadcast_into_rank(4)?)?;
-            let scaled = model.wire_node("scaled", mul(), &[scores, c])?[0];
-            let m = model.add_const("mask", mask.clone())?;
-            let masked = model.wire_node("masked", add(), &[m, scaled])?[0];
-            let p = model.wire_node("softmax", Softmax::new(tvec![3], None, SoftmaxKind::Softmax), &[masked])?[0];
-            let y = model.wire_node("out", EinSum::new("bhts,bhsd->bhtd".parse()?, f32::datum_type()), &[p, v])?;
-            model.select_output_outlets(&y)?;
+            let shape = mask.shape().to_vec();
+            let model = masked_graph(shapes, |model| model.add_const("mask", mask))?;
             let (n, worst) = compare(model, shapes)?;
-            assert_eq!(n, 1, "mask {:?}", mask.shape());
-            assert!(worst < 1e-5, "mask {:?}: max abs difference {worst}", mask.shape());
+            assert_eq!(n, 1, "mask {shape:?}");
+            assert!(worst < 1e-5, "mask {shape:?}: max abs difference {worst}");
         }
         // A mask computed from an input (padding from an attention mask) is taken too.
-        let mut model = TypedModel::default();
-        let [q, k, v] = [("q", 0), ("k", 1), ("v", 2)].map(|(name, i)| model.add_source(name, f32::fact(shapes[i])));
-        let m = model.add_source("mask", f32::fact([b, 1, 1, s]))?;
-        let scores =
-            model.wire_node("scores", EinSum::new("bhtd,bhsd->bhts".parse()?, f32::datum_type()), &[q?, k?])?[0];
-        let masked = model.wire_node("masked", add(), &[scores, m])?[0];
-        let p = model.wire_node("softmax", Softmax::new(tvec![3], None, SoftmaxKind::Softmax), &[masked])?[0];
-        let y = model.wire_node("out", EinSum::new("bhts,bhsd->bhtd".parse()?, f32::datum_type()), &[p, v?])?;
-        model.select_output_outlets(&y)?;
+        let mut model = masked_graph(shapes, |model| model.add_source("mask", f32::fact([b, 1, 1, s])))?;
         assert_eq!(rewrite(&mut model)?, 1, "a computed mask");
         Ok(())
     }
