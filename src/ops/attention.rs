@@ -5,13 +5,13 @@
 //! second product. tract runs them as three nodes: the first writes every head's tokens × tokens
 //! scores, the softmax passes over them, and the second product packs them again as its left
 //! operand. At 4 096 tokens that matrix is 64 MiB a head and the packing alone took a quarter
-//! of a call. Here each block of 16 queries gets its scores, their exponentials and its output
+//! of a call. Here each block of queries (32 with AVX-512, 16 with AVX2) gets its scores, their exponentials and its output
 //! while the scores are in cache (`crate::kernels::x86_64::attention`); the keys and values of a
 //! head are packed once per call, and no score matrix is ever whole.
 //!
 //! The inputs come in whatever axis order the export uses; [`Layout`] says where each role's
 //! axes are, and the operator reads them through strides: keys and values as it packs them,
-//! queries as it gathers each block (or in place when a block's queries already lie in rows).
+//! queries as it gathers each block.
 //! An additive mask on the scaled scores (a causal or a padding mask), when the graph has one,
 //! is a fourth input read through strides as well, an axis of 1 broadcast.
 //! `crate::passes::attention` finds the pattern.
@@ -21,8 +21,8 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
 use super::{f32s, for_each, strided_offset, threads};
-use crate::kernels::gemm::{self, NR};
-use crate::kernels::x86_64::attention::{block, Head, Mask};
+use crate::kernels::gemm;
+use crate::kernels::x86_64::attention::{block, lanes, pack_keys, pack_values, Head, Mask};
 use crate::kernels::{carve, split};
 
 /// Where the roles' axes are. Each permutation lists, for each axis of the operator's own
@@ -133,24 +133,29 @@ impl Attention {
             return Ok(y);
         }
         ensure!(s > 0 && d > 0, "Attention: {s} keys of depth {d}");
-        // Each head's keys (S × d) and values (dv × S) packed once for all its query blocks.
-        let (klen, vlen) = (gemm::packed_len(s, d), gemm::packed_len(dv, s));
+        let kernel = gemm::Kernel::detect();
+        let head = Head { keys: s, depth: d, features: dv };
+        // Each head's keys and values packed once for all its query blocks.
+        let (klen, vlen) = (head.keys_len(kernel), head.values_len(kernel));
         // Heads packed on the threads too: the packing reads across strides, and serial it kept
         // the second thread idle for part of every call.
         let mut keys = vec![0f32; heads * klen];
         let mut values = vec![0f32; heads * vlen];
         let per_head: Vec<_> = keys.chunks_exact_mut(klen).zip(values.chunks_exact_mut(vlen)).enumerate().collect();
         let (kv, vv) = (&k, &v);
+        let depth: Vec<usize> = (0..d).map(|i| i * k.strides[nb + 1]).collect();
+        let key_at: Vec<usize> = (0..s).map(|j| j * v.strides[nb + 1]).collect();
         for_each(per_head, |(h, (kp, vp))| {
-            gemm::pack_strided(&kv.data[kv.head(h, nb)..], s, d, [kv.strides[nb], kv.strides[nb + 1]], kp);
-            gemm::pack_strided(&vv.data[vv.head(h, nb)..], dv, s, [vv.strides[nb], vv.strides[nb + 1]], vp);
+            let (k0, v0) = (kv.head(h, nb), vv.head(h, nb));
+            pack_keys(kernel, head, kv.data, |j| k0 + j * kv.strides[nb], &depth, kp);
+            pack_values(kernel, head, vv.data, |f| v0 + f * vv.strides[nb], &key_at, vp);
         });
-        let head = Head { keys: s, depth: d, features: dv };
-        let blocks = t.div_ceil(NR);
+        let n = lanes(kernel);
+        let blocks = t.div_ceil(n);
         let ranges = split(heads * blocks, threads());
-        let mut results = vec![0f32; heads * blocks * dv * NR];
-        let pieces = carve(&mut results, ranges.iter().map(|r| r.len() * dv * NR));
-        let kernel = gemm::Kernel::detect();
+        let olen = head.out_len(kernel);
+        let mut results = vec![0f32; heads * blocks * olen];
+        let pieces = carve(&mut results, ranges.iter().map(|r| r.len() * olen));
         let [q_depth, q_token] = [q.strides[nb], q.strides[nb + 1]];
         // The mask read as [batch…, query, key], an axis of 1 broadcast (stride 0).
         let mask = match mask {
@@ -167,30 +172,24 @@ impl Attention {
             None => None,
         };
         for_each(ranges.into_iter().zip(pieces).collect(), |(items, piece)| {
-            let mut scores = vec![0f32; s * NR];
-            let mut block_q = vec![0f32; d * NR];
-            for (item, out) in items.zip(piece.chunks_exact_mut(dv * NR)) {
-                let (h, t0) = (item / blocks, item % blocks * NR);
+            let mut scores = vec![0f32; head.scores_len(kernel)];
+            let mut panel = vec![0f32; d * n];
+            for (item, out) in items.zip(piece.chunks_exact_mut(olen)) {
+                let (h, t0) = (item / blocks, item % blocks * n);
                 let at = q.head(h, nb) + t0 * q_token;
-                let width = NR.min(t - t0);
-                // Queries that lie in rows already (openai's channels-first layout) are read in
-                // place; others are gathered into d rows of NR.
-                let (rows, stride) = if width == NR && q_token == 1 {
-                    (&q.data[at..], q_depth)
-                } else {
-                    for (c, row) in block_q.chunks_exact_mut(NR).enumerate() {
-                        for (j, x) in row.iter_mut().enumerate() {
-                            *x = if j < width { q.data[at + c * q_depth + j * q_token] } else { 0.0 };
-                        }
+                let width = n.min(t - t0);
+                // The block's queries as the kernel's panel: d rows of n (zero past the last).
+                for (c, row) in panel.chunks_exact_mut(n).enumerate() {
+                    for (j, x) in row.iter_mut().enumerate() {
+                        *x = if j < width { q.data[at + c * q_depth + j * q_token] } else { 0.0 };
                     }
-                    (&block_q[..], NR)
-                };
+                }
                 let (kp, vp) = (&keys[h * klen..][..klen], &values[h * vlen..][..vlen]);
                 let mask = mask.as_ref().map(|(values, strides)| {
                     let at = strided_offset(h, batch, &strides[..nb]) + t0 * strides[nb];
                     Mask { values: &values[at..], query: strides[nb], key: strides[nb + 1], queries: width }
                 });
-                block(kernel, head, kp, vp, rows, stride, self.scale, mask, &mut scores, out);
+                block(kernel, head, kp, vp, &panel, self.scale, mask, &mut scores, out);
             }
         });
         // The output's strides in the operator's order [batch…, feature, query].
@@ -203,11 +202,11 @@ impl Attention {
             let mut plain = y.try_as_plain_ram_mut()?;
             let dst = plain.as_slice_mut::<f32>()?;
             let [feature, token] = [strides[nb], strides[nb + 1]];
-            for (item, out) in results.chunks_exact(dv * NR).enumerate() {
-                let (h, t0) = (item / blocks, item % blocks * NR);
+            for (item, out) in results.chunks_exact(olen).enumerate() {
+                let (h, t0) = (item / blocks, item % blocks * n);
                 let at = strided_offset(h, batch, &strides[..nb]) + t0 * token;
-                for (f, row) in out.chunks_exact(NR).enumerate() {
-                    for (j, &x) in row[..NR.min(t - t0)].iter().enumerate() {
+                for (f, row) in out.chunks_exact(n).take(dv).enumerate() {
+                    for (j, &x) in row[..n.min(t - t0)].iter().enumerate() {
                         dst[at + f * feature + j * token] = x;
                     }
                 }
