@@ -82,7 +82,14 @@ impl Head {
 }
 
 /// The keys of one head as the kernel's rows: key j's feature i is at `k[key(j) + depth[i]]`.
-pub(crate) fn pack_keys(kernel: Kernel, head: Head, k: &[f32], key: impl Fn(usize) -> usize, depth: &[usize], packed: &mut [f32]) {
+pub(crate) fn pack_keys(
+    kernel: Kernel,
+    head: Head,
+    k: &[f32],
+    key: impl Fn(usize) -> usize,
+    depth: &[usize],
+    packed: &mut [f32],
+) {
     let [hk, _] = head.heights(kernel);
     assert!(depth.len() == head.depth && packed.len() == head.keys_len(kernel), "attention: keys to pack");
     for (b, rows) in packed.chunks_exact_mut(head.depth * hk).enumerate() {
@@ -147,11 +154,18 @@ pub(crate) fn block(
     // A mask is added to the scaled scores, so the scale is applied here and not again.
     let scale = match mask {
         Some(m) => {
-            for (j, row) in scores.chunks_exact_mut(n).enumerate() {
-                for (i, x) in row.iter_mut().enumerate() {
-                    *x *= scale;
-                    if i < m.queries {
-                        *x += m.values[i * m.query + j * m.key];
+            let gathered = kernel == Kernel::Avx512 && (n - 1) * m.query <= i32::MAX as usize;
+            if gathered {
+                // Safety: AVX-512F (`runs_here`); the mask's reads are checked by the assert
+                // above (the last query's value for the last key is inside `values`).
+                unsafe { add_mask_512(scores, scale, m) };
+            } else {
+                for (j, row) in scores.chunks_exact_mut(n).enumerate() {
+                    for (i, x) in row.iter_mut().enumerate() {
+                        *x *= scale;
+                        if i < m.queries {
+                            *x += m.values[i * m.query + j * m.key];
+                        }
                     }
                 }
             }
@@ -175,9 +189,46 @@ pub(crate) fn block(
     }
 }
 
+/// `scores` (rows of 32) scaled by `scale`, plus the mask in the first `m.queries` lanes: the
+/// scalar loop's values, a row of lanes at a time, the mask's column read by gathers.
+///
+/// Safety: AVX-512F; `m.values[i · m.query + j · m.key]` inside the mask for i < m.queries and
+/// every row j; `(31 · m.query)` fits an i32.
+#[target_feature(enable = "avx512f")]
+unsafe fn add_mask_512(scores: &mut [f32], scale: f32, m: Mask) {
+    let lanes = |half: usize| -> __mmask16 {
+        let first = half * 16;
+        let live = m.queries.saturating_sub(first).min(16);
+        ((1u32 << live) - 1) as u16
+    };
+    // Safety: the caller's bounds; the gathers read only lanes under their masks.
+    unsafe {
+        let k = _mm512_set1_ps(scale);
+        let step = _mm512_set1_epi32(m.query as i32);
+        let index =
+            [_mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), step); 2];
+        let index = [index[0], _mm512_add_epi32(index[1], _mm512_slli_epi32::<4>(step))];
+        let live = [lanes(0), lanes(1)];
+        for (j, row) in scores.chunks_exact_mut(32).enumerate() {
+            let base = m.values.as_ptr().add(j * m.key);
+            for half in 0..2 {
+                let p = row[half * 16..].as_mut_ptr();
+                let add = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), live[half], index[half], base.cast());
+                _mm512_storeu_ps(p, _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(p), k), add));
+            }
+        }
+    }
+}
+
+/// Below this exponent an exponential is taken as 0: next to the column's maximum (1) it is
+/// below 1e-27, far under a float's precision, and the tiny values a mask leaves (e^-87 and the
+/// like) made the second product's multiply-adds take the CPU's slow path for subnormal
+/// products, which doubled a causally masked block's time.
+const NEGLIGIBLE: f32 = -64.0;
+
 /// Each column of `scores` (rows of 16) becomes `e^(scale · (x − max))` over its column's
-/// maximum; returns 1 / each column's sum (the first 16 values). A column holding NaN or +∞
-/// comes out all NaN.
+/// maximum, 0 below [`NEGLIGIBLE`]; returns 1 / each column's sum (the first 16 values). A
+/// column holding NaN or +∞ comes out all NaN.
 ///
 /// Safety: AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
@@ -196,7 +247,8 @@ unsafe fn exponentials(scores: &mut [f32], scale: f32) -> [f32; MOST_WIDTH] {
             let mut sum = _mm256_setzero_ps();
             for row in scores.chunks_exact_mut(N) {
                 let p = row[lanes..].as_mut_ptr();
-                let e = exp_nonpositive(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(p), top), k));
+                let a = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(p), top), k);
+                let e = _mm256_and_ps(exp_nonpositive(a), _mm256_cmp_ps::<_CMP_NLT_UQ>(a, _mm256_set1_ps(NEGLIGIBLE)));
                 _mm256_storeu_ps(p, e);
                 sum = _mm256_add_ps(sum, e);
             }
@@ -226,7 +278,9 @@ unsafe fn exponentials_512(scores: &mut [f32], scale: f32) -> [f32; MOST_WIDTH] 
         for row in scores.chunks_exact_mut(N) {
             for (half, (t, s)) in top.iter().zip(&mut sum).enumerate() {
                 let p = row[half * 16..].as_mut_ptr();
-                let e = exp_nonpositive_512(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(p), *t), k));
+                let a = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(p), *t), k);
+                let keep = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(a, _mm512_set1_ps(NEGLIGIBLE));
+                let e = _mm512_maskz_mov_ps(keep, exp_nonpositive_512(a));
                 _mm512_storeu_ps(p, e);
                 *s = _mm512_add_ps(*s, e);
             }
@@ -266,14 +320,20 @@ mod tests {
         (keys, values)
     }
 
-    /// One block through `kernel`: `q` holds d rows of `stride` queries, the block's from `t0`.
-    fn run(kernel: Kernel, head: Head, k: &[f32], v: &[f32], q: &[f32], stride: usize, t0: usize, scale: f32) -> Vec<f32> {
+    /// One block through `kernel`: `q` holds d rows of `stride` queries, the block's from `t0`;
+    /// `kv` the keys (S × d) and the values (dv × S).
+    fn run(kernel: Kernel, head: Head, kv: [&[f32]; 2], q: &[f32], stride: usize, t0: usize, scale: f32) -> Vec<f32> {
+        let [k, v] = kv;
         let n = lanes(kernel);
         let (keys, values) = packed(kernel, head, k, v);
         let panel: Vec<f32> = (0..head.depth * n)
             .map(|i| {
                 let (c, j) = (i / n, t0 + i % n);
-                if j < stride { q[c * stride + j] } else { 0.0 }
+                if j < stride {
+                    q[c * stride + j]
+                } else {
+                    0.0
+                }
             })
             .collect();
         let mut scores = vec![f32::NAN; head.scores_len(kernel)];
@@ -299,7 +359,7 @@ mod tests {
                 let k: Vec<f32> = (0..s * d).map(|i| value(i, 11)).collect();
                 let v: Vec<f32> = (0..dv * s).map(|i| value(i, 13)).collect();
                 for t0 in [0, 3] {
-                    let out = run(kernel, head, &k, &v, &q, tokens, t0, scale);
+                    let out = run(kernel, head, [&k, &v], &q, tokens, t0, scale);
                     for lane in 0..n {
                         let want = reference(&q, &k, &v, head, t0 + lane, tokens, scale as f64);
                         for (f, w) in want.iter().enumerate() {
@@ -329,9 +389,9 @@ mod tests {
         let k: Vec<f32> = (0..45 * 19).map(|i| value(i, 3)).collect();
         let v: Vec<f32> = (0..23 * 45).map(|i| value(i, 11)).collect();
         // The AVX2 blocks of 16 queries from 0 and 16 against the AVX-512 block of 32.
-        let wide = run(Kernel::Avx512, head, &k, &v, &q, tokens, 0, 0.7);
+        let wide = run(Kernel::Avx512, head, [&k, &v], &q, tokens, 0, 0.7);
         for t0 in [0, 16] {
-            let narrow = run(Kernel::Avx2, head, &k, &v, &q, tokens, t0, 0.7);
+            let narrow = run(Kernel::Avx2, head, [&k, &v], &q, tokens, t0, 0.7);
             for f in 0..head.features {
                 for j in 0..16 {
                     let (a, b) = (narrow[f * 16 + j], wide[f * 32 + t0 + j]);
@@ -351,7 +411,7 @@ mod tests {
         let head = Head { keys: 9, depth: 2, features: 2 };
         let mut q = vec![0.5f32; 2 * n];
         q[4] = f32::NAN;
-        let out = run(kernel, head, &[0.25; 18], &[1.0; 18], &q, n, 0, 1.0);
+        let out = run(kernel, head, [&[0.25; 18], &[1.0; 18]], &q, n, 0, 1.0);
         for (i, x) in out[..head.features * n].iter().enumerate() {
             assert_eq!(x.is_nan(), i % n == 4, "[{i}] {x}");
         }
