@@ -5,9 +5,10 @@
 //! second product. tract runs them as three nodes: the first writes every head's tokens × tokens
 //! scores, the softmax passes over them, and the second product packs them again as its left
 //! operand. At 4 096 tokens that matrix is 64 MiB a head and the packing alone took a quarter
-//! of a call. Here each block of queries (32 with AVX-512, 16 with AVX2) gets its scores, their exponentials and its output
-//! while the scores are in cache (`crate::kernels::x86_64::attention`); the keys and values of a
-//! head are packed once per call, and no score matrix is ever whole.
+//! of a call. Here each block of queries (32 with AVX-512, 16 with AVX2) gets its scores, their
+//! exponentials and its output while the scores are in cache
+//! (`crate::kernels::x86_64::attention`); the keys and values of a head are packed once per
+//! call, and no score matrix is ever whole.
 //!
 //! The inputs come in whatever axis order the export uses; [`Layout`] says where each role's
 //! axes are, and the operator reads them through strides: keys and values as it packs them,
