@@ -92,9 +92,7 @@ pub(crate) fn pack_keys(
 ) {
     let [hk, _] = head.heights(kernel);
     assert!(depth.len() == head.depth && packed.len() == head.keys_len(kernel), "attention: keys to pack");
-    for (b, rows) in packed.chunks_exact_mut(head.depth * hk).enumerate() {
-        linear::pack_rows(hk, k, b * hk..((b + 1) * hk).min(head.keys), &key, depth, rows);
-    }
+    pack_in_blocks(hk, head.keys, k, key, depth, packed);
 }
 
 /// The values of one head as the kernel's rows (one per value feature): feature f of key j is
@@ -109,8 +107,21 @@ pub(crate) fn pack_values(
 ) {
     let [_, hv] = head.heights(kernel);
     assert!(keys.len() == head.keys && packed.len() == head.values_len(kernel), "attention: values to pack");
-    for (b, rows) in packed.chunks_exact_mut(head.keys * hv).enumerate() {
-        linear::pack_rows(hv, v, b * hv..((b + 1) * hv).min(head.features), &feature, keys, rows);
+    pack_in_blocks(hv, head.features, v, feature, keys, packed);
+}
+
+/// `count` rows of `x` (row r at `row(r)`, its features at `features`) packed by
+/// `linear::pack_rows` in blocks of `height`, one after another in `packed`.
+fn pack_in_blocks(
+    height: usize,
+    count: usize,
+    x: &[f32],
+    row: impl Fn(usize) -> usize,
+    features: &[usize],
+    packed: &mut [f32],
+) {
+    for (b, rows) in packed.chunks_exact_mut(features.len() * height).enumerate() {
+        linear::pack_rows(height, x, b * height..((b + 1) * height).min(count), &row, features, rows);
     }
 }
 
@@ -196,7 +207,7 @@ pub(crate) fn block(
 /// every row j; `(31 · m.query)` fits an i32.
 #[target_feature(enable = "avx512f")]
 unsafe fn add_mask_512(scores: &mut [f32], scale: f32, m: Mask) {
-    let lanes = |half: usize| -> __mmask16 {
+    let live_lanes = |half: usize| -> __mmask16 {
         let first = half * 16;
         let live = m.queries.saturating_sub(first).min(16);
         ((1u32 << live) - 1) as u16
@@ -208,7 +219,7 @@ unsafe fn add_mask_512(scores: &mut [f32], scale: f32, m: Mask) {
         let index =
             [_mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), step); 2];
         let index = [index[0], _mm512_add_epi32(index[1], _mm512_slli_epi32::<4>(step))];
-        let live = [lanes(0), lanes(1)];
+        let live = [live_lanes(0), live_lanes(1)];
         for (j, row) in scores.chunks_exact_mut(32).enumerate() {
             let base = m.values.as_ptr().add(j * m.key);
             for half in 0..2 {

@@ -94,12 +94,12 @@ pub(crate) fn pack_rows(
         let base = at[..count].iter().copied().min().unwrap_or(0);
         let fits =
             count > 0 && at[..count].iter().all(|&a| a - base <= i32::MAX as usize / 2 && a + first + c <= x.len());
-        if fits && std::arch::is_x86_feature_detected!("avx512f") {
+        if fits && Kernel::Avx512.runs_here() {
             let mut index = [0i32; 16];
             for (i, &a) in index.iter_mut().zip(&at[..count]) {
                 *i = (a - base) as i32;
             }
-            // Safety: AVX-512F (detected); lane r of feature i reads x[at[r] + first + i] with
+            // Safety: AVX-512F (`runs_here`); lane r of feature i reads x[at[r] + first + i] with
             // i < c, inside `x` (checked above); the groups are `packed`'s c · height values.
             unsafe { gather_rows(height, &x[base + first..], index, count, packed) };
             return;
