@@ -21,10 +21,11 @@
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
-use super::{f32s, for_each, strided_offset, threads};
+use super::scratch::{with_scratch, Scratch};
+use super::{f32s, for_each, strided_offset, threads, Output};
 use crate::kernels::gemm;
+use crate::kernels::split;
 use crate::kernels::x86_64::attention::{block, lanes, pack_keys, pack_values, Head, Mask};
-use crate::kernels::{carve, split};
 
 /// Where the roles' axes are. Each permutation lists, for each axis of the operator's own
 /// order, the axis of the tensor it comes from (as `ndarray`'s `permuted_axes` takes it):
@@ -112,7 +113,15 @@ impl Attention {
     }
 
     /// `mask` is given exactly when the layout has one (the input count is checked first).
-    fn run(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> TractResult<Tensor> {
+    /// `scratch` holds the packed keys and values.
+    fn run(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+        scratch: &mut Scratch,
+    ) -> TractResult<Tensor> {
         let nb = self.layout.batch_rank();
         let shape = self.layout.output_shape(q.shape(), v.shape());
         let (q, k, v) = (View::new(q, &self.layout.q)?, View::new(k, &self.layout.k)?, View::new(v, &self.layout.v)?);
@@ -128,20 +137,19 @@ impl Attention {
         let [dv, vs] = [v.dims[nb], v.dims[nb + 1]];
         ensure!(kd == d && vs == s, "Attention: queries of depth {d}, keys {s} × {kd}, values {dv} × {vs}");
         ensure!(gemm::available(), "Attention: this CPU lacks AVX2 and FMA");
-        let mut y = Tensor::zero::<f32>(&shape)?;
         let heads: usize = batch.iter().product();
         if heads * t * dv == 0 {
-            return Ok(y);
+            return Tensor::zero::<f32>(&shape);
         }
         ensure!(s > 0 && d > 0, "Attention: {s} keys of depth {d}");
         let kernel = gemm::Kernel::detect();
         let head = Head { keys: s, depth: d, features: dv };
-        // Each head's keys and values packed once for all its query blocks.
+        // Each head's keys and values packed once for all its query blocks, into buffers kept
+        // from call to call: allocated afresh, they were zero-filled by one thread on every call.
         let (klen, vlen) = (head.keys_len(kernel), head.values_len(kernel));
+        let (keys, values) = scratch.floats(heads * (klen + vlen)).split_at_mut(heads * klen);
         // Heads packed on the threads too: the packing reads across strides, and serial it kept
         // the second thread idle for part of every call.
-        let mut keys = vec![0f32; heads * klen];
-        let mut values = vec![0f32; heads * vlen];
         let per_head: Vec<_> = keys.chunks_exact_mut(klen).zip(values.chunks_exact_mut(vlen)).enumerate().collect();
         let (kv, vv) = (&k, &v);
         let depth: Vec<usize> = (0..d).map(|i| i * k.strides[nb + 1]).collect();
@@ -151,12 +159,11 @@ impl Attention {
             pack_keys(kernel, head, kv.data, |j| k0 + j * kv.strides[nb], &depth, kp);
             pack_values(kernel, head, vv.data, |f| v0 + f * vv.strides[nb], &key_at, vp);
         });
+        let (keys, values) = (&*keys, &*values);
         let n = lanes(kernel);
         let blocks = t.div_ceil(n);
         let ranges = split(heads * blocks, threads());
         let olen = head.out_len(kernel);
-        let mut results = vec![0f32; heads * blocks * olen];
-        let pieces = carve(&mut results, ranges.iter().map(|r| r.len() * olen));
         let [q_depth, q_token] = [q.strides[nb], q.strides[nb + 1]];
         // The mask read as [batch…, query, key], an axis of 1 broadcast (stride 0).
         let mask = match mask {
@@ -172,10 +179,27 @@ impl Attention {
             }
             None => None,
         };
-        for_each(ranges.into_iter().zip(pieces).collect(), |(items, piece)| {
+        // The output's strides in the operator's order [batch…, feature, query].
+        let natural = Tensor::natural_strides(&shape);
+        let mut strides = tvec![0usize; nb + 2];
+        for (axis, &role) in self.layout.out.iter().enumerate() {
+            strides[role] = natural[axis] as usize;
+        }
+        let [feature, token] = [strides[nb], strides[nb + 1]];
+        // Every element is written below: each (head, query, feature) by exactly one item.
+        let mut y = unsafe { Tensor::uninitialized::<f32>(&shape)? };
+        let dst = {
+            let mut plain = y.try_as_plain_ram_mut()?;
+            let ys = plain.as_slice_mut::<f32>()?;
+            Output(ys.as_mut_ptr(), ys.len())
+        };
+        // Each thread writes its blocks' outputs straight into `y`: gathered and written by one
+        // thread after the blocks, they kept the other idle.
+        for_each(ranges, |items| {
             let mut scores = vec![0f32; head.scores_len(kernel)];
             let mut panel = vec![0f32; d * n];
-            for (item, out) in items.zip(piece.chunks_exact_mut(olen)) {
+            let mut out = vec![0f32; olen];
+            for item in items {
                 let (h, t0) = (item / blocks, item % blocks * n);
                 let at = q.head(h, nb) + t0 * q_token;
                 let width = n.min(t - t0);
@@ -190,29 +214,18 @@ impl Attention {
                     let at = strided_offset(h, batch, &strides[..nb]) + t0 * strides[nb];
                     Mask { values: &values[at..], query: strides[nb], key: strides[nb + 1], queries: width }
                 });
-                block(kernel, head, kp, vp, &panel, self.scale, mask, &mut scores, out);
-            }
-        });
-        // The output's strides in the operator's order [batch…, feature, query].
-        let natural = Tensor::natural_strides(&shape);
-        let mut strides = tvec![0usize; nb + 2];
-        for (axis, &role) in self.layout.out.iter().enumerate() {
-            strides[role] = natural[axis] as usize;
-        }
-        {
-            let mut plain = y.try_as_plain_ram_mut()?;
-            let dst = plain.as_slice_mut::<f32>()?;
-            let [feature, token] = [strides[nb], strides[nb + 1]];
-            for (item, out) in results.chunks_exact(olen).enumerate() {
-                let (h, t0) = (item / blocks, item % blocks * n);
+                block(kernel, head, kp, vp, &panel, self.scale, mask, &mut scores, &mut out);
                 let at = strided_offset(h, batch, &strides[..nb]) + t0 * token;
                 for (f, row) in out.chunks_exact(n).take(dv).enumerate() {
-                    for (j, &x) in row[..n.min(t - t0)].iter().enumerate() {
-                        dst[at + f * feature + j * token] = x;
+                    for (j, &x) in row[..width].iter().enumerate() {
+                        let i = at + f * feature + j * token;
+                        assert!(i < dst.len());
+                        // Safety: inside `y` (checked), and no other item writes this element.
+                        unsafe { *dst.at(i) = x };
                     }
                 }
             }
-        }
+        });
         Ok(y)
     }
 }
@@ -233,10 +246,11 @@ impl Op for Attention {
 impl EvalOp for Attention {
     op_out_of_plan!();
 
-    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+    fn eval(&self, ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         ensure!(inputs.len() == self.input_count(), "Attention: {} inputs", inputs.len());
-        let mask = inputs.get(3);
-        Ok(tvec!(self.run(&inputs[0], &inputs[1], &inputs[2], mask.map(|m| &**m))?.into_tvalue()))
+        let mask = inputs.get(3).map(|m| &**m);
+        let y = with_scratch(ctx, |scratch| self.run(&inputs[0], &inputs[1], &inputs[2], mask, scratch))??;
+        Ok(tvec!(y.into_tvalue()))
     }
 }
 

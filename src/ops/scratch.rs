@@ -1,4 +1,4 @@
-//! The buffers our convolution operators share within one plan state.
+//! The buffers our operators share within one plan state.
 
 use std::sync::Mutex;
 
@@ -37,7 +37,7 @@ pub(crate) fn with_scratch<R>(ctx: &EvalContext, f: impl FnOnce(&mut Scratch) ->
     }
 }
 
-#[cfg(own_gemm)] // only `direct_conv` and `linear` ask for plain floats
+#[cfg(own_gemm)] // only `direct_conv`, `linear` and `attention` ask for plain floats
 impl Scratch {
     /// `len` floats of the buffer, grown when short; what they hold is left over from before.
     pub(crate) fn floats(&mut self, len: usize) -> &mut [f32] {
@@ -48,7 +48,7 @@ impl Scratch {
     }
 }
 
-/// Gives `state` the buffers its Winograd and 1×1 convolution nodes share. Without them each call allocates its own.
+/// Gives `state` the buffers its Winograd, 1×1 convolution, linear and attention nodes share. Without them each call allocates its own.
 pub(crate) fn install_scratch(state: &mut TypedSimpleState) {
     state.turn_state.shared.insert(SharedScratch(Mutex::new(Scratch::default())));
 }

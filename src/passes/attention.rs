@@ -17,7 +17,7 @@
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
-use tract_onnx::tract_core::ops::array::Slice;
+use tract_onnx::tract_core::ops::array::{Slice, TypedConcat};
 use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::math::{Add, Div, Mul};
 use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
@@ -59,6 +59,150 @@ pub(crate) fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
         replaced += 1;
     }
     Ok(replaced)
+}
+
+/// Folds the axis moves around every [`Attention`] node into its layout: a move in front of an
+/// input (or in front of each input of a concatenation that feeds it, the same move for all),
+/// and a move that alone reads its output. Returns how many nodes changed.
+///
+/// Why: exports split heads and join them again by `Transpose`, which tract runs as copies on
+/// one thread, while the operator reads its inputs and writes its output through strides at no
+/// cost. Declutter does not move them into our operator, which does not take axis changes.
+pub(crate) fn absorb_moves(model: &mut TypedModel) -> TractResult<usize> {
+    if !gemm::available() {
+        return Ok(0);
+    }
+    let mut changed = 0;
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some(op) = node.op_as::<Attention>() else { continue };
+        let mut op = op.clone();
+        let mut patch = TypedModelPatch::default();
+        let mut inputs = TVec::new();
+        let mut any = false;
+        for (i, &input) in node.inputs.iter().enumerate() {
+            let roles = match i {
+                0 => &mut op.layout.q,
+                1 => &mut op.layout.k,
+                2 => &mut op.layout.v,
+                _ => &mut op.layout.mask,
+            };
+            // Queries and keys also through uniform scalings, which the scale takes in: an
+            // export of `scaled_dot_product_attention` scales each by the root of the scale.
+            let (mut at, mut order, mut factor) = (input, None::<TVec<usize>>, 1f32);
+            loop {
+                if let Some((x, perm)) = moved(model, at)? {
+                    order = Some(match order {
+                        Some(outer) => outer.iter().map(|&a| perm[a]).collect(),
+                        None => perm,
+                    });
+                    at = x;
+                } else if let Some((x, f)) = if i < 2 { same_shape_scaling(model, at)? } else { None } {
+                    factor *= f;
+                    at = x;
+                } else {
+                    break;
+                }
+            }
+            if let Some(perm) = order {
+                roles.iter_mut().for_each(|a| *a = perm[*a]);
+            }
+            op.scale *= factor;
+            any |= at != input;
+            let tapped = if let Some(MovedConcat { parts, axis, order: perm }) = moved_concat(model, at)? {
+                let parts = parts.iter().map(|&o| patch.tap_model(model, o)).collect::<TractResult<TVec<_>>>()?;
+                let name = format!("{}.unmoved", model.node(at.node).name);
+                roles.iter_mut().for_each(|a| *a = perm[*a]);
+                any = true;
+                patch.wire_node(name, TypedConcat { axis: perm[axis] }, &parts)?[0]
+            } else {
+                patch.tap_model(model, at)?
+            };
+            inputs.push(tapped);
+        }
+        let mut last = OutletId::new(id, 0);
+        let successors = model.outlet_successors(last);
+        if single_use(model, last)? {
+            let after = model.node(successors[0].node);
+            if let Some(perm) = move_perm(model, after)? {
+                op.layout.out = perm.iter().map(|&a| op.layout.out[a]).collect();
+                last = after.id.into();
+                any = true;
+            }
+        }
+        if !any {
+            continue;
+        }
+        let out = patch.wire_node(&node.name, op, &inputs)?[0];
+        patch.shunt_outside(model, last, out)?;
+        patch.apply(model)?;
+        changed += 1;
+    }
+    Ok(changed)
+}
+
+/// [`scaling`] at `outlet`'s node when its output has the shape of its input (no broadcast).
+fn same_shape_scaling(model: &TypedModel, outlet: OutletId) -> TractResult<Option<(OutletId, f32)>> {
+    let Some((x, f)) = scaling(model, model.node(outlet.node))? else { return Ok(None) };
+    Ok((model.outlet_fact(x)?.shape == model.outlet_fact(outlet)?.shape).then_some((x, f)))
+}
+
+/// For a node that moves one axis of its input (`AxisOp::Move`): for each of its output's
+/// axes, the input axis it is.
+fn move_perm(model: &TypedModel, node: &TypedNode) -> TractResult<Option<TVec<usize>>> {
+    let Some(&AxisOp::Move(from, to)) = node.op_as::<AxisOp>() else { return Ok(None) };
+    let rank = model.outlet_fact(node.inputs[0])?.rank();
+    let mut perm: TVec<usize> = (0..rank).collect();
+    let axis = perm.remove(from);
+    perm.insert(to, axis);
+    Ok(Some(perm))
+}
+
+/// When `outlet` is the output of one or more axis moves in a row: the input of the first and,
+/// for each of `outlet`'s axes, the axis of that input it is.
+fn moved(model: &TypedModel, outlet: OutletId) -> TractResult<Option<(OutletId, TVec<usize>)>> {
+    let mut found: Option<(OutletId, TVec<usize>)> = None;
+    let mut at = outlet;
+    while let Some(perm) = move_perm(model, model.node(at.node))? {
+        let total = match found {
+            Some((_, outer)) => outer.iter().map(|&a| perm[a]).collect(),
+            None => perm,
+        };
+        at = model.node(at.node).inputs[0];
+        found = Some((at, total));
+    }
+    Ok(found)
+}
+
+/// What [`moved_concat`] finds.
+struct MovedConcat {
+    /// The moves' inputs.
+    parts: TVec<OutletId>,
+    /// The concatenation's axis.
+    axis: usize,
+    /// For each axis of the concatenation, the axis of the parts it is.
+    order: TVec<usize>,
+}
+
+/// When `outlet` is a concatenation of outputs of axis moves ([`moved`]) that all move the same
+/// way and feed nothing else: what [`MovedConcat`] holds.
+fn moved_concat(model: &TypedModel, outlet: OutletId) -> TractResult<Option<MovedConcat>> {
+    let node = model.node(outlet.node);
+    let Some(concat) = node.op_as::<TypedConcat>() else { return Ok(None) };
+    if !single_use(model, outlet)? {
+        return Ok(None);
+    }
+    let mut parts = TVec::new();
+    let mut common: Option<TVec<usize>> = None;
+    for &input in &node.inputs {
+        let Some((x, perm)) = moved(model, input)? else { return Ok(None) };
+        if !single_use(model, input)? || common.as_ref().is_some_and(|first| *first != perm) {
+            return Ok(None);
+        }
+        common = Some(perm);
+        parts.push(x);
+    }
+    Ok(common.map(|order| MovedConcat { parts, axis: concat.axis, order }))
 }
 
 struct Found {
@@ -510,6 +654,61 @@ mod tests {
         let out = model.output_outlets()?[0];
         model.select_output_outlets(&[out, scores.into()])?;
         assert_eq!(rewrite(&mut model)?, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn reads_through_the_moves_and_scalings_around_it() -> TractResult<()> {
+        if !gemm::available() {
+            return Ok(());
+        }
+        // SD3's joint attention as exported: each stream's heads split by a transpose, the two
+        // streams concatenated along the tokens, queries and keys each scaled by a root of the
+        // scale, the keys transposed for the product, the heads joined by a transpose after.
+        let (b, h, d, t1, t2) = (1, 2, 4, 9, 5);
+        let mut model = TypedModel::default();
+        let mut parts = Vec::new();
+        for role in ["q", "k", "v"] {
+            let mut moved = tvec![];
+            for (stream, t) in [("img", t1), ("txt", t2)] {
+                let x = model.add_source(format!("{role}_{stream}"), f32::fact([b, t, h, d]))?;
+                moved.push(model.wire_node(format!("{role}_{stream}.heads"), AxisOp::Move(1, 2), &[x])?[0]);
+            }
+            parts.push(model.wire_node(format!("{role}.joint"), TypedConcat { axis: 2 }, &moved)?[0]);
+        }
+        let root = model.add_const("root", tensor0(0.7f32).broadcast_into_rank(4)?)?;
+        let q = model.wire_node("q.scaled", mul(), &[parts[0], root])?[0];
+        let k = model.wire_node("k.scaled", mul(), &[parts[1], root])?[0];
+        let k = model.wire_node("k.transposed", AxisOp::Move(3, 2), &[k])?[0];
+        let scores = model.wire_node("scores", EinSum::new("bhtd,bhds->bhts".parse()?, f32::datum_type()), &[q, k])?;
+        let p = model.wire_node("softmax", Softmax::new(tvec![3], None, SoftmaxKind::Softmax), &scores)?[0];
+        let o = model.wire_node("out", EinSum::new("bhts,bhsd->bhtd".parse()?, f32::datum_type()), &[p, parts[2]])?[0];
+        let y = model.wire_node("joined", AxisOp::Move(2, 1), &[o])?;
+        model.select_output_outlets(&y)?;
+
+        let inputs: TVec<TValue> = (0..6)
+            .map(|i| {
+                let t = if i % 2 == 0 { t1 } else { t2 };
+                let x: Vec<f32> = (0..b * t * h * d).map(|j| (((j + 5 * i) * 37 % 29) as f32 - 14.0) / 6.0).collect();
+                Tensor::from_shape(&[b, t, h, d], &x).expect("shape").into_tvalue()
+            })
+            .collect();
+        let want = model.clone().into_runnable()?.run(inputs.clone())?;
+        assert_eq!(rewrite(&mut model)?, 1);
+        assert_eq!(absorb_moves(&mut model)?, 1);
+        let kept: Vec<String> = model
+            .eval_order()?
+            .into_iter()
+            .map(|id| model.node(id))
+            .filter(|n| n.op_is::<AxisOp>() || is_bin::<Mul>(n))
+            .map(|n| n.name.clone())
+            .collect();
+        assert!(kept.is_empty(), "moves or scalings left: {kept:?}");
+        let got = model.into_runnable()?.run(inputs)?;
+        assert_eq!(want[0].shape(), got[0].shape());
+        let (want, got) = (f32s(&want[0], "want")?, f32s(&got[0], "got")?);
+        let worst = want.iter().zip(got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-5, "max abs difference {worst}");
         Ok(())
     }
 }

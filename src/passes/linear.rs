@@ -147,25 +147,57 @@ fn linear_at(model: &TypedModel, id: usize, packer: &Packer) -> TractResult<Opti
         weights
     };
     let strides = [cc, 1];
-    // A bias: the only reader, adding a constant that varies along k at most.
-    let successors = model.outlet_successors(id.into());
-    let mut last = id;
-    let mut bias = None;
-    if successors.len() == 1 && !model.output_outlets()?.contains(&id.into()) {
-        let add = model.node(successors[0].node);
-        if let Some((from, b)) = bin_by_const::<Add>(model, add)? {
-            let along_k = b.rank() <= out_rank
-                && b.shape().iter().rev().enumerate().all(|(i, &n)| n == 1 || (out_rank - 1 - i == out_k && n == kk));
-            if from == OutletId::from(id) && b.datum_type() == f32::datum_type() && along_k {
-                let values = in_c_order(&b)?;
-                bias = Some(if values.len() == kk { values.to_vec() } else { vec![values[0]; kk] });
-                last = add.id;
-            }
-        }
-    }
+    let (bias, last) = match bias_after(model, id, out_k, kk)? {
+        Some((values, add)) => (Some(values), add),
+        None => (None, id),
+    };
     let site = Site { packer, node: &node.name, origin: super::origin(model, node.inputs[wi]) };
     let op = Linear::new_in(site, &all, gather, strides, bias.as_deref(), [kk, cc], axes);
     Ok(Some((op, node.inputs[xi], last)))
+}
+
+/// The constant bias that the node after `id` adds, when that node alone reads `id`'s output
+/// and adds a float32 constant that varies along the output's axis `out_k` (of `k` features) at
+/// most: its `k` values and the `Add` node.
+fn bias_after(model: &TypedModel, id: usize, out_k: usize, k: usize) -> TractResult<Option<(Vec<f32>, usize)>> {
+    let successors = model.outlet_successors(id.into());
+    if successors.len() != 1 || model.output_outlets()?.contains(&id.into()) {
+        return Ok(None);
+    }
+    let out_rank = model.outlet_fact(id.into())?.rank();
+    let add = model.node(successors[0].node);
+    let Some((from, b)) = bin_by_const::<Add>(model, add)? else { return Ok(None) };
+    let along_k = b.rank() <= out_rank
+        && b.shape().iter().rev().enumerate().all(|(i, &n)| n == 1 || (out_rank - 1 - i == out_k && n == k));
+    if from != OutletId::from(id) || b.datum_type() != f32::datum_type() || !along_k {
+        return Ok(None);
+    }
+    let values = in_c_order(&b)?;
+    Ok(Some((if values.len() == k { values } else { vec![values[0]; k] }, add.id)))
+}
+
+/// Takes into each [`Linear`] node the constant bias `Add` after it that [`rewrite`] left out:
+/// on the graph as imported, the bias that ONNX broadcasts to the layer's rank (`[k]` added to
+/// `[…, k]`) is not yet a constant; declutter makes it one. Returns how many were taken.
+pub(crate) fn fold_biases(model: &mut TypedModel) -> TractResult<usize> {
+    let mut folded = 0;
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some(op) = node.op_as::<Linear>() else { continue };
+        let Some(out_k) = op.axes.out.iter().position(|&a| a == OutAxis::Features) else { continue };
+        let Some((values, add)) = bias_after(model, id, out_k, op.k)? else { continue };
+        let mut op = op.clone();
+        let mut bias = crate::ops::f32s(&op.bias, "linear")?.to_vec();
+        bias.iter_mut().zip(&values).for_each(|(b, v)| *b += v);
+        op.bias = Arc::new(tensor1(&bias));
+        let mut patch = TypedModelPatch::default();
+        let x = patch.tap_model(model, node.inputs[0])?;
+        let y = patch.wire_node(&node.name, op, &[x])?[0];
+        patch.shunt_outside(model, add.into(), y)?;
+        patch.apply(model)?;
+        folded += 1;
+    }
+    Ok(folded)
 }
 
 #[cfg(test)]
@@ -265,6 +297,32 @@ mod tests {
         assert_eq!(rewrite(&mut model, &packer)?, 0);
         let mut model = graph("bmk,bkn->bmn", &[2, 4, 5], &[2, 5, 6], None)?;
         assert_eq!(rewrite(&mut model, &packer)?, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn a_bias_added_after_the_layer_is_taken_in() -> TractResult<()> {
+        if !runs_here(true) {
+            return Ok(());
+        }
+        let (packer, tolerance) = packer();
+        // The layer rewritten first, its bias `Add` seen only after (as on the graphs the
+        // import leaves with the bias not yet a constant).
+        let mut model = graph("btc,ck->btk", &[1, 21, 10], &[10, 13], None)?;
+        let input = tvec![Tensor::from_shape(&[1, 21, 10], &values(210, 1))?.into_tvalue()];
+        assert_eq!(rewrite(&mut model, &packer)?, 1);
+        let layer = model.output_outlets()?[0];
+        let b = model.add_const("b", Tensor::from_shape(&[1, 1, 13], &values(13, 5))?)?;
+        let y = model.wire_node("bias", add(), &[layer, b])?;
+        model.select_output_outlets(&y)?;
+        let want = model.clone().into_runnable()?.run(input.clone())?;
+        assert_eq!(fold_biases(&mut model)?, 1);
+        let adds = model.eval_order()?.into_iter().filter(|&id| super::super::is_bin::<Add>(model.node(id))).count();
+        assert_eq!(adds, 0);
+        let got = model.into_runnable()?.run(input)?;
+        for (a, b) in f32s(&want[0], "want")?.iter().zip(f32s(&got[0], "got")?) {
+            assert!((a - b).abs() < tolerance * (1.0 + a.abs()), "{a} vs {b}");
+        }
         Ok(())
     }
 }

@@ -105,10 +105,19 @@ pub(crate) const PASSES: &[Pass] = &[
     },
     #[cfg(target_arch = "x86_64")]
     Pass { name: ATTENTION, stage: Stage::Decluttered, convolutions: false, run: Run::Plain(attention::rewrite) },
+    #[cfg(target_arch = "x86_64")]
+    Pass {
+        name: "attention moves",
+        stage: Stage::Decluttered,
+        convolutions: false,
+        run: Run::Plain(attention::absorb_moves),
+    },
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     Pass { name: "softmax", stage: Stage::Decluttered, convolutions: false, run: Run::Plain(softmax::rewrite) },
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     Pass { name: "linear", stage: Stage::Decluttered, convolutions: false, run: Run::Packing(linear::rewrite) },
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    Pass { name: "linear bias", stage: Stage::Decluttered, convolutions: false, run: Run::Plain(linear::fold_biases) },
     // After the linear layers, which take the bias `Add` a chain may start from.
     #[cfg(target_arch = "x86_64")]
     Pass { name: "gelu", stage: Stage::Decluttered, convolutions: false, run: Run::Plain(gelu::rewrite) },

@@ -20,7 +20,7 @@ const WARM_UP: usize = 3;
 const SLOWEST_SHOWN: usize = 15;
 
 /// Time per operator kind of one call of a plan, from [`Denoiser::profile_ops`]. `Display`
-/// prints it as a table, then the slowest nodes.
+/// prints it as a table, then the slowest nodes (every node with `{:#}`).
 #[derive(Debug, Clone)]
 pub struct OpProfile {
     /// Images per call.
@@ -206,7 +206,9 @@ impl fmt::Display for OpProfile {
             writeln!(f, "{:<28} {:>6} {:>9.3} {:>5.1}%", op.op, op.nodes, ms(op.time), 100.0 * op.share)?;
         }
         writeln!(f, "\nslowest nodes (inputs):")?;
-        for node in self.slowest.iter().take(SLOWEST_SHOWN) {
+        // `{:#}` lists every node.
+        let shown = if f.alternate() { self.slowest.len() } else { SLOWEST_SHOWN };
+        for node in self.slowest.iter().take(shown) {
             writeln!(f, "{:>8.3} ms  {:<20} {} ({})", ms(node.time), node.op, node.name, node.inputs)?;
         }
         Ok(())

@@ -33,6 +33,9 @@ pub struct ProfileArgs {
     /// prompt's ids) or decoder (on latents of the card's size).
     #[arg(long, default_value = "unet")]
     pub part: String,
+    /// List every node, not only the slowest.
+    #[arg(long)]
+    pub all_nodes: bool,
 }
 
 /// Runs `profile` and prints its table.
@@ -59,7 +62,11 @@ pub fn run(a: ProfileArgs, model: PathBuf) -> Result<()> {
     }
     let report = denoiser.profile_ops(a.batch, a.runs)?;
     println!("{} ({}), {} thread(s)", card.model.name, card.onnx_path().display(), denoiser.threads());
-    print!("{report}");
+    if a.all_nodes {
+        print!("{report:#}");
+    } else {
+        print!("{report}");
+    }
     Ok(())
 }
 
@@ -78,6 +85,10 @@ fn other_part(a: &ProfileArgs, card: &ModelCard) -> Result<()> {
     let mut graph = Graph::load(&path, &[inputs.shape().to_vec()], a.threads)?;
     let report = graph.profile_ops(&[inputs], a.runs)?;
     println!("{} {} ({}), {} thread(s)", card.model.name, a.part, path.display(), a.threads);
-    print!("{report}");
+    if a.all_nodes {
+        print!("{report:#}");
+    } else {
+        print!("{report}");
+    }
     Ok(())
 }
