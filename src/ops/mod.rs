@@ -17,6 +17,7 @@ pub(crate) mod embedding;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod gelu;
 pub(crate) mod group_norm;
+pub(crate) mod layer_norm;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) mod linear;
 pub(crate) mod packed;

@@ -18,6 +18,7 @@ pub(crate) mod embedding;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod gelu;
 pub(crate) mod group_norm;
+pub(crate) mod layer_norm;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) mod linear;
 pub(crate) mod pow_const;
@@ -91,6 +92,7 @@ pub(crate) const PASSES: &[Pass] = &[
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     Pass { name: "linear", stage: Stage::Imported, convolutions: false, run: Run::Packing(linear::rewrite) },
     Pass { name: GROUP_NORM, stage: Stage::Decluttered, convolutions: false, run: Run::Plain(group_norm::rewrite) },
+    Pass { name: "layer norm", stage: Stage::Decluttered, convolutions: false, run: Run::Plain(layer_norm::rewrite) },
     Pass {
         name: "einsum permutation",
         stage: Stage::Decluttered,

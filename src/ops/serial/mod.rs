@@ -41,6 +41,7 @@ enum Saved {
     #[cfg(target_arch = "x86_64")]
     Gelu(super::gelu::Gelu),
     GroupNorm(super::group_norm::GroupNorm),
+    LayerNorm(super::layer_norm::LayerNorm),
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     Linear(super::linear::Linear),
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
@@ -71,6 +72,7 @@ saved! {
     Embedding: super::embedding::Embedding;
     #[cfg(target_arch = "x86_64")] Gelu: super::gelu::Gelu;
     GroupNorm: super::group_norm::GroupNorm;
+    LayerNorm: super::layer_norm::LayerNorm;
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))] Linear: super::linear::Linear;
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))] RowSoftmax: super::softmax::RowSoftmax;
     Winograd3x3: super::winograd3x3::Winograd3x3;
