@@ -203,10 +203,17 @@ impl Attention {
                 let (h, t0) = (item / blocks, item % blocks * n);
                 let at = q.head(h, nb) + t0 * q_token;
                 let width = n.min(t - t0);
-                // The block's queries as the kernel's panel: d rows of n (zero past the last).
-                for (c, row) in panel.chunks_exact_mut(n).enumerate() {
-                    for (j, x) in row.iter_mut().enumerate() {
-                        *x = if j < width { q.data[at + c * q_depth + j * q_token] } else { 0.0 };
+                // The block's queries as the kernel's panel: d rows of n (zero past the last),
+                // read a query at a time: where the queries lie a multiple of 4 KiB apart (a
+                // token-major ViT-H input), reading across them evicted each line before its
+                // next value was used.
+                if width < n {
+                    panel.fill(0.0);
+                }
+                for j in 0..width {
+                    let query = at + j * q_token;
+                    for (c, x) in panel.iter_mut().skip(j).step_by(n).enumerate() {
+                        *x = q.data[query + c * q_depth];
                     }
                 }
                 let (kp, vp) = (&keys[h * klen..][..klen], &values[h * vlen..][..vlen]);
@@ -216,8 +223,9 @@ impl Attention {
                 });
                 block(kernel, head, kp, vp, &panel, self.scale, mask, &mut scores, &mut out);
                 let at = strided_offset(h, batch, &strides[..nb]) + t0 * token;
-                for (f, row) in out.chunks_exact(n).take(dv).enumerate() {
-                    for (j, &x) in row[..width].iter().enumerate() {
+                // A query at a time, for the reason the panel is read so.
+                for j in 0..width {
+                    for (f, &x) in out.iter().skip(j).step_by(n).take(dv).enumerate() {
                         let i = at + f * feature + j * token;
                         assert!(i < dst.len());
                         // Safety: inside `y` (checked), and no other item writes this element.

@@ -67,6 +67,9 @@ pub(crate) fn pack_weights(kernel: Kernel, w: &[f32], [k, c]: [usize; 2], stride
     packed
 }
 
+/// Floats in 4 KiB: addresses this far apart fall in the same set of the L1 cache.
+const ALIAS: usize = 1024;
+
 /// The rows `rows` of `X` as `c` groups of `height` values (zero past the last row): feature i
 /// of row r is at `x[offset(r) + features[i]]`.
 pub(crate) fn pack_rows(
@@ -94,7 +97,11 @@ pub(crate) fn pack_rows(
         let base = at[..count].iter().copied().min().unwrap_or(0);
         let fits =
             count > 0 && at[..count].iter().all(|&a| a - base <= i32::MAX as usize / 2 && a + first + c <= x.len());
-        if fits && Kernel::Avx512.runs_here() {
+        // Not for rows a multiple of 4 KiB apart (a ViT-H's tokens): their lines share one
+        // set of the L1 cache, more of them than it has ways, and the gathers, each touching
+        // every row's line again, missed each time; the tiles below read each line once.
+        let aliased = count > 8 && at[..count].iter().all(|&a| (a - base) % ALIAS == 0);
+        if fits && !aliased && Kernel::Avx512.runs_here() {
             let mut index = [0i32; 16];
             for (i, &a) in index.iter_mut().zip(&at[..count]) {
                 *i = (a - base) as i32;
