@@ -22,7 +22,7 @@ use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::math::{Add, Div, Mul};
 use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
 
-use super::{bin_by_const, is_bin};
+use super::{bin_by_const, is_bin, single_use};
 use crate::kernels::gemm;
 use crate::ops::attention::{Attention, Layout};
 
@@ -89,25 +89,18 @@ pub(crate) fn absorb_moves(model: &mut TypedModel) -> TractResult<usize> {
             };
             // Queries and keys also through uniform scalings, which the scale takes in: an
             // export of `scaled_dot_product_attention` scales each by the root of the scale.
-            let (mut at, mut order, mut factor) = (input, None::<TVec<usize>>, 1f32);
+            let mut at = input;
             loop {
                 if let Some((x, perm)) = moved(model, at)? {
-                    order = Some(match order {
-                        Some(outer) => outer.iter().map(|&a| perm[a]).collect(),
-                        None => perm,
-                    });
+                    roles.iter_mut().for_each(|a| *a = perm[*a]);
                     at = x;
                 } else if let Some((x, f)) = if i < 2 { same_shape_scaling(model, at)? } else { None } {
-                    factor *= f;
+                    op.scale *= f;
                     at = x;
                 } else {
                     break;
                 }
             }
-            if let Some(perm) = order {
-                roles.iter_mut().for_each(|a| *a = perm[*a]);
-            }
-            op.scale *= factor;
             any |= at != input;
             let tapped = if let Some(MovedConcat { parts, axis, order: perm }) = moved_concat(model, at)? {
                 let parts = parts.iter().map(|&o| patch.tap_model(model, o)).collect::<TractResult<TVec<_>>>()?;
@@ -224,12 +217,6 @@ struct Branch {
     slice: Option<(TDim, TDim)>,
     /// The second product, whose output the operator's (or the part's) replaces.
     last: usize,
-}
-
-/// Whether `outlet` feeds exactly one node and is not a model output: the pattern's
-/// intermediates must not be needed elsewhere.
-fn single_use(model: &TypedModel, outlet: OutletId) -> TractResult<bool> {
-    Ok(model.outlet_successors(outlet).len() == 1 && !model.output_outlets()?.contains(&outlet))
 }
 
 /// The positive, finite factor of a node that multiplies `x` by a uniform constant or divides

@@ -6,7 +6,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::math::{Div, Mul, Sub};
 use tract_onnx::tract_core::ops::nn::{Reduce, Reducer, RmsNorm};
 
-use super::{bin_by_const, is_bin};
+use super::{bin_by_const, is_bin, single_use};
 use crate::ops::layer_norm::LayerNorm;
 
 /// Replaces every float32 layer normalization over the last axis (see the module docs) by a
@@ -24,11 +24,6 @@ pub(crate) fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
         replaced += 1;
     }
     Ok(replaced)
-}
-
-/// Whether `outlet` feeds exactly one node and is not a model output.
-fn single_use(model: &TypedModel, outlet: OutletId) -> TractResult<bool> {
-    Ok(model.outlet_successors(outlet).len() == 1 && !model.output_outlets()?.contains(&outlet))
 }
 
 /// At an `RmsNorm` node that normalizes a layer: its input x and epsilon.

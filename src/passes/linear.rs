@@ -10,7 +10,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::math::Add;
 
-use super::bin_by_const;
+use super::{bin_by_const, single_use};
 use crate::kernels::gemm;
 use crate::ops::linear::{Linear, LinearAxes, OutAxis};
 use crate::ops::packed::{Packer, Site};
@@ -160,12 +160,11 @@ fn linear_at(model: &TypedModel, id: usize, packer: &Packer) -> TractResult<Opti
 /// and adds a float32 constant that varies along the output's axis `out_k` (of `k` features) at
 /// most: its `k` values and the `Add` node.
 fn bias_after(model: &TypedModel, id: usize, out_k: usize, k: usize) -> TractResult<Option<(Vec<f32>, usize)>> {
-    let successors = model.outlet_successors(id.into());
-    if successors.len() != 1 || model.output_outlets()?.contains(&id.into()) {
+    if !single_use(model, id.into())? {
         return Ok(None);
     }
     let out_rank = model.outlet_fact(id.into())?.rank();
-    let add = model.node(successors[0].node);
+    let add = model.node(model.outlet_successors(id.into())[0].node);
     let Some((from, b)) = bin_by_const::<Add>(model, add)? else { return Ok(None) };
     let along_k = b.rank() <= out_rank
         && b.shape().iter().rev().enumerate().all(|(i, &n)| n == 1 || (out_rank - 1 - i == out_k && n == k));

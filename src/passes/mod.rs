@@ -171,6 +171,12 @@ pub(crate) fn origin(model: &TypedModel, outlet: OutletId) -> Option<&str> {
     (node.op_is::<tract_onnx::tract_core::ops::konst::Const>() && only_reader).then_some(&*node.name)
 }
 
+/// Whether `outlet` feeds exactly one node and is not a model output: a pattern's
+/// intermediates must not be needed elsewhere.
+pub(crate) fn single_use(model: &TypedModel, outlet: OutletId) -> TractResult<bool> {
+    Ok(model.outlet_successors(outlet).len() == 1 && !model.output_outlets()?.contains(&outlet))
+}
+
 /// Whether `node` is a binary operator of kind `O`.
 pub(crate) fn is_bin<O: BinMiniOp>(node: &TypedNode) -> bool {
     node.op_as::<TypedBinOp>().is_some_and(|b| b.0.is::<O>())

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use edge_diffuse::runtime::{Denoiser, Graph};
+use edge_diffuse::runtime::{Denoiser, Graph, OpProfile};
 use edge_diffuse::ModelCard;
 use ndarray::{ArrayD, IxDyn};
 
@@ -62,11 +62,7 @@ pub fn run(a: ProfileArgs, model: PathBuf) -> Result<()> {
     }
     let report = denoiser.profile_ops(a.batch, a.runs)?;
     println!("{} ({}), {} thread(s)", card.model.name, card.onnx_path().display(), denoiser.threads());
-    if a.all_nodes {
-        print!("{report:#}");
-    } else {
-        print!("{report}");
-    }
+    print_report(&report, a.all_nodes);
     Ok(())
 }
 
@@ -85,10 +81,15 @@ fn other_part(a: &ProfileArgs, card: &ModelCard) -> Result<()> {
     let mut graph = Graph::load(&path, &[inputs.shape().to_vec()], a.threads)?;
     let report = graph.profile_ops(&[inputs], a.runs)?;
     println!("{} {} ({}), {} thread(s)", card.model.name, a.part, path.display(), a.threads);
-    if a.all_nodes {
+    print_report(&report, a.all_nodes);
+    Ok(())
+}
+
+/// Prints `report`'s table and its slowest nodes, or every node with `all_nodes`.
+fn print_report(report: &OpProfile, all_nodes: bool) {
+    if all_nodes {
         print!("{report:#}");
     } else {
         print!("{report}");
     }
-    Ok(())
 }
