@@ -56,7 +56,6 @@ pub(crate) fn for_each<T: Send>(items: Vec<T>, f: impl Fn(T) + Send + Sync) {
 
 /// Where element `flat` (a C-order index over axes of sizes `dims`) lies in a tensor whose
 /// axes are `strides` elements apart.
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) fn strided_offset(flat: usize, dims: &[usize], strides: &[usize]) -> usize {
     let (mut rest, mut at) = (flat, 0);
     for (&d, &s) in dims.iter().zip(strides).rev() {
