@@ -79,13 +79,17 @@ impl Packed {
 
     /// Asks the OS to start reading the next layer's weights from the plan file
     /// (`madvise(MADV_WILLNEED)`), so that when memory is short and its pages were dropped,
-    /// their read overlaps this layer's arithmetic. Nothing for heap weights; pages already
-    /// resident cost the system call only.
+    /// their read overlaps this layer's arithmetic. Nothing for heap weights, and nothing while
+    /// the process has taken no page from disk since the last ask: the kernel walks the whole
+    /// range even when every page is resident, which made the call cost more than the read it
+    /// could hide.
     pub(crate) fn prefetch_next(&self) {
         #[cfg(unix)]
         if let Backing::Map(map, _, _, Some(next)) = &self.0 {
-            // Only advice: a failure changes nothing but the timing.
-            let _ = map.advise_range(memmap2::Advice::WillNeed, next.start, next.len());
+            if pages_were_dropped() {
+                // Only advice: a failure changes nothing but the timing.
+                let _ = map.advise_range(memmap2::Advice::WillNeed, next.start, next.len());
+            }
         }
     }
 
@@ -414,6 +418,27 @@ impl Packer {
     pub(crate) fn take_origins(&self) -> Vec<String> {
         std::mem::take(&mut self.state().origins)
     }
+}
+
+/// Whether the process has read a page from disk (a major fault) since the last call; true on the
+/// first call, and always where that count cannot be read. A mapped weight read from disk means
+/// memory is short and the pages after it may be gone too.
+#[cfg(unix)]
+fn pages_were_dropped() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use std::sync::atomic::{AtomicIsize, Ordering};
+        static SEEN: AtomicIsize = AtomicIsize::new(-1);
+        // SAFETY: `getrusage` only writes the struct it is given, which is plain data.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+            return true;
+        }
+        let faults = usage.ru_majflt as isize;
+        SEEN.swap(faults, Ordering::Relaxed) != faults
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    true
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use edge_diffuse::runtime::{Denoiser, Graph, OpProfile};
+use edge_diffuse::runtime::{Denoiser, Graph, OpProfile, PlanCache, WeightPrecision};
 use edge_diffuse::ModelCard;
 use ndarray::{ArrayD, IxDyn};
 
@@ -36,6 +36,10 @@ pub struct ProfileArgs {
     /// List every node, not only the slowest.
     #[arg(long)]
     pub all_nodes: bool,
+    /// The plan file of packed weights: off (weights packed on the heap), auto or a folder
+    /// (see `sample --help`); auto profiles the mapped weights the pipeline runs on.
+    #[arg(long, default_value = "off", value_name = "auto|off|DIR")]
+    pub plan_cache: String,
 }
 
 /// Runs `profile` and prints its table.
@@ -51,7 +55,8 @@ pub fn run(a: ProfileArgs, model: PathBuf) -> Result<()> {
         "text_encoder" | "decoder" => return other_part(&a, &card),
         other => anyhow::bail!("--part: expected unet, text_encoder or decoder, got {other:?}"),
     }
-    let mut denoiser = Denoiser::load(&card, a.threads)?;
+    let plan_cache: PlanCache = crate::parse_flag(&a.plan_cache)?;
+    let mut denoiser = Denoiser::load_with(&card, a.threads, plan_cache, WeightPrecision::F32)?;
     denoiser.set_precision(precision);
     denoiser.set_convolution(convolution);
     // A text model's UNet may leave its token count open: its tokenizer's length fixes it, as
@@ -78,7 +83,8 @@ fn other_part(a: &ProfileArgs, card: &ModelCard) -> Result<()> {
         let shape = [1, card.image.channels, card.image.height, card.image.width];
         (card.dir.join(&decoder.onnx), ArrayD::from_elem(IxDyn(&shape), 0.3f32))
     };
-    let mut graph = Graph::load(&path, &[inputs.shape().to_vec()], a.threads)?;
+    let plan_cache: PlanCache = crate::parse_flag(&a.plan_cache)?;
+    let mut graph = Graph::load_with(&path, &[inputs.shape().to_vec()], a.threads, plan_cache, WeightPrecision::F32)?;
     let report = graph.profile_ops(&[inputs], a.runs)?;
     println!("{} {} ({}), {} thread(s)", card.model.name, a.part, path.display(), a.threads);
     print_report(&report, a.all_nodes);
