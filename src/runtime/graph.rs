@@ -77,10 +77,11 @@ fn from_saved(bytes: &[u8], shapes: &[Vec<usize>], packer: &Arc<Packer>) -> Opti
 type Proven = (Vec<String>, Option<Vec<u8>>);
 
 /// After the load that wrote the plan file: builds the graph again with the initializers of
-/// `origins` as stand-ins full of NaN and the weights packed this load, and runs one call on
-/// both. The names of the stand-ins when the outputs agree bit for bit (`super::skeleton`),
-/// and the rewritten graph as `crate::ops::serial` writes it when the graph read back from
-/// those bytes gives the same outputs bit for bit too.
+/// `origins` as stand-ins and the weights packed this load, and runs one call on both, once
+/// per pass of stand-ins filled with NaN ([`skeleton::PROOF_PASS_BYTES`] at a time). The
+/// names of the stand-ins when the outputs agree bit for bit in every pass
+/// (`super::skeleton`), and the rewritten graph as `crate::ops::serial` writes it when the
+/// graph read back from those bytes gives the same outputs bit for bit too.
 fn prove(
     path: &Path,
     shapes: &[Vec<usize>],
@@ -90,25 +91,36 @@ fn prove(
     executor: &Executor,
 ) -> Result<Option<Proven>> {
     let fail = |e: TractError| Error::Model { path: path.to_path_buf(), message: one_line(&format!("{e:#}")) };
-    let (map, _) = map_onnx(path)?;
-    let Some((model, _, stand_ins)) = skeleton::without(&map, path, &skeleton::initializer_names(origins), true) else {
-        return Ok(None);
-    };
-    drop(map);
-    let saved = Arc::new(Packer::over_held(held.clone()));
-    let packer = Packer::over_held(held);
-    let proof = build(model, shapes, &packer, path, false)?;
-    if packer.failed() {
-        return Ok(None);
-    }
+    let names = skeleton::initializer_names(origins);
     let inputs = skeleton::probe_inputs(&built.model).map_err(fail)?;
     let mut ours = new_state(&built.model, executor).map_err(fail)?;
     let ours = run_on(executor, &mut ours, inputs.clone()).map_err(fail)?;
-    let mut theirs = new_state(&proof.model, executor).map_err(fail)?;
-    let theirs = run_on(executor, &mut theirs, inputs.clone()).map_err(fail)?;
-    if !skeleton::same_outputs(&ours, &theirs) {
+    let (map, _) = map_onnx(path)?;
+    let passes = skeleton::proof_passes(&map, &names, skeleton::PROOF_PASS_BYTES).unwrap_or_default();
+    drop(map);
+    if passes.is_empty() {
         return Ok(None);
     }
+    let mut stand_ins = vec![];
+    for poison in passes {
+        let (map, _) = map_onnx(path)?;
+        let Some((model, _, names_left_out)) = skeleton::without(&map, path, &names, poison) else {
+            return Ok(None);
+        };
+        drop(map);
+        let packer = Packer::over_held(held.clone());
+        let proof = build(model, shapes, &packer, path, false)?;
+        if packer.failed() {
+            return Ok(None);
+        }
+        let mut theirs = new_state(&proof.model, executor).map_err(fail)?;
+        let theirs = run_on(executor, &mut theirs, inputs.clone()).map_err(fail)?;
+        if !skeleton::same_outputs(&ours, &theirs) {
+            return Ok(None);
+        }
+        stand_ins = names_left_out;
+    }
+    let saved = Arc::new(Packer::over_held(held));
     let graph = built.rewritten.take().and_then(|r| crate::ops::serial::write(&r).ok()).filter(|bytes| {
         from_saved(bytes, shapes, &saved).is_some_and(|read_back| {
             let again = new_state(&read_back.model, executor).and_then(|mut s| run_on(executor, &mut s, inputs));
@@ -170,7 +182,7 @@ impl Graph {
                 return Self::finish(path, built, executor, plan_file.status);
             }
             let names: HashSet<String> = proof.stand_ins.iter().cloned().collect();
-            if let Some((model, _, left_out)) = skeleton::without(&map, path, &names, false) {
+            if let Some((model, _, left_out)) = skeleton::without(&map, path, &names, 0..0) {
                 packer.by_key_alone(true);
                 if let Ok(built) = build(model, shapes, &packer, path, false) {
                     if !packer.failed() {
@@ -292,4 +304,42 @@ impl Graph {
 pub fn run_graph(path: &Path, inputs: &[ArrayD<f32>], threads: usize) -> Result<Vec<ArrayD<f32>>> {
     let shapes: Vec<Vec<usize>> = inputs.iter().map(|x| x.shape().to_vec()).collect();
     Graph::load(path, &shapes, threads)?.run(inputs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The test build proves in passes of a few stand-ins each: a decoder whose weights span
+    /// several passes still gets every stand-in proven, and a later load that leaves them all
+    /// out computes the same bits as the heap path.
+    #[test]
+    fn a_proof_in_several_passes_leaves_out_every_weight_it_covers() {
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/corpus/vae_decoder_legacy");
+        let dir = tempfile::tempdir().unwrap();
+        let onnx = dir.path().join("model.onnx");
+        std::fs::copy(fixture.join("model.onnx"), &onnx).unwrap();
+        let latent: ndarray::ArrayD<f32> =
+            ndarray_npy::read_npy(fixture.join("input_0_latent.npy")).expect("the fixture's latent");
+        let shapes = [latent.shape().to_vec()];
+        let heap = Graph::load(&onnx, &shapes, 1).unwrap().run(std::slice::from_ref(&latent)).unwrap();
+        let plans = PlanCache::Dir(dir.path().join("plans"));
+
+        let mut writing = Graph::load_with(&onnx, &shapes, 1, plans.clone(), WeightPrecision::F32).unwrap();
+        assert!(matches!(writing.plan_file(), PlanFile::Written { .. }), "{:?}", writing.plan_file());
+        assert_eq!(writing.run(std::slice::from_ref(&latent)).unwrap(), heap);
+
+        let mut mapped = Graph::load_with(&onnx, &shapes, 1, plans, WeightPrecision::F32).unwrap();
+        let PlanFile::Mapped { left_out, .. } = mapped.plan_file().clone() else {
+            panic!("second load: {:?}", mapped.plan_file())
+        };
+        let bytes = std::fs::read(&onnx).unwrap();
+        let all: HashSet<String> = skeleton::scan(&bytes).unwrap().into_iter().map(|h| h.name).collect();
+        let passes = skeleton::proof_passes(&bytes, &all, skeleton::PROOF_PASS_BYTES).unwrap();
+        assert!(passes.len() > 2, "the fixture's weights fit in {} pass(es)", passes.len());
+        assert!(left_out > passes.len(), "{left_out} initializers left out");
+        let out = mapped.run(std::slice::from_ref(&latent)).unwrap();
+        let bits = |v: &[ndarray::ArrayD<f32>]| v[0].iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&out), bits(&heap));
+    }
 }

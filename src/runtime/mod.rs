@@ -144,7 +144,7 @@ impl Denoiser {
     /// when the proof does not fit the file (it names initializers the file lacks).
     fn leave_out(bytes: &[u8], path: &Path, proof: &plan_file::Proof) -> Option<(InferenceModel, usize, usize)> {
         let names: HashSet<String> = proof.stand_ins.iter().cloned().collect();
-        let (model, params, left_out) = skeleton::without(bytes, path, &names, false)?;
+        let (model, params, left_out) = skeleton::without(bytes, path, &names, 0..0)?;
         Some((model, params, left_out.len()))
     }
 
@@ -356,42 +356,59 @@ impl Denoiser {
         }
     }
 
-    /// Builds every plan again from a graph whose initializers in `origins` are stand-ins full
-    /// of NaN, with the weights packed this load, and runs one call on both: the names of the
-    /// stand-ins when every output agrees bit for bit. With them, the rewritten graph of each
-    /// build as `ops::serial` writes it, where the plan built from it read back gives the same
-    /// outputs bit for bit too.
+    /// Builds every plan again from a graph whose initializers in `origins` are stand-ins, with
+    /// the weights packed this load, and runs one call on both, once per pass of stand-ins
+    /// filled with NaN ([`skeleton::PROOF_PASS_BYTES`] at a time): the names of the stand-ins
+    /// when every output agrees bit for bit in every pass. With them, the rewritten graph of
+    /// each build as `ops::serial` writes it, where the plan built from it read back gives the
+    /// same outputs bit for bit too.
     #[allow(clippy::type_complexity)]
     fn prove(
         &mut self,
         held: Vec<ops::packed::Held>,
         origins: &HashSet<String>,
     ) -> TractResult<Option<(Vec<String>, Vec<(String, Vec<u8>)>)>> {
-        let saved = Arc::new(ops::packed::Packer::over_held(held.clone()));
-        let mut graphs = vec![];
+        let names = skeleton::initializer_names(origins);
         let (map, _) = map_onnx(&self.path)?;
-        let Some((model, _, stand_ins)) =
-            skeleton::without(&map, &self.path, &skeleton::initializer_names(origins), true)
-        else {
-            return Ok(None);
-        };
+        let passes = skeleton::proof_passes(&map, &names, skeleton::PROOF_PASS_BYTES).unwrap_or_default();
         drop(map);
-        let packer = ops::packed::Packer::over_held(held);
+        if passes.is_empty() {
+            return Ok(None);
+        }
         let batches: Vec<usize> = self.plans.get_mut().keys().copied().collect();
-        for batch in batches {
-            let (mut proof, ..) = self.build_plan(batch, model.clone(), &packer).map_err(|m| anyhow::anyhow!(m))?;
-            if packer.failed() {
-                return Ok(None);
-            }
-            let inputs = skeleton::probe_inputs(&proof.model)?;
-            let theirs = run_on(&self.executor, &mut proof.state, inputs.clone())?;
+        let mut probes = vec![];
+        for &batch in &batches {
             let plan = self.plans.get_mut().get_mut(&batch).expect("listed above");
-            let rewritten = plan.rewritten.take();
+            let inputs = skeleton::probe_inputs(&plan.model)?;
             let ours = run_on(&self.executor, &mut plan.state, inputs.clone())?;
-            if !skeleton::same_outputs(&ours, &theirs) {
+            probes.push((batch, inputs, ours));
+        }
+        let mut stand_ins = vec![];
+        for poison in passes {
+            let (map, _) = map_onnx(&self.path)?;
+            let Some((model, _, names_left_out)) = skeleton::without(&map, &self.path, &names, poison) else {
                 return Ok(None);
+            };
+            drop(map);
+            let packer = ops::packed::Packer::over_held(held.clone());
+            for (batch, inputs, ours) in &probes {
+                let (mut proof, ..) =
+                    self.build_plan(*batch, model.clone(), &packer).map_err(|m| anyhow::anyhow!(m))?;
+                if packer.failed() {
+                    return Ok(None);
+                }
+                let theirs = run_on(&self.executor, &mut proof.state, inputs.clone())?;
+                if !skeleton::same_outputs(ours, &theirs) {
+                    return Ok(None);
+                }
             }
-            let Some(bytes) = rewritten.and_then(|r| ops::serial::write(&r).ok()) else { continue };
+            stand_ins = names_left_out;
+        }
+        let saved = Arc::new(ops::packed::Packer::over_held(held));
+        let mut graphs = vec![];
+        for (batch, inputs, ours) in probes {
+            let plan = self.plans.get_mut().get_mut(&batch).expect("listed above");
+            let Some(bytes) = plan.rewritten.take().and_then(|r| ops::serial::write(&r).ok()) else { continue };
             let Ok(Ok(mut read_back)) = ops::serial::read(&bytes, &saved).map(|typed| self.finish(batch, typed)) else {
                 continue;
             };

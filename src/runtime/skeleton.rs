@@ -5,12 +5,14 @@
 //! packed weight from the plan file by key and never look at a stand-in's values.
 //!
 //! Which initializers may be stand-ins is proven at the load that writes the plan file: the
-//! plans are built a second time with stand-ins filled with NaN, one call is run on both with
-//! the same inputs, and the outputs must agree bit for bit. The plan file records the names and
+//! plans are built again with stand-ins, one call is run on both with the same inputs, and the
+//! outputs must agree bit for bit. That runs in passes, each filling a share of the stand-ins
+//! with NaN ([`PROOF_PASS_BYTES`]), so that each stand-in is NaN in one of them. The plan file records the names and
 //! the builds (batch and input shapes) that were proven; a later load uses stand-ins only for
 //! those builds.
 
 use std::collections::HashSet;
+use std::ops::Range;
 
 use anyhow::Context;
 
@@ -200,10 +202,11 @@ pub(super) fn strip(bytes: &[u8], names: &HashSet<String>) -> Option<(Vec<u8>, V
 /// and drops them from the graph's inputs. Fails when one of them is missing or not float32.
 ///
 /// Each stand-in's first value is a huge number of its own and the rest is never written, so
-/// its pages stay unallocated; `poison` fills the rest with NaN, to prove that nothing reads
-/// them. Distinct first values matter: tract merges equal constants (all NaNs compare equal to
-/// it), and then equal products of one input, which would make two layers one.
-pub(super) fn install(model: &mut InferenceModel, stand_ins: &[StandIn], poison: bool) -> TractResult<()> {
+/// its pages stay unallocated; the stand-ins whose index is in `poison` have the rest filled
+/// with NaN, to prove that nothing reads them. Distinct first values matter: tract merges equal
+/// constants (all NaNs compare equal to it), and then equal products of one input, which would
+/// make two layers one.
+pub(super) fn install(model: &mut InferenceModel, stand_ins: &[StandIn], poison: Range<usize>) -> TractResult<()> {
     let inputs = model.input_outlets()?.to_vec();
     let mut replaced = HashSet::new();
     for (i, s) in stand_ins.iter().enumerate() {
@@ -219,7 +222,7 @@ pub(super) fn install(model: &mut InferenceModel, stand_ins: &[StandIn], poison:
             let mut plain = tensor.try_as_plain_ram_mut()?;
             if let [first, rest @ ..] = plain.as_slice_mut::<f32>()? {
                 *first = f32::MAX / (i + 2) as f32;
-                if poison {
+                if poison.contains(&i) {
                     rest.fill(f32::NAN);
                 }
             }
@@ -238,14 +241,14 @@ pub(super) fn install(model: &mut InferenceModel, stand_ins: &[StandIn], poison:
 }
 
 /// The graph of the ONNX file `bytes` (at `path`) without the initializers named in `names`,
-/// each replaced by a stand-in ([`install`]; full of NaN when `poison`); its parameter count,
-/// and the names left out. `None` when the names do not fit the file (it lacks one, or one is
-/// not float32) or the rest does not parse.
+/// each replaced by a stand-in ([`install`]; those whose index in the file's order is in
+/// `poison` full of NaN); its parameter count, and the names left out. `None` when the names
+/// do not fit the file (it lacks one, or one is not float32) or the rest does not parse.
 pub(super) fn without(
     bytes: &[u8],
     path: &std::path::Path,
     names: &HashSet<String>,
-    poison: bool,
+    poison: Range<usize>,
 ) -> Option<(InferenceModel, usize, Vec<String>)> {
     let (stripped, stand_ins) = strip(bytes, names)?;
     if stand_ins.is_empty() {
@@ -261,6 +264,43 @@ pub(super) fn without(
     let mut names: Vec<String> = stand_ins.into_iter().map(|s| s.name).collect();
     names.sort();
     Some((model, params, names))
+}
+
+/// The most bytes of stand-ins one proof pass fills with NaN (a single larger stand-in gets a
+/// pass of its own): the poisoned copies are extra memory at the load that writes the plan
+/// file, on top of every weight packed that load, and for the SD-Turbo UNet (3.5 GB of
+/// stand-ins) they set that load's peak. A test build uses small passes, so that the unit
+/// tests run the proof in several.
+#[cfg(not(test))]
+pub(super) const PROOF_PASS_BYTES: usize = 512 << 20;
+#[cfg(test)]
+pub(super) const PROOF_PASS_BYTES: usize = 64 << 10;
+
+/// The stand-ins that [`without`] makes of `names` in the ONNX file `bytes`, cut in the file's
+/// order into runs of at most `budget` bytes: what each proof pass poisons. `None` when the
+/// bytes are not a protobuf the walk understands.
+pub(super) fn proof_passes(bytes: &[u8], names: &HashSet<String>, budget: usize) -> Option<Vec<Range<usize>>> {
+    let heads = scan(bytes)?;
+    let sizes = heads.iter().filter(|h| names.contains(&h.name) && h.data_type == 1);
+    Some(runs_within(sizes.map(|h| h.dims.iter().product::<usize>() * 4), budget))
+}
+
+/// Consecutive index ranges over `sizes`, each adding up to at most `budget` unless it is one
+/// element alone.
+fn runs_within(sizes: impl IntoIterator<Item = usize>, budget: usize) -> Vec<Range<usize>> {
+    let (mut runs, mut start, mut bytes, mut count) = (vec![], 0, 0, 0);
+    for (i, size) in sizes.into_iter().enumerate() {
+        if i > start && bytes + size > budget {
+            runs.push(start..i);
+            (start, bytes) = (i, 0);
+        }
+        bytes += size;
+        count = i + 1;
+    }
+    if count > start {
+        runs.push(start..count);
+    }
+    runs
 }
 
 /// The initializer names of `origins` (the typed constants the packed weights came from):
@@ -321,6 +361,15 @@ mod tests {
         t.extend(field(8, name.as_bytes()));
         t.extend(field(9, data));
         t
+    }
+
+    #[test]
+    fn proof_passes_cover_every_stand_in_once_within_the_budget() {
+        let sizes = [40, 30, 50, 200, 10, 10, 10];
+        let runs = runs_within(sizes, 80);
+        assert_eq!(runs, vec![0..2, 2..3, 3..4, 4..7]);
+        assert_eq!(runs_within([], 80), Vec::<Range<usize>>::new());
+        assert_eq!(runs_within(sizes, usize::MAX), vec![0..7]);
     }
 
     #[test]
