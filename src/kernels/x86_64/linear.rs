@@ -67,9 +67,6 @@ pub(crate) fn pack_weights(kernel: Kernel, w: &[f32], [k, c]: [usize; 2], stride
     packed
 }
 
-/// Floats in 4 KiB: addresses this far apart fall in the same set of the L1 cache.
-const ALIAS: usize = 1024;
-
 /// The rows `rows` of `X` as `c` groups of `height` values (zero past the last row): feature i
 /// of row r is at `x[offset(r) + features[i]]`.
 pub(crate) fn pack_rows(
@@ -91,24 +88,17 @@ pub(crate) fn pack_rows(
     // few cache lines that stay in L1 until the tile is done.
     if let Some(&first) = features.first().filter(|_| features.windows(2).all(|w| w[1] == w[0] + 1)) {
         let c = features.len();
-        // With AVX-512, one gather per feature collects the rows' values into its group: the
-        // loop below stores one value at a time, and on transformers' linear layers it took
-        // about a tenth of their time.
-        let base = at[..count].iter().copied().min().unwrap_or(0);
-        let fits =
-            count > 0 && at[..count].iter().all(|&a| a - base <= i32::MAX as usize / 2 && a + first + c <= x.len());
-        // Not for rows a multiple of 4 KiB apart (a ViT-H's tokens): their lines share one
-        // set of the L1 cache, more of them than it has ways, and the gathers, each touching
-        // every row's line again, missed each time; the tiles below read each line once.
-        let aliased = count > 8 && at[..count].iter().all(|&a| (a - base) % ALIAS == 0);
-        if fits && !aliased && Kernel::Avx512.runs_here() {
-            let mut index = [0i32; 16];
-            for (i, &a) in index.iter_mut().zip(&at[..count]) {
-                *i = (a - base) as i32;
-            }
-            // Safety: AVX-512F (`runs_here`); lane r of feature i reads x[at[r] + first + i] with
+        // With AVX-512, a tile of 16 features of every row is loaded as 16 vectors and
+        // transposed in registers: the loop below stores one value at a time (on transformers'
+        // linear layers it took about a tenth of their time), and a gather per feature, which
+        // replaced it, costs a load per value on AMD's cores. Each row's line is read once,
+        // so rows a multiple of 4 KiB apart (a ViT-H's tokens), whose lines share one set of
+        // the L1 cache, are read no worse than any others.
+        let fits = count > 0 && at[..count].iter().all(|&a| a + first + c <= x.len());
+        if fits && Kernel::Avx512.runs_here() {
+            // Safety: AVX-512F (`runs_here`); row r's features are x[at[r] + first + i] for
             // i < c, inside `x` (checked above); the groups are `packed`'s c · height values.
-            unsafe { gather_rows(height, &x[base + first..], index, count, packed) };
+            unsafe { transpose_rows(height, &x[first..], &at[..count], c, packed) };
             return;
         }
         const TILE: usize = 16;
@@ -142,31 +132,80 @@ pub(crate) fn pack_rows(
     }
 }
 
-/// `packed`'s groups of `height` (c of them) from rows `index` apart in `x`: group i holds
-/// `x[index[r] + i]` for the first `count` rows, then zeros.
+/// `packed`'s `c` groups of `height` values (zero past the rows) from the rows of `x` at
+/// `at`, each with its `c` features side by side: 16 features of every row at a time, loaded
+/// as one vector per row and transposed in registers, so that vector j holds feature j of
+/// every row.
 ///
-/// Safety: AVX-512F; `x[index[r] + i]` inside `x` for every r < count and i < c.
+/// Safety: AVX-512F; `x[a + i]` inside `x` for every `a` in `at` and i < c; `at.len() <=
+/// height <= 16`; `packed.len() == c · height`.
 #[target_feature(enable = "avx512f")]
-unsafe fn gather_rows(height: usize, x: &[f32], index: [i32; 16], count: usize, packed: &mut [f32]) {
+unsafe fn transpose_rows(height: usize, x: &[f32], at: &[usize], c: usize, packed: &mut [f32]) {
     use std::arch::x86_64::*;
-    let rows: __mmask16 = ((1u32 << count) - 1) as u16;
     let group: __mmask16 = ((1u32 << height) - 1) as u16;
     let len = packed.len();
     let (x, out) = (x.as_ptr(), packed.as_mut_ptr());
-    // Safety: the caller's bounds; the loads are index lanes under the `rows` mask.
-    unsafe {
-        let index = _mm512_loadu_si512(index.as_ptr().cast());
-        for at in (0..len).step_by(height) {
-            let v = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), rows, index, x.add(at / height).cast());
-            // A whole vector where it fits: its lanes past the group are the next group's and
-            // are written again with it.
-            if at + 16 <= len {
-                _mm512_storeu_ps(out.add(at), v);
-            } else {
-                _mm512_mask_storeu_ps(out.add(at), group, v);
+    for i0 in (0..c).step_by(16) {
+        let n = 16.min(c - i0);
+        let features: __mmask16 = ((1u32 << n) - 1) as u16;
+        let mut rows = [_mm512_setzero_ps(); 16];
+        for (v, &a) in rows.iter_mut().zip(at) {
+            // Safety: the caller's bounds; lanes past the c features are masked (no fault).
+            *v = unsafe { _mm512_maskz_loadu_ps(features, x.add(a + i0)) };
+        }
+        let columns = transpose16(rows);
+        for (j, column) in columns.iter().take(n).enumerate() {
+            let to = (i0 + j) * height;
+            // A whole vector where it fits: its lanes past the group are the next group's
+            // (zero rows here) and are written again with it.
+            // Safety: `to + height <= len`, and a whole vector only where it fits.
+            unsafe {
+                if to + 16 <= len {
+                    _mm512_storeu_ps(out.add(to), *column);
+                } else {
+                    _mm512_mask_storeu_ps(out.add(to), group, *column);
+                }
             }
         }
     }
+}
+
+/// The 16 × 16 transpose of `r` (vector i is row i): in three rounds of shuffles, pairs of
+/// values, then pairs of pairs inside each 128-bit lane, then the lanes across vectors.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn transpose16(r: [std::arch::x86_64::__m512; 16]) -> [std::arch::x86_64::__m512; 16] {
+    use std::arch::x86_64::*;
+    // Plain loops, no closures: a closure here would not get the function's target feature.
+    // a[2k], a[2k + 1]: rows 2k and 2k + 1 interleaved, columns 4L, 4L + 1 and 4L + 2, 4L + 3
+    // of each lane L.
+    let mut a = [_mm512_setzero_ps(); 16];
+    for k in 0..8 {
+        a[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+        a[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+    }
+    // b[4k + m]: in lane L, column 4L + m of rows 4k..4k + 4.
+    let mut b = [_mm512_setzero_ps(); 16];
+    for k in 0..4 {
+        for h in 0..2 {
+            let (p, q) = (_mm512_castps_pd(a[4 * k + h]), _mm512_castps_pd(a[4 * k + 2 + h]));
+            b[4 * k + 2 * h] = _mm512_castpd_ps(_mm512_unpacklo_pd(p, q));
+            b[4 * k + 2 * h + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(p, q));
+        }
+    }
+    // Column 4L + m: lane L of b[m], b[4 + m], b[8 + m], b[12 + m].
+    let mut out = [_mm512_setzero_ps(); 16];
+    for m in 0..4 {
+        let low = _mm512_shuffle_f32x4::<0x44>(b[m], b[4 + m]);
+        let high = _mm512_shuffle_f32x4::<0xEE>(b[m], b[4 + m]);
+        let low2 = _mm512_shuffle_f32x4::<0x44>(b[8 + m], b[12 + m]);
+        let high2 = _mm512_shuffle_f32x4::<0xEE>(b[8 + m], b[12 + m]);
+        out[m] = _mm512_shuffle_f32x4::<0x88>(low, low2);
+        out[4 + m] = _mm512_shuffle_f32x4::<0xDD>(low, low2);
+        out[8 + m] = _mm512_shuffle_f32x4::<0x88>(high, high2);
+        out[12 + m] = _mm512_shuffle_f32x4::<0xDD>(high, high2);
+    }
+    out
 }
 
 /// Where a block's sums start.
@@ -466,6 +505,35 @@ mod tests {
         for height in Kernel::Avx512.heights() {
             let y = product(Kernel::Avx512, height, &x, &w, &b, [t, c, k]);
             assert!(y.iter().zip(&z).all(|(p, q)| p.to_bits() == q.to_bits()), "height {height}");
+        }
+    }
+
+    #[test]
+    fn token_major_rows_pack_feature_by_feature_for_every_height_and_count() {
+        // Row strides past the features, and 4 KiB (rows sharing an L1 set); feature counts
+        // under, at and past one tile of 16.
+        for stride_past in [0, 5, 1024] {
+            for c in [1, 3, 16, 17, 37] {
+                let stride = c + stride_past;
+                let x = values(20 * stride + c, 11);
+                for height in (4..=MOST_ROWS).rev() {
+                    for rows in [0..1, 2..2 + height, 3..3 + height / 2] {
+                        let count = rows.len();
+                        let mut got = vec![f32::NAN; c * height];
+                        pack_rows(height, &x, rows.clone(), |r| r * stride, &(0..c).collect::<Vec<_>>(), &mut got);
+                        for i in 0..c {
+                            for r in 0..height {
+                                let want = if r < count { x[(rows.start + r) * stride + i] } else { 0.0 };
+                                assert_eq!(
+                                    got[i * height + r],
+                                    want,
+                                    "c {c}, stride {stride}, height {height}, rows {rows:?}: feature {i}, row {r}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
 
