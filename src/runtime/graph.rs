@@ -9,7 +9,7 @@ use tract_linalg::multithread::Executor;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
-use super::load::{decode, input_names, map_onnx, one_line, parse};
+use super::load::{decode, input_names, one_line, parse};
 use super::plan::{f32_rewrites, new_state, optimize, Exclusive};
 use super::plan_file::{PlanFile, PlanStore, Proof};
 use super::settings::{PlanCache, WeightPrecision};
@@ -95,31 +95,17 @@ fn prove(
     let inputs = skeleton::probe_inputs(&built.model).map_err(fail)?;
     let mut ours = new_state(&built.model, executor).map_err(fail)?;
     let ours = run_on(executor, &mut ours, inputs.clone()).map_err(fail)?;
-    let (map, _) = map_onnx(path)?;
-    let passes = skeleton::proof_passes(&map, &names, skeleton::PROOF_PASS_BYTES).unwrap_or_default();
-    drop(map);
-    if passes.is_empty() {
-        return Ok(None);
-    }
-    let mut stand_ins = vec![];
-    for poison in passes {
-        let (map, _) = map_onnx(path)?;
-        let Some((model, _, names_left_out)) = skeleton::without(&map, path, &names, poison) else {
-            return Ok(None);
-        };
-        drop(map);
+    let proven = skeleton::prove_in_passes(path, &names, |model| -> Result<bool> {
         let packer = Packer::over_held(held.clone());
         let proof = build(model, shapes, &packer, path, false)?;
         if packer.failed() {
-            return Ok(None);
+            return Ok(false);
         }
         let mut theirs = new_state(&proof.model, executor).map_err(fail)?;
         let theirs = run_on(executor, &mut theirs, inputs.clone()).map_err(fail)?;
-        if !skeleton::same_outputs(&ours, &theirs) {
-            return Ok(None);
-        }
-        stand_ins = names_left_out;
-    }
+        Ok(skeleton::same_outputs(&ours, &theirs))
+    })?;
+    let Some(stand_ins) = proven else { return Ok(None) };
     let saved = Arc::new(Packer::over_held(held));
     let graph = built.rewritten.take().and_then(|r| crate::ops::serial::write(&r).ok()).filter(|bytes| {
         from_saved(bytes, shapes, &saved).is_some_and(|read_back| {

@@ -44,7 +44,7 @@ pub use profile::{NodeTime, OpProfile, OpTime};
 pub use settings::{Convolution, PlanCache, Precision, WeightPrecision};
 
 use bind::{bind, copy_output, Bindings};
-use load::{count_params, decode, describe, map_onnx, one_line, parse, read_proto};
+use load::{count_params, decode, describe, one_line, parse, read_proto};
 use memory::return_freed_memory;
 use plan::{Plan, Plans};
 use plan_file::{PlanStore, Source, SourceId};
@@ -369,12 +369,6 @@ impl Denoiser {
         origins: &HashSet<String>,
     ) -> TractResult<Option<(Vec<String>, Vec<(String, Vec<u8>)>)>> {
         let names = skeleton::initializer_names(origins);
-        let (map, _) = map_onnx(&self.path)?;
-        let passes = skeleton::proof_passes(&map, &names, skeleton::PROOF_PASS_BYTES).unwrap_or_default();
-        drop(map);
-        if passes.is_empty() {
-            return Ok(None);
-        }
         let batches: Vec<usize> = self.plans.get_mut().keys().copied().collect();
         let mut probes = vec![];
         for &batch in &batches {
@@ -383,27 +377,23 @@ impl Denoiser {
             let ours = run_on(&self.executor, &mut plan.state, inputs.clone())?;
             probes.push((batch, inputs, ours));
         }
-        let mut stand_ins = vec![];
-        for poison in passes {
-            let (map, _) = map_onnx(&self.path)?;
-            let Some((model, _, names_left_out)) = skeleton::without(&map, &self.path, &names, poison) else {
-                return Ok(None);
-            };
-            drop(map);
+        let path = self.path.clone();
+        let proven = skeleton::prove_in_passes(&path, &names, |model| -> TractResult<bool> {
             let packer = ops::packed::Packer::over_held(held.clone());
             for (batch, inputs, ours) in &probes {
                 let (mut proof, ..) =
                     self.build_plan(*batch, model.clone(), &packer).map_err(|m| anyhow::anyhow!(m))?;
                 if packer.failed() {
-                    return Ok(None);
+                    return Ok(false);
                 }
                 let theirs = run_on(&self.executor, &mut proof.state, inputs.clone())?;
                 if !skeleton::same_outputs(ours, &theirs) {
-                    return Ok(None);
+                    return Ok(false);
                 }
             }
-            stand_ins = names_left_out;
-        }
+            Ok(true)
+        })?;
+        let Some(stand_ins) = proven else { return Ok(None) };
         let saved = Arc::new(ops::packed::Packer::over_held(held));
         let mut graphs = vec![];
         for (batch, inputs, ours) in probes {

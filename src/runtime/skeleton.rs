@@ -285,6 +285,34 @@ pub(super) fn proof_passes(bytes: &[u8], names: &HashSet<String>, budget: usize)
     Some(runs_within(sizes.map(|h| h.dims.iter().product::<usize>() * 4), budget))
 }
 
+/// Runs the proof's passes over the ONNX file at `path` ([`proof_passes`]): each pass's graph,
+/// without the initializers `names` and with its share of the stand-ins full of NaN
+/// ([`without`]), goes to `agrees`, which builds and runs it and says whether its outputs are
+/// bit for bit the plan's. The stand-ins' names when every pass agrees; `None` when one does
+/// not, or when the names do not fit the file.
+pub(super) fn prove_in_passes<E: From<crate::error::Error>>(
+    path: &std::path::Path,
+    names: &HashSet<String>,
+    mut agrees: impl FnMut(InferenceModel) -> Result<bool, E>,
+) -> Result<Option<Vec<String>>, E> {
+    let (map, _) = super::load::map_onnx(path)?;
+    let passes = proof_passes(&map, names, PROOF_PASS_BYTES).unwrap_or_default();
+    drop(map);
+    let mut stand_ins = None;
+    for poison in passes {
+        // The map is dropped before each build: the pages its walk touched would count in the
+        // load's peak.
+        let (map, _) = super::load::map_onnx(path)?;
+        let Some((model, _, left_out)) = without(&map, path, names, poison) else { return Ok(None) };
+        drop(map);
+        if !agrees(model)? {
+            return Ok(None);
+        }
+        stand_ins = Some(left_out);
+    }
+    Ok(stand_ins)
+}
+
 /// Consecutive index ranges over `sizes`, each adding up to at most `budget` unless it is one
 /// element alone.
 fn runs_within(sizes: impl IntoIterator<Item = usize>, budget: usize) -> Vec<Range<usize>> {
