@@ -49,13 +49,13 @@ pub fn run(a: ProfileArgs, model: PathBuf) -> Result<()> {
     }
     let precision = crate::parse_flag(&a.precision)?;
     let convolution = crate::parse_flag(&a.convolution)?;
+    let plan_cache: PlanCache = crate::parse_flag(&a.plan_cache)?;
     let card = ModelCard::load(&model)?;
     match a.part.as_str() {
         "unet" => {}
-        "text_encoder" | "decoder" => return other_part(&a, &card),
+        "text_encoder" | "decoder" => return other_part(&a, &card, plan_cache),
         other => anyhow::bail!("--part: expected unet, text_encoder or decoder, got {other:?}"),
     }
-    let plan_cache: PlanCache = crate::parse_flag(&a.plan_cache)?;
     let mut denoiser = Denoiser::load_with(&card, a.threads, plan_cache, WeightPrecision::F32)?;
     denoiser.set_precision(precision);
     denoiser.set_convolution(convolution);
@@ -72,7 +72,7 @@ pub fn run(a: ProfileArgs, model: PathBuf) -> Result<()> {
 }
 
 /// Profiles a latent model's text encoder or decoder, loaded as the pipeline loads it.
-fn other_part(a: &ProfileArgs, card: &ModelCard) -> Result<()> {
+fn other_part(a: &ProfileArgs, card: &ModelCard, plan_cache: PlanCache) -> Result<()> {
     let (path, inputs) = if a.part == "text_encoder" {
         let Some(text) = &card.text_encoder else { anyhow::bail!("--part text_encoder: this model has none") };
         let tokenizer = edge_diffuse::tokenizer::ClipTokenizer::from_folder(card.dir.join(&text.tokenizer))?;
@@ -83,7 +83,6 @@ fn other_part(a: &ProfileArgs, card: &ModelCard) -> Result<()> {
         let shape = [1, card.image.channels, card.image.height, card.image.width];
         (card.dir.join(&decoder.onnx), ArrayD::from_elem(IxDyn(&shape), 0.3f32))
     };
-    let plan_cache: PlanCache = crate::parse_flag(&a.plan_cache)?;
     let mut graph = Graph::load_with(&path, &[inputs.shape().to_vec()], a.threads, plan_cache, WeightPrecision::F32)?;
     let report = graph.profile_ops(&[inputs], a.runs)?;
     println!("{} {} ({}), {} thread(s)", card.model.name, a.part, path.display(), a.threads);
