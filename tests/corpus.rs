@@ -139,7 +139,9 @@ fn through_plan_file(name: &str) {
         let file = d.plan_file().clone();
         eprintln!("{name}, {round} load: {file:?}");
         match (round, file) {
-            ("writing", PlanFile::Written { .. }) => {}
+            ("writing", PlanFile::Written { mapped, .. }) => {
+                assert!(mapped, "{name}: the writing load kept its weights on the heap");
+            }
             (_, PlanFile::Mapped { left_out, saved_graph, .. }) => {
                 assert!(left_out > 0, "{name}: nothing left out");
                 assert!(saved_graph, "{name}: the plan was not built from the graph the plan file holds");
@@ -280,7 +282,9 @@ fn graph_through_plan_file(name: &str) {
         let differing = out[0].iter().zip(heap[0].iter()).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
         assert_eq!(differing, 0, "{name}, {round} load: {differing} values differ from the heap path");
         match (round, g.plan_file().clone()) {
-            ("writing", PlanFile::Written { .. }) => {}
+            ("writing", PlanFile::Written { mapped, .. }) => {
+                assert!(mapped, "{name}: the writing load kept its weights on the heap");
+            }
             (_, PlanFile::Mapped { left_out, saved_graph, .. }) => {
                 assert!(left_out > 0, "{name}: nothing left out");
                 assert!(saved_graph, "{name}: the graph was not built from the one the plan file holds");

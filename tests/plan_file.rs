@@ -84,8 +84,8 @@ fn the_first_load_writes_the_plan_file_and_later_loads_map_it_with_identical_sam
 
         let mut first = load(&dir, PlanCache::Auto);
         let written = match denoiser_file(&first) {
-            PlanFile::Written { path, stale: None, .. } => path,
-            other => panic!("{name}: the first load should write the plan file, got {other:?}"),
+            PlanFile::Written { path, stale: None, mapped: true, .. } => path,
+            other => panic!("{name}: the first load should write the plan file and map it, got {other:?}"),
         };
         assert_eq!(plan_files(&dir), vec![written.clone()], "{name}");
         assert_bit_identical(&sample(&mut first), &heap, &format!("{name}: building load against the heap"));
@@ -285,7 +285,7 @@ fn float16_weights_get_a_plan_file_of_their_own_and_stay_near_float32() {
     assert!(worst < 2e-2, "float16 weights moved a value by {worst}");
 
     let mut first = half(PlanCache::Auto);
-    assert!(matches!(denoiser_file(&first), PlanFile::Written { .. }), "{:?}", denoiser_file(&first));
+    assert!(matches!(denoiser_file(&first), PlanFile::Written { mapped: true, .. }), "{:?}", denoiser_file(&first));
     assert_bit_identical(&few_steps(&mut first), &f16_heap, "f16, the writing load");
     drop(first);
     let mut later = half(PlanCache::Auto);
@@ -314,7 +314,7 @@ fn locked_kib() -> u64 {
 }
 
 #[test]
-fn lock_weights_locks_the_start_of_a_mapped_plan_file() {
+fn lock_weights_locks_the_start_of_the_plan_file_on_the_load_that_writes_it_and_on_later_ones() {
     let dir = copy_of("fmnist-teacher", "lock");
     let opts = |bytes: u64| LoadOptions {
         threads: 1,
@@ -322,33 +322,42 @@ fn lock_weights_locks_the_start_of_a_mapped_plan_file() {
         lock_weights: Some(bytes),
         ..Default::default()
     };
-    // The load that writes the plan file keeps the weights on the heap: nothing to lock.
-    let first = Pipeline::load(&dir, opts(1 << 20)).expect("load");
-    assert!(matches!(denoiser_file(&first), PlanFile::Written { .. }), "{:?}", denoiser_file(&first));
-    assert_eq!(first.denoiser().locked_weights(), 0);
-    drop(first);
+    // A first load without a lock writes the plan file, to learn its length.
+    drop(Pipeline::load(&dir, opts(0)).expect("load"));
     let file_len = std::fs::metadata(&plan_files(&dir)[0]).unwrap().len();
     let want = (256u64 << 10).min(file_len);
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: a plain query into a local struct.
     assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) }, 0);
-    let before = locked_kib();
-    match Pipeline::load(&dir, opts(want)) {
-        Ok(pipe) => {
-            assert!(matches!(denoiser_file(&pipe), PlanFile::Mapped { .. }));
-            assert_eq!(pipe.denoiser().locked_weights(), want);
-            let during = locked_kib();
-            assert!(during >= before + want / 1024, "VmLck {before} KiB before, {during} KiB with {want} bytes locked");
-            drop(pipe);
-            assert!(locked_kib() < during, "dropping the pipeline unlocks");
+    // The load that writes the plan file maps it once proven, and locks it as a later load does.
+    for round in ["writing", "mapping"] {
+        if round == "writing" {
+            std::fs::remove_file(&plan_files(&dir)[0]).unwrap();
         }
-        // Unprivileged, with a lock limit below the request: a clear error naming the flag.
-        Err(e) => {
-            let message = e.to_string();
-            #[allow(clippy::useless_conversion)] // rlim_t has 32 bits on 32-bit targets
-            let soft = u64::from(limit.rlim_cur);
-            assert!(soft < want, "locking {want} bytes under a limit of {soft} failed: {message}");
-            assert!(message.contains("lock-weights") && message.contains("RLIMIT_MEMLOCK"), "{message}");
+        let before = locked_kib();
+        let pipe = match Pipeline::load(&dir, opts(want)) {
+            Ok(pipe) => pipe,
+            // Unprivileged, with a lock limit below the request: a clear error naming the flag.
+            Err(e) => {
+                let message = e.to_string();
+                #[allow(clippy::useless_conversion)] // rlim_t has 32 bits on 32-bit targets
+                let soft = u64::from(limit.rlim_cur);
+                assert!(soft < want, "{round}: locking {want} bytes under a limit of {soft} failed: {message}");
+                assert!(message.contains("lock-weights") && message.contains("RLIMIT_MEMLOCK"), "{message}");
+                continue;
+            }
+        };
+        match (round, denoiser_file(&pipe)) {
+            ("writing", PlanFile::Written { mapped: true, .. }) | ("mapping", PlanFile::Mapped { .. }) => {}
+            (_, other) => panic!("{round} load: {other:?}"),
         }
+        assert_eq!(pipe.denoiser().locked_weights(), want, "{round}");
+        let during = locked_kib();
+        assert!(
+            during >= before + want / 1024,
+            "{round}: VmLck {before} KiB before, {during} KiB with {want} bytes locked"
+        );
+        drop(pipe);
+        assert!(locked_kib() < during, "{round}: dropping the pipeline unlocks");
     }
 }

@@ -10,6 +10,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
 use super::load::{decode, input_names, one_line, parse};
+use super::memory::return_freed_memory;
 use super::plan::{f32_rewrites, new_state, optimize, Exclusive};
 use super::plan_file::{PlanFile, PlanStore, Proof};
 use super::settings::{PlanCache, WeightPrecision};
@@ -191,10 +192,19 @@ impl Graph {
         if let Some((held, origins, _)) = plan_file.to_prove() {
             if let Ok(Some((stand_ins, graph))) = prove(path, shapes, &mut built, held, &origins, &executor) {
                 let graphs: Vec<(String, Vec<u8>)> = graph.map(|g| (signature.clone(), g)).into_iter().collect();
-                plan_file.record(Proof { stand_ins, builds: vec![signature] }, &graphs);
+                plan_file.record(Proof { stand_ins, builds: vec![signature.clone()] }, &graphs);
             }
         }
         built.rewritten = None;
+        // As a later load would: the graph the file saved, its weights read through the map,
+        // so that the heap copies go.
+        let saved =
+            plan_file.map_written().and_then(|packer| from_saved(plan_file.graph(&signature)?, shapes, &packer));
+        if let Some(saved) = saved {
+            built = saved;
+            plan_file.mark_mapped();
+            return_freed_memory();
+        }
         Self::finish(path, built, executor, plan_file.status)
     }
 
@@ -312,7 +322,9 @@ mod tests {
         let plans = PlanCache::Dir(dir.path().join("plans"));
 
         let mut writing = Graph::load_with(&onnx, &shapes, 1, plans.clone(), WeightPrecision::F32).unwrap();
-        assert!(matches!(writing.plan_file(), PlanFile::Written { .. }), "{:?}", writing.plan_file());
+        // Once proven, the writing load too reads its weights through the file's map.
+        let file = writing.plan_file();
+        assert!(matches!(file, PlanFile::Written { mapped: true, .. }), "{file:?}");
         assert_eq!(writing.run(std::slice::from_ref(&latent)).unwrap(), heap);
 
         let mut mapped = Graph::load_with(&onnx, &shapes, 1, plans, WeightPrecision::F32).unwrap();

@@ -246,8 +246,39 @@ impl Denoiser {
         self.source = None;
         self.skeleton = None;
         self.prove_stand_ins();
+        self.map_written();
         return_freed_memory();
         Ok(())
+    }
+
+    /// After the load that wrote and proved the plan file: builds each plan again from the
+    /// rewritten graph the file saved, with its weights read through the file's map, so that
+    /// the packed weights leave the heap and this process runs as a later load's would. The
+    /// saved graphs were proven to give bit-identical outputs over the same weights. A plan
+    /// whose graph the file lacks, or that does not build, keeps its heap weights.
+    fn map_written(&mut self) {
+        if self.precision != Precision::F32 || !matches!(self.plan_file.status, PlanFile::Written { .. }) {
+            return;
+        }
+        let Some(packer) = self.plan_file.map_written() else { return };
+        let batches: Vec<usize> = self.plans.get_mut().keys().copied().collect();
+        let mut all = true;
+        for batch in batches {
+            let typed = self
+                .signature(batch)
+                .ok()
+                .and_then(|s| self.plan_file.graph(&s))
+                .map(|b| ops::serial::read(b, &packer));
+            match typed.and_then(Result::ok).map(|typed| self.finish(batch, typed)) {
+                Some(Ok(plan)) => {
+                    self.plans.get_mut().insert(batch, plan);
+                }
+                _ => all = false,
+            }
+        }
+        if all {
+            self.plan_file.mark_mapped();
+        }
     }
 
     /// Builds the plan for `batch` from the source graph (`take`: consuming it).
@@ -465,12 +496,12 @@ impl Denoiser {
     /// replaces the first; 0 unlocks.
     ///
     /// Returns the bytes locked: 0 when the weights are not read from a plan file (none, or
-    /// this load wrote it and the weights stay on the heap until a later load maps it).
+    /// this load wrote it and could not map it: [`PlanFile::Written`] with `mapped: false`).
     /// Locking needs the bytes within the process's `RLIMIT_MEMLOCK` (`ulimit -l`) or the
     /// `CAP_IPC_LOCK` capability; otherwise it fails with [`Error::Config`] for `lock-weights`.
     pub fn lock_weights(&mut self, bytes: u64) -> Result<u64> {
         self.pinned = None;
-        let PlanFile::Mapped { path, .. } = &self.plan_file.status else { return Ok(0) };
+        let Some(path) = self.plan_file.mapped_path() else { return Ok(0) };
         if bytes == 0 {
             return Ok(0);
         }

@@ -256,8 +256,8 @@ pub enum PlanFile {
         /// typing, decluttering and rewriting the ONNX graph.
         saved_graph: bool,
     },
-    /// Written by this load (the weights stay on the heap for this process), in this many
-    /// milliseconds; `stale`: why the file that was there could not be used.
+    /// Written by this load, in this many milliseconds; `stale`: why the file that was there
+    /// could not be used.
     Written {
         /// The plan file.
         path: PathBuf,
@@ -265,6 +265,10 @@ pub enum PlanFile {
         ms: f64,
         /// Why the file that was there could not be used, if one was.
         stale: Option<String>,
+        /// Whether the plans were built again from the graphs the file saved, once proven, so
+        /// that this process too reads the weights through the file's map and holds no packed
+        /// weight on the heap (`false`: they stay on the heap until a later load maps them).
+        mapped: bool,
     },
     /// Not written: why (a read-only folder, a full disk); the weights stay on the heap.
     Unwritten(String),
@@ -443,6 +447,41 @@ impl PlanStore {
         self.write(&held, &Proof::default(), &[]);
     }
 
+    /// After this load wrote and proved its plan file: a packer over the map of that file, with
+    /// the graphs it saved, in place of the weights packed on the heap. Plans built again from
+    /// those graphs read their weights from the page cache as a later load's do, and the heap
+    /// copies go with the plans that held them. `None` (nothing changed) when the file saved
+    /// no graph or does not open. The status stays [`PlanFile::Written`]; the caller marks it
+    /// mapped ([`PlanStore::mark_mapped`]) once every plan reads from the map.
+    pub(super) fn map_written(&mut self) -> Option<Arc<Packer>> {
+        let path = self.written.clone()?;
+        let (packer, proof, graphs) = open(&path, &mut self.source, self.weights).ok()??;
+        if graphs.entries.is_empty() {
+            return None;
+        }
+        let packer = Arc::new(packer);
+        self.packer = Some(packer.clone());
+        self.mapped = Some((path, proof));
+        self.graphs = graphs;
+        Some(packer)
+    }
+
+    /// Records that every plan now reads its weights through the map of the file this load
+    /// wrote ([`PlanStore::map_written`]).
+    pub(super) fn mark_mapped(&mut self) {
+        if let PlanFile::Written { mapped, .. } = &mut self.status {
+            *mapped = true;
+        }
+    }
+
+    /// The plan file the weights are read through, when they are.
+    pub(super) fn mapped_path(&self) -> Option<&Path> {
+        match &self.status {
+            PlanFile::Mapped { path, .. } | PlanFile::Written { path, mapped: true, .. } => Some(path),
+            _ => None,
+        }
+    }
+
     /// The rewritten graph of `build` from the mapped plan file.
     pub(super) fn graph(&self, build: &str) -> Option<&[u8]> {
         self.graphs.get(build)
@@ -461,7 +500,7 @@ impl PlanStore {
                         _ => self.stale.take(),
                     };
                     self.written = Some(path.clone());
-                    self.status = PlanFile::Written { path, ms, stale };
+                    self.status = PlanFile::Written { path, ms, stale, mapped: false };
                     return;
                 }
                 Err(e) => last_error = format!("{}: {e}", path.display()),

@@ -98,9 +98,9 @@ fn plan_file_report(pipe: &Pipeline) -> serde_json::Value {
         PlanFile::Mapped { path, left_out, saved_graph } => serde_json::json!({
             "status": "mapped", "path": path, "initializers_left_out": left_out, "saved_graph": saved_graph
         }),
-        PlanFile::Written { path, ms, stale } => {
-            serde_json::json!({ "status": "written", "path": path, "plan_build_ms": ms, "stale": stale })
-        }
+        PlanFile::Written { path, ms, stale, mapped } => serde_json::json!({
+            "status": "written", "path": path, "plan_build_ms": ms, "stale": stale, "mapped": mapped
+        }),
         PlanFile::Unwritten(why) => serde_json::json!({ "status": "unwritten", "reason": why }),
     }
 }

@@ -651,7 +651,7 @@ pub(crate) fn lock_notice(pipe: &Pipeline, mib: Option<u64>) {
         return;
     }
     let why = match pipe.denoiser().plan_file() {
-        PlanFile::Written { .. } => {
+        PlanFile::Written { mapped: false, .. } => {
             "this load wrote the plan file and keeps the weights on the heap; later loads lock it"
         }
         PlanFile::Unneeded => "the denoiser has no packed weights",
