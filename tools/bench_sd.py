@@ -11,10 +11,12 @@ guidance, at the folder's size), which reports the median of `--runs` images aft
 image: the text encoder (each run's prompt differs, so each is encoded), the UNet step, the
 decoder, the load to a runnable pipeline and the process's peak RSS.
 
-onnxruntime: each stage's session in a child process (so its peak RSS is its own), created with
-that many intra-op threads; load is the three sessions' creation; each stage runs once to warm up,
-then `--runs` times, and the median is kept. The UNet gets the inputs edge-diffuse's step gives
-it (timestep 999, batch 1).
+onnxruntime: the three stages' sessions in a child process (so its peak RSS is its own), created
+with that many intra-op threads; load is the sessions' creation. Like edge-diffuse it runs image
+by image, each stage in turn (text encoder, UNet step, decoder), one warm-up image and then
+`--runs` images, and keeps each stage's median: both runtimes time a stage after the same stages
+ran before it, with the caches in the same state. The UNet gets the inputs edge-diffuse's step
+gives it (timestep 999, batch 1), and the decoder the UNet's output.
 
 Before the rounds, the folder's plan files are removed and edge-diffuse loads once (one image):
 that first load writes them, and its load time and peak RSS are reported apart ("first load").
@@ -76,21 +78,22 @@ def theirs_child(model, threads, runs):
     x = rng.standard_normal((1, 4, hw, hw)).astype(np.float32)
 
     def timed(f):
-        f()
-        times = []
-        for _ in range(runs):
-            t = time.perf_counter()
-            f()
-            times.append((time.perf_counter() - t) * 1e3)
-        return statistics.median(times)
+        t = time.perf_counter()
+        out = f()
+        return out, (time.perf_counter() - t) * 1e3
 
-    ctx = text.run(None, {text.get_inputs()[0].name: ids})[0]
-    text_ms = timed(lambda: text.run(None, {text.get_inputs()[0].name: ids}))
-    feeds = {"sample": x, "timestep": np.array([999], t_type), "encoder_hidden_states": ctx}
-    unet_ms = timed(lambda: unet.run(None, feeds))
-    vae_ms = timed(lambda: vae.run(None, {vae.get_inputs()[0].name: x}))
+    times = {"text_ms": [], "unet_ms": [], "vae_ms": []}
+    for image in range(runs + 1):
+        ctx, text_ms = timed(lambda: text.run(None, {text.get_inputs()[0].name: ids})[0])
+        feeds = {"sample": x, "timestep": np.array([999], t_type), "encoder_hidden_states": ctx}
+        eps, unet_ms = timed(lambda: unet.run(None, feeds)[0])
+        _, vae_ms = timed(lambda: vae.run(None, {vae.get_inputs()[0].name: (x - eps).astype(np.float32)}))
+        if image > 0:
+            for key, ms in [("text_ms", text_ms), ("unet_ms", unet_ms), ("vae_ms", vae_ms)]:
+                times[key].append(ms)
+    medians = {key: statistics.median(v) for key, v in times.items()}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps(dict(load_s=load, text_ms=text_ms, unet_ms=unet_ms, vae_ms=vae_ms, rss_mib=rss)))
+    print(json.dumps(dict(load_s=load, rss_mib=rss, **medians)))
 
 
 def theirs(model, threads, runs):
