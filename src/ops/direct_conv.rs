@@ -23,7 +23,7 @@ use tract_onnx::tract_core::internal::*;
 #[cfg(test)]
 use super::packed::Packer;
 use super::packed::{Packed, Site};
-use super::scratch::{with_scratch, Scratch};
+use super::scratch::{output, recycle, with_scratch, Scratch};
 use super::{for_each, threads, Output};
 use crate::kernels::direct_conv::{shifted_rows, Phases};
 use crate::kernels::gemm::{self, MR, NR};
@@ -211,13 +211,16 @@ impl EvalOp for Pointwise {
         let Some([oh, ow]) = self.window.output([h, w]) else {
             bail!("Pointwise: a {:?} window does not fit a {h}x{w} map", self.window)
         };
-        let mut y = unsafe { Tensor::uninitialized::<f32>(&[n, self.k, oh, ow])? };
+        let mut y = output(ctx, &[n, self.k, oh, ow])?;
         if n * h * w == 0 {
             return Ok(tvec!(y.into_tvalue()));
         }
         let mut out = y.try_as_plain_ram_mut()?;
         let out = out.as_slice_mut::<f32>()?;
         with_scratch(ctx, |scratch| self.run(xs, bias, [n, h, w], out, scratch))?;
+        if let Some(x) = inputs.into_iter().next() {
+            recycle(ctx, x);
+        }
         Ok(tvec!(y.into_tvalue()))
     }
 }

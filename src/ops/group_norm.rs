@@ -20,6 +20,7 @@ use tract_linalg::routines::Func;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
+use super::scratch::{output, recycle};
 use super::{f32s, for_each};
 use crate::kernels;
 
@@ -71,15 +72,16 @@ impl Op for GroupNorm {
 impl EvalOp for GroupNorm {
     op_out_of_plan!();
 
-    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+    fn eval(&self, ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let x = args_1!(inputs);
         let &[n, c, h, w] = x.shape() else { bail!("GroupNorm expects NCHW, got {:?}", x.shape()) };
         ensure!(c == self.gamma.len(), "GroupNorm expects {} channels, got {c}", self.gamma.len());
         let xs = f32s(&x, "GroupNorm")?;
-        let mut y = unsafe { Tensor::uninitialized::<f32>(&[n, c, h, w])? };
+        let mut y = output(ctx, &[n, c, h, w])?;
         let mut ys = y.try_as_plain_ram_mut()?;
         let ys = ys.as_slice_mut::<f32>()?;
         self.run(xs, ys, h * w)?;
+        recycle(ctx, x);
         Ok(tvec!(y.into_tvalue()))
     }
 }

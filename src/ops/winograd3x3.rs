@@ -39,7 +39,7 @@ use tract_onnx::tract_core::internal::*;
 #[cfg(test)]
 use super::packed::Packer;
 use super::packed::{Packed, Site};
-use super::scratch::{with_scratch, Scratch};
+use super::scratch::{output, recycle, with_scratch, Scratch};
 use super::{for_each, threads};
 #[cfg(target_arch = "aarch64")]
 use crate::kernels::aarch64::winograd::{input_transform, output_transform};
@@ -133,10 +133,13 @@ impl EvalOp for Winograd3x3 {
     fn eval(&self, ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         self.weights.prefetch_next();
         let (xs, bias, [n, _, h, w]) = super::conv::call_inputs("Winograd3x3", &self.bias, &inputs, [self.c, self.k])?;
-        let mut y = unsafe { Tensor::uninitialized::<f32>(&[n, self.k, h, w])? };
+        let mut y = output(ctx, &[n, self.k, h, w])?;
         let mut out = y.try_as_plain_ram_mut()?;
         let out = out.as_slice_mut::<f32>()?;
         with_scratch(ctx, |scratch| self.run(xs, bias, [n, h, w], out, scratch))?;
+        if let Some(x) = inputs.into_iter().next() {
+            recycle(ctx, x);
+        }
         Ok(tvec!(y.into_tvalue()))
     }
 }

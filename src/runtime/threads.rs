@@ -3,6 +3,8 @@
 use tract_linalg::multithread::Executor;
 use tract_onnx::prelude::*;
 
+use crate::ops::scratch::drop_spares;
+
 /// The executor for `threads` threads, and how many it runs: at least 1, and no more than the
 /// cores the process may use (`available_parallelism`, which follows CPU affinity and cgroup
 /// quotas): threads beyond the cores only wait on each other, and a call with far more threads
@@ -30,7 +32,9 @@ pub(super) fn run_on(
     state: &mut TypedSimpleState,
     inputs: TVec<TValue>,
 ) -> TractResult<TVec<TValue>> {
-    in_pool(executor, || state.run(inputs))
+    let outputs = in_pool(executor, || state.run(inputs));
+    drop_spares(state);
+    outputs
 }
 
 /// Runs `f` as [`run_on`] runs a call: on a worker of `executor`'s pool, the others spinning.
