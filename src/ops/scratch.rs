@@ -59,10 +59,10 @@ pub(crate) fn install_scratch(state: &mut TypedSimpleState) {
 /// Inputs that our operators finished reading and that nothing else held, kept within one call
 /// of a plan state for a later output of the same length.
 ///
-/// Why: glibc hands a freed buffer over 32 MiB back to the OS, so every large activation of a
-/// call used to come from fresh pages, each faulted in and zeroed by the kernel: a million page
-/// faults per call of the SD VAE decoder at 512×512, most of them in the Winograd and group
-/// norm outputs. A buffer kept here is reused instead.
+/// Why: glibc hands large freed buffers back to the OS, so every large activation of a call
+/// came from fresh pages, each faulted in and zeroed by the kernel; on a VAE decoder most of
+/// those faults were in the Winograd and group norm outputs (docs/optimizations.md). A buffer
+/// kept here is reused instead.
 #[derive(Default)]
 struct Spares(Mutex<Vec<Tensor>>);
 
