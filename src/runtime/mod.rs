@@ -264,16 +264,11 @@ impl Denoiser {
         let batches: Vec<usize> = self.plans.get_mut().keys().copied().collect();
         let mut all = true;
         for batch in batches {
-            let typed = self
-                .signature(batch)
-                .ok()
-                .and_then(|s| self.plan_file.graph(&s))
-                .map(|b| ops::serial::read(b, &packer));
-            match typed.and_then(Result::ok).map(|typed| self.finish(batch, typed)) {
-                Some(Ok(plan)) => {
+            match self.signature(batch).ok().and_then(|s| self.saved_plan(batch, &s, &packer)) {
+                Some((plan, ..)) => {
                     self.plans.get_mut().insert(batch, plan);
                 }
-                _ => all = false,
+                None => all = false,
             }
         }
         if all {
@@ -348,15 +343,28 @@ impl Denoiser {
             return false;
         }
         let packer = self.plan_file.packer();
-        let Some(Ok(typed)) = self.plan_file.graph(signature).map(|bytes| ops::serial::read(bytes, &packer)) else {
+        let Some((plan, winograd_convs, group_norms)) = self.saved_plan(batch, signature, &packer) else {
             return false;
         };
-        let count = |name: &str| typed.nodes.iter().filter(|n| n.op.name() == name).count();
-        let (winograd_convs, group_norms) = (count("Winograd3x3"), count("GroupNorm"));
-        let Ok(plan) = self.finish(batch, typed) else { return false };
         self.plan_file.saved_graph = true;
         self.keep_plan(batch, signature.to_string(), plan, winograd_convs, group_norms);
         true
+    }
+
+    /// The plan for `batch` built from the rewritten graph the plan file holds for
+    /// `signature`, its packed weights from `packer`, with its Winograd convolutions and group
+    /// norms counted; `None` when the file lacks that graph, or it does not read back or build.
+    fn saved_plan(
+        &self,
+        batch: usize,
+        signature: &str,
+        packer: &Arc<ops::packed::Packer>,
+    ) -> Option<(Plan, usize, usize)> {
+        let typed = ops::serial::read(self.plan_file.graph(signature)?, packer).ok()?;
+        let count = |name: &str| typed.nodes.iter().filter(|n| n.op.name() == name).count();
+        let (winograd_convs, group_norms) = (count("Winograd3x3"), count("GroupNorm"));
+        let plan = self.finish(batch, typed).ok()?;
+        Some((plan, winograd_convs, group_norms))
     }
 
     /// Reads the ONNX file again, every weight included, in place of a source graph with
